@@ -1,0 +1,84 @@
+"""The Open Images V7 on-disk layout, as FiftyOne's zoo leaves one split of it.
+
+    <root>/data/<ImageID>.jpg
+    <root>/labels/detections.csv     ImageID,Source,LabelName,Confidence,XMin,XMax,YMin,YMax,
+                                     IsOccluded,IsTruncated,IsGroupOf,IsDepiction,IsInside
+    <root>/metadata/classes.csv      no header: MID,DisplayName   (e.g. /m/01g317,Person)
+
+``data/raw/`` is written in this layout whatever the source, so extract_crops reads one format.
+"""
+from __future__ import annotations
+
+import csv
+from pathlib import Path
+
+import pandas as pd
+
+from stages.common.params import StageError
+
+DATA_DIR = "data"
+DETECTIONS = Path("labels") / "detections.csv"
+CLASSES = Path("metadata") / "classes.csv"
+
+DETECTION_COLUMNS = [
+    "ImageID", "Source", "LabelName", "Confidence", "XMin", "XMax", "YMin", "YMax",
+    "IsOccluded", "IsTruncated", "IsGroupOf", "IsDepiction", "IsInside",
+]
+# What extract_crops cannot work without; the other columns are optional.
+REQUIRED_COLUMNS = ["ImageID", "LabelName", "XMin", "XMax", "YMin", "YMax"]
+FLAG_COLUMNS = ["IsOccluded", "IsTruncated", "IsGroupOf", "IsDepiction", "IsInside"]
+
+
+def read_classes(path: str | Path) -> dict[str, str]:
+    """``classes.csv`` as {MID: DisplayName}."""
+    path = Path(path)
+    if not path.is_file():
+        raise StageError(f"{path}: class list not found; rerun the download stage")
+    with path.open(newline="", encoding="utf-8") as f:
+        rows = [r for r in csv.reader(f) if r]
+    if not rows or any(len(r) < 2 for r in rows):
+        raise StageError(f"{path}: expected rows 'MID,DisplayName' with no header")
+    return {r[0]: r[1] for r in rows}
+
+
+def mids_for_names(classes: dict[str, str], names: list[str], where: str) -> dict[str, str]:
+    """Map exact Open Images display names to MIDs; an unknown name stops the run, naming it."""
+    by_name = {name: mid for mid, name in classes.items()}
+    unknown = [n for n in names if n not in by_name]
+    if unknown:
+        raise StageError(
+            f"{where}: class name(s) {', '.join(map(repr, unknown))} are not Open Images "
+            "boxable classes; use the exact DisplayName from metadata/classes.csv")
+    return {by_name[n]: n for n in names}
+
+
+def read_detections(path: str | Path, mids: set[str] | None = None) -> pd.DataFrame:
+    """Read ``detections.csv``, keeping only rows whose LabelName is in ``mids`` (when given).
+
+    Reads in chunks with only the columns we use, so a 2 GB file of the full train split is
+    filtered without being held in memory whole.
+    """
+    path = Path(path)
+    if not path.is_file():
+        raise StageError(f"{path}: detections file not found; rerun the download stage")
+    header = pd.read_csv(path, nrows=0).columns.tolist()
+    missing = [c for c in REQUIRED_COLUMNS if c not in header]
+    if missing:
+        raise StageError(f"{path}: missing required column(s) {', '.join(missing)}")
+    usecols = [c for c in DETECTION_COLUMNS if c in header]
+    dtypes = {c: "float64" for c in ["XMin", "XMax", "YMin", "YMax"]}
+    dtypes.update({"ImageID": "string", "LabelName": "string", "Source": "string"})
+    chunks = []
+    for chunk in pd.read_csv(path, usecols=usecols, dtype={k: v for k, v in dtypes.items()
+                                                          if k in usecols},
+                             chunksize=1_000_000):
+        if mids is not None:
+            chunk = chunk[chunk["LabelName"].isin(mids)]
+        chunks.append(chunk)
+    frame = pd.concat(chunks, ignore_index=True) if chunks else pd.DataFrame(columns=usecols)
+    for col in FLAG_COLUMNS:
+        if col in frame.columns:
+            frame[col] = pd.to_numeric(frame[col], errors="coerce").fillna(0).astype("int8")
+        else:
+            frame[col] = 0
+    return frame

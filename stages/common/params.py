@@ -1,0 +1,95 @@
+"""Reading ``params.yaml`` and failing early, in one line, on a bad value.
+
+Every stage calls :func:`load` first and checks the keys it reads before it does any work,
+so a typo costs seconds, not an hour of training.
+"""
+from __future__ import annotations
+
+import functools
+import sys
+from pathlib import Path
+from typing import Any, Callable
+
+import yaml
+
+PARAMS_FILE = Path("params.yaml")
+
+
+class ParamError(ValueError):
+    """A param is missing or has a value the pipeline cannot use."""
+
+
+class StageError(RuntimeError):
+    """Input data or a file the stage needs is missing or unusable."""
+
+
+def load(path: str | Path = PARAMS_FILE) -> dict:
+    path = Path(path)
+    if not path.is_file():
+        raise ParamError(f"{path}: not found; run from the repository root (where dvc.yaml is)")
+    with path.open() as f:
+        params = yaml.safe_load(f) or {}
+    if not isinstance(params, dict):
+        raise ParamError(f"{path}: expected a mapping of sections, got {type(params).__name__}")
+    return params
+
+
+def get(params: dict, dotted: str) -> Any:
+    """``get(p, "train.lr")`` with an error that names the missing key."""
+    node: Any = params
+    for part in dotted.split("."):
+        if not isinstance(node, dict) or part not in node:
+            raise ParamError(f"params.yaml: missing key '{dotted}'")
+        node = node[part]
+    return node
+
+
+def check(cond: bool, key: str, allowed: str, value: Any = None) -> None:
+    if not cond:
+        raise ParamError(f"params.yaml: {key}={value!r} is not allowed; expected {allowed}")
+
+
+def number(params: dict, key: str, *, lo: float | None = None, hi: float | None = None,
+           integer: bool = False, lo_open: bool = False) -> float | int:
+    """A numeric param inside [lo, hi] (or (lo, hi] with ``lo_open``)."""
+    value = get(params, key)
+    kind = "an integer" if integer else "a number"
+    ok_type = isinstance(value, int) if integer else isinstance(value, (int, float))
+    ok_type = ok_type and not isinstance(value, bool)
+    bounds = ""
+    if lo is not None:
+        bounds += f" {'>' if lo_open else '>='} {lo}"
+    if hi is not None:
+        bounds += f"{' and' if lo is not None else ''} <= {hi}"
+    check(ok_type, key, kind + bounds, value)
+    if lo is not None:
+        check(value > lo if lo_open else value >= lo, key, kind + bounds, value)
+    if hi is not None:
+        check(value <= hi, key, kind + bounds, value)
+    return value
+
+
+def choice(params: dict, key: str, options: list | tuple) -> Any:
+    value = get(params, key)
+    check(value in options, key, "one of " + ", ".join(map(str, options)), value)
+    return value
+
+
+def flag(params: dict, key: str) -> bool:
+    value = get(params, key)
+    check(isinstance(value, bool), key, "true or false", value)
+    return value
+
+
+def main_guard(fn: Callable[..., Any]) -> Callable[..., Any]:
+    """Turn a ParamError / StageError into one line on stderr and exit code 2."""
+
+    @functools.wraps(fn)
+    def wrapper(*args: Any, **kwargs: Any) -> Any:
+        try:
+            return fn(*args, **kwargs)
+        except (ParamError, StageError) as exc:
+            print(f"error: {exc}", file=sys.stderr)
+            raise SystemExit(2) from None
+
+    return wrapper
