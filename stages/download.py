@@ -1,0 +1,329 @@
+"""Stage ``download``: fill ``data/raw/`` in the Open Images V7 layout from one of three sources.
+
+``data.source`` picks the source:
+
+- ``sample``          draw a small synthetic dataset (stages.common.sample_data); no network.
+- ``open-images-v7``  FiftyOne's dataset zoo. Only this stage ever touches the network; a split
+                      already complete under ``$FIFTYONE_DATASET_ZOO_DIR/open-images-v7/`` is
+                      reused offline (FiftyOne skips files that exist).
+- anything else       a path to an Open Images-style folder on disk (an offline mirror).
+
+The last two share one normalisation: keep the images that hold at least one box of a wanted
+class, choose up to ``data.zoo.max_samples`` of them reproducibly, and copy those images with
+ALL their boxes (any class: the crop stage needs them to judge overlaps) into ``data/raw/``.
+
+Usage: ``python -m stages.download`` from the repository root.
+"""
+from __future__ import annotations
+
+import csv
+import os
+import shutil
+from dataclasses import dataclass, replace
+from pathlib import Path
+
+import numpy as np
+import pandas as pd
+
+from stages.common import params as P
+from stages.common import sample_data
+from stages.common.atomic import atomic_dir, write_json
+from stages.common.openimages import (CLASSES, DATA_DIR, DETECTION_COLUMNS, DETECTIONS,
+                                      FLAG_COLUMNS, REQUIRED_COLUMNS, mids_for_names,
+                                      read_classes)
+from stages.common.params import ParamError, StageError
+
+RAW = Path("data/raw")
+METRICS = Path("metrics/download.json")
+ZOO_NAME = "open-images-v7"
+ZOO_SPLITS = ("train", "validation", "test")
+# Values for the optional detections.csv columns a mirror may lack (what the crop stage assumes).
+COLUMN_DEFAULTS = {"Source": "", "Confidence": "1", **{c: "0" for c in FLAG_COLUMNS}}
+
+
+@dataclass(frozen=True)
+class Settings:
+    seed: int
+    source: str
+    labels: dict[str, list[str]]
+    images: int = 0          # sample only
+    max_side: int = 0        # sample only
+    splits: tuple[str, ...] = ()   # zoo only
+    max_samples: int = 0     # zoo and path
+    shuffle: bool = False    # zoo and path
+    num_workers: int = 1     # zoo only
+
+    @property
+    def names(self) -> list[str]:
+        return [n for label in sorted(self.labels) for n in self.labels[label]]
+
+
+# ---------------------------------------------------------------------------- params
+
+def read_labels(params: dict) -> dict[str, list[str]]:
+    """``data.labels``: label -> non-empty list of class names, no name under two labels."""
+    labels = P.get(params, "data.labels")
+    P.check(isinstance(labels, dict) and bool(labels), "data.labels",
+            "a mapping label -> list of Open Images class names", labels)
+    seen: dict[str, str] = {}
+    for label, names in labels.items():
+        key = f"data.labels.{label}"
+        P.check(isinstance(names, list) and bool(names)
+                and all(isinstance(n, str) and n.strip() for n in names),
+                key, "a non-empty list of class names", names)
+        for name in names:
+            if name in seen:
+                raise ParamError(f"params.yaml: class {name!r} is under both data.labels."
+                                 f"{seen[name]} and {key}; a class can have one label only")
+            seen[name] = str(label)
+    return {str(label): list(names) for label, names in labels.items()}
+
+
+def read_settings(params: dict) -> Settings:
+    """Check every key the chosen source reads, before any work is done."""
+    seed = P.number(params, "seed", integer=True, lo=0)
+    source = P.get(params, "data.source")
+    P.check(isinstance(source, str) and bool(source.strip()), "data.source",
+            "sample, open-images-v7 or a folder path", source)
+    s = Settings(seed=seed, source=source, labels=read_labels(params))
+    if source == "sample":
+        # Below ~96 px there is no room for objects above the crop stage's minimum box.
+        return replace(s, images=P.number(params, "data.sample.images", integer=True,
+                                          lo=1, hi=1_000_000),
+                       max_side=P.number(params, "data.sample.max_side", integer=True,
+                                         lo=96, hi=4096))
+    picked = {"max_samples": P.number(params, "data.zoo.max_samples", integer=True, lo=1),
+              "shuffle": P.flag(params, "data.zoo.shuffle")}
+    if source == ZOO_NAME:
+        splits = P.get(params, "data.zoo.splits")
+        P.check(isinstance(splits, list) and bool(splits) and len(set(splits)) == len(splits)
+                and all(sp in ZOO_SPLITS for sp in splits),
+                "data.zoo.splits", "a non-empty list of distinct splits from "
+                + ", ".join(ZOO_SPLITS), splits)
+        picked["splits"] = tuple(splits)
+        picked["num_workers"] = P.number(params, "data.zoo.num_workers", integer=True,
+                                         lo=1, hi=256)
+    return replace(s, **picked)
+
+
+# ---------------------------------------------------------------------------- writing the layout
+
+def write_classes(out: Path, classes: dict[str, str]) -> None:
+    """``metadata/classes.csv``: no header, sorted by MID, like class-descriptions-boxable.csv."""
+    path = out / CLASSES
+    path.parent.mkdir(parents=True, exist_ok=True)
+    with path.open("w", newline="", encoding="utf-8") as f:
+        csv.writer(f, lineterminator="\n").writerows(sorted(classes.items()))
+
+
+def write_detections(out: Path, rows: pd.DataFrame) -> None:
+    path = out / DETECTIONS
+    path.parent.mkdir(parents=True, exist_ok=True)
+    rows[DETECTION_COLUMNS].to_csv(path, index=False, lineterminator="\n")
+
+
+def box_counts(rows: pd.DataFrame, labels: dict[str, list[str]],
+               classes: dict[str, str]) -> dict[str, int]:
+    """Boxes per label; boxes of classes in no label are counted under ``other``."""
+    label_of_mid = {mid: label for label, names in labels.items()
+                    for mid in mids_for_names(classes, names, "data.labels")}
+    counts = rows["LabelName"].map(label_of_mid).fillna("other").value_counts()
+    return {label: int(counts.get(label, 0)) for label in [*sorted(labels), "other"]}
+
+
+# ---------------------------------------------------------------------------- source: sample
+
+def check_sample_names(labels: dict[str, list[str]]) -> None:
+    unknown = sample_data.unknown_names(labels)
+    if unknown:
+        raise ParamError(
+            f"params.yaml: data.labels: class name(s) {', '.join(map(repr, unknown))} unknown to "
+            "the sample generator, which draws these Open Images classes: "
+            + ", ".join(sorted(sample_data.CATALOG)))
+
+
+def write_sample(s: Settings, out: Path) -> pd.DataFrame:
+    """Draw the synthetic sample into ``out``; return its detections."""
+    pictures = sorted(sample_data.generate(s.seed, s.labels, s.images, s.max_side),
+                      key=lambda p: p.image_id)
+    (out / DATA_DIR).mkdir(parents=True)
+    records = []
+    for pic in pictures:
+        (out / DATA_DIR / f"{pic.image_id}.jpg").write_bytes(pic.jpeg)
+        for b in pic.boxes:   # drawing order within a picture, as annotators' order in real files
+            records.append([pic.image_id, "xclick", sample_data.CATALOG[b.name][0], "1",
+                            f"{b.x0 / pic.width:.6f}", f"{b.x1 / pic.width:.6f}",
+                            f"{b.y0 / pic.height:.6f}", f"{b.y1 / pic.height:.6f}",
+                            b.occluded, 0, b.group_of, b.depiction, 0])
+    rows = pd.DataFrame(records, columns=DETECTION_COLUMNS)
+    write_detections(out, rows)
+    write_classes(out, sample_classes())
+    return rows
+
+
+def sample_classes() -> dict[str, str]:
+    return {mid: name for name, (mid, _) in sample_data.CATALOG.items()}
+
+
+# ---------------------------------------------------------------------------- source: zoo
+
+def network_errors() -> tuple[type[BaseException], ...]:
+    """What FiftyOne raises when the network fails: requests' errors are OSErrors, label files
+    come through eta's WebSession, images through boto3."""
+    import botocore.exceptions
+    from eta.core.web import WebSessionError
+    return (OSError, WebSessionError, botocore.exceptions.BotoCoreError,
+            botocore.exceptions.ClientError)
+
+
+def fetch_zoo(s: Settings) -> list[Path]:
+    """Download (or find complete) the wanted part of each split; return the split folders.
+
+    ``download_zoo_dataset`` needs no database (``load_zoo_dataset`` would also import the
+    samples into MongoDB, which we do not use). FiftyOne drops unknown class names with only
+    a warning, so they are checked first against the class list, which FiftyOne reads from
+    the zoo folder when present and otherwise downloads (12 KB).
+    """
+    # Usage statistics would be a network call of their own; nothing here needs them.
+    os.environ.setdefault("FIFTYONE_DO_NOT_TRACK", "true")
+    import fiftyone as fo
+    import fiftyone.utils.openimages as fouo
+    import fiftyone.zoo as foz
+
+    zoo_dir = Path(fo.config.dataset_zoo_dir) / ZOO_NAME
+    errors = network_errors()
+    try:
+        known = set(fouo.get_classes(version="v7"))
+    except errors as exc:
+        raise StageError(f"{ZOO_NAME}: cannot get the class list ({type(exc).__name__}: {exc}); "
+                         "check the network, or set data.source to a local mirror") from None
+    mids_for_names({n: n for n in known}, s.names, "data.labels")   # names double as ids here
+    # FiftyOne's max_samples is per split; normalise() then keeps max_samples in all.
+    try:
+        _, dataset_dir = foz.download_zoo_dataset(
+            ZOO_NAME, splits=list(s.splits), label_types=["detections"], classes=s.names,
+            max_samples=s.max_samples, seed=s.seed, shuffle=s.shuffle,
+            num_workers=s.num_workers)
+    except errors as exc:
+        raise StageError(f"{ZOO_NAME}: download into {zoo_dir} failed ({type(exc).__name__}: "
+                         f"{exc}); rerun to resume, or set data.source to a local mirror") from None
+    return [Path(dataset_dir) / split for split in s.splits]
+
+
+# ------------------------------------------------------------------- zoo and path: normalise
+
+def check_root(root: Path) -> None:
+    """An Open Images-style folder must have data/, labels/detections.csv, metadata/classes.csv."""
+    if not root.is_dir():
+        raise StageError(f"data.source: folder {str(root)!r} not found; expected 'sample', "
+                         f"'{ZOO_NAME}' or an Open Images-style folder")
+    for part, is_dir in ((Path(DATA_DIR), True), (DETECTIONS, False), (CLASSES, False)):
+        path = root / part
+        if not (path.is_dir() if is_dir else path.is_file()):
+            raise StageError(f"{path}: not found; an Open Images-style folder has data/, "
+                             f"{DETECTIONS} and {CLASSES}")
+
+
+def images_on_disk(root: Path) -> dict[str, Path]:
+    """{ImageID: file} for the ``*.jpg`` files in ``root/data``."""
+    with os.scandir(root / DATA_DIR) as entries:
+        return {e.name[:-4]: Path(e.path) for e in entries
+                if e.name.endswith(".jpg") and e.is_file()}
+
+
+def rows_for_images(path: Path, image_ids: set[str]) -> pd.DataFrame:
+    """The rows of ``detections.csv`` whose image is in ``image_ids``, values as written.
+
+    Strings throughout so coordinates are copied, not reformatted; chunked, because the
+    train split's file is 2 GB and only the rows of downloaded images are wanted.
+    """
+    header = pd.read_csv(path, nrows=0).columns.tolist()
+    missing = [c for c in REQUIRED_COLUMNS if c not in header]
+    if missing:
+        raise StageError(f"{path}: missing required column(s) {', '.join(missing)}")
+    usecols = [c for c in DETECTION_COLUMNS if c in header]
+    chunks = [chunk[chunk["ImageID"].isin(image_ids)]
+              for chunk in pd.read_csv(path, usecols=usecols, dtype=str, keep_default_na=False,
+                                       chunksize=1_000_000)]
+    rows = pd.concat(chunks, ignore_index=True) if chunks else pd.DataFrame(columns=usecols)
+    for col, default in COLUMN_DEFAULTS.items():
+        if col not in rows.columns:
+            rows[col] = default
+    return rows[DETECTION_COLUMNS]
+
+
+def choose(candidates: list[str], max_samples: int, shuffle: bool, seed: int) -> list[str]:
+    """Up to ``max_samples`` of the sorted ``candidates``: the first ones, or a seeded draw."""
+    candidates = sorted(candidates)
+    if shuffle:
+        order = np.random.default_rng(seed).permutation(len(candidates))
+        candidates = [candidates[i] for i in order]
+    return sorted(candidates[:max_samples])
+
+
+def link_or_copy(src: Path, dst: Path) -> None:
+    """A hard link costs no space; across filesystems (or where links are refused) copy."""
+    try:
+        os.link(src, dst)
+    except OSError:
+        shutil.copyfile(src, dst)
+
+
+def normalise(roots: list[Path], s: Settings, out: Path) -> tuple[pd.DataFrame, dict[str, str]]:
+    """Copy the chosen images of ``roots`` with all their boxes into ``out``; see module doc."""
+    for root in roots:
+        check_root(root)
+    classes: dict[str, str] = {}
+    for root in roots:
+        classes.update(read_classes(root / CLASSES))
+    wanted = mids_for_names(classes, s.names, str(roots[0] / CLASSES))
+    files: dict[str, Path] = {}
+    parts = []
+    for root in roots:   # an ImageID in two splits: the first split listed wins
+        on_disk = {i: f for i, f in images_on_disk(root).items() if i not in files}
+        files.update(on_disk)
+        parts.append(rows_for_images(root / DETECTIONS, set(on_disk)))
+    rows = pd.concat(parts, ignore_index=True)
+    candidates = rows.loc[rows["LabelName"].isin(wanted), "ImageID"].unique().tolist()
+    chosen = choose(candidates, s.max_samples, s.shuffle, s.seed)
+    if not chosen:
+        raise StageError(f"{', '.join(map(str, roots))}: no downloaded image has a box of the "
+                         "classes in data.labels")
+    rows = rows[rows["ImageID"].isin(set(chosen))].sort_values("ImageID", kind="stable")
+    (out / DATA_DIR).mkdir(parents=True)
+    for image_id in chosen:
+        link_or_copy(files[image_id], out / DATA_DIR / f"{image_id}.jpg")
+    write_detections(out, rows)
+    write_classes(out, classes)
+    return rows, classes
+
+
+# ---------------------------------------------------------------------------- main
+
+def run(s: Settings) -> dict:
+    """Write ``data/raw`` for the settings; return the metrics."""
+    if s.source == "sample":
+        check_sample_names(s.labels)
+        with atomic_dir(RAW) as tmp:
+            rows = write_sample(s, tmp)
+            images = len(os.listdir(tmp / DATA_DIR))
+        classes = sample_classes()
+    else:
+        roots = fetch_zoo(s) if s.source == ZOO_NAME else [Path(s.source).expanduser()]
+        with atomic_dir(RAW) as tmp:
+            rows, classes = normalise(roots, s, tmp)
+            images = len(os.listdir(tmp / DATA_DIR))
+    return {"source": s.source, "images": images,
+            "boxes": int(len(rows)), "boxes_per_label": box_counts(rows, s.labels, classes)}
+
+
+@P.main_guard
+def main() -> None:
+    metrics = run(read_settings(P.load()))
+    write_json(METRICS, metrics)
+    print(f"download: {metrics['images']} images, {metrics['boxes']} boxes "
+          f"({metrics['boxes_per_label']}) from {metrics['source']} -> {RAW}")
+
+
+if __name__ == "__main__":
+    main()
