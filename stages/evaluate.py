@@ -1,0 +1,159 @@
+"""Stage `evaluate`: score the best checkpoint on the held-out test split, once.
+
+Writes metrics/eval.json (accuracy, macro / weighted F1, per-class precision / recall / F1 /
+support, person recall, the report's goals as pass/fail, speed), plots/eval/confusion.csv (for
+DVC's confusion template) and PNGs of the confusion matrix and the learning curves.
+"""
+from __future__ import annotations
+
+import statistics
+import time
+from pathlib import Path
+
+import numpy as np
+import torch
+from sklearn.metrics import classification_report, confusion_matrix
+from torch.utils.data import DataLoader
+from torchvision.datasets import ImageFolder
+
+from stages.common import figures
+from stages.common import params as P
+from stages.common.atomic import atomic_file, write_json
+from stages.common.inference import predict, to_device
+from stages.common.model import load_checkpoint, pick_device
+from stages.common.params import StageError
+from stages.common.transforms import eval_transform
+
+CHECKPOINT = Path("data/model/best.pt")
+TEST_DIR = Path("data/split/test")
+LIVE_DIR = Path("plots/train")
+TRAIN_METRICS = Path("metrics/train.json")
+METRICS_FILE = Path("metrics/eval.json")
+PLOTS_DIR = Path("plots/eval")
+GOAL = 0.90  # the report's target for accuracy and F1
+
+
+def read_config(p: dict) -> dict:
+    return {
+        "batch_size": P.number(p, "evaluate.batch_size", lo=1, integer=True),
+        "speed_runs": P.number(p, "evaluate.speed_runs", lo=1, integer=True),
+        "device": P.choice(p, "evaluate.device", ["auto", "cpu", "cuda", "mps"]),
+    }
+
+
+def load_test_set(meta: dict) -> ImageFolder:
+    if not TEST_DIR.is_dir():
+        raise StageError(f"{TEST_DIR}: not found; run the split stage first")
+    ds = ImageFolder(str(TEST_DIR), transform=eval_transform(meta["mean"], meta["std"]))
+    if ds.classes != meta["classes"]:
+        raise StageError(f"{CHECKPOINT} was trained on classes {meta['classes']} but {TEST_DIR} "
+                         f"holds {ds.classes}; retrain or re-split")
+    return ds
+
+
+def _sync(device: torch.device) -> None:
+    if device.type == "cuda":
+        torch.cuda.synchronize()
+
+
+@torch.inference_mode()
+def measure_speed(model, ds: ImageFolder, device: torch.device, batch_size: int, runs: int) -> dict:
+    """Median forward time at batch 1 (an operator's single picture) and at ``batch_size``."""
+    one = to_device(ds[0][0].unsqueeze(0), device)
+    n = min(batch_size, len(ds))
+    batch = to_device(torch.stack([ds[i][0] for i in range(n)]), device)
+
+    def timed(x: torch.Tensor, repeats: int) -> float:
+        for _ in range(3):  # warm-up: allocator, oneDNN / cuDNN kernel choice
+            model(x)
+        times = []
+        for _ in range(repeats):
+            _sync(device)
+            t0 = time.perf_counter()
+            model(x)
+            _sync(device)
+            times.append(time.perf_counter() - t0)
+        return statistics.median(times)
+
+    t1 = timed(one, runs)
+    tb = timed(batch, max(3, runs // 5))
+    return {"device": device.type, "threads": torch.get_num_threads(),
+            "batch1_ms_per_image": round(t1 * 1000, 2),
+            "batch1_images_per_s": round(1 / t1, 1),
+            "batch_size": n, "batch_images_per_s": round(n / tb, 1)}
+
+
+def score(targets: np.ndarray, preds: np.ndarray, classes: list[str]) -> dict:
+    report = classification_report(targets, preds, labels=list(range(len(classes))),
+                                   target_names=classes, output_dict=True, zero_division=0)
+    per_class = {c: {"precision": round(report[c]["precision"], 4),
+                     "recall": round(report[c]["recall"], 4),
+                     "f1": round(report[c]["f1-score"], 4),
+                     "support": int(report[c]["support"])} for c in classes}
+    accuracy = float((targets == preds).mean())
+    macro_f1 = report["macro avg"]["f1-score"]
+    result = {
+        "accuracy": round(accuracy, 4),
+        "macro_f1": round(macro_f1, 4),
+        "weighted_f1": round(report["weighted avg"]["f1-score"], 4),
+        "per_class": per_class,
+        "test_crops": int(len(targets)),
+        "goals": {"accuracy_ge_0_90": bool(accuracy >= GOAL), "macro_f1_ge_0_90": bool(macro_f1 >= GOAL)},
+    }
+    if "person" in per_class:  # the figure that matters at the fence
+        result["person_recall"] = per_class["person"]["recall"]
+    return result
+
+
+def write_confusion_csv(path: Path, targets, preds, classes) -> None:
+    with atomic_file(path) as f:
+        f.write("actual,predicted\n")
+        for t, p in zip(targets, preds):
+            f.write(f"{classes[t]},{classes[p]}\n")
+
+
+def best_epoch() -> int | None:
+    import json
+
+    if TRAIN_METRICS.is_file():
+        return json.loads(TRAIN_METRICS.read_text()).get("best_epoch")
+    return None
+
+
+@P.main_guard
+def main() -> None:
+    cfg = read_config(P.load())
+    device = pick_device(cfg["device"])
+    model, meta = load_checkpoint(CHECKPOINT)
+    ds = load_test_set(meta)
+    if len(ds) == 0:
+        raise StageError(f"{TEST_DIR}: no test images")
+    model = model.to(device, memory_format=torch.channels_last)
+    loader = DataLoader(ds, batch_size=cfg["batch_size"], shuffle=False)
+    logits, targets = predict(model, loader, device)
+    preds = logits.argmax(1).numpy()
+    targets = targets.numpy()
+    classes = meta["classes"]
+
+    metrics = score(targets, preds, classes)
+    metrics["speed"] = measure_speed(model, ds, device, cfg["batch_size"], cfg["speed_runs"])
+    metrics["arch"] = meta["arch"]
+    write_json(METRICS_FILE, metrics)
+
+    PLOTS_DIR.mkdir(parents=True, exist_ok=True)
+    write_confusion_csv(PLOTS_DIR / "confusion.csv", targets, preds, classes)
+    matrix = confusion_matrix(targets, preds, labels=list(range(len(classes))))
+    figures.confusion_png(matrix, classes, PLOTS_DIR / "confusion.png",
+                          f"{meta['arch']} test (n={len(targets)})")
+    figures.learning_curves_png(figures.read_history(LIVE_DIR), PLOTS_DIR / "learning_curves.png",
+                                best_epoch())
+
+    print(classification_report(targets, preds, labels=list(range(len(classes))),
+                                target_names=classes, digits=4, zero_division=0))
+    print(f"accuracy {metrics['accuracy']:.4f}  macro F1 {metrics['macro_f1']:.4f}  "
+          f"person recall {metrics.get('person_recall', float('nan')):.4f}  "
+          f"batch-1 {metrics['speed']['batch1_ms_per_image']} ms/image on {device.type}")
+
+
+if __name__ == "__main__":
+    main()

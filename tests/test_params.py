@@ -1,0 +1,86 @@
+"""params.yaml and the report config: well-formed, in step, and checked before any work."""
+from pathlib import Path
+
+import pytest
+import yaml
+
+from stages import evaluate, train
+from stages.common import params as P
+
+ROOT = Path(__file__).resolve().parents[1]
+
+
+def _keys(tree: dict, prefix: str = "") -> set[str]:
+    out = set()
+    for key, value in tree.items():
+        path = f"{prefix}{key}"
+        # data.labels is a free-form map (label -> class names), not a fixed schema
+        if isinstance(value, dict) and path != "data.labels":
+            out |= _keys(value, path + ".")
+        else:
+            out.add(path)
+    return out
+
+
+def test_report_config_has_exactly_the_keys_of_params_yaml():
+    default = P.load(ROOT / "params.yaml")
+    report = P.load(ROOT / "configs/report-resnet18.yaml")
+    assert _keys(report) == _keys(default)
+
+
+def test_report_config_holds_the_reports_recipe():
+    report = P.load(ROOT / "configs/report-resnet18.yaml")
+    cfg = train.read_config(report)
+    assert (cfg["arch"], cfg["weights"], cfg["dropout"]) == ("resnet18", "imagenet", 0.3)
+    assert cfg["trainable"] == ["layer4", "fc"]
+    assert (cfg["epochs"], cfg["batch_size"], cfg["lr"]) == (50, 128, 1e-5)
+    assert (cfg["focal_alpha"], cfg["focal_gamma"], cfg["patience"]) == (1.0, 2.0, 3)
+    assert report["crops"]["size"] == 224 and report["split"]["test"] == 0.2
+    assert report["data"]["source"] == "open-images-v7"
+    assert report["data"]["zoo"]["max_samples"] == 62000
+    assert set(report["data"]["labels"]) == {"person", "animal", "object"}
+
+
+@pytest.mark.parametrize("key,value,needle", [
+    ("model.arch", "resnet51", "model.arch='resnet51'"),
+    ("train.lr", -0.1, "train.lr=-0.1"),
+    ("train.epochs", 2.5, "train.epochs=2.5"),
+    ("train.batch_size", True, "train.batch_size=True"),
+    ("train.device", "tpu", "train.device='tpu'"),
+    ("model.dropout", 1.5, "model.dropout=1.5"),
+    ("model.trainable", "layer4", "model.trainable='layer4'"),
+])
+def test_bad_train_param_is_named_before_any_work(key, value, needle):
+    params = P.load(ROOT / "params.yaml")
+    section, name = key.split(".")
+    params[section][name] = value
+    with pytest.raises(P.ParamError) as err:
+        train.read_config(params)
+    assert needle in str(err.value) and "expected" in str(err.value)
+
+
+def test_missing_key_is_named():
+    params = P.load(ROOT / "params.yaml")
+    del params["evaluate"]["speed_runs"]
+    with pytest.raises(P.ParamError, match="missing key 'evaluate.speed_runs'"):
+        evaluate.read_config(params)
+
+
+def test_main_guard_prints_one_line_and_exits_2(capsys):
+    @P.main_guard
+    def stage():
+        raise P.StageError("data/raw: not found; run the download stage")
+
+    with pytest.raises(SystemExit) as exc:
+        stage()
+    assert exc.value.code == 2
+    err = capsys.readouterr().err
+    assert err == "error: data/raw: not found; run the download stage\n"
+
+
+def test_params_yaml_is_a_mapping(tmp_path):
+    bad = tmp_path / "params.yaml"
+    bad.write_text("- just\n- a list\n")
+    with pytest.raises(P.ParamError, match="expected a mapping"):
+        P.load(bad)
+    assert yaml.safe_load((ROOT / "params.yaml").read_text())["model"]["arch"] == "resnet18"
