@@ -29,8 +29,8 @@ from stages.common import params as P
 from stages.common import sample_data
 from stages.common.atomic import atomic_dir, write_json
 from stages.common.openimages import (CLASSES, DATA_DIR, DETECTION_COLUMNS, DETECTIONS,
-                                      FLAG_COLUMNS, REQUIRED_COLUMNS, mids_for_names,
-                                      read_classes)
+                                      FLAG_COLUMNS, REQUIRED_COLUMNS, images_on_disk,
+                                      mids_for_names, read_classes, read_label_map)
 from stages.common.params import ParamError, StageError
 
 RAW = Path("data/raw")
@@ -60,32 +60,13 @@ class Settings:
 
 # ---------------------------------------------------------------------------- params
 
-def read_labels(params: dict) -> dict[str, list[str]]:
-    """``data.labels``: label -> non-empty list of class names, no name under two labels."""
-    labels = P.get(params, "data.labels")
-    P.check(isinstance(labels, dict) and bool(labels), "data.labels",
-            "a mapping label -> list of Open Images class names", labels)
-    seen: dict[str, str] = {}
-    for label, names in labels.items():
-        key = f"data.labels.{label}"
-        P.check(isinstance(names, list) and bool(names)
-                and all(isinstance(n, str) and n.strip() for n in names),
-                key, "a non-empty list of class names", names)
-        for name in names:
-            if name in seen:
-                raise ParamError(f"params.yaml: class {name!r} is under both data.labels."
-                                 f"{seen[name]} and {key}; a class can have one label only")
-            seen[name] = str(label)
-    return {str(label): list(names) for label, names in labels.items()}
-
-
 def read_settings(params: dict) -> Settings:
     """Check every key the chosen source reads, before any work is done."""
     seed = P.number(params, "seed", integer=True, lo=0)
     source = P.get(params, "data.source")
     P.check(isinstance(source, str) and bool(source.strip()), "data.source",
             "sample, open-images-v7 or a folder path", source)
-    s = Settings(seed=seed, source=source, labels=read_labels(params))
+    s = Settings(seed=seed, source=source, labels=read_label_map(params))
     if source == "sample":
         # Below ~96 px there is no room for objects above the crop stage's minimum box.
         return replace(s, images=P.number(params, "data.sample.images", integer=True,
@@ -222,13 +203,6 @@ def check_root(root: Path) -> None:
         if not (path.is_dir() if is_dir else path.is_file()):
             raise StageError(f"{path}: not found; an Open Images-style folder has data/, "
                              f"{DETECTIONS} and {CLASSES}")
-
-
-def images_on_disk(root: Path) -> dict[str, Path]:
-    """{ImageID: file} for the ``*.jpg`` files in ``root/data``."""
-    with os.scandir(root / DATA_DIR) as entries:
-        return {e.name[:-4]: Path(e.path) for e in entries
-                if e.name.endswith(".jpg") and e.is_file()}
 
 
 def rows_for_images(path: Path, image_ids: set[str]) -> pd.DataFrame:

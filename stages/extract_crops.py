@@ -21,8 +21,6 @@ stops it: invalid_box, group_of, depiction, duplicate, unreadable_image, too_sma
 from __future__ import annotations
 
 import multiprocessing
-import os
-import re
 import sys
 from dataclasses import dataclass
 from pathlib import Path
@@ -36,7 +34,7 @@ from tqdm import tqdm
 from stages.common import crops, openimages
 from stages.common import params as P
 from stages.common.atomic import atomic_dir, write_json
-from stages.common.params import ParamError, StageError
+from stages.common.params import StageError
 
 RAW = Path("data/raw")
 OUT = Path("data/crops")
@@ -47,7 +45,6 @@ JPEG_QUALITY = 95
 SKIP_REASONS = ["invalid_box", "group_of", "depiction", "duplicate", "unreadable_image",
                 "too_small"]
 BOX_COLUMNS = ["XMin", "XMax", "YMin", "YMax"]
-LABEL_NAME = re.compile(r"[A-Za-z0-9_][A-Za-z0-9_.-]*")
 
 
 @dataclass(frozen=True)
@@ -63,25 +60,10 @@ class Settings:
 
 
 def read_settings(params: dict) -> Settings:
-    labels = P.get(params, "data.labels")
-    P.check(isinstance(labels, dict) and bool(labels), "data.labels",
-            "a mapping of label -> list of Open Images class names", labels)
-    owner: dict[str, str] = {}
-    for label, names in labels.items():
-        key = f"data.labels.{label}"
-        P.check(isinstance(label, str) and bool(LABEL_NAME.fullmatch(label)), key,
-                "a label usable as a folder name (letters, digits, _ . -)", label)
-        P.check(isinstance(names, list) and bool(names)
-                and all(isinstance(n, str) and n for n in names), key,
-                "a non-empty list of class names", names)
-        for name in names:
-            if name in owner:
-                raise ParamError(f"params.yaml: class {name!r} is listed under both "
-                                 f"data.labels.{owner[name]} and {key}; a class needs one label")
-            owner[name] = label
+    labels = openimages.read_label_map(params)
     return Settings(
         seed=P.number(params, "seed", lo=0, integer=True),
-        labels={label: list(names) for label, names in sorted(labels.items())},
+        labels=labels,
         size=P.number(params, "crops.size", lo=8, integer=True),
         min_box_px=P.number(params, "crops.min_box_px", lo=1, integer=True),
         skip_group_of=P.flag(params, "crops.skip_group_of"),
@@ -93,15 +75,6 @@ def read_settings(params: dict) -> Settings:
 
 # ---------------------------------------------------------------------------------------------
 # Planning: which boxes to cut, decided from the CSVs alone (cheap, single process).
-
-def images_on_disk(raw: Path) -> dict[str, Path]:
-    folder = raw / openimages.DATA_DIR
-    if not folder.is_dir():
-        raise StageError(f"{folder}: image folder not found; rerun the download stage")
-    with os.scandir(folder) as entries:
-        return {Path(e.name).stem: Path(e.path) for e in entries
-                if e.is_file() and e.name.lower().endswith(".jpg")}
-
 
 def load_boxes(raw: Path, settings: Settings, on_disk: dict[str, Path]) -> tuple[pd.DataFrame, int]:
     """Wanted-class boxes of images on disk, in canonical order, with label and box_index.
@@ -333,7 +306,7 @@ def check_labels(metrics: dict) -> None:
 @P.main_guard
 def main() -> None:
     settings = read_settings(P.load())
-    on_disk = images_on_disk(RAW)
+    on_disk = openimages.images_on_disk(RAW)
     frame, missing = load_boxes(RAW, settings, on_disk)
     for label in settings.labels:
         if not (frame["label"] == label).any():

@@ -10,11 +10,14 @@
 from __future__ import annotations
 
 import csv
+import os
+import re
 from pathlib import Path
 
 import pandas as pd
 
-from stages.common.params import StageError
+from stages.common import params as P
+from stages.common.params import ParamError, StageError
 
 DATA_DIR = "data"
 DETECTIONS = Path("labels") / "detections.csv"
@@ -27,6 +30,39 @@ DETECTION_COLUMNS = [
 # What extract_crops cannot work without; the other columns are optional.
 REQUIRED_COLUMNS = ["ImageID", "LabelName", "XMin", "XMax", "YMin", "YMax"]
 FLAG_COLUMNS = ["IsOccluded", "IsTruncated", "IsGroupOf", "IsDepiction", "IsInside"]
+# Labels become folder names (ImageFolder classes).
+LABEL_NAME = re.compile(r"[A-Za-z0-9_][A-Za-z0-9_.-]*")
+
+
+def read_label_map(params: dict) -> dict[str, list[str]]:
+    """``data.labels``: label -> non-empty list of class names, no class under two labels."""
+    labels = P.get(params, "data.labels")
+    P.check(isinstance(labels, dict) and bool(labels), "data.labels",
+            "a mapping of label -> list of Open Images class names", labels)
+    owner: dict[str, str] = {}
+    for label, names in labels.items():
+        key = f"data.labels.{label}"
+        P.check(isinstance(label, str) and bool(LABEL_NAME.fullmatch(label)), key,
+                "a label usable as a folder name (letters, digits, _ . -)", label)
+        P.check(isinstance(names, list) and bool(names)
+                and all(isinstance(n, str) and n.strip() for n in names), key,
+                "a non-empty list of class names", names)
+        for name in names:
+            if name in owner:
+                raise ParamError(f"params.yaml: class {name!r} is listed under both "
+                                 f"data.labels.{owner[name]} and {key}; a class needs one label")
+            owner[name] = label
+    return {label: list(names) for label, names in sorted(labels.items())}
+
+
+def images_on_disk(root: str | Path) -> dict[str, Path]:
+    """{ImageID: file} for the ``*.jpg`` files in ``root/data``."""
+    folder = Path(root) / DATA_DIR
+    if not folder.is_dir():
+        raise StageError(f"{folder}: image folder not found; rerun the download stage")
+    with os.scandir(folder) as entries:
+        return {e.name[:-4]: Path(e.path) for e in entries
+                if e.is_file() and e.name.lower().endswith(".jpg")}
 
 
 def read_classes(path: str | Path) -> dict[str, str]:
