@@ -6,6 +6,7 @@ arch, class names (ImageFolder order), image size, normalisation and the params 
 """
 from __future__ import annotations
 
+import socket
 import urllib.error
 from pathlib import Path
 from typing import Any
@@ -41,6 +42,9 @@ def _imagenet_state_dict(arch: str) -> dict:
     """ImageNet weights from torch's cache; downloaded there first when the network allows."""
     path = imagenet_weights_file(arch)
     if not path.is_file():
+        # Bounded: on an air-gapped network the error must come in a minute, not hang the run.
+        previous = socket.getdefaulttimeout()
+        socket.setdefaulttimeout(60)
         try:
             torch.hub.load_state_dict_from_url(ARCHS[arch][1].DEFAULT.url, progress=True)
         except (urllib.error.URLError, OSError, TimeoutError) as exc:
@@ -48,6 +52,8 @@ def _imagenet_state_dict(arch: str) -> dict:
                 f"ImageNet weights for {arch} not found at {path} and the download failed ({exc}); "
                 "copy that file there (or set TORCH_HOME), or set model.weights to a local .pth "
                 "file or to 'none'") from None
+        finally:
+            socket.setdefaulttimeout(previous)
     return torch.load(path, map_location="cpu", weights_only=True)
 
 
