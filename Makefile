@@ -19,7 +19,7 @@ $(STAMP): requirements.txt
 
 repro: setup
 	$(RUN) dvc repro
-	$(RUN) dvc metrics show
+	$(RUN) dvc metrics show metrics/eval.json
 
 test: setup
 	$(RUN) python -m pytest -q tests
