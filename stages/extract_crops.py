@@ -29,6 +29,7 @@ from typing import Iterable, Iterator
 import cv2
 import numpy as np
 import pandas as pd
+from PIL import Image
 from tqdm import tqdm
 
 from stages.common import crops, openimages
@@ -45,6 +46,7 @@ JPEG_QUALITY = 95
 SKIP_REASONS = ["invalid_box", "group_of", "depiction", "duplicate", "unreadable_image",
                 "too_small"]
 BOX_COLUMNS = ["XMin", "XMax", "YMin", "YMax"]
+ORIENTATION_TAG = 0x0112
 
 
 @dataclass(frozen=True)
@@ -56,6 +58,7 @@ class Settings:
     skip_group_of: bool
     skip_depiction: bool
     dedup_iou: float
+    reduced_decode: bool
     workers: int
 
 
@@ -69,6 +72,7 @@ def read_settings(params: dict) -> Settings:
         skip_group_of=P.flag(params, "crops.skip_group_of"),
         skip_depiction=P.flag(params, "crops.skip_depiction"),
         dedup_iou=P.number(params, "crops.dedup_iou", lo=0, hi=1, lo_open=True),
+        reduced_decode=P.flag(params, "crops.reduced_decode"),
         workers=P.number(params, "crops.workers", lo=1, integer=True),
     )
 
@@ -156,6 +160,7 @@ class ImageTask:
     seed: int
     size: int
     min_box_px: int
+    reduced_decode: bool
     boxes: tuple[tuple[int, str, float, float, float, float], ...]  # box_index, label, XMin..YMax
 
 
@@ -172,15 +177,59 @@ def crop_name(image_id: str, box_index: int) -> str:
     return f"{image_id}_{box_index}.jpg"
 
 
+READ_FLAGS = {1: cv2.IMREAD_COLOR, 2: cv2.IMREAD_REDUCED_COLOR_2, 4: cv2.IMREAD_REDUCED_COLOR_4,
+              8: cv2.IMREAD_REDUCED_COLOR_8}
+# EXIF orientations that turn the picture a quarter turn; OpenCV applies them when decoding.
+QUARTER_TURNS = {5, 6, 7, 8}
+
+
+def decode(path: str, factor: int = 1) -> np.ndarray | None:
+    """The picture at 1/factor of its size, None when OpenCV cannot read it."""
+    try:
+        image = cv2.imread(path, READ_FLAGS[factor])
+    except cv2.error:  # some malformed files raise instead of returning None
+        return None
+    return None if image is None or image.size == 0 else image
+
+
+def header_size(path: str) -> tuple[int, int] | None:
+    """(width, height) as cv2.imread would decode it, from the file's header alone."""
+    try:
+        with Image.open(path) as im:
+            width, height = im.size
+            turned = im.getexif().get(ORIENTATION_TAG) in QUARTER_TURNS
+    except (OSError, ValueError, SyntaxError, Image.DecompressionBombError):
+        return None  # not a picture PIL knows: the decode decides whether it is unreadable
+    return (height, width) if turned else (width, height)
+
+
+def read_for_crops(task: ImageTask) -> tuple[np.ndarray | None, int, int, int]:
+    """(picture, factor, full width, full height): decoded at 1/factor when every box allows it.
+
+    The factor is chosen from the header's size and the boxes that will be cut, so it depends on
+    the task alone. If the decoded size is not the header's reduced by the factor, the full-size
+    decode is used instead: boxes are always placed on the true full-size geometry.
+    """
+    size = header_size(task.path) if task.reduced_decode else None
+    if size is not None:
+        cuts = [crops.box_size(crops.pixel_box(*b[2:], *size)) for b in task.boxes]
+        factor = crops.reduce_factor([(cw, ch) for cw, ch in cuts
+                                      if min(cw, ch) >= task.min_box_px], task.size)
+        if factor > 1:
+            image = decode(task.path, factor)
+            if image is not None and image.shape[1::-1] == crops.reduced_shape(*size, factor):
+                return image, factor, size[0], size[1]
+    image = decode(task.path)
+    if image is None:
+        return None, 1, 0, 0
+    return image, 1, image.shape[1], image.shape[0]
+
+
 def process_image(task: ImageTask) -> ImageResult:
     """Read the picture once and write one JPEG per box that is big enough."""
-    try:
-        image = cv2.imread(task.path, cv2.IMREAD_COLOR)
-    except cv2.error:  # some malformed files raise instead of returning None
-        image = None
-    if image is None or image.size == 0:
+    image, factor, width, height = read_for_crops(task)
+    if image is None:
         return ImageResult(task.image_id, False, 0, 0, ())
-    height, width = image.shape[:2]
     out = []
     for box_index, label, xmin, xmax, ymin, ymax in task.boxes:
         box = crops.pixel_box(xmin, xmax, ymin, ymax, width, height)
@@ -189,7 +238,12 @@ def process_image(task: ImageTask) -> ImageResult:
             out.append((box_index, "too_small", box))
             continue
         rng = crops.box_rng(task.seed, task.image_id, box_index)
-        canvas = crops.letterbox(crops.cut(image, box), task.size, rng)
+        if factor == 1:
+            canvas = crops.letterbox(crops.cut(image, box), task.size, rng)
+        else:
+            scaled = crops.scale_from_reduced(image, box, factor,
+                                              crops.fit_size(cw, ch, task.size))
+            canvas = crops.place(scaled, task.size, rng)
         ok, jpeg = cv2.imencode(".jpg", canvas, [cv2.IMWRITE_JPEG_QUALITY, JPEG_QUALITY])
         if not ok:
             raise StageError(f"{task.path}: OpenCV could not encode crop {box_index} as JPEG")
@@ -209,7 +263,7 @@ def make_tasks(frame: pd.DataFrame, on_disk: dict[str, Path], out_dir: Path,
         per_image.setdefault(image_id, []).append(
             (int(box_index), str(label), *(float(v) for v in coords)))
     return [ImageTask(str(image_id), str(on_disk[image_id]), str(out_dir), settings.seed,
-                      settings.size, settings.min_box_px, tuple(boxes))
+                      settings.size, settings.min_box_px, settings.reduced_decode, tuple(boxes))
             for image_id, boxes in sorted(per_image.items())]
 
 
@@ -227,7 +281,10 @@ def run_tasks(tasks: list[ImageTask], workers: int) -> Iterator[ImageResult]:
         return
     # Small chunks keep the bar moving and the load even; larger ones cut pickling overhead.
     chunksize = max(1, min(32, len(tasks) // (workers * 16)))
-    with multiprocessing.Pool(workers, initializer=_worker_init) as pool:
+    # forkserver, not fork: a process forked after OpenCV ran its thread pool (any caller that
+    # resized an image first, e.g. the test suite) deadlocks in cv2.setNumThreads.
+    context = multiprocessing.get_context("forkserver")
+    with context.Pool(workers, initializer=_worker_init) as pool:
         yield from tqdm(pool.imap(process_image, tasks, chunksize=chunksize), **bar)
 
 

@@ -133,7 +133,8 @@ def test_iou():
 def write_params(root: Path, **crops_overrides) -> None:
     params = {"seed": 7, "data": {"labels": LABELS},
               "crops": {"size": 32, "min_box_px": 10, "skip_group_of": True,
-                        "skip_depiction": True, "dedup_iou": 0.7, "workers": 1}}
+                        "skip_depiction": True, "dedup_iou": 0.7, "reduced_decode": True,
+                        "workers": 1}}
     params["crops"].update(crops_overrides)
     (root / "params.yaml").write_text(yaml.safe_dump(params))
 
@@ -373,3 +374,26 @@ def test_class_under_two_labels_is_rejected(tmp_path, monkeypatch, capsys):
     with pytest.raises(SystemExit):
         run_stage(tmp_path, monkeypatch)
     assert "class 'Man' is listed under both" in capsys.readouterr().err
+
+
+def reference_place(scaled: np.ndarray, size: int, rng: np.random.Generator) -> np.ndarray:
+    """The report's padding, written plainly: np.median of the corners, a filled canvas."""
+    nh, nw = scaled.shape[:2]
+    x = int(rng.integers(0, size - nw, endpoint=True))
+    y = int(rng.integers(0, size - nh, endpoint=True))
+    xy = np.array([scaled[0, 0], scaled[0, -1], scaled[-1, 0], scaled[-1, -1]])
+    canvas = np.empty((size, size) + scaled.shape[2:], dtype=scaled.dtype)
+    canvas[...] = np.median(xy, axis=0).astype(int).astype(scaled.dtype)
+    canvas[y:y + nh, x:x + nw] = scaled
+    return canvas
+
+
+def test_fast_place_is_pixel_identical_to_the_plain_one():
+    rnd = np.random.default_rng(3)
+    for i in range(400):
+        h, w = (int(v) for v in rnd.integers(1, 33, 2))
+        shape = (h, w, 3) if i % 3 else ((h, w, 1) if i % 2 else (h, w))
+        scaled = rnd.integers(0, 256, shape, dtype=np.uint8)
+        fast = crops.place(scaled, 32, np.random.default_rng(i))
+        assert fast.shape == (32, 32) + shape[2:]
+        assert np.array_equal(fast, reference_place(scaled, 32, np.random.default_rng(i)))
