@@ -2,12 +2,11 @@
 
 Writes metrics/eval.json (accuracy, macro / weighted F1, per-class precision / recall / F1 /
 support, person recall, the report's goals as pass/fail, speed), plots/eval/confusion.csv (for
-DVC's confusion template) and PNGs of the confusion matrix and the learning curves.
+DVC's confusion template) and PNGs of the confusion matrix, the learning curves and the most
+confident mistakes (the gallery lives here because this stage already holds every prediction).
 """
 from __future__ import annotations
 
-import statistics
-import time
 from pathlib import Path
 
 import numpy as np
@@ -15,6 +14,7 @@ import torch
 from sklearn.metrics import classification_report, confusion_matrix
 from torch.utils.data import DataLoader
 from torchvision.datasets import ImageFolder
+from PIL import Image
 
 from stages.common import figures
 from stages.common import params as P
@@ -22,7 +22,8 @@ from stages.common.atomic import atomic_file, write_json
 from stages.common.inference import predict, to_device
 from stages.common.model import load_checkpoint, pick_device
 from stages.common.params import StageError
-from stages.common.transforms import eval_transform
+from stages.common.predictor import labelled_folder, softmax
+from stages.common.speed import speed_figures
 
 CHECKPOINT = Path("data/model/best.pt")
 TEST_DIR = Path("data/split/test")
@@ -38,17 +39,12 @@ def read_config(p: dict) -> dict:
         "batch_size": P.number(p, "evaluate.batch_size", lo=1, integer=True),
         "speed_runs": P.number(p, "evaluate.speed_runs", lo=1, integer=True),
         "device": P.choice(p, "evaluate.device", ["auto", "cpu", "cuda", "mps"]),
+        "mistakes": P.number(p, "evaluate.mistakes", lo=1, integer=True),
     }
 
 
 def load_test_set(meta: dict) -> ImageFolder:
-    if not TEST_DIR.is_dir():
-        raise StageError(f"{TEST_DIR}: not found; run the split stage first")
-    ds = ImageFolder(str(TEST_DIR), transform=eval_transform(meta["mean"], meta["std"]))
-    if ds.classes != meta["classes"]:
-        raise StageError(f"{CHECKPOINT} was trained on classes {meta['classes']} but {TEST_DIR} "
-                         f"holds {ds.classes}; retrain or re-split")
-    return ds
+    return labelled_folder(TEST_DIR, meta, CHECKPOINT)
 
 
 def _sync(device: torch.device) -> None:
@@ -62,25 +58,8 @@ def measure_speed(model, ds: ImageFolder, device: torch.device, batch_size: int,
     one = to_device(ds[0][0].unsqueeze(0), device)
     n = min(batch_size, len(ds))
     batch = to_device(torch.stack([ds[i][0] for i in range(n)]), device)
-
-    def timed(x: torch.Tensor, repeats: int) -> float:
-        for _ in range(3):  # warm-up: allocator, oneDNN / cuDNN kernel choice
-            model(x)
-        times = []
-        for _ in range(repeats):
-            _sync(device)
-            t0 = time.perf_counter()
-            model(x)
-            _sync(device)
-            times.append(time.perf_counter() - t0)
-        return statistics.median(times)
-
-    t1 = timed(one, runs)
-    tb = timed(batch, max(3, runs // 5))
-    return {"device": device.type, "threads": torch.get_num_threads(),
-            "batch1_ms_per_image": round(t1 * 1000, 2),
-            "batch1_images_per_s": round(1 / t1, 1),
-            "batch_size": n, "batch_images_per_s": round(n / tb, 1)}
+    timing = speed_figures(model, one, batch, n, runs, sync=lambda: _sync(device))
+    return {"device": device.type, "threads": torch.get_num_threads(), **timing}
 
 
 def score(targets: np.ndarray, preds: np.ndarray, classes: list[str]) -> dict:
@@ -112,6 +91,29 @@ def write_confusion_csv(path: Path, targets, preds, classes) -> None:
             f.write(f"{classes[t]},{classes[p]}\n")
 
 
+def most_confident_mistakes(probs: np.ndarray, targets: np.ndarray, k: int) -> list[int]:
+    """Indices of the ``k`` wrong predictions with the highest confidence, ties by index."""
+    preds = probs.argmax(1)
+    wrong = np.flatnonzero(preds != targets)
+    confidence = probs[wrong, preds[wrong]]
+    order = np.lexsort((wrong, -confidence))  # last key first: confidence down, then index up
+    return [int(i) for i in wrong[order][:k]]
+
+
+def mistakes_gallery(ds: ImageFolder, probs: np.ndarray, targets: np.ndarray, k: int,
+                     title: str) -> None:
+    classes = ds.classes
+    items = []
+    for i in most_confident_mistakes(probs, targets, k):
+        path = Path(ds.samples[i][0])
+        pred = int(probs[i].argmax())
+        with Image.open(path) as im:
+            pixels = np.asarray(im.convert("RGB"))
+        items.append({"image": pixels, "true": classes[targets[i]], "pred": classes[pred],
+                      "confidence": float(probs[i, pred]), "name": path.name})
+    figures.mistakes_png(items, PLOTS_DIR / "mistakes.png", title, total=len(targets))
+
+
 def best_epoch() -> int | None:
     import json
 
@@ -132,6 +134,7 @@ def main() -> None:
     loader = DataLoader(ds, batch_size=cfg["batch_size"], shuffle=False)
     logits, targets = predict(model, loader, device)
     preds = logits.argmax(1).numpy()
+    probs = softmax(logits.numpy())
     targets = targets.numpy()
     classes = meta["classes"]
 
@@ -147,6 +150,8 @@ def main() -> None:
                           f"{meta['arch']} test (n={len(targets)})")
     figures.learning_curves_png(figures.read_history(LIVE_DIR), PLOTS_DIR / "learning_curves.png",
                                 best_epoch())
+    mistakes_gallery(ds, probs, targets, cfg["mistakes"],
+                     f"{meta['arch']}: most confident test mistakes")
 
     print(classification_report(targets, preds, labels=list(range(len(classes))),
                                 target_names=classes, digits=4, zero_division=0))

@@ -20,6 +20,7 @@ TINY = {  # a few dozen pictures at 32 px: seconds per stage, every code path st
     "crops": {"size": 32, "min_box_px": 12, "workers": 1},
     "train": {"epochs": 2, "batch_size": 16, "num_workers": 0},
     "evaluate": {"batch_size": 16, "speed_runs": 3},
+    "export": {"batch_size": 8, "speed_runs": 3},
 }
 
 
@@ -70,7 +71,7 @@ def dvc(repo, *args, check=True):
 
 
 def test_repro_runs_every_stage_and_writes_metrics_and_plots(repo):
-    for stage in ["download", "extract_crops", "split", "train", "evaluate"]:
+    for stage in ["download", "extract_crops", "split", "train", "evaluate", "export"]:
         assert f"Running stage '{stage}'" in repo.first_output
     metrics = json.loads((repo.path / "metrics/eval.json").read_text())
     for key in ["accuracy", "macro_f1", "weighted_f1", "person_recall", "goals", "speed"]:
@@ -80,9 +81,13 @@ def test_repro_runs_every_stage_and_writes_metrics_and_plots(repo):
     for split in ["train", "val", "test"]:
         assert sorted(p.name for p in (repo.path / "data/split" / split).iterdir()) == \
             ["animal", "object", "person"]
-    for png in ["confusion.png", "learning_curves.png"]:
+    for png in ["confusion.png", "learning_curves.png", "mistakes.png"]:
         assert (repo.path / "plots/eval" / png).read_bytes()[:4] == b"\x89PNG"
     assert (repo.path / "dvc.lock").is_file()
+    exported = json.loads((repo.path / "metrics/export.json").read_text())
+    assert exported["parity"]["max_abs_logit_diff"] <= 1e-3
+    assert exported["parity"]["test_crops"] == metrics["test_crops"]
+    assert (repo.path / "data/export/model.onnx").stat().st_size > 1_000_000
 
 
 def test_second_repro_does_nothing_and_status_is_clean(repo):
@@ -111,7 +116,8 @@ def test_exp_run_resnet50_reruns_only_train_and_evaluate(repo):
     repo.run("git", "commit", "-qm", "baseline run")
     exp = dvc(repo, "exp", "run", "-S", "model.arch=resnet50")
     out = exp.stdout + exp.stderr
-    assert "Running stage 'train'" in out and "Running stage 'evaluate'" in out
+    for stage in ["train", "evaluate", "export"]:
+        assert f"Running stage '{stage}'" in out
     for upstream in ["download", "extract_crops", "split"]:
         assert f"Running stage '{upstream}'" not in out
     assert json.loads((repo.path / "metrics/eval.json").read_text())["arch"] == "resnet50"
@@ -121,6 +127,11 @@ def test_exp_run_resnet50_reruns_only_train_and_evaluate(repo):
     for key in ["accuracy", "macro_f1", "person_recall", "per_class.person.recall",
                 "per_class.animal.f1", "per_class.object.precision"]:
         assert key in changed
+    # the speed cost of resnet50 against resnet18, ONNX Runtime and eager side by side
+    speed = json.loads(diff)["metrics/export.json"]
+    for key in ["speed.onnxruntime.batch1_ms_per_image", "speed.pytorch_eager.batch1_ms_per_image",
+                "speed.onnxruntime.batch_images_per_s", "onnx_mb"]:
+        assert key in speed
 
     shown = json.loads(dvc(repo, "exp", "show", "--json").stdout)
     assert "resnet50" in json.dumps(shown)
@@ -129,7 +140,7 @@ def test_exp_run_resnet50_reruns_only_train_and_evaluate(repo):
 def test_plots_show_renders_curves_confusion_and_images(repo, tmp_path):
     plots = json.loads(dvc(repo, "plots", "show", "--json").stdout)["data"]
     assert {"Loss", "Accuracy", "plots/eval/confusion.csv", "plots/eval/confusion.png",
-            "plots/eval/learning_curves.png"} <= set(plots)
+            "plots/eval/learning_curves.png", "plots/eval/mistakes.png"} <= set(plots)
     for curve in ["Loss", "Accuracy"]:
         values = plots[curve][0]["content"]["data"]["values"]
         assert {v["filename"].split("/")[0] for v in values} == {"train", "val"}

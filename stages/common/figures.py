@@ -72,3 +72,31 @@ def learning_curves_png(history: pd.DataFrame, path: Path, best_epoch: int | Non
         ax.legend()
     fig.tight_layout()
     _save(fig, path)
+
+
+def mistakes_png(items: list[dict], path: Path, title: str, total: int, columns: int = 4) -> None:
+    """A grid of wrong predictions, most confident first: picture, true / predicted label, p.
+
+    ``items``: dicts with ``image`` (RGB array), ``true``, ``pred``, ``confidence``, ``name``.
+    With no mistakes the PNG says so, so the plot is always there to look at.
+    """
+    if not items:
+        fig, ax = plt.subplots(figsize=(4.8, 1.2))
+        ax.axis("off")
+        ax.text(0.5, 0.5, f"no mistakes among {total} test crops", ha="center", va="center")
+        ax.set_title(title)
+        _save(fig, path)
+        return
+    cols = min(columns, len(items))
+    rows = -(-len(items) // cols)
+    fig, axes = plt.subplots(rows, cols, figsize=(2.4 * cols, 2.8 * rows + 0.4), squeeze=False)
+    for ax in axes.flat:
+        ax.axis("off")
+    for ax, item in zip(axes.flat, items):
+        ax.imshow(item["image"])
+        ax.set_title(f"{item['name']}\ntrue {item['true']}, pred {item['pred']}\n"
+                     f"confidence {item['confidence']:.3f}", fontsize=8,
+                     color="firebrick" if item["true"] == "person" else "black")
+    fig.suptitle(f"{title} ({len(items)} shown, of {total} test crops)")
+    fig.tight_layout()
+    _save(fig, path)

@@ -1,0 +1,155 @@
+"""An offline report: `python -m stages.report [--out dvc_plots/report.html]`.
+
+Not a DVC stage: a command to run after `dvc repro` (or `dvc exp apply`). `dvc plots show` writes a
+page that loads Vega from a CDN, so on an air-gapped machine it stays blank. This renders the same
+plots (the Vega-Lite specs DVC fills from dvc.yaml's ``plots:``) to SVG here, with vl-convert's
+bundled Vega, and writes ONE self-contained HTML file: every plot and PNG inlined as a data: URI,
+the metrics as tables, no script, and a Content-Security-Policy that forbids any fetch. Copy the
+file anywhere and open it in any browser.
+
+A plot that cannot be rendered is named in the page and on stderr, the others still come out;
+the exit code is then 1.
+"""
+from __future__ import annotations
+
+import argparse
+import base64
+import html
+import json
+import subprocess
+import sys
+import tempfile
+from pathlib import Path
+
+from stages.common.atomic import atomic_file
+from stages.common.params import StageError, main_guard
+
+DEFAULT_OUT = Path("dvc_plots/report.html")  # beside dvc plots show's index.html, git-ignored
+IMAGE_TYPES = {".png": "image/png", ".jpg": "image/jpeg", ".jpeg": "image/jpeg",
+               ".svg": "image/svg+xml", ".gif": "image/gif"}
+CSP = "default-src 'none'; img-src data:; style-src 'unsafe-inline'"
+STYLE = """
+body { font-family: sans-serif; margin: 2em; color: #222; }
+h1 { font-size: 1.4em; } h2 { font-size: 1.15em; margin-top: 2em; }
+.plots { display: flex; flex-wrap: wrap; gap: 1.5em; }
+figure.plot { margin: 0; padding: .5em; border: 1px solid #ddd; }
+figure.plot img { display: block; max-width: 100%; }
+figcaption { font-size: .85em; color: #555; margin-top: .3em; }
+table { border-collapse: collapse; font-size: .85em; margin-bottom: 1em; }
+td, th { border: 1px solid #ddd; padding: 2px 8px; text-align: left; }
+.error { color: #a00; border: 1px solid #a00; padding: .5em; }
+"""
+
+
+def dvc_json(*args: str, cwd: Path) -> dict:
+    proc = subprocess.run([sys.executable, "-m", "dvc", *args, "--json"], cwd=cwd,
+                          capture_output=True, text=True)
+    if proc.returncode != 0:
+        last = (proc.stderr.strip().splitlines() or ["no message"])[-1]
+        raise StageError(f"`dvc {' '.join(args)}` failed in {cwd} ({last}); run it from the "
+                         "repository root after `dvc repro`")
+    return json.loads(proc.stdout or "{}")
+
+
+def data_uri(mime: str, payload: bytes) -> str:
+    return f"data:{mime};base64,{base64.b64encode(payload).decode('ascii')}"
+
+
+def render_plot(entry: dict) -> tuple[str, str]:
+    """(data: URI, kind) of one plot of `dvc plots show --json`: Vega-Lite -> SVG, image inlined."""
+    if entry["type"] == "vega":
+        import vl_convert
+
+        return data_uri("image/svg+xml", vl_convert.vegalite_to_svg(entry["content"]).encode()), \
+            "svg"
+    if entry["type"] == "image":
+        path = Path(entry["url"])
+        mime = IMAGE_TYPES.get(path.suffix.lower())
+        if mime is None:
+            raise ValueError(f"unsupported image type {path.suffix}")
+        return data_uri(mime, path.read_bytes()), path.suffix.lower().lstrip(".")
+    raise ValueError(f"unsupported plot type {entry['type']!r}")
+
+
+def flatten(tree, prefix: str = "") -> list[tuple[str, str]]:
+    if isinstance(tree, dict):
+        return [row for key in sorted(tree) for row in flatten(tree[key], f"{prefix}{key}.")]
+    return [(prefix.rstrip("."), json.dumps(tree) if not isinstance(tree, str) else tree)]
+
+
+def metrics_html(metrics: dict) -> str:
+    parts = []
+    for rev, content in metrics.items():
+        for name, value in sorted((content.get("data") or {}).items()):
+            rows = "".join(f"<tr><td>{html.escape(k)}</td><td>{html.escape(v)}</td></tr>"
+                           for k, v in flatten(value.get("data", {})))
+            parts.append(f"<h3>{html.escape(name)} <small>({html.escape(rev)})</small></h3>"
+                         f"<table><tr><th>metric</th><th>value</th></tr>{rows}</table>")
+    return "\n".join(parts) or "<p>no metrics</p>"
+
+
+def build(repo: Path) -> tuple[str, list[str]]:
+    """The report's HTML and the list of plots that failed to render."""
+    failed: list[str] = []
+    figures = []
+    with tempfile.TemporaryDirectory() as tmp:  # dvc copies image plots there
+        shown = dvc_json("plots", "show", "-o", tmp, cwd=repo)
+        for error in shown.get("errors", []) or []:
+            failed.append(f"dvc: {error}")
+        for plot_id, entries in shown.get("data", {}).items():
+            for entry in entries:
+                label = plot_id if len(entries) == 1 else f"{plot_id} ({', '.join(entry.get('revisions', []))})"
+                try:
+                    uri, kind = render_plot(entry)
+                except Exception as exc:  # one bad plot must not cost the others
+                    failed.append(f"{plot_id}: {type(exc).__name__}: {exc}")
+                    figures.append(f'<div class="error">{html.escape(plot_id)}: could not be '
+                                   f'rendered ({html.escape(str(exc))})</div>')
+                    continue
+                figures.append(f'<figure class="plot" data-plot="{html.escape(plot_id)}">'
+                               f'<img src="{uri}" alt="{html.escape(label)}">'
+                               f'<figcaption>{html.escape(label)} ({kind})</figcaption></figure>')
+    metrics = dvc_json("metrics", "show", cwd=repo)
+    page = f"""<!DOCTYPE html>
+<html lang="en"><head><meta charset="utf-8">
+<meta http-equiv="Content-Security-Policy" content="{CSP}">
+<title>Pipeline report: {html.escape(repo.resolve().name)}</title>
+<style>{STYLE}</style></head>
+<body>
+<h1>Pipeline report: {html.escape(repo.resolve().name)}</h1>
+<p>Plots of dvc.yaml rendered offline ({len(figures)} plots); metrics of the workspace. This file
+needs no network.</p>
+<h2>Plots</h2>
+<div class="plots">
+{chr(10).join(figures)}
+</div>
+<h2>Metrics</h2>
+{metrics_html(metrics)}
+</body></html>
+"""
+    return page, failed
+
+
+@main_guard
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(prog="python -m stages.report",
+                                     description=__doc__.split("\n")[0])
+    parser.add_argument("--out", type=Path, default=DEFAULT_OUT,
+                        help=f"HTML file to write (default {DEFAULT_OUT})")
+    parser.add_argument("--repo", type=Path, default=Path("."),
+                        help="DVC project root (default: here)")
+    args = parser.parse_args(argv)
+    if not (args.repo / "dvc.yaml").is_file():
+        raise StageError(f"{args.repo / 'dvc.yaml'}: not found; run from the repository root")
+    page, failed = build(args.repo)
+    with atomic_file(args.out) as f:
+        f.write(page)
+    for line in failed:
+        print(f"error: {line}", file=sys.stderr)
+    print(f"{args.out}: {page.count('<figure class=')} plots, {len(page) // 1024} KiB, "
+          f"self-contained (no network needed)")
+    return 1 if failed else 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,208 @@
+"""The offline report: every plot of dvc.yaml in one self-contained HTML file, checked in headless
+Chromium with the network off (proxy to a dead port, every host unresolvable).
+
+The plot files are written here (by the project's own figure code where it has one), so the test
+needs no pipeline run. Chromium is Debian's `chromium` package; CI installs it (.ci/run). Without
+it the browser test is skipped with the reason, so `make test` still runs for a user who lacks it.
+"""
+import json
+import os
+import re
+import shutil
+import subprocess
+import sys
+import tempfile
+from pathlib import Path
+
+import numpy as np
+import pytest
+import yaml
+
+from stages.common import figures
+
+ROOT = Path(__file__).resolve().parents[1]
+CHROMIUM = shutil.which("chromium") or shutil.which("chromium-browser")
+OFFLINE_FLAGS = [
+    "--headless", "--no-sandbox", "--disable-gpu", "--disable-quic", "--no-first-run",
+    "--disable-background-networking", "--disable-component-update", "--disable-sync",
+    "--proxy-server=http://127.0.0.1:9", "--proxy-bypass-list=<-loopback>",
+    "--host-resolver-rules=MAP * ~NOTFOUND", "--window-size=1400,1000",
+]
+# Per figure: decoded, laid out with a size, not hidden, and not one flat colour.
+CHECK = """
+new Promise(resolve => {
+  const check = () => resolve([...document.querySelectorAll('figure.plot')].map(f => {
+    const img = f.querySelector('img');
+    const box = img.getBoundingClientRect(), css = getComputedStyle(img);
+    const loaded = img.complete && img.naturalWidth > 0;
+    let colours = 0;
+    if (loaded) {
+      const c = document.createElement('canvas');
+      c.width = Math.min(img.naturalWidth, 300); c.height = Math.min(img.naturalHeight, 300);
+      const g = c.getContext('2d'); g.drawImage(img, 0, 0, c.width, c.height);
+      const px = g.getImageData(0, 0, c.width, c.height).data, seen = new Set();
+      for (let i = 0; i < px.length && seen.size < 20; i += 4) seen.add(px[i] * 65536 + px[i + 1] * 256 + px[i + 2]);
+      colours = seen.size;
+    }
+    return {plot: f.dataset.plot, loaded, width: box.width, height: box.height, colours,
+            shown: css.display !== 'none' && css.visibility === 'visible' && +css.opacity > 0};
+  }));
+  if (document.readyState === 'complete') check(); else addEventListener('load', check);
+})
+"""
+
+
+def write_plot_files(repo: Path) -> None:
+    """Every file dvc.yaml's plots read, with small plausible contents."""
+    for split, shift in [("train", 0.0), ("val", 0.05)]:
+        for metric, values in [("loss", [0.6, 0.3, 0.2]), ("acc", [0.5, 0.8, 0.9])]:
+            tsv = repo / f"plots/train/plots/metrics/{split}/{metric}.tsv"
+            tsv.parent.mkdir(parents=True, exist_ok=True)
+            tsv.write_text(f"step\t{metric}\n" + "".join(
+                f"{i}\t{v + shift}\n" for i, v in enumerate(values)))
+    classes = ["animal", "object", "person"]
+    pairs = [(a, p) for a in classes for p in classes] * 2 + [(c, c) for c in classes] * 5
+    (repo / "plots/eval").mkdir(parents=True, exist_ok=True)
+    (repo / "plots/eval/confusion.csv").write_text(
+        "actual,predicted\n" + "".join(f"{a},{p}\n" for a, p in pairs))
+    figures.confusion_png(np.array([[5, 1, 0], [2, 6, 0], [0, 1, 7]]), classes,
+                          repo / "plots/eval/confusion.png", "test")
+    history = figures.read_history(repo / "plots/train")
+    figures.learning_curves_png(history, repo / "plots/eval/learning_curves.png", 2)
+    crop = np.random.default_rng(0).integers(0, 255, (32, 32, 3), dtype=np.uint8)
+    figures.mistakes_png([{"image": crop, "true": "person", "pred": "object", "confidence": 0.9,
+                           "name": "x.jpg"}], repo / "plots/eval/mistakes.png", "test", total=9)
+    (repo / "metrics").mkdir(exist_ok=True)
+    (repo / "metrics/eval.json").write_text(json.dumps({"accuracy": 0.9, "person_recall": 1.0}))
+
+
+@pytest.fixture(scope="module")
+def project(tmp_path_factory):
+    """A DVC project with this repo's dvc.yaml and every plot file, and its report."""
+    repo = tmp_path_factory.mktemp("report") / "repo"
+    repo.mkdir()
+    shutil.copy(ROOT / "dvc.yaml", repo / "dvc.yaml")
+    subprocess.run([sys.executable, "-m", "dvc", "init", "--no-scm", "-q"], cwd=repo, check=True)
+    write_plot_files(repo)
+    proc = subprocess.run([sys.executable, "-m", "stages.report", "--repo", str(repo),
+                           "--out", str(repo / "report.html")], cwd=ROOT, capture_output=True,
+                          text=True, env={**os.environ, "PYTHONPATH": str(ROOT)})
+    assert proc.returncode == 0, proc.stderr
+    plot_ids = []
+    for item in yaml.safe_load((repo / "dvc.yaml").read_text())["plots"]:
+        plot_ids.append(item if isinstance(item, str) else next(iter(item)))
+    return repo, plot_ids
+
+
+def test_report_holds_every_plot_and_needs_no_network(project):
+    repo, plot_ids = project
+    page = (repo / "report.html").read_text()
+    assert re.findall(r'data-plot="([^"]+)"', page) == plot_ids
+    refs = re.findall(r'(?:src|href)\s*=\s*"([^"]*)"', page)
+    assert refs and all(r.startswith("data:") for r in refs), [r[:40] for r in refs]
+    assert "<script" not in page and "default-src 'none'" in page
+    assert "person_recall" in page  # metrics tables
+
+
+def test_report_is_deterministic(project, tmp_path):
+    repo, _ = project
+    subprocess.run([sys.executable, "-m", "stages.report", "--repo", str(repo), "--out",
+                    str(tmp_path / "again.html")], cwd=ROOT, check=True, capture_output=True)
+    assert (tmp_path / "again.html").read_bytes() == (repo / "report.html").read_bytes()
+
+
+def chromium_evaluate(urls: list[str], expression: str) -> list:
+    """Open each URL in headless Chromium (network off) and evaluate ``expression`` there.
+
+    Chrome DevTools Protocol over --remote-debugging-pipe (fds 3 and 4): no extra package.
+    """
+    to_r, to_w = os.pipe()
+    from_r, from_w = os.pipe()
+    with tempfile.TemporaryDirectory() as profile:
+        proc = subprocess.Popen(
+            ["bash", "-c", f'exec "$@" 3<&{to_r} 4>&{from_w}', "chromium", CHROMIUM,
+             *OFFLINE_FLAGS, "--remote-debugging-pipe", f"--user-data-dir={profile}",
+             "about:blank"], pass_fds=(to_r, from_w), stdout=subprocess.DEVNULL,
+            stderr=subprocess.DEVNULL)
+        os.close(to_r)
+        os.close(from_w)
+        reader = os.fdopen(from_r, "rb")
+        writer = os.fdopen(to_w, "wb")
+        buffer, counter = b"", [0]
+
+        def receive() -> dict:
+            nonlocal buffer
+            while b"\0" not in buffer:
+                chunk = os.read(reader.fileno(), 65536)
+                if not chunk:
+                    raise RuntimeError("chromium closed the DevTools pipe")
+                buffer += chunk
+            raw, buffer = buffer.split(b"\0", 1)
+            return json.loads(raw)
+
+        def send(method, params=None, session=None, until_event=None):
+            counter[0] += 1
+            msg = {"id": counter[0], "method": method, "params": params or {}}
+            if session:
+                msg["sessionId"] = session
+            writer.write(json.dumps(msg).encode() + b"\0")
+            writer.flush()
+            result, seen_event = None, until_event is None
+            while result is None or not seen_event:
+                reply = receive()
+                if reply.get("id") == counter[0]:
+                    if "error" in reply:
+                        raise RuntimeError(f"{method}: {reply['error']}")
+                    result = reply["result"]
+                elif reply.get("method") == until_event and reply.get("sessionId") == session:
+                    seen_event = True
+            return result
+
+        try:
+            results = []
+            for url in urls:
+                target = send("Target.createTarget", {"url": "about:blank"})["targetId"]
+                session = send("Target.attachToTarget",
+                               {"targetId": target, "flatten": True})["sessionId"]
+                send("Page.enable", session=session)
+                send("Page.navigate", {"url": url}, session, until_event="Page.loadEventFired")
+                value = send("Runtime.evaluate", {"expression": expression, "awaitPromise": True,
+                                                  "returnByValue": True}, session)
+                results.append(value["result"].get("value"))
+                send("Target.closeTarget", {"targetId": target})
+            send("Browser.close")
+        finally:
+            writer.close()
+            reader.close()
+            try:
+                proc.wait(timeout=10)
+            except subprocess.TimeoutExpired:
+                proc.kill()
+                proc.wait()
+    return results
+
+
+@pytest.mark.skipif(CHROMIUM is None, reason="chromium not installed (Debian: apt-get install "
+                    "chromium; CI's .ci/run installs it)")
+def test_every_plot_renders_in_offline_chromium(project, tmp_path):
+    repo, plot_ids = project
+    # Controls: a broken image must be caught, and a page that needs the network (DVC's own
+    # `dvc plots show` page, Vega from a CDN) must come out blank in this browser.
+    broken = tmp_path / "broken.html"
+    broken.write_text('<figure class="plot" data-plot="bad"><img src="data:image/png;base64,'
+                      'iVBORw0KGgo="></figure>')
+    subprocess.run([sys.executable, "-m", "dvc", "plots", "show", "-o", str(tmp_path / "dvc")],
+                   cwd=repo, check=True, capture_output=True)
+    dvc_page = (tmp_path / "dvc" / "index.html")
+    assert "https://" in dvc_page.read_text()
+    report, bad = chromium_evaluate([(repo / "report.html").as_uri(), broken.as_uri()], CHECK)
+    [dvc_plots] = chromium_evaluate([dvc_page.as_uri()], "new Promise(r => setTimeout(() => "
+                                    "r(document.querySelectorAll('svg, canvas').length), 1000))")
+    assert [f["plot"] for f in report] == plot_ids
+    for figure in report:
+        assert figure["loaded"] and figure["shown"], figure
+        assert figure["width"] > 100 and figure["height"] > 100, figure
+        assert figure["colours"] > 2, figure  # not a blank rectangle
+    assert bad == [{"plot": "bad", "loaded": False, "width": bad[0]["width"],
+                    "height": bad[0]["height"], "colours": 0, "shown": True}]
+    assert dvc_plots == 0  # the online page renders nothing here: the network really is off
