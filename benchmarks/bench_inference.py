@@ -1,71 +1,78 @@
-"""Inference speed: ms per image at batch 1, images/s at batch 32; eager fp32, NCHW vs
-channels_last.
+"""Inference speed: ms per image at batch 1, images/s at batch 32, for resnet18 and resnet50:
+PyTorch eager fp32 NCHW, eager channels_last (what evaluate and predict use), and ONNX Runtime
+(the runtime of the export stage and `predict --model model.onnx`, CPU only).
 
     python -m benchmarks.bench_inference --device cpu
-    python -m benchmarks.bench_inference --device cuda
+    python -m benchmarks.bench_inference --device cuda      # eager only: ORT here is CPU-only
 
-Same weights and inputs for both layouts (outputs compared, must agree to 1e-3). Timings are
-medians of ``--runs`` calls after warm-up, under torch.inference_mode, model in eval mode.
+Same weights and inputs for every runtime (outputs compared, must agree to 1e-3). Timings are
+medians after warm-up (stages.common.speed, the timer of evaluate and export), models in eval
+mode under torch.inference_mode. Untrained weights: speed does not depend on their values.
 """
 from __future__ import annotations
 
 import argparse
-import statistics
-import time
+import tempfile
+from pathlib import Path
 
+import numpy as np
 import torch
 
-from stages.common.model import build_model
+from stages.common.model import IMAGENET_MEAN, IMAGENET_STD, build_model
+from stages.common.onnx_model import OnnxClassifier, export
+from stages.common.speed import speed_figures
 
 
-def median_seconds(model, x: torch.Tensor, runs: int, device: torch.device) -> float:
-    times = []
-    for _ in range(runs):
-        if device.type == "cuda":
-            torch.cuda.synchronize()
-        started = time.perf_counter()
-        model(x)
-        if device.type == "cuda":
-            torch.cuda.synchronize()
-        times.append(time.perf_counter() - started)
-    return statistics.median(times)
+def runtimes(model, size: int, device: torch.device, tmp: Path):
+    """(name, forward(NCHW float tensor) -> logits as ndarray) for each runtime measured."""
+    def eager(fmt):
+        m = model.to(memory_format=fmt)
+        return lambda x: m(x.to(device, memory_format=fmt)).float().cpu().numpy()
+
+    yield "eager NCHW", eager(torch.contiguous_format)
+    yield "eager channels_last", eager(torch.channels_last)
+    if device.type == "cpu":
+        meta = {"arch": "bench", "classes": ["animal", "object", "person"], "image_size": size,
+                "mean": IMAGENET_MEAN, "std": IMAGENET_STD}
+        path = tmp / "model.onnx"
+        export(model.cpu(), meta, path, opset=18)
+        ort = OnnxClassifier(path, threads=torch.get_num_threads())
+        yield "ONNX Runtime", lambda x: ort.logits(x.numpy())
 
 
 @torch.inference_mode()
-def measure(arch: str, size: int, runs1: int, runs32: int, device: torch.device) -> None:
+def measure(arch: str, size: int, runs: int, device: torch.device) -> None:
     torch.manual_seed(0)
     model = build_model(arch, 3, 0.3, "none").eval().to(device)
-    x1, x32 = torch.randn(1, 3, size, size, device=device), torch.randn(32, 3, size, size,
-                                                                     device=device)
-    result = {}
-    for layout in ("nchw", "channels_last"):
-        fmt = torch.channels_last if layout == "channels_last" else torch.contiguous_format
-        model = model.to(memory_format=fmt)
-        a, b = x1.to(memory_format=fmt), x32.to(memory_format=fmt)
-        result[layout + "_out"] = model(b).float().cpu()
-        for _ in range(3):  # warm-up
-            model(a), model(b)
-        result[layout] = (median_seconds(model, a, runs1, device) * 1000,
-                          32 / median_seconds(model, b, runs32, device))
-    assert torch.allclose(result["nchw_out"], result["channels_last_out"], atol=1e-3)
-    (ms_a, ips_a), (ms_b, ips_b) = result["nchw"], result["channels_last"]
-    print(f"  {arch:9s} batch 1: {ms_a:6.1f} -> {ms_b:6.1f} ms/image ({ms_a / ms_b:.2f}x)   "
-          f"batch 32: {ips_a:6.1f} -> {ips_b:6.1f} images/s ({ips_b / ips_a:.2f}x)")
+    one, batch = torch.randn(1, 3, size, size), torch.randn(32, 3, size, size)
+    sync = torch.cuda.synchronize if device.type == "cuda" else (lambda: None)
+    rows, reference = [], None
+    with tempfile.TemporaryDirectory(prefix="bench-onnx-") as tmp:
+        for name, forward in runtimes(model, size, device, Path(tmp)):
+            out = forward(batch)
+            reference = out if reference is None else reference
+            assert np.allclose(out, reference, atol=1e-3), f"{name} disagrees with eager NCHW"
+            rows.append((name, speed_figures(forward, one, batch, 32, runs, sync)))
+    base = rows[0][1]
+    for name, fig in rows:
+        print(f"  {arch:9s} {name:20s} batch 1: {fig['batch1_ms_per_image']:7.2f} ms/image "
+              f"({base['batch1_ms_per_image'] / fig['batch1_ms_per_image']:.2f}x)   batch 32: "
+              f"{fig['batch_images_per_s']:7.1f} images/s "
+              f"({fig['batch_images_per_s'] / base['batch_images_per_s']:.2f}x)")
 
 
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     ap.add_argument("--archs", nargs="+", default=["resnet18", "resnet50"])
     ap.add_argument("--size", type=int, default=224)
-    ap.add_argument("--runs1", type=int, default=30)
-    ap.add_argument("--runs32", type=int, default=5)
+    ap.add_argument("--runs", type=int, default=30, help="timed batch-1 passes (batch 32: / 5)")
     ap.add_argument("--device", default="cpu")
     args = ap.parse_args()
     device = torch.device(args.device)
-    print(f"{args.size} px, eager fp32, NCHW -> channels_last, device {device}, "
-          f"torch {torch.__version__}, threads {torch.get_num_threads()}")
+    print(f"{args.size} px, fp32, device {device}, torch {torch.__version__}, "
+          f"threads {torch.get_num_threads()}; ratios against eager NCHW")
     for arch in args.archs:
-        measure(arch, args.size, args.runs1, args.runs32, device)
+        measure(arch, args.size, args.runs, device)
 
 
 if __name__ == "__main__":
