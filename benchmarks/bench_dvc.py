@@ -1,6 +1,6 @@
 """DVC incremental runs: `dvc exp run -S model.arch=resnet50` after a full `dvc repro`.
 
-    python -m benchmarks.bench_dvc            # needs dvc and the project's requirements on PATH
+    python -m benchmarks.bench_dvc            # with the project's venv: .venv/bin/python -m ...
 
 Copies the working tree (tracked and untracked, not ignored files) into a temporary git
 repository, times a full ``dvc repro --force`` and then ``dvc exp run -S model.arch=resnet50``,
@@ -9,9 +9,11 @@ and lists which stages each one ran and which it skipped.
 from __future__ import annotations
 
 import argparse
+import os
 import re
 import shutil
 import subprocess
+import sys
 import tempfile
 import time
 from pathlib import Path
@@ -21,7 +23,9 @@ ROOT = Path(__file__).resolve().parents[1]
 
 def sh(cmd: list[str], cwd: Path) -> tuple[float, str]:
     started = time.perf_counter()
-    out = subprocess.run(cmd, cwd=cwd, check=True, capture_output=True, text=True)
+    # The stages' commands say `python` and `dvc`: this interpreter's environment comes first.
+    env = {**os.environ, "PATH": f"{Path(sys.executable).parent}{os.pathsep}{os.environ['PATH']}"}
+    out = subprocess.run(cmd, cwd=cwd, env=env, check=True, capture_output=True, text=True)
     return time.perf_counter() - started, out.stdout + out.stderr
 
 
