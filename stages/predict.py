@@ -14,6 +14,7 @@ from __future__ import annotations
 import argparse
 import csv
 import json
+import signal
 import sys
 from pathlib import Path
 
@@ -102,4 +103,6 @@ def main(argv: list[str] | None = None) -> int:
 
 
 if __name__ == "__main__":
+    # `predict ... | head` closes the pipe early: end quietly, as Unix tools do.
+    signal.signal(signal.SIGPIPE, signal.SIG_DFL)
     sys.exit(main())
