@@ -31,6 +31,7 @@ import numpy as np
 import torch
 
 from stages import train
+from stages.common.distributed import World
 from stages.common.model import build_model, freeze, frozen_prefix, trainable_modules
 from stages.common.training import FocalLoss
 
@@ -127,6 +128,7 @@ def main() -> None:
              torch.randint(0, 3, (args.batch,)))
     batches = [batch] * args.steps
     n_frozen = frozen_prefix(trainable)
+    stage_step = train.make_step(stage, n_frozen, World(), device, {"compile": False})
     bn_before = frozen_bn_stats(stage, trainable)
 
     def run_naive():
@@ -136,7 +138,8 @@ def main() -> None:
         naive_steps(frozen_rg, batches, loss_fn, opt[frozen_rg], device)
 
     def run_stage():
-        train.train_one_epoch(stage, batches, loss_fn, opt[stage], device, trainable, n_frozen)
+        train.train_one_epoch(stage, stage_step, batches, loss_fn, opt[stage], device, trainable,
+                              World())
 
     runs = {"naive": run_naive, "requires_grad": run_frozen_rg, "stage": run_stage}
     for fn in runs.values():  # warm-up: allocator, oneDNN kernels

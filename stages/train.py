@@ -3,17 +3,27 @@
 Focal loss, AdamW, CosineAnnealingLR (T_max = epochs / 2), early stopping on val loss; the
 checkpoint of the best val-loss epoch goes to data/model/best.pt. Per-epoch history is logged
 with DVCLive to plots/train/, the best epoch's figures to metrics/train.json.
+
+`train.nproc` > 1 relaunches the stage under torchrun (DDP); the stage also runs unchanged under
+a torchrun you start yourself, e.g. across nodes. On CUDA, `train.amp`, `train.compile` and
+`train.pin_memory` apply; on other devices the stage runs fp32, eager.
 """
 from __future__ import annotations
 
+import contextlib
 import time
+from functools import partial
 from pathlib import Path
 
 import torch
 from PIL import Image
-from torch.utils.data import DataLoader
+from torch import nn
+from torch.nn.parallel import DistributedDataParallel
+from torch.utils.data import DataLoader, Subset
+from torch.utils.data.distributed import DistributedSampler
 from torchvision.datasets import ImageFolder
 
+from stages.common import distributed as D
 from stages.common import params as P
 from stages.common.atomic import atomic_dir, write_json
 from stages.common.inference import predict, to_device
@@ -30,6 +40,7 @@ MODEL_DIR = Path("data/model")
 LIVE_DIR = Path("plots/train")
 METRICS_FILE = Path("metrics/train.json")
 DEVICES = ["auto", "cpu", "cuda", "mps"]
+AMP = ["auto", "off", "bf16", "fp16"]
 
 
 def read_config(p: dict) -> dict:
@@ -59,6 +70,27 @@ def read_config(p: dict) -> dict:
     }
 
 
+def read_scale_config(p: dict) -> dict:
+    """How the run is spread and, on CUDA, its precision and speed-ups. Kept out of the
+    checkpoint's recipe (read_config) so the default run's checkpoint bytes stay as they were;
+    metrics/train.json records the processes and precision a run used."""
+    return {
+        "nproc": P.number(p, "train.nproc", lo=1, integer=True),
+        "amp": P.choice(p, "train.amp", AMP),
+        "compile": P.flag(p, "train.compile"),
+        "pin_memory": P.flag(p, "train.pin_memory"),
+    }
+
+
+def amp_dtype(amp: str, device: torch.device) -> torch.dtype | None:
+    """The autocast dtype, or None for fp32: AMP runs on CUDA only (bf16 if the GPU has it)."""
+    if device.type != "cuda" or amp == "off":
+        return None
+    if amp == "auto":
+        return torch.bfloat16 if torch.cuda.is_bf16_supported() else torch.float16
+    return torch.bfloat16 if amp == "bf16" else torch.float16
+
+
 def load_folder(split: str, transform) -> ImageFolder:
     path = SPLIT_DIR / split
     if not path.is_dir():
@@ -77,35 +109,67 @@ def image_size(ds: ImageFolder) -> int:
     return w
 
 
-def make_loader(ds: ImageFolder, cfg: dict, shuffle: bool, gen: torch.Generator | None,
-                device: torch.device) -> DataLoader:
+def make_loader(ds, cfg: dict, shuffle: bool, gen: torch.Generator | None,
+                device: torch.device, sampler=None) -> DataLoader:
     workers = cfg["num_workers"]
     return DataLoader(ds, batch_size=cfg["batch_size"], shuffle=shuffle, generator=gen,
-                      num_workers=workers, worker_init_fn=seed_worker,
-                      persistent_workers=workers > 0, pin_memory=device.type == "cuda")
+                      sampler=sampler, num_workers=workers, worker_init_fn=seed_worker,
+                      persistent_workers=workers > 0,
+                      pin_memory=cfg.get("pin_memory", True) and device.type == "cuda")
 
 
-def train_one_epoch(model, loader, loss_fn, optimizer, device, trainable, n_frozen):
+class FrozenPrefixNet(nn.Module):
+    """The model's forward (frozen prefix under no_grad) as a module, so DDP can wrap it: DDP
+    syncs gradients only for calls through its own forward."""
+
+    def __init__(self, model: nn.Module, n_frozen: int) -> None:
+        super().__init__()
+        self.model = model
+        self.n_frozen = n_frozen
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return forward(self.model, x, self.n_frozen)
+
+
+def train_one_epoch(model, step, loader, loss_fn, optimizer, device, trainable, world,
+                    amp=None, scaler=None):
+    """One pass over this rank's share; ``step`` is the (maybe DDP-wrapped) forward.
+    Returns loss and accuracy over every rank's batches."""
     set_train_mode(model, trainable)
     total_loss, correct, seen = 0.0, 0, 0
     for images, targets in loader:
-        images, targets = to_device(images, device), targets.to(device)
-        logits = forward(model, images, n_frozen)
-        loss = loss_fn(logits, targets)
+        images, targets = to_device(images, device), targets.to(device, non_blocking=True)
+        with torch.autocast(device.type, dtype=amp) if amp else contextlib.nullcontext():
+            logits = step(images)
+            loss = loss_fn(logits.float(), targets)
         optimizer.zero_grad(set_to_none=True)
-        loss.backward()
-        optimizer.step()
+        if scaler is not None:  # fp16 only: scale the loss so small gradients do not underflow
+            scaler.scale(loss).backward()
+            scaler.step(optimizer)
+            scaler.update()
+        else:
+            loss.backward()
+            optimizer.step()
         total_loss += loss.item() * len(targets)
         correct += (logits.argmax(1) == targets).sum().item()
         seen += len(targets)
+    total_loss, correct, seen = D.all_sum([total_loss, correct, seen], world, device)
     return total_loss / seen, correct / seen
 
 
-def validate(model, loader, loss_fn, device):
+def validate(model, loader, loss_fn, device, world=D.World()):
+    """Val loss and accuracy over the whole val set; each rank's loader holds its shard, and
+    sums of loss * n, correct and n are all-reduced, so the result does not depend on ranks."""
     logits, targets = predict(model, loader, device)
-    loss = loss_fn(logits, targets).item()
-    acc = (logits.argmax(1) == targets).float().mean().item()
-    return loss, acc
+    if not world.distributed:
+        loss = loss_fn(logits, targets).item()
+        acc = (logits.argmax(1) == targets).float().mean().item()
+        return loss, acc
+    n = len(targets)
+    loss_sum = loss_fn(logits, targets).item() * n if n else 0.0
+    correct = (logits.argmax(1) == targets).sum().item() if n else 0
+    loss_sum, correct, n = D.all_sum([loss_sum, correct, n], world, device)
+    return loss_sum / n, correct / n
 
 
 def open_live():
@@ -115,11 +179,38 @@ def open_live():
     return Live(dir=str(LIVE_DIR), dvcyaml=False, save_dvc_exp=False, report=None)
 
 
+def make_step(model, n_frozen, world, device, scale):
+    """The training forward: plain for one process (the default, unchanged), DDP-wrapped for
+    several, compiled on CUDA when asked."""
+    if not world.distributed:
+        step = partial(forward, model, n_frozen=n_frozen)
+    else:
+        ids = [device.index] if device.type == "cuda" else None
+        step = DistributedDataParallel(FrozenPrefixNet(model, n_frozen), device_ids=ids)
+    if scale["compile"] and device.type == "cuda":
+        step = torch.compile(step)
+    return step
+
+
 @P.main_guard
 def main() -> None:
-    cfg = read_config(P.load())
-    gen = seed_everything(cfg["seed"])
-    device = pick_device(cfg["device"])
+    params = P.load()
+    cfg = read_config(params)
+    scale = read_scale_config(params)
+    if scale["nproc"] > 1 and not D.under_torchrun():
+        raise SystemExit(D.relaunch_with_torchrun("stages.train", scale["nproc"]))
+    world, device = D.init(pick_device(cfg["device"]))
+    try:
+        run(cfg, scale, world, device)
+    finally:
+        D.shutdown(world)
+
+
+def run(cfg: dict, scale: dict, world: D.World, device: torch.device) -> None:
+    # rank 0 draws exactly what one process would; other ranks get their own augmentation
+    # stream (DDP copies rank 0's initial weights to them, so the model is the same everywhere).
+    gen = seed_everything(cfg["seed"] + world.rank)
+    log = print if world.is_main else (lambda *a, **k: None)
     mean, std = IMAGENET_MEAN, IMAGENET_STD
     train_ds = load_folder("train", train_transform(mean, std))
     val_ds = load_folder("val", eval_transform(mean, std))
@@ -131,52 +222,76 @@ def main() -> None:
     freeze(model, cfg["trainable"])
     n_frozen = frozen_prefix(cfg["trainable"])
     model = model.to(device, memory_format=torch.channels_last)
+    step = make_step(model, n_frozen, world, device, scale)
+    amp = amp_dtype(scale["amp"], device)
+    scaler = torch.amp.GradScaler("cuda") if amp == torch.float16 else None
+    if device.type != "cuda" and (scale["amp"] != "off" or scale["compile"]):
+        log(f"train: amp and compile apply on CUDA only; running fp32, eager on {device.type}")
     optimizer = torch.optim.AdamW([q for q in model.parameters() if q.requires_grad],
                                   lr=cfg["lr"], weight_decay=cfg["weight_decay"])
     scheduler = cosine_scheduler(optimizer, cfg["epochs"])
     loss_fn = FocalLoss(cfg["focal_alpha"], cfg["focal_gamma"])
     stopper = EarlyStopping(cfg["patience"])
-    train_loader = make_loader(train_ds, cfg, True, gen, device)
-    val_loader = make_loader(val_ds, cfg, False, None, device)
-    print(f"train: {cfg['arch']} on {device}, {len(train_ds)} train / {len(val_ds)} val crops, "
-          f"{size} px, classes {train_ds.classes}, trainable {cfg['trainable']}", flush=True)
+    loader_cfg = {**cfg, "pin_memory": scale["pin_memory"]}
+    if world.distributed:
+        sampler = DistributedSampler(train_ds, world.size, world.rank, shuffle=True,
+                                     seed=cfg["seed"])
+        train_loader = make_loader(train_ds, loader_cfg, False, None, device, sampler)
+        val_part = Subset(val_ds, D.shard_indices(len(val_ds), world))
+        val_loader = make_loader(val_part, loader_cfg, False, None, device)
+    else:
+        sampler = None
+        train_loader = make_loader(train_ds, loader_cfg, True, gen, device)
+        val_loader = make_loader(val_ds, loader_cfg, False, None, device)
+    log(f"train: {cfg['arch']} on {device}, {len(train_ds)} train / {len(val_ds)} val crops, "
+        f"{size} px, classes {train_ds.classes}, trainable {cfg['trainable']}"
+        + (f", {world.size} processes" if world.distributed else ""), flush=True)
 
     meta = {"arch": cfg["arch"], "classes": train_ds.classes, "image_size": size, "mean": mean,
             "std": std, "dropout": cfg["dropout"], "params": cfg}
     best: dict = {}
     started = time.perf_counter()
-    live = open_live()
-    with atomic_dir(MODEL_DIR) as out:
+    # Only rank 0 writes; every rank sees the same reduced val loss, so all stop together.
+    live = open_live() if world.is_main else None
+    with atomic_dir(MODEL_DIR) if world.is_main else contextlib.nullcontext() as out:
         for epoch in range(1, cfg["epochs"] + 1):
             lr = optimizer.param_groups[0]["lr"]
-            tr_loss, tr_acc = train_one_epoch(model, train_loader, loss_fn, optimizer, device,
-                                              cfg["trainable"], n_frozen)
-            va_loss, va_acc = validate(model, val_loader, loss_fn, device)
-            print(f"[{epoch:02d}] train: [Loss: {tr_loss:.4f}, Acc: {tr_acc:.4f}] | "
-                  f"eval: [Loss: {va_loss:.4f}, Acc: {va_acc:.4f}]", flush=True)
-            for name, value in [("train/loss", tr_loss), ("train/acc", tr_acc),
-                                ("val/loss", va_loss), ("val/acc", va_acc), ("lr", lr)]:
-                live.log_metric(name, value, plot=True)
-            live.next_step()
+            if sampler is not None:
+                sampler.set_epoch(epoch)  # a new shuffle each epoch, the same on every rank
+            tr_loss, tr_acc = train_one_epoch(model, step, train_loader, loss_fn, optimizer,
+                                              device, cfg["trainable"], world, amp, scaler)
+            D.sync_buffers(model, world)
+            va_loss, va_acc = validate(model, val_loader, loss_fn, device, world)
+            log(f"[{epoch:02d}] train: [Loss: {tr_loss:.4f}, Acc: {tr_acc:.4f}] | "
+                f"eval: [Loss: {va_loss:.4f}, Acc: {va_acc:.4f}]", flush=True)
+            if live is not None:
+                for name, value in [("train/loss", tr_loss), ("train/acc", tr_acc),
+                                    ("val/loss", va_loss), ("val/acc", va_acc), ("lr", lr)]:
+                    live.log_metric(name, value, plot=True)
+                live.next_step()
             if stopper.step(va_loss):
                 best = {"best_epoch": epoch, "best_val_loss": va_loss, "best_val_acc": va_acc,
                         "train_loss": tr_loss, "train_acc": tr_acc}
-                save_checkpoint(out / "best.pt", model, {**meta, "epoch": epoch,
-                                                         "val_loss": va_loss, "val_acc": va_acc})
+                if world.is_main:
+                    save_checkpoint(out / "best.pt", model, {
+                        **meta, "epoch": epoch, "val_loss": va_loss, "val_acc": va_acc})
             scheduler.step()
             if stopper.should_stop:
-                print(f"early stop: no val-loss improvement in {cfg['patience']} epochs", flush=True)
+                log(f"early stop: no val-loss improvement in {cfg['patience']} epochs", flush=True)
                 break
         seconds = time.perf_counter() - started
+    if not world.is_main:
+        return
     live.end()
     write_json(METRICS_FILE, {
         **best, "epochs_run": epoch, "stopped_early": stopper.should_stop,
         "train_seconds": round(seconds, 1),
         "train_images_per_s": round(len(train_ds) * epoch / seconds, 1),
-        "device": device.type,
+        "device": device.type, "processes": world.size,
+        "amp": str(amp).replace("torch.", "") if amp else "off",
     })
-    print(f"best epoch {best['best_epoch']}: val loss {best['best_val_loss']:.4f}, "
-          f"val acc {best['best_val_acc']:.4f} -> {MODEL_DIR / 'best.pt'}")
+    log(f"best epoch {best['best_epoch']}: val loss {best['best_val_loss']:.4f}, "
+        f"val acc {best['best_val_acc']:.4f} -> {MODEL_DIR / 'best.pt'}")
 
 
 if __name__ == "__main__":

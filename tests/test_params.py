@@ -84,3 +84,25 @@ def test_params_yaml_is_a_mapping(tmp_path):
     with pytest.raises(P.ParamError, match="expected a mapping"):
         P.load(bad)
     assert yaml.safe_load((ROOT / "params.yaml").read_text())["model"]["arch"] == "resnet18"
+
+
+@pytest.mark.parametrize("key,value,needle", [
+    ("train.nproc", 0, "train.nproc=0"),
+    ("train.nproc", 1.5, "train.nproc=1.5"),
+    ("train.amp", "fp8", "train.amp='fp8'"),
+    ("train.compile", "yes", "train.compile='yes'"),
+    ("train.pin_memory", 1, "train.pin_memory=1"),
+])
+def test_bad_scale_param_is_named_before_any_work(key, value, needle):
+    params = P.load(ROOT / "params.yaml")
+    section, name = key.split(".")
+    params[section][name] = value
+    with pytest.raises(P.ParamError) as err:
+        train.read_scale_config(params)
+    assert needle in str(err.value) and "expected" in str(err.value)
+
+
+def test_default_and_report_run_one_process():
+    for path in ["params.yaml", "configs/report-resnet18.yaml"]:
+        scale = train.read_scale_config(P.load(ROOT / path))
+        assert scale == {"nproc": 1, "amp": "auto", "compile": False, "pin_memory": True}
