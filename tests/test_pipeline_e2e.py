@@ -8,6 +8,7 @@ import os
 import shutil
 import subprocess
 import sys
+import time
 from pathlib import Path
 from types import SimpleNamespace
 
@@ -15,6 +16,7 @@ import pytest
 import yaml
 
 ROOT = Path(__file__).resolve().parents[1]
+QUEUE_TIMEOUT_S = 300
 TINY = {  # a few dozen pictures at 32 px: seconds per stage, every code path still taken
     "data": {"sample": {"images": 48, "max_side": 160}},
     "crops": {"size": 32, "min_box_px": 12, "workers": 1},
@@ -54,7 +56,8 @@ def repo(tmp_path_factory):
                GIT_COMMITTER_EMAIL="t@t", DVC_NO_ANALYTICS="1")
 
     def run(*args, check=True):
-        proc = subprocess.run(args, cwd=path, env=env, capture_output=True, text=True)
+        proc = subprocess.run(args, cwd=path, env=env, capture_output=True, text=True,
+                              timeout=600)
         if check and proc.returncode != 0:
             pytest.fail(f"{' '.join(args)} exited {proc.returncode}:\n{proc.stdout}\n{proc.stderr}")
         return proc
@@ -63,7 +66,7 @@ def repo(tmp_path_factory):
     run("git", "add", "-A")
     run("git", "commit", "-qm", "tiny pipeline")
     first = run(sys.executable, "-m", "dvc", "repro")
-    return SimpleNamespace(path=path, run=run, first_output=first.stdout)
+    return SimpleNamespace(path=path, run=run, env=env, first_output=first.stdout)
 
 
 def dvc(repo, *args, check=True):
@@ -96,6 +99,40 @@ def test_second_repro_does_nothing_and_status_is_clean(repo):
     assert "up to date" in dvc(repo, "status").stdout
 
 
+def _commit_all(repo, message):
+    repo.run("git", "add", "-A")
+    if repo.run("git", "diff", "--cached", "--quiet", check=False).returncode:
+        repo.run("git", "commit", "-qm", message)
+
+
+def test_remote_push_then_fresh_clone_pull_is_up_to_date(repo, tmp_path):
+    """README, "A shared cache": one machine pushes, another clones and pulls, nothing reruns."""
+    remote = tmp_path / "dvc-remote"
+    dvc(repo, "remote", "add", "-d", "shared", str(remote))
+    _commit_all(repo, "baseline run")
+    dvc(repo, "push")
+    assert any(remote.rglob("*")), "dvc push left the remote empty"
+
+    clone = tmp_path / "clone"
+    repo.run("git", "clone", "-q", str(repo.path), str(clone))
+    other = SimpleNamespace(path=clone, run=lambda *a, check=True: _run_in(repo, clone, a, check))
+    assert not (clone / "data/model/best.pt").exists()
+    dvc(other, "pull")
+    assert (clone / "data/model/best.pt").read_bytes() == \
+        (repo.path / "data/model/best.pt").read_bytes()
+    assert "up to date" in dvc(other, "status").stdout
+    assert "Running stage" not in dvc(other, "repro").stdout
+
+
+def _run_in(repo, cwd, args, check):
+    proc = subprocess.run(args, cwd=cwd, env=repo.env, capture_output=True, text=True,
+                          timeout=300)
+    if check and proc.returncode != 0:
+        pytest.fail(f"{' '.join(map(str, args))} exited {proc.returncode}:\n{proc.stdout}\n"
+                    f"{proc.stderr}")
+    return proc
+
+
 def test_arch_change_leaves_everything_upstream_of_train_cached(repo):
     params_file = repo.path / "params.yaml"
     original = params_file.read_text()
@@ -112,8 +149,7 @@ def test_arch_change_leaves_everything_upstream_of_train_cached(repo):
 
 
 def test_exp_run_resnet50_reruns_only_train_and_evaluate(repo):
-    repo.run("git", "add", "-A")
-    repo.run("git", "commit", "-qm", "baseline run")
+    _commit_all(repo, "baseline run")
     exp = dvc(repo, "exp", "run", "-S", "model.arch=resnet50")
     out = exp.stdout + exp.stderr
     for stage in ["train", "evaluate", "export"]:
@@ -151,3 +187,39 @@ def test_plots_show_renders_curves_confusion_and_images(repo, tmp_path):
     html_dir = tmp_path / "html"
     dvc(repo, "plots", "show", "-o", str(html_dir))
     assert (html_dir / "index.html").stat().st_size > 1000
+
+
+def _queue_states(repo) -> list[str]:
+    """The Status column of `dvc queue status`, one entry per queued experiment."""
+    lines = dvc(repo, "queue", "status").stdout.splitlines()
+    states = ["Queued", "Running", "Success", "Failed"]
+    return [w for line in lines for w in line.split() if w in states]
+
+
+def test_queued_sweep_runs_in_parallel_workers(repo):
+    """README, "Parallel experiments": a queued sweep over two archs, two workers."""
+    _commit_all(repo, "after resnet50")
+    dvc(repo, "exp", "run", "--queue", "-S", "model.arch=resnet18,resnet34")
+    assert _queue_states(repo).count("Queued") == 2
+    try:
+        dvc(repo, "queue", "start", "-j", "2")
+        deadline = time.monotonic() + QUEUE_TIMEOUT_S
+        while time.monotonic() < deadline:
+            states = _queue_states(repo)
+            if states.count("Success") + states.count("Failed") == 2:
+                break
+            time.sleep(3)
+        assert states.count("Success") == 2, f"queue after {QUEUE_TIMEOUT_S} s: {states}"
+    finally:
+        dvc(repo, "queue", "stop", "--kill", check=False)
+    shown = dvc(repo, "exp", "show", "--json").stdout
+    archs = {e["data"]["params"]["params.yaml"]["data"]["model"]["arch"]: e["data"]
+             for e in _experiments(json.loads(shown))}
+    for arch in ["resnet18", "resnet34"]:
+        assert "macro_f1" in archs[arch]["metrics"]["metrics/eval.json"]["data"], arch
+
+
+def _experiments(shown: list) -> list[dict]:
+    """Every experiment `dvc exp show --json` lists under any baseline commit."""
+    return [exp for rev in shown for run in (rev.get("experiments") or [])
+            for exp in run.get("revs", [])]
