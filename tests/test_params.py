@@ -41,21 +41,26 @@ def test_report_config_holds_the_reports_recipe():
     assert set(report["data"]["labels"]) == {"person", "animal", "object"}
 
 
-@pytest.mark.parametrize("key,value,needle", [
-    ("model.arch", "resnet51", "model.arch='resnet51'"),
-    ("train.lr", -0.1, "train.lr=-0.1"),
-    ("train.epochs", 2.5, "train.epochs=2.5"),
-    ("train.batch_size", True, "train.batch_size=True"),
-    ("train.device", "tpu", "train.device='tpu'"),
-    ("model.dropout", 1.5, "model.dropout=1.5"),
-    ("model.trainable", "layer4", "model.trainable='layer4'"),
+@pytest.mark.parametrize("reader,key,value,needle", [
+    (train.read_config, "model.arch", "resnet51", "model.arch='resnet51'"),
+    (train.read_config, "train.lr", -0.1, "train.lr=-0.1"),
+    (train.read_config, "train.epochs", 2.5, "train.epochs=2.5"),
+    (train.read_config, "train.batch_size", True, "train.batch_size=True"),
+    (train.read_config, "train.device", "tpu", "train.device='tpu'"),
+    (train.read_config, "model.dropout", 1.5, "model.dropout=1.5"),
+    (train.read_config, "model.trainable", "layer4", "model.trainable='layer4'"),
+    (train.read_scale_config, "train.nproc", 0, "train.nproc=0"),
+    (train.read_scale_config, "train.nproc", 1.5, "train.nproc=1.5"),
+    (train.read_scale_config, "train.amp", "fp8", "train.amp='fp8'"),
+    (train.read_scale_config, "train.compile", "yes", "train.compile='yes'"),
+    (train.read_scale_config, "train.pin_memory", 1, "train.pin_memory=1"),
 ])
-def test_bad_train_param_is_named_before_any_work(key, value, needle):
+def test_bad_train_param_is_named_before_any_work(reader, key, value, needle):
     params = P.load(ROOT / "params.yaml")
     section, name = key.split(".")
     params[section][name] = value
     with pytest.raises(P.ParamError) as err:
-        train.read_config(params)
+        reader(params)
     assert needle in str(err.value) and "expected" in str(err.value)
 
 
@@ -84,22 +89,6 @@ def test_params_yaml_is_a_mapping(tmp_path):
     with pytest.raises(P.ParamError, match="expected a mapping"):
         P.load(bad)
     assert yaml.safe_load((ROOT / "params.yaml").read_text())["model"]["arch"] == "resnet18"
-
-
-@pytest.mark.parametrize("key,value,needle", [
-    ("train.nproc", 0, "train.nproc=0"),
-    ("train.nproc", 1.5, "train.nproc=1.5"),
-    ("train.amp", "fp8", "train.amp='fp8'"),
-    ("train.compile", "yes", "train.compile='yes'"),
-    ("train.pin_memory", 1, "train.pin_memory=1"),
-])
-def test_bad_scale_param_is_named_before_any_work(key, value, needle):
-    params = P.load(ROOT / "params.yaml")
-    section, name = key.split(".")
-    params[section][name] = value
-    with pytest.raises(P.ParamError) as err:
-        train.read_scale_config(params)
-    assert needle in str(err.value) and "expected" in str(err.value)
 
 
 def test_default_and_report_run_one_process():
