@@ -29,7 +29,7 @@ from stages.common import params as P
 from stages.common import sample_data
 from stages.common.atomic import atomic_dir, write_json
 from stages.common.openimages import (CLASSES, DATA_DIR, DETECTION_COLUMNS, DETECTIONS,
-                                      FLAG_COLUMNS, REQUIRED_COLUMNS, images_on_disk,
+                                      FLAG_COLUMNS, detection_columns, images_on_disk,
                                       mids_for_names, read_classes, read_label_map)
 from stages.common.params import ParamError, StageError
 
@@ -211,11 +211,7 @@ def rows_for_images(path: Path, image_ids: set[str]) -> pd.DataFrame:
     Strings throughout so coordinates are copied, not reformatted; chunked, because the
     train split's file is 2 GB and only the rows of downloaded images are wanted.
     """
-    header = pd.read_csv(path, nrows=0).columns.tolist()
-    missing = [c for c in REQUIRED_COLUMNS if c not in header]
-    if missing:
-        raise StageError(f"{path}: missing required column(s) {', '.join(missing)}")
-    usecols = [c for c in DETECTION_COLUMNS if c in header]
+    usecols = detection_columns(path)
     chunks = [chunk[chunk["ImageID"].isin(image_ids)]
               for chunk in pd.read_csv(path, usecols=usecols, dtype=str, keep_default_na=False,
                                        chunksize=1_000_000)]

@@ -21,7 +21,7 @@ import pytest
 import yaml
 
 from stages import download
-from stages.common import sample_data
+from stages.common import crops, sample_data
 from stages.common.openimages import DETECTION_COLUMNS, read_classes, read_detections
 
 REPO = Path(__file__).resolve().parents[1]
@@ -92,11 +92,7 @@ def pixel_boxes(raw: Path) -> pd.DataFrame:
 
 
 def iou(a: pd.Series, b: pd.Series) -> float:
-    w = min(a.XMax, b.XMax) - max(a.XMin, b.XMin)
-    h = min(a.YMax, b.YMax) - max(a.YMin, b.YMin)
-    inter = max(0.0, w) * max(0.0, h)
-    area = lambda r: (r.XMax - r.XMin) * (r.YMax - r.YMin)  # noqa: E731
-    return inter / (area(a) + area(b) - inter)
+    return crops.iou((a.XMin, a.YMin, a.XMax, a.YMax), (b.XMin, b.YMin, b.XMax, b.YMax))
 
 
 # ---------------------------------------------------------------------------- sample

@@ -88,6 +88,15 @@ def mids_for_names(classes: dict[str, str], names: list[str], where: str) -> dic
     return {by_name[n]: n for n in names}
 
 
+def detection_columns(path: str | Path) -> list[str]:
+    """The Open Images columns ``detections.csv`` has; a missing required one is an error."""
+    header = pd.read_csv(path, nrows=0).columns.tolist()
+    missing = [c for c in REQUIRED_COLUMNS if c not in header]
+    if missing:
+        raise StageError(f"{path}: missing required column(s) {', '.join(missing)}")
+    return [c for c in DETECTION_COLUMNS if c in header]
+
+
 def read_detections(path: str | Path, mids: set[str] | None = None) -> pd.DataFrame:
     """Read ``detections.csv``, keeping only rows whose LabelName is in ``mids`` (when given).
 
@@ -97,11 +106,7 @@ def read_detections(path: str | Path, mids: set[str] | None = None) -> pd.DataFr
     path = Path(path)
     if not path.is_file():
         raise StageError(f"{path}: detections file not found; rerun the download stage")
-    header = pd.read_csv(path, nrows=0).columns.tolist()
-    missing = [c for c in REQUIRED_COLUMNS if c not in header]
-    if missing:
-        raise StageError(f"{path}: missing required column(s) {', '.join(missing)}")
-    usecols = [c for c in DETECTION_COLUMNS if c in header]
+    usecols = detection_columns(path)
     dtypes = {c: "float64" for c in ["XMin", "XMax", "YMin", "YMax"]}
     dtypes.update({"ImageID": "string", "LabelName": "string", "Source": "string"})
     chunks = []

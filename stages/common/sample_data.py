@@ -25,6 +25,8 @@ from typing import Callable
 import cv2
 import numpy as np
 
+from stages.common import crops
+
 # Open Images boxable classes the generator can draw: DisplayName -> (MID, shape).
 # MIDs are the real ones from class-descriptions-boxable.csv (checked against two published
 # copies of that file), so a model or a script written for the sample reads real data unchanged.
@@ -98,8 +100,8 @@ class Box:
         return max(0, w) * max(0, h)
 
     def iou(self, other: "Box") -> float:
-        inter = self.intersection(other)
-        return inter / (self.area() + other.area() - inter)
+        return crops.iou((self.x0, self.y0, self.x1, self.y1),
+                         (other.x0, other.y0, other.x1, other.y1))
 
 
 @dataclass
