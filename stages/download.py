@@ -5,7 +5,10 @@
 - ``sample``          draw a small synthetic dataset (stages.common.sample_data); no network.
 - ``open-images-v7``  FiftyOne's dataset zoo. Only this stage ever touches the network; a split
                       already complete under ``$FIFTYONE_DATASET_ZOO_DIR/open-images-v7/`` is
-                      reused offline (FiftyOne skips files that exist).
+                      reused offline. stages.common.zoo bounds every network wait by
+                      ``data.zoo.timeout``, never takes a partly downloaded file for a whole
+                      one, and makes the choice of images independent of what an interrupted
+                      run left, so a rerun resumes and ends with the same ``data/raw``.
 - anything else       a path to an Open Images-style folder on disk (an offline mirror).
 
 The last two share one normalisation: keep the images that hold at least one box of a wanted
@@ -26,17 +29,17 @@ import numpy as np
 import pandas as pd
 
 from stages.common import params as P
-from stages.common import sample_data
+from stages.common import schema
+from stages.common import sample_data, zoo
 from stages.common.atomic import atomic_dir, write_json
 from stages.common.openimages import (CLASSES, DATA_DIR, DETECTION_COLUMNS, DETECTIONS,
                                       FLAG_COLUMNS, detection_columns, images_on_disk,
-                                      mids_for_names, read_classes, read_label_map)
+                                      mids_for_names, read_classes)
 from stages.common.params import ParamError, StageError
 
 RAW = Path("data/raw")
 METRICS = Path("metrics/download.json")
 ZOO_NAME = "open-images-v7"
-ZOO_SPLITS = ("train", "validation", "test")
 # Values for the optional detections.csv columns a mirror may lack (what the crop stage assumes).
 COLUMN_DEFAULTS = {"Source": "", "Confidence": "1", **{c: "0" for c in FLAG_COLUMNS}}
 
@@ -52,6 +55,7 @@ class Settings:
     max_samples: int = 0     # zoo and path
     shuffle: bool = False    # zoo and path
     num_workers: int = 1     # zoo only
+    timeout: float = 30.0    # zoo only: seconds per network connect or read
 
     @property
     def names(self) -> list[str]:
@@ -61,30 +65,16 @@ class Settings:
 # ---------------------------------------------------------------------------- params
 
 def read_settings(params: dict) -> Settings:
-    """Check every key the chosen source reads, before any work is done."""
-    seed = P.number(params, "seed", integer=True, lo=0)
-    source = P.get(params, "data.source")
-    P.check(isinstance(source, str) and bool(source.strip()), "data.source",
-            "sample, open-images-v7 or a folder path", source)
-    s = Settings(seed=seed, source=source, labels=read_label_map(params))
-    if source == "sample":
-        # Below ~96 px there is no room for objects above the crop stage's minimum box.
-        return replace(s, images=P.number(params, "data.sample.images", integer=True,
-                                          lo=1, hi=1_000_000),
-                       max_side=P.number(params, "data.sample.max_side", integer=True,
-                                         lo=96, hi=4096))
-    picked = {"max_samples": P.number(params, "data.zoo.max_samples", integer=True, lo=1),
-              "shuffle": P.flag(params, "data.zoo.shuffle")}
-    if source == ZOO_NAME:
-        splits = P.get(params, "data.zoo.splits")
-        P.check(isinstance(splits, list) and bool(splits) and len(set(splits)) == len(splits)
-                and all(sp in ZOO_SPLITS for sp in splits),
-                "data.zoo.splits", "a non-empty list of distinct splits from "
-                + ", ".join(ZOO_SPLITS), splits)
-        picked["splits"] = tuple(splits)
-        picked["num_workers"] = P.number(params, "data.zoo.num_workers", integer=True,
-                                         lo=1, hi=256)
-    return replace(s, **picked)
+    """The values the chosen source reads (every key is checked by stages.common.schema)."""
+    v = schema.check_all(params)
+    s = Settings(seed=v["seed"], source=v["data.source"], labels=v["data.labels"])
+    if s.source == "sample":
+        return replace(s, images=v["data.sample.images"], max_side=v["data.sample.max_side"])
+    s = replace(s, max_samples=v["data.zoo.max_samples"], shuffle=v["data.zoo.shuffle"])
+    if s.source == ZOO_NAME:
+        s = replace(s, splits=v["data.zoo.splits"], num_workers=v["data.zoo.num_workers"],
+                    timeout=v["data.zoo.timeout"])
+    return s
 
 
 # ---------------------------------------------------------------------------- writing the layout
@@ -149,21 +139,33 @@ def sample_classes() -> dict[str, str]:
 # ---------------------------------------------------------------------------- source: zoo
 
 def network_errors() -> tuple[type[BaseException], ...]:
-    """What FiftyOne raises when the network fails: requests' errors are OSErrors, label files
-    come through eta's WebSession, images through boto3."""
+    """What the download raises when the network fails: requests' errors (and our short-body
+    error) are OSErrors, FiftyOne's own fetches raise eta's WebSessionError, images come
+    through boto3 / s3transfer."""
+    import boto3.exceptions
     import botocore.exceptions
+    import s3transfer.exceptions
     from eta.core.web import WebSessionError
     return (OSError, WebSessionError, botocore.exceptions.BotoCoreError,
-            botocore.exceptions.ClientError)
+            botocore.exceptions.ClientError, boto3.exceptions.Boto3Error,
+            s3transfer.exceptions.RetriesExceededError)
 
 
-def fetch_zoo(s: Settings) -> list[Path]:
-    """Download (or find complete) the wanted part of each split; return the split folders.
+def network_failure(exc: BaseException, s: Settings) -> str:
+    text = zoo.one_line(exc)
+    if "timed out" in text.lower() or "timeout" in text.lower():
+        text += f"; no answer within data.zoo.timeout ({s.timeout:g} s)"
+    return text
+
+
+def fetch_zoo(s: Settings) -> tuple[list[Path], dict[Path, set[str]]]:
+    """Download (or find complete) the wanted part of each split; return the split folders
+    and, for each, the images FiftyOne chose.
 
     ``download_zoo_dataset`` needs no database (``load_zoo_dataset`` would also import the
     samples into MongoDB, which we do not use). FiftyOne drops unknown class names with only
-    a warning, so they are checked first against the class list, which FiftyOne reads from
-    the zoo folder when present and otherwise downloads (12 KB).
+    a warning, so they are checked first against the class list (12 KB), fetched into the
+    first split's folder as FiftyOne would.
     """
     # Usage statistics would be a network call of their own; nothing here needs them.
     os.environ.setdefault("FIFTYONE_DO_NOT_TRACK", "true")
@@ -173,22 +175,33 @@ def fetch_zoo(s: Settings) -> list[Path]:
 
     zoo_dir = Path(fo.config.dataset_zoo_dir) / ZOO_NAME
     errors = network_errors()
-    try:
-        known = set(fouo.get_classes(version="v7"))
-    except errors as exc:
-        raise StageError(f"{ZOO_NAME}: cannot get the class list ({type(exc).__name__}: {exc}); "
-                         "check the network, or set data.source to a local mirror") from None
-    mids_for_names({n: n for n in known}, s.names, "data.labels")   # names double as ids here
-    # FiftyOne's max_samples is per split; normalise() then keeps max_samples in all.
-    try:
-        _, dataset_dir = foz.download_zoo_dataset(
-            ZOO_NAME, splits=list(s.splits), label_types=["detections"], classes=s.names,
-            max_samples=s.max_samples, seed=s.seed, shuffle=s.shuffle,
-            num_workers=s.num_workers)
-    except errors as exc:
-        raise StageError(f"{ZOO_NAME}: download into {zoo_dir} failed ({type(exc).__name__}: "
-                         f"{exc}); rerun to resume, or set data.source to a local mirror") from None
-    return [Path(dataset_dir) / split for split in s.splits]
+    zoo.tidy(zoo_dir, s.splits)
+    with zoo.patched(zoo_dir, s.timeout) as session:
+        classes_csv = zoo_dir / s.splits[0] / CLASSES
+        try:
+            session.ensure(classes_csv, fouo._ANNOTATION_DOWNLOAD_URLS["general"]["class_names"])
+        except errors as exc:
+            raise StageError(f"{ZOO_NAME}: cannot get the class list ({network_failure(exc, s)}); "
+                             "check the network, or set data.source to a local mirror") from None
+        mids_for_names(read_classes(classes_csv), s.names, "data.labels")
+        # FiftyOne's max_samples is per split; normalise() then keeps max_samples in all.
+        try:
+            _, dataset_dir = foz.download_zoo_dataset(
+                ZOO_NAME, splits=list(s.splits), label_types=["detections"], classes=s.names,
+                max_samples=s.max_samples, seed=s.seed, shuffle=s.shuffle,
+                num_workers=s.num_workers)
+        except errors as exc:
+            raise StageError(f"{ZOO_NAME}: download into {zoo_dir} failed "
+                             f"({network_failure(exc, s)}); rerun to resume, or set data.source "
+                             "to a local mirror") from None
+    roots = [Path(dataset_dir) / split for split in s.splits]
+    chosen = {}
+    for root in roots:
+        ids = session.chosen.get(root.resolve())
+        if ids is None:
+            raise StageError(f"{root}: FiftyOne did not say which images it chose for this split")
+        chosen[root] = set(ids)
+    return roots, chosen
 
 
 # ------------------------------------------------------------------- zoo and path: normalise
@@ -239,8 +252,13 @@ def link_or_copy(src: Path, dst: Path) -> None:
         shutil.copyfile(src, dst)
 
 
-def normalise(roots: list[Path], s: Settings, out: Path) -> tuple[pd.DataFrame, dict[str, str]]:
-    """Copy the chosen images of ``roots`` with all their boxes into ``out``; see module doc."""
+def normalise(roots: list[Path], s: Settings, out: Path,
+              only: dict[Path, set[str]] | None = None) -> tuple[pd.DataFrame, dict[str, str]]:
+    """Copy the chosen images of ``roots`` with all their boxes into ``out``; see module doc.
+
+    ``only`` (the zoo): per root, the images FiftyOne chose; others in the folder, left by
+    runs with other params, are ignored, so ``data/raw`` depends on the params alone.
+    """
     for root in roots:
         check_root(root)
     classes: dict[str, str] = {}
@@ -250,7 +268,8 @@ def normalise(roots: list[Path], s: Settings, out: Path) -> tuple[pd.DataFrame, 
     files: dict[str, Path] = {}
     parts = []
     for root in roots:   # an ImageID in two splits: the first split listed wins
-        on_disk = {i: f for i, f in images_on_disk(root).items() if i not in files}
+        on_disk = {i: f for i, f in images_on_disk(root).items()
+                   if i not in files and (only is None or i in only[root])}
         files.update(on_disk)
         parts.append(rows_for_images(root / DETECTIONS, set(on_disk)))
     rows = pd.concat(parts, ignore_index=True)
@@ -279,9 +298,12 @@ def run(s: Settings) -> dict:
             images = len(os.listdir(tmp / DATA_DIR))
         classes = sample_classes()
     else:
-        roots = fetch_zoo(s) if s.source == ZOO_NAME else [Path(s.source).expanduser()]
+        if s.source == ZOO_NAME:
+            roots, only = fetch_zoo(s)
+        else:
+            roots, only = [Path(s.source).expanduser()], None
         with atomic_dir(RAW) as tmp:
-            rows, classes = normalise(roots, s, tmp)
+            rows, classes = normalise(roots, s, tmp, only)
             images = len(os.listdir(tmp / DATA_DIR))
     return {"source": s.source, "images": images,
             "boxes": int(len(rows)), "boxes_per_label": box_counts(rows, s.labels, classes)}

@@ -18,6 +18,7 @@ from PIL import Image
 
 from stages.common import figures
 from stages.common import params as P
+from stages.common import schema
 from stages.common.atomic import atomic_file, write_json
 from stages.common.inference import predict, to_device
 from stages.common.model import load_checkpoint, pick_device
@@ -35,12 +36,8 @@ GOAL = 0.90  # the report's target for accuracy and F1
 
 
 def read_config(p: dict) -> dict:
-    return {
-        "batch_size": P.number(p, "evaluate.batch_size", lo=1, integer=True),
-        "speed_runs": P.number(p, "evaluate.speed_runs", lo=1, integer=True),
-        "device": P.choice(p, "evaluate.device", ["auto", "cpu", "cuda", "mps"]),
-        "mistakes": P.number(p, "evaluate.mistakes", lo=1, integer=True),
-    }
+    v = schema.check_all(p)
+    return {k: v[f"evaluate.{k}"] for k in ("batch_size", "speed_runs", "device", "mistakes")}
 
 
 def load_test_set(meta: dict) -> ImageFolder:

@@ -16,6 +16,7 @@ import numpy as np
 import torch
 
 from stages.common import params as P
+from stages.common import schema
 from stages.common.atomic import atomic_dir, write_json
 from stages.common.model import load_checkpoint
 from stages.common.onnx_model import OnnxClassifier, export
@@ -31,12 +32,8 @@ METRICS_FILE = Path("metrics/export.json")
 
 
 def read_config(p: dict) -> dict:
-    return {
-        "opset": P.number(p, "export.opset", lo=17, hi=23, integer=True),
-        "batch_size": P.number(p, "export.batch_size", lo=1, integer=True),
-        "speed_runs": P.number(p, "export.speed_runs", lo=1, integer=True),
-        "parity_atol": P.number(p, "export.parity_atol", lo=0, lo_open=True),
-    }
+    v = schema.check_all(p)
+    return {k: v[f"export.{k}"] for k in ("opset", "batch_size", "speed_runs", "parity_atol")}
 
 
 def test_arrays(meta: dict) -> np.ndarray:

@@ -16,13 +16,23 @@ depiction (when the params say so), or when a larger box of the same label in th
 already covers it (one person boxed as both Person and Man must not become two crops).
 
 Every box goes through the filters in this order, and is counted under the first reason that
-stops it: invalid_box, group_of, depiction, duplicate, unreadable_image, too_small.
+stops it: box_not_finite, box_out_of_range, box_empty, duplicate_row, group_of, depiction,
+duplicate, unreadable_image, too_small. Rows never considered are counted too: ImageIDs that are
+not safe file names (never joined into a path), LabelNames absent from classes.csv, boxes whose
+image is not on disk. An image that cannot be used is counted by reason (IMAGE_PROBLEMS) and its
+boxes skipped; the stage goes on. docs/reliability.md lists every case and its test.
+
+Orientation: Open Images boxes refer to the picture as stored, not as an EXIF Orientation tag
+would turn it ("the degrees ... that the image and boxes should be rotated", Open Images'
+rotation note, 2018-05-17), so pictures are decoded with the tag ignored.
 """
 from __future__ import annotations
 
+import io
 import multiprocessing
 import sys
-from dataclasses import dataclass
+import warnings
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Iterable, Iterator
 
@@ -34,6 +44,7 @@ from tqdm import tqdm
 
 from stages.common import crops, openimages
 from stages.common import params as P
+from stages.common import schema
 from stages.common.atomic import atomic_dir, write_json
 from stages.common.params import StageError
 
@@ -43,10 +54,14 @@ METRICS = Path("metrics/crops.json")
 MANIFEST = "manifest.csv"
 JPEG_QUALITY = 95
 
-SKIP_REASONS = ["invalid_box", "group_of", "depiction", "duplicate", "unreadable_image",
-                "too_small"]
-BOX_COLUMNS = ["XMin", "XMax", "YMin", "YMax"]
+SKIP_REASONS = ["box_not_finite", "box_out_of_range", "box_empty", "duplicate_row", "group_of",
+                "depiction", "duplicate", "unreadable_image", "too_small"]
+# Why a picture could not be used; its boxes are then skipped as unreadable_image.
+IMAGE_PROBLEMS = ["empty_file", "not_an_image", "too_many_pixels", "truncated", "decode_failed"]
+BOX_COLUMNS = openimages.BOX_COLUMNS
 ORIENTATION_TAG = 0x0112
+# Coordinates are fractions of the picture; this much rounding noise beyond [0, 1] is clipped.
+RANGE_SLACK = 1e-6
 
 
 @dataclass(frozen=True)
@@ -59,31 +74,30 @@ class Settings:
     skip_depiction: bool
     dedup_iou: float
     reduced_decode: bool
+    max_image_pixels: int
     workers: int
 
 
 def read_settings(params: dict) -> Settings:
-    labels = openimages.read_label_map(params)
+    v = schema.check_all(params)
     return Settings(
-        seed=P.number(params, "seed", lo=0, integer=True),
-        labels=labels,
-        size=P.number(params, "crops.size", lo=8, integer=True),
-        min_box_px=P.number(params, "crops.min_box_px", lo=1, integer=True),
-        skip_group_of=P.flag(params, "crops.skip_group_of"),
-        skip_depiction=P.flag(params, "crops.skip_depiction"),
-        dedup_iou=P.number(params, "crops.dedup_iou", lo=0, hi=1, lo_open=True),
-        reduced_decode=P.flag(params, "crops.reduced_decode"),
-        workers=P.number(params, "crops.workers", lo=1, integer=True),
-    )
+        seed=v["seed"], labels=v["data.labels"], size=v["crops.size"],
+        min_box_px=v["crops.min_box_px"], skip_group_of=v["crops.skip_group_of"],
+        skip_depiction=v["crops.skip_depiction"], dedup_iou=v["crops.dedup_iou"],
+        reduced_decode=v["crops.reduced_decode"], max_image_pixels=v["crops.max_image_pixels"],
+        workers=v["crops.workers"])
 
 
 # ---------------------------------------------------------------------------------------------
 # Planning: which boxes to cut, decided from the CSVs alone (cheap, single process).
 
-def load_boxes(raw: Path, settings: Settings, on_disk: dict[str, Path]) -> tuple[pd.DataFrame, int]:
+def load_boxes(raw: Path, settings: Settings,
+               on_disk: dict[str, Path]) -> tuple[pd.DataFrame, dict[str, int]]:
     """Wanted-class boxes of images on disk, in canonical order, with label and box_index.
 
-    Returns the frame and the number of wanted boxes whose image was not downloaded.
+    Returns the frame and the counts of rows left out before any box is judged: all rows of
+    detections.csv, rows whose LabelName classes.csv does not know, wanted rows whose ImageID
+    is not a safe file name, wanted rows whose image is not on disk.
     Canonical order: ImageID, then the box coordinates, then class; it does not depend on the row
     order of detections.csv. box_index is the box's position within its image in that order, and
     names the crop file and seeds its placement.
@@ -93,16 +107,23 @@ def load_boxes(raw: Path, settings: Settings, on_disk: dict[str, Path]) -> tuple
     for label, names in settings.labels.items():
         for mid, name in openimages.mids_for_names(classes, names, f"data.labels.{label}").items():
             mid_label[mid], mid_name[mid] = label, name
-    frame = openimages.read_detections(raw / openimages.DETECTIONS, set(mid_label))
-    present = frame["ImageID"].isin(on_disk.keys())
-    missing = int((~present).sum())
+    stats: dict[str, int] = {}
+    frame = openimages.read_detections(raw / openimages.DETECTIONS, set(mid_label), stats,
+                                       known=set(classes))
+    safe = np.fromiter((openimages.is_safe_image_id(i) for i in frame["ImageID"]), bool,
+                       len(frame))
+    present = safe & frame["ImageID"].isin(on_disk.keys()).to_numpy(bool, na_value=False)
+    counts = {"detection_rows": stats["rows"], "rows_unknown_label": stats["rows_unknown_label"],
+              "boxes_bad_image_id": int((~safe).sum()),
+              "boxes_image_not_on_disk": int((safe & ~present).sum())}
     frame = frame[present].copy()
+    frame["ImageID"] = frame["ImageID"].astype(object)
     frame["label"] = frame["LabelName"].map(mid_label)
     frame["class_name"] = frame["LabelName"].map(mid_name)
     frame = frame.sort_values(["ImageID", *BOX_COLUMNS, "LabelName"], kind="mergesort",
                               ignore_index=True)
     frame["box_index"] = frame.groupby("ImageID", sort=False).cumcount()
-    return frame, missing
+    return frame, counts
 
 
 def duplicate_mask(frame: pd.DataFrame, threshold: float) -> pd.Series:
@@ -134,10 +155,15 @@ def duplicate_mask(frame: pd.DataFrame, threshold: float) -> pd.Series:
 def pre_read_skips(frame: pd.DataFrame, settings: Settings) -> pd.Series:
     """The skip reason of every box decided before any image is read ('' = still a candidate)."""
     reason = pd.Series("", index=frame.index, dtype=object)
-    coords = frame[BOX_COLUMNS]
-    invalid = (coords.isna().any(axis=1) | (frame["XMax"] <= frame["XMin"])
-               | (frame["YMax"] <= frame["YMin"]))
-    reason[invalid] = "invalid_box"
+    coords = frame[BOX_COLUMNS].to_numpy(dtype=float)
+    finite = np.isfinite(coords).all(axis=1)
+    with np.errstate(invalid="ignore"):
+        outside = ((coords < -RANGE_SLACK) | (coords > 1 + RANGE_SLACK)).any(axis=1)
+        empty = (coords[:, 1] <= coords[:, 0]) | (coords[:, 3] <= coords[:, 2])
+    repeated = frame.duplicated(["ImageID", "LabelName", *BOX_COLUMNS]).to_numpy()
+    for mask, name in [(~finite, "box_not_finite"), (outside, "box_out_of_range"),
+                       (empty, "box_empty"), (repeated, "duplicate_row")]:
+        reason[(reason == "") & mask] = name
     if settings.skip_group_of:
         reason[(reason == "") & (frame["IsGroupOf"] == 1)] = "group_of"
     if settings.skip_depiction:
@@ -161,75 +187,131 @@ class ImageTask:
     size: int
     min_box_px: int
     reduced_decode: bool
+    max_image_pixels: int
     boxes: tuple[tuple[int, str, float, float, float, float], ...]  # box_index, label, XMin..YMax
 
 
 @dataclass(frozen=True)
 class ImageResult:
     image_id: str
-    readable: bool
+    problem: str  # "" when the picture was read, else one of IMAGE_PROBLEMS
     width: int
     height: int
     boxes: tuple[tuple[int, str, crops.PixelBox], ...]  # box_index, "kept" | "too_small", box
+    exif_turned: bool = False  # it carries an EXIF Orientation other than 1 (ignored)
+
+    @property
+    def readable(self) -> bool:
+        return not self.problem
+
+
+@dataclass(frozen=True)
+class Header:
+    width: int
+    height: int
+    format: str
+    exif_turned: bool
 
 
 def crop_name(image_id: str, box_index: int) -> str:
     return f"{image_id}_{box_index}.jpg"
 
 
-READ_FLAGS = {1: cv2.IMREAD_COLOR, 2: cv2.IMREAD_REDUCED_COLOR_2, 4: cv2.IMREAD_REDUCED_COLOR_4,
-              8: cv2.IMREAD_REDUCED_COLOR_8}
-# EXIF orientations that turn the picture a quarter turn; OpenCV applies them when decoding.
-QUARTER_TURNS = {5, 6, 7, 8}
+# IGNORE_ORIENTATION: boxes refer to the stored picture (see the module's docstring).
+READ_FLAGS = {f: flag | cv2.IMREAD_IGNORE_ORIENTATION for f, flag in {
+    1: cv2.IMREAD_COLOR, 2: cv2.IMREAD_REDUCED_COLOR_2, 4: cv2.IMREAD_REDUCED_COLOR_4,
+    8: cv2.IMREAD_REDUCED_COLOR_8}.items()}
 
 
-def decode(path: str, factor: int = 1) -> np.ndarray | None:
-    """The picture at 1/factor of its size, None when OpenCV cannot read it."""
+def decode(data: bytes | str, factor: int = 1) -> np.ndarray | None:
+    """The picture (file bytes or a path) at 1/factor of its size as 8-bit BGR, None when
+    OpenCV cannot read it. Gray, 16-bit, alpha and CMYK pictures all come back as 8-bit BGR."""
+    if isinstance(data, str):
+        data = Path(data).read_bytes()
     try:
-        image = cv2.imread(path, READ_FLAGS[factor])
+        image = cv2.imdecode(np.frombuffer(data, np.uint8), READ_FLAGS[factor])
     except cv2.error:  # some malformed files raise instead of returning None
         return None
     return None if image is None or image.size == 0 else image
 
 
-def header_size(path: str) -> tuple[int, int] | None:
-    """(width, height) as cv2.imread would decode it, from the file's header alone."""
+def read_header(data: bytes) -> Header | None:
+    """Size, format and orientation tag from the header alone; None when PIL cannot parse it."""
+    limit = Image.MAX_IMAGE_PIXELS
+    Image.MAX_IMAGE_PIXELS = None  # the pixel limit is ours (crops.max_image_pixels), not PIL's
     try:
-        with Image.open(path) as im:
+        with warnings.catch_warnings(), Image.open(io.BytesIO(data)) as im:
+            warnings.simplefilter("ignore")
             width, height = im.size
-            turned = im.getexif().get(ORIENTATION_TAG) in QUARTER_TURNS
-    except (OSError, ValueError, SyntaxError, Image.DecompressionBombError):
-        return None  # not a picture PIL knows: the decode decides whether it is unreadable
-    return (height, width) if turned else (width, height)
+            try:
+                turned = im.getexif().get(ORIENTATION_TAG, 1) not in (1, None)
+            except Exception:  # a malformed EXIF block says nothing about the pixels
+                turned = False
+            return Header(width, height, str(im.format), turned)
+    except Exception:  # PIL raises a zoo of types on hostile headers
+        return None
+    finally:
+        Image.MAX_IMAGE_PIXELS = limit
 
 
-def read_for_crops(task: ImageTask) -> tuple[np.ndarray | None, int, int, int]:
-    """(picture, factor, full width, full height): decoded at 1/factor when every box allows it.
+def image_problem(data: bytes, header: Header | None, max_pixels: int) -> str:
+    """Why the picture must not be decoded ("" when it may be), from its bytes and header."""
+    if not data:
+        return "empty_file"
+    if header is None:
+        return "not_an_image"
+    if header.width * header.height > max_pixels:
+        return "too_many_pixels"
+    # A cut-off download still decodes (libjpeg pads the rest with grey) and would become
+    # crops of half a picture: require the end marker after the last scan / the PNG end chunk.
+    # Neither byte pair can occur inside JPEG entropy-coded data (0xFF is stuffed there).
+    if header.format == "JPEG" and data.rfind(b"\xff\xd9") <= data.rfind(b"\xff\xda"):
+        return "truncated"
+    if header.format == "PNG" and data.rfind(b"IEND") < 0:
+        return "truncated"
+    return ""
+
+
+def read_for_crops(task: ImageTask) -> tuple[np.ndarray | None, str, Header | None, int]:
+    """(picture, problem, header, factor): decoded at 1/factor when every box allows it.
 
     The factor is chosen from the header's size and the boxes that will be cut, so it depends on
     the task alone. If the decoded size is not the header's reduced by the factor, the full-size
     decode is used instead: boxes are always placed on the true full-size geometry.
     """
-    size = header_size(task.path) if task.reduced_decode else None
-    if size is not None:
+    try:
+        data = Path(task.path).read_bytes()
+    except OSError:
+        return None, "decode_failed", None, 1
+    header = read_header(data) if data else None
+    problem = image_problem(data, header, task.max_image_pixels)
+    if problem:
+        return None, problem, header, 1
+    size = (header.width, header.height)
+    if task.reduced_decode:
         cuts = [crops.box_size(crops.pixel_box(*b[2:], *size)) for b in task.boxes]
         factor = crops.reduce_factor([(cw, ch) for cw, ch in cuts
                                       if min(cw, ch) >= task.min_box_px], task.size)
         if factor > 1:
-            image = decode(task.path, factor)
+            image = decode(data, factor)
             if image is not None and image.shape[1::-1] == crops.reduced_shape(*size, factor):
-                return image, factor, size[0], size[1]
-    image = decode(task.path)
+                return image, "", header, factor
+    image = decode(data)
     if image is None:
-        return None, 1, 0, 0
-    return image, 1, image.shape[1], image.shape[0]
+        return None, "decode_failed", header, 1
+    return image, "", header, 1
 
 
 def process_image(task: ImageTask) -> ImageResult:
     """Read the picture once and write one JPEG per box that is big enough."""
-    image, factor, width, height = read_for_crops(task)
+    image, problem, header, factor = read_for_crops(task)
+    turned = header.exif_turned if header is not None else False
     if image is None:
-        return ImageResult(task.image_id, False, 0, 0, ())
+        return ImageResult(task.image_id, problem, 0, 0, (), turned)
+    if factor == 1:
+        height, width = image.shape[:2]
+    else:
+        width, height = header.width, header.height
     out = []
     for box_index, label, xmin, xmax, ymin, ymax in task.boxes:
         box = crops.pixel_box(xmin, xmax, ymin, ymax, width, height)
@@ -250,7 +332,7 @@ def process_image(task: ImageTask) -> ImageResult:
         (Path(task.out_dir) / label / crop_name(task.image_id, box_index)).write_bytes(
             jpeg.tobytes())
         out.append((box_index, "kept", box))
-    return ImageResult(task.image_id, True, width, height, tuple(out))
+    return ImageResult(task.image_id, "", width, height, tuple(out), turned)
 
 
 def make_tasks(frame: pd.DataFrame, on_disk: dict[str, Path], out_dir: Path,
@@ -263,7 +345,8 @@ def make_tasks(frame: pd.DataFrame, on_disk: dict[str, Path], out_dir: Path,
         per_image.setdefault(image_id, []).append(
             (int(box_index), str(label), *(float(v) for v in coords)))
     return [ImageTask(str(image_id), str(on_disk[image_id]), str(out_dir), settings.seed,
-                      settings.size, settings.min_box_px, settings.reduced_decode, tuple(boxes))
+                      settings.size, settings.min_box_px, settings.reduced_decode,
+                      settings.max_image_pixels, tuple(boxes))
             for image_id, boxes in sorted(per_image.items())]
 
 
@@ -291,17 +374,28 @@ def run_tasks(tasks: list[ImageTask], workers: int) -> Iterator[ImageResult]:
 # ---------------------------------------------------------------------------------------------
 # Reporting.
 
-def apply_results(frame: pd.DataFrame, reason: pd.Series,
-                  results: Iterable[ImageResult]) -> tuple[pd.DataFrame, pd.Series, int, int]:
+@dataclass
+class ImageCounts:
+    seen: int = 0
+    exif_turned: int = 0
+    problems: dict[str, int] = field(default_factory=lambda: dict.fromkeys(IMAGE_PROBLEMS, 0))
+
+    def add(self, res: ImageResult) -> None:
+        self.seen += 1
+        self.exif_turned += res.exif_turned
+        if res.problem:
+            self.problems[res.problem] += 1
+
+
+def apply_results(frame: pd.DataFrame, reason: pd.Series, results: Iterable[ImageResult]
+                  ) -> tuple[pd.DataFrame, pd.Series, ImageCounts]:
     """Fold the workers' answers into the frame: pixel boxes, image size, final skip reasons."""
     position = {key: pos for pos, key in enumerate(zip(frame["ImageID"], frame["box_index"]))}
     geometry = np.full((len(frame), 6), -1, dtype=np.int64)  # x0 y0 x1 y1 width height
     final = reason.to_numpy(copy=True)
-    seen = unreadable = 0
+    images = ImageCounts()
     for res in results:
-        seen += 1
-        if not res.readable:
-            unreadable += 1
+        images.add(res)
         for box_index, status, box in res.boxes:
             pos = position[(res.image_id, box_index)]
             geometry[pos] = (*box, res.width, res.height)
@@ -312,7 +406,7 @@ def apply_results(frame: pd.DataFrame, reason: pd.Series,
             final[rows] = "unreadable_image"
     frame = frame.assign(**{col: geometry[:, i] for i, col in enumerate(
         ["x0", "y0", "x1", "y1", "image_width", "image_height"])})
-    return frame, pd.Series(final, index=frame.index, dtype=object), seen, unreadable
+    return frame, pd.Series(final, index=frame.index, dtype=object), images
 
 
 def manifest(frame: pd.DataFrame) -> pd.DataFrame:
@@ -331,15 +425,17 @@ def manifest(frame: pd.DataFrame) -> pd.DataFrame:
 
 
 def summarise(settings: Settings, frame: pd.DataFrame, reason: pd.Series, *, on_disk: int,
-              missing: int, seen: int, unreadable: int) -> dict:
+              rows: dict[str, int], images: ImageCounts) -> dict:
     kept = reason == ""
     skipped = {r: int((reason == r).sum()) for r in SKIP_REASONS}
     return {
         "images_on_disk": on_disk,
         "images_with_wanted_boxes": int(frame["ImageID"].nunique()),
-        "images_seen": seen,
-        "images_unreadable": unreadable,
-        "boxes_image_not_on_disk": missing,
+        "images_seen": images.seen,
+        "images_unreadable": sum(images.problems.values()),
+        "images_unreadable_by_reason": images.problems,
+        "images_exif_orientation_ignored": images.exif_turned,
+        **rows,
         "boxes_considered": len(frame),
         "crops_kept": int(kept.sum()),
         "considered_per_label": {lab: int((frame["label"] == lab).sum())
@@ -364,7 +460,7 @@ def check_labels(metrics: dict) -> None:
 def main() -> None:
     settings = read_settings(P.load())
     on_disk = openimages.images_on_disk(RAW)
-    frame, missing = load_boxes(RAW, settings, on_disk)
+    frame, rows = load_boxes(RAW, settings, on_disk)
     for label in settings.labels:
         if not (frame["label"] == label).any():
             raise StageError(f"label {label!r}: no boxes of classes {settings.labels[label]} in "
@@ -374,16 +470,14 @@ def main() -> None:
         for label in settings.labels:
             (tmp / label).mkdir()
         tasks = make_tasks(frame[reason == ""], on_disk, tmp, settings)
-        frame, reason, seen, unreadable = apply_results(
-            frame, reason, run_tasks(tasks, settings.workers))
-        metrics = summarise(settings, frame, reason, on_disk=len(on_disk), missing=missing,
-                            seen=seen, unreadable=unreadable)
+        frame, reason, images = apply_results(frame, reason, run_tasks(tasks, settings.workers))
+        metrics = summarise(settings, frame, reason, on_disk=len(on_disk), rows=rows,
+                            images=images)
         check_labels(metrics)
         manifest(frame[reason == ""]).to_csv(tmp / MANIFEST, index=False, lineterminator="\n")
     write_json(METRICS, metrics)
-    print(f"extract_crops: {metrics['crops_kept']} crops from {seen} images "
-          f"({unreadable} unreadable) -> {OUT}", file=sys.stderr)
-
+    print(f"extract_crops: {metrics['crops_kept']} crops from {images.seen} images "
+          f"({metrics['images_unreadable']} unreadable) -> {OUT}", file=sys.stderr)
 
 if __name__ == "__main__":
     main()

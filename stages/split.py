@@ -40,6 +40,7 @@ import numpy as np
 import pandas as pd
 
 from stages.common import params as P
+from stages.common import schema
 from stages.common.atomic import atomic_dir, write_json
 from stages.common.params import StageError
 
@@ -51,14 +52,8 @@ SPLITS = ["train", "val", "test"]
 
 
 def read_fractions(params: dict) -> tuple[int, float, float]:
-    seed = P.number(params, "seed", lo=0, integer=True)
-    test = P.number(params, "split.test", lo=0, hi=1, lo_open=True)
-    P.check(test < 1, "split.test", "a number > 0 and < 1", test)
-    # val > 0: train needs a validation set for early stopping; the test set is never used so.
-    val = P.number(params, "split.val", lo=0, hi=1, lo_open=True)
-    P.check(test + val < 1, "split.val", f"a number > 0 with split.test + split.val < 1 "
-            f"(split.test is {test})", val)
-    return seed, float(test), float(val)
+    v = schema.check_all(params)
+    return v["seed"], v["split.test"], v["split.val"]
 
 
 def read_manifest(crops_dir: Path) -> pd.DataFrame:

@@ -25,11 +25,12 @@ from torchvision.datasets import ImageFolder
 
 from stages.common import distributed as D
 from stages.common import params as P
+from stages.common import schema
 from stages.common.atomic import atomic_dir, write_json
 from stages.common.inference import predict, to_device
 from stages.common.model import (ARCHS, IMAGENET_MEAN, IMAGENET_STD, build_model, forward,
                                  freeze, frozen_prefix, pick_device, save_checkpoint,
-                                 set_train_mode, trainable_modules)
+                                 set_train_mode)
 from stages.common.params import StageError
 from stages.common.training import (EarlyStopping, FocalLoss, cosine_scheduler, seed_everything,
                                     seed_worker)
@@ -39,34 +40,17 @@ SPLIT_DIR = Path("data/split")
 MODEL_DIR = Path("data/model")
 LIVE_DIR = Path("plots/train")
 METRICS_FILE = Path("metrics/train.json")
-DEVICES = ["auto", "cpu", "cuda", "mps"]
-AMP = ["auto", "off", "bf16", "fp16"]
 
 
 def read_config(p: dict) -> dict:
-    """Every param this stage reads, checked before any work starts."""
-    trainable = P.get(p, "model.trainable")
-    P.check(trainable == "all" or (isinstance(trainable, list)
-                                   and all(isinstance(t, str) for t in trainable)),
-            "model.trainable", "'all' or a list of module names like [layer4, fc]", trainable)
-    weights = P.get(p, "model.weights")
-    P.check(isinstance(weights, str) and weights != "", "model.weights",
-            "imagenet, none or a path to a .pth file", weights)
+    """The recipe this stage trains with (every key is checked by stages.common.schema)."""
+    v = schema.check_all(p)
     return {
-        "seed": P.number(p, "seed", lo=0, integer=True),
-        "arch": P.choice(p, "model.arch", list(ARCHS)),
-        "weights": weights,
-        "dropout": P.number(p, "model.dropout", lo=0, hi=0.99),
-        "trainable": trainable_modules(trainable),
-        "epochs": P.number(p, "train.epochs", lo=1, integer=True),
-        "batch_size": P.number(p, "train.batch_size", lo=1, integer=True),
-        "lr": P.number(p, "train.lr", lo=0, lo_open=True),
-        "weight_decay": P.number(p, "train.weight_decay", lo=0),
-        "focal_alpha": P.number(p, "train.focal_alpha", lo=0, lo_open=True),
-        "focal_gamma": P.number(p, "train.focal_gamma", lo=0),
-        "patience": P.number(p, "train.patience", lo=1, integer=True),
-        "num_workers": P.number(p, "train.num_workers", lo=0, integer=True),
-        "device": P.choice(p, "train.device", DEVICES),
+        "seed": v["seed"],
+        **{k: v[f"model.{k}"] for k in ("arch", "weights", "dropout", "trainable")},
+        **{k: v[f"train.{k}"] for k in ("epochs", "batch_size", "lr", "weight_decay",
+                                         "focal_alpha", "focal_gamma", "patience",
+                                         "num_workers", "device")},
     }
 
 
@@ -74,12 +58,8 @@ def read_scale_config(p: dict) -> dict:
     """How the run is spread and, on CUDA, its precision and speed-ups. Kept out of the
     checkpoint's recipe (read_config) so the default run's checkpoint bytes stay as they were;
     metrics/train.json records the processes and precision a run used."""
-    return {
-        "nproc": P.number(p, "train.nproc", lo=1, integer=True),
-        "amp": P.choice(p, "train.amp", AMP),
-        "compile": P.flag(p, "train.compile"),
-        "pin_memory": P.flag(p, "train.pin_memory"),
-    }
+    v = schema.check_all(p)
+    return {k: v[f"train.{k}"] for k in ("nproc", "amp", "compile", "pin_memory")}
 
 
 def amp_dtype(amp: str, device: torch.device) -> torch.dtype | None:

@@ -13,6 +13,7 @@ import yaml
 
 from stages import extract_crops
 from stages.common import crops
+from tests import paramfile
 
 CLASSES = {"/m/person": "Person", "/m/man": "Man", "/m/dog": "Dog", "/m/car": "Car",
            "/m/tree": "Tree"}
@@ -136,7 +137,7 @@ def write_params(root: Path, **crops_overrides) -> None:
                         "skip_depiction": True, "dedup_iou": 0.7, "reduced_decode": True,
                         "workers": 1}}
     params["crops"].update(crops_overrides)
-    (root / "params.yaml").write_text(yaml.safe_dump(params))
+    paramfile.write(root, params)
 
 
 def textured(h: int, w: int, seed: int) -> np.ndarray:
@@ -289,7 +290,8 @@ def test_skip_rules(tmp_path, monkeypatch):
     write_params(tmp_path)
     metrics = run_stage(tmp_path, monkeypatch)
     assert metrics["skipped"] == {"too_small": 1, "group_of": 1, "depiction": 1,
-                                  "duplicate": 0, "invalid_box": 1, "unreadable_image": 0}
+                                  "duplicate": 0, "box_empty": 1, "unreadable_image": 0,
+                                  "box_not_finite": 0, "box_out_of_range": 0, "duplicate_row": 0}
     assert metrics["kept_per_label"] == {"animal": 1, "object": 1, "person": 2}
 
     write_params(tmp_path, skip_group_of=False, skip_depiction=False, min_box_px=8)

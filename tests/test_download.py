@@ -23,6 +23,7 @@ import yaml
 from stages import download
 from stages.common import crops, sample_data
 from stages.common.openimages import DETECTION_COLUMNS, read_classes, read_detections
+from tests import paramfile
 
 REPO = Path(__file__).resolve().parents[1]
 LABELS = {"person": ["Person", "Man"], "animal": ["Dog", "Cat"], "object": ["Handgun", "Knife"]}
@@ -47,7 +48,7 @@ def write_params(root: Path, source: str = "sample", labels: dict | None = None,
                     **zoo},
         },
     }
-    (root / "params.yaml").write_text(yaml.safe_dump(params))
+    paramfile.write(root, params)
 
 
 @pytest.fixture

@@ -15,6 +15,8 @@ from types import SimpleNamespace
 import pytest
 import yaml
 
+from tests import paramfile
+
 ROOT = Path(__file__).resolve().parents[1]
 QUEUE_TIMEOUT_S = 300
 TINY = {  # a few dozen pictures at 32 px: seconds per stage, every code path still taken
@@ -24,12 +26,6 @@ TINY = {  # a few dozen pictures at 32 px: seconds per stage, every code path st
     "evaluate": {"batch_size": 16, "speed_runs": 3},
     "export": {"batch_size": 8, "speed_runs": 3},
 }
-
-
-def _merge(base: dict, over: dict) -> dict:
-    for key, value in over.items():
-        base[key] = _merge(base[key], value) if isinstance(value, dict) else value
-    return base
 
 
 def _project_files() -> list[str]:
@@ -49,7 +45,7 @@ def repo(tmp_path_factory):
         (path / rel).parent.mkdir(parents=True, exist_ok=True)
         shutil.copy2(ROOT / rel, path / rel)
     params = yaml.safe_load((path / "params.yaml").read_text())
-    (path / "params.yaml").write_text(yaml.safe_dump(_merge(params, TINY), sort_keys=False))
+    (path / "params.yaml").write_text(yaml.safe_dump(paramfile.merge(params, TINY), sort_keys=False))
     env = dict(os.environ)
     env["PATH"] = f"{Path(sys.executable).parent}{os.pathsep}{env['PATH']}"
     env.update(GIT_AUTHOR_NAME="t", GIT_AUTHOR_EMAIL="t@t", GIT_COMMITTER_NAME="t",

@@ -14,10 +14,11 @@ from stages.common import figures
 from stages.common.crops import corner_colour
 from stages.common.model import IMAGENET_MEAN, IMAGENET_STD, build_model, save_checkpoint
 from stages.common.onnx_model import OnnxClassifier, export
-from stages.common.params import StageError
+from stages.common.params import ParamError, StageError
 from stages.common.predictor import TorchClassifier, load_classifier, prepare
 from stages.common.speed import speed_figures
 from stages.evaluate import most_confident_mistakes
+from tests import paramfile
 
 SIZE = 32
 CLASSES = ["animal", "object", "person"]
@@ -163,8 +164,8 @@ def test_parity_figures():
 
 
 def test_export_params_are_checked():
-    params = {"export": {"opset": 9, "batch_size": 32, "speed_runs": 3, "parity_atol": 1e-3}}
-    with pytest.raises(Exception, match="export.opset=9"):
+    params = paramfile.params({"export": {"opset": 9}})
+    with pytest.raises(ParamError, match="export.opset=9"):
         export_stage.read_config(params)
 
 

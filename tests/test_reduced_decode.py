@@ -146,9 +146,11 @@ def test_exif_rotated_picture_gets_the_same_geometry(tmp_path, monkeypatch):
     jpeg = exif_rotated_jpeg(picture(7, 32, 1024, 640))
     path = tmp_path / "r.jpg"
     path.write_bytes(jpeg)
-    # OpenCV turns it upright; the header read must agree, or reduced decoding falls back.
-    assert extract_crops.decode(str(path)).shape[1::-1] == (640, 1024)
-    assert extract_crops.header_size(str(path)) == (640, 1024)
+    # Open Images boxes refer to the stored picture: decoding ignores the tag, and the header
+    # read must agree, or reduced decoding falls back.
+    assert extract_crops.decode(str(path)).shape[1::-1] == (1024, 640)
+    header = extract_crops.read_header(jpeg)
+    assert (header.width, header.height, header.exif_turned) == (1024, 640, True)
     boxes = [box("r", "Person", 0.1, 0.9, 0.05, 0.95), box("r", "Dog", 0.2, 0.8, 0.5, 0.9),
              box("r", "Car", 0.0, 1.0, 0.0, 0.6)]
     manifests = []
@@ -157,9 +159,10 @@ def test_exif_rotated_picture_gets_the_same_geometry(tmp_path, monkeypatch):
         root.mkdir()
         write_raw(root, {"r": jpeg}, boxes)
         write_params(root, size=64, reduced_decode=reduced)
-        run_stage(root, monkeypatch)
+        metrics = run_stage(root, monkeypatch)
+        assert metrics["images_exif_orientation_ignored"] == 1
         manifests.append((root / "data" / "crops" / "manifest.csv").read_bytes())
-        assert {r["image_width"] for r in read_manifest(root)} == {"640"}
+        assert {r["image_width"] for r in read_manifest(root)} == {"1024"}
     assert manifests[0] == manifests[1]
 
 
@@ -181,7 +184,7 @@ def test_worker_pool_survives_opencv_threads_in_the_parent(tmp_path):
         from stages import extract_crops
         from stages.common import crops
         tasks = [extract_crops.ImageTask(f"i{{k}}", {str(tmp_path / "p.jpg")!r}, {str(tmp_path)!r},
-                                         1, 32, 4, True, ((0, "out", 0.1, 0.9, 0.1, 0.9),))
+                                         1, 32, 4, True, 10**8, ((0, "out", 0.1, 0.9, 0.1, 0.9),))
                  for k in range(4)]
         print(sum(len(r.boxes) for r in extract_crops.run_tasks(tasks, 2)))
     """)

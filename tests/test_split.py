@@ -10,16 +10,15 @@ import cv2
 import numpy as np
 import pandas as pd
 import pytest
-import yaml
 
 from stages import split
+from tests import paramfile
 
 LABELS = ["animal", "object", "person"]
 
 
 def write_params(root: Path, seed: int = 42, test=0.2, val=0.1) -> None:
-    (root / "params.yaml").write_text(yaml.safe_dump(
-        {"seed": seed, "split": {"test": test, "val": val}}))
+    paramfile.write(root, {"seed": seed, "split": {"test": test, "val": val}})
 
 
 def write_crops(root: Path, n_images: int = 300, seed: int = 0,

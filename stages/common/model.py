@@ -16,6 +16,7 @@ from torch import nn
 from torchvision import models
 
 from stages.common.params import StageError
+from stages.common.schema import RESNET_CHILDREN
 
 ARCHS = {
     "resnet18": (models.resnet18, models.ResNet18_Weights),
@@ -24,9 +25,6 @@ ARCHS = {
     "resnet101": (models.resnet101, models.ResNet101_Weights),
     "resnet152": (models.resnet152, models.ResNet152_Weights),
 }
-# Top-level modules of a torchvision ResNet, in forward order.
-RESNET_CHILDREN = ["conv1", "bn1", "relu", "maxpool", "layer1", "layer2", "layer3", "layer4",
-                   "avgpool", "fc"]
 IMAGENET_MEAN = [0.485, 0.456, 0.406]
 IMAGENET_STD = [0.229, 0.224, 0.225]
 CHECKPOINT_FORMAT = 1

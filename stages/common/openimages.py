@@ -32,6 +32,15 @@ REQUIRED_COLUMNS = ["ImageID", "LabelName", "XMin", "XMax", "YMin", "YMax"]
 FLAG_COLUMNS = ["IsOccluded", "IsTruncated", "IsGroupOf", "IsDepiction", "IsInside"]
 # Labels become folder names (ImageFolder classes).
 LABEL_NAME = re.compile(r"[A-Za-z0-9_][A-Za-z0-9_.-]*")
+# ImageIDs become file names (data/<ImageID>.jpg, crops/<label>/<ImageID>_<k>.jpg). Open Images'
+# are 16 hex digits; anything that could leave a folder ("../x", "/etc/x", "a\\b"), hide a file
+# (".x") or carry control characters is refused and never joined into a path.
+SAFE_IMAGE_ID = re.compile(r"[A-Za-z0-9_][A-Za-z0-9_-]{0,127}")
+BOX_COLUMNS = ["XMin", "XMax", "YMin", "YMax"]
+
+
+def is_safe_image_id(image_id: object) -> bool:
+    return isinstance(image_id, str) and SAFE_IMAGE_ID.fullmatch(image_id) is not None
 
 
 def read_label_map(params: dict) -> dict[str, list[str]]:
@@ -56,13 +65,17 @@ def read_label_map(params: dict) -> dict[str, list[str]]:
 
 
 def images_on_disk(root: str | Path) -> dict[str, Path]:
-    """{ImageID: file} for the ``*.jpg`` files in ``root/data``."""
+    """{ImageID: file} for the ``<ImageID>.jpg`` files in ``root/data`` with a safe ImageID.
+
+    Only regular files count: a symlink could point anywhere on the machine.
+    """
     folder = Path(root) / DATA_DIR
     if not folder.is_dir():
         raise StageError(f"{folder}: image folder not found; rerun the download stage")
     with os.scandir(folder) as entries:
         return {e.name[:-4]: Path(e.path) for e in entries
-                if e.is_file() and e.name.lower().endswith(".jpg")}
+                if e.name.lower().endswith(".jpg") and is_safe_image_id(e.name[:-4])
+                and e.is_file(follow_symlinks=False)}
 
 
 def read_classes(path: str | Path) -> dict[str, str]:
@@ -90,36 +103,68 @@ def mids_for_names(classes: dict[str, str], names: list[str], where: str) -> dic
 
 def detection_columns(path: str | Path) -> list[str]:
     """The Open Images columns ``detections.csv`` has; a missing required one is an error."""
-    header = pd.read_csv(path, nrows=0).columns.tolist()
+    try:
+        header = pd.read_csv(path, nrows=0).columns.tolist()
+    except (pd.errors.EmptyDataError, pd.errors.ParserError, UnicodeDecodeError):
+        raise StageError(f"{path}: empty or not a CSV file; rerun the download stage") from None
     missing = [c for c in REQUIRED_COLUMNS if c not in header]
     if missing:
         raise StageError(f"{path}: missing required column(s) {', '.join(missing)}")
     return [c for c in DETECTION_COLUMNS if c in header]
 
 
-def read_detections(path: str | Path, mids: set[str] | None = None) -> pd.DataFrame:
+def read_detections(path: str | Path, mids: set[str] | None = None,
+                    stats: dict[str, int] | None = None,
+                    known: set[str] | None = None) -> pd.DataFrame:
     """Read ``detections.csv``, keeping only rows whose LabelName is in ``mids`` (when given).
 
     Reads in chunks with only the columns we use, so a 2 GB file of the full train split is
-    filtered without being held in memory whole.
+    filtered without being held in memory whole. A coordinate that is not a number becomes NaN
+    (the crop stage skips the box and counts it) instead of failing the whole file. ``stats``,
+    when given, receives ``rows`` (all data rows) and, with ``known`` (every MID of
+    classes.csv), ``rows_unknown_label``.
     """
     path = Path(path)
     if not path.is_file():
         raise StageError(f"{path}: detections file not found; rerun the download stage")
     usecols = detection_columns(path)
-    dtypes = {c: "float64" for c in ["XMin", "XMax", "YMin", "YMax"]}
-    dtypes.update({"ImageID": "string", "LabelName": "string", "Source": "string"})
-    chunks = []
-    for chunk in pd.read_csv(path, usecols=usecols, dtype={k: v for k, v in dtypes.items()
-                                                          if k in usecols},
-                             chunksize=1_000_000):
-        if mids is not None:
-            chunk = chunk[chunk["LabelName"].isin(mids)]
-        chunks.append(chunk)
-    frame = pd.concat(chunks, ignore_index=True) if chunks else pd.DataFrame(columns=usecols)
+    strings = {c: "string" for c in ("ImageID", "LabelName", "Source") if c in usecols}
+    try:
+        frame = _read_chunks(path, usecols, {**strings, **{c: "float64" for c in BOX_COLUMNS}},
+                             mids, stats, known)
+    except ValueError:
+        # Some coordinate is not a number: read them as text and coerce (slower, rare).
+        frame = _read_chunks(path, usecols, {**strings, **{c: "string" for c in BOX_COLUMNS}},
+                             mids, stats, known)
+        for col in BOX_COLUMNS:
+            frame[col] = pd.to_numeric(frame[col], errors="coerce").astype("float64")
     for col in FLAG_COLUMNS:
         if col in frame.columns:
             frame[col] = pd.to_numeric(frame[col], errors="coerce").fillna(0).astype("int8")
         else:
             frame[col] = 0
     return frame
+
+
+def _read_chunks(path: Path, usecols: list[str], dtypes: dict[str, str], mids: set[str] | None,
+                 stats: dict[str, int] | None, known: set[str] | None) -> pd.DataFrame:
+    chunks, rows, unknown = [], 0, 0
+    try:
+        reader = pd.read_csv(path, usecols=usecols, dtype=dtypes, chunksize=1_000_000)
+        for chunk in reader:
+            rows += len(chunk)
+            if known is not None:
+                unknown += int((~chunk["LabelName"].isin(known)).sum())
+            if mids is not None:
+                chunk = chunk[chunk["LabelName"].isin(mids)]
+            chunks.append(chunk)
+    except pd.errors.ParserError as exc:
+        raise StageError(f"{path}: not a well-formed CSV ({str(exc).strip()}); rerun the "
+                         "download stage or fix the file") from None
+    if stats is not None:
+        stats["rows"] = rows
+        if known is not None:
+            stats["rows_unknown_label"] = unknown
+    if not chunks:
+        return pd.DataFrame({c: pd.Series(dtype=dtypes.get(c, "object")) for c in usecols})
+    return pd.concat(chunks, ignore_index=True)

@@ -24,13 +24,22 @@ class StageError(RuntimeError):
 
 
 def load(path: str | Path = PARAMS_FILE) -> dict:
+    """The params file, every key checked (stages.common.schema) before the caller does any work."""
+    from stages.common import schema  # schema builds on this module
+
     path = Path(path)
     if not path.is_file():
         raise ParamError(f"{path}: not found; run from the repository root (where dvc.yaml is)")
-    with path.open() as f:
-        params = yaml.safe_load(f) or {}
+    try:
+        with path.open() as f:
+            params = yaml.safe_load(f) or {}
+    except yaml.YAMLError as exc:
+        where = getattr(exc, "problem_mark", None)
+        line = f" at line {where.line + 1}" if where is not None else ""
+        raise ParamError(f"{path}: not valid YAML{line}; fix the file's syntax") from None
     if not isinstance(params, dict):
         raise ParamError(f"{path}: expected a mapping of sections, got {type(params).__name__}")
+    schema.check_all(params)
     return params
 
 
