@@ -95,3 +95,67 @@ def test_default_and_report_run_one_process():
     for path in ["params.yaml", "configs/report-resnet18.yaml"]:
         scale = train.read_scale_config(P.load(ROOT / path))
         assert scale == {"nproc": 1, "amp": "auto", "compile": False, "pin_memory": True}
+
+
+@pytest.mark.parametrize("edit,needle", [
+    (lambda p: p["train"].update(lrr=0.1),
+     "unknown key 'train.lrr'; keys allowed under 'train': amp, batch_size,"),
+    (lambda p: p.update(trian={"lr": 0.1}), "unknown key 'trian'; keys allowed at the top level:"),
+    (lambda p: p["data"]["zoo"].update(split=["train"]),
+     "unknown key 'data.zoo.split'; keys allowed under 'data.zoo': max_samples, num_workers,"),
+    (lambda p: p.update(train=0.1), "train=0.1 is not allowed; expected a section with keys"),
+    (lambda p: p["split"].update(test=0.6, val=0.5),
+     "split.val=0.5 is not allowed; expected a number > 0 with split.test + split.val < 1"),
+    (lambda p: p["model"].update(arch="resnet51"),
+     "model.arch='resnet51' is not allowed; expected one of resnet18, resnet34, resnet50,"),
+    (lambda p: p["model"].update(trainable=["layer5"]),
+     "model.trainable=['layer5'] is not allowed; expected 'all' or a non-empty list of conv1,"),
+    (lambda p: p["crops"].update(max_image_pixels=0), "crops.max_image_pixels=0 is not allowed"),
+    (lambda p: p["data"]["zoo"].update(splits=["train", "train"]), "data.zoo.splits="),
+    (lambda p: p["export"].update(opset="18"), "export.opset='18' is not allowed"),
+])
+def test_every_key_is_checked_by_load(tmp_path, edit, needle):
+    params = P.load(ROOT / "params.yaml")
+    edit(params)
+    path = tmp_path / "params.yaml"
+    path.write_text(yaml.safe_dump(params))
+    with pytest.raises(P.ParamError) as err:
+        P.load(path)
+    assert needle in str(err.value) and "\n" not in str(err.value)
+
+
+def test_schema_knows_every_key_of_params_yaml_and_no_other():
+    from stages.common import schema
+
+    assert _keys(P.load(ROOT / "params.yaml")) == set(schema.RULES)
+
+
+def test_schema_archs_are_the_models():
+    from stages.common import model, schema
+
+    assert list(model.ARCHS) == list(schema.ARCH_NAMES)
+
+
+def test_broken_yaml_is_one_line(tmp_path):
+    bad = tmp_path / "params.yaml"
+    bad.write_text("train:\n  lr: [0.1\n")
+    with pytest.raises(P.ParamError, match=r"not valid YAML at line \d+; fix the file's syntax"):
+        P.load(bad)
+
+
+def test_first_stage_stops_on_a_bad_key_of_a_later_one(tmp_path):
+    """`dvc repro` with a typo in train.* stops in the download stage, before anything is made."""
+    import subprocess
+    import sys
+
+    params = P.load(ROOT / "params.yaml")
+    params["evaluate"]["device"] = "tpu"
+    (tmp_path / "params.yaml").write_text(yaml.safe_dump(params))
+    done = subprocess.run([sys.executable, "-m", "stages.download"], cwd=tmp_path,
+                          capture_output=True, text=True, timeout=120,
+                          env={"PYTHONPATH": str(ROOT), "PATH": "/usr/bin:/bin"})
+    assert done.returncode == 2
+    assert done.stderr.strip().splitlines() == [
+        "error: params.yaml: evaluate.device='tpu' is not allowed; expected one of auto, cpu, "
+        "cuda, mps"]
+    assert not (tmp_path / "data").exists() and not (tmp_path / "metrics").exists()

@@ -194,3 +194,24 @@ def test_mistakes_png_is_deterministic_and_handles_none(tmp_path):
     assert (tmp_path / "a.png").read_bytes() == (tmp_path / "b.png").read_bytes()
     figures.mistakes_png([], tmp_path / "none.png", "t", total=10)
     assert (tmp_path / "none.png").read_bytes()[:4] == b"\x89PNG"
+
+
+@pytest.mark.parametrize("classes,side,needle", [
+    (["cat", "dog", "person"], SIZE, "trained on classes ['animal', 'object', 'person'] but "),
+    (CLASSES, SIZE + 16, f"trained on {SIZE}x{SIZE} crops but "),
+])
+def test_checkpoint_that_disagrees_with_the_data_is_refused(tmp_path, models, classes, side,
+                                                           needle):
+    from stages.common.model import load_checkpoint
+    from stages.common.predictor import labelled_folder
+
+    for label in classes:
+        (tmp_path / label).mkdir()
+        cv2.imwrite(str(tmp_path / label / "a.jpg"), np.zeros((side, side, 3), np.uint8))
+    _, meta = load_checkpoint(models[0])
+    with pytest.raises(StageError) as exc:
+        labelled_folder(tmp_path, meta, models[0])
+    message = str(exc.value)
+    assert needle in message and "\n" not in message
+    shown = str(classes) if classes != CLASSES else f"{side}x{side}"
+    assert shown in message  # both sides are named

@@ -144,4 +144,13 @@ def labelled_folder(folder: Path, meta: dict, checkpoint: Path, transform=True):
                          f"holds {ds.classes}; retrain or re-split")
     if len(ds) == 0:
         raise StageError(f"{folder}: no images")
+    from PIL import Image
+
+    first = ds.samples[0][0]
+    with Image.open(first) as im:
+        size = im.size
+    if size != (meta["image_size"], meta["image_size"]):
+        raise StageError(f"{checkpoint} was trained on {meta['image_size']}x{meta['image_size']} "
+                         f"crops but {first} is {size[0]}x{size[1]}; retrain or rerun "
+                         "extract_crops with the same crops.size")
     return ds
