@@ -305,11 +305,32 @@ def run_offline(cwd: Path, zoo_dir: Path) -> subprocess.CompletedProcess:
                           capture_output=True, timeout=180)
 
 
-def make_zoo_split(zoo_dir: Path, images: dict[str, list[tuple[str, str]]]) -> Path:
+# Where FiftyOne 1.22.1 fetches each label file of the train split from (_ANNOTATION_DOWNLOAD_URLS).
+ZOO_URLS = {
+    "train/metadata/classes.csv":
+        "https://storage.googleapis.com/openimages/v5/class-descriptions-boxable.csv",
+    "train/metadata/image_ids.csv":
+        "https://storage.googleapis.com/openimages/2018_04/train/train-images-boxable-with-rotation.csv",
+    "train/labels/detections.csv":
+        "https://storage.googleapis.com/openimages/v6/oidv6-train-annotations-bbox.csv",
+}
+
+
+def write_record(zoo_dir: Path) -> None:
+    """download-record.json as the stage leaves it once every label file is complete."""
+    root = zoo_dir / "open-images-v7"
+    files = {rel: {"url": url, "bytes": (root / rel).stat().st_size}
+             for rel, url in ZOO_URLS.items()}
+    (root / "download-record.json").write_text(json.dumps({"files": files}))
+
+
+def make_zoo_split(zoo_dir: Path, images: dict[str, list[tuple[str, str]]],
+                   record: bool = True) -> Path:
     """One split as FiftyOne 1.22.1 leaves it after a complete partial download
     (fiftyone/utils/openimages.py): data/<id>.jpg, labels/detections.csv (the whole split's
     boxes), metadata/classes.csv, metadata/image_ids.csv (every ID of the split) and
-    metadata/hierarchy.json. Images without wanted classes are not downloaded."""
+    metadata/hierarchy.json. Images without wanted classes are not downloaded. With ``record``,
+    the stage's download-record.json (stages.common.zoo) says the label files are complete."""
     split = zoo_dir / "open-images-v7" / "train"
     wanted = {REAL_MIDS[n] for names in LABELS.values() for n in names}
     on_disk = {i for i, boxes in images.items() if any(m in wanted for m, _ in boxes)}
@@ -318,6 +339,8 @@ def make_zoo_split(zoo_dir: Path, images: dict[str, list[tuple[str, str]]]) -> P
         "ImageID,Subset,OriginalURL,Rotation\n"
         + "".join(f"{i},train,https://example.invalid/{i}.jpg,0.0\n" for i in sorted(images)))
     (split / "metadata/hierarchy.json").write_text(json.dumps({"LabelName": "Entity"}))
+    if record:
+        write_record(zoo_dir)
     return split
 
 
@@ -359,6 +382,20 @@ def test_zoo_without_network_fails_in_one_line(work: Path) -> None:
     err = result.stderr.strip()
     assert len(err.splitlines()) == 1 and err.startswith("error: open-images-v7:"), err
     assert "network disabled by the test" in err
+    assert not (work / "data/raw").exists()
+
+
+def test_zoo_folder_without_record_is_not_trusted_offline(work: Path) -> None:
+    """Label files with no record that they finished (a folder FiftyOne filled by itself) are
+    checked against the server's size; offline that cannot be done, and the stage says so."""
+    make_zoo_split(work / "zoo", {"e" * 16: [(REAL_MIDS["Dog"], "0.1")]}, record=False)
+    write_params(work, source="open-images-v7")
+    result = run_offline(work, work / "zoo")
+    assert result.returncode == 2
+    err = result.stderr.strip()
+    assert len(err.splitlines()) == 1, err
+    assert "classes.csv: no record that its download finished" in err
+    assert "network disabled by the test" in err and "data.source" in err
     assert not (work / "data/raw").exists()
 
 
