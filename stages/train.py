@@ -11,6 +11,7 @@ a torchrun you start yourself, e.g. across nodes. On CUDA, `train.amp`, `train.c
 from __future__ import annotations
 
 import contextlib
+import sys
 import time
 from functools import partial
 from pathlib import Path
@@ -26,14 +27,15 @@ from torchvision.datasets import ImageFolder
 from stages.common import distributed as D
 from stages.common import params as P
 from stages.common import schema
+from stages.common import train_state as TS
 from stages.common.atomic import atomic_dir, write_json
 from stages.common.inference import predict, to_device
 from stages.common.model import (ARCHS, IMAGENET_MEAN, IMAGENET_STD, build_model, forward,
                                  freeze, frozen_prefix, pick_device, save_checkpoint,
                                  set_train_mode)
 from stages.common.params import StageError
-from stages.common.training import (EarlyStopping, FocalLoss, cosine_scheduler, seed_everything,
-                                    seed_worker)
+from stages.common.training import (EarlyStopping, EpochIndices, EpochSeeded, FocalLoss,
+                                    cosine_scheduler, seed_everything, seed_worker)
 from stages.common.transforms import eval_transform, train_transform
 
 SPLIT_DIR = Path("data/split")
@@ -92,6 +94,10 @@ def image_size(ds: ImageFolder) -> int:
 def make_loader(ds, cfg: dict, shuffle: bool, gen: torch.Generator | None,
                 device: torch.device, sampler=None) -> DataLoader:
     workers = cfg["num_workers"]
+    if gen is None:
+        # The loader draws its workers' base seed from this private generator, not from torch's
+        # global RNG, whose stream (dropout) a resumed run must continue exactly.
+        gen = torch.Generator().manual_seed(cfg.get("seed", 0))
     return DataLoader(ds, batch_size=cfg["batch_size"], shuffle=shuffle, generator=gen,
                       sampler=sampler, num_workers=workers, worker_init_fn=seed_worker,
                       persistent_workers=workers > 0,
@@ -186,10 +192,17 @@ def main() -> None:
         D.shutdown(world)
 
 
+def snapshot(model: nn.Module) -> dict[str, torch.Tensor]:
+    """The weights as they are now, contiguous on the CPU (the checkpoint's layout)."""
+    return {k: v.detach().clone(memory_format=torch.contiguous_format).cpu()
+            for k, v in model.state_dict().items()}
+
+
 def run(cfg: dict, scale: dict, world: D.World, device: torch.device) -> None:
-    # rank 0 draws exactly what one process would; other ranks get their own augmentation
-    # stream (DDP copies rank 0's initial weights to them, so the model is the same everywhere).
-    gen = seed_everything(cfg["seed"] + world.rank)
+    # Each rank seeds its own global RNGs (dropout); DDP copies rank 0's initial weights to all.
+    # Data order and augmentation are functions of (seed, epoch) alone, so a resumed run
+    # continues exactly: see EpochIndices / EpochSeeded and data/train_state (TS).
+    seed_everything(cfg["seed"] + world.rank)
     log = print if world.is_main else (lambda *a, **k: None)
     mean, std = IMAGENET_MEAN, IMAGENET_STD
     train_ds = load_folder("train", train_transform(mean, std))
@@ -202,6 +215,19 @@ def run(cfg: dict, scale: dict, world: D.World, device: torch.device) -> None:
     freeze(model, cfg["trainable"])
     n_frozen = frozen_prefix(cfg["trainable"])
     model = model.to(device, memory_format=torch.channels_last)
+
+    # Every rank reads the state; all resume, or all start from scratch.
+    fp = TS.fingerprint({**cfg, **scale}, {s: SPLIT_DIR / s for s in ("train", "val")},
+                        world.size, device)
+    quiet = None if world.is_main else (lambda m: None)
+    state = TS.load(fp, warn=quiet, note=quiet, clean=world.is_main)
+    if not D.all_equal(state["epoch"] if state else 0, world, device):
+        log(f"train: ignoring {TS.STATE_FILE}: the processes do not all see the same state "
+            "(not on a shared disk?); training from scratch", file=sys.stderr, flush=True)
+        state = None
+    if state is not None:
+        model.load_state_dict(state["model"])
+
     step = make_step(model, n_frozen, world, device, scale)
     amp = amp_dtype(scale["amp"], device)
     scaler = torch.amp.GradScaler("cuda") if amp == torch.float16 else None
@@ -213,16 +239,13 @@ def run(cfg: dict, scale: dict, world: D.World, device: torch.device) -> None:
     loss_fn = FocalLoss(cfg["focal_alpha"], cfg["focal_gamma"])
     stopper = EarlyStopping(cfg["patience"])
     loader_cfg = {**cfg, "pin_memory": scale["pin_memory"]}
-    if world.distributed:
-        sampler = DistributedSampler(train_ds, world.size, world.rank, shuffle=True,
-                                     seed=cfg["seed"])
-        train_loader = make_loader(train_ds, loader_cfg, False, None, device, sampler)
-        val_part = Subset(val_ds, D.shard_indices(len(val_ds), world))
-        val_loader = make_loader(val_part, loader_cfg, False, None, device)
-    else:
-        sampler = None
-        train_loader = make_loader(train_ds, loader_cfg, True, gen, device)
-        val_loader = make_loader(val_ds, loader_cfg, False, None, device)
+    # One process is a world of one: the same seeded order, reshuffled each epoch.
+    sampler = EpochIndices(DistributedSampler(train_ds, world.size, world.rank, shuffle=True,
+                                              seed=cfg["seed"]))
+    train_loader = make_loader(EpochSeeded(train_ds, cfg["seed"]), loader_cfg, False, None,
+                               device, sampler)
+    val_part = Subset(val_ds, D.shard_indices(len(val_ds), world)) if world.distributed else val_ds
+    val_loader = make_loader(val_part, loader_cfg, False, None, device)
     log(f"train: {cfg['arch']} on {device}, {len(train_ds)} train / {len(val_ds)} val crops, "
         f"{size} px, classes {train_ds.classes}, trainable {cfg['trainable']}"
         + (f", {world.size} processes" if world.distributed else ""), flush=True)
@@ -230,46 +253,93 @@ def run(cfg: dict, scale: dict, world: D.World, device: torch.device) -> None:
     meta = {"arch": cfg["arch"], "classes": train_ds.classes, "image_size": size, "mean": mean,
             "std": std, "dropout": cfg["dropout"], "params": cfg}
     best: dict = {}
-    started = time.perf_counter()
+    best_weights: dict | None = None
+    history: list[dict] = []
+    done, last = 0, cfg["epochs"]
+    if state is not None:
+        optimizer.load_state_dict(state["optimizer"])
+        scheduler.load_state_dict(state["scheduler"])
+        if scaler is not None and state["scaler"] is not None:
+            scaler.load_state_dict(state["scaler"])
+        stopper.best, stopper.bad_epochs = state["stopper"]["best"], state["stopper"]["bad_epochs"]
+        best, history, done = state["best"], state["history"], state["epoch"]
+        best_weights = state["best_model"] or {
+            k: v.clone(memory_format=torch.contiguous_format) for k, v in state["model"].items()}
+        if state["finished"]:
+            last = done
+            log(f"train: {TS.STATE_FILE}: this run finished training after epoch {done}; "
+                "writing its outputs without training", flush=True)
+        else:
+            log(f"train: resuming from {TS.STATE_FILE} after epoch {done} of {cfg['epochs']}",
+                flush=True)
+        TS.set_rng_state(state["rng"][world.rank], device)  # last: nothing may draw after it
+    started = time.perf_counter() - (state["seconds"] if state is not None else 0.0)
     # Only rank 0 writes; every rank sees the same reduced val loss, so all stop together.
     live = open_live() if world.is_main else None
+    if live is not None:
+        for record in history:  # the epochs before a resume: the same plots as one run
+            for name, value in record.items():
+                live.log_metric(name, value, plot=True)
+            live.next_step()
     with atomic_dir(MODEL_DIR) if world.is_main else contextlib.nullcontext() as out:
-        for epoch in range(1, cfg["epochs"] + 1):
+        for epoch in range(done + 1, last + 1):
             lr = optimizer.param_groups[0]["lr"]
-            if sampler is not None:
-                sampler.set_epoch(epoch)  # a new shuffle each epoch, the same on every rank
+            sampler.set_epoch(epoch)  # a new shuffle each epoch, the same on every rank
             tr_loss, tr_acc = train_one_epoch(model, step, train_loader, loss_fn, optimizer,
                                               device, cfg["trainable"], world, amp, scaler)
             D.sync_buffers(model, world)
             va_loss, va_acc = validate(model, val_loader, loss_fn, device, world)
-            log(f"[{epoch:02d}] train: [Loss: {tr_loss:.4f}, Acc: {tr_acc:.4f}] | "
-                f"eval: [Loss: {va_loss:.4f}, Acc: {va_acc:.4f}]", flush=True)
+            record = {"train/loss": tr_loss, "train/acc": tr_acc, "val/loss": va_loss,
+                      "val/acc": va_acc, "lr": lr}
+            history.append(record)
             if live is not None:
-                for name, value in [("train/loss", tr_loss), ("train/acc", tr_acc),
-                                    ("val/loss", va_loss), ("val/acc", va_acc), ("lr", lr)]:
+                for name, value in record.items():
                     live.log_metric(name, value, plot=True)
                 live.next_step()
             if stopper.step(va_loss):
                 best = {"best_epoch": epoch, "best_val_loss": va_loss, "best_val_acc": va_acc,
                         "train_loss": tr_loss, "train_acc": tr_acc}
-                if world.is_main:
-                    save_checkpoint(out / "best.pt", model, {
-                        **meta, "epoch": epoch, "val_loss": va_loss, "val_acc": va_acc})
+                best_weights = snapshot(model) if world.is_main else None
             scheduler.step()
+            done = epoch
+            # Every rank's RNG states, after everything this epoch drew: the next one's start.
+            rngs = D.gather_to_main(TS.rng_state(device), world)
+            if world.is_main:
+                TS.save({
+                    "fingerprint": fp, "finished": stopper.should_stop or epoch == last,
+                    "epoch": epoch, "model": {k: v.detach().cpu()
+                                              for k, v in model.state_dict().items()},
+                    "optimizer": optimizer.state_dict(), "scheduler": scheduler.state_dict(),
+                    "scaler": scaler.state_dict() if scaler is not None else None,
+                    "stopper": {"best": stopper.best, "bad_epochs": stopper.bad_epochs},
+                    "best": best, "history": history, "rng": rngs,
+                    # the best epoch's weights, unless they are this epoch's ("model")
+                    "best_model": None if best.get("best_epoch") == epoch else best_weights,
+                    "seconds": time.perf_counter() - started,
+                })
+            # printed once the epoch is safe in data/train_state: a kill after it loses nothing
+            log(f"[{epoch:02d}] train: [Loss: {tr_loss:.4f}, Acc: {tr_acc:.4f}] | "
+                f"eval: [Loss: {va_loss:.4f}, Acc: {va_acc:.4f}]", flush=True)
             if stopper.should_stop:
                 log(f"early stop: no val-loss improvement in {cfg['patience']} epochs", flush=True)
                 break
         seconds = time.perf_counter() - started
+        if world.is_main:
+            save_checkpoint(out / "best.pt", best_weights, {
+                **meta, "epoch": best["best_epoch"], "val_loss": best["best_val_loss"],
+                "val_acc": best["best_val_acc"]})
     if not world.is_main:
         return
     live.end()
     write_json(METRICS_FILE, {
-        **best, "epochs_run": epoch, "stopped_early": stopper.should_stop,
+        **best, "epochs_run": done, "stopped_early": stopper.should_stop,
         "train_seconds": round(seconds, 1),
-        "train_images_per_s": round(len(train_ds) * epoch / seconds, 1),
+        "train_images_per_s": round(len(train_ds) * done / seconds, 1),
         "device": device.type, "processes": world.size,
         "amp": str(amp).replace("torch.", "") if amp else "off",
     })
+    # The outputs are in place: keep only a marker (DVC caches this out; kilobytes, not weights).
+    TS.save_finished(fp, done)
     log(f"best epoch {best['best_epoch']}: val loss {best['best_val_loss']:.4f}, "
         f"val acc {best['best_val_acc']:.4f} -> {MODEL_DIR / 'best.pt'}")
 

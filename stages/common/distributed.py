@@ -46,7 +46,25 @@ def relaunch_with_torchrun(module: str, nproc: int) -> int:
     cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone",
            f"--nproc_per_node={nproc}", "-m", module]
     print(f"launching {nproc} processes: {' '.join(cmd[1:])}", flush=True)
-    return subprocess.run(cmd).returncode
+    return subprocess.run(cmd, preexec_fn=die_with_parent).returncode
+
+
+def die_with_parent() -> None:
+    """Linux: SIGKILL this process when its parent dies. torchrun starts each worker in a session
+    of its own, so a killed launcher (``kill -9`` of ``dvc repro``) would otherwise leave the
+    workers training on, writing the outputs and data/train_state under a resumed run's feet."""
+    if not sys.platform.startswith("linux"):
+        return
+    import ctypes
+    import signal
+
+    parent = os.getppid()
+    try:
+        ctypes.CDLL(None, use_errno=True).prctl(1, signal.SIGKILL)  # 1: PR_SET_PDEATHSIG
+    except (OSError, AttributeError):
+        return
+    if os.getppid() != parent:  # the parent died before prctl took effect
+        os.kill(os.getpid(), signal.SIGKILL)
 
 
 def init(device: torch.device) -> tuple[World, torch.device]:
@@ -56,6 +74,7 @@ def init(device: torch.device) -> tuple[World, torch.device]:
     if device.type not in ("cuda", "cpu"):
         raise StageError(f"distributed training runs on cuda or cpu, not {device.type}; "
                          "set train.device")
+    die_with_parent()  # with torchrun's agent, which dies with our launcher
     world = World(int(os.environ["RANK"]), int(os.environ["LOCAL_RANK"]),
                   int(os.environ["WORLD_SIZE"]))
     if device.type == "cuda":
@@ -95,3 +114,21 @@ def shard_indices(n: int, world: World) -> list[int]:
     """Rank r's share of n val items: every world.size-th from r. Unlike DistributedSampler it
     pads nothing, so summed over ranks every item counts exactly once."""
     return list(range(world.rank, n, world.size))
+
+
+def all_equal(value: int, world: World, device: torch.device) -> bool:
+    """Whether every process holds the same integer (e.g. the epoch it would resume from)."""
+    if not world.distributed:
+        return True
+    t = torch.tensor([value, -value], dtype=torch.int64, device=device)
+    dist.all_reduce(t, op=dist.ReduceOp.MAX)
+    return t[0].item() == -t[1].item()
+
+
+def gather_to_main(obj, world: World) -> list | None:
+    """Every rank's ``obj`` on rank 0 (a list by rank), None elsewhere; ``[obj]`` alone."""
+    if not world.distributed:
+        return [obj]
+    out = [None] * world.size if world.is_main else None
+    dist.gather_object(obj, out, dst=0)
+    return out

@@ -136,10 +136,13 @@ def forward(model: nn.Module, x: torch.Tensor, n_frozen: int = 0) -> torch.Tenso
     return x
 
 
-def save_checkpoint(path: str | Path, model: nn.Module, meta: dict[str, Any]) -> None:
+def save_checkpoint(path: str | Path, model: nn.Module | dict[str, torch.Tensor],
+                    meta: dict[str, Any]) -> None:
+    """``model``: the module, or a state dict of it (the train stage keeps its best epoch's)."""
     from stages.common.atomic import atomic_file
 
-    state = {k: v.detach().cpu().contiguous() for k, v in model.state_dict().items()}
+    weights = model if isinstance(model, dict) else model.state_dict()
+    state = {k: v.detach().cpu().contiguous() for k, v in weights.items()}
     with atomic_file(path, "wb") as f:
         torch.save({"format": CHECKPOINT_FORMAT, **meta, "model_state": state}, f)
 

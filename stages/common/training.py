@@ -1,6 +1,7 @@
 """Training pieces of the report's recipe: focal loss, cosine schedule, early stopping, seeding."""
 from __future__ import annotations
 
+import hashlib
 import os
 import random
 
@@ -8,6 +9,7 @@ import numpy as np
 import torch
 from torch import nn
 from torch.nn import functional as F
+from torch.utils.data import Dataset
 
 
 class FocalLoss(nn.Module):
@@ -69,3 +71,50 @@ def seed_worker(worker_id: int) -> None:
     seed = torch.initial_seed() % 2**32
     np.random.seed(seed)
     random.seed(seed)
+
+
+def derived_seed(*keys: int) -> int:
+    """A 63-bit seed from integers such as (seed, epoch, index), well mixed (blake2b)."""
+    text = "/".join(str(int(k)) for k in keys).encode()
+    return int.from_bytes(hashlib.blake2b(text, digest_size=8).digest(), "little") >> 1
+
+
+class EpochSeeded(Dataset):
+    """A dataset whose random augmentation is a function of (seed, epoch, index) alone.
+
+    Indices are ``(epoch, index)`` pairs (see :class:`EpochIndices`); each item's transform runs on
+    torch's CPU generator seeded from them and restored after, so the draws depend neither on the
+    data-loader workers (persistent or not, how many) nor on what ran before: a resumed run
+    augments exactly as an uninterrupted one, and the main process's RNG (dropout) is untouched.
+    """
+
+    def __init__(self, dataset: Dataset, seed: int) -> None:
+        self.dataset = dataset
+        self.seed = seed
+
+    def __len__(self) -> int:
+        return len(self.dataset)  # type: ignore[arg-type]
+
+    def __getitem__(self, key: tuple[int, int]):
+        epoch, index = key
+        with torch.random.fork_rng(devices=[]):
+            torch.default_generator.manual_seed(derived_seed(self.seed, epoch, index))
+            return self.dataset[index]
+
+
+class EpochIndices(torch.utils.data.Sampler):
+    """Wrap a sampler with ``set_epoch`` (DistributedSampler): yield ``(epoch, index)`` pairs."""
+
+    def __init__(self, sampler) -> None:
+        self.sampler = sampler
+        self.epoch = 0
+
+    def set_epoch(self, epoch: int) -> None:
+        self.epoch = epoch
+        self.sampler.set_epoch(epoch)
+
+    def __len__(self) -> int:
+        return len(self.sampler)
+
+    def __iter__(self):
+        return ((self.epoch, i) for i in self.sampler)

@@ -1,0 +1,324 @@
+"""Crash safety of the train stage: a run killed with SIGKILL resumes from data/train_state.
+
+The stage prints an epoch's ``[NN] train:`` line only once that epoch's state is on disk, so the
+test kills the process (and its whole process group: data-loader workers too, as a crash would)
+the moment it reads that line. The resumed run must end with the same checkpoint bytes, the same
+metrics/train.json (timing fields aside) and the same DVCLive plots as an uninterrupted run.
+"""
+import io
+import json
+import os
+import pickle
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import cv2
+import numpy as np
+import pytest
+import torch
+import yaml
+
+from stages.common import train_state as TS
+
+ROOT = Path(__file__).resolve().parents[1]
+COLOURS = {"animal": (40, 160, 40), "object": (160, 40, 40), "person": (40, 40, 160)}  # BGR
+EPOCHS, PATIENCE, KILL_AFTER = 5, 2, 2  # best epoch 1, early stop after epoch 3
+TIMING = {"train_seconds", "train_images_per_s"}
+RUN_TIMEOUT_S = 180
+
+
+def _make_project(root: Path, val_against_train: bool = True, **train) -> Path:
+    """A tiny split (same bytes every call) and params for it; ``train`` overrides train.*.
+
+    ``val_against_train``: each val class wears another class's colour, so the val loss rises as
+    the model learns: the best epoch is the first, and early stopping ends the run. A resumed run
+    then has to take the best weights and the early-stopping counters from the state."""
+    rng = np.random.default_rng(0)
+    labels = list(COLOURS)
+    for split, n in [("train", 8), ("val", 4)]:
+        for i_label, label in enumerate(labels):
+            colour = COLOURS[labels[(i_label + 1) % 3]
+                             if split == "val" and val_against_train else label]
+            folder = root / "data/split" / split / label
+            folder.mkdir(parents=True)
+            for i in range(n):
+                noise = rng.integers(-60, 60, (32, 32, 3))
+                img = np.clip(np.array(colour) + noise, 0, 255).astype(np.uint8)
+                cv2.imwrite(str(folder / f"{i}.png"), img)
+    params = yaml.safe_load((ROOT / "params.yaml").read_text())
+    # BatchNorm trains in layer4, dropout 0.3 before fc: every kind of state a resume must restore
+    params["model"].update(arch="resnet18", weights="none", trainable=["layer4", "fc"])
+    params["train"].update({"epochs": EPOCHS, "batch_size": 8, "num_workers": 1, "device": "cpu",
+                            "nproc": 1, "patience": PATIENCE, **train})
+    (root / "params.yaml").write_text(yaml.safe_dump(params, sort_keys=False))
+    return root
+
+
+def _env() -> dict:
+    # One thread per run: two runs share 2 cores below, and oversubscribed CPU threads make a
+    # run several times slower. Both runs a test compares use the same setting.
+    return {"OMP_NUM_THREADS": "1", **os.environ, "PYTHONPATH": str(ROOT),
+            "DVC_NO_ANALYTICS": "1"}
+
+
+def _run(root: Path) -> subprocess.CompletedProcess:
+    proc = subprocess.run([sys.executable, "-m", "stages.train"], cwd=root, env=_env(),
+                          capture_output=True, text=True, timeout=RUN_TIMEOUT_S)
+    assert proc.returncode == 0, f"train exited {proc.returncode}:\n{proc.stderr[-3000:]}"
+    return proc
+
+
+def _run_and_kill_after(root: Path, epoch: int) -> tuple[str, str]:
+    """Start the stage; SIGKILL it (and its workers) as soon as epoch ``epoch``'s line is out.
+    Returns (stdout, stderr) up to the kill."""
+    proc = subprocess.Popen([sys.executable, "-m", "stages.train"], cwd=root, env=_env(),
+                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+                            start_new_session=True)
+    out = []
+    deadline = time.monotonic() + RUN_TIMEOUT_S
+    try:
+        for line in proc.stdout:
+            out.append(line)
+            if line.startswith(f"[{epoch:02d}] train:"):
+                os.killpg(proc.pid, signal.SIGKILL)
+                break
+            assert time.monotonic() < deadline, "no epoch line in time"
+    finally:
+        if proc.poll() is None:
+            os.killpg(proc.pid, signal.SIGKILL)
+        proc.wait(timeout=30)
+    err = proc.stderr.read()
+    proc.stdout.close()
+    proc.stderr.close()
+    assert proc.returncode == -signal.SIGKILL, f"not killed ({proc.returncode}):\n{err[-3000:]}"
+    return "".join(out), err
+
+
+def _state(root: Path) -> dict:
+    return torch.load(root / TS.STATE_FILE, map_location="cpu", weights_only=True)
+
+
+def _metrics(root: Path) -> dict:
+    metrics = json.loads((root / "metrics/train.json").read_text())
+    return {k: v for k, v in metrics.items() if k not in TIMING}
+
+
+def _plots(root: Path) -> dict:
+    live = root / "plots/train"
+    return {p.relative_to(live).as_posix(): p.read_bytes()
+            for p in sorted(live.rglob("*")) if p.is_file()}
+
+
+@pytest.fixture(scope="module")
+def runs(tmp_path_factory):
+    """Side by side: an uninterrupted run, and one killed right after epoch KILL_AFTER's state
+    was written (with a copy of that state)."""
+    ref = _make_project(tmp_path_factory.mktemp("uninterrupted"))
+    root = _make_project(tmp_path_factory.mktemp("killed"))
+    proc = subprocess.Popen([sys.executable, "-m", "stages.train"], cwd=ref, env=_env(),
+                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    try:
+        out, _ = _run_and_kill_after(root, KILL_AFTER)
+    finally:
+        ref_out, ref_err = proc.communicate(timeout=RUN_TIMEOUT_S)
+    assert proc.returncode == 0, f"train exited {proc.returncode}:\n{ref_err[-3000:]}"
+    return {"reference": (ref, ref_out), "killed": (root, out),
+            "state": (root / TS.STATE_FILE).read_bytes()}
+
+
+@pytest.fixture(scope="module")
+def reference(runs):
+    return runs["reference"]
+
+
+@pytest.fixture(scope="module")
+def killed(runs):
+    return (*runs["killed"], runs["state"])
+
+
+def test_killed_run_resumes_to_the_checkpoint_metrics_and_plots_of_an_uninterrupted_one(
+        reference, killed):
+    ref, ref_out = reference
+    root, out, _ = killed
+    state = _state(root)
+    assert state["epoch"] == KILL_AFTER and not state["finished"]
+    assert len(state["history"]) == KILL_AFTER
+    assert not (root / "data/model/best.pt").exists()  # the kill left no output
+
+    resumed = _run(root)
+    assert f"resuming from {TS.STATE_FILE} after epoch {KILL_AFTER} of {EPOCHS}" in resumed.stdout
+    assert "[01] train:" not in resumed.stdout and "[03] train:" in resumed.stdout
+    # each epoch's line is the one the uninterrupted run printed
+    ref_lines = [ln for ln in ref_out.splitlines() if ln.startswith("[")]
+    got = [ln for ln in (out + resumed.stdout).splitlines() if ln.startswith("[")]
+    assert got == ref_lines
+
+    # the same checkpoint, byte for byte (torch.save of equal tensors and metadata is)
+    assert (root / "data/model/best.pt").read_bytes() == (ref / "data/model/best.pt").read_bytes()
+    assert _metrics(root) == _metrics(ref)
+    # what the data is built for: the checkpoint is the state's best epoch, and the counters
+    # restored from the state stop the run where they stopped the uninterrupted one
+    assert _metrics(ref)["best_epoch"] == 1 and _metrics(ref)["stopped_early"]
+    assert _metrics(ref)["epochs_run"] == 1 + PATIENCE
+    assert _plots(root) == _plots(ref)
+    # once the outputs are in place the state is a few-KB finished marker, as after the reference
+    marker = _state(root)
+    assert marker["finished"] and "model" not in marker and marker["epoch"] == 1 + PATIENCE
+    assert (root / TS.STATE_FILE).stat().st_size < 100_000
+    assert marker["fingerprint"] == _state(ref)["fingerprint"]
+
+
+def test_changed_param_ignores_the_old_state(killed, tmp_path):
+    _, _, state_bytes = killed
+    root = _make_project(tmp_path, lr=0.002)
+    (root / TS.STATE_FILE).parent.mkdir(parents=True)
+    (root / TS.STATE_FILE).write_bytes(state_bytes)
+    out, err = _run_and_kill_after(root, 1)
+    lines = [ln for ln in err.splitlines() if str(TS.STATE_FILE) in ln]
+    assert lines == [f"train: ignoring {TS.STATE_FILE}: it was written with other params "
+                     "(train.lr: 0.001 -> 0.002); training from scratch"]
+    assert "resuming" not in out and "[01] train:" in out
+    state = _state(root)  # the new run's own state replaced it
+    assert state["epoch"] == 1 and state["fingerprint"]["params"]["lr"] == 0.002
+
+
+def test_corrupt_state_is_reported_and_training_starts_from_scratch(killed, tmp_path):
+    _, _, state_bytes = killed
+    root = _make_project(tmp_path)
+    (root / TS.STATE_FILE).parent.mkdir(parents=True)
+    (root / TS.STATE_FILE).write_bytes(state_bytes[: len(state_bytes) // 2])  # truncated
+    out, err = _run_and_kill_after(root, 1)
+    lines = [ln for ln in err.splitlines() if str(TS.STATE_FILE) in ln]
+    assert len(lines) == 1, err
+    assert lines[0].startswith(f"train: ignoring {TS.STATE_FILE}: cannot load it (")
+    assert lines[0].endswith("; training from scratch")
+    assert "resuming" not in out and "[01] train:" in out
+    assert _state(root)["epoch"] == 1
+
+
+def test_state_of_a_finished_training_gives_its_outputs_without_training(killed, tmp_path):
+    """A kill after the last epoch's state but before the outputs were in place: the rerun
+    writes the outputs from the state (here: as if early stopping had ended the run at
+    KILL_AFTER), training nothing."""
+    _, _, state_bytes = killed
+    root = _make_project(tmp_path)
+    state = torch.load(io.BytesIO(state_bytes), weights_only=True)
+    state["finished"] = True
+    TS.save({k: v for k, v in state.items() if k != "format"}, root / TS.STATE_FILE)
+    proc = _run(root)
+    assert (f"{TS.STATE_FILE}: this run finished training after epoch {KILL_AFTER}; "
+            "writing its outputs without training") in proc.stdout
+    assert "] train: [" not in proc.stdout
+    ckpt = torch.load(root / "data/model/best.pt", weights_only=True)
+    assert ckpt["epoch"] == state["best"]["best_epoch"] == 1
+    assert all(torch.equal(ckpt["model_state"][k], v) for k, v in state["best_model"].items())
+    metrics = json.loads((root / "metrics/train.json").read_text())
+    assert metrics["epochs_run"] == KILL_AFTER and metrics["best_epoch"] == 1
+    assert len((root / "plots/train/plots/metrics/val/loss.tsv").read_text().splitlines()) == \
+        1 + KILL_AFTER  # header + one row per epoch, rebuilt from the history
+    assert _state(root)["finished"] and "model" not in _state(root)
+
+
+# ----- the state file itself, in process (fast) ------------------------------------------------
+
+def _fp(root: Path, **params) -> dict:
+    return TS.fingerprint({"seed": 42, "arch": "resnet18", "lr": 0.001, **params},
+                          {s: root / "data/split" / s for s in ("train", "val")}, 1,
+                          torch.device("cpu"))
+
+
+class _Payload:
+    def __reduce__(self):
+        return (print, ("pickled code ran",))
+
+
+@pytest.mark.parametrize("content", ["garbage", "pickled", "empty", "other-format"])
+def test_unloadable_state_is_one_stderr_line_and_ignored(tmp_path, capsys, content):
+    _make_project(tmp_path)
+    path = tmp_path / "state.pt"
+    if content == "garbage":
+        path.write_bytes(b"\x00not a torch file" * 100)
+    elif content == "pickled":  # weights_only refuses it: no code from the file ever runs
+        torch.save({"format": TS.FORMAT, "fingerprint": _Payload()}, path, pickle_module=pickle)
+    elif content == "empty":
+        path.write_bytes(b"")
+    else:
+        torch.save({"format": TS.FORMAT + 1, "fingerprint": {}}, path)
+    assert TS.load(_fp(tmp_path), path) is None
+    captured = capsys.readouterr()
+    assert "pickled code ran" not in captured.out
+    assert captured.out == "" and len(captured.err.splitlines()) == 1
+    assert captured.err.startswith(f"train: ignoring {path}: ")
+
+
+def test_changed_data_or_code_is_named(tmp_path, monkeypatch):
+    _make_project(tmp_path)
+    fp = _fp(tmp_path)
+    assert TS.mismatch(fp, _fp(tmp_path)) is None
+    img = tmp_path / "data/split/val/person/0.png"
+    img.write_bytes(img.read_bytes() + b"\0")
+    assert TS.mismatch(fp, _fp(tmp_path)) == "the training data changed since (data/split/val)"
+    code = dict(fp, code={**fp["code"], "stages/train.py": "0" * 32})
+    assert TS.mismatch(code, fp) == "the train stage's code changed since (stages/train.py)"
+    assert TS.mismatch(fp, _fp(tmp_path, arch="resnet50", lr=0.01)) == (
+        "it was written with other params (model.arch: 'resnet18' -> 'resnet50', "
+        "train.lr: 0.001 -> 0.01)")
+
+
+def test_finished_marker_is_not_resumed_and_says_so(tmp_path, capsys):
+    _make_project(tmp_path)
+    path = tmp_path / "state.pt"
+    TS.save_finished(_fp(tmp_path), 4, path)
+    assert TS.load(_fp(tmp_path), path) is None
+    captured = capsys.readouterr()
+    assert captured.err == "" and "marks a finished run" in captured.out
+
+
+def test_rng_states_round_trip_through_a_weights_only_file(tmp_path):
+    import random
+
+    dev = torch.device("cpu")
+    torch.manual_seed(1), np.random.seed(2), random.seed(3)
+    TS.save({"rng": TS.rng_state(dev)}, tmp_path / "s.pt")
+    expected = torch.rand(3), np.random.rand(3), [random.random() for _ in range(3)]
+    torch.manual_seed(9), np.random.seed(9), random.seed(9)
+    TS.set_rng_state(torch.load(tmp_path / "s.pt", weights_only=True)["rng"], dev)
+    got = torch.rand(3), np.random.rand(3), [random.random() for _ in range(3)]
+    assert torch.equal(got[0], expected[0]) and np.array_equal(got[1], expected[1])
+    assert got[2] == expected[2]
+
+
+def _processes_in(root: Path) -> list[int]:
+    """Pids of live processes whose working directory is ``root`` (Linux /proc)."""
+    pids = []
+    for proc in Path("/proc").iterdir():
+        try:
+            if proc.name.isdigit() and Path(os.readlink(proc / "cwd")) == root:
+                pids.append(int(proc.name))
+        except OSError:
+            continue
+    return pids
+
+
+@pytest.mark.skipif(not sys.platform.startswith("linux"), reason="reads /proc")
+def test_two_processes_killed_leave_no_worker_and_all_ranks_resume(tmp_path):
+    """train.nproc: 2 relaunches under torchrun, which puts each worker in a session of its own;
+    killing the stage's process group must still stop them (they die with their parent), and on
+    the rerun every rank loads the state and continues from it."""
+    root = _make_project(tmp_path.resolve(), val_against_train=False, nproc=2, epochs=2,
+                         num_workers=0)
+    out, _ = _run_and_kill_after(root, 1)
+    deadline = time.monotonic() + 20
+    while _processes_in(root) and time.monotonic() < deadline:
+        time.sleep(0.2)
+    assert _processes_in(root) == [], "torchrun workers outlived the killed stage"
+    assert _state(root)["epoch"] == 1 and len(_state(root)["rng"]) == 2  # each rank's RNG
+
+    resumed = _run(root)
+    assert f"resuming from {TS.STATE_FILE} after epoch 1 of 2" in resumed.stdout
+    assert "[01] train:" not in resumed.stdout and resumed.stdout.count("[02] train:") == 1
+    assert json.loads((root / "metrics/train.json").read_text())["processes"] == 2
+    assert _state(root)["finished"]
