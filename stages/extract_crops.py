@@ -30,8 +30,13 @@ from __future__ import annotations
 
 import io
 import multiprocessing
+import os
 import sys
+import threading
+import time
 import warnings
+from concurrent.futures import ProcessPoolExecutor
+from concurrent.futures.process import BrokenProcessPool
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Iterable, Iterator
@@ -350,9 +355,25 @@ def make_tasks(frame: pd.DataFrame, on_disk: dict[str, Path], out_dir: Path,
             for image_id, boxes in sorted(per_image.items())]
 
 
-def _worker_init() -> None:
+def _worker_init(stage_pid: int) -> None:
     # Parallelism comes from the processes; OpenCV's own threads would only oversubscribe cores.
     cv2.setNumThreads(1)
+    # Die with the stage: killed alone (the OOM killer), it must not leave workers waiting for
+    # tasks forever and holding its stdout open (dvc repro would wait for them too).
+    threading.Thread(target=_exit_with, args=(stage_pid,), daemon=True).start()
+
+
+def _exit_with(pid: int) -> None:
+    """End this process within half a second of process ``pid`` (a fork server's children
+    outlive their parent, so a parent-death signal would not do)."""
+    while True:
+        time.sleep(0.5)
+        try:
+            os.kill(pid, 0)
+        except ProcessLookupError:
+            os._exit(1)
+        except PermissionError:  # the pid is someone else's now: the stage is gone
+            os._exit(1)
 
 
 def run_tasks(tasks: list[ImageTask], workers: int) -> Iterator[ImageResult]:
@@ -367,8 +388,19 @@ def run_tasks(tasks: list[ImageTask], workers: int) -> Iterator[ImageResult]:
     # forkserver, not fork: a process forked after OpenCV ran its thread pool (any caller that
     # resized an image first, e.g. the test suite) deadlocks in cv2.setNumThreads.
     context = multiprocessing.get_context("forkserver")
-    with context.Pool(workers, initializer=_worker_init) as pool:
-        yield from tqdm(pool.imap(process_image, tasks, chunksize=chunksize), **bar)
+    # ProcessPoolExecutor, not multiprocessing.Pool: when a worker is killed (SIGKILL, the
+    # out-of-memory killer), Pool never returns that worker's task and the stage hangs for good;
+    # the executor raises BrokenProcessPool and the stage fails, leaving no data/crops.
+    pool = ProcessPoolExecutor(workers, mp_context=context, initializer=_worker_init,
+                               initargs=(os.getpid(),))
+    try:
+        yield from tqdm(pool.map(process_image, tasks, chunksize=chunksize), **bar)
+    except BrokenProcessPool:
+        raise StageError("a crop worker process died (killed, e.g. by the out-of-memory "
+                         "killer); nothing was written to data/crops; run the stage again, "
+                         "with fewer crops.workers if memory is short") from None
+    finally:  # on an error, drop the queued tasks and wait for the running ones only
+        pool.shutdown(wait=True, cancel_futures=True)
 
 
 # ---------------------------------------------------------------------------------------------

@@ -49,3 +49,17 @@ def test_atomic_file_and_json(tmp_path):
             raise ValueError("interrupted")
     assert json.loads(path.read_text()) == {"a": [1, 2], "b": 1}
     assert sorted(p.name for p in path.parent.iterdir()) == ["eval.json"]
+
+
+def test_the_next_write_removes_what_a_sigkill_left(tmp_path):
+    # atomic_file killed inside its block: the temporary stays beside the file (no finally runs)
+    stale_file = tmp_path / ".train.json.tmp-12345"
+    stale_file.write_text('{"half": ')
+    # atomic_dir killed between its two renames: the previous output moved aside, never removed
+    stale_old = tmp_path / ".model.old-12345"
+    stale_old.mkdir()
+    (stale_old / "best.pt").write_text("old")
+    write_json(tmp_path / "train.json", {"a": 1})
+    with atomic_dir(tmp_path / "model") as tmp:
+        (tmp / "best.pt").write_text("new")
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["model", "train.json"]

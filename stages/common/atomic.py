@@ -25,9 +25,11 @@ def _remove(path: Path) -> None:
 
 
 def clean_stale(path: Path) -> None:
-    """Remove temporaries a killed earlier run left beside ``path``."""
-    for stale in path.parent.glob(f".{path.name}.tmp-*"):
-        _remove(stale)
+    """Remove what a killed earlier run left beside ``path``: its temporary, and the previous
+    output it had moved aside (a kill between atomic_dir's two renames)."""
+    for pattern in (f".{path.name}.tmp-*", f".{path.name}.old-*"):
+        for stale in path.parent.glob(pattern):
+            _remove(stale)
 
 
 @contextlib.contextmanager
@@ -56,6 +58,7 @@ def atomic_file(path: str | Path, mode: str = "w") -> Iterator[Any]:
     """Open a temporary file that replaces ``path`` when the block succeeds."""
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
+    clean_stale(path)  # a SIGKILL skips the cleanup below: e.g. metrics/.train.json.tmp-<pid>
     tmp = _tmp_sibling(path)
     try:
         with tmp.open(mode) as f:
