@@ -4,8 +4,11 @@
     python -m benchmarks.bench_extract_crops /tmp/oi-bench --size 224 --workers 2
 
 Measured side by side, in one run, on one Open Images-style folder:
-  floor     every picture decoded once with cv2.imread (full size), ``--workers`` processes;
-            its crops/s is the stage's number of crops divided by this time
+  floor     every picture decoded once with cv2.imread (full size), ``--workers`` processes,
+            timed inside this process; its crops/s is the stage's number of crops divided by
+            this time
+  floor_cmd the same decode as a whole command (``python -c``: interpreter start, ``import
+            cv2``, the pool, the decode), timed like the stage, which is a whole command too
   naive     the report's method: pandas iterrows over the wanted boxes, one cv2.imread per box,
             cut, letterbox, imwrite, one process (on the first ``--naive-images`` pictures)
   stage     ``python -m stages.extract_crops`` end to end (process start, CSV, planning,
@@ -49,6 +52,30 @@ def decode_floor(paths: list[str], workers: int) -> float:
     with multiprocessing.Pool(workers, initializer=_init) as pool:
         for _ in pool.imap_unordered(_decode, paths, chunksize=8):
             pass
+    return time.perf_counter() - started
+
+
+FLOOR_PROGRAM = """
+import multiprocessing, os, sys
+import cv2
+def init():
+    cv2.setNumThreads(1)
+def decode(path):
+    return cv2.imread(path, cv2.IMREAD_COLOR).shape[0]
+if __name__ == "__main__":
+    folder, workers = sys.argv[1], int(sys.argv[2])
+    paths = sorted(os.path.join(folder, n) for n in os.listdir(folder) if n.endswith(".jpg"))
+    with multiprocessing.Pool(workers, initializer=init) as pool:
+        for _ in pool.imap_unordered(decode, paths, chunksize=8):
+            pass
+"""
+
+
+def decode_floor_command(raw: Path, workers: int) -> float:
+    """The decode floor as a program of its own, timed from outside like the stage."""
+    started = time.perf_counter()
+    subprocess.run([sys.executable, "-c", FLOOR_PROGRAM, str(raw / openimages.DATA_DIR),
+                    str(workers)], check=True)
     return time.perf_counter() - started
 
 
@@ -123,17 +150,18 @@ def main() -> None:
         naive_n, naive_s = naive(args.raw, tmp / "naive", args.size, min_box_px, mids,
                                  args.naive_images)
         shutil.rmtree(tmp / "naive")
-        runs: dict[str, list[float]] = {"floor": [], "full": [], "reduced": []}
+        runs: dict[str, list[float]] = {"floor": [], "floor_cmd": [], "full": [], "reduced": []}
         for r in range(args.repeats):  # alternated: this machine's speed drifts from run to run
             runs["floor"].append(decode_floor(paths, args.workers))
+            runs["floor_cmd"].append(decode_floor_command(args.raw, args.workers))
             full_n, seconds = run_stage(args.raw, tmp / f"full{r}", args.size, args.workers,
                                         False)
             runs["full"].append(seconds)
             red_n, seconds = run_stage(args.raw, tmp / f"reduced{r}", args.size, args.workers,
                                        True)
             runs["reduced"].append(seconds)
-        floor_s, full_s, red_s = (statistics.median(runs[k]) for k in ("floor", "full",
-                                                                        "reduced"))
+        floor_s, cmd_s, full_s, red_s = (statistics.median(runs[k]) for k in (
+            "floor", "floor_cmd", "full", "reduced"))
         diff = crop_differences(tmp / "full0" / "data" / "crops",
                                 tmp / "reduced0" / "data" / "crops")
 
@@ -143,6 +171,7 @@ def main() -> None:
           f"median of {args.repeats} runs: " + ", ".join(
               f"{k} {' / '.join(f'{s:.1f}' for s in v)} s" for k, v in runs.items()))
     print(f"  decode floor (cv2.imread once each) {floor_s:7.1f} s  {rate['floor']:7.1f} crops/s")
+    print(f"  decode floor as a whole command     {cmd_s:7.1f} s  {full_n / cmd_s:7.1f} crops/s")
     print(f"  naive (iterrows, imread per box, 1 proc) {naive_n} crops in {naive_s:.1f} s  "
           f"{rate['naive']:7.1f} crops/s")
     print(f"  stage, reduced_decode false       {full_s:7.1f} s  {rate['full']:7.1f} crops/s")
@@ -150,7 +179,8 @@ def main() -> None:
     print(f"ratios: full/naive {rate['full'] / rate['naive']:.2f}x, "
           f"reduced/naive {rate['reduced'] / rate['naive']:.2f}x, "
           f"floor time / full time {floor_s / full_s:.2f} (full is {full_s / floor_s:.2f}x floor),"
-          f" reduced is {red_s / floor_s:.2f}x floor")
+          f" reduced is {red_s / floor_s:.2f}x floor; against the whole-command floor: full "
+          f"{full_s / cmd_s:.2f}x, reduced {red_s / cmd_s:.2f}x")
     changed = diff > 0
     print(f"reduced vs full decode: {int(changed.sum())} of {len(diff)} crops differ; "
           f"mean |diff| per crop (0-255): mean {diff.mean():.2f}, "

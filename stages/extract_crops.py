@@ -268,10 +268,14 @@ def image_problem(data: bytes, header: Header | None, max_pixels: int) -> str:
     if header.width * header.height > max_pixels:
         return "too_many_pixels"
     # A cut-off download still decodes (libjpeg pads the rest with grey) and would become
-    # crops of half a picture: require the end marker after the last scan / the PNG end chunk.
-    # Neither byte pair can occur inside JPEG entropy-coded data (0xFF is stuffed there).
-    if header.format == "JPEG" and data.rfind(b"\xff\xd9") <= data.rfind(b"\xff\xda"):
-        return "truncated"
+    # crops of half a picture: require an end-of-image marker with no scan after it, and the
+    # PNG end chunk. Neither JPEG marker can occur inside entropy-coded data (0xFF is stuffed
+    # there); an EXIF thumbnail's own markers come before the picture's first scan. Searched
+    # from the end, a complete file costs two short scans, not two passes over its bytes.
+    if header.format == "JPEG":
+        end = data.rfind(b"\xff\xd9")
+        if end < 0 or data.find(b"\xff\xda", end) >= 0:
+            return "truncated"
     if header.format == "PNG" and data.rfind(b"IEND") < 0:
         return "truncated"
     return ""
@@ -376,6 +380,18 @@ def _exit_with(pid: int) -> None:
             os._exit(1)
 
 
+def start_method() -> str:
+    """fork when this module is the program, else forkserver.
+
+    A process forked after OpenCV ran its thread pool deadlocks in cv2.setNumThreads, and any
+    caller may have resized an image first (the test suite does, a notebook would): forkserver
+    forks from a clean server instead. But the server imports this module again (about a
+    second, paid before the first picture); as the program (`python -m stages.extract_crops`)
+    this module never runs OpenCV before its pool starts, so plain fork is safe and immediate.
+    """
+    return "fork" if __name__ == "__main__" else "forkserver"
+
+
 def run_tasks(tasks: list[ImageTask], workers: int) -> Iterator[ImageResult]:
     """Results in task order, with a progress bar on stderr (shown on a terminal only)."""
     bar = dict(total=len(tasks), desc="extract_crops", unit="img", file=sys.stderr,
@@ -385,9 +401,7 @@ def run_tasks(tasks: list[ImageTask], workers: int) -> Iterator[ImageResult]:
         return
     # Small chunks keep the bar moving and the load even; larger ones cut pickling overhead.
     chunksize = max(1, min(32, len(tasks) // (workers * 16)))
-    # forkserver, not fork: a process forked after OpenCV ran its thread pool (any caller that
-    # resized an image first, e.g. the test suite) deadlocks in cv2.setNumThreads.
-    context = multiprocessing.get_context("forkserver")
+    context = multiprocessing.get_context(start_method())
     # ProcessPoolExecutor, not multiprocessing.Pool: when a worker is killed (SIGKILL, the
     # out-of-memory killer), Pool never returns that worker's task and the stage hangs for good;
     # the executor raises BrokenProcessPool and the stage fails, leaving no data/crops.

@@ -11,6 +11,7 @@ a torchrun you start yourself, e.g. across nodes. On CUDA, `train.amp`, `train.c
 from __future__ import annotations
 
 import contextlib
+import math
 import sys
 import time
 from functools import partial
@@ -30,7 +31,7 @@ from stages.common import schema
 from stages.common import train_state as TS
 from stages.common.atomic import atomic_dir, write_json
 from stages.common.inference import predict, to_device
-from stages.common.model import (ARCHS, IMAGENET_MEAN, IMAGENET_STD, build_model, forward,
+from stages.common.model import (IMAGENET_MEAN, IMAGENET_STD, build_model, forward,
                                  freeze, frozen_prefix, pick_device, save_checkpoint,
                                  set_train_mode)
 from stages.common.params import StageError
@@ -289,6 +290,10 @@ def run(cfg: dict, scale: dict, world: D.World, device: torch.device) -> None:
                                               device, cfg["trainable"], world, amp, scaler)
             D.sync_buffers(model, world)
             va_loss, va_acc = validate(model, val_loader, loss_fn, device, world)
+            if not (math.isfinite(tr_loss) and math.isfinite(va_loss)):
+                raise StageError(f"epoch {epoch}: the loss is not a number (train {tr_loss}, "
+                                 f"val {va_loss}): training diverged; lower train.lr "
+                                 f"(now {cfg['lr']})")
             record = {"train/loss": tr_loss, "train/acc": tr_acc, "val/loss": va_loss,
                       "val/acc": va_acc, "lr": lr}
             history.append(record)

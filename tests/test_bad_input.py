@@ -255,3 +255,21 @@ def test_unknown_or_bad_params_stop_every_stage_before_work(tmp_path, monkeypatc
     err = capsys.readouterr().err.strip().splitlines()
     assert err == ["error: params.yaml: train.lr=-1.0 is not allowed; expected a number > 0"]
     assert not (tmp_path / "data/crops").exists()
+
+
+def test_truncation_check_is_not_fooled_by_an_embedded_thumbnail():
+    """An EXIF thumbnail is a whole JPEG (with its own end marker) inside the header: a picture
+    cut off after it must still count as truncated, and the whole one as complete."""
+    main = jpeg(textured(300, 400, 3))
+    thumb = jpeg(textured(20, 30, 4))
+    payload = b"Exif\0\0" + thumb
+    app1 = b"\xff\xe1" + struct.pack(">H", len(payload) + 2) + payload
+    whole = main[:2] + app1 + main[2:]
+    header = extract_crops.read_header(whole)
+    assert header is not None and header.format == "JPEG"
+    assert extract_crops.image_problem(whole, header, 10**8) == ""
+    assert extract_crops.decode(whole) is not None
+    for cut in (0.5, 0.9, 0.999):
+        part = whole[: int(len(whole) * cut)]
+        assert extract_crops.image_problem(part, extract_crops.read_header(part), 10**8) \
+            == "truncated", cut

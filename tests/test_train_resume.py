@@ -322,3 +322,15 @@ def test_two_processes_killed_leave_no_worker_and_all_ranks_resume(tmp_path):
     assert "[01] train:" not in resumed.stdout and resumed.stdout.count("[02] train:") == 1
     assert json.loads((root / "metrics/train.json").read_text())["processes"] == 2
     assert _state(root)["finished"]
+
+
+def test_diverged_training_stops_with_one_line_naming_the_learning_rate(tmp_path):
+    """A learning rate that blows the weights up gives a NaN loss: the stage says so at that
+    epoch instead of failing later without a best epoch."""
+    root = _make_project(tmp_path, lr=1.0e30, weight_decay=0.0)
+    proc = subprocess.run([sys.executable, "-m", "stages.train"], cwd=root, env=_env(),
+                          capture_output=True, text=True, timeout=RUN_TIMEOUT_S)
+    assert proc.returncode == 2, proc.stderr[-2000:]
+    last = proc.stderr.strip().splitlines()[-1]
+    assert last.startswith("error: epoch 1: the loss is not a number") and "train.lr" in last
+    assert not (root / "data/model").exists()
