@@ -179,3 +179,33 @@ def test_detections_reader_and_box_rules_hold_on_hostile_rows(rows):
         assert all(math.isfinite(v) for v in (xmin, xmax, ymin, ymax))
         assert xmin < xmax and ymin < ymax
         assert -1e-6 <= min(xmin, ymin) and max(xmax, ymax) <= 1 + 1e-6
+
+
+@SLOW
+@given(h=st.integers(1, 160), w=st.integers(1, 160), mode=st.sampled_from(["RGB", "L", "CMYK"]),
+       subsampling=st.sampled_from([0, 1, 2]), progressive=st.booleans(),
+       quality=st.integers(5, 100), seed=st.integers(0, 999))
+def test_fast_jpeg_decode_gives_opencvs_pixels_or_declines(h, w, mode, subsampling, progressive,
+                                                            quality, seed):
+    """decode_jpeg (simplejpeg) must give exactly what OpenCV gives, or None (OpenCV then
+    decodes): the crops may not depend on which library decoded the picture."""
+    import io
+
+    from PIL import Image
+
+    smooth = cv2.resize(np.random.default_rng(seed).integers(0, 256, (4, 4, 3), dtype=np.uint8),
+                        (w, h), interpolation=cv2.INTER_CUBIC)
+    buf = io.BytesIO()
+    options = {"quality": quality, "progressive": progressive}
+    if mode != "L":
+        options["subsampling"] = subsampling
+    try:
+        Image.fromarray(smooth).convert(mode).save(buf, "JPEG", **options)
+    except OSError:  # PIL cannot write some tiny progressive pictures
+        return
+    data = buf.getvalue()
+    opencv = cv2.imdecode(np.frombuffer(data, np.uint8), extract_crops.READ_FLAGS[1])
+    fast = extract_crops.decode_jpeg(data)
+    if fast is not None:
+        assert fast.shape == opencv.shape and np.array_equal(fast, opencv)
+    assert np.array_equal(extract_crops.decode(data, jpeg=True), opencv)
