@@ -19,6 +19,7 @@ from stages import extract_crops
 from tests import paramfile
 from tests.test_crops import (MID, basic_dataset, box, read_manifest, run_stage, textured,
                               write_params, write_raw)
+from tests.test_reduced_decode import exif_rotated_jpeg
 
 
 def jpeg(img: np.ndarray, quality: int = 90) -> bytes:
@@ -122,9 +123,7 @@ def test_exif_orientation_is_ignored_because_boxes_refer_to_the_stored_picture(
     img = np.zeros((200, 300, 3), np.uint8)
     img[:, :150] = (0, 0, 230)
     img[:, 150:] = (230, 0, 0)
-    exif = Image.Exif()
-    exif[extract_crops.ORIENTATION_TAG] = 6
-    tagged = pil_bytes(Image.fromarray(img[..., ::-1]), "JPEG", quality=95, exif=exif.tobytes())
+    tagged = exif_rotated_jpeg(img)
     images, boxes = basic_dataset()
     images["tagged"] = tagged
     boxes.append(box("tagged", "Person", 0.02, 0.48, 0.05, 0.95))

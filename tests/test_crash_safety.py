@@ -66,7 +66,8 @@ import psutil
 import pytest
 import yaml
 
-ROOT = Path(__file__).resolve().parents[1]
+from tests.tiny_project import copy_project
+
 TINY = {  # as the end-to-end test: a few dozen pictures at 32 px, seconds per stage
     "data": {"sample": {"images": 48, "max_side": 160}},
     "crops": {"size": 32, "min_box_px": 12, "workers": 1},
@@ -175,24 +176,6 @@ if _SPEC:
 # ---------------------------------------------------------------------------------------------
 # A temporary git + DVC copy of the project.
 
-def _merge(base: dict, over: dict) -> dict:
-    for key, value in over.items():
-        if isinstance(value, dict) and isinstance(base.get(key), dict):
-            _merge(base[key], value)
-        else:
-            base[key] = value
-    return base
-
-
-def _project_files() -> list[str]:
-    """The files a clone of the repo has: tracked plus untracked-not-ignored."""
-    out = subprocess.run(["git", "ls-files", "--cached", "--others", "--exclude-standard"],
-                         cwd=ROOT, capture_output=True, text=True, check=True).stdout.split()
-    return [f for f in out if (ROOT / f).is_file() and not f.startswith(("tests/", "metrics/",
-                                                                         "plots/"))
-            and f != "dvc.lock"]
-
-
 def _outputs(repo: Path) -> dict[str, dict[str, bool]]:
     """{stage: {path: persist}}: every out and metric dvc.yaml declares for the stage."""
     stages = yaml.safe_load((repo / "dvc.yaml").read_text())["stages"]
@@ -268,12 +251,7 @@ def ref(tmp_path_factory):
     hook_dir.mkdir()
     (hook_dir / "sitecustomize.py").write_text(SITECUSTOMIZE)
     env = _env(hook_dir)
-    repo = base / "ref"
-    for rel in _project_files():
-        (repo / rel).parent.mkdir(parents=True, exist_ok=True)
-        shutil.copy2(ROOT / rel, repo / rel)
-    params = yaml.safe_load((repo / "params.yaml").read_text())
-    (repo / "params.yaml").write_text(yaml.safe_dump(_merge(params, TINY), sort_keys=False))
+    repo = copy_project(base / "ref", TINY)
     _run(repo, env, "git", "init", "-q", "-b", "main")
     _run(repo, env, "git", "add", "-A")
     _run(repo, env, "git", "commit", "-qm", "tiny pipeline")

@@ -15,11 +15,9 @@ import subprocess
 import sys
 from pathlib import Path
 
-import cv2
 import numpy as np
 import pytest
 import torch
-import yaml
 from torch.utils.data import DataLoader
 from torchvision.datasets import ImageFolder
 
@@ -28,32 +26,21 @@ from stages.common.distributed import World, shard_indices
 from stages.common.model import load_checkpoint
 from stages.common.training import FocalLoss
 from stages.common.transforms import eval_transform
+from tests import paramfile
+from tests.tiny_project import write_colour_split
 
 ROOT = Path(__file__).resolve().parents[1]
-COLOURS = {"animal": (40, 160, 40), "object": (160, 40, 40), "person": (40, 40, 160)}  # BGR
 N_VAL = 8  # per class
 ACC_TOL = 1 / (3 * N_VAL) + 1e-9  # one val crop
 RUN_TIMEOUT_S = 300
 
 
-def _write_split(root: Path, rng: np.random.Generator) -> None:
-    for split, n in [("train", 24), ("val", N_VAL)]:
-        for label, colour in COLOURS.items():
-            folder = root / "data/split" / split / label
-            folder.mkdir(parents=True)
-            for i in range(n):
-                noise = rng.integers(-40, 40, (32, 32, 3))
-                img = np.clip(np.array(colour) + noise, 0, 255).astype(np.uint8)
-                cv2.imwrite(str(folder / f"{i}.png"), img)
-
-
 def _run_stage(tmp: Path, nproc: int) -> subprocess.CompletedProcess:
-    params = yaml.safe_load((ROOT / "params.yaml").read_text())
     # the report's recipe: BatchNorm trains in layer4 (per-rank stats), frozen and fast below
-    params["model"].update(arch="resnet18", weights="none", trainable=["layer4", "fc"])
-    params["train"].update(epochs=3, batch_size=8, num_workers=0, device="cpu", nproc=nproc,
-                           patience=3)
-    (tmp / "params.yaml").write_text(yaml.safe_dump(params, sort_keys=False))
+    paramfile.write(tmp, {
+        "model": {"arch": "resnet18", "weights": "none", "trainable": ["layer4", "fc"]},
+        "train": {"epochs": 3, "batch_size": 8, "num_workers": 0, "device": "cpu",
+                  "nproc": nproc, "patience": 3}})
     env = {**os.environ, "PYTHONPATH": str(ROOT), "DVC_NO_ANALYTICS": "1"}
     proc = subprocess.run([sys.executable, "-m", "stages.train"], cwd=tmp, env=env,
                           capture_output=True, text=True, timeout=RUN_TIMEOUT_S)
@@ -67,7 +54,7 @@ def runs(tmp_path_factory):
     out = {}
     for nproc in (1, 2):
         tmp = tmp_path_factory.mktemp(f"nproc{nproc}")
-        _write_split(tmp, np.random.default_rng(0))
+        write_colour_split(tmp, np.random.default_rng(0), {"train": 24, "val": N_VAL}, 40)
         proc = _run_stage(tmp, nproc)
         metrics = json.loads((tmp / "metrics/train.json").read_text())
         out[nproc] = {"dir": tmp, "stdout": proc.stdout, "metrics": metrics}

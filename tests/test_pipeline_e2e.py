@@ -5,7 +5,6 @@ one test that shows the stages chain, cache and rerun as the README promises.
 """
 import json
 import os
-import shutil
 import subprocess
 import sys
 import time
@@ -15,9 +14,8 @@ from types import SimpleNamespace
 import pytest
 import yaml
 
-from tests import paramfile
+from tests.tiny_project import copy_project
 
-ROOT = Path(__file__).resolve().parents[1]
 QUEUE_TIMEOUT_S = 300
 TINY = {  # a few dozen pictures at 32 px: seconds per stage, every code path still taken
     "data": {"sample": {"images": 48, "max_side": 160}},
@@ -28,24 +26,10 @@ TINY = {  # a few dozen pictures at 32 px: seconds per stage, every code path st
 }
 
 
-def _project_files() -> list[str]:
-    """The files a clone of the repo has: tracked plus untracked-not-ignored."""
-    out = subprocess.run(["git", "ls-files", "--cached", "--others", "--exclude-standard"],
-                         cwd=ROOT, capture_output=True, text=True, check=True).stdout.split()
-    return [f for f in out if (ROOT / f).is_file() and not f.startswith(("tests/", "metrics/",
-                                                                         "plots/"))
-            and f != "dvc.lock"]
-
-
 @pytest.fixture(scope="module")
 def repo(tmp_path_factory):
     """A git copy of the project with tiny params, after its first `dvc repro`."""
-    path = tmp_path_factory.mktemp("e2e") / "repo"
-    for rel in _project_files():
-        (path / rel).parent.mkdir(parents=True, exist_ok=True)
-        shutil.copy2(ROOT / rel, path / rel)
-    params = yaml.safe_load((path / "params.yaml").read_text())
-    (path / "params.yaml").write_text(yaml.safe_dump(paramfile.merge(params, TINY), sort_keys=False))
+    path = copy_project(tmp_path_factory.mktemp("e2e") / "repo", TINY)
     env = dict(os.environ)
     env["PATH"] = f"{Path(sys.executable).parent}{os.pathsep}{env['PATH']}"
     env.update(GIT_AUTHOR_NAME="t", GIT_AUTHOR_EMAIL="t@t", GIT_COMMITTER_NAME="t",

@@ -15,16 +15,15 @@ import sys
 import time
 from pathlib import Path
 
-import cv2
 import numpy as np
 import pytest
 import torch
-import yaml
 
 from stages.common import train_state as TS
+from tests import paramfile
+from tests.tiny_project import COLOURS, write_colour_split
 
 ROOT = Path(__file__).resolve().parents[1]
-COLOURS = {"animal": (40, 160, 40), "object": (160, 40, 40), "person": (40, 40, 160)}  # BGR
 EPOCHS, PATIENCE, KILL_AFTER = 5, 2, 2  # best epoch 1, early stop after epoch 3
 TIMING = {"train_seconds", "train_images_per_s"}
 RUN_TIMEOUT_S = 180
@@ -36,24 +35,19 @@ def _make_project(root: Path, val_against_train: bool = True, **train) -> Path:
     ``val_against_train``: each val class wears another class's colour, so the val loss rises as
     the model learns: the best epoch is the first, and early stopping ends the run. A resumed run
     then has to take the best weights and the early-stopping counters from the state."""
-    rng = np.random.default_rng(0)
     labels = list(COLOURS)
-    for split, n in [("train", 8), ("val", 4)]:
-        for i_label, label in enumerate(labels):
-            colour = COLOURS[labels[(i_label + 1) % 3]
-                             if split == "val" and val_against_train else label]
-            folder = root / "data/split" / split / label
-            folder.mkdir(parents=True)
-            for i in range(n):
-                noise = rng.integers(-60, 60, (32, 32, 3))
-                img = np.clip(np.array(colour) + noise, 0, 255).astype(np.uint8)
-                cv2.imwrite(str(folder / f"{i}.png"), img)
-    params = yaml.safe_load((ROOT / "params.yaml").read_text())
+
+    def colour_of(split: str, label: str) -> tuple[int, int, int]:
+        if split == "val" and val_against_train:
+            return COLOURS[labels[(labels.index(label) + 1) % 3]]
+        return COLOURS[label]
+
+    write_colour_split(root, np.random.default_rng(0), {"train": 8, "val": 4}, 60, colour_of)
     # BatchNorm trains in layer4, dropout 0.3 before fc: every kind of state a resume must restore
-    params["model"].update(arch="resnet18", weights="none", trainable=["layer4", "fc"])
-    params["train"].update({"epochs": EPOCHS, "batch_size": 8, "num_workers": 1, "device": "cpu",
-                            "nproc": 1, "patience": PATIENCE, **train})
-    (root / "params.yaml").write_text(yaml.safe_dump(params, sort_keys=False))
+    paramfile.write(root, {
+        "model": {"arch": "resnet18", "weights": "none", "trainable": ["layer4", "fc"]},
+        "train": {"epochs": EPOCHS, "batch_size": 8, "num_workers": 1, "device": "cpu",
+                  "nproc": 1, "patience": PATIENCE, **train}})
     return root
 
 
