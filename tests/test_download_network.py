@@ -235,7 +235,8 @@ def test_silent_label_server_stops_the_stage_within_the_timeout(work: Path,
     err = one_error_line(result)
     assert "cannot get the class list" in err and "timed out" in err, err
     assert "data.zoo.timeout (1 s)" in err
-    assert elapsed(work) < 1 + 3, elapsed(work)             # measured 1.04 s
+    # measured 1.04 s; the slack is for a loaded CI machine (without the bound: for ever)
+    assert elapsed(work) < 1 + 9, elapsed(work)
     split = work / "zoo/open-images-v7/train"
     assert not (split / "metadata/classes.csv").exists()
     assert not [p for p in split.rglob("*") if p.is_file()], "partial or temporary files left"
@@ -267,7 +268,8 @@ def test_image_network_failure_stops_the_stage_within_a_bound(work: Path, silent
     assert "data.zoo.timeout (1 s)" in err, err
     # silent: 3 attempts of 1 s plus botocore's backoff (< 1 s, then < 2 s), measured 3.3 s;
     # stall: 2 attempts at the body, measured 2.3 s. FiftyOne's defaults: 3 to 5 minutes.
-    assert elapsed(work) < 3 * 1 + 3 + 2, elapsed(work)
+    # 10 s of slack for a loaded CI machine; still far below any default.
+    assert elapsed(work) < 3 * 1 + 3 + 10, elapsed(work)
     assert list(data.iterdir()) == [], "a partial image or a temporary was left"
     if failure == "stall":
         assert origin.image_gets(), "the stalled server was never asked for an image"
