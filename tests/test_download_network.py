@@ -8,6 +8,7 @@ say exactly what a run fetched.
 """
 from __future__ import annotations
 
+import base64
 import hashlib
 import http.server
 import json
@@ -107,21 +108,36 @@ class Handler(http.server.BaseHTTPRequestHandler):
         path = urlsplit(self.path).path
         with srv.lock:
             srv.counts[self.command, path] += 1
+            srv.ranges.append((path, self.headers.get("Range")))
         data = srv.files.get(path)
         if data is None:
             self.send_response(404)
             self.send_header("Content-Length", "0")
             self.end_headers()
             return
-        self.send_response(200)
-        self.send_header("Content-Length", str(len(data)))
-        self.send_header("ETag", f'"{hashlib.md5(data).hexdigest()}"')
+        etag = f'"{hashlib.md5(data).hexdigest()}"'
+        start = 0
+        asked = self.headers.get("Range", "")
+        if asked.startswith("bytes=") and self.headers.get("If-Range", etag) == etag:
+            start = int(asked[len("bytes="):].rstrip("-"))   # GCS honours ranges
+        self.send_response(206 if start else 200)
+        self.send_header("Content-Length", str(len(data) - start))
+        if start:
+            self.send_header("Content-Range", f"bytes {start}-{len(data) - 1}/{len(data)}")
+        self.send_header("ETag", etag)
         self.send_header("Last-Modified", "Mon, 01 Jan 2024 00:00:00 GMT")
+        md5 = base64.b64encode(hashlib.md5(data).digest()).decode()
+        self.send_header("x-goog-hash", f"crc32c=AAAAAA==, md5={md5}")
         self.end_headers()
         if not body:
             return
         if not path.startswith(BUCKET):
-            self.wfile.write(data)
+            if path in srv.cut_once:   # the connection breaks off after this many bytes
+                self.wfile.write(data[start:start + srv.cut_once.pop(path)])
+                self.wfile.flush()
+                self.close_connection = True
+                return
+            self.wfile.write(data[start:])
             return
         with srv.lock:
             srv.inflight += 1
@@ -150,6 +166,8 @@ class Origin(http.server.ThreadingHTTPServer):
         self.image_delay = image_delay
         self.stall_images = stall_images
         self.counts: Counter[tuple[str, str]] = Counter()
+        self.ranges: list[tuple[str, str | None]] = []   # (path, Range header) of each request
+        self.cut_once: dict[str, int] = {}               # label path -> bytes sent, once
         self.lock = threading.Lock()
         self.release = threading.Event()
         self.inflight = self.max_inflight = 0
@@ -351,6 +369,31 @@ def test_interrupted_download_resumes_and_ends_like_an_uninterrupted_one(tmp_pat
     assert tree_digest(resumed / "data/raw") == tree_digest(fresh / "data/raw")
 
 
+def test_box_file_cut_off_midway_is_resumed_by_the_next_run(work: Path) -> None:
+    """The connection breaks off in the middle of the box file: the stage stops with one line,
+    nothing appears under the final name, and the rerun asks for the rest only."""
+    files, wanted = open_images()
+    boxes = label_path("train/labels/detections.csv")
+    half = len(files[boxes]) // 2
+    origin = Origin(files)
+    origin.cut_once[boxes] = half
+    try:
+        write_params(work, source="open-images-v7", max_samples=8, shuffle=True, timeout=5)
+        err = one_error_line(run_stage(work, work / "zoo", origin.url))
+        assert "rerun to resume" in err, err
+        final = work / "zoo/open-images-v7/train/labels/detections.csv"
+        part, _ = zoo.partial_paths(final)
+        assert not final.exists() and part.read_bytes() == files[boxes][:half]
+        result = run_stage(work, work / "zoo", origin.url)
+    finally:
+        origin.stop()
+    assert result.returncode == 0, result.stderr
+    assert [r for p, r in origin.ranges if p == boxes] == [None, f"bytes={half}-"]
+    assert final.read_bytes() == files[boxes]
+    assert not part.exists()
+    assert len(origin.image_gets()) == 8
+
+
 # ---------------------------------------------------------------------------- workers
 
 def test_num_workers_is_how_many_images_download_at_once(work: Path) -> None:
@@ -370,8 +413,9 @@ def test_num_workers_is_how_many_images_download_at_once(work: Path) -> None:
 
 # ---------------------------------------------------------------------------- units
 
-def test_fetch_of_a_cut_off_body_leaves_nothing(tmp_path: Path) -> None:
-    """A server that closes the connection before Content-Length: an error, no file."""
+def test_fetch_of_a_cut_off_body_leaves_no_file(tmp_path: Path) -> None:
+    """A server that closes the connection before Content-Length: an error, no file under the
+    final name (a server that states no validators: the received bytes wait in .part)."""
     class Short(http.server.BaseHTTPRequestHandler):
         def log_message(self, *args: object) -> None:
             pass
@@ -391,7 +435,135 @@ def test_fetch_of_a_cut_off_body_leaves_nothing(tmp_path: Path) -> None:
     finally:
         srv.shutdown()
         srv.server_close()
-    assert list(target.parent.iterdir()) == []
+    assert not target.exists()
+    assert sorted(p.name for p in target.parent.iterdir()) == \
+        [".detections.csv.part", ".detections.csv.part.json"]
+
+
+BOXES = "/openimages/v7/oidv7-train-annotations-bbox.csv"
+
+
+def cut_then_resume(tmp_path: Path, files: dict[str, bytes], cut: int,
+                    change: bytes | None = None) -> tuple[Origin, Path, bytes]:
+    """Fetch BOXES through a connection that breaks off after ``cut`` bytes, then again (after
+    the object became ``change``, if given); return the server, the file and the bytes."""
+    origin = Origin(files)
+    origin.cut_once[BOXES] = cut
+    target = tmp_path / "labels/detections.csv"
+    url = origin.url + BOXES
+    try:
+        with pytest.raises(OSError, match="connection|Connection|IncompleteRead|ended"):
+            zoo.fetch(url, target, 5, quiet=True)
+        assert not target.exists()
+        part, meta = zoo.partial_paths(target)
+        assert part.read_bytes() == files[BOXES][:cut]
+        assert json.loads(meta.read_text())["bytes"] == len(files[BOXES])
+        if change is not None:
+            files[BOXES] = change
+        assert zoo.fetch(url, target, 5, quiet=True) == len(files[BOXES])
+    finally:
+        origin.stop()
+    assert sorted(p.name for p in target.parent.iterdir()) == ["detections.csv"]
+    return origin, target, files[BOXES]
+
+
+def test_cut_off_label_file_is_resumed_from_where_it_stopped(tmp_path: Path) -> None:
+    """The second call asks for the rest only (Range after the bytes kept, If-Range with the
+    ETag) and the file ends byte-identical, checked against the MD5 the server states."""
+    whole = bytes(range(256)) * 4000                       # 1 MB, not a multiple of a chunk
+    origin, target, expected = cut_then_resume(tmp_path, {BOXES: whole}, cut=300_001)
+    assert target.read_bytes() == whole
+    assert origin.ranges == [(BOXES, None), (BOXES, "bytes=300001-")]
+
+
+def test_changed_object_is_fetched_whole_again(tmp_path: Path) -> None:
+    """The object changed between the two calls: the server's If-Range check sends it whole
+    (200), and the stale partial bytes are not mixed in."""
+    whole = b"a,b,c\n" * 50_000
+    changed = b"x,y,z\n" * 60_000
+    origin, target, expected = cut_then_resume(tmp_path, {BOXES: whole}, cut=100_000,
+                                               change=changed)
+    assert target.read_bytes() == changed
+    assert origin.ranges == [(BOXES, None), (BOXES, "bytes=100000-")]
+
+
+def test_range_of_another_object_is_refused(tmp_path: Path) -> None:
+    """A server that ignores If-Range answers 206 with the range of a changed object: the
+    ETag and size differ from the partial's, so the file is fetched whole instead."""
+    whole = b"a,b,c\n" * 50_000
+    target = tmp_path / "labels/detections.csv"
+    part, meta = zoo.partial_paths(target)
+    target.parent.mkdir(parents=True)
+    part.write_bytes(whole[:1000])
+    meta.write_text(json.dumps({"url": "U", "bytes": len(whole), "etag": '"old"',
+                                "last_modified": None, "md5": None}))
+    origin = Origin({BOXES: whole})
+    url = origin.url + BOXES
+    meta.write_text(meta.read_text().replace('"U"', json.dumps(url)))
+    try:
+        assert zoo.fetch(url, target, 5, quiet=True) == len(whole)   # If-Range "old": 200
+    finally:
+        origin.stop()
+    assert target.read_bytes() == whole
+    assert origin.ranges == [(BOXES, "bytes=1000-")]
+
+    class NoIfRange:   # a 206 for a different object of another size
+        status_code = 206
+        headers = {"Content-Range": f"bytes 1000-{len(whole) + 9}/{len(whole) + 10}",
+                   "ETag": '"new"'}
+    assert not zoo.resumes(NoIfRange(), 1000, {"bytes": len(whole), "etag": '"old"'})
+    NoIfRange.headers = {"Content-Range": f"bytes 1000-{len(whole) - 1}/{len(whole)}",
+                         "ETag": '"new"'}
+    assert not zoo.resumes(NoIfRange(), 1000, {"bytes": len(whole), "etag": '"old"'})
+    assert zoo.resumes(NoIfRange(), 1000, {"bytes": len(whole), "etag": '"new"'})
+    assert not zoo.resumes(NoIfRange(), 999, {"bytes": len(whole), "etag": '"new"'})
+
+
+def test_bytes_whose_md5_differs_are_never_renamed_into_place(tmp_path: Path) -> None:
+    """A partial file whose kept bytes were damaged: the joined file's MD5 is not the one the
+    server states, so it is removed, nothing appears under the final name, and the next call
+    fetches the file whole."""
+    whole = bytes(range(256)) * 2000
+    origin = Origin({BOXES: whole})
+    origin.cut_once[BOXES] = 200_000
+    target = tmp_path / "labels/detections.csv"
+    url = origin.url + BOXES
+    part, meta = zoo.partial_paths(target)
+    try:
+        with pytest.raises(OSError):
+            zoo.fetch(url, target, 5, quiet=True)
+        damaged = bytearray(part.read_bytes())
+        damaged[1234] ^= 0xFF
+        part.write_bytes(bytes(damaged))
+        with pytest.raises(OSError, match="MD5"):
+            zoo.fetch(url, target, 5, quiet=True)
+        assert not target.exists() and not part.exists() and not meta.exists()
+        assert zoo.fetch(url, target, 5, quiet=True) == len(whole)
+    finally:
+        origin.stop()
+    assert target.read_bytes() == whole
+    assert [r for _, r in origin.ranges] == [None, "bytes=200000-", None]
+
+
+def test_partial_that_is_whole_is_renamed_without_the_network(tmp_path: Path) -> None:
+    """Killed between the last byte and the rename: the next call finishes it offline."""
+    whole = b"ImageID,LabelName\n" * 100
+    target = tmp_path / "labels/detections.csv"
+    part, meta = zoo.partial_paths(target)
+    target.parent.mkdir(parents=True)
+    part.write_bytes(whole)
+    meta.write_text(json.dumps({"url": "http://127.0.0.1:9/x", "bytes": len(whole),
+                                "md5": hashlib.md5(whole).hexdigest()}))
+    assert zoo.fetch("http://127.0.0.1:9/x", target, 1, quiet=True) == len(whole)
+    assert target.read_bytes() == whole and not part.exists() and not meta.exists()
+
+
+def test_goog_md5_reads_gcs_hash_header() -> None:
+    class R:
+        headers = {"x-goog-hash": "crc32c=n03x6A==, md5=Ojk9c3dhfxgoKVVHYwFbHQ=="}
+    assert zoo.goog_md5(R()) == base64.b64decode("Ojk9c3dhfxgoKVVHYwFbHQ==").hex()
+    R.headers = {"x-goog-hash": "crc32c=n03x6A=="}
+    assert zoo.goog_md5(R()) is None
 
 
 def test_record_decides_without_the_network_when_it_has_an_entry(

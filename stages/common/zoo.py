@@ -8,8 +8,11 @@ what :func:`patched` changes while the download stage runs it:
   with no timeout, so a server that stops answering hangs the run for ever; written in place
   under the final name; and any file that exists is taken as complete, so a download cut off
   midway leaves a truncated CSV that every later run trusts. Here they are fetched with
-  ``requests`` and ``timeout`` seconds for the connection and for each read, into a temporary
-  sibling renamed when the byte count matches Content-Length, and each finished file is entered
+  ``requests`` and ``timeout`` seconds for the connection and for each read, into a partial
+  sibling (``.<name>.part``) renamed when the byte count matches Content-Length and the MD5
+  matches the one Google Cloud Storage states; a transfer cut off midway keeps what arrived,
+  and the next run asks only for the rest (an HTTP range, appended only when the server answers
+  with that range of the same object); each finished file is entered
   in ``download-record.json`` (path, URL, bytes) in the zoo folder. A file on disk is complete
   when the record holds it at that size. One without an entry (a folder that FiftyOne filled by
   itself, or a run killed between the rename and the record) is compared with the server's
@@ -32,8 +35,10 @@ So a network that goes silent stops the stage within about ``S3_ATTEMPTS`` x ``t
 """
 from __future__ import annotations
 
+import base64
 import contextlib
 import functools
+import hashlib
 import json
 import logging
 import os
@@ -43,7 +48,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Callable, Iterator
 
-from stages.common.atomic import atomic_file, clean_stale, write_json
+from stages.common.atomic import clean_stale, write_json
 from stages.common.params import StageError
 
 RECORD = "download-record.json"
@@ -78,34 +83,159 @@ def content_length(response: Any) -> int | None:
         return None
 
 
+def partial_paths(path: Path) -> tuple[Path, Path]:
+    """Where the bytes of ``path`` received so far wait, and what they were received from."""
+    return path.with_name(f".{path.name}.part"), path.with_name(f".{path.name}.part.json")
+
+
+def drop_partial(path: Path) -> None:
+    for p in partial_paths(path):
+        p.unlink(missing_ok=True)
+
+
+def goog_md5(response: Any) -> str | None:
+    """The MD5 that Google Cloud Storage states for the whole object (``x-goog-hash``), in hex."""
+    for part in response.headers.get("x-goog-hash", "").split(","):
+        name, _, value = part.strip().partition("=")
+        if name == "md5" and value:
+            try:
+                return base64.b64decode(value + "=" * (-len(value) % 4), validate=True).hex()
+            except ValueError:
+                return None
+    return None
+
+
+def file_md5(path: Path) -> str:
+    digest = hashlib.md5()
+    with path.open("rb") as f:
+        for chunk in iter(lambda: f.read(CHUNK), b""):
+            digest.update(chunk)
+    return digest.hexdigest()
+
+
+def resumes(response: Any, have: int, meta: dict[str, Any]) -> bool:
+    """Is ``response`` (to ``Range: bytes=<have>-``) the rest of the object the partial file
+    began? Only a 206 for exactly that range of an object of the same size and validators."""
+    if response.status_code != 206:
+        return False
+    m = re.fullmatch(r"bytes (\d+)-(\d+)/(\d+)", response.headers.get("Content-Range", "").strip())
+    if not m or int(m[1]) != have or int(m[3]) != meta["bytes"] or int(m[2]) != meta["bytes"] - 1:
+        return False
+    stated = (("etag", response.headers.get("ETag")),
+              ("last_modified", response.headers.get("Last-Modified")),
+              ("md5", goog_md5(response)))
+    return all(meta.get(key) is None or value is None or meta[key] == value
+               for key, value in stated)
+
+
 def fetch(url: str, path: str | Path, timeout: float, quiet: bool = False) -> int:
-    """Download ``url`` to ``path`` atomically; return its size in bytes.
+    """Download ``url`` to ``path``; return its size in bytes. ``path`` appears only whole.
 
     ``timeout`` bounds the connection and every read (so a silent server fails in about that
-    long; a slow one that keeps sending is not cut off). A body shorter than Content-Length is
-    an error. On any error ``path`` is left as it was (absent) and the temporary is removed.
+    long; a slow one that keeps sending is not cut off). The bytes go to ``.<name>.part`` beside
+    ``path``, with what they came from (URL, size, ETag, Last-Modified, MD5) in
+    ``.<name>.part.json``; the file is renamed into place when its size is the server's
+    Content-Length and, where the server states one (Google Cloud Storage does), its MD5 matches.
+    A transfer that breaks off keeps the partial file, and the next call asks only for the rest
+    (``Range``, with ``If-Range``); the rest is appended only when the server answers with exactly
+    that range of the same object, otherwise the file is fetched whole again.
     """
-    import eta.core.utils as etau
     import requests
 
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
     clean_stale(path)
-    with requests.get(url, stream=True, timeout=(timeout, timeout), headers=HEADERS) as r:
+    part, meta_path = partial_paths(path)
+    try:
+        meta = json.loads(meta_path.read_text(encoding="utf-8"))
+        have = part.stat().st_size
+        if not (isinstance(meta, dict) and meta.get("url") == url
+                and isinstance(meta.get("bytes"), int) and 0 < have <= meta["bytes"]):
+            raise ValueError("another download")
+    except (OSError, ValueError):
+        drop_partial(path)
+        meta, have = {}, 0
+    if meta and have == meta["bytes"]:
+        return finish(url, path, meta)          # killed between the last byte and the rename
+    headers = dict(HEADERS)
+    if have:
+        headers["Range"] = f"bytes={have}-"
+        if meta.get("etag") or meta.get("last_modified"):
+            headers["If-Range"] = meta.get("etag") or meta["last_modified"]
+    with requests.get(url, stream=True, timeout=(timeout, timeout), headers=headers) as r:
+        if have and not resumes(r, have, meta):
+            if r.status_code != 200:             # 416, or a range of something else
+                r.close()
+                drop_partial(path)
+                return fetch(url, path, timeout, quiet)
+            drop_partial(path)
+            have = 0
         r.raise_for_status()
-        expected = content_length(r)
-        written = 0
-        with atomic_file(path, "wb") as f, \
-                etau.ProgressBar(8 * expected if expected else None, use_bits=True,
-                                 quiet=quiet) as bar:
-            for chunk in r.iter_content(chunk_size=CHUNK):
-                f.write(chunk)
-                written += len(chunk)
-                bar.update(8 * len(chunk))
-            if expected is not None and written != expected:
-                raise IncompleteDownload(f"{url}: the connection ended after {written} of "
-                                         f"{expected} bytes")
-    return written
+        if not have:
+            meta = {"url": url, "bytes": content_length(r), "etag": r.headers.get("ETag"),
+                    "last_modified": r.headers.get("Last-Modified"), "md5": goog_md5(r)}
+            if meta["bytes"] is not None:       # without a size a partial proves nothing
+                write_json(meta_path, meta)
+        total = meta["bytes"]
+        written = have
+        try:
+            with part.open("ab" if have else "wb") as f, \
+                    etau_progress(total, quiet) as bar:
+                bar.update(8 * have)
+                for chunk in body(r):
+                    f.write(chunk)
+                    written += len(chunk)
+                    bar.update(8 * len(chunk))
+        except BaseException:
+            if total is None:
+                drop_partial(path)
+            raise
+        if total is not None and written != total:
+            raise IncompleteDownload(f"{url}: the connection ended after {written} of {total} "
+                                     f"bytes (kept; the next run fetches the rest)")
+    if total is None:
+        meta["bytes"] = written
+    return finish(url, path, meta)
+
+
+def body(response: Any) -> Iterator[bytes]:
+    """The response body as it arrives. ``read1`` hands over every byte received before the
+    connection broke off (``iter_content`` drops the last incomplete chunk, up to a CHUNK that
+    the next run would fetch again); urllib3's errors become requests' (OSErrors), as in
+    ``iter_content``."""
+    import requests
+    import urllib3.exceptions
+
+    raw = response.raw
+    if not hasattr(raw, "read1"):                 # urllib3 < 2.3
+        yield from response.iter_content(chunk_size=CHUNK)
+        return
+    while True:
+        try:
+            chunk = raw.read1(CHUNK, decode_content=True)
+        except urllib3.exceptions.HTTPError as exc:
+            raise requests.exceptions.ConnectionError(exc) from exc
+        if not chunk:
+            return
+        yield chunk
+
+
+def etau_progress(total: int | None, quiet: bool) -> Any:
+    import eta.core.utils as etau
+
+    return etau.ProgressBar(8 * total if total else None, use_bits=True, quiet=quiet)
+
+
+def finish(url: str, path: Path, meta: dict[str, Any]) -> int:
+    """Rename the partial file of ``path`` into place once it is proven whole."""
+    part, meta_path = partial_paths(path)
+    if meta.get("md5") and file_md5(part) != meta["md5"]:
+        drop_partial(path)
+        raise IncompleteDownload(f"{url}: the bytes received do not have the MD5 the server "
+                                 f"states (removed; the next run fetches the file again)")
+    os.replace(part, path)
+    meta_path.unlink(missing_ok=True)
+    return meta["bytes"]
 
 
 def remote_size(url: str, timeout: float) -> int | None:
