@@ -12,7 +12,8 @@ from stages import export as export_stage
 from stages import predict
 from stages.common import figures
 from stages.common.crops import corner_colour
-from stages.common.model import IMAGENET_MEAN, IMAGENET_STD, build_model, save_checkpoint
+from stages.common.model import (IMAGENET_MEAN, IMAGENET_STD, build_model, load_checkpoint,
+                                 save_checkpoint)
 from stages.common.onnx_model import OnnxClassifier, export
 from stages.common.params import ParamError, StageError
 from stages.common.predictor import TorchClassifier, load_classifier, prepare
@@ -131,6 +132,26 @@ def test_onnx_matches_pytorch_with_a_dynamic_batch(models):
     x = np.random.default_rng(3).standard_normal((5, 3, SIZE, SIZE)).astype(np.float32)
     for batch in (x[:1], x):
         np.testing.assert_allclose(onnx.logits(batch), eager.logits(batch), atol=1e-4)
+
+
+def test_onnx_export_holds_no_paths_and_is_byte_identical(models, tmp_path):
+    """The exporter's per-node stack traces name the virtual environment's folder: stripped, so
+    two clones in different folders export the same bytes (DVC hashes data/export)."""
+    import onnx
+
+    checkpoint, onnx_file = models
+    data = onnx_file.read_bytes()
+    venv = str(Path(torch.__file__).resolve().parents[1])
+    assert venv.encode() not in data and b"site-packages" not in data
+    assert str(Path.cwd()).encode() not in data and str(tmp_path.parent).encode() not in data
+    model = onnx.load(str(onnx_file))
+    assert all(p.key != "pkg.torch.onnx.stack_trace" for n in model.graph.node
+               for p in n.metadata_props)
+    assert any(p.key == "namespace" for n in model.graph.node for p in n.metadata_props)
+    again = tmp_path / "again.onnx"
+    model, meta = load_checkpoint(checkpoint)    # as the export stage does
+    export(model, meta, again, 18)
+    assert again.read_bytes() == data
 
 
 def test_predict_runs_the_onnx_model(run_predict, models, pictures):

@@ -24,7 +24,8 @@ def export(model: nn.Module, meta: dict, path: Path, opset: int) -> None:
     """Write ``model`` (eval mode) to ``path`` as one self-contained ONNX file, batch axis dynamic.
 
     torch's export-based exporter (``dynamo=True``, torch's default; the TorchScript one is
-    deprecated). Same model and opset give the same bytes: no paths or times in the file.
+    deprecated). Same model and opset give the same bytes wherever the project and its
+    virtual environment live: no paths or times in the file (see :func:`strip_paths`).
     """
     size = int(meta["image_size"])
     example = torch.zeros(2, 3, size, size)  # 2, not 1: a batch of 1 would be specialised away
@@ -41,7 +42,26 @@ def export(model: nn.Module, meta: dict, path: Path, opset: int) -> None:
                          "try another export.opset") from None
     for key in META_KEYS:
         program.model.metadata_props[key] = json.dumps(meta[key])
+    strip_paths(program.model)
     program.save(str(path), external_data=False)
+
+
+# Debug metadata torch's exporter puts on each node: the Python stack that produced it, with the
+# absolute paths of torch and torchvision in the exporting machine's virtual environment. It
+# made the file's bytes (and DVC's hash of data/export) differ between two clones, and would
+# carry a user's home folder into a model file handed to others. The rest (module names, FX
+# node text) holds no paths and stays.
+STACK_TRACE = "pkg.torch.onnx.stack_trace"
+
+
+def strip_paths(model) -> None:
+    """Remove the stack traces from every node of ``model`` (an onnx_ir Model), subgraphs and
+    functions included."""
+    from onnx_ir.traversal import RecursiveGraphIterator
+
+    for graph in [model.graph, *model.functions.values()]:
+        for node in RecursiveGraphIterator(graph):
+            node.metadata_props.pop(STACK_TRACE, None)
 
 
 class OnnxClassifier:
