@@ -175,8 +175,8 @@ def fetch_zoo(s: Settings) -> tuple[list[Path], dict[Path, set[str]]]:
 
     zoo_dir = Path(fo.config.dataset_zoo_dir) / ZOO_NAME
     errors = network_errors()
-    zoo.tidy(zoo_dir, s.splits)
-    with zoo.patched(zoo_dir, s.timeout) as session:
+    with zoo.exclusive(zoo_dir), zoo.patched(zoo_dir, s.timeout) as session:
+        zoo.tidy(zoo_dir, s.splits)
         classes_csv = zoo_dir / s.splits[0] / CLASSES
         try:
             session.ensure(classes_csv, fouo._ANNOTATION_DOWNLOAD_URLS["general"]["class_names"])

@@ -394,6 +394,36 @@ def test_box_file_cut_off_midway_is_resumed_by_the_next_run(work: Path) -> None:
     assert len(origin.image_gets()) == 8
 
 
+def test_second_download_into_the_same_zoo_folder_stops_at_once(work: Path) -> None:
+    """Another process holds the zoo folder (a download running from a second clone): the
+    stage stops with one line before touching the folder or the network."""
+    files, _ = open_images()
+    root = work / "zoo/open-images-v7"
+    (root / "train/labels").mkdir(parents=True)
+    theirs = root / "train/labels/.detections.csv.part"
+    theirs.write_bytes(b"ImageID,")                       # the other run's partial file
+    origin = Origin(files)
+    holder = subprocess.Popen(
+        [sys.executable, "-c", "import fcntl, os, sys, time; fd = os.open(sys.argv[1], os.O_RDONLY);"
+         " fcntl.flock(fd, fcntl.LOCK_EX); print('held', flush=True); time.sleep(60)", str(root)],
+        stdout=subprocess.PIPE, text=True)
+    try:
+        assert holder.stdout.readline().strip() == "held"
+        write_params(work, source="open-images-v7", max_samples=8, timeout=5)
+        err = one_error_line(run_stage(work, work / "zoo", origin.url))
+        assert str(root) in err and "another download is writing into this folder" in err, err
+        assert origin.counts == Counter(), "the network was used"
+        assert theirs.read_bytes() == b"ImageID,"
+    finally:
+        holder.kill()
+        holder.wait()
+    try:
+        result = run_stage(work, work / "zoo", origin.url)   # the lock died with its holder
+    finally:
+        origin.stop()
+    assert result.returncode == 0, result.stderr
+
+
 # ---------------------------------------------------------------------------- workers
 
 def test_num_workers_is_how_many_images_download_at_once(work: Path) -> None:

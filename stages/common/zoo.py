@@ -353,6 +353,32 @@ def boto3_with_timeouts(timeout: float) -> types.SimpleNamespace:
 
 
 @contextlib.contextmanager
+def exclusive(root: Path) -> Iterator[None]:
+    """Hold the zoo folder for the ``with`` block. Label files resume from a partial file of a
+    fixed name and :func:`tidy` removes a killed run's temporaries, so two runs writing into
+    one folder at once (two clones sharing a zoo folder on a big disk) would spoil each other's
+    files: the second stops at once, saying so. An advisory lock on the folder itself
+    (``flock``; released by the kernel when the process ends, however it ends), so nothing is
+    left behind; where the filesystem has no locks the run goes on unguarded."""
+    import fcntl
+
+    root = Path(root)
+    root.mkdir(parents=True, exist_ok=True)
+    fd = os.open(root, os.O_RDONLY | os.O_DIRECTORY)
+    try:
+        try:
+            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            raise StageError(f"{root}: another download is writing into this folder (a second "
+                             "run or clone sharing it); wait for it to end, then rerun") from None
+        except OSError:
+            pass
+        yield
+    finally:
+        os.close(fd)
+
+
+@contextlib.contextmanager
 def patched(root: Path, timeout: float) -> Iterator[Session]:
     """FiftyOne's Open Images download as the module doc describes, for the ``with`` block."""
     import fiftyone.utils.aws as foua
