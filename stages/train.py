@@ -160,10 +160,27 @@ def validate(model, loader, loss_fn, device, world=D.World()):
 
 
 def open_live():
+    import dvclive.live
     from dvclive import Live
+    from scmrepo.exceptions import SCMError
 
     # dvcyaml=False: the stage's outputs and plots are declared in the project's dvc.yaml.
-    return Live(dir=str(LIVE_DIR), dvcyaml=False, save_dvc_exp=False, report=None)
+    def live():
+        return Live(dir=str(LIVE_DIR), dvcyaml=False, save_dvc_exp=False, report=None)
+
+    try:
+        return live()
+    except SCMError:
+        # DVCLive 3.49 asks git for HEAD before it checks whether there is one, so in a fresh
+        # `git init` with no commit yet it fails ("Empty git repo"). This stage saves no
+        # experiment, so DVCLive's repo is not needed: open it as DVCLive runs where DVC is
+        # not installed (no repo), which writes the same files.
+        original = dvclive.live.get_dvc_repo
+        dvclive.live.get_dvc_repo = lambda: None
+        try:
+            return live()
+        finally:
+            dvclive.live.get_dvc_repo = original
 
 
 def make_step(model, n_frozen, world, device, scale):

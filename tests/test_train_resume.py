@@ -216,6 +216,19 @@ def test_state_of_a_finished_training_gives_its_outputs_without_training(killed,
     assert _state(root)["finished"] and "model" not in _state(root)
 
 
+def test_train_runs_in_a_git_repo_with_no_commit_yet(reference, tmp_path):
+    """`git init` and `dvc repro` before the first commit: DVCLive 3.49 alone fails there
+    ("Empty git repo"); the stage runs, with the same checkpoint, metrics and plots."""
+    ref, _ = reference
+    root = _make_project(tmp_path)
+    subprocess.run(["git", "init", "-q", str(root)], check=True)
+    proc = _run(root)
+    assert "Empty git repo" not in proc.stderr
+    assert _metrics(root) == _metrics(ref)
+    assert _plots(root) == _plots(ref)
+    assert (root / "data/model/best.pt").read_bytes() == (ref / "data/model/best.pt").read_bytes()
+
+
 # ----- the state file itself, in process (fast) ------------------------------------------------
 
 def _fp(root: Path, **params) -> dict:
