@@ -23,6 +23,7 @@ import numpy as np
 import torch
 
 from stages.common.atomic import atomic_file, clean_stale
+from stages.common.digest import file_md5
 
 STATE_DIR = Path("data/train_state")
 STATE_FILE = STATE_DIR / "state.pt"
@@ -31,23 +32,16 @@ ROOT = Path(__file__).resolve().parents[2]
 # The train stage's code (its deps in dvc.yaml): a state written by other code is not resumed.
 CODE_FILES = ["stages/train.py", "stages/common/model.py", "stages/common/training.py",
               "stages/common/transforms.py", "stages/common/inference.py",
-              "stages/common/distributed.py", "stages/common/train_state.py"]
+              "stages/common/distributed.py", "stages/common/train_state.py",
+              "stages/common/digest.py"]
 MODEL_KEYS = ("arch", "weights", "dropout", "trainable")
-
-
-def _md5(path: Path) -> str:
-    h = hashlib.md5()
-    with path.open("rb") as f:
-        for block in iter(lambda: f.read(1 << 20), b""):
-            h.update(block)
-    return h.hexdigest()
 
 
 def folder_digest(folder: Path) -> str:
     """One digest of every file's relative path and content (ImageFolder reads them all)."""
     h = hashlib.sha256()
     for path in sorted(p for p in folder.rglob("*") if p.is_file()):
-        h.update(f"{path.relative_to(folder).as_posix()}\0{_md5(path)}\n".encode())
+        h.update(f"{path.relative_to(folder).as_posix()}\0{file_md5(path)}\n".encode())
     return h.hexdigest()
 
 
@@ -57,7 +51,7 @@ def fingerprint(params: dict, folders: dict[str, Path], processes: int,
     return {
         "params": dict(params),
         "run": {"processes": processes, "device": device.type, "torch": str(torch.__version__)},
-        "code": {f: _md5(ROOT / f) for f in CODE_FILES if (ROOT / f).is_file()},
+        "code": {f: file_md5(ROOT / f) for f in CODE_FILES if (ROOT / f).is_file()},
         "data": {name: folder_digest(path) for name, path in folders.items()},
     }
 

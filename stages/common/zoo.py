@@ -38,7 +38,6 @@ from __future__ import annotations
 import base64
 import contextlib
 import functools
-import hashlib
 import json
 import logging
 import os
@@ -49,6 +48,7 @@ from pathlib import Path
 from typing import Any, Callable, Iterator
 
 from stages.common.atomic import clean_stale, write_json
+from stages.common.digest import file_md5
 from stages.common.params import StageError
 
 RECORD = "download-record.json"
@@ -103,14 +103,6 @@ def goog_md5(response: Any) -> str | None:
             except ValueError:
                 return None
     return None
-
-
-def file_md5(path: Path) -> str:
-    digest = hashlib.md5()
-    with path.open("rb") as f:
-        for chunk in iter(lambda: f.read(CHUNK), b""):
-            digest.update(chunk)
-    return digest.hexdigest()
 
 
 def resumes(response: Any, have: int, meta: dict[str, Any]) -> bool:
