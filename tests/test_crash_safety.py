@@ -66,6 +66,7 @@ import psutil
 import pytest
 import yaml
 
+from tests import paramfile
 from tests.tiny_project import copy_project
 
 TINY = {  # as the end-to-end test: a few dozen pictures at 32 px, seconds per stage
@@ -445,16 +446,6 @@ def _check_rerun(ref, repo: Path, stage: str) -> None:
     assert _leftovers(repo) == []
 
 
-def _set_param(repo: Path, dotted: str, value) -> None:
-    params = yaml.safe_load((repo / "params.yaml").read_text())
-    node = params
-    *parents, key = dotted.split(".")
-    for p in parents:
-        node = node[p]
-    node[key] = value
-    (repo / "params.yaml").write_text(yaml.safe_dump(params, sort_keys=False))
-
-
 # ---------------------------------------------------------------------------------------------
 # The kills.
 
@@ -474,7 +465,8 @@ def test_sigkill_from_outside(ref, tmp_path, stage, when, whom):
         # 2 worker processes (crops.workers is no DVC param: the crops do not depend on it).
         # The main one killed alone: they die with it, never touching data/crops. A worker
         # killed alone: the stage fails at once, saying why.
-        _set_param(repo, "crops.workers", 2)
+        paramfile.write(repo, paramfile.merge(yaml.safe_load((repo / "params.yaml").read_text()),
+                                              {"crops": {"workers": 2}}))
     log = _kill_from_outside(repo, ref.env, stage, when, whom)
     if whom == "worker":
         assert "a crop worker process died" in log, log
