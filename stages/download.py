@@ -9,7 +9,8 @@
                       ``data.zoo.timeout``, never takes a partly downloaded file for a whole
                       one, and makes the choice of images independent of what an interrupted
                       run left, so a rerun resumes and ends with the same ``data/raw``.
-- anything else       a path to an Open Images-style folder on disk (an offline mirror).
+- ``mirror``          the Open Images-style folder ``data.mirror`` names (an offline copy); it
+                      is a DVC dependency of this stage, so a change to its files reruns it.
 
 The last two share one normalisation: keep the images that hold at least one box of a wanted
 class, choose up to ``data.zoo.max_samples`` of them reproducibly, and copy those images with
@@ -56,6 +57,7 @@ class Settings:
     shuffle: bool = False    # zoo and path
     num_workers: int = 1     # zoo only
     timeout: float = 30.0    # zoo only: seconds per network connect or read
+    mirror: str = ""         # mirror only: the folder
 
     @property
     def names(self) -> list[str]:
@@ -71,6 +73,8 @@ def read_settings(params: dict) -> Settings:
     if s.source == "sample":
         return replace(s, images=v["data.sample.images"], max_side=v["data.sample.max_side"])
     s = replace(s, max_samples=v["data.zoo.max_samples"], shuffle=v["data.zoo.shuffle"])
+    if s.source == "mirror":
+        s = replace(s, mirror=v["data.mirror"])
     if s.source == ZOO_NAME:
         s = replace(s, splits=v["data.zoo.splits"], num_workers=v["data.zoo.num_workers"],
                     timeout=v["data.zoo.timeout"])
@@ -182,7 +186,7 @@ def fetch_zoo(s: Settings) -> tuple[list[Path], dict[Path, set[str]]]:
             session.ensure(classes_csv, fouo._ANNOTATION_DOWNLOAD_URLS["general"]["class_names"])
         except errors as exc:
             raise StageError(f"{ZOO_NAME}: cannot get the class list ({network_failure(exc, s)}); "
-                             "check the network, or set data.source to a local mirror") from None
+                             "check the network, or use a local mirror (data.source: mirror)") from None
         mids_for_names(read_classes(classes_csv), s.names, "data.labels")
         # FiftyOne's max_samples is per split; normalise() then keeps max_samples in all.
         try:
@@ -192,8 +196,8 @@ def fetch_zoo(s: Settings) -> tuple[list[Path], dict[Path, set[str]]]:
                 num_workers=s.num_workers)
         except errors as exc:
             raise StageError(f"{ZOO_NAME}: download into {zoo_dir} failed "
-                             f"({network_failure(exc, s)}); rerun to resume, or set data.source "
-                             "to a local mirror") from None
+                             f"({network_failure(exc, s)}); rerun to resume, or use a local mirror "
+                             "(data.source: mirror)") from None
     roots = [Path(dataset_dir) / split for split in s.splits]
     chosen = {}
     for root in roots:
@@ -209,8 +213,8 @@ def fetch_zoo(s: Settings) -> tuple[list[Path], dict[Path, set[str]]]:
 def check_root(root: Path) -> None:
     """An Open Images-style folder must have data/, labels/detections.csv, metadata/classes.csv."""
     if not root.is_dir():
-        raise StageError(f"data.source: folder {str(root)!r} not found; expected 'sample', "
-                         f"'{ZOO_NAME}' or an Open Images-style folder")
+        raise StageError(f"data.mirror: folder {str(root)!r} not found; give the path of an "
+                         "Open Images-style folder (data/, labels/, metadata/)")
     for part, is_dir in ((Path(DATA_DIR), True), (DETECTIONS, False), (CLASSES, False)):
         path = root / part
         if not (path.is_dir() if is_dir else path.is_file()):
@@ -301,7 +305,7 @@ def run(s: Settings) -> dict:
         if s.source == ZOO_NAME:
             roots, only = fetch_zoo(s)
         else:
-            roots, only = [Path(s.source).expanduser()], None
+            roots, only = [Path(s.mirror).expanduser()], None
         with atomic_dir(RAW) as tmp:
             rows, classes = normalise(roots, s, tmp, only)
             images = len(os.listdir(tmp / DATA_DIR))

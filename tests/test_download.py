@@ -37,11 +37,12 @@ HEADER = ",".join(DETECTION_COLUMNS)
 
 
 def write_params(root: Path, source: str = "sample", labels: dict | None = None,
-                 **zoo: object) -> None:
+                 mirror: str = "mirror", **zoo: object) -> None:
     params = {
         "seed": 3,
         "data": {
             "source": source,
+            "mirror": mirror,
             "labels": labels or LABELS,
             "sample": {"images": 60, "max_side": 160},
             "zoo": {"splits": ["train"], "max_samples": 10, "shuffle": True, "num_workers": 2,
@@ -188,6 +189,7 @@ def test_sample_unknown_class_stops_naming_it(work: Path, capsys: pytest.Capture
 @pytest.mark.parametrize("edit, needle", [
     (lambda p: p["data"]["sample"].update(images=0), "data.sample.images"),
     (lambda p: p["data"].update(source=3), "data.source"),
+    (lambda p: p["data"].update(source="/mnt/mirror"), "data.mirror: /mnt/mirror"),
     (lambda p: p["data"]["labels"].update(extra=["Person"]), "'Person'"),
     (lambda p: p["data"]["labels"].update(person=[]), "data.labels.person"),
     (lambda p: p.pop("seed"), "'seed'"),
@@ -269,7 +271,7 @@ def test_choose_depends_on_seed_not_on_input_order() -> None:
 
 
 def test_path_source_missing_folder_or_file(work: Path, capsys: pytest.CaptureFixture) -> None:
-    write_params(work, source="no/such/mirror")
+    write_params(work, source="mirror", mirror="no/such/mirror")
     fails_with(capsys, "no/such/mirror")
     make_mirror(work / "mirror", {"c" * 16: [(REAL_MIDS["Dog"], "0.1")]}, {"c" * 16})
     (work / "mirror/labels/detections.csv").unlink()

@@ -54,6 +54,20 @@ def fraction(p: dict, k: str) -> float:
     return float(value)
 
 
+SOURCES = ("sample", "open-images-v7", "mirror")
+
+
+def source(p: dict, k: str) -> str:
+    value = P.get(p, k)
+    if isinstance(value, str) and value not in SOURCES and value.strip():
+        # Until 2026-12 a folder path went here; DVC cannot track a dependency named by a value
+        # that is sometimes a path and sometimes not, so the path has a key of its own.
+        raise P.ParamError(f"params.yaml: data.source={value!r} is not allowed; expected one of "
+                           f"{', '.join(SOURCES)} (for a folder: data.source: mirror and "
+                           f"data.mirror: {value}, which DVC tracks as a dependency)")
+    return P.choice(p, k, list(SOURCES))
+
+
 def zoo_splits(p: dict, k: str) -> tuple[str, ...]:
     splits = P.get(p, k)
     P.check(isinstance(splits, list) and bool(splits) and len(set(map(str, splits))) == len(splits)
@@ -75,7 +89,8 @@ def trainable(p: dict, k: str) -> list[str]:
 
 RULES: dict[str, Rule] = {
     "seed": integer(lo=0),
-    "data.source": text("sample, open-images-v7 or a folder path"),
+    "data.source": lambda p, k: source(p, k),
+    "data.mirror": text("the path of an Open Images-style folder"),
     "data.labels": lambda p, k: read_label_map(p),
     # Below ~96 px there is no room for objects above the crop stage's minimum box.
     "data.sample.images": integer(1, 1_000_000),

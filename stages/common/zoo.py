@@ -284,7 +284,8 @@ class Record:
             raise StageError(
                 f"{path}: no record that its download finished, and its size cannot be checked "
                 f"against {url} ({one_line(exc)}); run the stage once with the network, or set "
-                f"data.source to {path.parent.parent} to use that folder as it is") from None
+                f"data.source: mirror and data.mirror: {path.parent.parent} to use that folder "
+                "as it is") from None
         if remote == size:
             self.add(path, url, size)
             return True
