@@ -29,6 +29,9 @@ from stages.common.transforms import eval_transform
 from tests import paramfile
 from tests.tiny_project import write_colour_split
 
+
+pytestmark = pytest.mark.training  # CI reruns these under OMP_NUM_THREADS=1 (make test-threads)
+
 ROOT = Path(__file__).resolve().parents[1]
 N_VAL = 8  # per class
 ACC_TOL = 1 / (3 * N_VAL) + 1e-9  # one val crop

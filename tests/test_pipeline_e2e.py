@@ -1,7 +1,9 @@
 """End to end: the real `dvc repro` / `dvc exp run` on a tiny sample, in a temporary git repo.
 
 Slow-ish (a minute or two on 2 cores) because it trains twice, resnet18 and resnet50; it is the
-one test that shows the stages chain, cache and rerun as the README promises.
+one test that shows the stages chain, cache and rerun as the README promises. It asserts what is
+guaranteed (which stages ran, which keys exist, well-formed outputs), never what a model happened
+to learn: another CPU or thread count trains other weights (CI reruns it under OMP_NUM_THREADS=1).
 """
 import json
 import os
@@ -15,6 +17,8 @@ import pytest
 import yaml
 
 from tests.tiny_project import copy_project
+
+pytestmark = pytest.mark.training
 
 QUEUE_TIMEOUT_S = 300
 TINY = {  # a few dozen pictures at 32 px: seconds per stage, every code path still taken
@@ -138,16 +142,20 @@ def test_exp_run_resnet50_reruns_only_train_and_evaluate(repo):
         assert f"Running stage '{upstream}'" not in out
     assert json.loads((repo.path / "metrics/eval.json").read_text())["arch"] == "resnet50"
 
-    diff = dvc(repo, "metrics", "diff", "--json").stdout
-    changed = json.loads(diff)["metrics/eval.json"]
+    # --all: unchanged figures too. Whether resnet50 scores other figures than resnet18 on this
+    # tiny set depends on the machine's float sums; that both are compared, key by key, does not.
+    diff = json.loads(dvc(repo, "metrics", "diff", "--all", "--json").stdout)
+    scores = diff["metrics/eval.json"]
     for key in ["accuracy", "macro_f1", "person_recall", "per_class.person.recall",
                 "per_class.animal.f1", "per_class.object.precision"]:
-        assert key in changed
+        assert {"old", "new"} <= set(scores[key]), key
+        assert 0 <= scores[key]["old"] <= 1 and 0 <= scores[key]["new"] <= 1
     # the speed cost of resnet50 against resnet18, ONNX Runtime and eager side by side
-    speed = json.loads(diff)["metrics/export.json"]
+    speed = diff["metrics/export.json"]
     for key in ["speed.onnxruntime.batch1_ms_per_image", "speed.pytorch_eager.batch1_ms_per_image",
                 "speed.onnxruntime.batch_images_per_s", "onnx_mb"]:
-        assert key in speed
+        assert {"old", "new"} <= set(speed[key]), key
+    assert speed["onnx_mb"]["new"] > 1.5 * speed["onnx_mb"]["old"]  # 90 MB of weights vs 43
 
     shown = json.loads(dvc(repo, "exp", "show", "--json").stdout)
     assert "resnet50" in json.dumps(shown)

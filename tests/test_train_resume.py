@@ -23,6 +23,9 @@ from stages.common import train_state as TS
 from tests import paramfile
 from tests.tiny_project import COLOURS, write_colour_split
 
+
+pytestmark = pytest.mark.training  # CI reruns these under OMP_NUM_THREADS=1 (make test-threads)
+
 ROOT = Path(__file__).resolve().parents[1]
 EPOCHS, PATIENCE, KILL_AFTER = 5, 2, 2  # best epoch 1, early stop after epoch 3
 TIMING = {"train_seconds", "train_images_per_s"}
