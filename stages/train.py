@@ -50,10 +50,11 @@ def read_config(p: dict) -> dict:
     v = schema.check_all(p)
     return {
         "seed": v["seed"],
-        **{k: v[f"model.{k}"] for k in ("arch", "weights", "dropout", "trainable")},
-        **{k: v[f"train.{k}"] for k in ("epochs", "batch_size", "lr", "weight_decay",
-                                         "focal_alpha", "focal_gamma", "patience",
-                                         "num_workers", "device")},
+        **{k: v[f"model.{k}"] for k in ("arch", "weights", "zero_init_residual", "dropout",
+                                         "trainable")},
+        **{k: v[f"train.{k}"] for k in ("epochs", "batch_size", "lr", "t_max_ratio",
+                                         "weight_decay", "focal_alpha", "focal_gamma",
+                                         "patience", "num_workers", "device")},
     }
 
 
@@ -229,7 +230,8 @@ def run(cfg: dict, scale: dict, world: D.World, device: torch.device) -> None:
         raise StageError(f"class folders differ: train {train_ds.classes} vs val {val_ds.classes}")
     size = image_size(train_ds)
 
-    model = build_model(cfg["arch"], len(train_ds.classes), cfg["dropout"], cfg["weights"])
+    model = build_model(cfg["arch"], len(train_ds.classes), cfg["dropout"], cfg["weights"],
+                        cfg["zero_init_residual"])
     freeze(model, cfg["trainable"])
     n_frozen = frozen_prefix(cfg["trainable"])
     model = model.to(device, memory_format=torch.channels_last)
@@ -253,7 +255,7 @@ def run(cfg: dict, scale: dict, world: D.World, device: torch.device) -> None:
         log(f"train: amp and compile apply on CUDA only; running fp32, eager on {device.type}")
     optimizer = torch.optim.AdamW([q for q in model.parameters() if q.requires_grad],
                                   lr=cfg["lr"], weight_decay=cfg["weight_decay"])
-    scheduler = cosine_scheduler(optimizer, cfg["epochs"])
+    scheduler = cosine_scheduler(optimizer, cfg["epochs"], cfg["t_max_ratio"])
     loss_fn = FocalLoss(cfg["focal_alpha"], cfg["focal_gamma"])
     stopper = EarlyStopping(cfg["patience"])
     loader_cfg = {**cfg, "pin_memory": scale["pin_memory"]}

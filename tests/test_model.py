@@ -83,6 +83,29 @@ def test_scheduler_is_cosine_over_half_the_epochs():
     assert lrs[50] == pytest.approx(1e-5, rel=1e-6)  # the cycle comes back up, as in the report
 
 
+def test_scheduler_with_ratio_1_anneals_once_over_the_run():
+    opt = torch.optim.AdamW([nn.Parameter(torch.zeros(1))], lr=1e-3)
+    sched = cosine_scheduler(opt, epochs=12, t_max_ratio=1.0)
+    lrs = []
+    for _ in range(12):
+        lrs.append(opt.param_groups[0]["lr"])
+        opt.step()
+        sched.step()
+    assert sched.T_max == 12
+    assert lrs == sorted(lrs, reverse=True) and lrs[0] == 1e-3
+    assert lrs[-1] == pytest.approx(1e-3 * (1 + math.cos(math.pi * 11 / 12)) / 2)
+
+
+@pytest.mark.parametrize("arch, last_bn", [("resnet18", "bn2"), ("resnet50", "bn3")])
+def test_zero_init_residual_starts_every_block_as_the_identity(arch, last_bn):
+    zero = M.build_model(arch, 3, 0.3, zero_init_residual=True)
+    plain = M.build_model(arch, 3, 0.3)
+    blocks = [b for layer in ("layer1", "layer2", "layer3", "layer4")
+              for b in getattr(zero, layer)]
+    assert all(torch.count_nonzero(getattr(b, last_bn).weight) == 0 for b in blocks)
+    assert torch.count_nonzero(getattr(plain.layer1[0], last_bn).weight) > 0
+
+
 def test_early_stopping_after_patience_epochs_without_improvement():
     stopper = EarlyStopping(patience=3)
     seen = []

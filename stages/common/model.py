@@ -66,11 +66,16 @@ def _file_state_dict(path_str: str) -> dict:
     return state
 
 
-def build_model(arch: str, num_classes: int, dropout: float, weights: str = "none") -> nn.Module:
-    """A ResNet with pretrained trunk (``weights``: imagenet | none | path) and a fresh head."""
+def build_model(arch: str, num_classes: int, dropout: float, weights: str = "none",
+                zero_init_residual: bool = False) -> nn.Module:
+    """A ResNet with pretrained trunk (``weights``: imagenet | none | path) and a fresh head.
+
+    ``zero_init_residual``: the last BatchNorm of each residual block starts at 0, so every block
+    starts as the identity and a deep ResNet trains from scratch like a shallow one at first
+    (torchvision's option; loaded weights replace it)."""
     if arch not in ARCHS:
         raise StageError(f"model.arch={arch!r} is unknown; expected one of {', '.join(ARCHS)}")
-    model = ARCHS[arch][0](weights=None)
+    model = ARCHS[arch][0](weights=None, zero_init_residual=zero_init_residual)
     if weights == "imagenet":
         model.load_state_dict(_imagenet_state_dict(arch))
     elif weights != "none":

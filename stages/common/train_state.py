@@ -34,7 +34,7 @@ CODE_FILES = ["stages/train.py", "stages/common/model.py", "stages/common/traini
               "stages/common/transforms.py", "stages/common/inference.py",
               "stages/common/distributed.py", "stages/common/train_state.py",
               "stages/common/digest.py"]
-MODEL_KEYS = ("arch", "weights", "dropout", "trainable")
+MODEL_KEYS = ("arch", "weights", "zero_init_residual", "dropout", "trainable")
 
 
 def folder_digest(folder: Path) -> str:
