@@ -206,3 +206,26 @@ def test_every_plot_renders_in_offline_chromium(project, tmp_path):
     assert bad == [{"plot": "bad", "loaded": False, "width": bad[0]["width"],
                     "height": bad[0]["height"], "colours": 0, "shown": True}]
     assert dvc_plots == 0  # the online page renders nothing here: the network really is off
+
+
+def test_out_onto_a_symlink_is_refused_and_dash_writes_stdout(tmp_path, monkeypatch, capsys):
+    """`--out /dev/stdout` (a link) must not replace the link (as root, a node of /dev): one
+    line, exit code 2, before any rendering; `--out -` writes the page to stdout."""
+    from stages import report
+
+    monkeypatch.setattr(report, "build", lambda repo: ("<html>page</html>\n", []))
+    (tmp_path / "dvc.yaml").write_text("stages: {}\n")
+    target = tmp_path / "elsewhere.html"
+    target.write_text("keep")
+    link = tmp_path / "report.html"
+    link.symlink_to(target)
+    for out in (link, Path("/dev/stdout")):
+        with pytest.raises(SystemExit) as exc:
+            report.main(["--repo", str(tmp_path), "--out", str(out)])
+        assert exc.value.code == 2
+        err = capsys.readouterr().err.splitlines()
+        assert len(err) == 1 and err[0].startswith(f"error: {out}: is a symbolic link")
+    assert link.is_symlink() and target.read_text() == "keep"
+    assert report.main(["--repo", str(tmp_path), "--out", "-"]) == 0
+    done = capsys.readouterr()
+    assert done.out == "<html>page</html>\n" and done.err.startswith("stdout: 0 plots")

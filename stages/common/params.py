@@ -5,7 +5,9 @@ so a typo costs seconds, not an hour of training.
 """
 from __future__ import annotations
 
+import errno
 import functools
+import os
 import sys
 from pathlib import Path
 from typing import Any, Callable
@@ -90,8 +92,15 @@ def flag(params: dict, key: str) -> bool:
     return value
 
 
+# A full disk or an exhausted quota: nothing the stage can work around, nothing a traceback helps.
+DISK_FULL = (errno.ENOSPC, errno.EDQUOT)
+
+
 def main_guard(fn: Callable[..., Any]) -> Callable[..., Any]:
-    """Turn a ParamError / StageError into one line on stderr and exit code 2."""
+    """Turn a ParamError / StageError, or a full disk, into one line on stderr and exit code 2.
+
+    The disk-full line names the file being written when the writer said which
+    (stages.common.atomic names its outputs)."""
 
     @functools.wraps(fn)
     def wrapper(*args: Any, **kwargs: Any) -> Any:
@@ -99,6 +108,13 @@ def main_guard(fn: Callable[..., Any]) -> Callable[..., Any]:
             return fn(*args, **kwargs)
         except (ParamError, StageError) as exc:
             print(f"error: {exc}", file=sys.stderr)
+            raise SystemExit(2) from None
+        except OSError as exc:
+            if exc.errno not in DISK_FULL:
+                raise
+            where = f" {exc.filename}" if exc.filename else ""
+            print(f"error: cannot write{where} ({os.strerror(exc.errno)}); free space and rerun",
+                  file=sys.stderr)
             raise SystemExit(2) from None
 
     return wrapper
