@@ -34,7 +34,7 @@ def load(path: str | Path = PARAMS_FILE) -> dict:
         raise ParamError(f"{path}: not found; run from the repository root (where dvc.yaml is)")
     try:
         with path.open() as f:
-            params = yaml.safe_load(f) or {}
+            params = _load_yaml(f, path) or {}
     except yaml.YAMLError as exc:
         where = getattr(exc, "problem_mark", None)
         line = f" at line {where.line + 1}" if where is not None else ""
@@ -43,6 +43,37 @@ def load(path: str | Path = PARAMS_FILE) -> dict:
         raise ParamError(f"{path}: expected a mapping of sections, got {type(params).__name__}")
     schema.check_all(params)
     return params
+
+
+def _load_yaml(stream, path: Path) -> Any:
+    """``yaml.safe_load``, but a key given twice in one mapping is an error: PyYAML keeps the
+    last value silently, while DVC refuses the file, so the stages and DVC would disagree."""
+    loader = yaml.SafeLoader(stream)
+    try:
+        node = loader.get_single_node()
+        if node is None:
+            return None
+        _refuse_duplicate_keys(node, path)
+        return loader.construct_document(node)
+    finally:
+        loader.dispose()
+
+
+def _refuse_duplicate_keys(node: yaml.Node, path: Path, prefix: str = "") -> None:
+    if isinstance(node, yaml.SequenceNode):
+        for item in node.value:
+            _refuse_duplicate_keys(item, path, prefix)
+    elif isinstance(node, yaml.MappingNode):
+        first_line: dict[str, int] = {}
+        for key, value in node.value:
+            name = key.value if isinstance(key, yaml.ScalarNode) else str(key.start_mark)
+            line = key.start_mark.line + 1
+            if name in first_line:
+                raise ParamError(f"{path}: key '{prefix}{name}' is given twice (lines "
+                                 f"{first_line[name]} and {line}); keep one (DVC refuses such "
+                                 "a file)")
+            first_line[name] = line
+            _refuse_duplicate_keys(value, path, f"{prefix}{name}.")
 
 
 def get(params: dict, dotted: str) -> Any:
