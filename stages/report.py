@@ -14,7 +14,6 @@ because the atomic rename would replace the link or the device node itself.
 """
 from __future__ import annotations
 
-import argparse
 import base64
 import html
 import json
@@ -24,7 +23,7 @@ import tempfile
 from pathlib import Path
 
 from stages.common.atomic import atomic_file, refuse_odd_destination
-from stages.common.params import StageError, main_guard
+from stages.common.params import ArgumentParser, StageError, main_guard
 
 DEFAULT_OUT = Path("dvc_plots/report.html")  # beside dvc plots show's index.html, git-ignored
 IMAGE_TYPES = {".png": "image/png", ".jpg": "image/jpeg", ".jpeg": "image/jpeg",
@@ -134,7 +133,7 @@ needs no network.</p>
 
 @main_guard
 def main(argv: list[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(prog="python -m stages.report",
+    parser = ArgumentParser(prog="python -m stages.report",
                                      description=__doc__.split("\n")[0])
     parser.add_argument("--out", type=Path, default=DEFAULT_OUT,
                         help=f"HTML file to write, - for stdout (default {DEFAULT_OUT})")

@@ -16,6 +16,7 @@ import pytest
 from PIL import Image
 
 from stages import extract_crops
+from stages.common import pictures
 from tests import paramfile
 from tests.test_crops import (MID, basic_dataset, box, read_manifest, run_stage, textured,
                               write_params, write_raw)
@@ -283,11 +284,11 @@ def test_truncation_check_is_not_fooled_by_an_embedded_thumbnail():
     payload = b"Exif\0\0" + thumb
     app1 = b"\xff\xe1" + struct.pack(">H", len(payload) + 2) + payload
     whole = main[:2] + app1 + main[2:]
-    header = extract_crops.read_header(whole)
+    header = pictures.read_header(whole)
     assert header is not None and header.format == "JPEG"
-    assert extract_crops.image_problem(whole, header, 10**8) == ""
+    assert pictures.image_problem(whole, header, 10**8) == ""
     assert extract_crops.decode(whole) is not None
     for cut in (0.5, 0.9, 0.999):
         part = whole[: int(len(whole) * cut)]
-        assert extract_crops.image_problem(part, extract_crops.read_header(part), 10**8) \
+        assert pictures.image_problem(part, pictures.read_header(part), 10**8) \
             == "truncated", cut

@@ -1,5 +1,10 @@
 """predict, export and the mistakes gallery on a tiny random checkpoint (no pipeline run needed)."""
+import io
 import json
+import os
+import shlex
+import subprocess
+import sys
 from pathlib import Path
 from types import SimpleNamespace
 
@@ -21,6 +26,7 @@ from stages.common.speed import speed_figures
 from stages.evaluate import most_confident_mistakes
 from tests import paramfile
 
+ROOT = Path(__file__).resolve().parents[1]
 SIZE = 32
 CLASSES = ["animal", "object", "person"]
 
@@ -236,3 +242,153 @@ def test_checkpoint_that_disagrees_with_the_data_is_refused(tmp_path, models, cl
     assert needle in message and "\n" not in message
     shown = str(classes) if classes != CLASSES else f"{side}x{side}"
     assert shown in message  # both sides are named
+
+
+# ---------------------------------------------------------------------------------------------
+# A hostile afternoon (issue 11): pixel bombs, files that blow up, names that lie, outputs that
+# fail. Exit codes: 0 all classified, 1 some inputs failed, 2 no more answers possible.
+
+def rows_of(stdout: str) -> list[str]:
+    return stdout.splitlines()[1:]  # below the table's header
+
+
+def test_pixel_bomb_is_refused_from_its_header_and_the_others_answered(run_predict, models,
+                                                                       pictures, tmp_path):
+    """40,000 x 40,000 pixels announced by a 100-byte PNG: OpenCV raised cv2.error and the
+    run died with a traceback, losing the good pictures' answers."""
+    from tests.test_bad_input import png_header_only
+
+    bomb = tmp_path / "bomb.png"
+    bomb.write_bytes(png_header_only(40_000, 40_000))
+    good = [pictures / "crop.jpg", pictures / "wide.jpg"]
+    proc = run_predict(good[0], bomb, good[1], "--model", models[0], "--format", "json")
+    assert proc.returncode == 1
+    got = {Path(p["path"]).name: p for p in json.loads(proc.stdout)["predictions"]}
+    assert got["bomb.png"]["error"].startswith("40000 x 40000 pixels, more than the limit of "
+                                               "100,000,000; not decoded")
+    assert "label" in got["crop.jpg"] and "label" in got["wide.jpg"]
+    # the limit is an option: a 90 x 40 picture is refused under 3,000 pixels
+    small = run_predict(good[1], "--model", models[0], "--max-image-pixels", "3000")
+    assert small.returncode == 1 and "90 x 40 pixels, more than the limit of 3,000" in small.stdout
+
+
+def test_pixel_limit_default_is_crops_max_image_pixels():
+    from stages.common import pictures as pics
+
+    assert paramfile.params()["crops"]["max_image_pixels"] == pics.DEFAULT_MAX_IMAGE_PIXELS
+    assert predict.parse_args(["x.jpg"]).max_image_pixels == pics.DEFAULT_MAX_IMAGE_PIXELS
+
+
+def test_anything_a_decode_raises_is_that_files_error_line(run_predict, models, pictures,
+                                                           monkeypatch):
+    """cv2.error, MemoryError, OSError: one file's problem, never the run's."""
+    real = cv2.imdecode
+    failures = {b"tall": cv2.error("OpenCV(4.14.0) error: (-4:Insufficient memory) Failed "
+                                   "to allocate"),
+                b"wide": MemoryError()}
+
+    def imdecode(buf, flags):
+        image = real(buf, flags)
+        for marker, exc in failures.items():
+            if image is not None and image.shape[:2] == {b"tall": (70, 30),
+                                                         b"wide": (40, 90)}[marker]:
+                raise exc
+        return image
+
+    monkeypatch.setattr(cv2, "imdecode", imdecode)
+    proc = run_predict(pictures, "--model", models[0])
+    assert proc.returncode == 1
+    rows = {Path(r.split()[0]).name: r for r in rows_of(proc.stdout)}
+    assert "error: cannot read the file (error: OpenCV(4.14.0) error:" in rows["tall.png"]
+    assert "error: cannot read the file (MemoryError)" in rows["wide.jpg"]
+    assert "error" not in rows["crop.jpg"]
+
+
+def test_answers_are_out_before_a_later_failure(run_predict, models, pictures, monkeypatch):
+    """The model fails on the third batch: the first two answers are already written, the run
+    stops with one line naming the model file, exit code 2 (answers used to be printed only
+    at the end, and a NaN was printed as 'animal nan' with exit code 0)."""
+    calls = []
+    real = TorchClassifier.logits
+
+    def logits(self, batch):
+        calls.append(len(batch))
+        out = real(self, batch)
+        return out * np.nan if len(calls) == 3 else out
+
+    monkeypatch.setattr(TorchClassifier, "logits", logits)
+    proc = run_predict(pictures / "crop.jpg", pictures / "wide.jpg", pictures / "sub",
+                       "--model", models[0], "--batch-size", "1")
+    assert proc.returncode == 2
+    assert proc.stderr.splitlines() == [
+        f"error: {models[0]}: the model answers NaN or infinite logits; its weights are "
+        "damaged or diverged: retrain (dvc repro) or export it again"]
+    rows = rows_of(proc.stdout)
+    assert [Path(r.split()[0]).name for r in rows] == ["crop.jpg", "wide.jpg"]
+    calls.clear()
+    as_json = run_predict(pictures / "crop.jpg", pictures / "wide.jpg", pictures / "sub",
+                          "--model", models[0], "--batch-size", "1", "--format", "json")
+    assert as_json.returncode == 2  # what was answered is still one whole JSON document
+    assert len(json.loads(as_json.stdout)["predictions"]) == 2
+
+
+def test_table_escapes_names_so_one_picture_is_one_row(run_predict, models, pictures):
+    """A newline in a name faked a second row; an ANSI escape could erase one on a terminal."""
+    crop = (pictures / "crop.jpg").read_bytes()
+    fake = pictures / "a\nb.jpg   person   0.9999  person 0.9999.jpg"
+    fake.write_bytes(crop)
+    ansi = pictures / "c\x1b[2K\x1b[1Ad.jpg"
+    ansi.write_bytes(crop)
+    odd = Path(os.fsdecode(bytes(pictures) + b"/e\xff.jpg"))  # not UTF-8: a name from elsewhere
+    odd.write_bytes(crop)
+    table = run_predict(fake, ansi, odd, "--model", models[0])
+    assert table.returncode == 0
+    rows = rows_of(table.stdout)
+    assert len(rows) == 3 and "\x1b" not in table.stdout
+    assert rows[0].startswith(str(pictures / "a\\nb.jpg   person"))
+    assert rows[1].startswith(str(pictures / "c\\x1b[2K\\x1b[1Ad.jpg"))
+    assert rows[2].startswith(str(pictures / "e\\xff.jpg"))
+    for fmt in ("csv", "json"):  # these quote: the name comes back whole (bytes not UTF-8 as \xff)
+        out = run_predict(fake, odd, "--model", models[0], "--format", fmt)
+        assert out.returncode == 0
+        names = ([r["path"] for r in json.loads(out.stdout)["predictions"]] if fmt == "json"
+                 else [r[0] for r in list(__import__("csv").reader(io.StringIO(out.stdout)))[1:]])
+        assert names == [str(fake), str(pictures / "e\\xff.jpg")]
+
+
+@pytest.mark.parametrize("args,needle", [
+    (["--top-k", "abc"], "argument --top-k: invalid int value: 'abc'"),
+    (["--batch-size", "100000"], "--batch-size=100000 is not allowed; expected 1 to 4096"),
+    (["--max-image-pixels", "0"], "--max-image-pixels=0 is not allowed"),
+    (["--format", "xml"], "argument --format: invalid choice: 'xml'"),
+])
+def test_bad_options_are_one_line_exit_2(run_predict, models, pictures, args, needle):
+    proc = run_predict(pictures, "--model", models[0], *args)
+    assert proc.returncode == 2 and proc.stdout == ""
+    assert len(proc.stderr.splitlines()) == 1 and needle in proc.stderr
+
+
+def predict_command(*args, shell_suffix: str = "") -> subprocess.CompletedProcess:
+    command = " ".join(shlex.quote(str(a)) for a in
+                       [sys.executable, "-m", "stages.predict", *args]) + shell_suffix
+    return subprocess.run(["sh", "-c", command], cwd=ROOT, capture_output=True, text=True,
+                          timeout=300, env={**os.environ, "PYTHONPATH": str(ROOT)})
+
+
+@pytest.mark.parametrize("redirect,needle", [
+    (" >/dev/full", "error: cannot write stdout (No space left on device); free space and rerun"),
+    (" >&-", "error: stdout is closed, so no answer could be written; run with stdout open or "
+             "redirected to a file"),
+])
+def test_an_output_that_cannot_be_written_is_one_line_exit_2(models, pictures, redirect, needle):
+    proc = predict_command(pictures / "crop.jpg", "--model", models[0], shell_suffix=redirect)
+    assert (proc.returncode, proc.stderr.splitlines()) == (2, [needle])
+
+
+def test_exit_codes_0_1_2(run_predict, models, pictures, tmp_path):
+    assert run_predict(pictures / "crop.jpg", "--model", models[0]).returncode == 0
+    assert run_predict(pictures / "crop.jpg", pictures / "broken.jpg",
+                       "--model", models[0]).returncode == 1
+    junk = tmp_path / "junk.pt"
+    junk.write_bytes(b"not a checkpoint")
+    assert run_predict(pictures / "crop.jpg", "--model", junk).returncode == 2

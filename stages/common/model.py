@@ -169,6 +169,24 @@ def load_checkpoint(path: str | Path) -> tuple[nn.Module, dict[str, Any]]:
     return model, meta
 
 
+def check_logits(logits, rows: int, classes: int, model_path: str | Path) -> None:
+    """Stop, in one line naming the model file, when it does not answer one finite logit per
+    class for each input: a damaged or diverged model must never answer "animal nan", nor
+    "object 1.000000" from an overflow."""
+    import numpy as np
+
+    shape = tuple(logits.shape)
+    if shape != (rows, classes):
+        raise StageError(f"{model_path}: the model answered logits of shape {shape} for {rows} "
+                         f"inputs of {classes} classes; the file is damaged or not of this "
+                         "project: export or train it again")
+    finite = (bool(torch.isfinite(logits).all()) if isinstance(logits, torch.Tensor)
+              else bool(np.isfinite(logits).all()))
+    if not finite:
+        raise StageError(f"{model_path}: the model answers NaN or infinite logits; its weights "
+                         "are damaged or diverged: retrain (dvc repro) or export it again")
+
+
 def pick_device(name: str) -> torch.device:
     if name == "auto":
         if torch.cuda.is_available():

@@ -70,7 +70,7 @@ class OnnxClassifier:
     def __init__(self, path: str | Path, threads: int | None = None):
         import onnxruntime as ort
 
-        path = Path(path)
+        self.path = path = Path(path)
         if not path.is_file():
             raise StageError(f"{path}: ONNX model not found; run `dvc repro export` first")
         options = ort.SessionOptions()

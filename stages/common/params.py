@@ -5,6 +5,7 @@ so a typo costs seconds, not an hour of training.
 """
 from __future__ import annotations
 
+import argparse
 import errno
 import functools
 import os
@@ -121,6 +122,14 @@ def flag(params: dict, key: str) -> bool:
     value = get(params, key)
     check(isinstance(value, bool), key, "true or false", value)
     return value
+
+
+class ArgumentParser(argparse.ArgumentParser):
+    """argparse for the commands (predict, report, review): a bad option is one line and exit
+    code 2 through main_guard, not argparse's usage block."""
+
+    def error(self, message: str):
+        raise ParamError(f"{message}; see {self.prog} --help")
 
 
 # A full disk or an exhausted quota: nothing the stage can work around, nothing a traceback helps.

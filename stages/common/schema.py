@@ -12,6 +12,7 @@ from typing import Any, Callable
 
 from stages.common import params as P
 from stages.common.openimages import read_label_map
+from stages.common.pictures import MAX_IMAGE_PIXELS
 
 ARCH_NAMES = ("resnet18", "resnet34", "resnet50", "resnet101", "resnet152")
 # Top-level modules of a torchvision ResNet, in forward order.
@@ -108,7 +109,7 @@ RULES: dict[str, Rule] = {
     "crops.skip_depiction": boolean,
     "crops.dedup_iou": real(0, 1, lo_open=True),
     "crops.reduced_decode": boolean,
-    "crops.max_image_pixels": integer(lo=1),
+    "crops.max_image_pixels": integer(1, MAX_IMAGE_PIXELS),
     "crops.workers": integer(1, MAX_PROCESSES),
     "split.test": fraction,
     "split.val": fraction,
