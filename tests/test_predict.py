@@ -19,7 +19,7 @@ from stages.common import figures
 from stages.common.crops import corner_colour
 from stages.common.model import (IMAGENET_MEAN, IMAGENET_STD, build_model, load_checkpoint,
                                  save_checkpoint)
-from stages.common.onnx_model import OnnxClassifier, export
+from stages.common.onnx_model import OnnxClassifier, export, seal
 from stages.common.params import ParamError, StageError
 from stages.common.predictor import TorchClassifier, load_classifier, prepare
 from stages.common.speed import speed_figures
@@ -171,9 +171,14 @@ def test_predict_runs_the_onnx_model(run_predict, models, pictures):
 
 
 def test_onnx_without_our_metadata_is_refused(tmp_path):
+    import onnx
+
     bare = tmp_path / "bare.onnx"
     torch.onnx.export(torch.nn.Linear(2, 2).eval(), (torch.zeros(1, 2),), str(bare), dynamo=True,
                       verbose=False)
+    with pytest.raises(StageError, match="has no weights digest"):
+        load_classifier(bare)
+    bare.write_bytes(seal(onnx.load(str(bare))))
     with pytest.raises(StageError, match="metadata lacks arch"):
         load_classifier(bare)
     (tmp_path / "junk.onnx").write_bytes(b"junk")
@@ -392,3 +397,80 @@ def test_exit_codes_0_1_2(run_predict, models, pictures, tmp_path):
     junk = tmp_path / "junk.pt"
     junk.write_bytes(b"not a checkpoint")
     assert run_predict(pictures / "crop.jpg", "--model", junk).returncode == 2
+
+
+# ---------------------------------------------------------------------------------------------
+# The ONNX file's integrity, and NaN / infinite logits in every user of a model (issue 11)
+
+def test_a_flipped_bit_in_the_onnx_file_is_refused(models, tmp_path):
+    """One flipped bit in model.onnx answered 'object 1.000000'."""
+    _, onnx_file = models
+    damaged = tmp_path / "model.onnx"
+    data = bytearray(onnx_file.read_bytes())
+    data[len(data) // 2] ^= 0x10  # the file is almost all weights: this is inside one
+    damaged.write_bytes(bytes(data))
+    with pytest.raises(StageError) as err:
+        OnnxClassifier(damaged)
+    assert str(err.value).startswith(f"{damaged}: its content does not match its weights digest")
+    OnnxClassifier(onnx_file)  # the intact file loads
+
+
+def test_onnx_metadata_that_is_not_json_is_one_line(models, tmp_path):
+    import onnx
+
+    proto = onnx.load(str(models[1]))
+    for prop in proto.metadata_props:
+        if prop.key == "classes":
+            prop.value = '["animal", "object", "person"'  # cut short
+    broken = tmp_path / "broken.onnx"
+    broken.write_bytes(seal(proto))  # a valid digest: the file was written so
+    with pytest.raises(StageError) as err:
+        OnnxClassifier(broken)
+    assert str(err.value) == (f"{broken}: ONNX metadata classes is not valid JSON; the file is "
+                              "damaged or not one this project wrote; export it again with "
+                              "`dvc repro export` (or python -m stages.export)")
+
+
+def overflowing_checkpoint(folder: Path) -> Path:
+    """A checkpoint with a valid digest and finite weights whose logits overflow to infinity."""
+    torch.manual_seed(0)
+    model = build_model("resnet18", 3, 0.3).eval()
+    with torch.no_grad():
+        model.fc[1].weight.fill_(3e38)
+    meta = {"arch": "resnet18", "classes": CLASSES, "image_size": SIZE, "mean": IMAGENET_MEAN,
+            "std": IMAGENET_STD, "dropout": 0.3}
+    path = folder / "data/model/best.pt"
+    path.parent.mkdir(parents=True)
+    save_checkpoint(path, model, meta)
+    return path
+
+
+def test_infinite_logits_stop_predict_evaluate_and_export_in_one_line(tmp_path, monkeypatch,
+                                                                      capsys, run_predict,
+                                                                      pictures):
+    from stages import evaluate
+
+    checkpoint = overflowing_checkpoint(tmp_path)
+    proc = run_predict(pictures / "crop.jpg", "--model", checkpoint)
+    assert proc.returncode == 2 and "NaN" not in proc.stdout
+    assert proc.stderr.splitlines() == [f"error: {checkpoint}: the model answers NaN or "
+                                        "infinite logits; its weights are damaged or diverged: "
+                                        "retrain (dvc repro) or export it again"]
+    rng = np.random.default_rng(5)
+    for label in CLASSES:
+        folder = tmp_path / "data/split/test" / label
+        folder.mkdir(parents=True)
+        for i in range(2):
+            cv2.imwrite(str(folder / f"{i}.png"),
+                        rng.integers(0, 255, (SIZE, SIZE, 3), dtype=np.uint8))
+    paramfile.write(tmp_path, {"evaluate": {"device": "cpu", "speed_runs": 1},
+                               "export": {"speed_runs": 1, "batch_size": 2}})
+    monkeypatch.chdir(tmp_path)
+    for stage in (evaluate, export_stage):  # both stopped before writing anything
+        with pytest.raises(SystemExit) as exc:
+            stage.main()
+        assert exc.value.code == 2
+        assert capsys.readouterr().err.splitlines() == [
+            "error: data/model/best.pt: the model answers NaN or infinite logits; its weights "
+            "are damaged or diverged: retrain (dvc repro) or export it again"]
+    assert not (tmp_path / "metrics").exists() and not (tmp_path / "data/export").exists()
