@@ -50,6 +50,7 @@ from stages.common.pictures import IMAGE_PROBLEMS, Header, image_problem, read_h
 from stages.common import params as P
 from stages.common import schema
 from stages.common.atomic import atomic_dir, write_json
+from stages.common.dedup import greedy_duplicates
 from stages.common.params import StageError
 
 RAW = Path("data/raw")
@@ -135,7 +136,9 @@ def duplicate_mask(frame: pd.DataFrame, threshold: float) -> pd.Series:
 
     Greedy, per (image, label): the largest box first (ties: lower box_index), each later box is
     dropped if it overlaps any box already kept. The largest box wins because the Person box of
-    a body usually includes what a Man/Woman box of the same body trimmed off.
+    a body usually includes what a Man/Woman box of the same body trimmed off. Each box is
+    compared only with the kept boxes that could reach the threshold (stages.common.dedup), so
+    10,000 boxes on one picture take about a second, not a minute.
     """
     area = (frame["XMax"] - frame["XMin"]) * (frame["YMax"] - frame["YMin"])
     ordered = frame.assign(_area=area).sort_values(
@@ -144,16 +147,14 @@ def duplicate_mask(frame: pd.DataFrame, threshold: float) -> pd.Series:
     # Plain Python over columns: a pandas groupby costs ~1 ms a group, minutes for 60k images.
     keys = list(zip(ordered["ImageID"], ordered["label"]))
     boxes = list(ordered[["XMin", "YMin", "XMax", "YMax"]].itertuples(index=False, name=None))
-    dropped = []
-    kept: list[tuple[float, float, float, float]] = []
-    for pos, (idx, key, box) in enumerate(zip(ordered.index, keys, boxes)):
-        if pos == 0 or key != keys[pos - 1]:
-            kept = []
-        if any(crops.iou(box, k) >= threshold for k in kept):
-            dropped.append(idx)
-        else:
-            kept.append(box)
-    return pd.Series(frame.index.isin(dropped), index=frame.index)
+    dropped = np.zeros(len(boxes), dtype=bool)
+    start = 0
+    for end in range(1, len(boxes) + 1):
+        if end == len(boxes) or keys[end] != keys[start]:
+            if end - start > 1:
+                dropped[start:end] = greedy_duplicates(boxes[start:end], threshold)
+            start = end
+    return pd.Series(frame.index.isin(ordered.index[dropped]), index=frame.index)
 
 
 def pre_read_skips(frame: pd.DataFrame, settings: Settings) -> pd.Series:
