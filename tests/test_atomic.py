@@ -96,9 +96,14 @@ def test_a_symlink_at_the_destination_is_refused_and_left_alone(tmp_path, direct
 
 
 def test_a_device_or_folder_at_a_file_destination_is_refused(tmp_path):
+    # A FIFO stands for a device node: never a real one of /dev, which the code before this
+    # check would replace by a regular file.
+    fifo = tmp_path / "fifo"
+    os.mkfifo(fifo)
     with pytest.raises(StageError, match="not a regular file"):
-        with atomic_file("/dev/null") as f:
+        with atomic_file(fifo) as f:
             f.write("x")
+    assert fifo.is_fifo()
     (tmp_path / "metrics.json").mkdir()
     with pytest.raises(StageError, match="not a regular file"):
         write_json(tmp_path / "metrics.json", {"a": 1})
@@ -142,3 +147,19 @@ def test_a_full_disk_names_the_output_in_one_line(tmp_path, capsys):
     assert err == (f"error: cannot write {tmp_path / 'model' / 'best.pt'} (No space left on "
                    "device); free space and rerun\n")
     assert list(tmp_path.iterdir()) == []
+
+
+def test_the_train_state_replaces_a_link_into_dvcs_cache(tmp_path):
+    """DVC's symlink cache type checks a persist out (data/train_state) out as a link into the
+    cache: the next epoch's state replaces the link and never writes through it."""
+    from stages.common import train_state as TS
+
+    cached = tmp_path / "cache" / "ab" / "cdef"
+    cached.parent.mkdir(parents=True)
+    cached.write_bytes(b"the cached state")
+    state = tmp_path / "data" / "train_state" / "state.pt"
+    state.parent.mkdir(parents=True)
+    state.symlink_to(cached)
+    TS.save_finished({"params": {}}, 3, state)
+    assert not state.is_symlink() and state.stat().st_size > 0
+    assert cached.read_bytes() == b"the cached state"

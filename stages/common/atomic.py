@@ -94,10 +94,14 @@ def atomic_dir(path: str | Path) -> Iterator[Path]:
 
 
 @contextlib.contextmanager
-def atomic_file(path: str | Path, mode: str = "w") -> Iterator[Any]:
-    """Open a temporary file that replaces ``path`` when the block succeeds."""
+def atomic_file(path: str | Path, mode: str = "w", replace_link: bool = False) -> Iterator[Any]:
+    """Open a temporary file that replaces ``path`` when the block succeeds.
+
+    ``replace_link``: a symbolic link at ``path`` is replaced (the rename never writes through
+    it), for an output of our own that DVC may have checked out as a link into its cache."""
     path = Path(path)
-    refuse_odd_destination(path)
+    if not (replace_link and path.is_symlink()):
+        refuse_odd_destination(path)
     path.parent.mkdir(parents=True, exist_ok=True)
     clean_stale(path)  # a SIGKILL skips the cleanup below: e.g. metrics/.train.json.tmp-<pid>
     tmp = _tmp_sibling(path)
@@ -109,7 +113,8 @@ def atomic_file(path: str | Path, mode: str = "w") -> Iterator[Any]:
                              "writing the same output?); rerun when it has finished") from None
         with os.fdopen(fd, mode) as f:
             yield f
-        refuse_odd_destination(path)
+        if not (replace_link and path.is_symlink()):
+            refuse_odd_destination(path)
         os.replace(tmp, path)
     except OSError as exc:
         _name_the_output(exc, tmp, path)
