@@ -66,6 +66,11 @@ def _name_the_output(exc: OSError, tmp: Path, path: Path) -> None:
         exc.filename = str(path) + str(exc.filename)[len(str(tmp)):]
 
 
+def _exclusive(path: str, flags: int) -> int:
+    """open()'s opener: create the file, never open one already there, never follow a link."""
+    return os.open(path, flags | os.O_CREAT | os.O_EXCL | os.O_NOFOLLOW, 0o666)
+
+
 @contextlib.contextmanager
 def atomic_dir(path: str | Path) -> Iterator[Path]:
     """Yield an empty temporary directory that replaces ``path`` when the block succeeds."""
@@ -107,11 +112,11 @@ def atomic_file(path: str | Path, mode: str = "w", replace_link: bool = False) -
     tmp = _tmp_sibling(path)
     try:
         try:
-            fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_NOFOLLOW, 0o666)
+            f = open(tmp, mode, opener=_exclusive)
         except FileExistsError:
             raise StageError(f"{tmp}: appeared while {path} was being written (another run "
                              "writing the same output?); rerun when it has finished") from None
-        with os.fdopen(fd, mode) as f:
+        with f:
             yield f
         if not (replace_link and path.is_symlink()):
             refuse_odd_destination(path)
