@@ -3,7 +3,8 @@ what extract_crops runs) against the pairwise loop it replaced (tests/test_dedup
 the reference), same boxes, same answer checked.
 
     python -m benchmarks.bench_dedup                  # every case, both algorithms
-    python -m benchmarks.bench_dedup --skip-old 5000  # the old loop only up to 5,000 boxes
+    python -m benchmarks.bench_dedup --cases lattice tiny --skip-old 10000
+                                                      # the old loop only up to 10,000 boxes
 
 Cases, all boxes of one label on one picture, crops.dedup_iou 0.7 unless said:
   random      n boxes of 0.2-0.8 % of the picture's side, uniformly placed (few overlap)
@@ -53,12 +54,14 @@ def timed(fn, frame: pd.DataFrame) -> tuple[float, pd.Series]:
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     parser.add_argument("--sizes", type=int, nargs="+", default=[10_000, 20_000])
+    parser.add_argument("--cases", nargs="+", choices=list(CASES), default=list(CASES))
     parser.add_argument("--skip-old", type=int, default=None,
                         help="run the old pairwise loop only up to this many boxes")
     args = parser.parse_args()
     print(f"{'case':<8} {'boxes':>7} {'kept':>7} {'grid greedy':>12} {'pairwise (old)':>15} "
           f"{'speed-up':>9}")
-    for case, make in CASES.items():
+    for case in args.cases:
+        make = CASES[case]
         for n in args.sizes:
             frame = frame_of(make(n))
             new_s, new = timed(extract_crops.duplicate_mask, frame)

@@ -70,7 +70,9 @@ def _imagenet_state_dict(arch: str) -> dict:
         finally:
             socket.setdefaulttimeout(previous)
     check_hub_file(path)
-    return _weights_file(path, "model.weights: imagenet")
+    state = _weights_file(path, "model.weights: imagenet")
+    check_tensors(path, state)
+    return state
 
 
 def check_hub_file(path: Path) -> None:
@@ -116,10 +118,9 @@ def build_model(arch: str, num_classes: int, dropout: float, weights: str = "non
     model = ARCHS[arch][0](weights=None)
     if weights == "imagenet":
         state = _imagenet_state_dict(arch)
-        check_tensors(imagenet_weights_file(arch), state)
         try:
             model.load_state_dict(state)
-        except RuntimeError:
+        except RuntimeError:  # StageError is one too: only load_state_dict is in here
             raise StageError(f"{imagenet_weights_file(arch)}: does not hold {arch}'s weights; "
                              "delete it so it is downloaded again") from None
     elif weights != "none":

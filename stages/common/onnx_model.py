@@ -63,13 +63,21 @@ def model_digest(proto) -> str:
     return hashlib.sha256(proto.SerializeToString(deterministic=True)).hexdigest()
 
 
+def _take_digests(proto) -> list[str]:
+    """Remove the digest entries from ``proto``'s metadata, the others kept in order; return
+    the removed values."""
+    entries = [(p.key, p.value) for p in proto.metadata_props]
+    del proto.metadata_props[:]
+    for key, value in entries:
+        if key != DIGEST_KEY:
+            proto.metadata_props.add(key=key, value=value)
+    return [value for key, value in entries if key == DIGEST_KEY]
+
+
 def seal(proto) -> bytes:
     """The bytes of ``proto`` with its digest entry (replacing any) appended to its metadata."""
-    kept = [p for p in proto.metadata_props if p.key != DIGEST_KEY]
-    del proto.metadata_props[:]
-    proto.metadata_props.extend(kept)
-    digest = model_digest(proto)
-    proto.metadata_props.add(key=DIGEST_KEY, value=digest)
+    _take_digests(proto)
+    proto.metadata_props.add(key=DIGEST_KEY, value=model_digest(proto))
     return proto.SerializeToString(deterministic=True)
 
 
@@ -85,15 +93,12 @@ def verified_bytes(path: Path) -> tuple[bytes, dict[str, str]]:
     except (DecodeError, RuntimeError, ValueError):
         raise StageError(f"{path}: not a loadable ONNX model (not an ONNX protobuf); "
                          f"{EXPORT_AGAIN}") from None
-    stored = [p.value for p in proto.metadata_props if p.key == DIGEST_KEY]
+    stored = _take_digests(proto)
     if len(stored) != 1:
         raise StageError(f"{path}: has no weights digest (exported before models carried one, "
                          f"or not by this project), so its integrity cannot be checked; "
                          f"{EXPORT_AGAIN}")
-    metadata = {p.key: p.value for p in proto.metadata_props if p.key != DIGEST_KEY}
-    kept = [p for p in proto.metadata_props if p.key != DIGEST_KEY]
-    del proto.metadata_props[:]
-    proto.metadata_props.extend(kept)
+    metadata = {p.key: p.value for p in proto.metadata_props}
     if model_digest(proto) != stored[0]:
         raise StageError(f"{path}: its content does not match its weights digest: the file is "
                          f"damaged (a flipped bit, a bad copy) or was altered; restore it, or "
