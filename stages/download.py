@@ -34,8 +34,8 @@ from stages.common import schema
 from stages.common import sample_data, zoo
 from stages.common.atomic import atomic_dir, write_json
 from stages.common.openimages import (CLASSES, DATA_DIR, DETECTION_COLUMNS, DETECTIONS,
-                                      FLAG_COLUMNS, detection_columns, images_on_disk,
-                                      mids_for_names, read_classes)
+                                      FLAG_COLUMNS, csv_chunks, detection_columns,
+                                      images_on_disk, mids_for_names, read_classes)
 from stages.common.params import ParamError, StageError
 
 RAW = Path("data/raw")
@@ -230,8 +230,7 @@ def rows_for_images(path: Path, image_ids: set[str]) -> pd.DataFrame:
     """
     usecols = detection_columns(path)
     chunks = [chunk[chunk["ImageID"].isin(image_ids)]
-              for chunk in pd.read_csv(path, usecols=usecols, dtype=str, keep_default_na=False,
-                                       chunksize=1_000_000)]
+              for chunk in csv_chunks(path, usecols=usecols, dtype=str, keep_default_na=False)]
     rows = pd.concat(chunks, ignore_index=True) if chunks else pd.DataFrame(columns=usecols)
     for col, default in COLUMN_DEFAULTS.items():
         if col not in rows.columns:

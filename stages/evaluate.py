@@ -21,7 +21,7 @@ from stages.common import params as P
 from stages.common import schema
 from stages.common.atomic import atomic_file, write_json
 from stages.common.inference import predict, to_device
-from stages.common.model import load_checkpoint, pick_device
+from stages.common.model import check_logits, load_checkpoint, pick_device
 from stages.common.params import StageError
 from stages.common.predictor import labelled_folder, softmax
 from stages.common.speed import speed_figures
@@ -130,6 +130,7 @@ def main() -> None:
     model = model.to(device, memory_format=torch.channels_last)
     loader = DataLoader(ds, batch_size=cfg["batch_size"], shuffle=False)
     logits, targets = predict(model, loader, device)
+    check_logits(logits, len(ds), len(meta["classes"]), CHECKPOINT)
     preds = logits.argmax(1).numpy()
     probs = softmax(logits.numpy())
     targets = targets.numpy()

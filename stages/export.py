@@ -18,7 +18,7 @@ import torch
 from stages.common import params as P
 from stages.common import schema
 from stages.common.atomic import atomic_dir, write_json
-from stages.common.model import load_checkpoint
+from stages.common.model import check_logits, load_checkpoint
 from stages.common.onnx_model import OnnxClassifier, export
 from stages.common.params import StageError
 from stages.common.predictor import TorchClassifier, labelled_folder
@@ -70,13 +70,16 @@ def main() -> None:
     # PyTorch first, before ONNX Runtime's thread pool exists, so neither slows the other.
     eager = TorchClassifier(CHECKPOINT)
     reference = in_batches(eager.logits, images)
+    check_logits(reference, len(images), len(meta["classes"]), CHECKPOINT)
     speed["pytorch_eager"] = speed_figures(eager.logits, one, batch, n, cfg["speed_runs"])
     del eager
 
     with atomic_dir(EXPORT_DIR) as tmp:
         export(model, meta, tmp / ONNX_FILE, cfg["opset"])
         onnx = OnnxClassifier(tmp / ONNX_FILE, threads=threads)
-        check = parity(reference, in_batches(onnx.logits, images))
+        answered = in_batches(onnx.logits, images)
+        check_logits(answered, len(images), len(meta["classes"]), EXPORT_DIR / ONNX_FILE)
+        check = parity(reference, answered)
         if check["max_abs_logit_diff"] > cfg["parity_atol"]:
             raise StageError(f"ONNX parity failed: max abs logit difference "
                              f"{check['max_abs_logit_diff']} > export.parity_atol "

@@ -28,13 +28,11 @@ rotation note, 2018-05-17), so pictures are decoded with the tag ignored.
 """
 from __future__ import annotations
 
-import io
 import multiprocessing
 import os
 import sys
 import threading
 import time
-import warnings
 from concurrent.futures import ProcessPoolExecutor
 from concurrent.futures.process import BrokenProcessPool
 from dataclasses import dataclass, field
@@ -45,13 +43,14 @@ import cv2
 import numpy as np
 import pandas as pd
 import simplejpeg
-from PIL import Image
 from tqdm import tqdm
 
 from stages.common import crops, openimages
+from stages.common.pictures import IMAGE_PROBLEMS, Header, image_problem, read_header
 from stages.common import params as P
 from stages.common import schema
 from stages.common.atomic import atomic_dir, write_json
+from stages.common.dedup import greedy_duplicates
 from stages.common.params import StageError
 
 RAW = Path("data/raw")
@@ -62,10 +61,7 @@ JPEG_QUALITY = 95
 
 SKIP_REASONS = ["box_not_finite", "box_out_of_range", "box_empty", "duplicate_row", "group_of",
                 "depiction", "duplicate", "unreadable_image", "too_small"]
-# Why a picture could not be used; its boxes are then skipped as unreadable_image.
-IMAGE_PROBLEMS = ["empty_file", "not_an_image", "too_many_pixels", "truncated", "decode_failed"]
 BOX_COLUMNS = openimages.BOX_COLUMNS
-ORIENTATION_TAG = 0x0112
 # Coordinates are fractions of the picture; this much rounding noise beyond [0, 1] is clipped.
 RANGE_SLACK = 1e-6
 
@@ -140,7 +136,9 @@ def duplicate_mask(frame: pd.DataFrame, threshold: float) -> pd.Series:
 
     Greedy, per (image, label): the largest box first (ties: lower box_index), each later box is
     dropped if it overlaps any box already kept. The largest box wins because the Person box of
-    a body usually includes what a Man/Woman box of the same body trimmed off.
+    a body usually includes what a Man/Woman box of the same body trimmed off. Each box is
+    compared only with the kept boxes that could reach the threshold (stages.common.dedup), so
+    10,000 boxes on one picture take about a second, not a minute.
     """
     area = (frame["XMax"] - frame["XMin"]) * (frame["YMax"] - frame["YMin"])
     ordered = frame.assign(_area=area).sort_values(
@@ -149,16 +147,14 @@ def duplicate_mask(frame: pd.DataFrame, threshold: float) -> pd.Series:
     # Plain Python over columns: a pandas groupby costs ~1 ms a group, minutes for 60k images.
     keys = list(zip(ordered["ImageID"], ordered["label"]))
     boxes = list(ordered[["XMin", "YMin", "XMax", "YMax"]].itertuples(index=False, name=None))
-    dropped = []
-    kept: list[tuple[float, float, float, float]] = []
-    for pos, (idx, key, box) in enumerate(zip(ordered.index, keys, boxes)):
-        if pos == 0 or key != keys[pos - 1]:
-            kept = []
-        if any(crops.iou(box, k) >= threshold for k in kept):
-            dropped.append(idx)
-        else:
-            kept.append(box)
-    return pd.Series(frame.index.isin(dropped), index=frame.index)
+    dropped = np.zeros(len(boxes), dtype=bool)
+    start = 0
+    for end in range(1, len(boxes) + 1):
+        if end == len(boxes) or keys[end] != keys[start]:
+            if end - start > 1:
+                dropped[start:end] = greedy_duplicates(boxes[start:end], threshold)
+            start = end
+    return pd.Series(frame.index.isin(ordered.index[dropped]), index=frame.index)
 
 
 def pre_read_skips(frame: pd.DataFrame, settings: Settings) -> pd.Series:
@@ -214,14 +210,6 @@ class ImageResult:
         return not self.problem
 
 
-@dataclass(frozen=True)
-class Header:
-    width: int
-    height: int
-    format: str
-    exif_turned: bool
-
-
 def crop_name(image_id: str, box_index: int) -> str:
     return f"{image_id}_{box_index}.jpg"
 
@@ -264,47 +252,6 @@ def decode_jpeg(data: bytes) -> np.ndarray | None:
     except (ValueError, RuntimeError, TypeError):
         return None
     return image if image.ndim == 3 and image.shape[2] == 3 and image.size else None
-
-
-def read_header(data: bytes) -> Header | None:
-    """Size, format and orientation tag from the header alone; None when PIL cannot parse it."""
-    limit = Image.MAX_IMAGE_PIXELS
-    Image.MAX_IMAGE_PIXELS = None  # the pixel limit is ours (crops.max_image_pixels), not PIL's
-    try:
-        with warnings.catch_warnings(), Image.open(io.BytesIO(data)) as im:
-            warnings.simplefilter("ignore")
-            width, height = im.size
-            try:
-                turned = im.getexif().get(ORIENTATION_TAG, 1) not in (1, None)
-            except Exception:  # a malformed EXIF block says nothing about the pixels
-                turned = False
-            return Header(width, height, str(im.format), turned)
-    except Exception:  # PIL raises a zoo of types on hostile headers
-        return None
-    finally:
-        Image.MAX_IMAGE_PIXELS = limit
-
-
-def image_problem(data: bytes, header: Header | None, max_pixels: int) -> str:
-    """Why the picture must not be decoded ("" when it may be), from its bytes and header."""
-    if not data:
-        return "empty_file"
-    if header is None:
-        return "not_an_image"
-    if header.width * header.height > max_pixels:
-        return "too_many_pixels"
-    # A cut-off download still decodes (libjpeg pads the rest with grey) and would become
-    # crops of half a picture: require an end-of-image marker with no scan after it, and the
-    # PNG end chunk. Neither JPEG marker can occur inside entropy-coded data (0xFF is stuffed
-    # there); an EXIF thumbnail's own markers come before the picture's first scan. Searched
-    # from the end, a complete file costs two short scans, not two passes over its bytes.
-    if header.format == "JPEG":
-        end = data.rfind(b"\xff\xd9")
-        if end < 0 or data.find(b"\xff\xda", end) >= 0:
-            return "truncated"
-    if header.format == "PNG" and data.rfind(b"IEND") < 0:
-        return "truncated"
-    return ""
 
 
 def read_for_crops(task: ImageTask) -> tuple[np.ndarray | None, str, Header | None, int]:

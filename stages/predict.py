@@ -4,37 +4,78 @@ Not a DVC stage: the operator's command. PATH is a picture or a folder (walked r
 suffixes only, sorted). Each picture is prepared as training crops are (aspect kept, padded with
 the corner colour), centred, so the answer never changes between runs. The model is a train-stage
 checkpoint (PyTorch) or an exported ``.onnx`` file (ONNX Runtime); either carries its own arch,
-class names, image size and normalisation. No network is touched.
+class names, image size and normalisation, and a digest of its weights that is checked before it
+answers anything. No network is touched.
 
-A file that cannot be read gets its own line (``error: ...``) and the rest go on. Exit code: 0 all
-classified, 1 some file failed, 2 the model or an option is unusable.
+Answers are written as each batch is classified (``--format json`` opens the document first and
+closes it last), so a failure later in the run loses nothing already answered. A file that
+cannot be used (missing, empty, not a picture, more pixels than ``--max-image-pixels``, cut off,
+or anything its decode raises) gets its own ``error: ...`` and the rest go on. In the table,
+control and other non-printable characters in names are escaped (``\\n``, ``\\x1b``), so one
+picture is always one row.
+
+Exit code:
+  0  every input was classified;
+  1  some inputs failed (each has its ``error:``; the count is on stderr);
+  2  nothing more could be answered: an unusable model (missing, damaged, not ours, NaN or
+     infinite logits), option or output (stdout closed or full); one line on stderr.
 """
 from __future__ import annotations
 
 import argparse
+import contextlib
 import csv
 import json
+import os
 import signal
 import sys
 from pathlib import Path
+from typing import Iterator, TextIO
 
-from stages.common.params import ParamError, main_guard
+from stages.common.params import DISK_FULL, ArgumentParser, ParamError, StageError, main_guard
+from stages.common.pictures import DEFAULT_MAX_IMAGE_PIXELS, MAX_IMAGE_PIXELS
 from stages.common.predictor import Prediction, expand, load_classifier, predict_paths
+from stages.common.schema import MAX_BATCH
 
 DEFAULT_MODEL = Path("data/model/best.pt")
 
 
 def parse_args(argv: list[str] | None) -> argparse.Namespace:
-    parser = argparse.ArgumentParser(prog="python -m stages.predict", description=__doc__.split(
-        "\n")[0])
+    parser = ArgumentParser(prog="python -m stages.predict", description=__doc__.split("\n")[0])
     parser.add_argument("paths", nargs="+", metavar="PATH", help="picture files or folders")
     parser.add_argument("--model", type=Path, default=DEFAULT_MODEL,
                         help=f"checkpoint (.pt) or exported .onnx file (default {DEFAULT_MODEL})")
     parser.add_argument("--format", choices=["table", "json", "csv"], default="table")
     parser.add_argument("--top-k", type=int, default=None,
                         help="classes listed per picture in the table, best first (default all)")
-    parser.add_argument("--batch-size", type=int, default=32, help="pictures per forward pass")
+    parser.add_argument("--batch-size", type=int, default=32,
+                        help=f"pictures per forward pass (1 to {MAX_BATCH})")
+    parser.add_argument("--max-image-pixels", type=int, default=DEFAULT_MAX_IMAGE_PIXELS,
+                        help="pictures above this many pixels are refused from their header, "
+                             f"not decoded (default {DEFAULT_MAX_IMAGE_PIXELS:,}, as "
+                             "crops.max_image_pixels)")
     return parser.parse_args(argv)
+
+
+def shown(path: Path | str) -> str:
+    """A path as text that can always be written: bytes that are not UTF-8 (a file name from
+    another system) become ``\\xNN`` instead of failing the write."""
+    return os.fsencode(str(path)).decode("utf-8", "backslashreplace")
+
+
+def printable(text: str) -> str:
+    """``text`` with control and other non-printable characters (newline, ESC, bidi overrides)
+    and the backslash escaped, so a name can neither fake a row nor drive the terminal; a byte
+    that is not UTF-8 shows as ``\\xNN``."""
+    return "".join(_escape(ch) for ch in text)
+
+
+def _escape(ch: str) -> str:
+    if ch == "\\":
+        return "\\\\"
+    if "\udc80" <= ch <= "\udcff":  # how Python holds a file name's undecodable byte
+        return f"\\x{ord(ch) - 0xdc00:02x}"
+    return ch if ch.isprintable() else ascii(ch)[1:-1]
 
 
 def ranked(pred: Prediction, classes: list[str], k: int) -> list[tuple[str, float]]:
@@ -44,61 +85,130 @@ def ranked(pred: Prediction, classes: list[str], k: int) -> list[tuple[str, floa
 
 def as_record(pred: Prediction, classes: list[str], k: int) -> dict:
     if pred.error:
-        return {"path": str(pred.path), "error": pred.error}
+        return {"path": shown(pred.path), "error": pred.error}
     top = ranked(pred, classes, k)
-    return {"path": str(pred.path), "label": top[0][0], "probability": round(top[0][1], 6),
+    return {"path": shown(pred.path), "label": top[0][0], "probability": round(top[0][1], 6),
             "probabilities": {c: round(float(p), 6) for c, p in zip(classes, pred.probs)},
             "top_k": [{"label": c, "probability": round(p, 6)} for c, p in top]}
 
 
-def write_table(preds, classes, k, out) -> None:
-    width = max([len("file")] + [len(str(p.path)) for p in preds])
-    out.write(f"{'file':<{width}}  {'label':<8} {'prob':>6}  top-{k}\n")
-    for p in preds:
+class TableWriter:
+    """Aligned columns; the width comes from every input's name, known before any answer."""
+
+    def __init__(self, out: TextIO, classes: list[str], k: int, paths: list[Path]):
+        self.out, self.classes, self.k = out, classes, k
+        self.width = max([len("file")] + [len(printable(str(p))) for p in paths])
+
+    def begin(self, model: Path, arch: str) -> None:
+        self.out.write(f"{'file':<{self.width}}  {'label':<8} {'prob':>6}  top-{self.k}\n")
+
+    def write(self, p: Prediction) -> None:
+        name = printable(str(p.path))
         if p.error:
-            out.write(f"{str(p.path):<{width}}  error: {p.error}\n")
-            continue
-        top = ranked(p, classes, k)
+            self.out.write(f"{name:<{self.width}}  error: {printable(p.error)}\n")
+            return
+        top = ranked(p, self.classes, self.k)
         listing = ", ".join(f"{c} {v:.4f}" for c, v in top)
-        out.write(f"{str(p.path):<{width}}  {top[0][0]:<8} {top[0][1]:6.4f}  {listing}\n")
+        self.out.write(f"{name:<{self.width}}  {top[0][0]:<8} {top[0][1]:6.4f}  {listing}\n")
+
+    def end(self) -> None:
+        pass
 
 
-def write_csv(preds, classes, out) -> None:
-    writer = csv.writer(out, lineterminator="\n")
-    writer.writerow(["path", "label", "probability", *classes, "error"])
-    for p in preds:
+class CsvWriter:
+    def __init__(self, out: TextIO, classes: list[str], k: int, paths: list[Path]):
+        self.classes = classes
+        self.writer = csv.writer(out, lineterminator="\n")
+
+    def begin(self, model: Path, arch: str) -> None:
+        self.writer.writerow(["path", "label", "probability", *self.classes, "error"])
+
+    def write(self, p: Prediction) -> None:
         if p.error:
-            writer.writerow([p.path, "", "", *[""] * len(classes), p.error])
+            self.writer.writerow([shown(p.path), "", "", *[""] * len(self.classes), p.error])
         else:
             best = int(p.probs.argmax())
-            writer.writerow([p.path, classes[best], f"{p.probs[best]:.6f}",
-                             *[f"{v:.6f}" for v in p.probs], ""])
+            self.writer.writerow([shown(p.path), self.classes[best], f"{p.probs[best]:.6f}",
+                                  *[f"{v:.6f}" for v in p.probs], ""])
+
+    def end(self) -> None:
+        pass
+
+
+class JsonWriter:
+    """One JSON document, written as it grows: the header, then one record a line, then ``]}``."""
+
+    def __init__(self, out: TextIO, classes: list[str], k: int, paths: list[Path]):
+        self.out, self.classes, self.k = out, classes, k
+        self.first = True
+
+    def begin(self, model: Path, arch: str) -> None:
+        head = json.dumps({"model": shown(model), "arch": arch, "classes": self.classes})
+        self.out.write(head[:-1] + ', "predictions": [')
+
+    def write(self, p: Prediction) -> None:
+        self.out.write(("\n" if self.first else ",\n") + json.dumps(as_record(p, self.classes,
+                                                                             self.k)))
+        self.first = False
+
+    def end(self) -> None:
+        self.out.write("\n]}\n")
+
+
+WRITERS = {"table": TableWriter, "csv": CsvWriter, "json": JsonWriter}
+
+
+@contextlib.contextmanager
+def output_errors() -> Iterator[None]:
+    """A stdout that cannot be written (a full device, a closed pipe) is one line, exit code 2."""
+    try:
+        yield
+    except OSError as exc:
+        # What is still buffered would fail again at exit, as a second message: drop it.
+        with contextlib.suppress(OSError, ValueError, AttributeError):
+            os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())
+        if exc.errno in DISK_FULL:
+            exc.filename = "stdout"
+            raise  # main_guard's one line: free space
+        raise StageError(f"cannot write the answers to stdout ({exc.strerror or exc}); "
+                         "check where stdout goes, or redirect it to a file") from None
 
 
 @main_guard
 def main(argv: list[str] | None = None) -> int:
+    if sys.stdout is None:  # started with stdout closed (`>&-`)
+        raise StageError("stdout is closed, so no answer could be written; run with stdout "
+                         "open or redirected to a file")
     args = parse_args(argv)
-    if args.batch_size < 1:
-        raise ParamError(f"--batch-size={args.batch_size} is not allowed; expected >= 1")
+    if not 1 <= args.batch_size <= MAX_BATCH:
+        raise ParamError(f"--batch-size={args.batch_size} is not allowed; expected 1 to "
+                         f"{MAX_BATCH}")
+    if not 1 <= args.max_image_pixels <= MAX_IMAGE_PIXELS:
+        raise ParamError(f"--max-image-pixels={args.max_image_pixels} is not allowed; expected "
+                         f"1 to {MAX_IMAGE_PIXELS:,}")
     classifier = load_classifier(args.model)
     classes = classifier.meta["classes"]
     if args.top_k is not None and args.top_k < 1:
         raise ParamError(f"--top-k={args.top_k} is not allowed; expected 1 to {len(classes)}")
     k = min(args.top_k or len(classes), len(classes))
 
-    preds = list(predict_paths(classifier, expand(args.paths), args.batch_size))
-    if args.format == "table":
-        write_table(preds, classes, k, sys.stdout)
-    elif args.format == "csv":
-        write_csv(preds, classes, sys.stdout)
-    else:
-        json.dump({"model": str(args.model), "arch": classifier.meta["arch"], "classes": classes,
-                   "predictions": [as_record(p, classes, k) for p in preds]},
-                  sys.stdout, indent=2)
-        sys.stdout.write("\n")
-    failed = sum(p.error is not None for p in preds)
+    items = expand(args.paths)
+    out = WRITERS[args.format](sys.stdout, classes, k, [path for path, _ in items])
+    answered = failed = 0
+    with output_errors():
+        out.begin(args.model, classifier.meta["arch"])
+        try:
+            for pred in predict_paths(classifier, items, args.batch_size, args.max_image_pixels):
+                out.write(pred)
+                sys.stdout.flush()  # an answer is out as soon as it exists
+                answered += 1
+                failed += pred.error is not None
+        finally:
+            # Also after the model failed mid-run: what was answered stays a whole document.
+            out.end()
+            sys.stdout.flush()
     if failed:
-        print(f"{failed} of {len(preds)} inputs failed", file=sys.stderr)
+        print(f"{failed} of {answered} inputs failed", file=sys.stderr)
     return 1 if failed else 0
 
 

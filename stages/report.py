@@ -8,11 +8,12 @@ the metrics as tables, no script, and a Content-Security-Policy that forbids any
 file anywhere and open it in any browser.
 
 A plot that cannot be rendered is named in the page and on stderr, the others still come out;
-the exit code is then 1.
+the exit code is then 1. ``--out -`` writes the page to stdout; an ``--out`` that is a symbolic
+link or not a regular file (``/dev/stdout`` is a link) is refused in one line, exit code 2,
+because the atomic rename would replace the link or the device node itself.
 """
 from __future__ import annotations
 
-import argparse
 import base64
 import html
 import json
@@ -21,8 +22,8 @@ import sys
 import tempfile
 from pathlib import Path
 
-from stages.common.atomic import atomic_file
-from stages.common.params import StageError, main_guard
+from stages.common.atomic import atomic_file, refuse_odd_destination
+from stages.common.params import ArgumentParser, StageError, main_guard
 
 DEFAULT_OUT = Path("dvc_plots/report.html")  # beside dvc plots show's index.html, git-ignored
 IMAGE_TYPES = {".png": "image/png", ".jpg": "image/jpeg", ".jpeg": "image/jpeg",
@@ -132,22 +133,29 @@ needs no network.</p>
 
 @main_guard
 def main(argv: list[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(prog="python -m stages.report",
+    parser = ArgumentParser(prog="python -m stages.report",
                                      description=__doc__.split("\n")[0])
     parser.add_argument("--out", type=Path, default=DEFAULT_OUT,
-                        help=f"HTML file to write (default {DEFAULT_OUT})")
+                        help=f"HTML file to write, - for stdout (default {DEFAULT_OUT})")
     parser.add_argument("--repo", type=Path, default=Path("."),
                         help="DVC project root (default: here)")
     args = parser.parse_args(argv)
     if not (args.repo / "dvc.yaml").is_file():
         raise StageError(f"{args.repo / 'dvc.yaml'}: not found; run from the repository root")
+    to_stdout = str(args.out) == "-"
+    if not to_stdout:
+        refuse_odd_destination(args.out)  # before the minutes of rendering, not after
     page, failed = build(args.repo)
-    with atomic_file(args.out) as f:
-        f.write(page)
+    if to_stdout:
+        sys.stdout.write(page)
+    else:
+        with atomic_file(args.out) as f:
+            f.write(page)
     for line in failed:
         print(f"error: {line}", file=sys.stderr)
-    print(f"{args.out}: {page.count('<figure class=')} plots, {len(page) // 1024} KiB, "
-          f"self-contained (no network needed)")
+    print(f"{'stdout' if to_stdout else args.out}: {page.count('<figure class=')} plots, "
+          f"{len(page) // 1024} KiB, self-contained (no network needed)",
+          file=sys.stderr if to_stdout else sys.stdout)
     return 1 if failed else 0
 
 

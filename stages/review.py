@@ -15,7 +15,7 @@ import argparse
 import os
 from pathlib import Path
 
-from stages.common.params import StageError, main_guard
+from stages.common.params import ArgumentParser, StageError, main_guard
 from stages.common.predictor import labelled_folder, load_classifier, predict_paths
 
 DEFAULT_MODEL = Path("data/model/best.pt")
@@ -24,7 +24,7 @@ DEFAULT_NAME = "perimeter-test"
 
 
 def parse_args(argv: list[str] | None) -> argparse.Namespace:
-    parser = argparse.ArgumentParser(prog="python -m stages.review",
+    parser = ArgumentParser(prog="python -m stages.review",
                                      description=__doc__.split("\n")[0])
     parser.add_argument("--model", type=Path, default=DEFAULT_MODEL,
                         help=f"checkpoint or .onnx file (default {DEFAULT_MODEL})")

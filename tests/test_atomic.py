@@ -1,9 +1,12 @@
 """Atomic outputs: a failed or killed stage leaves the previous output whole, or nothing."""
+import errno
 import json
+import os
 
 import pytest
 
 from stages.common.atomic import atomic_dir, atomic_file, write_json
+from stages.common.params import StageError
 
 
 def test_atomic_dir_replaces_the_old_output_on_success(tmp_path):
@@ -63,3 +66,100 @@ def test_the_next_write_removes_what_a_sigkill_left(tmp_path):
     with atomic_dir(tmp_path / "model") as tmp:
         (tmp / "best.pt").write_text("new")
     assert sorted(p.name for p in tmp_path.iterdir()) == ["model", "train.json"]
+
+
+# ---------------------------------------------------------------------------------------------
+# Destinations that are not what they seem (issue 11)
+
+@pytest.mark.parametrize("directory", [False, True])
+def test_a_symlink_at_the_destination_is_refused_and_left_alone(tmp_path, directory):
+    """os.replace / rename over a link replaces the link itself: refused, in one line."""
+    target = tmp_path / ("target_dir" if directory else "target.txt")
+    if directory:
+        target.mkdir()
+        (target / "keep").write_text("keep")
+    else:
+        target.write_text("keep")
+    link = tmp_path / "out"
+    link.symlink_to(target)
+    with pytest.raises(StageError) as err:
+        if directory:
+            with atomic_dir(link) as tmp:
+                (tmp / "new").write_text("new")
+        else:
+            with atomic_file(link) as f:
+                f.write("new")
+    assert "is a symbolic link" in str(err.value) and "\n" not in str(err.value)
+    assert link.is_symlink() and link.resolve() == target
+    assert (target / "keep" if directory else target).read_text() == "keep"
+    assert sorted(p.name for p in tmp_path.iterdir()) == sorted(["out", target.name])
+
+
+def test_a_device_or_folder_at_a_file_destination_is_refused(tmp_path):
+    # A FIFO stands for a device node: never a real one of /dev, which the code before this
+    # check would replace by a regular file.
+    fifo = tmp_path / "fifo"
+    os.mkfifo(fifo)
+    with pytest.raises(StageError, match="not a regular file"):
+        with atomic_file(fifo) as f:
+            f.write("x")
+    assert fifo.is_fifo()
+    (tmp_path / "metrics.json").mkdir()
+    with pytest.raises(StageError, match="not a regular file"):
+        write_json(tmp_path / "metrics.json", {"a": 1})
+    (tmp_path / "model").write_text("a file")
+    with pytest.raises(StageError, match="not a directory"):
+        with atomic_dir(tmp_path / "model"):
+            pass
+
+
+def test_a_link_planted_at_the_temporary_name_is_never_written_through(tmp_path, monkeypatch):
+    """O_EXCL | O_NOFOLLOW: even if a link sits where the temporary goes (planted after the
+    stale-temporary cleanup), the file it points at is untouched."""
+    from stages.common import atomic
+
+    victim = tmp_path / "victim"
+    victim.write_text("precious")
+    out = tmp_path / "eval.json"
+    (tmp_path / f".eval.json.tmp-{os.getpid()}").symlink_to(victim)
+    monkeypatch.setattr(atomic, "clean_stale", lambda path: None)
+    with pytest.raises(StageError, match="appeared while"):
+        write_json(out, {"a": 1})
+    assert victim.read_text() == "precious" and not out.exists()
+
+
+def test_a_full_disk_names_the_output_in_one_line(tmp_path, capsys):
+    """ENOSPC in the middle of a write: one line naming the output (not its temporary), exit
+    code 2, nothing half-written left."""
+    from stages.common.params import main_guard
+
+    @main_guard
+    def stage():
+        with atomic_dir(tmp_path / "model") as tmp:
+            with atomic_file(tmp / "best.pt", "wb") as f:
+                f.write(b"half a checkpoint")
+                raise OSError(errno.ENOSPC, os.strerror(errno.ENOSPC))
+
+    with pytest.raises(SystemExit) as exc:
+        stage()
+    assert exc.value.code == 2
+    err = capsys.readouterr().err
+    assert err == (f"error: cannot write {tmp_path / 'model' / 'best.pt'} (No space left on "
+                   "device); free space and rerun\n")
+    assert list(tmp_path.iterdir()) == []
+
+
+def test_the_train_state_replaces_a_link_into_dvcs_cache(tmp_path):
+    """DVC's symlink cache type checks a persist out (data/train_state) out as a link into the
+    cache: the next epoch's state replaces the link and never writes through it."""
+    from stages.common import train_state as TS
+
+    cached = tmp_path / "cache" / "ab" / "cdef"
+    cached.parent.mkdir(parents=True)
+    cached.write_bytes(b"the cached state")
+    state = tmp_path / "data" / "train_state" / "state.pt"
+    state.parent.mkdir(parents=True)
+    state.symlink_to(cached)
+    TS.save_finished({"params": {}}, 3, state)
+    assert not state.is_symlink() and state.stat().st_size > 0
+    assert cached.read_bytes() == b"the cached state"

@@ -16,6 +16,7 @@ import pytest
 from PIL import Image
 
 from stages import extract_crops
+from stages.common import pictures
 from tests import paramfile
 from tests.test_crops import (MID, basic_dataset, box, read_manifest, run_stage, textured,
                               write_params, write_raw)
@@ -214,18 +215,37 @@ def test_extra_columns_are_ignored_missing_ones_named(tmp_path, monkeypatch, cap
 @pytest.mark.parametrize("content,needle", [
     ("", "empty or not a CSV"),
     ('ImageID,LabelName,XMin,XMax,YMin,YMax\nimg00,/m/person,0,1,0,1\nimg01,"/m/person,0,1,0,1\n',
-     "not a well-formed CSV"),
+     "not a well-formed CSV at line 3 (unexpected end of data)"),
+    ("ImageID,LabelName,XMin,XMax,YMin,YMax\nimg00,/m/person,0,1,0,1\n\xe9t\xe9,x,0,1,0,1\n",
+     "not a well-formed CSV at line 3 (not UTF-8 text)"),
 ])
 def test_broken_detections_file_stops_with_one_line(tmp_path, monkeypatch, capsys, content,
                                                      needle):
     images, boxes = basic_dataset()
     write_raw(tmp_path, images, boxes)
-    (tmp_path / "data/raw/labels/detections.csv").write_text(content)
+    (tmp_path / "data/raw/labels/detections.csv").write_bytes(content.encode("latin-1"))
     write_params(tmp_path)
     with pytest.raises(SystemExit):
         run_stage(tmp_path, monkeypatch)
     err = capsys.readouterr().err.strip().splitlines()
     assert len(err) == 1 and needle in err[0] and "detections.csv" in err[0]
+
+
+def test_csvs_saved_by_a_spreadsheet_tool_lose_no_class(tmp_path, monkeypatch):
+    """A byte-order mark (what spreadsheet tools write as "CSV UTF-8") glued to the first MID
+    turned that class's boxes into unknown labels, and the stage exited 0 without them."""
+    from tests.test_download import as_spreadsheet_csv
+
+    images, boxes = basic_dataset()
+    write_raw(tmp_path, images, boxes)
+    classes = tmp_path / "data/raw/metadata/classes.csv"
+    assert classes.read_text().startswith(MID["Person"] + ",")
+    as_spreadsheet_csv(classes)
+    as_spreadsheet_csv(tmp_path / "data/raw/labels/detections.csv")
+    write_params(tmp_path)
+    metrics = run_stage(tmp_path, monkeypatch)
+    assert metrics["rows_unknown_label"] == 0
+    assert metrics["kept_per_label"] == {"animal": 8, "object": 8, "person": 8}
 
 
 def test_a_label_with_no_usable_picture_stops_at_this_stage(tmp_path, monkeypatch, capsys):
@@ -264,11 +284,11 @@ def test_truncation_check_is_not_fooled_by_an_embedded_thumbnail():
     payload = b"Exif\0\0" + thumb
     app1 = b"\xff\xe1" + struct.pack(">H", len(payload) + 2) + payload
     whole = main[:2] + app1 + main[2:]
-    header = extract_crops.read_header(whole)
+    header = pictures.read_header(whole)
     assert header is not None and header.format == "JPEG"
-    assert extract_crops.image_problem(whole, header, 10**8) == ""
+    assert pictures.image_problem(whole, header, 10**8) == ""
     assert extract_crops.decode(whole) is not None
     for cut in (0.5, 0.9, 0.999):
         part = whole[: int(len(whole) * cut)]
-        assert extract_crops.image_problem(part, extract_crops.read_header(part), 10**8) \
+        assert pictures.image_problem(part, pictures.read_header(part), 10**8) \
             == "truncated", cut

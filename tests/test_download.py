@@ -248,6 +248,49 @@ def test_path_source_keeps_wanted_images_with_all_their_boxes(work: Path) -> Non
     assert metrics["boxes_per_label"] == {"animal": 2, "object": 0, "other": 1, "person": 1}
 
 
+def as_spreadsheet_csv(path: Path) -> None:
+    """Rewrite ``path`` as spreadsheet tools save "CSV UTF-8": a byte-order mark, CRLF ends."""
+    path.write_bytes(b"\xef\xbb\xbf" + path.read_bytes().replace(b"\n", b"\r\n"))
+
+
+def test_path_source_reads_csvs_as_spreadsheet_tools_write_them(work: Path) -> None:
+    """A BOM made the first class's MID '\\ufeff/m/01g317': its boxes became unknown labels
+    and both stages exited 0. Quoted commas in a class name must stay one field."""
+    person, dog = REAL_MIDS["Person"], REAL_MIDS["Dog"]
+    images = {"aaaa000000000001": [(person, "0.0125")], "aaaa000000000003": [(dog, "0.25")]}
+    make_mirror(work / "mirror", images, on_disk=set(images))
+    classes = work / "mirror/metadata/classes.csv"
+    classes.write_text(classes.read_text() + '/m/0cdl1,"Tree, palm"\n')
+    as_spreadsheet_csv(classes)
+    as_spreadsheet_csv(work / "mirror/labels/detections.csv")
+    assert next(iter(ORDERED_CLASSES)) == person  # the BOM sits right before Person's MID
+    write_params(work, source="mirror", shuffle=False)
+    run_stage()
+    metrics = json.loads((work / "metrics/download.json").read_text())
+    assert metrics["images"] == 2
+    assert metrics["boxes_per_label"] == {"animal": 1, "object": 0, "other": 0, "person": 1}
+    assert read_classes(work / "data/raw/metadata/classes.csv") == {
+        **ORDERED_CLASSES, "/m/0cdl1": "Tree, palm"}
+
+
+def test_path_source_malformed_csv_is_one_line_naming_file_and_line(
+        work: Path, capsys: pytest.CaptureFixture) -> None:
+    make_mirror(work / "mirror", {"c" * 16: [(REAL_MIDS["Dog"], "0.1")]}, {"c" * 16})
+    detections = work / "mirror/labels/detections.csv"
+    lines = detections.read_text().splitlines()
+    lines.insert(2, f'{"d" * 16},"xclick,{REAL_MIDS["Dog"]},1,0.1,0.9,0.1,0.9,0,0,0,0,0,-1')
+    detections.write_text("\n".join(lines) + "\n")
+    write_params(work, source="mirror")
+    fails_with(capsys, "error: mirror/labels/detections.csv: not a well-formed CSV at line 3 (")
+    detections.write_bytes(detections.read_bytes().replace(b'"xclick', b"\xffxclick"))
+    fails_with(capsys, "mirror/labels/detections.csv: not a well-formed CSV at line 3 (not UTF-8")
+    make_mirror(work / "mirror2", {"c" * 16: [(REAL_MIDS["Dog"], "0.1")]}, {"c" * 16})
+    classes = work / "mirror2/metadata/classes.csv"
+    classes.write_text(classes.read_text() + '/m/0cdl1,"Tree, palm\n/m/0abc,Other\n')
+    write_params(work, source="mirror", mirror="mirror2")
+    fails_with(capsys, "error: mirror2/metadata/classes.csv: not a well-formed CSV at line 8 (")
+
+
 def test_path_source_draws_max_samples_reproducibly(work: Path) -> None:
     ids = [f"bbbb{i:012x}" for i in range(12)]
     make_mirror(work / "mirror", {i: [(REAL_MIDS["Cat"], "0.1")] for i in ids}, set(ids))

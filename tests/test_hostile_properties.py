@@ -16,7 +16,7 @@ from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
 from stages import extract_crops
-from stages.common import crops, openimages
+from stages.common import crops, openimages, pictures
 
 FAST = settings(max_examples=150, deadline=None,
                 suppress_health_check=[HealthCheck.too_slow])
@@ -123,7 +123,7 @@ def test_any_file_is_cropped_or_skipped_with_a_reason(data, boxes, reduced, limi
         result = extract_crops.process_image(task)
         written = sorted(p.name for p in (Path(tmp) / "person").iterdir())
     if result.problem:
-        assert result.problem in extract_crops.IMAGE_PROBLEMS
+        assert result.problem in pictures.IMAGE_PROBLEMS
         assert written == [] and result.boxes == ()
     else:
         kept = [k for k, status, _ in result.boxes if status == "kept"]

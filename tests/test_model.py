@@ -8,6 +8,7 @@ import torch
 from torch import nn
 
 from stages.common import model as M
+from stages.common.digest import file_sha256
 from stages.common.params import StageError
 from stages.common.training import EarlyStopping, FocalLoss, cosine_scheduler
 
@@ -157,15 +158,24 @@ def test_imagenet_weights_offline_names_the_expected_file(tmp_path, monkeypatch)
 
 
 def test_imagenet_weights_load_from_torch_cache(tmp_path, monkeypatch):
-    """The real file name torchvision caches to; no network is touched when it is there."""
+    """A cached file is used with no network; its SHA-256 must begin with the digits in its
+    name (torchvision's resnet18-f37072fd.pth), which these random weights do not: so the test
+    names its file by its own digest, as torchvision names the real one."""
     monkeypatch.setenv("TORCH_HOME", str(tmp_path))
     monkeypatch.setattr(torch.hub, "load_state_dict_from_url",
                         lambda *a, **k: pytest.fail("must not download when cached"))
     torch.manual_seed(1)
     reference = M.ARCHS["resnet18"][0](weights=None)
-    path = M.imagenet_weights_file("resnet18")
-    path.parent.mkdir(parents=True)
-    torch.save(reference.state_dict(), path)
+    real_name = M.imagenet_weights_file("resnet18")
+    real_name.parent.mkdir(parents=True)
+    torch.save(reference.state_dict(), real_name)
+    with pytest.raises(StageError) as err:  # bytes that are not torchvision's
+        M.build_model("resnet18", 3, 0.3, "imagenet")
+    assert f"{real_name}: its SHA-256 begins " in str(err.value)
+    assert "not f37072fd as its name says" in str(err.value)
+    named = real_name.with_name(f"resnet18-{file_sha256(real_name)[:8]}.pth")
+    real_name.rename(named)
+    monkeypatch.setattr(M, "imagenet_weights_file", lambda arch: named)
     model = M.build_model("resnet18", 3, 0.3, "imagenet")
     assert torch.equal(model.layer4[0].conv1.weight, reference.layer4[0].conv1.weight)
     assert model.fc[1].out_features == 3 and model.fc[0].p == 0.3
@@ -176,3 +186,136 @@ def test_weights_file_of_another_arch_is_refused(tmp_path):
     torch.save(M.ARCHS["resnet50"][0](weights=None).state_dict(), path)
     with pytest.raises(StageError, match="does not fit resnet18"):
         M.build_model("resnet18", 3, 0.3, str(path))
+
+
+# ---------------------------------------------------------------------------------------------
+# Integrity (issue 11): a damaged or foreign file is one line, never an answer or a traceback
+
+META = {"arch": "resnet18", "classes": ["animal", "object", "person"], "image_size": 32,
+        "mean": M.IMAGENET_MEAN, "std": M.IMAGENET_STD, "dropout": 0.3}
+
+
+def saved(tmp_path, name="best.pt", meta=None, edit=None, arch="resnet18", classes=3):
+    torch.manual_seed(0)
+    model = M.build_model(arch, classes, 0.3).eval()
+    if edit:
+        edit(model)
+    path = tmp_path / name
+    M.save_checkpoint(path, model, meta or META)
+    return path
+
+
+def storage_offsets(path):
+    """(start, size) of each tensor's raw bytes inside torch's zip file."""
+    import zipfile
+
+    data = path.read_bytes()
+    out = []
+    for info in zipfile.ZipFile(path).infolist():
+        if "/data/" in info.filename and not info.filename.endswith(".pkl"):
+            start = info.header_offset + 30 + len(info.filename) + int.from_bytes(
+                data[info.header_offset + 28:info.header_offset + 30], "little")
+            out.append((start, info.file_size))
+    return out
+
+
+def flip_bit(path, offset, bit=4):
+    data = bytearray(path.read_bytes())
+    data[offset] ^= 1 << bit
+    path.write_bytes(bytes(data))
+
+
+def test_a_flipped_bit_in_a_weight_or_a_class_name_is_refused(tmp_path):
+    """torch's zip format checks no CRC: a flipped bit loaded, and answered (27 of 58 people
+    'object'). Now the digest refuses the file in one line naming it."""
+    path = saved(tmp_path)
+    M.load_checkpoint(path)  # intact: loads
+    start, size = max(storage_offsets(path), key=lambda s: s[1])
+    flip_bit(path, start + size // 2)
+    state = torch.load(path, weights_only=True)  # torch itself still loads it
+    assert state["model_state"] is not None
+    with pytest.raises(StageError) as err:
+        M.load_checkpoint(path)
+    assert str(err.value).startswith(f"{path}: its content does not match its weights digest")
+    assert "\n" not in str(err.value)
+
+    names = saved(tmp_path, "names.pt")
+    data = names.read_bytes()
+    flip_bit(names, data.index(b"person"), bit=0)  # 'person' -> 'qerson'
+    assert torch.load(names, weights_only=True)["classes"][2] == "qerson"
+    with pytest.raises(StageError, match="does not match its weights digest"):
+        M.load_checkpoint(names)
+
+
+def test_non_finite_weights_are_refused(tmp_path):
+    """conv1 weights of NaN answered 'animal nan' for every picture, exit code 0."""
+    def poison(model):
+        with torch.no_grad():
+            model.conv1.weight.fill_(float("nan"))
+
+    path = saved(tmp_path, edit=poison)  # a valid digest: the damage came before the save
+    with pytest.raises(StageError) as err:
+        M.load_checkpoint(path)
+    assert str(err.value).startswith(f"{path}: weight conv1.weight holds NaN or infinite values")
+
+
+def test_a_checkpoint_without_a_digest_is_refused_saying_how_to_regenerate(tmp_path):
+    path = saved(tmp_path)
+    ckpt = torch.load(path, weights_only=True)
+    del ckpt[M.DIGEST_KEY]
+    torch.save(ckpt, path)
+    with pytest.raises(StageError) as err:
+        M.load_checkpoint(path)
+    assert "has no weights digest" in str(err.value)
+    assert "regenerate it with `dvc repro`" in str(err.value)
+
+
+@pytest.mark.parametrize("case,needle", [
+    ("bare tensor", "not a checkpoint (it holds a Tensor"),
+    ("other arch", "its weights do not fit a resnet34 with 3 classes"),
+    ("other class count", "its weights do not fit a resnet18 with 4 classes"),
+    ("weights not tensors", "not a mapping of weight names to tensors"),
+    ("bad metadata", "metadata image_size='64' is not usable"),
+])
+def test_files_that_are_not_our_checkpoints_are_one_line(tmp_path, case, needle):
+    """Each of these was a traceback (exit code 1) from load_state_dict or later."""
+    path = tmp_path / "x.pt"
+    if case == "bare tensor":
+        torch.save(torch.zeros(3), path)
+    elif case == "other arch":  # a valid digest over resnet18 weights that claim resnet34
+        saved(tmp_path, "x.pt", {**META, "arch": "resnet34"})
+    elif case == "other class count":
+        saved(tmp_path, "x.pt", {**META, "classes": ["a", "b", "c", "d"]})
+    elif case == "weights not tensors":
+        ckpt = torch.load(saved(tmp_path, "x.pt"), weights_only=True)
+        ckpt["model_state"] = {"conv1.weight": [1.0, 2.0]}
+        torch.save(ckpt, path)
+    else:
+        saved(tmp_path, "x.pt", {**META, "image_size": "64"})
+    with pytest.raises(StageError) as err:
+        M.load_checkpoint(path)
+    assert str(err.value).startswith(f"{path}: ") and needle in str(err.value)
+    assert "\n" not in str(err.value)
+
+
+def test_model_weights_is_verified_like_a_checkpoint(tmp_path):
+    """model.weights pointing at a damaged checkpoint, or at something that is no weights file
+    at all, was a traceback; now one line, before any training."""
+    path = saved(tmp_path)
+    model = M.build_model("resnet18", 3, 0.3, str(path))  # intact: its trunk is used
+    assert torch.equal(model.conv1.weight, M.load_checkpoint(path)[0].conv1.weight)
+    start, size = max(storage_offsets(path), key=lambda s: s[1])
+    flip_bit(path, start + size // 2)
+    with pytest.raises(StageError, match="does not match its weights digest"):
+        M.build_model("resnet18", 3, 0.3, str(path))
+    text = tmp_path / "notes.pth"
+    text.write_text("not weights")
+    with pytest.raises(StageError) as err:
+        M.build_model("resnet18", 3, 0.3, str(text))
+    assert str(err.value).startswith(f"model.weights: {text} is not a loadable weights file")
+    nan = tmp_path / "nan.pth"
+    state = M.ARCHS["resnet18"][0](weights=None).state_dict()
+    state["layer1.0.conv1.weight"].fill_(float("inf"))
+    torch.save(state, nan)
+    with pytest.raises(StageError, match="weight layer1.0.conv1.weight holds NaN or infinite"):
+        M.build_model("resnet18", 3, 0.3, str(nan))

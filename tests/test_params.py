@@ -159,3 +159,52 @@ def test_first_stage_stops_on_a_bad_key_of_a_later_one(tmp_path):
         "error: params.yaml: evaluate.device='tpu' is not allowed; expected one of auto, cpu, "
         "cuda, mps"]
     assert not (tmp_path / "data").exists() and not (tmp_path / "metrics").exists()
+
+
+# ---------------------------------------------------------------------------------------------
+# Values that passed the check and crashed or exhausted a stage later (issue 11)
+
+@pytest.mark.parametrize("key,value", [
+    ("seed", 2**32),                  # np.random.seed in train: ValueError after hours upstream
+    ("crops.workers", 100_000), ("train.num_workers", 100_000), ("train.nproc", 100_000),
+    ("data.zoo.num_workers", 100_000), ("crops.size", 100_000), ("train.batch_size", 100_000),
+    ("evaluate.batch_size", 100_000), ("export.batch_size", 100_000),
+    ("train.epochs", 10**9), ("evaluate.speed_runs", 10**9), ("export.speed_runs", 10**9),
+    ("evaluate.mistakes", 10**6),
+])
+def test_values_that_would_crash_or_exhaust_a_later_stage_are_refused(tmp_path, key, value):
+    params = P.load(ROOT / "params.yaml")
+    *sections, name = key.split(".")
+    node = params
+    for section in sections:
+        node = node[section]
+    node[name] = value
+    path = tmp_path / "params.yaml"
+    path.write_text(yaml.safe_dump(params))
+    with pytest.raises(P.ParamError) as err:
+        P.load(path)
+    message = str(err.value)
+    assert f"{key}={value!r} is not allowed; expected an integer >=" in message and "<=" in message
+    assert "\n" not in message
+
+
+def test_the_largest_seed_allowed_seeds_every_rank():
+    from stages.common import schema
+    from stages.common.training import seed_everything
+
+    for rank in (0, 1, 255):  # train seeds each rank with seed + rank
+        seed_everything(schema.MAX_SEED + rank)
+
+
+def test_a_key_given_twice_is_refused_with_both_lines(tmp_path):
+    """PyYAML keeps the last value silently; DVC refuses the file: the stages must not run."""
+    text = (ROOT / "params.yaml").read_text()
+    text = text.replace("train:\n", "train:\n  lr: 0.5\n", 1)
+    path = tmp_path / "params.yaml"
+    path.write_text(text)
+    line = text.splitlines().index("  lr: 0.5") + 1
+    second = next(i for i, t in enumerate(text.splitlines(), 1) if t.startswith("  lr: 0.001"))
+    with pytest.raises(P.ParamError) as err:
+        P.load(path)
+    assert str(err.value) == (f"{path}: key 'train.lr' is given twice (lines {line} and "
+                              f"{second}); keep one (DVC refuses such a file)")

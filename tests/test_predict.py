@@ -1,5 +1,10 @@
 """predict, export and the mistakes gallery on a tiny random checkpoint (no pipeline run needed)."""
+import io
 import json
+import os
+import shlex
+import subprocess
+import sys
 from pathlib import Path
 from types import SimpleNamespace
 
@@ -14,13 +19,14 @@ from stages.common import figures
 from stages.common.crops import corner_colour
 from stages.common.model import (IMAGENET_MEAN, IMAGENET_STD, build_model, load_checkpoint,
                                  save_checkpoint)
-from stages.common.onnx_model import OnnxClassifier, export
+from stages.common.onnx_model import OnnxClassifier, export, seal
 from stages.common.params import ParamError, StageError
 from stages.common.predictor import TorchClassifier, load_classifier, prepare
 from stages.common.speed import speed_figures
 from stages.evaluate import most_confident_mistakes
 from tests import paramfile
 
+ROOT = Path(__file__).resolve().parents[1]
 SIZE = 32
 CLASSES = ["animal", "object", "person"]
 
@@ -165,9 +171,14 @@ def test_predict_runs_the_onnx_model(run_predict, models, pictures):
 
 
 def test_onnx_without_our_metadata_is_refused(tmp_path):
+    import onnx
+
     bare = tmp_path / "bare.onnx"
     torch.onnx.export(torch.nn.Linear(2, 2).eval(), (torch.zeros(1, 2),), str(bare), dynamo=True,
                       verbose=False)
+    with pytest.raises(StageError, match="has no weights digest"):
+        load_classifier(bare)
+    bare.write_bytes(seal(onnx.load(str(bare))))
     with pytest.raises(StageError, match="metadata lacks arch"):
         load_classifier(bare)
     (tmp_path / "junk.onnx").write_bytes(b"junk")
@@ -236,3 +247,230 @@ def test_checkpoint_that_disagrees_with_the_data_is_refused(tmp_path, models, cl
     assert needle in message and "\n" not in message
     shown = str(classes) if classes != CLASSES else f"{side}x{side}"
     assert shown in message  # both sides are named
+
+
+# ---------------------------------------------------------------------------------------------
+# A hostile afternoon (issue 11): pixel bombs, files that blow up, names that lie, outputs that
+# fail. Exit codes: 0 all classified, 1 some inputs failed, 2 no more answers possible.
+
+def rows_of(stdout: str) -> list[str]:
+    return stdout.splitlines()[1:]  # below the table's header
+
+
+def test_pixel_bomb_is_refused_from_its_header_and_the_others_answered(run_predict, models,
+                                                                       pictures, tmp_path):
+    """40,000 x 40,000 pixels announced by a 100-byte PNG: OpenCV raised cv2.error and the
+    run died with a traceback, losing the good pictures' answers."""
+    from tests.test_bad_input import png_header_only
+
+    bomb = tmp_path / "bomb.png"
+    bomb.write_bytes(png_header_only(40_000, 40_000))
+    good = [pictures / "crop.jpg", pictures / "wide.jpg"]
+    proc = run_predict(good[0], bomb, good[1], "--model", models[0], "--format", "json")
+    assert proc.returncode == 1
+    got = {Path(p["path"]).name: p for p in json.loads(proc.stdout)["predictions"]}
+    assert got["bomb.png"]["error"].startswith("40000 x 40000 pixels, more than the limit of "
+                                               "100,000,000; not decoded")
+    assert "label" in got["crop.jpg"] and "label" in got["wide.jpg"]
+    # the limit is an option: a 90 x 40 picture is refused under 3,000 pixels
+    small = run_predict(good[1], "--model", models[0], "--max-image-pixels", "3000")
+    assert small.returncode == 1 and "90 x 40 pixels, more than the limit of 3,000" in small.stdout
+
+
+def test_pixel_limit_default_is_crops_max_image_pixels():
+    from stages.common import pictures as pics
+
+    assert paramfile.params()["crops"]["max_image_pixels"] == pics.DEFAULT_MAX_IMAGE_PIXELS
+    assert predict.parse_args(["x.jpg"]).max_image_pixels == pics.DEFAULT_MAX_IMAGE_PIXELS
+
+
+def test_anything_a_decode_raises_is_that_files_error_line(run_predict, models, pictures,
+                                                           monkeypatch):
+    """cv2.error, MemoryError, OSError: one file's problem, never the run's."""
+    real = cv2.imdecode
+    failures = {b"tall": cv2.error("OpenCV(4.14.0) error: (-4:Insufficient memory) Failed "
+                                   "to allocate"),
+                b"wide": MemoryError()}
+
+    def imdecode(buf, flags):
+        image = real(buf, flags)
+        for marker, exc in failures.items():
+            if image is not None and image.shape[:2] == {b"tall": (70, 30),
+                                                         b"wide": (40, 90)}[marker]:
+                raise exc
+        return image
+
+    monkeypatch.setattr(cv2, "imdecode", imdecode)
+    proc = run_predict(pictures, "--model", models[0])
+    assert proc.returncode == 1
+    rows = {Path(r.split()[0]).name: r for r in rows_of(proc.stdout)}
+    assert "error: cannot read the file (error: OpenCV(4.14.0) error:" in rows["tall.png"]
+    assert "error: cannot read the file (MemoryError)" in rows["wide.jpg"]
+    assert "error" not in rows["crop.jpg"]
+
+
+def test_answers_are_out_before_a_later_failure(run_predict, models, pictures, monkeypatch):
+    """The model fails on the third batch: the first two answers are already written, the run
+    stops with one line naming the model file, exit code 2 (answers used to be printed only
+    at the end, and a NaN was printed as 'animal nan' with exit code 0)."""
+    calls = []
+    real = TorchClassifier.logits
+
+    def logits(self, batch):
+        calls.append(len(batch))
+        out = real(self, batch)
+        return out * np.nan if len(calls) == 3 else out
+
+    monkeypatch.setattr(TorchClassifier, "logits", logits)
+    proc = run_predict(pictures / "crop.jpg", pictures / "wide.jpg", pictures / "sub",
+                       "--model", models[0], "--batch-size", "1")
+    assert proc.returncode == 2
+    assert proc.stderr.splitlines() == [
+        f"error: {models[0]}: the model answers NaN or infinite logits; its weights are "
+        "damaged or diverged: retrain (dvc repro) or export it again"]
+    rows = rows_of(proc.stdout)
+    assert [Path(r.split()[0]).name for r in rows] == ["crop.jpg", "wide.jpg"]
+    calls.clear()
+    as_json = run_predict(pictures / "crop.jpg", pictures / "wide.jpg", pictures / "sub",
+                          "--model", models[0], "--batch-size", "1", "--format", "json")
+    assert as_json.returncode == 2  # what was answered is still one whole JSON document
+    assert len(json.loads(as_json.stdout)["predictions"]) == 2
+
+
+def test_table_escapes_names_so_one_picture_is_one_row(run_predict, models, pictures):
+    """A newline in a name faked a second row; an ANSI escape could erase one on a terminal."""
+    crop = (pictures / "crop.jpg").read_bytes()
+    fake = pictures / "a\nb.jpg   person   0.9999  person 0.9999.jpg"
+    fake.write_bytes(crop)
+    ansi = pictures / "c\x1b[2K\x1b[1Ad.jpg"
+    ansi.write_bytes(crop)
+    odd = Path(os.fsdecode(bytes(pictures) + b"/e\xff.jpg"))  # not UTF-8: a name from elsewhere
+    odd.write_bytes(crop)
+    table = run_predict(fake, ansi, odd, "--model", models[0])
+    assert table.returncode == 0
+    rows = rows_of(table.stdout)
+    assert len(rows) == 3 and "\x1b" not in table.stdout
+    assert rows[0].startswith(str(pictures / "a\\nb.jpg   person"))
+    assert rows[1].startswith(str(pictures / "c\\x1b[2K\\x1b[1Ad.jpg"))
+    assert rows[2].startswith(str(pictures / "e\\xff.jpg"))
+    for fmt in ("csv", "json"):  # these quote: the name comes back whole (bytes not UTF-8 as \xff)
+        out = run_predict(fake, odd, "--model", models[0], "--format", fmt)
+        assert out.returncode == 0
+        names = ([r["path"] for r in json.loads(out.stdout)["predictions"]] if fmt == "json"
+                 else [r[0] for r in list(__import__("csv").reader(io.StringIO(out.stdout)))[1:]])
+        assert names == [str(fake), str(pictures / "e\\xff.jpg")]
+
+
+@pytest.mark.parametrize("args,needle", [
+    (["--top-k", "abc"], "argument --top-k: invalid int value: 'abc'"),
+    (["--batch-size", "100000"], "--batch-size=100000 is not allowed; expected 1 to 4096"),
+    (["--max-image-pixels", "0"], "--max-image-pixels=0 is not allowed"),
+    (["--format", "xml"], "argument --format: invalid choice: 'xml'"),
+])
+def test_bad_options_are_one_line_exit_2(run_predict, models, pictures, args, needle):
+    proc = run_predict(pictures, "--model", models[0], *args)
+    assert proc.returncode == 2 and proc.stdout == ""
+    assert len(proc.stderr.splitlines()) == 1 and needle in proc.stderr
+
+
+def predict_command(*args, shell_suffix: str = "") -> subprocess.CompletedProcess:
+    command = " ".join(shlex.quote(str(a)) for a in
+                       [sys.executable, "-m", "stages.predict", *args]) + shell_suffix
+    return subprocess.run(["sh", "-c", command], cwd=ROOT, capture_output=True, text=True,
+                          timeout=300, env={**os.environ, "PYTHONPATH": str(ROOT)})
+
+
+@pytest.mark.parametrize("redirect,needle", [
+    (" >/dev/full", "error: cannot write stdout (No space left on device); free space and rerun"),
+    (" >&-", "error: stdout is closed, so no answer could be written; run with stdout open or "
+             "redirected to a file"),
+])
+def test_an_output_that_cannot_be_written_is_one_line_exit_2(models, pictures, redirect, needle):
+    proc = predict_command(pictures / "crop.jpg", "--model", models[0], shell_suffix=redirect)
+    assert (proc.returncode, proc.stderr.splitlines()) == (2, [needle])
+
+
+def test_exit_codes_0_1_2(run_predict, models, pictures, tmp_path):
+    assert run_predict(pictures / "crop.jpg", "--model", models[0]).returncode == 0
+    assert run_predict(pictures / "crop.jpg", pictures / "broken.jpg",
+                       "--model", models[0]).returncode == 1
+    junk = tmp_path / "junk.pt"
+    junk.write_bytes(b"not a checkpoint")
+    assert run_predict(pictures / "crop.jpg", "--model", junk).returncode == 2
+
+
+# ---------------------------------------------------------------------------------------------
+# The ONNX file's integrity, and NaN / infinite logits in every user of a model (issue 11)
+
+def test_a_flipped_bit_in_the_onnx_file_is_refused(models, tmp_path):
+    """One flipped bit in model.onnx answered 'object 1.000000'."""
+    _, onnx_file = models
+    damaged = tmp_path / "model.onnx"
+    data = bytearray(onnx_file.read_bytes())
+    data[len(data) // 2] ^= 0x10  # the file is almost all weights: this is inside one
+    damaged.write_bytes(bytes(data))
+    with pytest.raises(StageError) as err:
+        OnnxClassifier(damaged)
+    assert str(err.value).startswith(f"{damaged}: its content does not match its weights digest")
+    OnnxClassifier(onnx_file)  # the intact file loads
+
+
+def test_onnx_metadata_that_is_not_json_is_one_line(models, tmp_path):
+    import onnx
+
+    proto = onnx.load(str(models[1]))
+    for prop in proto.metadata_props:
+        if prop.key == "classes":
+            prop.value = '["animal", "object", "person"'  # cut short
+    broken = tmp_path / "broken.onnx"
+    broken.write_bytes(seal(proto))  # a valid digest: the file was written so
+    with pytest.raises(StageError) as err:
+        OnnxClassifier(broken)
+    assert str(err.value) == (f"{broken}: ONNX metadata classes is not valid JSON; the file is "
+                              "damaged or not one this project wrote; export it again with "
+                              "`dvc repro export` (or python -m stages.export)")
+
+
+def overflowing_checkpoint(folder: Path) -> Path:
+    """A checkpoint with a valid digest and finite weights whose logits overflow to infinity."""
+    torch.manual_seed(0)
+    model = build_model("resnet18", 3, 0.3).eval()
+    with torch.no_grad():
+        model.fc[1].weight.fill_(3e38)
+    meta = {"arch": "resnet18", "classes": CLASSES, "image_size": SIZE, "mean": IMAGENET_MEAN,
+            "std": IMAGENET_STD, "dropout": 0.3}
+    path = folder / "data/model/best.pt"
+    path.parent.mkdir(parents=True)
+    save_checkpoint(path, model, meta)
+    return path
+
+
+def test_infinite_logits_stop_predict_evaluate_and_export_in_one_line(tmp_path, monkeypatch,
+                                                                      capsys, run_predict,
+                                                                      pictures):
+    from stages import evaluate
+
+    checkpoint = overflowing_checkpoint(tmp_path)
+    proc = run_predict(pictures / "crop.jpg", "--model", checkpoint)
+    assert proc.returncode == 2 and "NaN" not in proc.stdout
+    assert proc.stderr.splitlines() == [f"error: {checkpoint}: the model answers NaN or "
+                                        "infinite logits; its weights are damaged or diverged: "
+                                        "retrain (dvc repro) or export it again"]
+    rng = np.random.default_rng(5)
+    for label in CLASSES:
+        folder = tmp_path / "data/split/test" / label
+        folder.mkdir(parents=True)
+        for i in range(2):
+            cv2.imwrite(str(folder / f"{i}.png"),
+                        rng.integers(0, 255, (SIZE, SIZE, 3), dtype=np.uint8))
+    paramfile.write(tmp_path, {"evaluate": {"device": "cpu", "speed_runs": 1},
+                               "export": {"speed_runs": 1, "batch_size": 2}})
+    monkeypatch.chdir(tmp_path)
+    for stage in (evaluate, export_stage):  # both stopped before writing anything
+        with pytest.raises(SystemExit) as exc:
+            stage.main()
+        assert exc.value.code == 2
+        assert capsys.readouterr().err.splitlines() == [
+            "error: data/model/best.pt: the model answers NaN or infinite logits; its weights "
+            "are damaged or diverged: retrain (dvc repro) or export it again"]
+    assert not (tmp_path / "metrics").exists() and not (tmp_path / "data/export").exists()

@@ -21,7 +21,7 @@ import pytest
 from PIL import Image
 
 from stages import extract_crops
-from stages.common import crops
+from stages.common import crops, pictures
 from tests.test_crops import box, read_manifest, run_stage, write_params, write_raw
 
 AREA_SLACK = 0.5
@@ -136,7 +136,7 @@ def test_reduced_decode_is_deterministic_across_workers(tmp_path, monkeypatch):
 def exif_rotated_jpeg(image: np.ndarray) -> bytes:
     """A JPEG whose EXIF says 'rotate 90 degrees' (orientation 6), as phone pictures often are."""
     exif = Image.Exif()
-    exif[extract_crops.ORIENTATION_TAG] = 6
+    exif[pictures.ORIENTATION_TAG] = 6
     buf = io.BytesIO()
     Image.fromarray(image[..., ::-1]).save(buf, "JPEG", quality=90, exif=exif.tobytes())
     return buf.getvalue()
@@ -149,7 +149,7 @@ def test_exif_rotated_picture_gets_the_same_geometry(tmp_path, monkeypatch):
     # Open Images boxes refer to the stored picture: decoding ignores the tag, and the header
     # read must agree, or reduced decoding falls back.
     assert extract_crops.decode(str(path)).shape[1::-1] == (1024, 640)
-    header = extract_crops.read_header(jpeg)
+    header = pictures.read_header(jpeg)
     assert (header.width, header.height, header.exif_turned) == (1024, 640, True)
     boxes = [box("r", "Person", 0.1, 0.9, 0.05, 0.95), box("r", "Dog", 0.2, 0.8, 0.5, 0.9),
              box("r", "Car", 0.0, 1.0, 0.0, 0.6)]

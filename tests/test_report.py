@@ -206,3 +206,29 @@ def test_every_plot_renders_in_offline_chromium(project, tmp_path):
     assert bad == [{"plot": "bad", "loaded": False, "width": bad[0]["width"],
                     "height": bad[0]["height"], "colours": 0, "shown": True}]
     assert dvc_plots == 0  # the online page renders nothing here: the network really is off
+
+
+def test_out_onto_a_symlink_is_refused_and_dash_writes_stdout(tmp_path, monkeypatch, capsys):
+    """`--out /dev/stdout` (a link) must not replace the link (as root, a node of /dev): one
+    line, exit code 2, before any rendering; `--out -` writes the page to stdout. The test's
+    links live in tmp_path: the code before this check would replace a real /dev/stdout."""
+    from stages import report
+
+    monkeypatch.setattr(report, "build", lambda repo: ("<html>page</html>\n", []))
+    (tmp_path / "dvc.yaml").write_text("stages: {}\n")
+    target = tmp_path / "elsewhere.html"
+    target.write_text("keep")
+    link = tmp_path / "report.html"
+    link.symlink_to(target)
+    stdout_like = tmp_path / "stdout"
+    stdout_like.symlink_to("/proc/self/fd/1")  # what /dev/stdout is
+    for out in (link, stdout_like):
+        with pytest.raises(SystemExit) as exc:
+            report.main(["--repo", str(tmp_path), "--out", str(out)])
+        assert exc.value.code == 2
+        err = capsys.readouterr().err.splitlines()
+        assert len(err) == 1 and err[0].startswith(f"error: {out}: is a symbolic link")
+    assert link.is_symlink() and target.read_text() == "keep" and stdout_like.is_symlink()
+    assert report.main(["--repo", str(tmp_path), "--out", "-"]) == 0
+    done = capsys.readouterr()
+    assert done.out == "<html>page</html>\n" and done.err.startswith("stdout: 0 plots")

@@ -344,3 +344,33 @@ def test_diverged_training_stops_with_one_line_naming_the_learning_rate(tmp_path
     last = proc.stderr.strip().splitlines()[-1]
     assert last.startswith("error: epoch 1: the loss is not a number") and "train.lr" in last
     assert not (root / "data/model").exists()
+
+
+def test_a_full_disk_while_saving_the_checkpoint_is_one_line(tmp_path, monkeypatch, capsys):
+    """ENOSPC half-way through best.pt (injected into torch.save, the real write path): one
+    line naming the output and what to do, exit code 2, instead of a 40-line traceback; and,
+    as before, nothing half-written in data/model or metrics."""
+    import errno
+
+    from stages import train
+
+    root = _make_project(tmp_path, val_against_train=False, epochs=1, num_workers=0)
+    real_save = torch.save
+
+    def full_disk(obj, f, *args, **kwargs):
+        if isinstance(obj, dict) and "model_state" in obj:  # the checkpoint, not the state
+            f.write(b"half a checkpoint")
+            raise OSError(errno.ENOSPC, os.strerror(errno.ENOSPC))
+        return real_save(obj, f, *args, **kwargs)
+
+    monkeypatch.setattr(torch, "save", full_disk)
+    monkeypatch.chdir(root)
+    with pytest.raises(SystemExit) as exc:
+        train.main()
+    assert exc.value.code == 2
+    err = capsys.readouterr().err
+    assert err.splitlines()[-1] == ("error: cannot write data/model/best.pt (No space left on "
+                                    "device); free space and rerun")
+    assert "Traceback" not in err
+    assert not (root / "data/model").exists() and not (root / "metrics/train.json").exists()
+    assert not list((root / "data").glob(".model.*"))

@@ -2,6 +2,13 @@
 
 Everything is written under a temporary sibling path, then renamed into place; rename is atomic
 on one filesystem, and DVC only caches what is there after the stage exits successfully.
+
+A destination that is a symbolic link, or not a regular file (a directory for atomic_dir), is
+refused before any work: renaming over it would replace the link itself (or, for
+``--out /dev/stdout`` run as root, a node of /dev) instead of writing where the user meant.
+Temporaries are created with O_EXCL | O_NOFOLLOW, so a link planted at a temporary's name is
+never written through. An error while writing names the output it was writing (OSError's
+``filename``), so a full disk is reported on the file, not as a traceback (params.main_guard).
 """
 from __future__ import annotations
 
@@ -9,8 +16,11 @@ import contextlib
 import json
 import os
 import shutil
+import stat
 from pathlib import Path
 from typing import Any, Iterator
+
+from stages.common.params import StageError
 
 
 def _tmp_sibling(path: Path) -> Path:
@@ -32,16 +42,51 @@ def clean_stale(path: Path) -> None:
             _remove(stale)
 
 
+def refuse_odd_destination(path: Path, directory: bool = False) -> None:
+    """Stop, in one line, when ``path`` exists as a link or as anything but a regular file
+    (``directory``: a directory)."""
+    try:
+        mode = os.lstat(path).st_mode
+    except FileNotFoundError:
+        return
+    if stat.S_ISLNK(mode):
+        raise StageError(f"{path}: is a symbolic link; refusing to replace it; remove the link "
+                         "or give another output path")
+    wanted, kind = (stat.S_ISDIR, "a directory") if directory else (stat.S_ISREG, "a regular file")
+    if not wanted(mode):
+        raise StageError(f"{path}: exists and is not {kind}; refusing to replace it; give "
+                         "another output path")
+
+
+def _name_the_output(exc: OSError, tmp: Path, path: Path) -> None:
+    """Point an error raised while writing at the output (its temporary means nothing to a user)."""
+    if exc.filename is None:
+        exc.filename = str(path)
+    elif str(exc.filename).startswith(str(tmp)):
+        exc.filename = str(path) + str(exc.filename)[len(str(tmp)):]
+
+
+def _exclusive(path: str, flags: int) -> int:
+    """open()'s opener: create the file, never open one already there, never follow a link."""
+    return os.open(path, flags | os.O_CREAT | os.O_EXCL | os.O_NOFOLLOW, 0o666)
+
+
 @contextlib.contextmanager
 def atomic_dir(path: str | Path) -> Iterator[Path]:
     """Yield an empty temporary directory that replaces ``path`` when the block succeeds."""
     path = Path(path)
+    refuse_odd_destination(path, directory=True)
     path.parent.mkdir(parents=True, exist_ok=True)
     clean_stale(path)
     tmp = _tmp_sibling(path)
-    tmp.mkdir()
+    tmp.mkdir()  # fails on anything already there, a link included
     try:
         yield tmp
+        refuse_odd_destination(path, directory=True)  # nothing appeared there meanwhile
+    except OSError as exc:
+        _remove(tmp)
+        _name_the_output(exc, tmp, path)
+        raise
     except BaseException:
         _remove(tmp)
         raise
@@ -54,18 +99,33 @@ def atomic_dir(path: str | Path) -> Iterator[Path]:
 
 
 @contextlib.contextmanager
-def atomic_file(path: str | Path, mode: str = "w") -> Iterator[Any]:
-    """Open a temporary file that replaces ``path`` when the block succeeds."""
+def atomic_file(path: str | Path, mode: str = "w", replace_link: bool = False) -> Iterator[Any]:
+    """Open a temporary file that replaces ``path`` when the block succeeds.
+
+    ``replace_link``: a symbolic link at ``path`` is replaced (the rename never writes through
+    it), for an output of our own that DVC may have checked out as a link into its cache."""
     path = Path(path)
+    if not (replace_link and path.is_symlink()):
+        refuse_odd_destination(path)
     path.parent.mkdir(parents=True, exist_ok=True)
     clean_stale(path)  # a SIGKILL skips the cleanup below: e.g. metrics/.train.json.tmp-<pid>
     tmp = _tmp_sibling(path)
     try:
-        with tmp.open(mode) as f:
+        try:
+            f = open(tmp, mode, opener=_exclusive)
+        except FileExistsError:
+            raise StageError(f"{tmp}: appeared while {path} was being written (another run "
+                             "writing the same output?); rerun when it has finished") from None
+        with f:
             yield f
+        if not (replace_link and path.is_symlink()):
+            refuse_odd_destination(path)
         os.replace(tmp, path)
+    except OSError as exc:
+        _name_the_output(exc, tmp, path)
+        raise
     finally:
-        if tmp.exists():
+        if tmp.exists() or tmp.is_symlink():
             tmp.unlink()
 
 

@@ -1,11 +1,16 @@
 """ONNX: export a checkpoint with a dynamic batch axis, and run an exported model in ONNX Runtime.
 
 The exported file carries the checkpoint's arch, class names, image size and normalisation in its
-metadata, so ``stages.predict --model model.onnx`` needs nothing but that one file.
+metadata, so ``stages.predict --model model.onnx`` needs nothing but that one file. It also
+carries ``weights_sha256``: the SHA-256 of the file's model (deterministic protobuf
+serialisation) without that entry, written by :func:`export` and checked by
+:class:`OnnxClassifier` before ONNX Runtime sees the bytes (one flipped bit in a weight answered
+"object 1.000000"). A file without it, or whose content does not match it, is refused in one line.
 """
 from __future__ import annotations
 
 import contextlib
+import hashlib
 import io
 import json
 from pathlib import Path
@@ -14,10 +19,12 @@ import numpy as np
 import torch
 from torch import nn
 
+from stages.common.model import DIGEST_KEY, check_meta
 from stages.common.params import StageError
 
 INPUT, OUTPUT = "images", "logits"
 META_KEYS = ("arch", "classes", "image_size", "mean", "std")  # values stored as JSON text
+EXPORT_AGAIN = "export it again with `dvc repro export` (or python -m stages.export)"
 
 
 def export(model: nn.Module, meta: dict, path: Path, opset: int) -> None:
@@ -44,6 +51,59 @@ def export(model: nn.Module, meta: dict, path: Path, opset: int) -> None:
         program.model.metadata_props[key] = json.dumps(meta[key])
     strip_paths(program.model)
     program.save(str(path), external_data=False)
+    import onnx
+
+    proto = onnx.load(str(path))
+    path.write_bytes(seal(proto))
+
+
+def model_digest(proto) -> str:
+    """SHA-256 of ``proto`` (an onnx.ModelProto without a digest entry), serialised
+    deterministically."""
+    return hashlib.sha256(proto.SerializeToString(deterministic=True)).hexdigest()
+
+
+def _take_digests(proto) -> list[str]:
+    """Remove the digest entries from ``proto``'s metadata, the others kept in order; return
+    the removed values."""
+    entries = [(p.key, p.value) for p in proto.metadata_props]
+    del proto.metadata_props[:]
+    for key, value in entries:
+        if key != DIGEST_KEY:
+            proto.metadata_props.add(key=key, value=value)
+    return [value for key, value in entries if key == DIGEST_KEY]
+
+
+def seal(proto) -> bytes:
+    """The bytes of ``proto`` with its digest entry (replacing any) appended to its metadata."""
+    _take_digests(proto)
+    proto.metadata_props.add(key=DIGEST_KEY, value=model_digest(proto))
+    return proto.SerializeToString(deterministic=True)
+
+
+def verified_bytes(path: Path) -> tuple[bytes, dict[str, str]]:
+    """The file's bytes and metadata, once its content matches its digest; else one line."""
+    import onnx
+    from google.protobuf.message import DecodeError
+
+    data = path.read_bytes()
+    proto = onnx.ModelProto()
+    try:
+        proto.ParseFromString(data)
+    except (DecodeError, RuntimeError, ValueError):
+        raise StageError(f"{path}: not a loadable ONNX model (not an ONNX protobuf); "
+                         f"{EXPORT_AGAIN}") from None
+    stored = _take_digests(proto)
+    if len(stored) != 1:
+        raise StageError(f"{path}: has no weights digest (exported before models carried one, "
+                         f"or not by this project), so its integrity cannot be checked; "
+                         f"{EXPORT_AGAIN}")
+    metadata = {p.key: p.value for p in proto.metadata_props}
+    if model_digest(proto) != stored[0]:
+        raise StageError(f"{path}: its content does not match its weights digest: the file is "
+                         f"damaged (a flipped bit, a bad copy) or was altered; restore it, or "
+                         f"{EXPORT_AGAIN}")
+    return data, metadata
 
 
 # Debug metadata torch's exporter puts on each node: the Python stack that produced it, with the
@@ -70,7 +130,7 @@ class OnnxClassifier:
     def __init__(self, path: str | Path, threads: int | None = None):
         import onnxruntime as ort
 
-        path = Path(path)
+        self.path = path = Path(path)
         if not path.is_file():
             raise StageError(f"{path}: ONNX model not found; run `dvc repro export` first")
         options = ort.SessionOptions()
@@ -81,18 +141,26 @@ class OnnxClassifier:
         if threads:
             options.intra_op_num_threads = threads
             options.inter_op_num_threads = 1
+        # ONNX Runtime gets the very bytes that were verified, not the file a second time.
+        data, stored = verified_bytes(path)
+        missing = [k for k in META_KEYS if k not in stored]
+        if missing:
+            raise StageError(f"{path}: ONNX metadata lacks {', '.join(missing)}; {EXPORT_AGAIN}")
+        self.meta = {}
+        for key in META_KEYS:
+            try:
+                self.meta[key] = json.loads(stored[key])
+            except ValueError:
+                raise StageError(f"{path}: ONNX metadata {key} is not valid JSON; the file is "
+                                 f"damaged or not one this project wrote; {EXPORT_AGAIN}") \
+                    from None
+        check_meta(path, self.meta, META_KEYS)
         try:
-            self.session = ort.InferenceSession(str(path), options,
+            self.session = ort.InferenceSession(data, options,
                                                 providers=["CPUExecutionProvider"])
         except Exception as exc:
             raise StageError(f"{path}: not a loadable ONNX model ({type(exc).__name__}); "
-                             "export it again with `python -m stages.export`") from None
-        stored = self.session.get_modelmeta().custom_metadata_map
-        missing = [k for k in META_KEYS if k not in stored]
-        if missing:
-            raise StageError(f"{path}: ONNX metadata lacks {', '.join(missing)}; "
-                             "export it with `python -m stages.export`")
-        self.meta = {k: json.loads(stored[k]) for k in META_KEYS}
+                             f"{EXPORT_AGAIN}") from None
 
     def logits(self, batch: np.ndarray) -> np.ndarray:
         return self.session.run([OUTPUT], {INPUT: np.ascontiguousarray(batch, np.float32)})[0]

@@ -6,13 +6,20 @@
     <root>/metadata/classes.csv      no header: MID,DisplayName   (e.g. /m/01g317,Person)
 
 ``data/raw/`` is written in this layout whatever the source, so extract_crops reads one format.
+
+Every CSV of a mirror is read through :func:`read_csv` / :func:`csv_chunks`, by the download
+stage and by extract_crops alike, as spreadsheet tools write them: a UTF-8 byte-order mark
+("CSV UTF-8"), CRLF line ends and quoted fields with commas. A file that is not well-formed CSV
+stops the stage with one line naming the file and the line.
 """
 from __future__ import annotations
 
+import contextlib
 import csv
 import os
 import re
 from pathlib import Path
+from typing import Iterator
 
 import pandas as pd
 
@@ -78,16 +85,74 @@ def images_on_disk(root: str | Path) -> dict[str, Path]:
                 and e.is_file(follow_symlinks=False)}
 
 
+# A byte-order mark first is what spreadsheet tools save as "CSV UTF-8"; read as plain UTF-8 it
+# would become part of the first MID (or column name), and that class would silently vanish.
+ENCODING = "utf-8-sig"
+
+
+def _locate(path: Path, exc: BaseException) -> str:
+    """Where ``path`` stops being well-formed: 'line N (why)', lines as an editor numbers them.
+
+    Runs only after pandas failed, so a second pass over the file costs nothing in a good run.
+    The csv module names the line a bad record starts on; pandas counts records, not lines,
+    and only its number is left when the csv module finds nothing wrong (a row with more
+    fields than the header)."""
+    if isinstance(exc, UnicodeDecodeError):
+        with path.open("rb") as f:
+            for number, raw in enumerate(f, 1):
+                try:
+                    raw.decode("utf-8")
+                except UnicodeDecodeError:
+                    return f"line {number} (not UTF-8 text)"
+    with path.open(encoding=ENCODING, errors="replace", newline="") as f:
+        reader = csv.reader(f, strict=True)
+        start = 1
+        try:
+            for _ in reader:
+                start = reader.line_num + 1
+        except csv.Error as error:
+            return f"line {start} ({error})"
+    text = str(exc).strip().splitlines()[-1] if str(exc).strip() else type(exc).__name__
+    found = re.search(r"\b(line|row) (\d+)", text)
+    if found is None:
+        return f"({text})"
+    number = int(found[2]) + (found[1] == "row")  # pandas' rows count from 0 at the header
+    return f"line {number} ({text.split('C error: ')[-1]})"
+
+
+@contextlib.contextmanager
+def _csv_errors(path: Path) -> Iterator[None]:
+    try:
+        yield
+    except pd.errors.EmptyDataError:
+        raise StageError(f"{path}: empty or not a CSV file; rerun the download stage or fix "
+                         "the file") from None
+    except (pd.errors.ParserError, csv.Error, UnicodeDecodeError) as exc:
+        raise StageError(f"{path}: not a well-formed CSV at {_locate(path, exc)}; rerun the "
+                         "download stage or fix the file") from None
+
+
+def read_csv(path: Path, **options) -> pd.DataFrame:
+    """The whole of a mirror CSV (see the module's docstring)."""
+    with _csv_errors(path):
+        return pd.read_csv(path, encoding=ENCODING, **options)
+
+
+def csv_chunks(path: Path, chunksize: int = 1_000_000, **options) -> Iterator[pd.DataFrame]:
+    """A mirror CSV in chunks of rows, so a 2 GB file is never held whole."""
+    with _csv_errors(path):
+        yield from pd.read_csv(path, encoding=ENCODING, chunksize=chunksize, **options)
+
+
 def read_classes(path: str | Path) -> dict[str, str]:
     """``classes.csv`` as {MID: DisplayName}."""
     path = Path(path)
     if not path.is_file():
         raise StageError(f"{path}: class list not found; rerun the download stage")
-    with path.open(newline="", encoding="utf-8") as f:
-        rows = [r for r in csv.reader(f) if r]
-    if not rows or any(len(r) < 2 for r in rows):
+    rows = read_csv(path, header=None, dtype=str, keep_default_na=False)
+    if rows.empty or rows.shape[1] < 2 or rows.iloc[:, :2].isna().any(axis=None):
         raise StageError(f"{path}: expected rows 'MID,DisplayName' with no header")
-    return {r[0]: r[1] for r in rows}
+    return dict(zip(rows[0], rows[1]))
 
 
 def mids_for_names(classes: dict[str, str], names: list[str], where: str) -> dict[str, str]:
@@ -103,10 +168,7 @@ def mids_for_names(classes: dict[str, str], names: list[str], where: str) -> dic
 
 def detection_columns(path: str | Path) -> list[str]:
     """The Open Images columns ``detections.csv`` has; a missing required one is an error."""
-    try:
-        header = pd.read_csv(path, nrows=0).columns.tolist()
-    except (pd.errors.EmptyDataError, pd.errors.ParserError, UnicodeDecodeError):
-        raise StageError(f"{path}: empty or not a CSV file; rerun the download stage") from None
+    header = read_csv(Path(path), nrows=0).columns.tolist()
     missing = [c for c in REQUIRED_COLUMNS if c not in header]
     if missing:
         raise StageError(f"{path}: missing required column(s) {', '.join(missing)}")
@@ -149,18 +211,13 @@ def read_detections(path: str | Path, mids: set[str] | None = None,
 def _read_chunks(path: Path, usecols: list[str], dtypes: dict[str, str], mids: set[str] | None,
                  stats: dict[str, int] | None, known: set[str] | None) -> pd.DataFrame:
     chunks, rows, unknown = [], 0, 0
-    try:
-        reader = pd.read_csv(path, usecols=usecols, dtype=dtypes, chunksize=1_000_000)
-        for chunk in reader:
-            rows += len(chunk)
-            if known is not None:
-                unknown += int((~chunk["LabelName"].isin(known)).sum())
-            if mids is not None:
-                chunk = chunk[chunk["LabelName"].isin(mids)]
-            chunks.append(chunk)
-    except pd.errors.ParserError as exc:
-        raise StageError(f"{path}: not a well-formed CSV ({str(exc).strip()}); rerun the "
-                         "download stage or fix the file") from None
+    for chunk in csv_chunks(path, usecols=usecols, dtype=dtypes):
+        rows += len(chunk)
+        if known is not None:
+            unknown += int((~chunk["LabelName"].isin(known)).sum())
+        if mids is not None:
+            chunk = chunk[chunk["LabelName"].isin(mids)]
+        chunks.append(chunk)
     if stats is not None:
         stats["rows"] = rows
         if known is not None:

@@ -5,7 +5,10 @@ so a typo costs seconds, not an hour of training.
 """
 from __future__ import annotations
 
+import argparse
+import errno
 import functools
+import os
 import sys
 from pathlib import Path
 from typing import Any, Callable
@@ -32,7 +35,7 @@ def load(path: str | Path = PARAMS_FILE) -> dict:
         raise ParamError(f"{path}: not found; run from the repository root (where dvc.yaml is)")
     try:
         with path.open() as f:
-            params = yaml.safe_load(f) or {}
+            params = _load_yaml(f, path) or {}
     except yaml.YAMLError as exc:
         where = getattr(exc, "problem_mark", None)
         line = f" at line {where.line + 1}" if where is not None else ""
@@ -41,6 +44,37 @@ def load(path: str | Path = PARAMS_FILE) -> dict:
         raise ParamError(f"{path}: expected a mapping of sections, got {type(params).__name__}")
     schema.check_all(params)
     return params
+
+
+def _load_yaml(stream, path: Path) -> Any:
+    """``yaml.safe_load``, but a key given twice in one mapping is an error: PyYAML keeps the
+    last value silently, while DVC refuses the file, so the stages and DVC would disagree."""
+    loader = yaml.SafeLoader(stream)
+    try:
+        node = loader.get_single_node()
+        if node is None:
+            return None
+        _refuse_duplicate_keys(node, path)
+        return loader.construct_document(node)
+    finally:
+        loader.dispose()
+
+
+def _refuse_duplicate_keys(node: yaml.Node, path: Path, prefix: str = "") -> None:
+    if isinstance(node, yaml.SequenceNode):
+        for item in node.value:
+            _refuse_duplicate_keys(item, path, prefix)
+    elif isinstance(node, yaml.MappingNode):
+        first_line: dict[str, int] = {}
+        for key, value in node.value:
+            name = key.value if isinstance(key, yaml.ScalarNode) else str(key.start_mark)
+            line = key.start_mark.line + 1
+            if name in first_line:
+                raise ParamError(f"{path}: key '{prefix}{name}' is given twice (lines "
+                                 f"{first_line[name]} and {line}); keep one (DVC refuses such "
+                                 "a file)")
+            first_line[name] = line
+            _refuse_duplicate_keys(value, path, f"{prefix}{name}.")
 
 
 def get(params: dict, dotted: str) -> Any:
@@ -90,8 +124,23 @@ def flag(params: dict, key: str) -> bool:
     return value
 
 
+class ArgumentParser(argparse.ArgumentParser):
+    """argparse for the commands (predict, report, review): a bad option is one line and exit
+    code 2 through main_guard, not argparse's usage block."""
+
+    def error(self, message: str):
+        raise ParamError(f"{message}; see {self.prog} --help")
+
+
+# A full disk or an exhausted quota: nothing the stage can work around, nothing a traceback helps.
+DISK_FULL = (errno.ENOSPC, errno.EDQUOT)
+
+
 def main_guard(fn: Callable[..., Any]) -> Callable[..., Any]:
-    """Turn a ParamError / StageError into one line on stderr and exit code 2."""
+    """Turn a ParamError / StageError, or a full disk, into one line on stderr and exit code 2.
+
+    The disk-full line names the file being written when the writer said which
+    (stages.common.atomic names its outputs)."""
 
     @functools.wraps(fn)
     def wrapper(*args: Any, **kwargs: Any) -> Any:
@@ -99,6 +148,13 @@ def main_guard(fn: Callable[..., Any]) -> Callable[..., Any]:
             return fn(*args, **kwargs)
         except (ParamError, StageError) as exc:
             print(f"error: {exc}", file=sys.stderr)
+            raise SystemExit(2) from None
+        except OSError as exc:
+            if exc.errno not in DISK_FULL:
+                raise
+            where = f" {exc.filename}" if exc.filename else ""
+            print(f"error: cannot write{where} ({os.strerror(exc.errno)}); free space and rerun",
+                  file=sys.stderr)
             raise SystemExit(2) from None
 
     return wrapper

@@ -15,8 +15,9 @@ import numpy as np
 import torch
 
 from stages.common.crops import letterbox
-from stages.common.model import load_checkpoint
+from stages.common.model import check_logits, load_checkpoint
 from stages.common.params import StageError
+from stages.common.pictures import DEFAULT_MAX_IMAGE_PIXELS, describe, image_problem, read_header
 from stages.common.transforms import eval_transform
 
 IMAGE_SUFFIXES = {".jpg", ".jpeg", ".png", ".bmp", ".webp", ".tif", ".tiff"}
@@ -26,6 +27,7 @@ class TorchClassifier:
     """A train-stage checkpoint in PyTorch eager on the CPU."""
 
     def __init__(self, path: str | Path):
+        self.path = Path(path)
         self.model, meta = load_checkpoint(path)
         self.model = self.model.to(memory_format=torch.channels_last)
         self.meta = {k: meta[k] for k in ("arch", "classes", "image_size", "mean", "std")}
@@ -45,15 +47,22 @@ def load_classifier(path: str | Path, threads: int | None = None):
     return TorchClassifier(path)
 
 
-def read_image(path: Path) -> np.ndarray:
-    """BGR uint8 pixels, decoded as extract_crops decodes its source pictures (EXIF applied)."""
+def read_image(path: Path, max_pixels: int = DEFAULT_MAX_IMAGE_PIXELS) -> np.ndarray:
+    """BGR uint8 pixels (OpenCV's decode, EXIF orientation applied: an operator's photo as
+    taken). The file is refused before any decode, as extract_crops refuses its pictures, when
+    its header says it is empty, not a picture, above ``max_pixels`` or cut off."""
     import cv2
 
     if not path.is_file():
         raise ValueError("file not found")
-    image = cv2.imread(str(path), cv2.IMREAD_COLOR)
+    data = path.read_bytes()
+    header = read_header(data) if data else None
+    problem = image_problem(data, header, max_pixels)
+    if problem:
+        raise ValueError(describe(problem, header, max_pixels))
+    image = cv2.imdecode(np.frombuffer(data, np.uint8), cv2.IMREAD_COLOR)
     if image is None or image.size == 0:
-        raise ValueError("cannot decode the file as an image (damaged, or not a picture)")
+        raise ValueError(describe("decode_failed", header, max_pixels))
     return image
 
 
@@ -99,15 +108,27 @@ class Prediction:
     error: str | None = None
 
 
-def predict_paths(classifier, items: list[tuple[Path, str | None]], batch_size: int = 32
-                  ) -> Iterator[Prediction]:
-    """Predictions in input order; a file that cannot be read comes back with ``error`` set."""
+def file_error(exc: Exception) -> str:
+    """One file's failure in one line: our own reasons as they are, anything else by type."""
+    text = exc.strerror if isinstance(exc, OSError) and exc.strerror else str(exc)
+    first = text.strip().splitlines()[0][:200] if text.strip() else ""
+    if type(exc) is ValueError:  # read_image's own reasons
+        return first
+    return f"cannot read the file ({type(exc).__name__}{': ' + first if first else ''})"
+
+
+def predict_paths(classifier, items: list[tuple[Path, str | None]], batch_size: int = 32,
+                  max_pixels: int = DEFAULT_MAX_IMAGE_PIXELS) -> Iterator[Prediction]:
+    """Predictions in input order, each batch's as soon as it is classified. A file that cannot
+    be used, for whatever reason its read or decode raises (OpenCV's errors, MemoryError,
+    OSError), comes back with ``error`` set and the others go on."""
     pending: list[Prediction] = []
     arrays: list[np.ndarray] = []
 
     def flush() -> Iterator[Prediction]:
         if arrays:
             logits = classifier.logits(np.stack(arrays))
+            check_logits(logits, len(arrays), len(classifier.meta["classes"]), classifier.path)
             probs = softmax(logits)
             k = 0
             for p in pending:
@@ -122,9 +143,9 @@ def predict_paths(classifier, items: list[tuple[Path, str | None]], batch_size: 
         result = Prediction(path, error=error)
         if error is None:
             try:
-                arrays.append(prepare(read_image(path), classifier.meta))
-            except ValueError as exc:
-                result.error = str(exc)
+                arrays.append(prepare(read_image(path, max_pixels), classifier.meta))
+            except Exception as exc:  # this file's answer, never the run's
+                result.error = file_error(exc)
         pending.append(result)
         if len(arrays) >= batch_size:
             yield from flush()

@@ -12,6 +12,7 @@ from typing import Any, Callable
 
 from stages.common import params as P
 from stages.common.openimages import read_label_map
+from stages.common.pictures import MAX_IMAGE_PIXELS
 
 ARCH_NAMES = ("resnet18", "resnet34", "resnet50", "resnet101", "resnet152")
 # Top-level modules of a torchvision ResNet, in forward order.
@@ -22,6 +23,22 @@ AMP = ["auto", "off", "bf16", "fp16"]
 ZOO_SPLITS = ("train", "validation", "test")
 
 Rule = Callable[[dict, str], Any]
+
+# Upper bounds, for values that would otherwise pass here and crash or exhaust a stage hours
+# later, after the stages upstream of it have run.
+MAX_SEED = 2**32 - 1  # NumPy's global seeding (np.random.seed, in train) takes nothing larger
+# Processes and threads: the largest single machines have 2 x 128 cores and at most 16 GPUs;
+# each process is an interpreter with torch or OpenCV loaded (hundreds of MB), so more cannot
+# run at once, and 100,000 would hit the machine's process and memory limits mid-run.
+MAX_PROCESSES = 256
+# Crops per forward pass: 4,096 crops of 224 px are 2.4 GB of float32 input before any
+# activation; export.batch_size repeats test crops up to this many in memory.
+MAX_BATCH = 4096
+# Crop side: activations grow with its square, 20x those of the report's 224 px at 1,024.
+MAX_CROP_SIZE = 1024
+MAX_EPOCHS = 10_000
+MAX_SPEED_RUNS = 10_000  # timed forward passes: more only makes the stage slower
+MAX_MISTAKES = 256  # subplots of the mistakes figure: more is unreadable and minutes to draw
 
 
 def integer(lo: int | None = None, hi: int | None = None) -> Rule:
@@ -88,7 +105,7 @@ def trainable(p: dict, k: str) -> list[str]:
 
 
 RULES: dict[str, Rule] = {
-    "seed": integer(lo=0),
+    "seed": integer(0, MAX_SEED),
     "data.source": lambda p, k: source(p, k),
     "data.mirror": text("the path of an Open Images-style folder"),
     "data.labels": lambda p, k: read_label_map(p),
@@ -98,17 +115,17 @@ RULES: dict[str, Rule] = {
     "data.zoo.splits": zoo_splits,
     "data.zoo.max_samples": integer(lo=1),
     "data.zoo.shuffle": boolean,
-    "data.zoo.num_workers": integer(1, 256),
+    "data.zoo.num_workers": integer(1, MAX_PROCESSES),
     # Seconds the download waits for a connection or for the next bytes (stages.common.zoo).
     "data.zoo.timeout": real(1, 3600),
-    "crops.size": integer(lo=8),
+    "crops.size": integer(8, MAX_CROP_SIZE),
     "crops.min_box_px": integer(lo=1),
     "crops.skip_group_of": boolean,
     "crops.skip_depiction": boolean,
     "crops.dedup_iou": real(0, 1, lo_open=True),
     "crops.reduced_decode": boolean,
-    "crops.max_image_pixels": integer(lo=1),
-    "crops.workers": integer(lo=1),
+    "crops.max_image_pixels": integer(1, MAX_IMAGE_PIXELS),
+    "crops.workers": integer(1, MAX_PROCESSES),
     "split.test": fraction,
     "split.val": fraction,
     "model.arch": one_of(ARCH_NAMES),
@@ -116,27 +133,27 @@ RULES: dict[str, Rule] = {
     "model.zero_init_residual": boolean,
     "model.dropout": real(0, 0.99),
     "model.trainable": trainable,
-    "train.epochs": integer(lo=1),
-    "train.batch_size": integer(lo=1),
+    "train.epochs": integer(1, MAX_EPOCHS),
+    "train.batch_size": integer(1, MAX_BATCH),
     "train.lr": real(0, lo_open=True),
     "train.t_max_ratio": real(0, 10, lo_open=True),
     "train.weight_decay": real(0),
     "train.focal_alpha": real(0, lo_open=True),
     "train.focal_gamma": real(0),
     "train.patience": integer(lo=1),
-    "train.num_workers": integer(lo=0),
+    "train.num_workers": integer(0, MAX_PROCESSES),
     "train.device": one_of(DEVICES),
-    "train.nproc": integer(lo=1),
+    "train.nproc": integer(1, MAX_PROCESSES),
     "train.amp": one_of(AMP),
     "train.compile": boolean,
     "train.pin_memory": boolean,
-    "evaluate.batch_size": integer(lo=1),
-    "evaluate.speed_runs": integer(lo=1),
+    "evaluate.batch_size": integer(1, MAX_BATCH),
+    "evaluate.speed_runs": integer(1, MAX_SPEED_RUNS),
     "evaluate.device": one_of(DEVICES),
-    "evaluate.mistakes": integer(lo=1),
+    "evaluate.mistakes": integer(1, MAX_MISTAKES),
     "export.opset": integer(17, 23),
-    "export.batch_size": integer(lo=1),
-    "export.speed_runs": integer(lo=1),
+    "export.batch_size": integer(1, MAX_BATCH),
+    "export.speed_runs": integer(1, MAX_SPEED_RUNS),
     "export.parity_atol": real(0, lo_open=True),
 }
 

@@ -115,8 +115,10 @@ def set_rng_state(state: dict, device: torch.device) -> None:
 # ----- saving and loading -------------------------------------------------------------------
 
 def save(state: dict, path: Path = STATE_FILE) -> None:
-    """Atomically: a kill leaves the previous epoch's state or this one, never half a file."""
-    with atomic_file(path, "wb") as f:
+    """Atomically: a kill leaves the previous epoch's state or this one, never half a file.
+    The state is a persist out: with DVC's symlink cache type it is checked out as a link into
+    the cache, which is replaced, never written through."""
+    with atomic_file(path, "wb", replace_link=True) as f:
         torch.save({"format": FORMAT, **state}, f)
 
 

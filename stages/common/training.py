@@ -61,7 +61,9 @@ class EarlyStopping:
 def seed_everything(seed: int) -> torch.Generator:
     """Seed Python, NumPy and torch; returns the generator that orders the data loader."""
     random.seed(seed)
-    np.random.seed(seed)
+    # NumPy's global seed takes 32 bits, and a rank's seed (seed + rank) may pass 2**32 - 1,
+    # the top of params' range: wrapped, the same as before for every smaller seed.
+    np.random.seed(seed % 2**32)
     torch.manual_seed(seed)
     os.environ.setdefault("CUBLAS_WORKSPACE_CONFIG", ":4096:8")
     torch.use_deterministic_algorithms(True, warn_only=True)

@@ -1,0 +1,86 @@
+"""What a picture file is, from its bytes and header alone, before anything is decoded.
+
+Shared by extract_crops (source pictures) and predict (an operator's files), so both refuse the
+same files for the same reasons: empty, not a picture, more pixels than the limit (a
+decompression bomb: a 1 MB PNG can announce 30,000 x 30,000 pixels, 2.7 GB decoded), or cut
+off before its end.
+"""
+from __future__ import annotations
+
+import io
+import warnings
+from dataclasses import dataclass
+
+from PIL import Image
+
+# Pictures above this many pixels are not decoded: crops.max_image_pixels' default (params.yaml
+# holds the same value; a test keeps them equal) and predict's --max-image-pixels. 100 MP is
+# 300 MB decoded; Open Images' largest are a few MP.
+DEFAULT_MAX_IMAGE_PIXELS = 100_000_000
+# The highest limit either accepts: OpenCV's own (CV_IO_MAX_IMAGE_PIXELS, 2**30 = 3 GB decoded)
+# refuses larger pictures anyway.
+MAX_IMAGE_PIXELS = 2**30
+# Why a picture could not be used (extract_crops counts them by these names).
+IMAGE_PROBLEMS = ["empty_file", "not_an_image", "too_many_pixels", "truncated", "decode_failed"]
+ORIENTATION_TAG = 0x0112
+
+
+@dataclass(frozen=True)
+class Header:
+    width: int
+    height: int
+    format: str
+    exif_turned: bool
+
+
+def read_header(data: bytes) -> Header | None:
+    """Size, format and orientation tag from the header alone; None when PIL cannot parse it."""
+    limit = Image.MAX_IMAGE_PIXELS
+    Image.MAX_IMAGE_PIXELS = None  # the pixel limit is ours (image_problem), not PIL's
+    try:
+        with warnings.catch_warnings(), Image.open(io.BytesIO(data)) as im:
+            warnings.simplefilter("ignore")
+            width, height = im.size
+            try:
+                turned = im.getexif().get(ORIENTATION_TAG, 1) not in (1, None)
+            except Exception:  # a malformed EXIF block says nothing about the pixels
+                turned = False
+            return Header(width, height, str(im.format), turned)
+    except Exception:  # PIL raises a zoo of types on hostile headers
+        return None
+    finally:
+        Image.MAX_IMAGE_PIXELS = limit
+
+
+def image_problem(data: bytes, header: Header | None, max_pixels: int) -> str:
+    """Why the picture must not be decoded ("" when it may be), from its bytes and header."""
+    if not data:
+        return "empty_file"
+    if header is None:
+        return "not_an_image"
+    if header.width * header.height > max_pixels:
+        return "too_many_pixels"
+    # A cut-off download still decodes (libjpeg pads the rest with grey) and would become
+    # crops of half a picture: require an end-of-image marker with no scan after it, and the
+    # PNG end chunk. Neither JPEG marker can occur inside entropy-coded data (0xFF is stuffed
+    # there); an EXIF thumbnail's own markers come before the picture's first scan. Searched
+    # from the end, a complete file costs two short scans, not two passes over its bytes.
+    if header.format == "JPEG":
+        end = data.rfind(b"\xff\xd9")
+        if end < 0 or data.find(b"\xff\xda", end) >= 0:
+            return "truncated"
+    if header.format == "PNG" and data.rfind(b"IEND") < 0:
+        return "truncated"
+    return ""
+
+
+def describe(problem: str, header: Header | None, max_pixels: int) -> str:
+    """A problem of :func:`image_problem` in words, for a person reading one file's line."""
+    if problem == "too_many_pixels":
+        return (f"{header.width} x {header.height} pixels, more than the limit of "
+                f"{max_pixels:,}; not decoded (a decompression bomb, or raise the limit)")
+    return {"empty_file": "empty file",
+            "not_an_image": "cannot decode the file as an image (damaged, or not a picture)",
+            "truncated": "truncated: the end of the picture is missing (a cut-off copy?)",
+            "decode_failed": "cannot decode the file as an image (damaged, or not a picture)",
+            }[problem]
