@@ -22,7 +22,7 @@ import time
 import numpy as np
 import pandas as pd
 
-from stages import extract_crops
+from stages.extract_crops import stage as extract_crops
 from tests.test_dedup import frame_of, lattice, reference_duplicate_mask
 
 

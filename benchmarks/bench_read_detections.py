@@ -48,7 +48,7 @@ def run_one(reader: str, path: Path, ids_file: Path) -> dict:
     """In this (fresh) process: run one reader, return rows, seconds and peak RSS."""
     sys.path.insert(0, str(ROOT))
     from stages.common.openimages import read_detections
-    from stages.download import rows_for_images
+    from stages.download.stage import rows_for_images
 
     started = time.perf_counter()
     if reader == "whole_file":

@@ -30,10 +30,11 @@ import cv2
 import numpy as np
 import torch
 
-from stages import train
-from stages.common.distributed import World
-from stages.common.model import build_model, freeze, frozen_prefix, trainable_modules
-from stages.common.training import FocalLoss
+from stages.train import stage as train
+from stages.train.distributed import World
+from stages.common.model import build_model, freeze, frozen_prefix
+from stages.common.params import trainable_modules
+from stages.train.recipe import FocalLoss
 
 
 def trained_names(model: torch.nn.Module) -> list[str]:

@@ -15,12 +15,11 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from stages.common import params as P
-from stages.common import schema
+from stages.common import params
 from stages.common.atomic import atomic_dir, write_json
+from stages.common.errors import StageError, main_guard
 from stages.common.model import check_logits, load_checkpoint
 from stages.common.onnx_model import OnnxClassifier, export
-from stages.common.params import StageError
 from stages.common.predictor import TorchClassifier, labelled_folder
 from stages.common.speed import speed_figures
 
@@ -29,11 +28,6 @@ TEST_DIR = Path("data/split/test")
 EXPORT_DIR = Path("data/export")
 ONNX_FILE = "model.onnx"
 METRICS_FILE = Path("metrics/export.json")
-
-
-def read_config(p: dict) -> dict:
-    v = schema.check_all(p)
-    return {k: v[f"export.{k}"] for k in ("opset", "batch_size", "speed_runs", "parity_atol")}
 
 
 def test_arrays(meta: dict) -> np.ndarray:
@@ -56,13 +50,13 @@ def in_batches(forward, x: np.ndarray, size: int = 64) -> np.ndarray:
     return np.concatenate([forward(x[i:i + size]) for i in range(0, len(x), size)])
 
 
-@P.main_guard
+@main_guard
 def main() -> None:
-    cfg = read_config(P.load())
+    cfg = params.load().export
     model, meta = load_checkpoint(CHECKPOINT)
     images = test_arrays(meta)
 
-    n = cfg["batch_size"]
+    n = cfg.batch_size
     one = images[:1]
     batch = np.resize(images, (n,) + images.shape[1:])  # repeats crops if the set is small
     threads = torch.get_num_threads()  # both runtimes on the same CPU threads
@@ -71,30 +65,30 @@ def main() -> None:
     eager = TorchClassifier(CHECKPOINT)
     reference = in_batches(eager.logits, images)
     check_logits(reference, len(images), len(meta["classes"]), CHECKPOINT)
-    speed["pytorch_eager"] = speed_figures(eager.logits, one, batch, n, cfg["speed_runs"])
+    speed["pytorch_eager"] = speed_figures(eager.logits, one, batch, n, cfg.speed_runs)
     del eager
 
     with atomic_dir(EXPORT_DIR) as tmp:
-        export(model, meta, tmp / ONNX_FILE, cfg["opset"])
+        export(model, meta, tmp / ONNX_FILE, cfg.opset)
         onnx = OnnxClassifier(tmp / ONNX_FILE, threads=threads)
         answered = in_batches(onnx.logits, images)
         check_logits(answered, len(images), len(meta["classes"]), EXPORT_DIR / ONNX_FILE)
         check = parity(reference, answered)
-        if check["max_abs_logit_diff"] > cfg["parity_atol"]:
+        if check["max_abs_logit_diff"] > cfg.parity_atol:
             raise StageError(f"ONNX parity failed: max abs logit difference "
                              f"{check['max_abs_logit_diff']} > export.parity_atol "
-                             f"{cfg['parity_atol']} on {check['test_crops']} test crops; "
+                             f"{cfg.parity_atol} on {check['test_crops']} test crops; "
                              "try another export.opset or report the arch")
-        speed["onnxruntime"] = speed_figures(onnx.logits, one, batch, n, cfg["speed_runs"])
+        speed["onnxruntime"] = speed_figures(onnx.logits, one, batch, n, cfg.speed_runs)
         speed["onnxruntime_speedup_batch1"] = round(
             speed["pytorch_eager"]["batch1_ms_per_image"]
             / speed["onnxruntime"]["batch1_ms_per_image"], 2)
         size_mb = round((tmp / ONNX_FILE).stat().st_size / 2 ** 20, 1)
 
-    write_json(METRICS_FILE, {"arch": meta["arch"], "opset": cfg["opset"], "onnx_mb": size_mb,
+    write_json(METRICS_FILE, {"arch": meta["arch"], "opset": cfg.opset, "onnx_mb": size_mb,
                               "parity": check, "speed": speed})
     e, o = speed["pytorch_eager"], speed["onnxruntime"]
-    print(f"{EXPORT_DIR / ONNX_FILE}: {meta['arch']}, {size_mb} MB, opset {cfg['opset']}, "
+    print(f"{EXPORT_DIR / ONNX_FILE}: {meta['arch']}, {size_mb} MB, opset {cfg.opset}, "
           f"dynamic batch\n"
           f"parity on {check['test_crops']} test crops: max abs logit diff "
           f"{check['max_abs_logit_diff']}, top-1 agreement {check['top1_agreement']}\n"

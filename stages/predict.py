@@ -32,10 +32,11 @@ import sys
 from pathlib import Path
 from typing import Iterator, TextIO
 
-from stages.common.params import DISK_FULL, ArgumentParser, ParamError, StageError, main_guard
+from stages.common.errors import (DISK_FULL, ArgumentParser, ParamError, StageError,
+                                  main_guard)
 from stages.common.pictures import DEFAULT_MAX_IMAGE_PIXELS, MAX_IMAGE_PIXELS
 from stages.common.predictor import Prediction, expand, load_classifier, predict_paths
-from stages.common.schema import MAX_BATCH
+from stages.common.params import MAX_BATCH
 
 DEFAULT_MODEL = Path("data/model/best.pt")
 

@@ -23,7 +23,7 @@ import tempfile
 from pathlib import Path
 
 from stages.common.atomic import atomic_file, refuse_odd_destination
-from stages.common.params import ArgumentParser, StageError, main_guard
+from stages.common.errors import ArgumentParser, StageError, main_guard
 
 DEFAULT_OUT = Path("dvc_plots/report.html")  # beside dvc plots show's index.html, git-ignored
 IMAGE_TYPES = {".png": "image/png", ".jpg": "image/jpeg", ".jpeg": "image/jpeg",

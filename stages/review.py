@@ -15,7 +15,7 @@ import argparse
 import os
 from pathlib import Path
 
-from stages.common.params import ArgumentParser, StageError, main_guard
+from stages.common.errors import ArgumentParser, StageError, main_guard
 from stages.common.predictor import labelled_folder, load_classifier, predict_paths
 
 DEFAULT_MODEL = Path("data/model/best.pt")

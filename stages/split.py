@@ -39,21 +39,15 @@ from pathlib import Path
 import numpy as np
 import pandas as pd
 
-from stages.common import params as P
-from stages.common import schema
+from stages.common import params
 from stages.common.atomic import atomic_dir, write_json
-from stages.common.params import StageError
+from stages.common.errors import StageError, main_guard
 
 CROPS = Path("data/crops")
 OUT = Path("data/split")
 METRICS = Path("metrics/split.json")
 MANIFEST = "manifest.csv"
 SPLITS = ["train", "val", "test"]
-
-
-def read_fractions(params: dict) -> tuple[int, float, float]:
-    v = schema.check_all(params)
-    return v["seed"], v["split.test"], v["split.val"]
 
 
 def read_manifest(crops_dir: Path) -> pd.DataFrame:
@@ -148,12 +142,12 @@ def copy_crops(frame: pd.DataFrame, crops_dir: Path, out: Path) -> None:
         shutil.copyfile(crops_dir / src, out / dest)
 
 
-@P.main_guard
+@main_guard
 def main() -> None:
-    seed, test, val = read_fractions(P.load())
+    cfg = params.load()
     splits = SPLITS
     frame = read_manifest(CROPS)
-    split_of = assign_splits(image_label_counts(frame), seed, test, val)
+    split_of = assign_splits(image_label_counts(frame), cfg.seed, cfg.split.test, cfg.split.val)
     frame = frame.rename(columns={"crop": "source"})
     frame["split"] = frame["image_id"].map(split_of)
     frame["crop"] = [f"{s}/{lab}/{Path(src).name}" for s, lab, src in

@@ -6,7 +6,7 @@ import os
 import pytest
 
 from stages.common.atomic import atomic_dir, atomic_file, write_json
-from stages.common.params import StageError
+from stages.common.errors import StageError
 
 
 def test_atomic_dir_replaces_the_old_output_on_success(tmp_path):
@@ -131,7 +131,7 @@ def test_a_link_planted_at_the_temporary_name_is_never_written_through(tmp_path,
 def test_a_full_disk_names_the_output_in_one_line(tmp_path, capsys):
     """ENOSPC in the middle of a write: one line naming the output (not its temporary), exit
     code 2, nothing half-written left."""
-    from stages.common.params import main_guard
+    from stages.common.errors import main_guard
 
     @main_guard
     def stage():
@@ -152,7 +152,7 @@ def test_a_full_disk_names_the_output_in_one_line(tmp_path, capsys):
 def test_the_train_state_replaces_a_link_into_dvcs_cache(tmp_path):
     """DVC's symlink cache type checks a persist out (data/train_state) out as a link into the
     cache: the next epoch's state replaces the link and never writes through it."""
-    from stages.common import train_state as TS
+    from stages.train import state as TS
 
     cached = tmp_path / "cache" / "ab" / "cdef"
     cached.parent.mkdir(parents=True)

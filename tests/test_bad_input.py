@@ -15,7 +15,7 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from stages import extract_crops
+from stages.extract_crops import stage as extract_crops
 from stages.common import pictures
 from tests import paramfile
 from tests.test_crops import (MID, basic_dataset, box, read_manifest, run_stage, textured,

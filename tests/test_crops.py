@@ -11,7 +11,7 @@ import numpy as np
 import pytest
 import yaml
 
-from stages import extract_crops
+from stages.extract_crops import stage as extract_crops
 from stages.common import crops
 from tests import paramfile
 

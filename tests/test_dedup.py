@@ -13,8 +13,8 @@ import pytest
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
-from stages import extract_crops
-from stages.common import dedup
+from stages.extract_crops import stage as extract_crops
+from stages.extract_crops import dedup
 
 
 def reference_iou(a, b) -> float:

@@ -21,10 +21,10 @@ import torch
 from torch.utils.data import DataLoader
 from torchvision.datasets import ImageFolder
 
-from stages import train
-from stages.common.distributed import World, shard_indices
+from stages.train import stage as train
+from stages.train.distributed import World, shard_indices
 from stages.common.model import load_checkpoint
-from stages.common.training import FocalLoss
+from stages.train.recipe import FocalLoss
 from stages.common.transforms import eval_transform
 from tests import paramfile
 from tests.tiny_project import write_colour_split

@@ -20,8 +20,9 @@ import pandas as pd
 import pytest
 import yaml
 
-from stages import download
-from stages.common import crops, sample_data
+from stages.download import stage as download
+from stages.common import crops
+from stages.download import sample_data
 from stages.common.openimages import DETECTION_COLUMNS, read_classes, read_detections
 from tests import paramfile
 

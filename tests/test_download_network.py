@@ -25,7 +25,7 @@ from urllib.parse import urlsplit
 
 import pytest
 
-from stages.common import zoo
+from stages.download import zoo
 from tests.test_download import REAL_MIDS, ZOO_URLS, make_zoo_split, tree_digest, write_params
 
 REPO = Path(__file__).resolve().parents[1]

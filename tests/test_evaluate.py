@@ -2,7 +2,7 @@
 import numpy as np
 import pytest
 
-from stages.evaluate import score, write_confusion_csv
+from stages.evaluate.stage import score, write_confusion_csv
 
 CLASSES = ["animal", "object", "person"]
 

@@ -15,8 +15,10 @@ import pandas as pd
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
-from stages import extract_crops
 from stages.common import crops, openimages, pictures
+from stages.common.params import parse
+from stages.extract_crops import stage as extract_crops
+from tests import paramfile
 
 FAST = settings(max_examples=150, deadline=None,
                 suppress_health_check=[HealthCheck.too_slow])
@@ -169,10 +171,9 @@ def test_detections_reader_and_box_rules_hold_on_hostile_rows(rows):
         assert Path("data", f"{image_id}.jpg").parent == Path("data")
     safe["label"] = safe["LabelName"]
     safe["box_index"] = range(len(safe))
-    settings_ = extract_crops.Settings(seed=0, labels={}, size=16, min_box_px=1,
-                                       skip_group_of=True, skip_depiction=True, dedup_iou=0.7,
-                                       reduced_decode=False, max_image_pixels=10**8, workers=1)
-    reason = extract_crops.pre_read_skips(safe.reset_index(drop=True), settings_)
+    cfg = parse(paramfile.params({"crops": {"size": 16, "min_box_px": 1, "skip_group_of": True,
+                                            "skip_depiction": True, "dedup_iou": 0.7}}))
+    reason = extract_crops.pre_read_skips(safe.reset_index(drop=True), cfg)
     assert set(reason) <= {"", *extract_crops.SKIP_REASONS}
     kept = safe.reset_index(drop=True)[reason == ""]
     for xmin, xmax, ymin, ymax in kept[openimages.BOX_COLUMNS].itertuples(index=False):

@@ -8,9 +8,10 @@ import torch
 from torch import nn
 
 from stages.common import model as M
+from stages.common.params import RESNET_CHILDREN, trainable_modules
 from stages.common.digest import file_sha256
-from stages.common.params import StageError
-from stages.common.training import EarlyStopping, FocalLoss, cosine_scheduler
+from stages.common.errors import StageError
+from stages.train.recipe import EarlyStopping, FocalLoss, cosine_scheduler
 
 
 def test_focal_loss_gamma0_equals_cross_entropy():
@@ -31,7 +32,7 @@ def test_focal_loss_hand_computed_value():
 
 def test_report_freezing_leaves_exactly_layer4_and_fc_trainable():
     model = M.build_model("resnet18", 3, 0.3)
-    trainable = M.trainable_modules(["layer4", "fc"])
+    trainable = trainable_modules(["layer4", "fc"])
     M.freeze(model, trainable)
     names = {n for n, p in model.named_parameters() if p.requires_grad}
     assert names and all(n.startswith(("layer4.", "fc.")) for n in names)
@@ -42,7 +43,7 @@ def test_report_freezing_leaves_exactly_layer4_and_fc_trainable():
 def test_frozen_trunk_keeps_weights_and_batchnorm_statistics():
     torch.manual_seed(0)
     model = M.build_model("resnet18", 3, 0.0)
-    trainable = M.trainable_modules(["layer4", "fc"])
+    trainable = trainable_modules(["layer4", "fc"])
     M.freeze(model, trainable)
     before = {k: v.clone() for k, v in model.state_dict().items()}
     opt = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=1e-2)
@@ -65,8 +66,9 @@ def test_split_forward_matches_plain_forward():
 
 
 def test_trainable_rejects_unknown_module():
-    with pytest.raises(StageError, match="layer5"):
-        M.trainable_modules(["layer5", "fc"])
+    with pytest.raises(ValueError):
+        trainable_modules(["layer5", "fc"])
+    assert trainable_modules(["all"]) == trainable_modules("all") == list(RESNET_CHILDREN)
 
 
 def test_scheduler_is_cosine_over_half_the_epochs():

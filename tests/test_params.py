@@ -4,10 +4,16 @@ from pathlib import Path
 import pytest
 import yaml
 
-from stages import evaluate, train
+from stages.common import errors
 from stages.common import params as P
+from stages.train import stage as train
 
 ROOT = Path(__file__).resolve().parents[1]
+
+
+def raw(path: Path = ROOT / "params.yaml") -> dict:
+    """A params file as plain YAML, for a test to edit before it is checked."""
+    return yaml.safe_load(Path(path).read_text())
 
 
 def _keys(tree: dict, prefix: str = "") -> set[str]:
@@ -23,58 +29,67 @@ def _keys(tree: dict, prefix: str = "") -> set[str]:
 
 
 def test_report_config_has_exactly_the_keys_of_params_yaml():
-    default = P.load(ROOT / "params.yaml")
-    report = P.load(ROOT / "configs/report-resnet18.yaml")
-    assert _keys(report) == _keys(default)
+    assert _keys(raw(ROOT / "configs/report-resnet18.yaml")) == _keys(raw())
 
 
 def test_report_config_holds_the_reports_recipe():
     report = P.load(ROOT / "configs/report-resnet18.yaml")
-    cfg = train.read_config(report)
-    assert (cfg["arch"], cfg["weights"], cfg["dropout"]) == ("resnet18", "imagenet", 0.3)
-    assert cfg["trainable"] == ["layer4", "fc"]
-    assert (cfg["epochs"], cfg["batch_size"], cfg["lr"]) == (50, 128, 1e-5)
-    assert (cfg["focal_alpha"], cfg["focal_gamma"], cfg["patience"]) == (1.0, 2.0, 3)
-    assert report["crops"]["size"] == 224 and report["split"]["test"] == 0.2
-    assert report["data"]["source"] == "open-images-v7"
-    assert report["data"]["zoo"]["max_samples"] == 62000
-    assert set(report["data"]["labels"]) == {"person", "animal", "object"}
+    m, t = report.model, report.train
+    assert (m.arch, m.weights, m.dropout) == ("resnet18", "imagenet", 0.3)
+    assert m.trainable == ["layer4", "fc"]
+    assert (t.epochs, t.batch_size, t.lr, t.t_max_ratio) == (50, 128, 1e-5, 0.5)
+    assert (t.focal_alpha, t.focal_gamma, t.patience) == (1.0, 2.0, 3)
+    assert report.crops.size == 224 and report.split.test == 0.2
+    assert report.data.source == "open-images-v7"
+    assert report.data.zoo.max_samples == 62000
+    assert set(report.data.labels) == {"person", "animal", "object"}
+    assert train.recipe(report)["trainable"] == ["layer4", "fc"]
 
 
-@pytest.mark.parametrize("reader,key,value,needle", [
-    (train.read_config, "model.arch", "resnet51", "model.arch='resnet51'"),
-    (train.read_config, "train.lr", -0.1, "train.lr=-0.1"),
-    (train.read_config, "train.epochs", 2.5, "train.epochs=2.5"),
-    (train.read_config, "train.batch_size", True, "train.batch_size=True"),
-    (train.read_config, "train.device", "tpu", "train.device='tpu'"),
-    (train.read_config, "model.dropout", 1.5, "model.dropout=1.5"),
-    (train.read_config, "model.trainable", "layer4", "model.trainable='layer4'"),
-    (train.read_scale_config, "train.nproc", 0, "train.nproc=0"),
-    (train.read_scale_config, "train.nproc", 1.5, "train.nproc=1.5"),
-    (train.read_scale_config, "train.amp", "fp8", "train.amp='fp8'"),
-    (train.read_scale_config, "train.compile", "yes", "train.compile='yes'"),
-    (train.read_scale_config, "train.pin_memory", 1, "train.pin_memory=1"),
+@pytest.mark.parametrize("key,value,needle", [
+    ("model.arch", "resnet51", "model.arch='resnet51'"),
+    ("train.lr", -0.1, "train.lr=-0.1"),
+    ("train.lr", "1e-3", "train.lr='1e-3'"),  # YAML 1.1 reads 1e-3 (no dot) as text
+    ("train.epochs", 2.5, "train.epochs=2.5"),
+    ("train.batch_size", True, "train.batch_size=True"),
+    ("train.device", "tpu", "train.device='tpu'"),
+    ("model.dropout", 1.5, "model.dropout=1.5"),
+    ("model.trainable", "layer4", "model.trainable='layer4'"),
+    ("train.nproc", 0, "train.nproc=0"),
+    ("train.nproc", 1.5, "train.nproc=1.5"),
+    ("train.amp", "fp8", "train.amp='fp8'"),
+    ("train.compile", "yes", "train.compile='yes'"),
+    ("train.pin_memory", 1, "train.pin_memory=1"),
 ])
-def test_bad_train_param_is_named_before_any_work(reader, key, value, needle):
-    params = P.load(ROOT / "params.yaml")
+def test_bad_train_param_is_named_before_any_work(key, value, needle):
+    params = raw()
     section, name = key.split(".")
     params[section][name] = value
-    with pytest.raises(P.ParamError) as err:
-        reader(params)
+    with pytest.raises(errors.ParamError) as err:
+        P.parse(params)
     assert needle in str(err.value) and "expected" in str(err.value)
 
 
 def test_missing_key_is_named():
-    params = P.load(ROOT / "params.yaml")
+    params = raw()
     del params["evaluate"]["speed_runs"]
-    with pytest.raises(P.ParamError, match="missing key 'evaluate.speed_runs'"):
-        evaluate.read_config(params)
+    with pytest.raises(errors.ParamError, match="missing key 'evaluate.speed_runs'"):
+        P.parse(params)
+
+
+def test_params_are_typed_and_read_once():
+    cfg = P.load(ROOT / "params.yaml")
+    assert isinstance(cfg.train.lr, float) and isinstance(cfg.crops.size, int)
+    assert cfg.model.trainable == list(P.RESNET_CHILDREN)  # 'all', resolved
+    assert list(cfg.data.labels) == sorted(cfg.data.labels)
+    with pytest.raises(Exception):  # frozen: a stage cannot change what params.yaml says
+        cfg.train.lr = 1.0
 
 
 def test_main_guard_prints_one_line_and_exits_2(capsys):
-    @P.main_guard
+    @errors.main_guard
     def stage():
-        raise P.StageError("data/raw: not found; run the download stage")
+        raise errors.StageError("data/raw: not found; run the download stage")
 
     with pytest.raises(SystemExit) as exc:
         stage()
@@ -86,15 +101,15 @@ def test_main_guard_prints_one_line_and_exits_2(capsys):
 def test_params_yaml_is_a_mapping(tmp_path):
     bad = tmp_path / "params.yaml"
     bad.write_text("- just\n- a list\n")
-    with pytest.raises(P.ParamError, match="expected a mapping"):
+    with pytest.raises(errors.ParamError, match="expected a mapping"):
         P.load(bad)
-    assert yaml.safe_load((ROOT / "params.yaml").read_text())["model"]["arch"] == "resnet18"
+    assert raw()["model"]["arch"] == "resnet18"
 
 
 def test_default_and_report_run_one_process():
     for path in ["params.yaml", "configs/report-resnet18.yaml"]:
-        scale = train.read_scale_config(P.load(ROOT / path))
-        assert scale == {"nproc": 1, "amp": "auto", "compile": False, "pin_memory": True}
+        t = P.load(ROOT / path).train
+        assert (t.nproc, t.amp, t.compile, t.pin_memory) == (1, "auto", False, True)
 
 
 @pytest.mark.parametrize("edit,needle", [
@@ -115,31 +130,33 @@ def test_default_and_report_run_one_process():
     (lambda p: p["export"].update(opset="18"), "export.opset='18' is not allowed"),
 ])
 def test_every_key_is_checked_by_load(tmp_path, edit, needle):
-    params = P.load(ROOT / "params.yaml")
+    params = raw()
     edit(params)
     path = tmp_path / "params.yaml"
     path.write_text(yaml.safe_dump(params))
-    with pytest.raises(P.ParamError) as err:
+    with pytest.raises(errors.ParamError) as err:
         P.load(path)
     assert needle in str(err.value) and "\n" not in str(err.value)
 
 
-def test_schema_knows_every_key_of_params_yaml_and_no_other():
-    from stages.common import schema
+def _model_keys(model=P.Params, prefix: str = "") -> set[str]:
+    out = set()
+    for name, field in model.model_fields.items():
+        if isinstance(field.annotation, type) and issubclass(field.annotation, P.Section):
+            out |= _model_keys(field.annotation, f"{prefix}{name}.")
+        else:
+            out.add(prefix + name)
+    return out
 
-    assert _keys(P.load(ROOT / "params.yaml")) == set(schema.RULES)
 
-
-def test_schema_archs_are_the_models():
-    from stages.common import model, schema
-
-    assert list(model.ARCHS) == list(schema.ARCH_NAMES)
+def test_the_params_model_knows_every_key_of_params_yaml_and_no_other():
+    assert _keys(raw()) == _model_keys()
 
 
 def test_broken_yaml_is_one_line(tmp_path):
     bad = tmp_path / "params.yaml"
     bad.write_text("train:\n  lr: [0.1\n")
-    with pytest.raises(P.ParamError, match=r"not valid YAML at line \d+; fix the file's syntax"):
+    with pytest.raises(errors.ParamError, match=r"not valid YAML at line \d+; fix the file's syntax"):
         P.load(bad)
 
 
@@ -148,7 +165,7 @@ def test_first_stage_stops_on_a_bad_key_of_a_later_one(tmp_path):
     import subprocess
     import sys
 
-    params = P.load(ROOT / "params.yaml")
+    params = raw()
     params["evaluate"]["device"] = "tpu"
     (tmp_path / "params.yaml").write_text(yaml.safe_dump(params))
     done = subprocess.run([sys.executable, "-m", "stages.download"], cwd=tmp_path,
@@ -173,7 +190,7 @@ def test_first_stage_stops_on_a_bad_key_of_a_later_one(tmp_path):
     ("evaluate.mistakes", 10**6),
 ])
 def test_values_that_would_crash_or_exhaust_a_later_stage_are_refused(tmp_path, key, value):
-    params = P.load(ROOT / "params.yaml")
+    params = raw()
     *sections, name = key.split(".")
     node = params
     for section in sections:
@@ -181,7 +198,7 @@ def test_values_that_would_crash_or_exhaust_a_later_stage_are_refused(tmp_path, 
     node[name] = value
     path = tmp_path / "params.yaml"
     path.write_text(yaml.safe_dump(params))
-    with pytest.raises(P.ParamError) as err:
+    with pytest.raises(errors.ParamError) as err:
         P.load(path)
     message = str(err.value)
     assert f"{key}={value!r} is not allowed; expected an integer >=" in message and "<=" in message
@@ -189,11 +206,10 @@ def test_values_that_would_crash_or_exhaust_a_later_stage_are_refused(tmp_path, 
 
 
 def test_the_largest_seed_allowed_seeds_every_rank():
-    from stages.common import schema
-    from stages.common.training import seed_everything
+    from stages.train.data import seed_everything
 
     for rank in (0, 1, 255):  # train seeds each rank with seed + rank
-        seed_everything(schema.MAX_SEED + rank)
+        seed_everything(P.MAX_SEED + rank)
 
 
 def test_a_key_given_twice_is_refused_with_both_lines(tmp_path):
@@ -204,7 +220,7 @@ def test_a_key_given_twice_is_refused_with_both_lines(tmp_path):
     path.write_text(text)
     line = text.splitlines().index("  lr: 0.5") + 1
     second = next(i for i, t in enumerate(text.splitlines(), 1) if t.startswith("  lr: 0.001"))
-    with pytest.raises(P.ParamError) as err:
+    with pytest.raises(errors.ParamError) as err:
         P.load(path)
     assert str(err.value) == (f"{path}: key 'train.lr' is given twice (lines {line} and "
                               f"{second}); keep one (DVC refuses such a file)")

@@ -14,16 +14,17 @@ import pytest
 import torch
 
 from stages import export as export_stage
+from stages.common.params import parse
 from stages import predict
-from stages.common import figures
+from stages.evaluate import figures
 from stages.common.crops import corner_colour
 from stages.common.model import (IMAGENET_MEAN, IMAGENET_STD, build_model, load_checkpoint,
                                  save_checkpoint)
 from stages.common.onnx_model import OnnxClassifier, export, seal
-from stages.common.params import ParamError, StageError
+from stages.common.errors import ParamError, StageError
 from stages.common.predictor import TorchClassifier, load_classifier, prepare
 from stages.common.speed import speed_figures
-from stages.evaluate import most_confident_mistakes
+from stages.evaluate.stage import most_confident_mistakes
 from tests import paramfile
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -198,7 +199,7 @@ def test_parity_figures():
 def test_export_params_are_checked():
     params = paramfile.params({"export": {"opset": 9}})
     with pytest.raises(ParamError, match="export.opset=9"):
-        export_stage.read_config(params)
+        parse(params)
 
 
 def test_speed_figures_shape():
@@ -448,7 +449,7 @@ def overflowing_checkpoint(folder: Path) -> Path:
 def test_infinite_logits_stop_predict_evaluate_and_export_in_one_line(tmp_path, monkeypatch,
                                                                       capsys, run_predict,
                                                                       pictures):
-    from stages import evaluate
+    from stages.evaluate import stage as evaluate
 
     checkpoint = overflowing_checkpoint(tmp_path)
     proc = run_predict(pictures / "crop.jpg", "--model", checkpoint)

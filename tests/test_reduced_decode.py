@@ -20,7 +20,7 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from stages import extract_crops
+from stages.extract_crops import stage as extract_crops
 from stages.common import crops, pictures
 from tests.test_crops import box, read_manifest, run_stage, write_params, write_raw
 
@@ -181,7 +181,7 @@ def test_worker_pool_survives_opencv_threads_in_the_parent(tmp_path):
         for _ in range(3):
             cv2.resize(big, (1000, 1000))
             cv2.warpAffine(big, np.eye(2, 3), (2000, 2000))
-        from stages import extract_crops
+        from stages.extract_crops import stage as extract_crops
         from stages.common import crops
         tasks = [extract_crops.ImageTask(f"i{{k}}", {str(tmp_path / "p.jpg")!r}, {str(tmp_path)!r},
                                          1, 32, 4, True, 10**8, ((0, "out", 0.1, 0.9, 0.1, 0.9),))

@@ -18,7 +18,7 @@ import numpy as np
 import pytest
 import yaml
 
-from stages.common import figures
+from stages.evaluate import figures
 
 ROOT = Path(__file__).resolve().parents[1]
 CHROMIUM = shutil.which("chromium") or shutil.which("chromium-browser")
@@ -82,6 +82,7 @@ def project(tmp_path_factory):
     repo = tmp_path_factory.mktemp("report") / "repo"
     repo.mkdir()
     shutil.copy(ROOT / "dvc.yaml", repo / "dvc.yaml")
+    shutil.copy(ROOT / "params.yaml", repo / "params.yaml")  # dvc.yaml reads ${data.mirror}
     subprocess.run([sys.executable, "-m", "dvc", "init", "--no-scm", "-q"], cwd=repo, check=True)
     write_plot_files(repo)
     proc = subprocess.run([sys.executable, "-m", "stages.report", "--repo", str(repo),

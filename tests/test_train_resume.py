@@ -19,7 +19,7 @@ import numpy as np
 import pytest
 import torch
 
-from stages.common import train_state as TS
+from stages.train import state as TS
 from tests import paramfile
 from tests.tiny_project import COLOURS, write_colour_split
 
@@ -179,7 +179,7 @@ def test_changed_param_ignores_the_old_state(killed, tmp_path):
                      "(train.lr: 0.001 -> 0.002); training from scratch"]
     assert "resuming" not in out and "[01] train:" in out
     state = _state(root)  # the new run's own state replaced it
-    assert state["epoch"] == 1 and state["fingerprint"]["params"]["lr"] == 0.002
+    assert state["epoch"] == 1 and state["fingerprint"]["params"]["train.lr"] == 0.002
 
 
 def test_corrupt_state_is_reported_and_training_starts_from_scratch(killed, tmp_path):
@@ -235,7 +235,7 @@ def test_train_runs_in_a_git_repo_with_no_commit_yet(reference, tmp_path):
 # ----- the state file itself, in process (fast) ------------------------------------------------
 
 def _fp(root: Path, **params) -> dict:
-    return TS.fingerprint({"seed": 42, "arch": "resnet18", "lr": 0.001, **params},
+    return TS.fingerprint({"seed": 42, "model.arch": "resnet18", "train.lr": 0.001, **params},
                           {s: root / "data/split" / s for s in ("train", "val")}, 1,
                           torch.device("cpu"))
 
@@ -271,9 +271,10 @@ def test_changed_data_or_code_is_named(tmp_path, monkeypatch):
     img = tmp_path / "data/split/val/person/0.png"
     img.write_bytes(img.read_bytes() + b"\0")
     assert TS.mismatch(fp, _fp(tmp_path)) == "the training data changed since (data/split/val)"
-    code = dict(fp, code={**fp["code"], "stages/train.py": "0" * 32})
-    assert TS.mismatch(code, fp) == "the train stage's code changed since (stages/train.py)"
-    assert TS.mismatch(fp, _fp(tmp_path, arch="resnet50", lr=0.01)) == (
+    code = dict(fp, code={**fp["code"], "stages/train/stage.py": "0" * 32})
+    assert TS.mismatch(code, fp) == (
+        "the train stage's code changed since (stages/train/stage.py)")
+    assert TS.mismatch(fp, _fp(tmp_path, **{"model.arch": "resnet50", "train.lr": 0.01})) == (
         "it was written with other params (model.arch: 'resnet18' -> 'resnet50', "
         "train.lr: 0.001 -> 0.01)")
 
@@ -352,7 +353,7 @@ def test_a_full_disk_while_saving_the_checkpoint_is_one_line(tmp_path, monkeypat
     as before, nothing half-written in data/model or metrics."""
     import errno
 
-    from stages import train
+    from stages.train import stage as train
 
     root = _make_project(tmp_path, val_against_train=False, epochs=1, num_workers=0)
     real_save = torch.save
@@ -374,3 +375,17 @@ def test_a_full_disk_while_saving_the_checkpoint_is_one_line(tmp_path, monkeypat
     assert "Traceback" not in err
     assert not (root / "data/model").exists() and not (root / "metrics/train.json").exists()
     assert not list((root / "data").glob(".model.*"))
+
+
+def test_the_fingerprint_reads_the_train_stage_code_from_dvc_yaml():
+    """One list: the code a resumed state must have been written by is train's deps in dvc.yaml,
+    a package folder standing for its files (bytecode caches aside)."""
+    import yaml
+
+    files = TS.code_files()
+    deps = yaml.safe_load((ROOT / "dvc.yaml").read_text())["stages"]["train"]["deps"]
+    code = [d for d in deps if d.startswith("stages/")]
+    assert "stages/train" in code and {"stages/train/stage.py", "stages/train/state.py",
+                                       "stages/common/model.py"} <= set(files)
+    assert all(any(f == d or f.startswith(d + "/") for d in code) for f in files)
+    assert not any("__pycache__" in f or f.endswith(".pyc") for f in files)

@@ -20,7 +20,7 @@ import stat
 from pathlib import Path
 from typing import Any, Iterator
 
-from stages.common.params import StageError
+from stages.common.errors import StageError
 
 
 def _tmp_sibling(path: Path) -> Path:

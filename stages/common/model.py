@@ -28,16 +28,12 @@ from torch import nn
 from torchvision import models
 
 from stages.common.digest import file_sha256
-from stages.common.params import StageError
-from stages.common.schema import MAX_CROP_SIZE, RESNET_CHILDREN
+from stages.common.errors import StageError
+from stages.common.params import ARCH_NAMES, MAX_CROP_SIZE, RESNET_CHILDREN
 
-ARCHS = {
-    "resnet18": (models.resnet18, models.ResNet18_Weights),
-    "resnet34": (models.resnet34, models.ResNet34_Weights),
-    "resnet50": (models.resnet50, models.ResNet50_Weights),
-    "resnet101": (models.resnet101, models.ResNet101_Weights),
-    "resnet152": (models.resnet152, models.ResNet152_Weights),
-}
+# name -> (torchvision builder, its ImageNet weights enum), for every arch params.yaml allows
+ARCHS = {name: (getattr(models, name), getattr(models, f"ResNet{name[len('resnet'):]}_Weights"))
+         for name in ARCH_NAMES}
 IMAGENET_MEAN = [0.485, 0.456, 0.406]
 IMAGENET_STD = [0.229, 0.224, 0.225]
 CHECKPOINT_FORMAT = 1
@@ -140,17 +136,6 @@ def build_model(arch: str, num_classes: int, dropout: float, weights: str = "non
                              f"(mismatch: {wrong[0]}); give weights of the same arch")
     model.fc = nn.Sequential(nn.Dropout(p=dropout), nn.Linear(model.fc.in_features, num_classes))
     return model
-
-
-def trainable_modules(trainable: str | list[str]) -> list[str]:
-    """Resolve ``model.trainable`` (``all`` or module names) to top-level module names."""
-    if trainable == "all":
-        return list(RESNET_CHILDREN)
-    unknown = [m for m in trainable if m not in RESNET_CHILDREN]
-    if unknown or not trainable:
-        raise StageError(f"model.trainable={trainable!r}: expected 'all' or a list of "
-                         f"{', '.join(RESNET_CHILDREN)}")
-    return list(trainable)
 
 
 def freeze(model: nn.Module, trainable: list[str]) -> None:

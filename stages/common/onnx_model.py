@@ -20,7 +20,7 @@ import torch
 from torch import nn
 
 from stages.common.model import DIGEST_KEY, check_meta
-from stages.common.params import StageError
+from stages.common.errors import StageError
 
 INPUT, OUTPUT = "images", "logits"
 META_KEYS = ("arch", "classes", "image_size", "mean", "std")  # values stored as JSON text

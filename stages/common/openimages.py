@@ -23,8 +23,7 @@ from typing import Iterator
 
 import pandas as pd
 
-from stages.common import params as P
-from stages.common.params import ParamError, StageError
+from stages.common.errors import StageError
 
 DATA_DIR = "data"
 DETECTIONS = Path("labels") / "detections.csv"
@@ -37,8 +36,6 @@ DETECTION_COLUMNS = [
 # What extract_crops cannot work without; the other columns are optional.
 REQUIRED_COLUMNS = ["ImageID", "LabelName", "XMin", "XMax", "YMin", "YMax"]
 FLAG_COLUMNS = ["IsOccluded", "IsTruncated", "IsGroupOf", "IsDepiction", "IsInside"]
-# Labels become folder names (ImageFolder classes).
-LABEL_NAME = re.compile(r"[A-Za-z0-9_][A-Za-z0-9_.-]*")
 # ImageIDs become file names (data/<ImageID>.jpg, crops/<label>/<ImageID>_<k>.jpg). Open Images'
 # are 16 hex digits; anything that could leave a folder ("../x", "/etc/x", "a\\b"), hide a file
 # (".x") or carry control characters is refused and never joined into a path.
@@ -48,27 +45,6 @@ BOX_COLUMNS = ["XMin", "XMax", "YMin", "YMax"]
 
 def is_safe_image_id(image_id: object) -> bool:
     return isinstance(image_id, str) and SAFE_IMAGE_ID.fullmatch(image_id) is not None
-
-
-def read_label_map(params: dict) -> dict[str, list[str]]:
-    """``data.labels``: label -> non-empty list of class names, no class under two labels."""
-    labels = P.get(params, "data.labels")
-    P.check(isinstance(labels, dict) and bool(labels), "data.labels",
-            "a mapping of label -> list of Open Images class names", labels)
-    owner: dict[str, str] = {}
-    for label, names in labels.items():
-        key = f"data.labels.{label}"
-        P.check(isinstance(label, str) and bool(LABEL_NAME.fullmatch(label)), key,
-                "a label usable as a folder name (letters, digits, _ . -)", label)
-        P.check(isinstance(names, list) and bool(names)
-                and all(isinstance(n, str) and n.strip() for n in names), key,
-                "a non-empty list of class names", names)
-        for name in names:
-            if name in owner:
-                raise ParamError(f"params.yaml: class {name!r} is listed under both "
-                                 f"data.labels.{owner[name]} and {key}; a class needs one label")
-            owner[name] = label
-    return {label: list(names) for label, names in sorted(labels.items())}
 
 
 def images_on_disk(root: str | Path) -> dict[str, Path]:

@@ -1,49 +1,257 @@
-"""Reading ``params.yaml`` and failing early, in one line, on a bad value.
+"""``params.yaml`` as one typed object, every key checked before a stage does any work.
 
-Every stage calls :func:`load` first and checks the keys it reads before it does any work,
-so a typo costs seconds, not an hour of training.
+Each stage starts with ``cfg = params.load()`` and reads ``cfg.train.lr``, ``cfg.crops.size``...
+:func:`load` checks the WHOLE file whichever stage runs, so a typo in ``train.lr`` stops
+``dvc repro`` at its first stage (the download), not an hour later at train; an unknown key
+(``train.lrr``) is refused too, since DVC would pass it silently and the run would use nothing.
+A bad value is one line naming the key and what it accepts, e.g.
+``params.yaml: model.arch='resnet51' is not allowed; expected one of resnet18, ...``.
+
+The rules are pydantic 2 models (``extra="forbid"``, strict types, bounds): the model IS the
+list of keys. Checking costs milliseconds and imports no torch.
 """
 from __future__ import annotations
 
-import argparse
-import errno
-import functools
-import os
-import sys
+import re
 from pathlib import Path
-from typing import Any, Callable
+from typing import Any, Literal, get_args, get_origin
 
+import annotated_types
 import yaml
+from pydantic import (BaseModel, ConfigDict, Field, ValidationError, field_validator,
+                      model_validator)
+
+from stages.common.errors import ParamError
+from stages.common.pictures import MAX_IMAGE_PIXELS
 
 PARAMS_FILE = Path("params.yaml")
 
+ARCH_NAMES = ("resnet18", "resnet34", "resnet50", "resnet101", "resnet152")
+# Top-level modules of a torchvision ResNet, in forward order.
+RESNET_CHILDREN = ("conv1", "bn1", "relu", "maxpool", "layer1", "layer2", "layer3", "layer4",
+                   "avgpool", "fc")
+SOURCES = ("sample", "open-images-v7", "mirror")
+# Labels become folder names (ImageFolder classes).
+LABEL_NAME = re.compile(r"[A-Za-z0-9_][A-Za-z0-9_.-]*")
 
-class ParamError(ValueError):
-    """A param is missing or has a value the pipeline cannot use."""
+# Upper bounds, for values that would otherwise pass here and crash or exhaust a stage hours
+# later, after the stages upstream of it have run.
+MAX_SEED = 2**32 - 1  # NumPy's global seeding (np.random.seed, in train) takes nothing larger
+# Processes and threads: the largest single machines have 2 x 128 cores and at most 16 GPUs;
+# each process is an interpreter with torch or OpenCV loaded (hundreds of MB), so more cannot
+# run at once, and 100,000 would hit the machine's process and memory limits mid-run.
+MAX_PROCESSES = 256
+# Crops per forward pass: 4,096 crops of 224 px are 2.4 GB of float32 input before any
+# activation; export.batch_size repeats test crops up to this many in memory.
+MAX_BATCH = 4096
+# Crop side: activations grow with its square, 20x those of the report's 224 px at 1,024.
+MAX_CROP_SIZE = 1024
+MAX_EPOCHS = 10_000
+MAX_SPEED_RUNS = 10_000  # timed forward passes: more only makes the stage slower
+MAX_MISTAKES = 256  # subplots of the mistakes figure: more is unreadable and minutes to draw
 
 
-class StageError(RuntimeError):
-    """Input data or a file the stage needs is missing or unusable."""
+def _expect(text: str) -> Any:
+    """What a key accepts, in words, for a rule pydantic cannot describe from the type."""
+    return {"expected": text}
 
 
-def load(path: str | Path = PARAMS_FILE) -> dict:
-    """The params file, every key checked (stages.common.schema) before the caller does any work."""
-    from stages.common import schema  # schema builds on this module
+class Section(BaseModel):
+    model_config = ConfigDict(extra="forbid", strict=True, frozen=True)
 
+
+class Sample(Section):
+    images: int = Field(ge=1, le=1_000_000)
+    # Below ~96 px there is no room for objects above the crop stage's minimum box.
+    max_side: int = Field(ge=96, le=4096)
+
+
+class Zoo(Section):
+    splits: list[Literal["train", "validation", "test"]] = Field(
+        json_schema_extra=_expect("a non-empty list of distinct splits from train, validation, "
+                                  "test"))
+    max_samples: int = Field(ge=1)
+    shuffle: bool
+    num_workers: int = Field(ge=1, le=MAX_PROCESSES)
+    # Seconds the download waits for a connection or for the next bytes (download's zoo.py).
+    timeout: float = Field(ge=1, le=3600)
+
+    @field_validator("splits")
+    @classmethod
+    def _distinct(cls, splits: list[str]) -> list[str]:
+        if not splits or len(set(splits)) != len(splits):
+            raise ValueError("not distinct")
+        return splits
+
+
+class Data(Section):
+    source: Literal[SOURCES]  # type: ignore[valid-type]
+    mirror: str = Field(min_length=1, json_schema_extra=_expect(
+        "the path of an Open Images-style folder"))
+    labels: dict[str, list[str]] = Field(json_schema_extra=_expect(
+        "a mapping of label -> list of Open Images class names"))
+    sample: Sample
+    zoo: Zoo
+
+    @field_validator("source", mode="before")
+    @classmethod
+    def _source(cls, value: Any) -> Any:
+        if isinstance(value, str) and value.strip() and value not in SOURCES:
+            # Until 2026-12 a folder path went here; DVC cannot track a dependency named by a
+            # value that is sometimes a path and sometimes not, so the path has a key of its own.
+            raise ParamError(f"params.yaml: data.source={value!r} is not allowed; expected one "
+                             f"of {', '.join(SOURCES)} (for a folder: data.source: mirror and "
+                             f"data.mirror: {value}, which DVC tracks as a dependency)")
+        return value
+
+    @field_validator("labels", mode="before")
+    @classmethod
+    def _labels(cls, labels: Any) -> dict[str, list[str]]:
+        """label -> non-empty list of class names, no class under two labels; sorted by label."""
+        if not isinstance(labels, dict) or not labels:
+            raise ValueError("not a mapping")
+        owner: dict[str, str] = {}
+        for label, names in labels.items():
+            key = f"data.labels.{label}"
+            if not (isinstance(label, str) and LABEL_NAME.fullmatch(label)):
+                raise ParamError(f"params.yaml: {key}={label!r} is not allowed; expected a label "
+                                 "usable as a folder name (letters, digits, _ . -)")
+            if not (isinstance(names, list) and names
+                    and all(isinstance(n, str) and n.strip() for n in names)):
+                raise ParamError(f"params.yaml: {key}={names!r} is not allowed; expected a "
+                                 "non-empty list of class names")
+            for name in names:
+                if name in owner:
+                    raise ParamError(f"params.yaml: class {name!r} is listed under both "
+                                     f"data.labels.{owner[name]} and {key}; a class needs one "
+                                     "label")
+                owner[name] = label
+        return {label: list(names) for label, names in sorted(labels.items())}
+
+    @property
+    def class_names(self) -> list[str]:
+        """Every wanted Open Images class name, label by label."""
+        return [n for label in self.labels for n in self.labels[label]]
+
+
+class Crops(Section):
+    size: int = Field(ge=8, le=MAX_CROP_SIZE)
+    min_box_px: int = Field(ge=1)
+    skip_group_of: bool
+    skip_depiction: bool
+    dedup_iou: float = Field(gt=0, le=1)
+    reduced_decode: bool
+    max_image_pixels: int = Field(ge=1, le=MAX_IMAGE_PIXELS)
+    workers: int = Field(ge=1, le=MAX_PROCESSES)
+
+
+class Split(Section):
+    test: float = Field(gt=0, lt=1)
+    val: float = Field(gt=0, lt=1)
+
+    @model_validator(mode="after")
+    def _room_for_train(self) -> "Split":
+        # val > 0: train needs a validation set for early stopping; the test set is never used so.
+        if self.test + self.val >= 1:
+            raise ParamError(f"params.yaml: split.val={self.val!r} is not allowed; expected a "
+                             f"number > 0 with split.test + split.val < 1 (split.test is "
+                             f"{self.test})")
+        return self
+
+
+class Model(Section):
+    arch: Literal[ARCH_NAMES]  # type: ignore[valid-type]
+    weights: str = Field(min_length=1, json_schema_extra=_expect(
+        "imagenet, none or a path to a .pth file"))
+    zero_init_residual: bool
+    dropout: float = Field(ge=0, le=0.99)
+    trainable: list[str] = Field(json_schema_extra=_expect(
+        "'all' or a non-empty list of " + ", ".join(RESNET_CHILDREN)))
+
+    @field_validator("trainable", mode="before")
+    @classmethod
+    def _trainable(cls, value: Any) -> list[str]:
+        return trainable_modules(value)
+
+
+def trainable_modules(value: Any) -> list[str]:
+    """``model.trainable``: ``all`` or a non-empty list of top-level ResNet modules, resolved to
+    the list (``["all"]``, as a command line gives it, too)."""
+    if value in ("all", ["all"]):
+        return list(RESNET_CHILDREN)
+    if not (isinstance(value, list) and value
+            and all(isinstance(m, str) and m in RESNET_CHILDREN for m in value)):
+        raise ValueError("not a module list")
+    return list(value)
+
+
+class Train(Section):
+    epochs: int = Field(ge=1, le=MAX_EPOCHS)
+    batch_size: int = Field(ge=1, le=MAX_BATCH)
+    lr: float = Field(gt=0)
+    t_max_ratio: float = Field(gt=0, le=10)
+    weight_decay: float = Field(ge=0)
+    focal_alpha: float = Field(gt=0)
+    focal_gamma: float = Field(ge=0)
+    patience: int = Field(ge=1)
+    num_workers: int = Field(ge=0, le=MAX_PROCESSES)
+    device: Literal["auto", "cpu", "cuda", "mps"]
+    nproc: int = Field(ge=1, le=MAX_PROCESSES)
+    amp: Literal["auto", "off", "bf16", "fp16"]
+    compile: bool
+    pin_memory: bool
+
+
+class Evaluate(Section):
+    batch_size: int = Field(ge=1, le=MAX_BATCH)
+    speed_runs: int = Field(ge=1, le=MAX_SPEED_RUNS)
+    device: Literal["auto", "cpu", "cuda", "mps"]
+    mistakes: int = Field(ge=1, le=MAX_MISTAKES)
+
+
+class Export(Section):
+    opset: int = Field(ge=17, le=23)
+    batch_size: int = Field(ge=1, le=MAX_BATCH)
+    speed_runs: int = Field(ge=1, le=MAX_SPEED_RUNS)
+    parity_atol: float = Field(gt=0)
+
+
+class Params(Section):
+    seed: int = Field(ge=0, le=MAX_SEED)
+    data: Data
+    crops: Crops
+    split: Split
+    model: Model
+    train: Train
+    evaluate: Evaluate
+    export: Export
+
+
+# ----- reading ---------------------------------------------------------------------------------
+
+def load(path: str | Path = PARAMS_FILE) -> Params:
+    """The params file as a checked :class:`Params`; the first bad key stops with one line."""
     path = Path(path)
     if not path.is_file():
         raise ParamError(f"{path}: not found; run from the repository root (where dvc.yaml is)")
     try:
         with path.open() as f:
-            params = _load_yaml(f, path) or {}
+            raw = _load_yaml(f, path)
     except yaml.YAMLError as exc:
         where = getattr(exc, "problem_mark", None)
         line = f" at line {where.line + 1}" if where is not None else ""
         raise ParamError(f"{path}: not valid YAML{line}; fix the file's syntax") from None
-    if not isinstance(params, dict):
-        raise ParamError(f"{path}: expected a mapping of sections, got {type(params).__name__}")
-    schema.check_all(params)
-    return params
+    return parse(raw if raw is not None else {})
+
+
+def parse(raw: Any) -> Params:
+    """A params mapping (as read from YAML) checked into :class:`Params`."""
+    if not isinstance(raw, dict):
+        raise ParamError(f"params.yaml: expected a mapping of sections, got {type(raw).__name__}")
+    try:
+        return Params.model_validate(raw)
+    except ValidationError as exc:
+        raise ParamError(_first_error(exc, raw)) from None
 
 
 def _load_yaml(stream, path: Path) -> Any:
@@ -77,84 +285,71 @@ def _refuse_duplicate_keys(node: yaml.Node, path: Path, prefix: str = "") -> Non
             _refuse_duplicate_keys(value, path, f"{prefix}{name}.")
 
 
-def get(params: dict, dotted: str) -> Any:
-    """``get(p, "train.lr")`` with an error that names the missing key."""
-    node: Any = params
-    for part in dotted.split("."):
-        if not isinstance(node, dict) or part not in node:
-            raise ParamError(f"params.yaml: missing key '{dotted}'")
-        node = node[part]
-    return node
+# ----- one line per error ----------------------------------------------------------------------
+
+def _first_error(exc: ValidationError, raw: dict) -> str:
+    """The message of the error a reader should fix first: an unknown key before a bad value
+    (a misspelt key also shows up as the right one missing)."""
+    errors = exc.errors()
+    error = next((e for e in errors if e["type"] == "extra_forbidden"), errors[0])
+    loc = [str(part) for part in error["loc"] if not isinstance(part, int)]
+    dotted = ".".join(loc)
+    cause = (error.get("ctx") or {}).get("error")
+    if isinstance(cause, ParamError):  # a rule of our own said it in full
+        return str(cause)
+    owner, field = _field_of(loc)
+    if error["type"] == "extra_forbidden":
+        where = f"under '{'.'.join(loc[:-1])}'" if len(loc) > 1 else "at the top level"
+        return (f"params.yaml: unknown key '{dotted}'; keys allowed {where}: "
+                + ", ".join(sorted(owner.model_fields)))
+    if error["type"] == "missing":
+        return f"params.yaml: missing key '{dotted}'"
+    value = _value_at(raw, loc)
+    if field is not None and isinstance(field.annotation, type) \
+            and issubclass(field.annotation, Section):
+        return (f"params.yaml: {dotted}={value!r} is not allowed; expected a section with keys "
+                + ", ".join(field.annotation.model_fields))
+    return f"params.yaml: {dotted}={value!r} is not allowed; expected {_expected(field)}"
 
 
-def check(cond: bool, key: str, allowed: str, value: Any = None) -> None:
-    if not cond:
-        raise ParamError(f"params.yaml: {key}={value!r} is not allowed; expected {allowed}")
+def _field_of(loc: list[str]):
+    """(the model that holds the key at ``loc``, its FieldInfo or None when unknown)."""
+    owner: type[BaseModel] = Params
+    field = None
+    for i, part in enumerate(loc):
+        field = owner.model_fields.get(part)
+        if field is None:
+            return owner, None
+        nested = field.annotation
+        if i < len(loc) - 1 and isinstance(nested, type) and issubclass(nested, BaseModel):
+            owner = nested
+        elif i < len(loc) - 1:  # below a leaf: an item of a list or a map
+            return owner, field
+    return owner, field
 
 
-def number(params: dict, key: str, *, lo: float | None = None, hi: float | None = None,
-           integer: bool = False, lo_open: bool = False) -> float | int:
-    """A numeric param inside [lo, hi] (or (lo, hi] with ``lo_open``)."""
-    value = get(params, key)
-    kind = "an integer" if integer else "a number"
-    ok_type = isinstance(value, int) if integer else isinstance(value, (int, float))
-    ok_type = ok_type and not isinstance(value, bool)
-    bounds = ""
-    if lo is not None:
-        bounds += f" {'>' if lo_open else '>='} {lo}"
-    if hi is not None:
-        bounds += f"{' and' if lo is not None else ''} <= {hi}"
-    check(ok_type, key, kind + bounds, value)
-    if lo is not None:
-        check(value > lo if lo_open else value >= lo, key, kind + bounds, value)
-    if hi is not None:
-        check(value <= hi, key, kind + bounds, value)
-    return value
+def _value_at(raw: Any, loc: list[str]) -> Any:
+    for part in loc:
+        if not isinstance(raw, dict) or part not in raw:
+            return None
+        raw = raw[part]
+    return raw
 
 
-def choice(params: dict, key: str, options: list | tuple) -> Any:
-    value = get(params, key)
-    check(value in options, key, "one of " + ", ".join(map(str, options)), value)
-    return value
-
-
-def flag(params: dict, key: str) -> bool:
-    value = get(params, key)
-    check(isinstance(value, bool), key, "true or false", value)
-    return value
-
-
-class ArgumentParser(argparse.ArgumentParser):
-    """argparse for the commands (predict, report, review): a bad option is one line and exit
-    code 2 through main_guard, not argparse's usage block."""
-
-    def error(self, message: str):
-        raise ParamError(f"{message}; see {self.prog} --help")
-
-
-# A full disk or an exhausted quota: nothing the stage can work around, nothing a traceback helps.
-DISK_FULL = (errno.ENOSPC, errno.EDQUOT)
-
-
-def main_guard(fn: Callable[..., Any]) -> Callable[..., Any]:
-    """Turn a ParamError / StageError, or a full disk, into one line on stderr and exit code 2.
-
-    The disk-full line names the file being written when the writer said which
-    (stages.common.atomic names its outputs)."""
-
-    @functools.wraps(fn)
-    def wrapper(*args: Any, **kwargs: Any) -> Any:
-        try:
-            return fn(*args, **kwargs)
-        except (ParamError, StageError) as exc:
-            print(f"error: {exc}", file=sys.stderr)
-            raise SystemExit(2) from None
-        except OSError as exc:
-            if exc.errno not in DISK_FULL:
-                raise
-            where = f" {exc.filename}" if exc.filename else ""
-            print(f"error: cannot write{where} ({os.strerror(exc.errno)}); free space and rerun",
-                  file=sys.stderr)
-            raise SystemExit(2) from None
-
-    return wrapper
+def _expected(field) -> str:
+    """What a field accepts, in the words of the old checks: 'an integer >= 1 and <= 256'."""
+    extra = field.json_schema_extra if field is not None else None
+    if isinstance(extra, dict) and "expected" in extra:
+        return str(extra["expected"])
+    annotation = field.annotation
+    if annotation is bool:
+        return "true or false"
+    if get_origin(annotation) is Literal:
+        return "one of " + ", ".join(map(str, get_args(annotation)))
+    kind = "an integer" if annotation is int else "a number"
+    bounds = []
+    for rule in field.metadata:
+        for name, sign in (("ge", ">="), ("gt", ">"), ("le", "<="), ("lt", "<")):
+            if isinstance(rule, getattr(annotated_types, name.capitalize())):
+                bounds.append(f"{sign} {getattr(rule, name)}")
+    return f"{kind} {' and '.join(bounds)}".strip()

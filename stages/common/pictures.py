@@ -10,8 +10,11 @@ from __future__ import annotations
 import io
 import warnings
 from dataclasses import dataclass
+from pathlib import Path
 
 from PIL import Image
+
+from stages.common.errors import StageError
 
 # Pictures above this many pixels are not decoded: crops.max_image_pixels' default (params.yaml
 # holds the same value; a test keeps them equal) and predict's --max-image-pixels. 100 MP is
@@ -84,3 +87,14 @@ def describe(problem: str, header: Header | None, max_pixels: int) -> str:
             "truncated": "truncated: the end of the picture is missing (a cut-off copy?)",
             "decode_failed": "cannot decode the file as an image (damaged, or not a picture)",
             }[problem]
+
+
+def square_side(path: str | Path) -> int:
+    """The side of a square crop file, from its header; a crop that is not square is an error
+    (every crop of the pipeline is an S x S canvas, and the model was trained on one S)."""
+    with Image.open(path) as im:
+        width, height = im.size
+    if width != height:
+        raise StageError(f"{path}: crops must be square, got {width}x{height}; rerun "
+                         "extract_crops")
+    return width

@@ -16,8 +16,9 @@ import torch
 
 from stages.common.crops import letterbox
 from stages.common.model import check_logits, load_checkpoint
-from stages.common.params import StageError
-from stages.common.pictures import DEFAULT_MAX_IMAGE_PIXELS, describe, image_problem, read_header
+from stages.common.errors import StageError
+from stages.common.pictures import (DEFAULT_MAX_IMAGE_PIXELS, describe, image_problem,
+                                    read_header, square_side)
 from stages.common.transforms import eval_transform
 
 IMAGE_SUFFIXES = {".jpg", ".jpeg", ".png", ".bmp", ".webp", ".tif", ".tiff"}
@@ -165,13 +166,10 @@ def labelled_folder(folder: Path, meta: dict, checkpoint: Path, transform=True):
                          f"holds {ds.classes}; retrain or re-split")
     if len(ds) == 0:
         raise StageError(f"{folder}: no images")
-    from PIL import Image
-
     first = ds.samples[0][0]
-    with Image.open(first) as im:
-        size = im.size
-    if size != (meta["image_size"], meta["image_size"]):
+    side = square_side(first)
+    if side != meta["image_size"]:
         raise StageError(f"{checkpoint} was trained on {meta['image_size']}x{meta['image_size']} "
-                         f"crops but {first} is {size[0]}x{size[1]}; retrain or rerun "
+                         f"crops but {first} is {side}x{side}; retrain or rerun "
                          "extract_crops with the same crops.size")
     return ds

@@ -49,7 +49,7 @@ from typing import Any, Callable, Iterator
 
 from stages.common.atomic import clean_stale, write_json
 from stages.common.digest import file_md5
-from stages.common.params import StageError
+from stages.common.errors import StageError
 
 RECORD = "download-record.json"
 S3_ATTEMPTS = 3          # botocore attempts per request (HEAD, GET) of an image

@@ -1,65 +1,25 @@
-"""Training pieces of the report's recipe: focal loss, cosine schedule, early stopping, seeding."""
+"""The train stage's data: ImageFolder splits, and data order and augmentation as functions of
+(seed, epoch, crop) alone, so a resumed run draws exactly what an uninterrupted one would.
+"""
 from __future__ import annotations
 
 import hashlib
 import os
 import random
+from pathlib import Path
 
 import numpy as np
 import torch
-from torch import nn
-from torch.nn import functional as F
-from torch.utils.data import Dataset
+from torch.utils.data import DataLoader, Dataset
+from torchvision.datasets import ImageFolder
+
+from stages.common.errors import StageError
+
+SPLIT_DIR = Path("data/split")
 
 
-class FocalLoss(nn.Module):
-    """``-alpha * (1 - pt)^gamma * log(pt)``, averaged over the batch (gamma 0, alpha 1: CE)."""
-
-    def __init__(self, alpha: float = 1.0, gamma: float = 2.0) -> None:
-        super().__init__()
-        self.alpha = alpha
-        self.gamma = gamma
-
-    def forward(self, logits: torch.Tensor, target: torch.Tensor) -> torch.Tensor:
-        log_pt = F.log_softmax(logits, dim=1).gather(1, target.unsqueeze(1)).squeeze(1)
-        pt = log_pt.exp()
-        return (-self.alpha * (1 - pt) ** self.gamma * log_pt).mean()
-
-
-def cosine_scheduler(optimizer: torch.optim.Optimizer, epochs: int, t_max_ratio: float = 0.5):
-    """CosineAnnealingLR stepped once per epoch, T_max = ``epochs x t_max_ratio``.
-
-    The report's 0.5 takes the lr to 0 at half the epochs and back up to its start at the end;
-    1.0 anneals once over the whole run (the default recipe's choice: on short runs the report's
-    schedule spends an epoch at lr 0 and ends on a high lr)."""
-    return torch.optim.lr_scheduler.CosineAnnealingLR(
-        optimizer, T_max=max(1, int(epochs * t_max_ratio)))
-
-
-class EarlyStopping:
-    """Stop after ``patience`` epochs in a row without a strictly lower val loss."""
-
-    def __init__(self, patience: int) -> None:
-        self.patience = patience
-        self.best = float("inf")
-        self.bad_epochs = 0
-
-    def step(self, val_loss: float) -> bool:
-        """Record an epoch's val loss; True when it is a new best (save the model then)."""
-        if val_loss < self.best:
-            self.best = val_loss
-            self.bad_epochs = 0
-            return True
-        self.bad_epochs += 1
-        return False
-
-    @property
-    def should_stop(self) -> bool:
-        return self.bad_epochs >= self.patience
-
-
-def seed_everything(seed: int) -> torch.Generator:
-    """Seed Python, NumPy and torch; returns the generator that orders the data loader."""
+def seed_everything(seed: int) -> None:
+    """Seed Python, NumPy and torch (dropout, weight init), deterministic algorithms on."""
     random.seed(seed)
     # NumPy's global seed takes 32 bits, and a rank's seed (seed + rank) may pass 2**32 - 1,
     # the top of params' range: wrapped, the same as before for every smaller seed.
@@ -68,9 +28,6 @@ def seed_everything(seed: int) -> torch.Generator:
     os.environ.setdefault("CUBLAS_WORKSPACE_CONFIG", ":4096:8")
     torch.use_deterministic_algorithms(True, warn_only=True)
     torch.backends.cudnn.benchmark = False
-    gen = torch.Generator()
-    gen.manual_seed(seed)
-    return gen
 
 
 def seed_worker(worker_id: int) -> None:
@@ -125,3 +82,24 @@ class EpochIndices(torch.utils.data.Sampler):
 
     def __iter__(self):
         return ((self.epoch, i) for i in self.sampler)
+
+
+def load_folder(split: str, transform) -> ImageFolder:
+    path = SPLIT_DIR / split
+    if not path.is_dir():
+        raise StageError(f"{path}: not found; run the split stage first")
+    try:
+        return ImageFolder(str(path), transform=transform)
+    except (FileNotFoundError, RuntimeError) as exc:
+        raise StageError(f"{path}: no usable images ({exc})") from None
+
+
+def make_loader(ds, batch_size: int, workers: int, seed: int, device: torch.device,
+                pin_memory: bool = True, sampler=None) -> DataLoader:
+    # The loader draws its workers' base seed from this private generator, not from torch's
+    # global RNG, whose stream (dropout) a resumed run must continue exactly.
+    gen = torch.Generator().manual_seed(seed)
+    return DataLoader(ds, batch_size=batch_size, shuffle=False, generator=gen, sampler=sampler,
+                      num_workers=workers, worker_init_fn=seed_worker,
+                      persistent_workers=workers > 0,
+                      pin_memory=pin_memory and device.type == "cuda")

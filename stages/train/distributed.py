@@ -15,7 +15,8 @@ import torch
 import torch.distributed as dist
 from torch import nn
 
-from stages.common.params import StageError
+from stages.common.errors import StageError
+from stages.common.processes import die_with_parent
 
 
 @dataclass(frozen=True)
@@ -41,30 +42,12 @@ def relaunch_with_torchrun(module: str, nproc: int) -> int:
     """Run ``python -m module`` in ``nproc`` local processes under torchrun; its exit code.
 
     --standalone picks a free local rendezvous port, so parallel runs (dvc queue workers) do not
-    collide. Across nodes, call torchrun yourself (README, "Scale out"); then this is not used.
+    collide. Across nodes, call torchrun yourself (docs/scale-out.md); then this is not used.
     """
     cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone",
            f"--nproc_per_node={nproc}", "-m", module]
     print(f"launching {nproc} processes: {' '.join(cmd[1:])}", flush=True)
     return subprocess.run(cmd, preexec_fn=die_with_parent).returncode
-
-
-def die_with_parent() -> None:
-    """Linux: SIGKILL this process when its parent dies. torchrun starts each worker in a session
-    of its own, so a killed launcher (``kill -9`` of ``dvc repro``) would otherwise leave the
-    workers training on, writing the outputs and data/train_state under a resumed run's feet."""
-    if not sys.platform.startswith("linux"):
-        return
-    import ctypes
-    import signal
-
-    parent = os.getppid()
-    try:
-        ctypes.CDLL(None, use_errno=True).prctl(1, signal.SIGKILL)  # 1: PR_SET_PDEATHSIG
-    except (OSError, AttributeError):
-        return
-    if os.getppid() != parent:  # the parent died before prctl took effect
-        os.kill(os.getpid(), signal.SIGKILL)
 
 
 def init(device: torch.device) -> tuple[World, torch.device]:
@@ -74,7 +57,7 @@ def init(device: torch.device) -> tuple[World, torch.device]:
     if device.type not in ("cuda", "cpu"):
         raise StageError(f"distributed training runs on cuda or cpu, not {device.type}; "
                          "set train.device")
-    die_with_parent()  # with torchrun's agent, which dies with our launcher
+    die_with_parent()  # with torchrun's agent, which dies with our launcher (see processes.py)
     world = World(int(os.environ["RANK"]), int(os.environ["LOCAL_RANK"]),
                   int(os.environ["WORLD_SIZE"]))
     if device.type == "cuda":

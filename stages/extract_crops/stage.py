@@ -31,8 +31,6 @@ from __future__ import annotations
 import multiprocessing
 import os
 import sys
-import threading
-import time
 from concurrent.futures import ProcessPoolExecutor
 from concurrent.futures.process import BrokenProcessPool
 from dataclasses import dataclass, field
@@ -45,13 +43,13 @@ import pandas as pd
 import simplejpeg
 from tqdm import tqdm
 
-from stages.common import crops, openimages
-from stages.common.pictures import IMAGE_PROBLEMS, Header, image_problem, read_header
-from stages.common import params as P
-from stages.common import schema
+from stages.common import crops, openimages, params
 from stages.common.atomic import atomic_dir, write_json
-from stages.common.dedup import greedy_duplicates
-from stages.common.params import StageError
+from stages.common.errors import StageError, main_guard
+from stages.common.params import Params
+from stages.common.pictures import IMAGE_PROBLEMS, Header, image_problem, read_header
+from stages.common.processes import die_with_parent
+from stages.extract_crops.dedup import greedy_duplicates
 
 RAW = Path("data/raw")
 OUT = Path("data/crops")
@@ -66,34 +64,10 @@ BOX_COLUMNS = openimages.BOX_COLUMNS
 RANGE_SLACK = 1e-6
 
 
-@dataclass(frozen=True)
-class Settings:
-    seed: int
-    labels: dict[str, list[str]]
-    size: int
-    min_box_px: int
-    skip_group_of: bool
-    skip_depiction: bool
-    dedup_iou: float
-    reduced_decode: bool
-    max_image_pixels: int
-    workers: int
-
-
-def read_settings(params: dict) -> Settings:
-    v = schema.check_all(params)
-    return Settings(
-        seed=v["seed"], labels=v["data.labels"], size=v["crops.size"],
-        min_box_px=v["crops.min_box_px"], skip_group_of=v["crops.skip_group_of"],
-        skip_depiction=v["crops.skip_depiction"], dedup_iou=v["crops.dedup_iou"],
-        reduced_decode=v["crops.reduced_decode"], max_image_pixels=v["crops.max_image_pixels"],
-        workers=v["crops.workers"])
-
-
 # ---------------------------------------------------------------------------------------------
 # Planning: which boxes to cut, decided from the CSVs alone (cheap, single process).
 
-def load_boxes(raw: Path, settings: Settings,
+def load_boxes(raw: Path, cfg: Params,
                on_disk: dict[str, Path]) -> tuple[pd.DataFrame, dict[str, int]]:
     """Wanted-class boxes of images on disk, in canonical order, with label and box_index.
 
@@ -106,7 +80,7 @@ def load_boxes(raw: Path, settings: Settings,
     """
     classes = openimages.read_classes(raw / openimages.CLASSES)
     mid_label, mid_name = {}, {}
-    for label, names in settings.labels.items():
+    for label, names in cfg.data.labels.items():
         for mid, name in openimages.mids_for_names(classes, names, f"data.labels.{label}").items():
             mid_label[mid], mid_name[mid] = label, name
     stats: dict[str, int] = {}
@@ -137,7 +111,7 @@ def duplicate_mask(frame: pd.DataFrame, threshold: float) -> pd.Series:
     Greedy, per (image, label): the largest box first (ties: lower box_index), each later box is
     dropped if it overlaps any box already kept. The largest box wins because the Person box of
     a body usually includes what a Man/Woman box of the same body trimmed off. Each box is
-    compared only with the kept boxes that could reach the threshold (stages.common.dedup), so
+    compared only with the kept boxes that could reach the threshold (dedup.py), so
     10,000 boxes on one picture take about a second, not a minute.
     """
     area = (frame["XMax"] - frame["XMin"]) * (frame["YMax"] - frame["YMin"])
@@ -157,7 +131,7 @@ def duplicate_mask(frame: pd.DataFrame, threshold: float) -> pd.Series:
     return pd.Series(frame.index.isin(ordered.index[dropped]), index=frame.index)
 
 
-def pre_read_skips(frame: pd.DataFrame, settings: Settings) -> pd.Series:
+def pre_read_skips(frame: pd.DataFrame, cfg: Params) -> pd.Series:
     """The skip reason of every box decided before any image is read ('' = still a candidate)."""
     reason = pd.Series("", index=frame.index, dtype=object)
     coords = frame[BOX_COLUMNS].to_numpy(dtype=float)
@@ -169,12 +143,12 @@ def pre_read_skips(frame: pd.DataFrame, settings: Settings) -> pd.Series:
     for mask, name in [(~finite, "box_not_finite"), (outside, "box_out_of_range"),
                        (empty, "box_empty"), (repeated, "duplicate_row")]:
         reason[(reason == "") & mask] = name
-    if settings.skip_group_of:
+    if cfg.crops.skip_group_of:
         reason[(reason == "") & (frame["IsGroupOf"] == 1)] = "group_of"
-    if settings.skip_depiction:
+    if cfg.crops.skip_depiction:
         reason[(reason == "") & (frame["IsDepiction"] == 1)] = "depiction"
     candidates = reason == ""
-    dup = duplicate_mask(frame[candidates], settings.dedup_iou)
+    dup = duplicate_mask(frame[candidates], cfg.crops.dedup_iou)
     reason[dup[dup].index] = "duplicate"
     return reason
 
@@ -318,7 +292,7 @@ def process_image(task: ImageTask) -> ImageResult:
 
 
 def make_tasks(frame: pd.DataFrame, on_disk: dict[str, Path], out_dir: Path,
-               settings: Settings) -> list[ImageTask]:
+               cfg: Params) -> list[ImageTask]:
     """One task per image, in ImageID order, its boxes in box_index order."""
     rows = frame[["ImageID", "box_index", "label", *BOX_COLUMNS]].itertuples(index=False,
                                                                               name=None)
@@ -326,46 +300,34 @@ def make_tasks(frame: pd.DataFrame, on_disk: dict[str, Path], out_dir: Path,
     for image_id, box_index, label, *coords in rows:
         per_image.setdefault(image_id, []).append(
             (int(box_index), str(label), *(float(v) for v in coords)))
-    return [ImageTask(str(image_id), str(on_disk[image_id]), str(out_dir), settings.seed,
-                      settings.size, settings.min_box_px, settings.reduced_decode,
-                      settings.max_image_pixels, tuple(boxes))
+    c = cfg.crops
+    return [ImageTask(str(image_id), str(on_disk[image_id]), str(out_dir), cfg.seed,
+                      c.size, c.min_box_px, c.reduced_decode, c.max_image_pixels, tuple(boxes))
             for image_id, boxes in sorted(per_image.items())]
 
 
-def _worker_init(stage_pid: int) -> None:
+def _worker_init(stage_pid: int, method: str) -> None:
     # Parallelism comes from the processes; OpenCV's own threads would only oversubscribe cores.
     cv2.setNumThreads(1)
-    # Die with the stage: killed alone (the OOM killer), it must not leave workers waiting for
-    # tasks forever and holding its stdout open (dvc repro would wait for them too).
-    threading.Thread(target=_exit_with, args=(stage_pid,), daemon=True).start()
+    # Die with the stage (killed alone, e.g. by the OOM killer): a forked worker's parent is the
+    # stage, a fork server's child's is the fork server, which exits with the stage.
+    die_with_parent(stage_pid if method == "fork" else None)
 
 
-def _exit_with(pid: int) -> None:
-    """End this process within half a second of process ``pid`` (a fork server's children
-    outlive their parent, so a parent-death signal would not do)."""
-    while True:
-        time.sleep(0.5)
-        try:
-            os.kill(pid, 0)
-        except ProcessLookupError:
-            os._exit(1)
-        except PermissionError:  # the pid is someone else's now: the stage is gone
-            os._exit(1)
-
-
-def start_method() -> str:
-    """fork when this module is the program, else forkserver.
+def start_method(program: bool) -> str:
+    """fork when the stage is the program, else forkserver.
 
     A process forked after OpenCV ran its thread pool deadlocks in cv2.setNumThreads, and any
     caller may have resized an image first (the test suite does, a notebook would): forkserver
     forks from a clean server instead. But the server imports this module again (about a
     second, paid before the first picture); as the program (`python -m stages.extract_crops`)
-    this module never runs OpenCV before its pool starts, so plain fork is safe and immediate.
+    the stage never runs OpenCV before its pool starts, so plain fork is safe and immediate.
     """
-    return "fork" if __name__ == "__main__" else "forkserver"
+    return "fork" if program else "forkserver"
 
 
-def run_tasks(tasks: list[ImageTask], workers: int) -> Iterator[ImageResult]:
+def run_tasks(tasks: list[ImageTask], workers: int, program: bool = False
+              ) -> Iterator[ImageResult]:
     """Results in task order, with a progress bar on stderr (shown on a terminal only)."""
     bar = dict(total=len(tasks), desc="extract_crops", unit="img", file=sys.stderr,
                disable=None)
@@ -374,12 +336,13 @@ def run_tasks(tasks: list[ImageTask], workers: int) -> Iterator[ImageResult]:
         return
     # Small chunks keep the bar moving and the load even; larger ones cut pickling overhead.
     chunksize = max(1, min(32, len(tasks) // (workers * 16)))
-    context = multiprocessing.get_context(start_method())
+    method = start_method(program)
+    context = multiprocessing.get_context(method)
     # ProcessPoolExecutor, not multiprocessing.Pool: when a worker is killed (SIGKILL, the
     # out-of-memory killer), Pool never returns that worker's task and the stage hangs for good;
     # the executor raises BrokenProcessPool and the stage fails, leaving no data/crops.
     pool = ProcessPoolExecutor(workers, mp_context=context, initializer=_worker_init,
-                               initargs=(os.getpid(),))
+                               initargs=(os.getpid(), method))
     try:
         yield from tqdm(pool.map(process_image, tasks, chunksize=chunksize), **bar)
     except BrokenProcessPool:
@@ -443,7 +406,7 @@ def manifest(frame: pd.DataFrame) -> pd.DataFrame:
     return renamed[columns].sort_values(["image_id", "box_index"], kind="mergesort")
 
 
-def summarise(settings: Settings, frame: pd.DataFrame, reason: pd.Series, *, on_disk: int,
+def summarise(labels: dict[str, list[str]], frame: pd.DataFrame, reason: pd.Series, *, on_disk: int,
               rows: dict[str, int], images: ImageCounts) -> dict:
     kept = reason == ""
     skipped = {r: int((reason == r).sum()) for r in SKIP_REASONS}
@@ -458,9 +421,9 @@ def summarise(settings: Settings, frame: pd.DataFrame, reason: pd.Series, *, on_
         "boxes_considered": len(frame),
         "crops_kept": int(kept.sum()),
         "considered_per_label": {lab: int((frame["label"] == lab).sum())
-                                 for lab in settings.labels},
+                                 for lab in labels},
         "kept_per_label": {lab: int((kept & (frame["label"] == lab)).sum())
-                           for lab in settings.labels},
+                           for lab in labels},
         "skipped": skipped,
     }
 
@@ -475,22 +438,25 @@ def check_labels(metrics: dict) -> None:
                 + "); add classes to data.labels, get more images, or lower crops.min_box_px")
 
 
-@P.main_guard
-def main() -> None:
-    settings = read_settings(P.load())
+@main_guard
+def main(program: bool = False) -> None:
+    """``program``: the stage is the process's program (``python -m stages.extract_crops``)."""
+    cfg = params.load()
+    labels = cfg.data.labels
     on_disk = openimages.images_on_disk(RAW)
-    frame, rows = load_boxes(RAW, settings, on_disk)
-    for label in settings.labels:
+    frame, rows = load_boxes(RAW, cfg, on_disk)
+    for label in labels:
         if not (frame["label"] == label).any():
-            raise StageError(f"label {label!r}: no boxes of classes {settings.labels[label]} in "
+            raise StageError(f"label {label!r}: no boxes of classes {labels[label]} in "
                              f"the downloaded images of {RAW}; add classes or download more")
-    reason = pre_read_skips(frame, settings)
+    reason = pre_read_skips(frame, cfg)
     with atomic_dir(OUT) as tmp:
-        for label in settings.labels:
+        for label in labels:
             (tmp / label).mkdir()
-        tasks = make_tasks(frame[reason == ""], on_disk, tmp, settings)
-        frame, reason, images = apply_results(frame, reason, run_tasks(tasks, settings.workers))
-        metrics = summarise(settings, frame, reason, on_disk=len(on_disk), rows=rows,
+        tasks = make_tasks(frame[reason == ""], on_disk, tmp, cfg)
+        frame, reason, images = apply_results(frame, reason, run_tasks(tasks, cfg.crops.workers,
+                                                                     program))
+        metrics = summarise(labels, frame, reason, on_disk=len(on_disk), rows=rows,
                             images=images)
         check_labels(metrics)
         manifest(frame[reason == ""]).to_csv(tmp / MANIFEST, index=False, lineterminator="\n")
@@ -498,5 +464,3 @@ def main() -> None:
     print(f"extract_crops: {metrics['crops_kept']} crops from {images.seen} images "
           f"({metrics['images_unreadable']} unreadable) -> {OUT}", file=sys.stderr)
 
-if __name__ == "__main__":
-    main()

@@ -2,10 +2,10 @@
 
 ``data.source`` picks the source:
 
-- ``sample``          draw a small synthetic dataset (stages.common.sample_data); no network.
+- ``sample``          draw a small synthetic dataset (sample_data.py); no network.
 - ``open-images-v7``  FiftyOne's dataset zoo. Only this stage ever touches the network; a split
                       already complete under ``$FIFTYONE_DATASET_ZOO_DIR/open-images-v7/`` is
-                      reused offline. stages.common.zoo bounds every network wait by
+                      reused offline. zoo.py bounds every network wait by
                       ``data.zoo.timeout``, never takes a partly downloaded file for a whole
                       one, and makes the choice of images independent of what an interrupted
                       run left, so a rerun resumes and ends with the same ``data/raw``.
@@ -23,62 +23,25 @@ from __future__ import annotations
 import csv
 import os
 import shutil
-from dataclasses import dataclass, replace
 from pathlib import Path
 
 import numpy as np
 import pandas as pd
 
-from stages.common import params as P
-from stages.common import schema
-from stages.common import sample_data, zoo
+from stages.common import params
 from stages.common.atomic import atomic_dir, write_json
+from stages.common.errors import ParamError, StageError, main_guard
 from stages.common.openimages import (CLASSES, DATA_DIR, DETECTION_COLUMNS, DETECTIONS,
                                       FLAG_COLUMNS, csv_chunks, detection_columns,
                                       images_on_disk, mids_for_names, read_classes)
-from stages.common.params import ParamError, StageError
+from stages.common.params import Params, Zoo
+from stages.download import sample_data, zoo
 
 RAW = Path("data/raw")
 METRICS = Path("metrics/download.json")
 ZOO_NAME = "open-images-v7"
 # Values for the optional detections.csv columns a mirror may lack (what the crop stage assumes).
 COLUMN_DEFAULTS = {"Source": "", "Confidence": "1", **{c: "0" for c in FLAG_COLUMNS}}
-
-
-@dataclass(frozen=True)
-class Settings:
-    seed: int
-    source: str
-    labels: dict[str, list[str]]
-    images: int = 0          # sample only
-    max_side: int = 0        # sample only
-    splits: tuple[str, ...] = ()   # zoo only
-    max_samples: int = 0     # zoo and path
-    shuffle: bool = False    # zoo and path
-    num_workers: int = 1     # zoo only
-    timeout: float = 30.0    # zoo only: seconds per network connect or read
-    mirror: str = ""         # mirror only: the folder
-
-    @property
-    def names(self) -> list[str]:
-        return [n for label in sorted(self.labels) for n in self.labels[label]]
-
-
-# ---------------------------------------------------------------------------- params
-
-def read_settings(params: dict) -> Settings:
-    """The values the chosen source reads (every key is checked by stages.common.schema)."""
-    v = schema.check_all(params)
-    s = Settings(seed=v["seed"], source=v["data.source"], labels=v["data.labels"])
-    if s.source == "sample":
-        return replace(s, images=v["data.sample.images"], max_side=v["data.sample.max_side"])
-    s = replace(s, max_samples=v["data.zoo.max_samples"], shuffle=v["data.zoo.shuffle"])
-    if s.source == "mirror":
-        s = replace(s, mirror=v["data.mirror"])
-    if s.source == ZOO_NAME:
-        s = replace(s, splits=v["data.zoo.splits"], num_workers=v["data.zoo.num_workers"],
-                    timeout=v["data.zoo.timeout"])
-    return s
 
 
 # ---------------------------------------------------------------------------- writing the layout
@@ -117,9 +80,10 @@ def check_sample_names(labels: dict[str, list[str]]) -> None:
             + ", ".join(sorted(sample_data.CATALOG)))
 
 
-def write_sample(s: Settings, out: Path) -> pd.DataFrame:
+def write_sample(cfg: Params, out: Path) -> pd.DataFrame:
     """Draw the synthetic sample into ``out``; return its detections."""
-    pictures = sorted(sample_data.generate(s.seed, s.labels, s.images, s.max_side),
+    pictures = sorted(sample_data.generate(cfg.seed, cfg.data.labels, cfg.data.sample.images,
+                                            cfg.data.sample.max_side),
                       key=lambda p: p.image_id)
     (out / DATA_DIR).mkdir(parents=True)
     records = []
@@ -155,14 +119,14 @@ def network_errors() -> tuple[type[BaseException], ...]:
             s3transfer.exceptions.RetriesExceededError)
 
 
-def network_failure(exc: BaseException, s: Settings) -> str:
+def network_failure(exc: BaseException, zoo_cfg: Zoo) -> str:
     text = zoo.one_line(exc)
     if "timed out" in text.lower() or "timeout" in text.lower():
-        text += f"; no answer within data.zoo.timeout ({s.timeout:g} s)"
+        text += f"; no answer within data.zoo.timeout ({zoo_cfg.timeout:g} s)"
     return text
 
 
-def fetch_zoo(s: Settings) -> tuple[list[Path], dict[Path, set[str]]]:
+def fetch_zoo(cfg: Params) -> tuple[list[Path], dict[Path, set[str]]]:
     """Download (or find complete) the wanted part of each split; return the split folders
     and, for each, the images FiftyOne chose.
 
@@ -178,27 +142,28 @@ def fetch_zoo(s: Settings) -> tuple[list[Path], dict[Path, set[str]]]:
     import fiftyone.zoo as foz
 
     zoo_dir = Path(fo.config.dataset_zoo_dir) / ZOO_NAME
+    z = cfg.data.zoo
     errors = network_errors()
-    with zoo.exclusive(zoo_dir), zoo.patched(zoo_dir, s.timeout) as session:
-        zoo.tidy(zoo_dir, s.splits)
-        classes_csv = zoo_dir / s.splits[0] / CLASSES
+    with zoo.exclusive(zoo_dir), zoo.patched(zoo_dir, z.timeout) as session:
+        zoo.tidy(zoo_dir, z.splits)
+        classes_csv = zoo_dir / z.splits[0] / CLASSES
         try:
             session.ensure(classes_csv, fouo._ANNOTATION_DOWNLOAD_URLS["general"]["class_names"])
         except errors as exc:
-            raise StageError(f"{ZOO_NAME}: cannot get the class list ({network_failure(exc, s)}); "
+            raise StageError(f"{ZOO_NAME}: cannot get the class list ({network_failure(exc, z)}); "
                              "check the network, or use a local mirror (data.source: mirror)") from None
-        mids_for_names(read_classes(classes_csv), s.names, "data.labels")
+        mids_for_names(read_classes(classes_csv), cfg.data.class_names, "data.labels")
         # FiftyOne's max_samples is per split; normalise() then keeps max_samples in all.
         try:
             _, dataset_dir = foz.download_zoo_dataset(
-                ZOO_NAME, splits=list(s.splits), label_types=["detections"], classes=s.names,
-                max_samples=s.max_samples, seed=s.seed, shuffle=s.shuffle,
-                num_workers=s.num_workers)
+                ZOO_NAME, splits=list(z.splits), label_types=["detections"],
+                classes=cfg.data.class_names, max_samples=z.max_samples, seed=cfg.seed,
+                shuffle=z.shuffle, num_workers=z.num_workers)
         except errors as exc:
             raise StageError(f"{ZOO_NAME}: download into {zoo_dir} failed "
-                             f"({network_failure(exc, s)}); rerun to resume, or use a local mirror "
+                             f"({network_failure(exc, z)}); rerun to resume, or use a local mirror "
                              "(data.source: mirror)") from None
-    roots = [Path(dataset_dir) / split for split in s.splits]
+    roots = [Path(dataset_dir) / split for split in z.splits]
     chosen = {}
     for root in roots:
         ids = session.chosen.get(root.resolve())
@@ -255,7 +220,7 @@ def link_or_copy(src: Path, dst: Path) -> None:
         shutil.copyfile(src, dst)
 
 
-def normalise(roots: list[Path], s: Settings, out: Path,
+def normalise(roots: list[Path], cfg: Params, out: Path,
               only: dict[Path, set[str]] | None = None) -> tuple[pd.DataFrame, dict[str, str]]:
     """Copy the chosen images of ``roots`` with all their boxes into ``out``; see module doc.
 
@@ -267,7 +232,7 @@ def normalise(roots: list[Path], s: Settings, out: Path,
     classes: dict[str, str] = {}
     for root in roots:
         classes.update(read_classes(root / CLASSES))
-    wanted = mids_for_names(classes, s.names, str(roots[0] / CLASSES))
+    wanted = mids_for_names(classes, cfg.data.class_names, str(roots[0] / CLASSES))
     files: dict[str, Path] = {}
     parts = []
     for root in roots:   # an ImageID in two splits: the first split listed wins
@@ -277,7 +242,8 @@ def normalise(roots: list[Path], s: Settings, out: Path,
         parts.append(rows_for_images(root / DETECTIONS, set(on_disk)))
     rows = pd.concat(parts, ignore_index=True)
     candidates = rows.loc[rows["LabelName"].isin(wanted), "ImageID"].unique().tolist()
-    chosen = choose(candidates, s.max_samples, s.shuffle, s.seed)
+    z = cfg.data.zoo
+    chosen = choose(candidates, z.max_samples, z.shuffle, cfg.seed)
     if not chosen:
         raise StageError(f"{', '.join(map(str, roots))}: no downloaded image has a box of the "
                          "classes in data.labels")
@@ -292,29 +258,30 @@ def normalise(roots: list[Path], s: Settings, out: Path,
 
 # ---------------------------------------------------------------------------- main
 
-def run(s: Settings) -> dict:
+def run(cfg: Params) -> dict:
     """Write ``data/raw`` for the settings; return the metrics."""
-    if s.source == "sample":
-        check_sample_names(s.labels)
+    source = cfg.data.source
+    if source == "sample":
+        check_sample_names(cfg.data.labels)
         with atomic_dir(RAW) as tmp:
-            rows = write_sample(s, tmp)
+            rows = write_sample(cfg, tmp)
             images = len(os.listdir(tmp / DATA_DIR))
         classes = sample_classes()
     else:
-        if s.source == ZOO_NAME:
-            roots, only = fetch_zoo(s)
+        if source == ZOO_NAME:
+            roots, only = fetch_zoo(cfg)
         else:
-            roots, only = [Path(s.mirror).expanduser()], None
+            roots, only = [Path(cfg.data.mirror).expanduser()], None
         with atomic_dir(RAW) as tmp:
-            rows, classes = normalise(roots, s, tmp, only)
+            rows, classes = normalise(roots, cfg, tmp, only)
             images = len(os.listdir(tmp / DATA_DIR))
-    return {"source": s.source, "images": images,
-            "boxes": int(len(rows)), "boxes_per_label": box_counts(rows, s.labels, classes)}
+    return {"source": source, "images": images,
+            "boxes": int(len(rows)), "boxes_per_label": box_counts(rows, cfg.data.labels, classes)}
 
 
-@P.main_guard
+@main_guard
 def main() -> None:
-    metrics = run(read_settings(P.load()))
+    metrics = run(params.load())
     write_json(METRICS, metrics)
     print(f"download: {metrics['images']} images, {metrics['boxes']} boxes "
           f"({metrics['boxes_per_label']}) from {metrics['source']} -> {RAW}")

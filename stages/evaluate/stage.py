@@ -16,15 +16,14 @@ from torch.utils.data import DataLoader
 from torchvision.datasets import ImageFolder
 from PIL import Image
 
-from stages.common import figures
-from stages.common import params as P
-from stages.common import schema
+from stages.common import params
 from stages.common.atomic import atomic_file, write_json
+from stages.common.errors import main_guard
 from stages.common.inference import predict, to_device
 from stages.common.model import check_logits, load_checkpoint, pick_device
-from stages.common.params import StageError
 from stages.common.predictor import labelled_folder, softmax
 from stages.common.speed import speed_figures
+from stages.evaluate import figures
 
 CHECKPOINT = Path("data/model/best.pt")
 TEST_DIR = Path("data/split/test")
@@ -33,11 +32,6 @@ TRAIN_METRICS = Path("metrics/train.json")
 METRICS_FILE = Path("metrics/eval.json")
 PLOTS_DIR = Path("plots/eval")
 GOAL = 0.90  # the report's target for accuracy and F1
-
-
-def read_config(p: dict) -> dict:
-    v = schema.check_all(p)
-    return {k: v[f"evaluate.{k}"] for k in ("batch_size", "speed_runs", "device", "mistakes")}
 
 
 def load_test_set(meta: dict) -> ImageFolder:
@@ -119,16 +113,14 @@ def best_epoch() -> int | None:
     return None
 
 
-@P.main_guard
+@main_guard
 def main() -> None:
-    cfg = read_config(P.load())
-    device = pick_device(cfg["device"])
+    cfg = params.load().evaluate
+    device = pick_device(cfg.device)
     model, meta = load_checkpoint(CHECKPOINT)
-    ds = load_test_set(meta)
-    if len(ds) == 0:
-        raise StageError(f"{TEST_DIR}: no test images")
+    ds = load_test_set(meta)  # labelled_folder refuses an empty one
     model = model.to(device, memory_format=torch.channels_last)
-    loader = DataLoader(ds, batch_size=cfg["batch_size"], shuffle=False)
+    loader = DataLoader(ds, batch_size=cfg.batch_size, shuffle=False)
     logits, targets = predict(model, loader, device)
     check_logits(logits, len(ds), len(meta["classes"]), CHECKPOINT)
     preds = logits.argmax(1).numpy()
@@ -137,7 +129,7 @@ def main() -> None:
     classes = meta["classes"]
 
     metrics = score(targets, preds, classes)
-    metrics["speed"] = measure_speed(model, ds, device, cfg["batch_size"], cfg["speed_runs"])
+    metrics["speed"] = measure_speed(model, ds, device, cfg.batch_size, cfg.speed_runs)
     metrics["arch"] = meta["arch"]
     write_json(METRICS_FILE, metrics)
 
@@ -148,7 +140,7 @@ def main() -> None:
                           f"{meta['arch']} test (n={len(targets)})")
     figures.learning_curves_png(figures.read_history(LIVE_DIR), PLOTS_DIR / "learning_curves.png",
                                 best_epoch())
-    mistakes_gallery(ds, probs, targets, cfg["mistakes"],
+    mistakes_gallery(ds, probs, targets, cfg.mistakes,
                      f"{meta['arch']}: most confident test mistakes")
 
     print(classification_report(targets, preds, labels=list(range(len(classes))),
@@ -156,7 +148,3 @@ def main() -> None:
     print(f"accuracy {metrics['accuracy']:.4f}  macro F1 {metrics['macro_f1']:.4f}  "
           f"person recall {metrics.get('person_recall', float('nan')):.4f}  "
           f"batch-1 {metrics['speed']['batch1_ms_per_image']} ms/image on {device.type}")
-
-
-if __name__ == "__main__":
-    main()

@@ -21,6 +21,7 @@ from typing import Any, Callable
 
 import numpy as np
 import torch
+import yaml
 
 from stages.common.atomic import atomic_file, clean_stale
 from stages.common.digest import file_md5
@@ -29,12 +30,21 @@ STATE_DIR = Path("data/train_state")
 STATE_FILE = STATE_DIR / "state.pt"
 FORMAT = 1
 ROOT = Path(__file__).resolve().parents[2]
-# The train stage's code (its deps in dvc.yaml): a state written by other code is not resumed.
-CODE_FILES = ["stages/train.py", "stages/common/model.py", "stages/common/training.py",
-              "stages/common/transforms.py", "stages/common/inference.py",
-              "stages/common/distributed.py", "stages/common/train_state.py",
-              "stages/common/digest.py"]
-MODEL_KEYS = ("arch", "weights", "zero_init_residual", "dropout", "trainable")
+
+
+def code_files(stage: str = "train") -> list[str]:
+    """The stage's code as dvc.yaml lists its deps (one list for DVC and for the fingerprint):
+    the files under ``stages/``, a folder standing for its files but caches (.dvcignore)."""
+    deps = yaml.safe_load((ROOT / "dvc.yaml").read_text())["stages"][stage]["deps"]
+    files = []
+    for dep in deps:
+        if not dep.startswith("stages/"):
+            continue
+        path = ROOT / dep
+        found = sorted(p for p in path.rglob("*") if p.is_file() and "__pycache__" not in p.parts) \
+            if path.is_dir() else [path]
+        files += [f.relative_to(ROOT).as_posix() for f in found]
+    return files
 
 
 def folder_digest(folder: Path) -> str:
@@ -47,17 +57,13 @@ def folder_digest(folder: Path) -> str:
 
 def fingerprint(params: dict, folders: dict[str, Path], processes: int,
                 device: torch.device) -> dict:
-    """What must be equal for a state to be resumed: params, run, code and data."""
+    """What must be equal for a state to be resumed: params (by dotted name), run, code, data."""
     return {
         "params": dict(params),
         "run": {"processes": processes, "device": device.type, "torch": str(torch.__version__)},
-        "code": {f: file_md5(ROOT / f) for f in CODE_FILES if (ROOT / f).is_file()},
+        "code": {f: file_md5(ROOT / f) for f in code_files()},
         "data": {name: folder_digest(path) for name, path in folders.items()},
     }
-
-
-def _param_name(key: str) -> str:
-    return key if key == "seed" else f"model.{key}" if key in MODEL_KEYS else f"train.{key}"
 
 
 def mismatch(old: dict, new: dict) -> str | None:
@@ -71,8 +77,7 @@ def mismatch(old: dict, new: dict) -> str | None:
         keys = sorted(k for k in set(a) | set(b) if a.get(k, "(none)") != b.get(k, "(none)"))
         if part == "params":
             return "it was written with other params (" + ", ".join(
-                f"{_param_name(k)}: {a.get(k, '(none)')!r} -> {b.get(k, '(none)')!r}"
-                for k in keys) + ")"
+                f"{k}: {a.get(k, '(none)')!r} -> {b.get(k, '(none)')!r}" for k in keys) + ")"
         if part == "run":
             return "it was written by another run setup (" + ", ".join(
                 f"{k}: {a.get(k)} -> {b.get(k)}" for k in keys) + ")"

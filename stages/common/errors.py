@@ -1,0 +1,58 @@
+"""What a user sees when something is wrong: one line on stderr and exit code 2, never a traceback.
+
+Every stage and command raises :class:`ParamError` (a bad param or option) or :class:`StageError`
+(missing or unusable input) with a message that names the thing and what to do, and wraps its
+``main`` in :func:`main_guard`, which prints ``error: <message>`` and exits 2.
+"""
+from __future__ import annotations
+
+import argparse
+import errno
+import functools
+import os
+import sys
+from typing import Any, Callable
+
+
+class ParamError(ValueError):
+    """A param or option is missing or has a value the pipeline cannot use."""
+
+
+class StageError(RuntimeError):
+    """Input data or a file the stage needs is missing or unusable."""
+
+
+class ArgumentParser(argparse.ArgumentParser):
+    """argparse for the commands (predict, report, review): a bad option is one line and exit
+    code 2 through main_guard, not argparse's usage block."""
+
+    def error(self, message: str):
+        raise ParamError(f"{message}; see {self.prog} --help")
+
+
+# A full disk or an exhausted quota: nothing the stage can work around, nothing a traceback helps.
+DISK_FULL = (errno.ENOSPC, errno.EDQUOT)
+
+
+def main_guard(fn: Callable[..., Any]) -> Callable[..., Any]:
+    """Turn a ParamError / StageError, or a full disk, into one line on stderr and exit code 2.
+
+    The disk-full line names the file being written when the writer said which
+    (stages.common.atomic names its outputs)."""
+
+    @functools.wraps(fn)
+    def wrapper(*args: Any, **kwargs: Any) -> Any:
+        try:
+            return fn(*args, **kwargs)
+        except (ParamError, StageError) as exc:
+            print(f"error: {exc}", file=sys.stderr)
+            raise SystemExit(2) from None
+        except OSError as exc:
+            if exc.errno not in DISK_FULL:
+                raise
+            where = f" {exc.filename}" if exc.filename else ""
+            print(f"error: cannot write{where} ({os.strerror(exc.errno)}); free space and rerun",
+                  file=sys.stderr)
+            raise SystemExit(2) from None
+
+    return wrapper

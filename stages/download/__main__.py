@@ -1,0 +1,3 @@
+from stages.download.stage import main
+
+main()

@@ -1,0 +1,3 @@
+from stages.evaluate.stage import main
+
+main()

@@ -1,0 +1,125 @@
+"""The tree mirrors dvc.yaml, and stays so.
+
+- every DVC stage is ``stages/<name>.py`` or a package ``stages/<name>/`` holding its own parts;
+- ``stages/common/`` holds only what two or more stages (or commands) use;
+- no import cycle among the project's modules;
+- a stage's code deps in dvc.yaml are exactly its module or package plus the stages/common
+  modules it imports (transitively), but the few that never change what a stage writes.
+"""
+import ast
+from pathlib import Path
+
+import yaml
+
+ROOT = Path(__file__).resolve().parents[1]
+STAGES = ROOT / "stages"
+COMMON = STAGES / "common"
+# Shared modules that check, report or write, never change an output: not code deps in dvc.yaml.
+NOT_DEPS = {"errors", "params", "atomic", "processes"}
+DVC = yaml.safe_load((ROOT / "dvc.yaml").read_text())["stages"]
+
+
+def module_name(path: Path) -> str:
+    parts = list(path.relative_to(ROOT).with_suffix("").parts)
+    return ".".join(parts[:-1] if parts[-1] == "__init__" else parts)
+
+
+def imported(path: Path) -> set[str]:
+    """Every ``stages.*`` module ``path`` imports, at any depth of the file."""
+    out = set()
+    for node in ast.walk(ast.parse(path.read_text())):
+        if isinstance(node, ast.ImportFrom) and node.module and node.module.startswith("stages"):
+            for alias in node.names:  # `from stages.common import crops` names a module
+                candidate = f"{node.module}.{alias.name}"
+                out.add(candidate if _exists(candidate) else node.module)
+        elif isinstance(node, ast.Import):
+            out |= {a.name for a in node.names if a.name.startswith("stages")}
+    return out
+
+
+def _exists(module: str) -> bool:
+    base = ROOT / Path(*module.split("."))
+    return base.with_suffix(".py").is_file() or (base / "__init__.py").is_file()
+
+
+def project_modules() -> dict[str, Path]:
+    return {module_name(p): p for p in STAGES.rglob("*.py") if "__pycache__" not in p.parts}
+
+
+def owner(module: str) -> str:
+    """The stage or command a module belongs to: ``stages.train.state`` -> ``train``."""
+    return module.split(".")[1]
+
+
+def test_every_dvc_stage_is_a_module_or_a_package_named_as_the_stage():
+    for name, stage in DVC.items():
+        assert stage["cmd"] == f"python -m stages.{name}"
+        module, package = STAGES / f"{name}.py", STAGES / name
+        assert module.is_file() != package.is_dir(), name
+        if package.is_dir():
+            assert (package / "__main__.py").is_file() and (package / "stage.py").is_file()
+
+
+def test_common_holds_only_what_two_or_more_stages_use():
+    modules = project_modules()
+    users: dict[str, set[str]] = {}
+    for name, path in modules.items():
+        if name.startswith("stages.common"):
+            continue
+        for dep in imported(path):
+            if dep.startswith("stages.common."):
+                users.setdefault(dep, set()).add(owner(name))
+    # a shared module used through another shared module counts for that one's users
+    changed = True
+    while changed:
+        changed = False
+        for name, path in modules.items():
+            if name.startswith("stages.common.") and name in users:
+                for dep in imported(path):
+                    if dep.startswith("stages.common.") and not users[name] <= users.get(dep, set()):
+                        users.setdefault(dep, set()).update(users[name])
+                        changed = True
+    for name in modules:
+        if name.startswith("stages.common."):
+            assert len(users.get(name, set())) >= 2, f"{name} is used by {users.get(name)} only"
+
+
+def test_no_import_cycle():
+    modules = project_modules()
+    graph = {m: {d for d in imported(p) if d in modules and d != m} for m, p in modules.items()}
+    state: dict[str, int] = {}  # 1 visiting, 2 done
+
+    def visit(m: str, path: list[str]) -> None:
+        state[m] = 1
+        for dep in sorted(graph[m]):
+            if dep.startswith(m + "."):  # a package importing its own parts is not a cycle
+                continue
+            assert state.get(dep) != 1, "import cycle: " + " -> ".join(path + [m, dep])
+            if dep not in state:
+                visit(dep, path + [m])
+        state[m] = 2
+
+    for m in sorted(graph):
+        if m not in state:
+            visit(m, [])
+
+
+def test_dvc_code_deps_are_the_stage_and_the_shared_modules_it_imports():
+    modules = project_modules()
+    for name, stage in DVC.items():
+        package = STAGES / name
+        own = sorted(package.glob("*.py")) if package.is_dir() else [STAGES / f"{name}.py"]
+        todo = set().union(*(imported(p) for p in own))
+        shared: set[str] = set()
+        while todo:
+            dep = todo.pop()
+            if not dep.startswith("stages.common.") or dep in shared:
+                continue
+            shared.add(dep)
+            if dep.split(".")[-1] not in NOT_DEPS:
+                todo |= imported(modules[dep])
+        expected = {f"stages/{name}" if package.is_dir() else f"stages/{name}.py"}
+        expected |= {f"stages/common/{d.split('.')[-1]}.py" for d in shared
+                     if d.split(".")[-1] not in NOT_DEPS}
+        listed = {d for d in stage["deps"] if d.startswith("stages/")}
+        assert listed == expected, name
