@@ -1,4 +1,4 @@
-"""Near-duplicate removal on one crowded picture: the grid-indexed greedy (stages.common.dedup,
+"""Near-duplicate removal on one crowded picture: the grid-indexed greedy (stages.extract_crops.dedup,
 what extract_crops runs) against the pairwise loop it replaced (tests/test_dedup.py keeps it as
 the reference), same boxes, same answer checked.
 

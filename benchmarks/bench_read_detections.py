@@ -1,7 +1,7 @@
 """Reading a train-split-sized detections.csv: wall time and peak RSS of each reader.
 
-    python -m benchmarks.synth_openimages csv /tmp/oi-big/detections.csv   # 14.6 M rows, ~2 GB
-    python -m benchmarks.bench_read_detections /tmp/oi-big/detections.csv
+    python -m benchmarks.synth_openimages csv /tmp/oi-big/labels/detections.csv   # 14.6 M rows, ~2 GB
+    python -m benchmarks.bench_read_detections /tmp/oi-big/labels/detections.csv
     rm -r /tmp/oi-big
 
 Each reader runs alone in a fresh process, so its peak RSS (getrusage ru_maxrss, which includes
@@ -26,6 +26,8 @@ from pathlib import Path
 import numpy as np
 import pandas as pd
 import yaml
+
+from stages.common.openimages import CLASSES
 
 ROOT = Path(__file__).resolve().parents[1]
 READERS = ["whole_file", "read_detections", "rows_for_images"]
@@ -54,7 +56,7 @@ def run_one(reader: str, path: Path, ids_file: Path) -> dict:
     if reader == "whole_file":
         frame = pd.read_csv(path)
     elif reader == "read_detections":
-        frame = read_detections(path, wanted_mids(path.parent / "classes.csv"))
+        frame = read_detections(path, wanted_mids(path.parent.parent / CLASSES))
     else:
         frame = rows_for_images(path, set(ids_file.read_text().split()))
     seconds = time.perf_counter() - started

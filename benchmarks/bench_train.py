@@ -30,10 +30,12 @@ import cv2
 import numpy as np
 import torch
 
+from stages.common.model import IMAGENET_MEAN, IMAGENET_STD, build_model, freeze, frozen_prefix
+from stages.common.params import trainable_modules
+from stages.common.transforms import train_transform
+from stages.train import data as train_data
 from stages.train import stage as train
 from stages.train.distributed import World
-from stages.common.model import build_model, freeze, frozen_prefix
-from stages.common.params import trainable_modules
 from stages.train.recipe import FocalLoss
 
 
@@ -47,8 +49,10 @@ def optimizer_for(model: torch.nn.Module, names: list[str]) -> torch.optim.Optim
 
 
 def frozen_bn_stats(model: torch.nn.Module, trainable: list[str]) -> torch.Tensor:
-    return torch.cat([b.detach().flatten().cpu() for name, b in model.named_buffers()
-                      if name.split(".")[0] not in trainable and "running" in name])
+    """The running statistics of the frozen BatchNorm layers (none with --trainable all)."""
+    stats = [b.detach().flatten().cpu() for name, b in model.named_buffers()
+             if name.split(".")[0] not in trainable and "running" in name]
+    return torch.cat(stats) if stats else torch.empty(0)
 
 
 def naive_steps(model, batches, loss_fn, optimizer, device) -> None:
@@ -86,12 +90,9 @@ def loader_rate(size: int, batch: int, workers: int, n: int) -> float:
     """Images/s of the stage's train loader alone (decode, flip, colour jitter, normalise)."""
     with tempfile.TemporaryDirectory(prefix="bench-loader-") as tmp:
         write_crops(Path(tmp) / "train", n, size)
-        train.SPLIT_DIR = Path(tmp)
-        ds = train.load_folder("train", train.train_transform(train.IMAGENET_MEAN,
-                                                             train.IMAGENET_STD))
-        cfg = {"batch_size": batch, "num_workers": workers}
-        loader = train.make_loader(ds, cfg, True, torch.Generator().manual_seed(0),
-                                   torch.device("cpu"))
+        train_data.SPLIT_DIR = Path(tmp)
+        ds = train_data.load_folder("train", train_transform(IMAGENET_MEAN, IMAGENET_STD))
+        loader = train_data.make_loader(ds, batch, workers, 0, torch.device("cpu"))
         next(iter(loader))  # start the workers before timing
         started = time.perf_counter()
         seen = sum(len(t) for _, t in loader)
@@ -129,7 +130,7 @@ def main() -> None:
              torch.randint(0, 3, (args.batch,)))
     batches = [batch] * args.steps
     n_frozen = frozen_prefix(trainable)
-    stage_step = train.make_step(stage, n_frozen, World(), device, {"compile": False})
+    stage_step = train.make_step(stage, n_frozen, World(), device, False)
     bn_before = frozen_bn_stats(stage, trainable)
 
     def run_naive():

@@ -1,13 +1,14 @@
 """Open Images-shaped test data for the benchmarks: pictures and a full-size detections.csv.
 
     python -m benchmarks.synth_openimages images /tmp/oi-bench --images 2000
-    python -m benchmarks.synth_openimages csv /tmp/oi-big/detections.csv --rows 14600000
+    python -m benchmarks.synth_openimages csv /tmp/oi-big/labels/detections.csv --rows 14600000
 
 ``images`` writes an Open Images-style folder (``data/<ImageID>.jpg`` with longest side 1024,
 ``labels/detections.csv``, ``metadata/classes.csv``) whose boxes are of the classes in
 params.yaml's ``data.labels``, so extract_crops runs on it unchanged.
 
-``csv`` writes a file shaped like the train split's box file (``oidv6-train-annotations-bbox.csv``,
+``csv`` writes (at a path ending ``labels/detections.csv``, with ``metadata/classes.csv`` beside
+``labels/``) a file shaped like the train split's box file (``oidv6-train-annotations-bbox.csv``,
 which FiftyOne stores as ``labels/detections.csv``): 21 columns including the eight XClick
 columns, sorted by ImageID, about 8 boxes per image, 600 classes with Open Images-like
 frequencies (the person classes are about a quarter of all boxes). 14.6 M rows make about 2 GB.
@@ -25,12 +26,14 @@ import numpy as np
 import pandas as pd
 import yaml
 
+from stages.common.openimages import DETECTION_COLUMNS, write_classes, write_detections
+
 ROOT = Path(__file__).resolve().parents[1]
 LONG_SIDE = 1024
-COLUMNS = ["ImageID", "Source", "LabelName", "Confidence", "XMin", "XMax", "YMin", "YMax",
-           "IsOccluded", "IsTruncated", "IsGroupOf", "IsDepiction", "IsInside",
-           "XClick1X", "XClick2X", "XClick3X", "XClick4X",
-           "XClick1Y", "XClick2Y", "XClick3Y", "XClick4Y"]
+# The train split's box file has eight click columns after the Open Images ones.
+XCLICK_COLUMNS = ["XClick1X", "XClick2X", "XClick3X", "XClick4X",
+                  "XClick1Y", "XClick2Y", "XClick3Y", "XClick4Y"]
+COLUMNS = DETECTION_COLUMNS + XCLICK_COLUMNS
 N_CLASSES = 600
 # Share of all boxes per wanted class name, roughly Open Images V6 train's (Person, Man, Woman
 # and Car alone are ~20 %); the rest of the mass is spread over the other classes (Zipf).
@@ -57,9 +60,8 @@ def class_table() -> pd.DataFrame:
                          "share": np.concatenate([wanted, other])})
 
 
-def write_classes(path: Path, table: pd.DataFrame) -> None:
-    path.parent.mkdir(parents=True, exist_ok=True)
-    table[["MID", "DisplayName"]].to_csv(path, header=False, index=False, lineterminator="\n")
+def classes_of(table: pd.DataFrame) -> dict[str, str]:
+    return dict(zip(table["MID"], table["DisplayName"]))
 
 
 def image_ids(rng: np.random.Generator, n: int) -> np.ndarray:
@@ -82,7 +84,7 @@ def boxes_frame(rng: np.random.Generator, ids: np.ndarray, mids: np.ndarray,
     for col, p in [("IsOccluded", 0.6), ("IsTruncated", 0.3), ("IsGroupOf", 0.06),
                    ("IsDepiction", 0.05), ("IsInside", 0.01)]:
         frame[col] = (rng.random(n) < p).astype(np.int8)
-    for i, col in enumerate(COLUMNS[13:]):
+    for i, col in enumerate(XCLICK_COLUMNS):
         frame[col] = clicks[:, i]
     return frame
 
@@ -93,7 +95,7 @@ def write_big_csv(path: Path, rows: int, seed: int = 0, chunk_images: int = 120_
     table = class_table()
     mids, share = table["MID"].to_numpy(), table["share"].to_numpy()
     path.parent.mkdir(parents=True, exist_ok=True)
-    write_classes(path.parent / "classes.csv", table)
+    write_classes(path.parent.parent, classes_of(table))  # the layout's metadata/classes.csv
     written = 0
     with path.open("w", newline="") as f:
         f.write(",".join(COLUMNS) + "\n")
@@ -143,15 +145,14 @@ def write_image_set(root: Path, n: int, seed: int = 0, workers: int = 2) -> None
     wanted = table[table["DisplayName"].isin(wanted_names())]
     ids = image_ids(rng, n)
     (root / "data").mkdir(parents=True, exist_ok=True)
-    write_classes(root / "metadata" / "classes.csv", table)
+    write_classes(root, classes_of(table))
     jobs, rows = [], []
     for i, image_id in enumerate(ids):
         short = int(rng.integers(576, 1024))  # Open Images: long side 1024, aspect 4:3 to 16:9
         width, height = (LONG_SIDE, short) if rng.random() < 0.75 else (short, LONG_SIDE)
         jobs.append((str(root / "data" / f"{image_id}.jpg"), seed * 1_000_003 + i, width, height))
         rows += picture_boxes(rng, str(image_id), wanted["MID"].tolist())
-    (root / "labels").mkdir(exist_ok=True)
-    pd.DataFrame(rows).to_csv(root / "labels" / "detections.csv", index=False, lineterminator="\n")
+    write_detections(root, pd.DataFrame(rows))
     with multiprocessing.Pool(workers) as pool:
         pool.map(_write_picture, jobs, chunksize=16)
 

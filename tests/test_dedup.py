@@ -1,4 +1,4 @@
-"""Near-duplicate removal: the grid-indexed greedy (stages.common.dedup) gives exactly the answer
+"""Near-duplicate removal: the grid-indexed greedy (stages.extract_crops.dedup) gives exactly the answer
 of the pairwise loop it replaced, kept here as the reference, on random boxes (hypothesis)
 chosen to hit ties, IoU exactly at the threshold, thresholds near 0 and 1, and boxes so thin
 their areas underflow; and it no longer takes a minute for one picture of 10,000 boxes.

@@ -376,7 +376,7 @@ def make_zoo_split(zoo_dir: Path, images: dict[str, list[tuple[str, str]]],
     (fiftyone/utils/openimages.py): data/<id>.jpg, labels/detections.csv (the whole split's
     boxes), metadata/classes.csv, metadata/image_ids.csv (every ID of the split) and
     metadata/hierarchy.json. Images without wanted classes are not downloaded. With ``record``,
-    the stage's download-record.json (stages.common.zoo) says the label files are complete."""
+    the stage's download-record.json (stages/download/zoo.py) says the label files are complete."""
     split = zoo_dir / "open-images-v7" / "train"
     wanted = {REAL_MIDS[n] for names in LABELS.values() for n in names}
     on_disk = {i for i, boxes in images.items() if any(m in wanted for m, _ in boxes)}

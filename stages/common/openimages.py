@@ -201,3 +201,19 @@ def _read_chunks(path: Path, usecols: list[str], dtypes: dict[str, str], mids: s
     if not chunks:
         return pd.DataFrame({c: pd.Series(dtype=dtypes.get(c, "object")) for c in usecols})
     return pd.concat(chunks, ignore_index=True)
+
+
+# ----- writing the layout (the download stage; the benchmarks' synthetic sets) -----------------
+
+def write_classes(out: Path, classes: dict[str, str]) -> None:
+    """``metadata/classes.csv``: no header, sorted by MID, like class-descriptions-boxable.csv."""
+    path = out / CLASSES
+    path.parent.mkdir(parents=True, exist_ok=True)
+    with path.open("w", newline="", encoding="utf-8") as f:
+        csv.writer(f, lineterminator="\n").writerows(sorted(classes.items()))
+
+
+def write_detections(out: Path, rows: pd.DataFrame) -> None:
+    path = out / DETECTIONS
+    path.parent.mkdir(parents=True, exist_ok=True)
+    rows[DETECTION_COLUMNS].to_csv(path, index=False, lineterminator="\n")

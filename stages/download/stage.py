@@ -33,7 +33,8 @@ from stages.common.atomic import atomic_dir, write_json
 from stages.common.errors import ParamError, StageError, main_guard
 from stages.common.openimages import (CLASSES, DATA_DIR, DETECTION_COLUMNS, DETECTIONS,
                                       FLAG_COLUMNS, csv_chunks, detection_columns,
-                                      images_on_disk, mids_for_names, read_classes)
+                                      images_on_disk, mids_for_names, read_classes,
+                                      write_classes, write_detections)
 from stages.common.params import Params, Zoo
 from stages.download import sample_data, zoo
 
@@ -45,20 +46,6 @@ COLUMN_DEFAULTS = {"Source": "", "Confidence": "1", **{c: "0" for c in FLAG_COLU
 
 
 # ---------------------------------------------------------------------------- writing the layout
-
-def write_classes(out: Path, classes: dict[str, str]) -> None:
-    """``metadata/classes.csv``: no header, sorted by MID, like class-descriptions-boxable.csv."""
-    path = out / CLASSES
-    path.parent.mkdir(parents=True, exist_ok=True)
-    with path.open("w", newline="", encoding="utf-8") as f:
-        csv.writer(f, lineterminator="\n").writerows(sorted(classes.items()))
-
-
-def write_detections(out: Path, rows: pd.DataFrame) -> None:
-    path = out / DETECTIONS
-    path.parent.mkdir(parents=True, exist_ok=True)
-    rows[DETECTION_COLUMNS].to_csv(path, index=False, lineterminator="\n")
-
 
 def box_counts(rows: pd.DataFrame, labels: dict[str, list[str]],
                classes: dict[str, str]) -> dict[str, int]:

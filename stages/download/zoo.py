@@ -32,6 +32,8 @@ what :func:`patched` changes while the download stage runs it:
 
 So a network that goes silent stops the stage within about ``S3_ATTEMPTS`` x ``timeout``
 (plus botocore's backoff of a few seconds, and the resolver's own DNS timeout), with one line.
+
+The operator's view (disk, time, resuming): docs/downloading.md.
 """
 from __future__ import annotations
 

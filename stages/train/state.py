@@ -10,6 +10,7 @@ torch version, digests of the train stage's code and of every file in data/split
 A state whose fingerprint differs from the run's, or that does not load, is ignored with one line
 on stderr, and training starts from scratch. Once a run's outputs are in place the state shrinks
 to a finished marker (fingerprint only, a few KB) so DVC caches it for next to nothing.
+What an operator sees of it: docs/stages.md (train, "Resuming").
 """
 from __future__ import annotations
 
