@@ -19,20 +19,31 @@ ROOT = Path(__file__).resolve().parents[1]
 COLOURS = {"animal": (40, 160, 40), "object": (160, 40, 40), "person": (40, 40, 160)}  # BGR
 
 
-def project_files() -> list[str]:
-    """The files a clone of the repo has: tracked plus untracked-not-ignored."""
+# The DVC config of every copy: the project's own settings, none of the user's. A user who
+# followed docs/scale-out.md has committed `dvc remote add -d shared ...` (and may have
+# .dvc/config.local): copied, the e2e test's own `remote add shared` would fail.
+TEST_DVC_CONFIG = "[core]\n    analytics = false\n"
+USER_DVC_CONFIG = (".dvc/config", ".dvc/config.local")
+
+
+def project_files(root: Path = ROOT) -> list[str]:
+    """The files a clone of the repo has: tracked plus untracked-not-ignored, but the tests,
+    committed results and the user's DVC config."""
     out = subprocess.run(["git", "ls-files", "--cached", "--others", "--exclude-standard"],
-                         cwd=ROOT, capture_output=True, text=True, check=True).stdout.split()
-    return [f for f in out if (ROOT / f).is_file() and not f.startswith(("tests/", "metrics/",
+                         cwd=root, capture_output=True, text=True, check=True).stdout.split()
+    return [f for f in out if (root / f).is_file() and not f.startswith(("tests/", "metrics/",
                                                                          "plots/"))
-            and f != "dvc.lock"]
+            and f != "dvc.lock" and f not in USER_DVC_CONFIG]
 
 
-def copy_project(dest: Path, params: dict) -> Path:
-    """The project's files under ``dest``, its params.yaml merged with ``params``."""
-    for rel in project_files():
+def copy_project(dest: Path, params: dict, root: Path = ROOT) -> Path:
+    """The project's files under ``dest``, its params.yaml merged with ``params``, and a DVC
+    config of the project's settings alone."""
+    for rel in project_files(root):
         (dest / rel).parent.mkdir(parents=True, exist_ok=True)
-        shutil.copy2(ROOT / rel, dest / rel)
+        shutil.copy2(root / rel, dest / rel)
+    (dest / ".dvc").mkdir(parents=True, exist_ok=True)
+    (dest / ".dvc/config").write_text(TEST_DVC_CONFIG)
     paramfile.write(dest, params)
     return dest
 
