@@ -11,8 +11,14 @@
                   BatchNorm layers still update their statistics
   stage   stages.train.train_one_epoch: frozen prefix under no_grad and in eval mode
           (BatchNorm keeps ImageNet's statistics), channels_last
-  loader  the stage's DataLoader (ImageFolder + the train transform, train.num_workers
-          processes) on JPEG crops of the same size, nothing else: images/s it can deliver
+  loader  images/s a data path can deliver, nothing else, on JPEG crops of the same size:
+          per-image   the path before (ImageFolder + RandomHorizontalFlip, ColorJitter, ToTensor,
+                      Normalize per image in a DataLoader of --loader-workers processes)
+          stage       the stage's path: the crops decoded once (stages.common.batches.CropSet),
+                      flip + jitter on whole batches (stages.train.augment: OpenCV threads on the
+                      CPU, torch on a GPU), normalised, prepared ahead of the step
+  compile (CUDA, --compile) the stage step under torch.compile: the compile time, the compiled
+          rate, and from how many images a run earns the compile time back
 
 All models start from the same weights and their optimizers update the same parameter set
 (asserted). The ImageNet weights are not needed: speed does not depend on the values.
@@ -30,11 +36,12 @@ import cv2
 import numpy as np
 import torch
 
+from stages.common.batches import CropSet, batches
 from stages.common.model import IMAGENET_MEAN, IMAGENET_STD, build_model, freeze, frozen_prefix
 from stages.common.params import trainable_modules
-from stages.common.transforms import train_transform
-from stages.train import data as train_data
 from stages.train import stage as train
+from stages.train.augment import Augment
+from stages.train.data import EpochOrder, prefetched
 from stages.train.distributed import World
 from stages.train.recipe import FocalLoss
 
@@ -86,17 +93,60 @@ def write_crops(folder: Path, n: int, size: int) -> None:
         cv2.imwrite(str(label / f"{i}.jpg"), img, [cv2.IMWRITE_JPEG_QUALITY, 95])
 
 
-def loader_rate(size: int, batch: int, workers: int, n: int) -> float:
-    """Images/s of the stage's train loader alone (decode, flip, colour jitter, normalise)."""
-    with tempfile.TemporaryDirectory(prefix="bench-loader-") as tmp:
-        write_crops(Path(tmp) / "train", n, size)
-        train_data.SPLIT_DIR = Path(tmp)
-        ds = train_data.load_folder("train", train_transform(IMAGENET_MEAN, IMAGENET_STD))
-        loader = train_data.make_loader(ds, batch, workers, 0, torch.device("cpu"))
-        next(iter(loader))  # start the workers before timing
-        started = time.perf_counter()
-        seen = sum(len(t) for _, t in loader)
-        return seen / (time.perf_counter() - started)
+def per_image_loader_rate(folder: Path, batch: int, workers: int) -> float:
+    """Images/s of the per-image path the stage had before: PIL decode and transforms per crop
+    in a DataLoader of ``workers`` processes."""
+    from torch.utils.data import DataLoader
+    from torchvision import transforms as T
+    from torchvision.datasets import ImageFolder
+
+    transform = T.Compose([T.RandomHorizontalFlip(), T.ColorJitter(0.2, 0.2, 0.2, 0.1),
+                           T.ToTensor(), T.Normalize(IMAGENET_MEAN, IMAGENET_STD)])
+    loader = DataLoader(ImageFolder(str(folder), transform=transform), batch_size=batch,
+                        shuffle=True, num_workers=workers, persistent_workers=workers > 0)
+    next(iter(loader))  # start the workers before timing
+    started = time.perf_counter()
+    seen = sum(len(t) for _, t in loader)
+    return seen / (time.perf_counter() - started)
+
+
+def stage_loader_rate(folder: Path, batch: int, workers: int, device: torch.device
+                      ) -> tuple[float, float]:
+    """(images/s of the stage's data path over one epoch, seconds to decode the split once)."""
+    started = time.perf_counter()
+    crops = CropSet.load(folder, device, workers)
+    decoded = time.perf_counter() - started
+    augment = Augment(0, len(crops), device, workers)
+    order = EpochOrder(len(crops), 0)
+    order.set_epoch(1)
+    augment.set_epoch(1)
+    items = batches(crops, order.indices(), batch, device, IMAGENET_MEAN, IMAGENET_STD, augment)
+    if device.type == "cpu":
+        items = prefetched(items)
+    started = time.perf_counter()
+    seen = 0
+    for images, _ in items:
+        seen += len(images)
+    if device.type == "cuda":
+        torch.cuda.synchronize()
+    return seen / (time.perf_counter() - started), decoded
+
+
+def compile_figures(stage, n_frozen, device, batches, run_eager_rate, loss_fn, opt, trainable
+                    ) -> str:
+    """The stage step compiled: compile seconds, compiled rate, break-even run length."""
+    step = train.make_step(stage, n_frozen, World(), device, True)
+    started = time.perf_counter()
+    train.train_one_epoch(stage, step, batches[:1], loss_fn, opt, device, trainable, World())
+    torch.cuda.synchronize()
+    compile_s = time.perf_counter() - started
+    t = timed(lambda: train.train_one_epoch(stage, step, batches, loss_fn, opt, device,
+                                            trainable, World()), device)
+    compiled = len(batches) * len(batches[0][1]) / t
+    gain = 1 / run_eager_rate - 1 / compiled  # seconds saved per image
+    pays = f"after {compile_s / gain:,.0f} images" if gain > 0 else "never (not faster)"
+    return (f"  compiled step  {compiled:7.1f} images/s ({compiled / run_eager_rate:.2f}x eager); "
+            f"compiling took {compile_s:.1f} s: a run earns it back {pays}")
 
 
 def main() -> None:
@@ -110,6 +160,7 @@ def main() -> None:
     ap.add_argument("--device", default="cpu")
     ap.add_argument("--loader-workers", type=int, default=2)
     ap.add_argument("--loader-images", type=int, default=768)
+    ap.add_argument("--compile", action="store_true", help="CUDA: time the compiled step too")
     args = ap.parse_args()
     device = torch.device(args.device)
     torch.manual_seed(0)
@@ -126,8 +177,9 @@ def main() -> None:
     assert trained_names(frozen_rg) == trained_names(stage) == names
     opt = {m: optimizer_for(m, names) for m in (naive, frozen_rg, stage)}
     loss_fn = FocalLoss(1.0, 2.0)
-    batch = (torch.randn(args.batch, 3, args.size, args.size),
-             torch.randint(0, 3, (args.batch,)))
+    batch = (torch.randn(args.batch, 3, args.size, args.size, device=device
+                         ).contiguous(memory_format=torch.channels_last),
+             torch.randint(0, 3, (args.batch,), device=device))
     batches = [batch] * args.steps
     n_frozen = frozen_prefix(trainable)
     stage_step = train.make_step(stage, n_frozen, World(), device, False)
@@ -163,10 +215,20 @@ def main() -> None:
     print(f"  stage          {rate['stage']:7.1f} images/s   -> {rate['stage'] / rate['naive']:.2f}x "
           f"naive, {rate['stage'] / rate['requires_grad']:.2f}x requires_grad; frozen BatchNorm "
           "statistics unchanged")
+    if args.compile and device.type == "cuda":
+        print(compile_figures(stage, n_frozen, device, batches, rate["stage"], loss_fn,
+                              opt[stage], trainable))
     if args.loader_workers >= 0:
-        lr = loader_rate(args.size, args.batch, args.loader_workers, args.loader_images)
-        print(f"  loader alone ({args.loader_workers} workers) {lr:7.1f} images/s -> "
-              f"{lr / rate['stage']:.1f}x the stage step")
+        with tempfile.TemporaryDirectory(prefix="bench-loader-") as tmp:
+            folder = Path(tmp) / "train"
+            write_crops(folder, args.loader_images, args.size)
+            old = per_image_loader_rate(folder, args.batch, args.loader_workers)
+            new, decoded = stage_loader_rate(folder, args.batch, args.loader_workers, device)
+        print(f"  loader, per-image path ({args.loader_workers} worker processes) {old:7.1f} "
+              f"images/s -> {old / rate['stage']:.1f}x the stage step")
+        print(f"  loader, stage path ({args.loader_workers} threads, {device.type}) {new:7.1f} "
+              f"images/s -> {new / old:.2f}x the per-image path, {new / rate['stage']:.1f}x the "
+              f"stage step; decoding the {args.loader_images} crops once took {decoded:.2f} s")
 
 
 if __name__ == "__main__":

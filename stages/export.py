@@ -20,7 +20,8 @@ from stages.common.atomic import atomic_dir, write_json
 from stages.common.errors import StageError, main_guard
 from stages.common.model import check_logits, load_checkpoint
 from stages.common.onnx_model import OnnxClassifier, export
-from stages.common.predictor import TorchClassifier, labelled_folder
+from stages.common.batches import normalise
+from stages.common.predictor import TorchClassifier, checked_crops
 from stages.common.speed import speed_figures
 
 CHECKPOINT = Path("data/model/best.pt")
@@ -32,8 +33,8 @@ METRICS_FILE = Path("metrics/export.json")
 
 def test_arrays(meta: dict) -> np.ndarray:
     """Every test crop, normalised as evaluate sees it: N x 3 x S x S float32."""
-    ds = labelled_folder(TEST_DIR, meta, CHECKPOINT)
-    return np.stack([ds[i][0].numpy() for i in range(len(ds))])
+    crops = checked_crops(TEST_DIR, meta, CHECKPOINT, torch.device("cpu"))
+    return normalise(crops.pixels, meta["mean"], meta["std"]).contiguous().numpy()
 
 
 def parity(reference: np.ndarray, candidate: np.ndarray) -> dict:

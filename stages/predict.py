@@ -5,7 +5,8 @@ suffixes only, sorted). Each picture is prepared as training crops are (aspect k
 the corner colour), centred, so the answer never changes between runs. The model is a train-stage
 checkpoint (PyTorch) or an exported ``.onnx`` file (ONNX Runtime); either carries its own arch,
 class names, image size and normalisation, and a digest of its weights that is checked before it
-answers anything. No network is touched.
+answers anything. No network is touched. ``--device auto|cpu|cuda`` (default auto: CUDA when
+there is one) is where a checkpoint runs, batched; an ONNX file runs on the CPU.
 
 Answers are written as each batch is classified (``--format json`` opens the document first and
 closes it last), so a failure later in the run loses nothing already answered. A file that
@@ -32,11 +33,15 @@ import sys
 from pathlib import Path
 from typing import Iterator, TextIO
 
+import torch
+
 from stages.common.errors import (DISK_FULL, ArgumentParser, ParamError, StageError,
                                   main_guard)
+from stages.common.model import pick_device
+from stages.common.params import MAX_BATCH
 from stages.common.pictures import DEFAULT_MAX_IMAGE_PIXELS, MAX_IMAGE_PIXELS
 from stages.common.predictor import Prediction, expand, load_classifier, predict_paths
-from stages.common.params import MAX_BATCH
+from stages.common.progress import is_terminal, tracked
 
 DEFAULT_MODEL = Path("data/model/best.pt")
 
@@ -55,6 +60,9 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
                         help="pictures above this many pixels are refused from their header, "
                              f"not decoded (default {DEFAULT_MAX_IMAGE_PIXELS:,}, as "
                              "crops.max_image_pixels)")
+    parser.add_argument("--device", choices=["auto", "cpu", "cuda"], default="auto",
+                        help="where a .pt checkpoint runs (auto: cuda when there is one); an "
+                             ".onnx model runs on the CPU")
     return parser.parse_args(argv)
 
 
@@ -187,7 +195,10 @@ def main(argv: list[str] | None = None) -> int:
     if not 1 <= args.max_image_pixels <= MAX_IMAGE_PIXELS:
         raise ParamError(f"--max-image-pixels={args.max_image_pixels} is not allowed; expected "
                          f"1 to {MAX_IMAGE_PIXELS:,}")
-    classifier = load_classifier(args.model)
+    device = pick_device(args.device)
+    if args.model.suffix.lower() == ".onnx" and args.device == "auto":
+        device = torch.device("cpu")  # ONNX Runtime's CPU build runs it
+    classifier = load_classifier(args.model, device=device)
     classes = classifier.meta["classes"]
     if args.top_k is not None and args.top_k < 1:
         raise ParamError(f"--top-k={args.top_k} is not allowed; expected 1 to {len(classes)}")
@@ -199,7 +210,10 @@ def main(argv: list[str] | None = None) -> int:
     with output_errors():
         out.begin(args.model, classifier.meta["arch"])
         try:
-            for pred in predict_paths(classifier, items, args.batch_size, args.max_image_pixels):
+            answers = predict_paths(classifier, items, args.batch_size, args.max_image_pixels)
+            # On a terminal the answers themselves show progress; redirected, stderr does.
+            for pred in tracked(answers, "predict", len(items), unit="pictures",
+                                enabled=not is_terminal(sys.stdout)):
                 out.write(pred)
                 sys.stdout.flush()  # an answer is out as soon as it exists
                 answered += 1

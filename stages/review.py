@@ -15,8 +15,10 @@ import argparse
 import os
 from pathlib import Path
 
+import torch
+
 from stages.common.errors import ArgumentParser, StageError, main_guard
-from stages.common.predictor import labelled_folder, load_classifier, predict_paths
+from stages.common.predictor import checked_crops, load_classifier, predict_paths
 
 DEFAULT_MODEL = Path("data/model/best.pt")
 DEFAULT_SPLIT = Path("data/split/test")
@@ -44,9 +46,10 @@ def build_dataset(model: Path, split: Path, name: str):
 
     classifier = load_classifier(model)
     classes = classifier.meta["classes"]
-    folder = labelled_folder(split, classifier.meta, model, transform=False)
-    items = [(Path(path).resolve(), None) for path, _ in folder.samples]  # sorted by ImageFolder
-    truth = [classes[t] for _, t in folder.samples]
+    # listed only (stream: nothing decoded here); predict_paths reads each picture itself
+    folder = checked_crops(split, classifier.meta, model, torch.device("cpu"), keep="stream")
+    items = [(Path(path).resolve(), None) for path in folder.paths]  # sorted by ImageFolder
+    truth = [classes[t] for t in folder.targets.tolist()]
 
     samples = []
     for pred, true in zip(predict_paths(classifier, items), truth):

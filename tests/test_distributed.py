@@ -18,14 +18,12 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
-from torch.utils.data import DataLoader
-from torchvision.datasets import ImageFolder
 
+from stages.common.batches import CropSet, batches
+from stages.common.model import load_checkpoint
 from stages.train import stage as train
 from stages.train.distributed import World, shard_indices
-from stages.common.model import load_checkpoint
 from stages.train.recipe import FocalLoss
-from stages.common.transforms import eval_transform
 from tests import paramfile
 from tests.tiny_project import write_colour_split
 
@@ -86,11 +84,12 @@ def test_checkpoint_format_is_that_of_one_process(runs):
 
 def _score_alone(checkpoint: Path, val_dir: Path) -> tuple[float, float]:
     model, meta = load_checkpoint(checkpoint)
-    ds = ImageFolder(str(val_dir), transform=eval_transform(meta["mean"], meta["std"]))
-    loader = DataLoader(ds, batch_size=5)  # another batching than training's, on purpose
+    crops = CropSet.load(val_dir, torch.device("cpu"))
+    cpu = torch.device("cpu")  # another batching than training's (5), on purpose
+    loader = batches(crops, torch.arange(len(crops)), 5, cpu, meta["mean"], meta["std"])
     params = meta["params"]
     return train.validate(model, loader, FocalLoss(params["focal_alpha"], params["focal_gamma"]),
-                          torch.device("cpu"))
+                          cpu)
 
 
 def test_reduced_val_metrics_are_those_of_the_saved_weights_on_the_whole_val_set(runs):

@@ -17,6 +17,7 @@ from stages import export as export_stage
 from stages.common.params import parse
 from stages import predict
 from stages.evaluate import figures
+from stages.common.batches import normalise
 from stages.common.crops import corner_colour
 from stages.common.model import (IMAGENET_MEAN, IMAGENET_STD, build_model, load_checkpoint,
                                  save_checkpoint)
@@ -74,10 +75,12 @@ def run_predict(capsys):
 def test_a_crop_of_the_right_size_passes_through_unchanged():
     meta = {"image_size": SIZE, "mean": IMAGENET_MEAN, "std": IMAGENET_STD}
     crop = np.random.default_rng(2).integers(0, 255, (SIZE, SIZE, 3), dtype=np.uint8)
-    x = prepare(crop, meta)
+    pixels = prepare(crop, meta)
+    np.testing.assert_array_equal(pixels.permute(1, 2, 0).numpy(), crop[..., ::-1])  # RGB
+    x = normalise(pixels[None], meta["mean"], meta["std"])[0].numpy()
     rgb = crop[..., ::-1].astype(np.float32) / 255
     expected = (rgb - np.array(IMAGENET_MEAN, np.float32)) / np.array(IMAGENET_STD, np.float32)
-    np.testing.assert_allclose(x, expected.transpose(2, 0, 1), atol=1e-6)
+    np.testing.assert_array_equal(x, expected.transpose(2, 0, 1))  # torchvision's, bit for bit
 
 
 def test_a_wide_picture_is_centred_on_its_corner_colour():
@@ -85,11 +88,11 @@ def test_a_wide_picture_is_centred_on_its_corner_colour():
     picture = np.full((20, 80, 3), (10, 200, 60), np.uint8)  # BGR; scales to 32 x 8
     picture[:, :, 0] = np.arange(80, dtype=np.uint8)[None, :]
     x = prepare(picture, meta)
-    canvas = np.round(x.transpose(1, 2, 0) * 255).astype(int)[..., ::-1]  # back to BGR
+    canvas = x.permute(1, 2, 0).numpy().astype(int)[..., ::-1]  # back to BGR
     pad = np.array(corner_colour(cv2.resize(picture, (32, 8))))
     assert (canvas[:12] == pad).all() and (canvas[20:] == pad).all()  # 12 rows above, 12 below
     assert not (canvas[12:20] == pad).all()
-    np.testing.assert_array_equal(x, prepare(picture, meta))  # centred: no randomness
+    assert torch.equal(x, prepare(picture, meta))  # centred: no randomness
 
 
 def test_predict_reports_bad_files_and_goes_on(run_predict, models, pictures, tmp_path):
@@ -236,14 +239,14 @@ def test_mistakes_png_is_deterministic_and_handles_none(tmp_path):
 def test_checkpoint_that_disagrees_with_the_data_is_refused(tmp_path, models, classes, side,
                                                            needle):
     from stages.common.model import load_checkpoint
-    from stages.common.predictor import labelled_folder
+    from stages.common.predictor import checked_crops
 
     for label in classes:
         (tmp_path / label).mkdir()
         cv2.imwrite(str(tmp_path / label / "a.jpg"), np.zeros((side, side, 3), np.uint8))
     _, meta = load_checkpoint(models[0])
     with pytest.raises(StageError) as exc:
-        labelled_folder(tmp_path, meta, models[0])
+        checked_crops(tmp_path, meta, models[0], torch.device("cpu"))
     message = str(exc.value)
     assert needle in message and "\n" not in message
     shown = str(classes) if classes != CLASSES else f"{side}x{side}"
@@ -372,6 +375,28 @@ def test_bad_options_are_one_line_exit_2(run_predict, models, pictures, args, ne
     proc = run_predict(pictures, "--model", models[0], *args)
     assert proc.returncode == 2 and proc.stdout == ""
     assert len(proc.stderr.splitlines()) == 1 and needle in proc.stderr
+
+
+def test_device_cuda_without_a_gpu_is_one_line_exit_2(run_predict, models, pictures, monkeypatch):
+    import torch
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: False)
+    proc = run_predict(pictures / "crop.jpg", "--model", models[0], "--device", "cuda")
+    assert proc.returncode == 2 and proc.stdout == ""
+    assert len(proc.stderr.splitlines()) == 1 and "no CUDA device is visible" in proc.stderr
+    on_cpu = run_predict(pictures / "crop.jpg", "--model", models[0], "--device", "cpu",
+                         "--format", "json")
+    assert on_cpu.returncode == 0 and '"label"' in on_cpu.stdout
+
+
+def test_predict_shows_progress_on_stderr_when_its_answers_go_elsewhere(run_predict, models,
+                                                                       pictures, monkeypatch):
+    monkeypatch.setenv("PROGRESS_EVERY_S", "0")
+    proc = run_predict(pictures, "--model", models[0], "--batch-size", "1", "--format", "csv")
+    lines = [l for l in proc.stderr.splitlines() if l.startswith("predict: ")]
+    # 4 pictures (notes.txt is not one): a line after each answer but the last
+    assert [l.split()[1] for l in lines] == ["1/4", "2/4", "3/4"], proc.stderr
+    assert all("pictures/s" in l for l in lines)
+    assert len(proc.stdout.splitlines()) == 5  # the header and four answers, untouched
 
 
 def predict_command(*args, shell_suffix: str = "") -> subprocess.CompletedProcess:

@@ -1,9 +1,10 @@
-"""Running a model over a data loader; shared by train (validation) and evaluate (test)."""
+"""Running a model over batches; shared by train (validation) and evaluate (test)."""
 from __future__ import annotations
+
+from typing import Iterable
 
 import torch
 from torch import nn
-from torch.utils.data import DataLoader
 
 
 def to_device(x: torch.Tensor, device: torch.device) -> torch.Tensor:
@@ -12,14 +13,14 @@ def to_device(x: torch.Tensor, device: torch.device) -> torch.Tensor:
 
 
 @torch.inference_mode()
-def predict(model: nn.Module, loader: DataLoader, device: torch.device
-            ) -> tuple[torch.Tensor, torch.Tensor]:
-    """Logits and targets for every item of ``loader``, in loader order, on the CPU."""
+def predict(model: nn.Module, batches: Iterable[tuple[torch.Tensor, torch.Tensor]],
+            device: torch.device) -> tuple[torch.Tensor, torch.Tensor]:
+    """Logits and targets for every item of ``batches``, in order, on the CPU."""
     model.eval()
     all_logits, all_targets = [], []
-    for images, targets in loader:
-        all_logits.append(model(to_device(images, device)).float().cpu())
+    for images, targets in batches:  # kept on the device: one copy to the host at the end
+        all_logits.append(model(to_device(images, device)).float())
         all_targets.append(targets)
     if not all_logits:
         return torch.empty(0, 0), torch.empty(0, dtype=torch.long)
-    return torch.cat(all_logits), torch.cat(all_targets)
+    return torch.cat(all_logits).cpu(), torch.cat([t.to(device) for t in all_targets]).cpu()

@@ -164,3 +164,10 @@ class OnnxClassifier:
 
     def logits(self, batch: np.ndarray) -> np.ndarray:
         return self.session.run([OUTPUT], {INPUT: np.ascontiguousarray(batch, np.float32)})[0]
+
+    def classify(self, pixels) -> np.ndarray:
+        """uint8 RGB N x 3 x S x S (a torch tensor) -> logits, normalised as every crop is."""
+        from stages.common.batches import normalise
+
+        x = normalise(pixels, self.meta["mean"], self.meta["std"])
+        return self.logits(x.contiguous().numpy())

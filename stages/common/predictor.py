@@ -3,7 +3,8 @@
 A picture is prepared exactly as extract_crops prepares a training crop (OpenCV decode, aspect
 ratio kept, padded with the median corner colour) but placed in the centre, not at a random spot,
 so the answer for a file never changes. A crop that is already S x S passes through unchanged.
-Then the checkpoint's own normalisation (stages.common.transforms.eval_transform).
+The batch is then normalised as every crop is (stages.common.batches.normalise), on the device
+the model runs on.
 """
 from __future__ import annotations
 
@@ -14,38 +15,52 @@ from typing import Iterable, Iterator
 import numpy as np
 import torch
 
+from stages.common.batches import CropSet, normalise
 from stages.common.crops import letterbox
-from stages.common.model import check_logits, load_checkpoint
 from stages.common.errors import StageError
+from stages.common.model import check_logits, load_checkpoint
 from stages.common.pictures import (DEFAULT_MAX_IMAGE_PIXELS, describe, image_problem,
-                                    read_header, square_side)
-from stages.common.transforms import eval_transform
+                                    read_header)
 
 IMAGE_SUFFIXES = {".jpg", ".jpeg", ".png", ".bmp", ".webp", ".tif", ".tiff"}
 
 
 class TorchClassifier:
-    """A train-stage checkpoint in PyTorch eager on the CPU."""
+    """A train-stage checkpoint in PyTorch eager, on ``device`` (the CPU by default)."""
 
-    def __init__(self, path: str | Path):
+    def __init__(self, path: str | Path, device: torch.device = torch.device("cpu")):
         self.path = Path(path)
+        self.device = device
         self.model, meta = load_checkpoint(path)
-        self.model = self.model.to(memory_format=torch.channels_last)
+        self.model = self.model.to(device, memory_format=torch.channels_last)
         self.meta = {k: meta[k] for k in ("arch", "classes", "image_size", "mean", "std")}
 
     @torch.inference_mode()
-    def logits(self, batch: np.ndarray) -> np.ndarray:
-        x = torch.from_numpy(np.ascontiguousarray(batch, np.float32))
-        return self.model(x.contiguous(memory_format=torch.channels_last)).float().numpy()
+    def logits(self, batch: np.ndarray | torch.Tensor) -> np.ndarray:
+        """Normalised float32 N x 3 x S x S (an array, or a tensor on any device) -> logits."""
+        if isinstance(batch, np.ndarray):
+            batch = torch.from_numpy(np.ascontiguousarray(batch, np.float32))
+        x = batch.to(self.device).contiguous(memory_format=torch.channels_last)
+        return self.model(x).float().cpu().numpy()
+
+    def classify(self, pixels: torch.Tensor) -> np.ndarray:
+        """uint8 RGB N x 3 x S x S -> logits, normalised on the model's device."""
+        return self.logits(normalise(pixels.to(self.device), self.meta["mean"], self.meta["std"]))
 
 
-def load_classifier(path: str | Path, threads: int | None = None):
-    """A ``.onnx`` file runs in ONNX Runtime; anything else must be a train-stage checkpoint."""
+def load_classifier(path: str | Path, threads: int | None = None,
+                    device: torch.device = torch.device("cpu")):
+    """A ``.onnx`` file runs in ONNX Runtime (the CPU); anything else must be a train-stage
+    checkpoint, run by PyTorch on ``device``."""
     if Path(path).suffix.lower() == ".onnx":
         from stages.common.onnx_model import OnnxClassifier
 
+        if device.type != "cpu":
+            raise StageError(f"{path}: an ONNX model runs on the CPU here (ONNX Runtime's CPU "
+                             "build); use --device cpu, or the .pt checkpoint on "
+                             f"{device.type}")
         return OnnxClassifier(path, threads)
-    return TorchClassifier(path)
+    return TorchClassifier(path, device)
 
 
 def read_image(path: Path, max_pixels: int = DEFAULT_MAX_IMAGE_PIXELS) -> np.ndarray:
@@ -67,13 +82,13 @@ def read_image(path: Path, max_pixels: int = DEFAULT_MAX_IMAGE_PIXELS) -> np.nda
     return image
 
 
-def prepare(image_bgr: np.ndarray, meta: dict) -> np.ndarray:
-    """A centred letterbox of the checkpoint's size, RGB, normalised: float32 C x S x S."""
+def prepare(image_bgr: np.ndarray, meta: dict) -> torch.Tensor:
+    """A centred letterbox of the checkpoint's size: uint8 RGB, 3 x S x S."""
     import cv2
 
     canvas = letterbox(image_bgr, int(meta["image_size"]), rng=None)
     rgb = cv2.cvtColor(canvas, cv2.COLOR_BGR2RGB)
-    return eval_transform(meta["mean"], meta["std"])(rgb).numpy()
+    return torch.from_numpy(rgb).permute(2, 0, 1)
 
 
 def softmax(logits: np.ndarray) -> np.ndarray:
@@ -124,11 +139,11 @@ def predict_paths(classifier, items: list[tuple[Path, str | None]], batch_size: 
     be used, for whatever reason its read or decode raises (OpenCV's errors, MemoryError,
     OSError), comes back with ``error`` set and the others go on."""
     pending: list[Prediction] = []
-    arrays: list[np.ndarray] = []
+    arrays: list[torch.Tensor] = []
 
     def flush() -> Iterator[Prediction]:
         if arrays:
-            logits = classifier.logits(np.stack(arrays))
+            logits = classifier.classify(torch.stack(arrays))
             check_logits(logits, len(arrays), len(classifier.meta["classes"]), classifier.path)
             probs = softmax(logits)
             k = 0
@@ -153,23 +168,16 @@ def predict_paths(classifier, items: list[tuple[Path, str | None]], batch_size: 
     yield from flush()
 
 
-def labelled_folder(folder: Path, meta: dict, checkpoint: Path, transform=True):
-    """An ImageFolder (``<label>/<file>``) whose class names must be the checkpoint's."""
-    from torchvision.datasets import ImageFolder
-
-    if not folder.is_dir():
-        raise StageError(f"{folder}: not found; run the split stage first")
-    ds = ImageFolder(str(folder),
-                     transform=eval_transform(meta["mean"], meta["std"]) if transform else None)
-    if ds.classes != meta["classes"]:
+def checked_crops(folder: Path, meta: dict, checkpoint: Path, device: torch.device,
+                  workers: int = 0, keep: str | None = None) -> CropSet:
+    """A labelled split (``<label>/<crop>``) decoded once, whose class names and crop size must
+    be the checkpoint's."""
+    crops = CropSet.load(folder, device, workers, keep=keep)
+    if crops.classes != meta["classes"]:
         raise StageError(f"{checkpoint} was trained on classes {meta['classes']} but {folder} "
-                         f"holds {ds.classes}; retrain or re-split")
-    if len(ds) == 0:
-        raise StageError(f"{folder}: no images")
-    first = ds.samples[0][0]
-    side = square_side(first)
-    if side != meta["image_size"]:
+                         f"holds {crops.classes}; retrain or re-split")
+    if crops.size != meta["image_size"]:
         raise StageError(f"{checkpoint} was trained on {meta['image_size']}x{meta['image_size']} "
-                         f"crops but {first} is {side}x{side}; retrain or rerun "
-                         "extract_crops with the same crops.size")
-    return ds
+                         f"crops but {crops.paths[0]} is {crops.size}x{crops.size}; retrain or "
+                         "rerun extract_crops with the same crops.size")
+    return crops

@@ -12,16 +12,16 @@ from pathlib import Path
 import numpy as np
 import torch
 from sklearn.metrics import classification_report, confusion_matrix
-from torch.utils.data import DataLoader
-from torchvision.datasets import ImageFolder
 from PIL import Image
 
 from stages.common import params
 from stages.common.atomic import atomic_file, write_json
+from stages.common.batches import CropSet, batch_len, batches, normalise
 from stages.common.errors import main_guard
-from stages.common.inference import predict, to_device
+from stages.common.inference import predict
 from stages.common.model import check_logits, load_checkpoint, pick_device
-from stages.common.predictor import labelled_folder, softmax
+from stages.common.predictor import checked_crops, softmax
+from stages.common.progress import tracked
 from stages.common.speed import speed_figures
 from stages.evaluate import figures
 
@@ -34,8 +34,8 @@ PLOTS_DIR = Path("plots/eval")
 GOAL = 0.90  # the report's target for accuracy and F1
 
 
-def load_test_set(meta: dict) -> ImageFolder:
-    return labelled_folder(TEST_DIR, meta, CHECKPOINT)
+def load_test_set(meta: dict, device: torch.device) -> CropSet:
+    return checked_crops(TEST_DIR, meta, CHECKPOINT, device)
 
 
 def _sync(device: torch.device) -> None:
@@ -44,11 +44,12 @@ def _sync(device: torch.device) -> None:
 
 
 @torch.inference_mode()
-def measure_speed(model, ds: ImageFolder, device: torch.device, batch_size: int, runs: int) -> dict:
+def measure_speed(model, crops: CropSet, meta: dict, device: torch.device, batch_size: int,
+                  runs: int) -> dict:
     """Median forward time at batch 1 (an operator's single picture) and at ``batch_size``."""
-    one = to_device(ds[0][0].unsqueeze(0), device)
-    n = min(batch_size, len(ds))
-    batch = to_device(torch.stack([ds[i][0] for i in range(n)]), device)
+    n = min(batch_size, len(crops))
+    batch = normalise(crops.take(torch.arange(n), device), meta["mean"], meta["std"])
+    one = batch[:1].contiguous(memory_format=torch.channels_last)
     timing = speed_figures(model, one, batch, n, runs, sync=lambda: _sync(device))
     return {"device": device.type, "threads": torch.get_num_threads(), **timing}
 
@@ -91,12 +92,12 @@ def most_confident_mistakes(probs: np.ndarray, targets: np.ndarray, k: int) -> l
     return [int(i) for i in wrong[order][:k]]
 
 
-def mistakes_gallery(ds: ImageFolder, probs: np.ndarray, targets: np.ndarray, k: int,
+def mistakes_gallery(crops: CropSet, probs: np.ndarray, targets: np.ndarray, k: int,
                      title: str) -> None:
-    classes = ds.classes
+    classes = crops.classes
     items = []
     for i in most_confident_mistakes(probs, targets, k):
-        path = Path(ds.samples[i][0])
+        path = Path(crops.paths[i])
         pred = int(probs[i].argmax())
         with Image.open(path) as im:
             pixels = np.asarray(im.convert("RGB"))
@@ -118,18 +119,20 @@ def main() -> None:
     cfg = params.load().evaluate
     device = pick_device(cfg.device)
     model, meta = load_checkpoint(CHECKPOINT)
-    ds = load_test_set(meta)  # labelled_folder refuses an empty one
+    crops = load_test_set(meta, device)
     model = model.to(device, memory_format=torch.channels_last)
-    loader = DataLoader(ds, batch_size=cfg.batch_size, shuffle=False)
-    logits, targets = predict(model, loader, device)
-    check_logits(logits, len(ds), len(meta["classes"]), CHECKPOINT)
+    test_batches = batches(crops, torch.arange(len(crops)), cfg.batch_size, device,
+                           meta["mean"], meta["std"])
+    logits, targets = predict(model, tracked(test_batches, "evaluate", len(crops),
+                                             size=batch_len), device)
+    check_logits(logits, len(crops), len(meta["classes"]), CHECKPOINT)
     preds = logits.argmax(1).numpy()
     probs = softmax(logits.numpy())
     targets = targets.numpy()
     classes = meta["classes"]
 
     metrics = score(targets, preds, classes)
-    metrics["speed"] = measure_speed(model, ds, device, cfg.batch_size, cfg.speed_runs)
+    metrics["speed"] = measure_speed(model, crops, meta, device, cfg.batch_size, cfg.speed_runs)
     metrics["arch"] = meta["arch"]
     write_json(METRICS_FILE, metrics)
 
@@ -140,7 +143,7 @@ def main() -> None:
                           f"{meta['arch']} test (n={len(targets)})")
     figures.learning_curves_png(figures.read_history(LIVE_DIR), PLOTS_DIR / "learning_curves.png",
                                 best_epoch())
-    mistakes_gallery(ds, probs, targets, cfg.mistakes,
+    mistakes_gallery(crops, probs, targets, cfg.mistakes,
                      f"{meta['arch']}: most confident test mistakes")
 
     print(classification_report(targets, preds, labels=list(range(len(classes))),

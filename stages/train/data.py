@@ -1,21 +1,23 @@
-"""The train stage's data: ImageFolder splits, and data order and augmentation as functions of
-(seed, epoch, crop) alone, so a resumed run draws exactly what an uninterrupted one would.
+"""The train stage's data: the train and val crops decoded once (stages.common.batches), each
+epoch's order and augmentation functions of (seed, epoch, crop) alone, so a resumed run draws
+exactly what an uninterrupted one would, and batches prepared ahead of the step on the CPU.
 """
 from __future__ import annotations
 
 import hashlib
 import os
+import queue
 import random
+import threading
 from pathlib import Path
+from typing import Iterator
 
 import numpy as np
 import torch
-from torch.utils.data import DataLoader, Dataset
-from torchvision.datasets import ImageFolder
-
-from stages.common.errors import StageError
+from torch.utils.data.distributed import DistributedSampler
 
 SPLIT_DIR = Path("data/split")
+PREFETCH = 2  # batches prepared ahead of the step (CPU threads; the GPU path queues kernels)
 
 
 def seed_everything(seed: int) -> None:
@@ -30,76 +32,59 @@ def seed_everything(seed: int) -> None:
     torch.backends.cudnn.benchmark = False
 
 
-def seed_worker(worker_id: int) -> None:
-    """DataLoader workers: derive NumPy/random seeds from torch's per-worker seed."""
-    seed = torch.initial_seed() % 2**32
-    np.random.seed(seed)
-    random.seed(seed)
-
-
 def derived_seed(*keys: int) -> int:
-    """A 63-bit seed from integers such as (seed, epoch, index), well mixed (blake2b)."""
+    """A 63-bit seed from integers such as (seed, epoch), well mixed (blake2b)."""
     text = "/".join(str(int(k)) for k in keys).encode()
     return int.from_bytes(hashlib.blake2b(text, digest_size=8).digest(), "little") >> 1
 
 
-class EpochSeeded(Dataset):
-    """A dataset whose random augmentation is a function of (seed, epoch, index) alone.
+class EpochOrder:
+    """This rank's crop indices for each epoch: DistributedSampler's seeded shuffle of the whole
+    split (a world of one takes all of it), reshuffled by ``set_epoch``."""
 
-    Indices are ``(epoch, index)`` pairs (see :class:`EpochIndices`); each item's transform runs on
-    torch's CPU generator seeded from them and restored after, so the draws depend neither on the
-    data-loader workers (persistent or not, how many) nor on what ran before: a resumed run
-    augments exactly as an uninterrupted one, and the main process's RNG (dropout) is untouched.
-    """
-
-    def __init__(self, dataset: Dataset, seed: int) -> None:
-        self.dataset = dataset
-        self.seed = seed
-
-    def __len__(self) -> int:
-        return len(self.dataset)  # type: ignore[arg-type]
-
-    def __getitem__(self, key: tuple[int, int]):
-        epoch, index = key
-        with torch.random.fork_rng(devices=[]):
-            torch.default_generator.manual_seed(derived_seed(self.seed, epoch, index))
-            return self.dataset[index]
-
-
-class EpochIndices(torch.utils.data.Sampler):
-    """Wrap a sampler with ``set_epoch`` (DistributedSampler): yield ``(epoch, index)`` pairs."""
-
-    def __init__(self, sampler) -> None:
-        self.sampler = sampler
-        self.epoch = 0
+    def __init__(self, n: int, seed: int, rank: int = 0, world_size: int = 1) -> None:
+        self.sampler = DistributedSampler(range(n), world_size, rank, shuffle=True, seed=seed)
 
     def set_epoch(self, epoch: int) -> None:
-        self.epoch = epoch
         self.sampler.set_epoch(epoch)
 
-    def __len__(self) -> int:
-        return len(self.sampler)
-
-    def __iter__(self):
-        return ((self.epoch, i) for i in self.sampler)
+    def indices(self) -> torch.Tensor:
+        return torch.tensor(list(self.sampler), dtype=torch.long)
 
 
-def load_folder(split: str, transform) -> ImageFolder:
-    path = SPLIT_DIR / split
-    if not path.is_dir():
-        raise StageError(f"{path}: not found; run the split stage first")
+def prefetched(items: Iterator, depth: int = PREFETCH) -> Iterator:
+    """``items`` produced by a thread ``depth`` ahead of the consumer. The CPU augmentation
+    (OpenCV, NumPy, torch: all release the GIL) then overlaps the model's step; an error in the
+    producer is raised in the consumer."""
+    box: queue.Queue = queue.Queue(maxsize=depth)
+    done = object()
+    stop = threading.Event()
+
+    def produce() -> None:
+        try:
+            for item in items:
+                if stop.is_set():
+                    return
+                box.put(item)
+        except BaseException as exc:  # handed to the consumer, raised there
+            box.put(exc)
+            return
+        box.put(done)
+
+    thread = threading.Thread(target=produce, daemon=True)
+    thread.start()
     try:
-        return ImageFolder(str(path), transform=transform)
-    except (FileNotFoundError, RuntimeError) as exc:
-        raise StageError(f"{path}: no usable images ({exc})") from None
-
-
-def make_loader(ds, batch_size: int, workers: int, seed: int, device: torch.device,
-                pin_memory: bool = True, sampler=None) -> DataLoader:
-    # The loader draws its workers' base seed from this private generator, not from torch's
-    # global RNG, whose stream (dropout) a resumed run must continue exactly.
-    gen = torch.Generator().manual_seed(seed)
-    return DataLoader(ds, batch_size=batch_size, shuffle=False, generator=gen, sampler=sampler,
-                      num_workers=workers, worker_init_fn=seed_worker,
-                      persistent_workers=workers > 0,
-                      pin_memory=pin_memory and device.type == "cuda")
+        while True:
+            item = box.get()
+            if item is done:
+                return
+            if isinstance(item, BaseException):
+                raise item
+            yield item
+    finally:
+        stop.set()
+        while thread.is_alive():  # unblock a producer waiting on a full queue
+            try:
+                box.get_nowait()
+            except queue.Empty:
+                thread.join(timeout=0.05)

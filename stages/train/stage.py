@@ -32,22 +32,20 @@ from pathlib import Path
 import torch
 from torch import nn
 from torch.nn.parallel import DistributedDataParallel
-from torch.utils.data import Subset
-from torch.utils.data.distributed import DistributedSampler
 
 from stages.common import params
 from stages.common.atomic import atomic_dir, write_json
 from stages.common.errors import StageError, main_guard
-from stages.common.inference import predict, to_device
+from stages.common.batches import CropSet, batch_len, batches
+from stages.common.inference import predict
 from stages.common.model import (IMAGENET_MEAN, IMAGENET_STD, build_model, forward, freeze,
                                  frozen_prefix, pick_device, save_checkpoint, set_train_mode)
 from stages.common.params import Params
-from stages.common.pictures import square_side
-from stages.common.transforms import eval_transform, train_transform
+from stages.common.progress import tracked
 from stages.train import distributed as D
 from stages.train import state as TS
-from stages.train.data import (SPLIT_DIR, EpochIndices, EpochSeeded, load_folder, make_loader,
-                               seed_everything)
+from stages.train.augment import Augment
+from stages.train.data import SPLIT_DIR, EpochOrder, prefetched, seed_everything
 from stages.train.recipe import EarlyStopping, FocalLoss, cosine_scheduler
 
 MODEL_DIR = Path("data/model")
@@ -87,35 +85,56 @@ def amp_dtype(amp: str, device: torch.device) -> torch.dtype | None:
 
 @dataclass
 class Data:
-    train: object          # ImageFolder of data/split/train (with the train transform)
-    val: object            # ImageFolder of data/split/val
-    sampler: EpochIndices  # this rank's (epoch, index) pairs, reshuffled each epoch
-    train_loader: object
-    val_loader: object
-    size: int              # crop side in pixels
+    train: CropSet         # data/split/train, decoded once
+    val: CropSet           # data/split/val
+    order: EpochOrder      # this rank's share of each epoch's seeded shuffle
+    augment: Augment       # each epoch's flip and colour jitter, per crop
+    val_indices: torch.Tensor  # this rank's share of val
+    batch_size: int
 
     @property
     def classes(self) -> list[str]:
         return self.train.classes
 
+    @property
+    def size(self) -> int:
+        return self.train.size
+
+    def train_batches(self, epoch: int, device: torch.device):
+        """This rank's augmented batches of epoch ``epoch``, prepared ahead of the step."""
+        self.order.set_epoch(epoch)  # a new shuffle each epoch, the same on every rank
+        self.augment.set_epoch(epoch)
+        items = batches(self.train, self.order.indices(), self.batch_size, device,
+                        IMAGENET_MEAN, IMAGENET_STD, self.augment)
+        return prefetched(items) if device.type == "cpu" else items
+
+    @property
+    def train_share(self) -> int:
+        """Train crops this rank sees per epoch."""
+        return len(self.order.sampler)
+
+    def val_batches(self, device: torch.device):
+        return batches(self.val, self.val_indices, self.batch_size, device, IMAGENET_MEAN,
+                       IMAGENET_STD)
+
 
 def load_data(cfg: Params, world: D.World, device: torch.device) -> Data:
-    """The two splits and their loaders. One process is a world of one: the same seeded order."""
-    mean, std = IMAGENET_MEAN, IMAGENET_STD
-    train_ds = load_folder("train", train_transform(mean, std))
-    val_ds = load_folder("val", eval_transform(mean, std))
-    if train_ds.classes != val_ds.classes:
-        raise StageError(f"class folders differ: train {train_ds.classes} vs val {val_ds.classes}")
+    """Both splits decoded once. One process is a world of one: the same seeded order."""
     t = cfg.train
-    sampler = EpochIndices(DistributedSampler(train_ds, world.size, world.rank, shuffle=True,
-                                              seed=cfg.seed))
-    train_loader = make_loader(EpochSeeded(train_ds, cfg.seed), t.batch_size, t.num_workers,
-                               cfg.seed, device, t.pin_memory, sampler)
-    val_part = Subset(val_ds, D.shard_indices(len(val_ds), world)) if world.distributed else val_ds
-    val_loader = make_loader(val_part, t.batch_size, t.num_workers, cfg.seed, device,
-                             t.pin_memory)
-    return Data(train_ds, val_ds, sampler, train_loader, val_loader,
-                square_side(train_ds.samples[0][0]))
+    workers = t.num_workers
+    pin = t.pin_memory
+    train_crops = CropSet.load(SPLIT_DIR / "train", device, workers, pin=pin)
+    val_crops = CropSet.load(SPLIT_DIR / "val", device, workers, pin=pin)
+    if train_crops.classes != val_crops.classes:
+        raise StageError(f"class folders differ: train {train_crops.classes} vs val "
+                         f"{val_crops.classes}")
+    if train_crops.size != val_crops.size:
+        raise StageError(f"crop sizes differ: train {train_crops.size} px vs val "
+                         f"{val_crops.size} px; rerun extract_crops and split")
+    val_indices = torch.tensor(D.shard_indices(len(val_crops), world), dtype=torch.long)
+    return Data(train_crops, val_crops, EpochOrder(len(train_crops), cfg.seed, world.rank,
+                                                   world.size),
+                Augment(cfg.seed, len(train_crops), device, workers), val_indices, t.batch_size)
 
 
 class FrozenPrefixNet(nn.Module):
@@ -182,7 +201,7 @@ class Progress:
     best: dict = field(default_factory=dict)
     best_weights: dict | None = None
     history: list[dict] = field(default_factory=list)
-    started: float = field(default_factory=time.perf_counter)
+    started: float = 0.0  # perf_counter() when the training began, earlier runs' time included
 
 
 def load_state(cfg: Params, world: D.World, device: torch.device, log) -> tuple[dict, dict | None]:
@@ -200,12 +219,13 @@ def load_state(cfg: Params, world: D.World, device: torch.device, log) -> tuple[
 
 
 def resume(cfg: Params, parts: Parts, state: dict | None, world: D.World,
-           device: torch.device, log) -> Progress:
+           device: torch.device, log, started: float) -> Progress:
     """The progress to continue from: a fresh one, or the state's (optimizer, schedule, early
-    stopping, best epoch, history, RNG states restored)."""
+    stopping, best epoch, history, RNG states restored). ``started``: when this run began (its
+    time, decoding the crops included, adds to the resumed run's)."""
     epochs = cfg.train.epochs
     if state is None:
-        return Progress(done=0, last=epochs)
+        return Progress(done=0, last=epochs, started=started)
     parts.optimizer.load_state_dict(state["optimizer"])
     parts.scheduler.load_state_dict(state["scheduler"])
     if parts.scaler is not None and state["scaler"] is not None:
@@ -223,19 +243,23 @@ def resume(cfg: Params, parts: Parts, state: dict | None, world: D.World,
     TS.set_rng_state(state["rng"][world.rank], device)  # last: nothing may draw after it
     return Progress(done=done, last=done if state["finished"] else epochs, best=state["best"],
                     best_weights=best_weights, history=state["history"],
-                    started=time.perf_counter() - state["seconds"])
+                    started=started - state["seconds"])
 
 
 # ----- one epoch -------------------------------------------------------------------------------
 
-def train_one_epoch(model, step, loader, loss_fn, optimizer, device, trainable, world,
+def train_one_epoch(model, step, batches, loss_fn, optimizer, device, trainable, world,
                     amp=None, scaler=None):
-    """One pass over this rank's share; ``step`` is the (maybe DDP-wrapped) forward.
-    Returns loss and accuracy over every rank's batches."""
+    """One pass over this rank's share of ``batches`` ((input, targets) on ``device``); ``step``
+    is the (maybe DDP-wrapped) forward. Returns loss and accuracy over every rank's batches.
+
+    Sums stay on the device and are read once, at the end: a read per batch would make the host
+    wait for the GPU at every step."""
     set_train_mode(model, trainable)
-    total_loss, correct, seen = 0.0, 0, 0
-    for images, targets in loader:
-        images, targets = to_device(images, device), targets.to(device, non_blocking=True)
+    total_loss = torch.zeros((), dtype=torch.float64, device=device)
+    correct = torch.zeros((), dtype=torch.long, device=device)
+    seen = 0
+    for images, targets in batches:
         with torch.autocast(device.type, dtype=amp) if amp else contextlib.nullcontext():
             logits = step(images)
             loss = loss_fn(logits.float(), targets)
@@ -247,17 +271,18 @@ def train_one_epoch(model, step, loader, loss_fn, optimizer, device, trainable, 
         else:
             loss.backward()
             optimizer.step()
-        total_loss += loss.item() * len(targets)
-        correct += (logits.argmax(1) == targets).sum().item()
+        total_loss += loss.detach().double() * len(targets)
+        correct += (logits.argmax(1) == targets).sum()
         seen += len(targets)
-    total_loss, correct, seen = D.all_sum([total_loss, correct, seen], world, device)
+    total_loss, correct, seen = D.all_sum([total_loss.item(), correct.item(), seen], world,
+                                          device)
     return total_loss / seen, correct / seen
 
 
-def validate(model, loader, loss_fn, device, world=D.World()):
-    """Val loss and accuracy over the whole val set; each rank's loader holds its shard, and
+def validate(model, batches, loss_fn, device, world=D.World()):
+    """Val loss and accuracy over the whole val set; each rank's batches hold its shard, and
     sums of loss * n, correct and n are all-reduced, so the result does not depend on ranks."""
-    logits, targets = predict(model, loader, device)
+    logits, targets = predict(model, batches, device)
     if not world.distributed:
         loss = loss_fn(logits, targets).item()
         acc = (logits.argmax(1) == targets).float().mean().item()
@@ -350,6 +375,7 @@ def run(cfg: Params, world: D.World, device: torch.device) -> None:
     # continues exactly: see data.py and state.py.
     seed_everything(cfg.seed + world.rank)
     log = print if world.is_main else (lambda *a, **k: None)
+    started = time.perf_counter()
     data = load_data(cfg, world, device)
     fp, state = load_state(cfg, world, device, log)
     parts = build(cfg, data, world, device, state)
@@ -358,18 +384,21 @@ def run(cfg: Params, world: D.World, device: torch.device) -> None:
     log(f"train: {cfg.model.arch} on {device}, {len(data.train)} train / {len(data.val)} val "
         f"crops, {data.size} px, classes {data.classes}, trainable {cfg.model.trainable}"
         + (f", {world.size} processes" if world.distributed else ""), flush=True)
-    progress = resume(cfg, parts, state, world, device, log)
+    progress = resume(cfg, parts, state, world, device, log, started)
     # Only rank 0 writes; every rank sees the same reduced val loss, so all stop together.
     live = open_live(progress.history) if world.is_main else None
     with atomic_dir(MODEL_DIR) if world.is_main else contextlib.nullcontext() as out:
         for epoch in range(progress.done + 1, progress.last + 1):
             lr = parts.optimizer.param_groups[0]["lr"]
-            data.sampler.set_epoch(epoch)  # a new shuffle each epoch, the same on every rank
-            tr_loss, tr_acc = train_one_epoch(parts.model, parts.step, data.train_loader,
+            shown = tracked(data.train_batches(epoch, device),
+                            f"train epoch {epoch}/{progress.last}", data.train_share,
+                            size=batch_len, enabled=world.is_main)
+            tr_loss, tr_acc = train_one_epoch(parts.model, parts.step, shown,
                                               parts.loss_fn, parts.optimizer, device,
                                               cfg.model.trainable, world, parts.amp, parts.scaler)
             D.sync_buffers(parts.model, world)
-            va_loss, va_acc = validate(parts.model, data.val_loader, parts.loss_fn, device, world)
+            va_loss, va_acc = validate(parts.model, data.val_batches(device), parts.loss_fn,
+                                       device, world)
             if not (math.isfinite(tr_loss) and math.isfinite(va_loss)):
                 raise StageError(f"epoch {epoch}: the loss is not a number (train {tr_loss}, "
                                  f"val {va_loss}): training diverged; lower train.lr "

@@ -1,0 +1,218 @@
+"""The report's train augmentation on whole batches: RandomHorizontalFlip, then
+ColorJitter(0.2, 0.2, 0.2, 0.1), hue included, drawn per crop.
+
+The draws are torchvision's (``RandomHorizontalFlip.forward``, ``ColorJitter.get_params``): a
+flip with probability 0.5; brightness, contrast and saturation factors uniform in [0.8, 1.2];
+a hue shift uniform in [-0.1, 0.1]; the four adjustments in a uniformly random order. They are
+drawn for every crop of the split at once from a generator seeded by (seed, epoch), so a crop's
+augmentation is a function of (seed, epoch, crop) alone: not of the batch it falls in, the
+number of processes or threads, or what ran before, and a resumed run draws what an
+uninterrupted one would (data/train_state).
+
+The adjustments are torchvision's tensor ones (``transforms.v2.functional.adjust_*`` on float
+images in [0, 1], clamped after each), in two implementations with the same results (tested
+against torchvision's per-image functions for the same draws):
+
+- :func:`jitter_torch`: torch operations on the whole batch, on the device that trains (CUDA,
+  MPS): one kernel per operation for the batch, no per-image Python;
+- :func:`jitter_opencv`: OpenCV per crop in a pool of threads, on the CPU, where per-pixel torch
+  operations over a batch run 3x slower than OpenCV's colour conversions (BENCHMARKS.md).
+"""
+from __future__ import annotations
+
+from concurrent.futures import ThreadPoolExecutor
+from dataclasses import dataclass
+
+import cv2
+import numpy as np
+import torch
+
+from stages.train.data import derived_seed
+
+JITTER = 0.2      # brightness, contrast, saturation: factors in [1 - 0.2, 1 + 0.2]
+HUE = 0.1         # hue shift in [-0.1, 0.1] of the colour circle
+BRIGHTNESS, CONTRAST, SATURATION, HUE_SHIFT = range(4)
+GRAY = (0.2989, 0.587, 0.114)  # torchvision's rgb_to_grayscale weights
+GRAY_MATRIX = np.array([GRAY], dtype=np.float32)
+
+
+@dataclass(frozen=True)
+class Draws:
+    """One epoch's augmentation of every crop of the split, indexed by crop."""
+    flip: torch.Tensor     # bool, N
+    factors: torch.Tensor  # float32, N x 3: brightness, contrast, saturation
+    hue: torch.Tensor      # float32, N
+    order: torch.Tensor    # int64, N x 4: the adjustments in the order they apply
+
+    def __len__(self) -> int:
+        return len(self.flip)
+
+
+def draw(seed: int, epoch: int, n: int) -> Draws:
+    """The draws of epoch ``epoch`` for crops 0 .. n - 1: a function of (seed, epoch) alone."""
+    gen = torch.Generator().manual_seed(derived_seed(seed, epoch))
+    flip = torch.rand(n, generator=gen) < 0.5
+    factors = torch.empty(n, 3).uniform_(1 - JITTER, 1 + JITTER, generator=gen)
+    hue = torch.empty(n).uniform_(-HUE, HUE, generator=gen)
+    order = torch.argsort(torch.rand(n, 4, generator=gen), dim=1)  # a uniform permutation each
+    return Draws(flip, factors, hue, order)
+
+
+# ----- torch, whole batch ----------------------------------------------------------------------
+
+def _gray(x: torch.Tensor) -> torch.Tensor:
+    r, g, b = x.unbind(dim=-3)
+    return r.mul(GRAY[0]).add_(g, alpha=GRAY[1]).add_(b, alpha=GRAY[2]).unsqueeze(-3)
+
+
+def _blend(x: torch.Tensor, other: torch.Tensor, ratio: torch.Tensor) -> torch.Tensor:
+    return x.mul(ratio).add_(other * (1.0 - ratio)).clamp_(0.0, 1.0)
+
+
+def _rgb_to_hsv(x: torch.Tensor) -> torch.Tensor:
+    """torchvision's _rgb_to_hsv (Pillow's algorithm), on a batch."""
+    r, g, _ = x.unbind(dim=-3)
+    minc, maxc = torch.aminmax(x, dim=-3)
+    eqc = maxc == minc
+    span = maxc - minc
+    ones = torch.ones_like(maxc)
+    s = span / torch.where(eqc, ones, maxc)
+    divisor = torch.where(eqc, ones, span).unsqueeze(-3)
+    rc, gc, bc = ((maxc.unsqueeze(-3) - x) / divisor).unbind(dim=-3)
+    not_r = maxc != r
+    is_g = maxc == g
+    hg = rc.add(2.0).sub_(bc).mul_(is_g & not_r)
+    hr = bc.sub(gc).mul_(~not_r)
+    hb = gc.add(4.0).sub_(rc).mul_(not_r & ~is_g)
+    h = hr.add_(hg).add_(hb).mul_(1.0 / 6.0).add_(1.0).fmod_(1.0)
+    return torch.stack((h, s, maxc), dim=-3)
+
+
+_SELECT = torch.tensor([[0, 2, 1, 1, 3, 0], [3, 0, 0, 2, 1, 1], [1, 1, 3, 0, 0, 2]])
+
+
+def _hsv_to_rgb(x: torch.Tensor) -> torch.Tensor:
+    """torchvision's _hsv_to_rgb, on a batch."""
+    h, s, v = x.unbind(dim=-3)
+    h6 = h.mul(6)
+    i = torch.floor(h6)
+    f = h6.sub_(i)
+    i = i.to(torch.long).remainder_(6)
+    sxf = s * f
+    one_minus_s = 1.0 - s
+    q = (1.0 - sxf).mul_(v).clamp_(0.0, 1.0)
+    t = sxf.add_(one_minus_s).mul_(v).clamp_(0.0, 1.0)
+    p = one_minus_s.mul_(v).clamp_(0.0, 1.0)
+    vpqt = torch.stack((v, p, q, t), dim=-3)
+    select = _SELECT.to(x.device)[:, i].moveaxis(0, -3)
+    return vpqt.gather(-3, select)
+
+
+def _hue_torch(x: torch.Tensor, hue: torch.Tensor) -> torch.Tensor:
+    hsv = _rgb_to_hsv(x)
+    h, s, v = hsv.unbind(dim=-3)
+    h = h.add(hue.view(-1, 1, 1)).remainder_(1.0)
+    return _hsv_to_rgb(torch.stack((h, s, v), dim=-3))
+
+
+def jitter_torch(pixels: torch.Tensor, draws: Draws, idx: torch.Tensor) -> torch.Tensor:
+    """uint8 B x 3 x S x S (any device) -> float in [0, 1], flipped and jittered per crop.
+
+    No host sync: at each of the four steps every adjustment runs on the whole batch, with the
+    factor 1 (exactly the identity for brightness, contrast and saturation) for the crops whose
+    step it is not, and the hue result is taken only where it is the step's adjustment."""
+    x = pixels.float().div_(255)
+    idx = idx.to(draws.flip.device)
+    flip = draws.flip[idx].to(x.device).view(-1, 1, 1, 1)
+    x = torch.where(flip, x.flip(-1), x)
+    factors, hue, order = (draws.factors[idx].to(x.device), draws.hue[idx].to(x.device),
+                           draws.order[idx].to(x.device))
+    one = torch.ones((), device=x.device)
+    for step in range(4):
+        op = order[:, step]
+
+        def factor(kind: int) -> torch.Tensor:
+            return torch.where(op == kind, factors[:, kind], one).view(-1, 1, 1, 1)
+
+        x = x.mul(factor(BRIGHTNESS)).clamp_(0.0, 1.0)
+        x = _blend(x, _gray(x).mean(dim=(-3, -2, -1), keepdim=True), factor(CONTRAST))
+        x = _blend(x, _gray(x), factor(SATURATION))
+        x = torch.where((op == HUE_SHIFT).view(-1, 1, 1, 1), _hue_torch(x, hue), x)
+    return x
+
+
+# ----- OpenCV, one crop per thread ------------------------------------------------------------
+
+def _clip01(x: np.ndarray) -> np.ndarray:
+    """Clamp to [0, 1] in place (OpenCV's thresholds: a third of NumPy's time)."""
+    cv2.threshold(x, 1.0, 1.0, cv2.THRESH_TRUNC, dst=x)
+    cv2.threshold(x, 0.0, 0.0, cv2.THRESH_TOZERO, dst=x)
+    return x
+
+
+def _jitter_one(rgb: np.ndarray, flip: bool, factors: np.ndarray, hue: float,
+                order: np.ndarray) -> np.ndarray:
+    """H x W x 3 uint8 -> float32 in [0, 1], as :func:`jitter_torch` does to one crop."""
+    x = rgb.astype(np.float32)
+    x /= 255
+    if flip:
+        x = cv2.flip(x, 1)
+    for op in order:
+        if op == BRIGHTNESS:
+            x *= factors[0]
+            x = _clip01(x)
+        elif op == CONTRAST:
+            mean = cv2.mean(cv2.transform(x, GRAY_MATRIX))[0]
+            x *= factors[1]
+            x += np.float32(mean * (1.0 - float(factors[1])))
+            x = _clip01(x)
+        elif op == SATURATION:
+            gray = cv2.transform(x, GRAY_MATRIX)
+            x = _clip01(cv2.addWeighted(x, float(factors[2]), cv2.merge([gray, gray, gray]),
+                                        1.0 - float(factors[2]), 0.0))
+        else:
+            hsv = cv2.cvtColor(x, cv2.COLOR_RGB2HSV)  # float: H in degrees, [0, 360)
+            # the shift taken into [0, 360): OpenCV's HSV2RGB wraps a hue above 360 itself
+            shift = float(np.float32(hue * 360) % np.float32(360))
+            x = _clip01(cv2.cvtColor(cv2.add(hsv, (shift, 0.0, 0.0, 0.0)), cv2.COLOR_HSV2RGB))
+    return x
+
+
+def jitter_opencv(pixels: torch.Tensor, draws: Draws, idx: torch.Tensor,
+                  pool: ThreadPoolExecutor) -> torch.Tensor:
+    """uint8 B x 3 x S x S on the CPU -> float in [0, 1] (channels_last), per crop in ``pool``."""
+    hwc = pixels.permute(0, 2, 3, 1).numpy()
+    flip, factors = draws.flip[idx].numpy(), draws.factors[idx].numpy()
+    hue, order = draws.hue[idx].numpy(), draws.order[idx].numpy()
+    out = np.empty(hwc.shape, dtype=np.float32)
+
+    def one(k: int) -> None:
+        out[k] = _jitter_one(np.ascontiguousarray(hwc[k]), bool(flip[k]), factors[k],
+                             float(hue[k]), order[k])
+
+    list(pool.map(one, range(len(hwc))))
+    return torch.from_numpy(out).permute(0, 3, 1, 2)
+
+
+class Augment:
+    """The batch transform train gives :func:`stages.common.batches.batches`: this epoch's
+    draws, applied by torch on an accelerator and by OpenCV threads on the CPU."""
+
+    def __init__(self, seed: int, n: int, device: torch.device, threads: int,
+                 backend: str | None = None) -> None:
+        self.seed, self.n, self.device = seed, n, device
+        self.backend = backend or ("opencv" if device.type == "cpu" else "torch")
+        self.pool = ThreadPoolExecutor(max(1, threads)) if self.backend == "opencv" else None
+        self.set_epoch(0)
+
+    def set_epoch(self, epoch: int) -> None:
+        draws = draw(self.seed, epoch, self.n)
+        if self.backend == "torch":  # on the device once per epoch, not per batch
+            draws = Draws(*(t.to(self.device) for t in (draws.flip, draws.factors, draws.hue,
+                                                         draws.order)))
+        self.draws = draws
+
+    def __call__(self, pixels: torch.Tensor, idx: torch.Tensor) -> torch.Tensor:
+        if self.backend == "torch":
+            return jitter_torch(pixels, self.draws, idx)
+        return jitter_opencv(pixels.cpu(), self.draws, idx, self.pool).to(pixels.device)

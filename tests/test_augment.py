@@ -1,0 +1,119 @@
+"""The batched train augmentation is torchvision's RandomHorizontalFlip + ColorJitter(0.2, 0.2,
+0.2, 0.1): the same distributions of draws, the same result per image for the same draws (both
+implementations: torch on a batch, OpenCV per crop), and a function of (seed, epoch, crop) alone.
+"""
+from concurrent.futures import ThreadPoolExecutor
+
+import numpy as np
+import pytest
+import torch
+from scipy import stats
+from torchvision.transforms import ColorJitter
+from torchvision.transforms.v2 import functional as F
+
+from stages.train.augment import (BRIGHTNESS, CONTRAST, SATURATION, Augment, Draws, draw,
+                                  jitter_opencv, jitter_torch)
+
+N = 20_000
+
+
+def test_draws_have_torchvisions_distributions():
+    ours = draw(7, 3, N)
+    jitter = ColorJitter(0.2, 0.2, 0.2, 0.1)
+    theirs = [jitter.get_params(jitter.brightness, jitter.contrast, jitter.saturation, jitter.hue)
+              for _ in range(4000)]
+    # the flip: torchvision's RandomHorizontalFlip(p=0.5)
+    assert abs(ours.flip.float().mean().item() - 0.5) < 0.015
+    # factors and hue: the same uniform ranges (two-sample Kolmogorov-Smirnov against
+    # torchvision's own get_params draws, and against the exact uniform)
+    for column, position in [(0, 1), (1, 2), (2, 3)]:
+        mine = ours.factors[:, column].numpy()
+        assert mine.min() >= 0.8 and mine.max() <= 1.2
+        assert stats.ks_2samp(mine, [t[position] for t in theirs]).pvalue > 1e-3
+        assert stats.kstest(mine, stats.uniform(0.8, 0.4).cdf).pvalue > 1e-3
+    hue = ours.hue.numpy()
+    assert hue.min() >= -0.1 and hue.max() <= 0.1
+    assert stats.ks_2samp(hue, [t[4] for t in theirs]).pvalue > 1e-3
+    # the order of the four adjustments: a uniform permutation, as torch.randperm(4)
+    assert sorted(ours.order[0].tolist()) == [0, 1, 2, 3]
+    counts = {}
+    for row in ours.order.tolist():
+        counts[tuple(row)] = counts.get(tuple(row), 0) + 1
+    assert len(counts) == 24
+    assert stats.chisquare(list(counts.values())).pvalue > 1e-3
+    # the four draws of a crop are independent of each other
+    assert abs(np.corrcoef(ours.factors[:, 0], ours.hue)[0, 1]) < 0.05
+
+
+def test_draws_are_a_function_of_seed_epoch_and_crop():
+    a, b = draw(7, 3, 500), draw(7, 3, 500)
+    for name in ("flip", "factors", "hue", "order"):
+        assert torch.equal(getattr(a, name), getattr(b, name))
+    assert not torch.equal(a.factors, draw(7, 4, 500).factors)   # another epoch
+    assert not torch.equal(a.factors, draw(8, 3, 500).factors)   # another seed
+
+
+def reference(pixels: torch.Tensor, draws: Draws, idx: torch.Tensor) -> torch.Tensor:
+    """torchvision's per-image functions, one picture at a time, for the given draws."""
+    out = []
+    for k, i in enumerate(idx.tolist()):
+        x = F.to_dtype(pixels[k], torch.float32, scale=True)
+        if draws.flip[i]:
+            x = F.horizontal_flip(x)
+        b, c, s = draws.factors[i].tolist()
+        for op in draws.order[i].tolist():
+            if op == BRIGHTNESS:
+                x = F.adjust_brightness(x, b)
+            elif op == CONTRAST:
+                x = F.adjust_contrast(x, c)
+            elif op == SATURATION:
+                x = F.adjust_saturation(x, s)
+            else:
+                x = F.adjust_hue(x, draws.hue[i].item())
+        out.append(x)
+    return torch.stack(out)
+
+
+def pictures(n: int, size: int = 24) -> torch.Tensor:
+    """Random pictures with grey, black, white and saturated pixels (the edge cases of HSV)."""
+    rng = np.random.default_rng(0)
+    x = rng.integers(0, 256, (n, 3, size, size), dtype=np.uint8)
+    x[:, :, :4] = rng.integers(0, 256, (n, 1, 4, size), dtype=np.uint8)  # grey rows
+    x[:, :, 4:6] = 0
+    x[:, :, 6:8] = 255
+    x[:, 0, 8:10] = 255
+    x[:, 1:, 8:10] = 0
+    return torch.from_numpy(x)
+
+
+@pytest.mark.parametrize("backend", ["torch", "opencv"])
+def test_each_picture_gets_what_torchvision_gives_it_for_the_same_draws(backend):
+    draws = draw(1, 2, 64)
+    idx = torch.arange(64).flip(0)[:48]  # any crops, in any order
+    pixels = pictures(48)
+    expected = reference(pixels, draws, idx)
+    if backend == "torch":
+        got = jitter_torch(pixels, draws, idx)
+    else:
+        with ThreadPoolExecutor(2) as pool:
+            got = jitter_opencv(pixels, draws, idx, pool)
+    assert got.shape == expected.shape and got.dtype == torch.float32
+    assert (got - expected).abs().max().item() < 2e-5
+
+
+def test_a_crop_gets_the_same_augmentation_whatever_its_batch_and_threads():
+    pixels = pictures(40)
+    idx = torch.arange(40)
+    whole = Augment(5, 40, torch.device("cpu"), threads=1)
+    whole.set_epoch(4)
+    in_one = whole(pixels, idx)
+    split = Augment(5, 40, torch.device("cpu"), threads=3)
+    split.set_epoch(4)
+    order = torch.randperm(40, generator=torch.Generator().manual_seed(0))
+    parts = torch.empty_like(in_one)
+    for chunk in order.split(7):
+        parts[chunk] = split(pixels[chunk], chunk)
+    assert torch.equal(in_one, parts)
+    on_torch = Augment(5, 40, torch.device("cpu"), threads=1, backend="torch")
+    on_torch.set_epoch(4)
+    assert (on_torch(pixels, idx) - in_one).abs().max().item() < 2e-5
