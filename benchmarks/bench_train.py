@@ -116,7 +116,7 @@ def stage_loader_rate(folder: Path, batch: int, workers: int, device: torch.devi
     started = time.perf_counter()
     crops = CropSet.load(folder, device, workers)
     decoded = time.perf_counter() - started
-    augment = Augment(0, len(crops), device, workers)
+    augment = Augment(0, len(crops), device, workers, IMAGENET_MEAN, IMAGENET_STD)
     order = EpochOrder(len(crops), 0)
     order.set_epoch(1)
     augment.set_epoch(1)

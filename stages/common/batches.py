@@ -207,14 +207,14 @@ def batches(crops: CropSet, order: torch.Tensor, batch_size: int, device: torch.
     """(model input, targets) for ``order`` (crop indices) in batches, on ``device``.
 
     ``transform(pixels, indices)`` (the train augmentation) gets each batch's uint8 pixels on
-    the device and their crop indices, and returns float pixels in [0, 1]."""
+    the device and their crop indices, and returns the model's input (it normalises); without
+    one, the pixels are normalised with ``mean`` and ``std``."""
     for start in range(0, len(order), batch_size):
         idx = order[start:start + batch_size]
         pixels = crops.take(idx, device)
-        if transform is not None:
-            pixels = transform(pixels, idx)
+        x = transform(pixels, idx) if transform is not None else normalise(pixels, mean, std)
         targets = crops.targets[idx.to(crops.targets.device)]
-        yield normalise(pixels, mean, std), targets.to(device, non_blocking=True)
+        yield x, targets.to(device, non_blocking=True)
 
 
 def batch_len(batch: tuple[torch.Tensor, torch.Tensor]) -> int:

@@ -134,7 +134,8 @@ def load_data(cfg: Params, world: D.World, device: torch.device) -> Data:
     val_indices = torch.tensor(D.shard_indices(len(val_crops), world), dtype=torch.long)
     return Data(train_crops, val_crops, EpochOrder(len(train_crops), cfg.seed, world.rank,
                                                    world.size),
-                Augment(cfg.seed, len(train_crops), device, workers), val_indices, t.batch_size)
+                Augment(cfg.seed, len(train_crops), device, workers, IMAGENET_MEAN,
+                        IMAGENET_STD), val_indices, t.batch_size)
 
 
 class FrozenPrefixNet(nn.Module):
