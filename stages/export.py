@@ -1,7 +1,9 @@
 """Stage `export`: the best checkpoint as ONNX (dynamic batch), checked and timed against PyTorch.
 
 Writes data/export/model.onnx (with the class names, size and normalisation in its metadata, so
-`python -m stages.predict --model data/export/model.onnx` needs nothing else) and
+`python -m stages.predict --model data/export/model.onnx` needs nothing else),
+data/export/MODEL_CARD.md (what the model is for and not for, the data it came from with the
+dvc.lock hashes, the recipe, the test figures, the speed, how to rebuild it) and
 metrics/export.json:
   * parity on the test crops: max absolute logit difference and top-1 agreement between ONNX
     Runtime and PyTorch; the stage fails when the difference exceeds ``export.parity_atol``;
@@ -12,8 +14,11 @@ from __future__ import annotations
 
 from pathlib import Path
 
+import json
+
 import numpy as np
 import torch
+import yaml
 
 from stages.common import params
 from stages.common.atomic import atomic_dir, write_json
@@ -29,6 +34,11 @@ TEST_DIR = Path("data/split/test")
 EXPORT_DIR = Path("data/export")
 ONNX_FILE = "model.onnx"
 METRICS_FILE = Path("metrics/export.json")
+CARD_FILE = "MODEL_CARD.md"
+EVAL_METRICS = Path("metrics/eval.json")
+SPLIT_METRICS = Path("metrics/split.json")
+LOCK_FILE = Path("dvc.lock")
+DATA_STAGES = ("download", "extract_crops", "split")
 
 
 def test_arrays(meta: dict) -> np.ndarray:
@@ -51,9 +61,106 @@ def in_batches(forward, x: np.ndarray, size: int = 64) -> np.ndarray:
     return np.concatenate([forward(x[i:i + size]) for i in range(0, len(x), size)])
 
 
+def read_metrics(path: Path) -> dict:
+    try:
+        return json.loads(path.read_text())
+    except (OSError, ValueError) as exc:
+        raise StageError(f"{path}: cannot read it ({exc}); run `dvc repro` (evaluate and "
+                         "split write it)") from None
+
+
+def data_hashes(lock: Path = LOCK_FILE) -> dict[str, str]:
+    """The md5 DVC recorded for each output of the data stages (empty outside `dvc repro`)."""
+    try:
+        stages = yaml.safe_load(lock.read_text())["stages"]
+    except (OSError, yaml.YAMLError, KeyError, TypeError):
+        return {}
+    return {out["path"]: out.get("md5", "?") for name in DATA_STAGES
+            for out in (stages.get(name) or {}).get("outs", [])}
+
+
+def model_card(cfg: params.Params, meta: dict, scores: dict, split: dict, hashes: dict,
+               export_figures: dict) -> str:
+    """data/export/MODEL_CARD.md: what a reviewer reads before the model is deployed."""
+    classes = meta["classes"]
+    counts = split.get("crops", {})
+    rows = "\n".join(f"| {part} | " + " | ".join(str(counts[part].get(c, 0)) for c in classes)
+                     + f" | {counts[part].get('total', 0)} |" for part in ("train", "val", "test")
+                     if part in counts)
+    per_class = "\n".join(
+        f"| {c} | {scores['per_class'][c]['precision']:.4f} | {scores['per_class'][c]['recall']:.4f}"
+        f" | {scores['per_class'][c]['f1']:.4f} | {scores['per_class'][c]['support']} |"
+        for c in classes if c in scores.get("per_class", {}))
+    provenance = "\n".join(f"| `{path}` | `{md5}` |" for path, md5 in hashes.items()) \
+        or "| (not recorded: run the pipeline with `dvc repro`) | |"
+    recipe = {"seed": cfg.seed, "data": cfg.data.model_dump(mode="json"),
+              "crops": cfg.crops.model_dump(mode="json"),
+              "split": cfg.split.model_dump(mode="json"),
+              "model": cfg.model.model_dump(mode="json"),
+              "train": cfg.train.model_dump(mode="json")}
+    e, o = export_figures["speed"]["pytorch_eager"], export_figures["speed"]["onnxruntime"]
+    return f"""# Model card: {meta['arch']} person / animal / object classifier
+
+## Intended use
+Classifies a **crop** of a camera picture (one object, centred, padded to a square as
+`python -m stages.predict` does) into one of {len(classes)} labels: {', '.join(classes)}. Built
+for perimeter-surveillance operators who must know whether what a camera caught is a person.
+
+## Not for
+- Whole frames: it is not a detector and does not find or count objects; give it crops.
+- Any label but these {len(classes)}: everything else is forced into one of them.
+- Identifying or recognising individuals, or any decision about a person beyond "a person is there".
+- Pictures unlike its data (source `{cfg.data.source}`; {meta['image_size']} px crops): check its
+  figures on your own cameras first.
+
+## Data
+Source: `{cfg.data.source}`, seed {cfg.seed}; labels from Open Images classes
+({'; '.join(f'{k}: {len(v)} classes' for k, v in cfg.data.labels.items())}, listed under Recipe). Crops per split (a source
+picture's crops are all in one split; test was never seen in training):
+
+| split | {' | '.join(classes)} | total |
+|---|{'---|' * len(classes)}---|
+{rows}
+
+Outputs of the data stages as `dvc.lock` recorded them:
+
+| output | md5 |
+|---|---|
+{provenance}
+
+## Recipe
+{meta['arch']}, {meta['image_size']} px, the params of this run (params.yaml):
+
+```yaml
+{yaml.safe_dump(recipe, sort_keys=False).rstrip()}
+```
+
+## Test figures ({scores.get('test_crops', '?')} held-out crops)
+Accuracy {scores['accuracy']:.4f}, macro F1 {scores['macro_f1']:.4f}, **person recall
+{scores['person_recall']:.4f}** (the share of people the model calls person).
+
+| label | precision | recall | F1 | support |
+|---|---|---|---|---|
+{per_class}
+
+## Speed (CPU, {export_figures['speed']['threads']} threads, this run's machine)
+Batch 1: {o['batch1_ms_per_image']} ms/image in ONNX Runtime, {e['batch1_ms_per_image']} ms in
+PyTorch; batch {cfg.export.batch_size}: {o['batch_images_per_s']} images/s in ONNX Runtime. ONNX
+parity with PyTorch: max abs logit difference {export_figures['parity']['max_abs_logit_diff']}
+on {export_figures['parity']['test_crops']} test crops.
+
+## Rebuild
+`git log -S <md5 of data/model in dvc.lock> -- dvc.lock` finds the commit; then
+`git checkout <commit> && dvc repro` (or `dvc pull` from the team's remote for these exact bytes).
+Data stages give the same bytes on every machine; training the same bytes on one machine with one
+thread count (docs/reproducibility.md).
+"""
+
+
 @main_guard
 def main() -> None:
-    cfg = params.load().export
+    everything = params.load()
+    cfg = everything.export
     model, meta = load_checkpoint(CHECKPOINT)
     images = test_arrays(meta)
 
@@ -85,9 +192,13 @@ def main() -> None:
             speed["pytorch_eager"]["batch1_ms_per_image"]
             / speed["onnxruntime"]["batch1_ms_per_image"], 2)
         size_mb = round((tmp / ONNX_FILE).stat().st_size / 2 ** 20, 1)
+        figures = {"arch": meta["arch"], "opset": cfg.opset, "onnx_mb": size_mb,
+                   "parity": check, "speed": speed}
+        (tmp / CARD_FILE).write_text(model_card(
+            everything, meta, read_metrics(EVAL_METRICS), read_metrics(SPLIT_METRICS),
+            data_hashes(), figures))
 
-    write_json(METRICS_FILE, {"arch": meta["arch"], "opset": cfg.opset, "onnx_mb": size_mb,
-                              "parity": check, "speed": speed})
+    write_json(METRICS_FILE, figures)
     e, o = speed["pytorch_eager"], speed["onnxruntime"]
     print(f"{EXPORT_DIR / ONNX_FILE}: {meta['arch']}, {size_mb} MB, opset {cfg.opset}, "
           f"dynamic batch\n"

@@ -21,6 +21,7 @@ from tests.tiny_project import copy_project
 pytestmark = pytest.mark.training
 
 QUEUE_TIMEOUT_S = 300
+TINY_ARCH = "resnet18"  # params.yaml's default, which TINY keeps
 TINY = {  # a few dozen pictures at 32 px: seconds per stage, every code path still taken
     "data": {"sample": {"images": 48, "max_side": 160}},
     "crops": {"size": 32, "min_box_px": 12, "workers": 1},
@@ -77,6 +78,26 @@ def test_repro_runs_every_stage_and_writes_metrics_and_plots(repo):
     assert (repo.path / "data/export/model.onnx").stat().st_size > 1_000_000
 
 
+def test_the_model_card_matches_the_metrics_and_the_lock(repo):
+    card = (repo.path / "data/export/MODEL_CARD.md").read_text()
+    metrics = json.loads((repo.path / "metrics/eval.json").read_text())
+    split = json.loads((repo.path / "metrics/split.json").read_text())
+    lock = yaml.safe_load((repo.path / "dvc.lock").read_text())["stages"]
+    for heading in ["## Intended use", "## Not for", "## Data", "## Recipe", "## Test figures",
+                    "## Speed", "## Rebuild"]:
+        assert heading in card
+    assert f"Accuracy {metrics['accuracy']:.4f}, macro F1 {metrics['macro_f1']:.4f}" in card
+    assert f"person recall\n{metrics['person_recall']:.4f}" in card
+    person = metrics["per_class"]["person"]
+    assert f"| person | {person['precision']:.4f} | {person['recall']:.4f}" in card
+    test = split["crops"]["test"]
+    assert f"| test | {test['animal']} | {test['object']} | {test['person']} | {test['total']} |" in card
+    for stage in ["download", "extract_crops", "split"]:
+        for out in lock[stage]["outs"]:
+            assert f"| `{out['path']}` | `{out['md5']}` |" in card
+    assert "not a detector" in card and f"\n  arch: {TINY_ARCH}\n" in card
+
+
 def test_second_repro_does_nothing_and_status_is_clean(repo):
     again = dvc(repo, "repro")
     assert "Running stage" not in again.stdout
@@ -127,9 +148,10 @@ def test_arch_change_leaves_everything_upstream_of_train_cached(repo):
         stale = json.loads(dvc(repo, "status", "--json").stdout)
     finally:
         params_file.write_text(original)
-    # dvc status lists the stages whose own deps changed: train's params. evaluate reads train's
-    # outputs, so it reruns after train (shown by the exp run test); nothing upstream is stale.
-    assert set(stale) == {"train"}
+    # dvc status lists the stages whose own deps changed: train's params, and export's (its model
+    # card states the recipe). evaluate reads train's outputs, so it reruns after train (shown
+    # by the exp run test); nothing upstream is stale.
+    assert set(stale) == {"train", "export"}
 
 
 def test_exp_run_resnet50_reruns_only_train_and_evaluate(repo):

@@ -500,3 +500,15 @@ def test_infinite_logits_stop_predict_evaluate_and_export_in_one_line(tmp_path, 
             "error: data/model/best.pt: the model answers NaN or infinite logits; its weights "
             "are damaged or diverged: retrain (dvc repro) or export it again"]
     assert not (tmp_path / "metrics").exists() and not (tmp_path / "data/export").exists()
+
+
+def test_the_model_card_outside_dvc_repro_and_without_metrics(tmp_path):
+    from stages import export as E
+    from stages.common.errors import StageError
+
+    assert E.data_hashes(tmp_path / "dvc.lock") == {}
+    (tmp_path / "dvc.lock").write_text("stages:\n  download:\n    outs:\n    - path: data/raw\n"
+                                       "      md5: abc.dir\n")
+    assert E.data_hashes(tmp_path / "dvc.lock") == {"data/raw": "abc.dir"}
+    with pytest.raises(StageError, match="eval.json: cannot read it .*run `dvc repro`"):
+        E.read_metrics(tmp_path / "metrics/eval.json")
