@@ -12,9 +12,8 @@ metrics/export.json:
 """
 from __future__ import annotations
 
-from pathlib import Path
-
 import json
+from pathlib import Path
 
 import numpy as np
 import torch
@@ -22,10 +21,10 @@ import yaml
 
 from stages.common import params
 from stages.common.atomic import atomic_dir, write_json
+from stages.common.batches import normalise
 from stages.common.errors import StageError, main_guard
 from stages.common.model import check_logits, load_checkpoint
 from stages.common.onnx_model import OnnxClassifier, export
-from stages.common.batches import normalise
 from stages.common.predictor import TorchClassifier, checked_crops
 from stages.common.speed import speed_figures
 

@@ -18,9 +18,9 @@ def predict(model: nn.Module, batches: Iterable[tuple[torch.Tensor, torch.Tensor
     """Logits and targets for every item of ``batches``, in order, on the CPU."""
     model.eval()
     all_logits, all_targets = [], []
-    for images, targets in batches:  # kept on the device: one copy to the host at the end
+    for images, targets in batches:  # both kept on the device: one copy to the host at the end
         all_logits.append(model(to_device(images, device)).float())
         all_targets.append(targets)
     if not all_logits:
         return torch.empty(0, 0), torch.empty(0, dtype=torch.long)
-    return torch.cat(all_logits).cpu(), torch.cat([t.to(device) for t in all_targets]).cpu()
+    return torch.cat(all_logits).cpu(), torch.cat(all_targets).cpu()
