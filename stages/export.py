@@ -22,6 +22,8 @@ import yaml
 from stages.common import params
 from stages.common.atomic import atomic_dir, write_json
 from stages.common.batches import normalise
+from stages.common.calibration import (embedded, operating_point_for, operator_sentence,
+                                       threshold_text)
 from stages.common.errors import StageError, main_guard
 from stages.common.model import check_logits, load_checkpoint
 from stages.common.onnx_model import OnnxClassifier, export
@@ -76,6 +78,24 @@ def data_hashes(lock: Path = LOCK_FILE) -> dict[str, str]:
         return {}
     return {out["path"]: out.get("md5", "?") for name in DATA_STAGES
             for out in (stages.get(name) or {}).get("outs", [])}
+
+
+def alarm_section(scores: dict) -> str:
+    op, cal = scores.get("operating_point"), scores.get("calibration")
+    if not op or not cal:
+        return "## Person alarm\nNot calibrated: run `dvc repro` (calibrate, then evaluate)."
+    sentence = operator_sentence(op["test_person_recall"], op["false_alarms_per_1000"])
+    shown = threshold_text(op["threshold"], op["threshold_log_odds"])
+    return f"""## Person alarm (operating point)
+Scores are calibrated by temperature scaling (T = {cal['temperature']}, fitted on val; test
+expected calibration error {cal['ece_before']} before, {cal['ece_after']} after). A crop raises
+the alarm when its calibrated person probability is >= **{shown}**, the highest
+threshold whose val person recall reached {op['target_recall']} (`calibrate.person_recall_target`).
+On test: person recall {op['test_person_recall']}, precision {op['test_person_precision']},
+{op['false_alarms_per_1000']} false alarms per 1,000 non-person crops
+({op['test_persons_missed']} of {op['test_persons']} persons missed, {op['test_false_alarms']}
+of {op['test_non_persons']} animals and objects raised). {sentence} The ONNX file carries this
+operating point; `python -m stages.predict` reports `alarm` with it."""
 
 
 def model_card(cfg: params.Params, meta: dict, scores: dict, split: dict, hashes: dict,
@@ -142,6 +162,8 @@ Accuracy {scores['accuracy']:.4f}, macro F1 {scores['macro_f1']:.4f}, **person r
 |---|---|---|---|---|
 {per_class}
 
+{alarm_section(scores)}
+
 ## Speed (CPU, {export_figures['speed']['threads']} threads, this run's machine)
 Batch 1: {o['batch1_ms_per_image']} ms/image in ONNX Runtime, {e['batch1_ms_per_image']} ms in
 PyTorch; batch {cfg.export.batch_size}: {o['batch_images_per_s']} images/s in ONNX Runtime. ONNX
@@ -161,6 +183,7 @@ def main() -> None:
     everything = params.load()
     cfg = everything.export
     model, meta = load_checkpoint(CHECKPOINT)
+    point = embedded(operating_point_for(CHECKPOINT))  # predict answers with it
     images = test_arrays(meta)
 
     n = cfg.batch_size
@@ -176,7 +199,7 @@ def main() -> None:
     del eager
 
     with atomic_dir(EXPORT_DIR) as tmp:
-        export(model, meta, tmp / ONNX_FILE, cfg.opset)
+        export(model, {**meta, "operating_point": point}, tmp / ONNX_FILE, cfg.opset)
         onnx = OnnxClassifier(tmp / ONNX_FILE, threads=threads)
         answered = in_batches(onnx.logits, images)
         check_logits(answered, len(images), len(meta["classes"]), EXPORT_DIR / ONNX_FILE)

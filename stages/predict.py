@@ -8,6 +8,13 @@ class names, image size and normalisation, and a digest of its weights that is c
 answers anything. No network is touched. ``--device auto|cpu|cuda`` (default auto: CUDA when
 there is one) is where a checkpoint runs, batched; an ONNX file runs on the CPU.
 
+Probabilities are calibrated (calibrate's temperature) and each picture gets ``alarm``: its person
+probability is at or above the operating point's threshold (``--person-threshold X`` overrides it
+for one run). A checkpoint's operating point is ``operating_point.json`` beside it, else
+data/calibration/operating_point.json, used only when fitted for that very checkpoint; an ONNX
+file carries its own. With none, stderr says so, probabilities are uncalibrated and the alarm is
+"person is the top label".
+
 Answers are written as each batch is classified (``--format json`` opens the document first and
 closes it last), so a failure later in the run loses nothing already answered. A file that
 cannot be used (missing, empty, not a picture, more pixels than ``--max-image-pixels``, cut off,
@@ -35,6 +42,7 @@ from typing import Iterator, TextIO
 
 import torch
 
+from stages.common.calibration import ALARM_LABEL, OPERATING_POINT, log_odds, person_log_odds
 from stages.common.errors import (DISK_FULL, ArgumentParser, ParamError, StageError,
                                   main_guard)
 from stages.common.model import pick_device
@@ -60,6 +68,9 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
                         help="pictures above this many pixels are refused from their header, "
                              f"not decoded (default {DEFAULT_MAX_IMAGE_PIXELS:,}, as "
                              "crops.max_image_pixels)")
+    parser.add_argument("--person-threshold", type=float, default=None, metavar="X",
+                        help="raise the alarm when the person probability is >= X (0 to 1), "
+                             "instead of the model's operating point")
     parser.add_argument("--device", choices=["auto", "cpu", "cuda"], default="auto",
                         help="where a .pt checkpoint runs (auto: cuda when there is one); an "
                              ".onnx model runs on the CPU")
@@ -92,24 +103,55 @@ def ranked(pred: Prediction, classes: list[str], k: int) -> list[tuple[str, floa
     return [(classes[i], float(pred.probs[i])) for i in order[:k]]
 
 
-def as_record(pred: Prediction, classes: list[str], k: int) -> dict:
+class Alarm:
+    """When a picture raises the alarm: its calibrated person probability >= the threshold,
+    compared as log-odds from the logits (stages.common.calibration: no rounding to 1.0); with
+    no threshold, person as the top label."""
+
+    def __init__(self, classes: list[str], threshold: float | None, source: str | None,
+                 point: dict | None):
+        self.person = classes.index(ALARM_LABEL) if ALARM_LABEL in classes else None
+        self.temperature = point["temperature"] if point else 1.0
+        if threshold is None:
+            self.log_odds = None
+        elif point is not None and threshold == point["threshold"]:
+            self.log_odds = point["threshold_log_odds"]  # exact, as fitted
+        else:
+            self.log_odds = log_odds(threshold)
+        self.header = {"threshold": threshold, "source": source, "temperature": self.temperature}
+
+    def __call__(self, pred: Prediction) -> bool | None:
+        if pred.error or self.person is None:
+            return None
+        if self.log_odds is None:
+            return int(pred.probs.argmax()) == self.person
+        score = person_log_odds(pred.logits[None], self.temperature, self.person)[0]
+        return bool(score >= self.log_odds)
+
+
+def as_record(pred: Prediction, classes: list[str], k: int, alarm: Alarm) -> dict:
     if pred.error:
         return {"path": shown(pred.path), "error": pred.error}
     top = ranked(pred, classes, k)
     return {"path": shown(pred.path), "label": top[0][0], "probability": round(top[0][1], 6),
+            "alarm": alarm(pred),
             "probabilities": {c: round(float(p), 6) for c, p in zip(classes, pred.probs)},
             "top_k": [{"label": c, "probability": round(p, 6)} for c, p in top]}
+
+
+def yes_no(value: bool | None) -> str:
+    return "" if value is None else "yes" if value else "no"
 
 
 class TableWriter:
     """Aligned columns; the width comes from every input's name, known before any answer."""
 
-    def __init__(self, out: TextIO, classes: list[str], k: int, paths: list[Path]):
-        self.out, self.classes, self.k = out, classes, k
+    def __init__(self, out: TextIO, classes: list[str], k: int, paths: list[Path], alarm: Alarm):
+        self.out, self.classes, self.k, self.alarm = out, classes, k, alarm
         self.width = max([len("file")] + [len(printable(str(p))) for p in paths])
 
     def begin(self, model: Path, arch: str) -> None:
-        self.out.write(f"{'file':<{self.width}}  {'label':<8} {'prob':>6}  top-{self.k}\n")
+        self.out.write(f"{'file':<{self.width}}  {'label':<8} {'prob':>6}  alarm  top-{self.k}\n")
 
     def write(self, p: Prediction) -> None:
         name = printable(str(p.path))
@@ -118,27 +160,28 @@ class TableWriter:
             return
         top = ranked(p, self.classes, self.k)
         listing = ", ".join(f"{c} {v:.4f}" for c, v in top)
-        self.out.write(f"{name:<{self.width}}  {top[0][0]:<8} {top[0][1]:6.4f}  {listing}\n")
+        self.out.write(f"{name:<{self.width}}  {top[0][0]:<8} {top[0][1]:6.4f}  "
+                       f"{yes_no(self.alarm(p)):<5}  {listing}\n")
 
     def end(self) -> None:
         pass
 
 
 class CsvWriter:
-    def __init__(self, out: TextIO, classes: list[str], k: int, paths: list[Path]):
-        self.classes = classes
+    def __init__(self, out: TextIO, classes: list[str], k: int, paths: list[Path], alarm: Alarm):
+        self.classes, self.alarm = classes, alarm
         self.writer = csv.writer(out, lineterminator="\n")
 
     def begin(self, model: Path, arch: str) -> None:
-        self.writer.writerow(["path", "label", "probability", *self.classes, "error"])
+        self.writer.writerow(["path", "label", "probability", "alarm", *self.classes, "error"])
 
     def write(self, p: Prediction) -> None:
         if p.error:
-            self.writer.writerow([shown(p.path), "", "", *[""] * len(self.classes), p.error])
+            self.writer.writerow([shown(p.path), "", "", "", *[""] * len(self.classes), p.error])
         else:
             best = int(p.probs.argmax())
             self.writer.writerow([shown(p.path), self.classes[best], f"{p.probs[best]:.6f}",
-                                  *[f"{v:.6f}" for v in p.probs], ""])
+                                  yes_no(self.alarm(p)), *[f"{v:.6f}" for v in p.probs], ""])
 
     def end(self) -> None:
         pass
@@ -147,17 +190,18 @@ class CsvWriter:
 class JsonWriter:
     """One JSON document, written as it grows: the header, then one record a line, then ``]}``."""
 
-    def __init__(self, out: TextIO, classes: list[str], k: int, paths: list[Path]):
-        self.out, self.classes, self.k = out, classes, k
+    def __init__(self, out: TextIO, classes: list[str], k: int, paths: list[Path], alarm: Alarm):
+        self.out, self.classes, self.k, self.alarm = out, classes, k, alarm
         self.first = True
 
     def begin(self, model: Path, arch: str) -> None:
-        head = json.dumps({"model": shown(model), "arch": arch, "classes": self.classes})
+        head = json.dumps({"model": shown(model), "arch": arch, "classes": self.classes,
+                           "operating_point": self.alarm.header})
         self.out.write(head[:-1] + ', "predictions": [')
 
     def write(self, p: Prediction) -> None:
-        self.out.write(("\n" if self.first else ",\n") + json.dumps(as_record(p, self.classes,
-                                                                             self.k)))
+        self.out.write(("\n" if self.first else ",\n") + json.dumps(as_record(p, self.classes, self.k,
+                                                                             self.alarm)))
         self.first = False
 
     def end(self) -> None:
@@ -183,6 +227,24 @@ def output_errors() -> Iterator[None]:
                          "check where stdout goes, or redirect it to a file") from None
 
 
+def threshold_for(args: argparse.Namespace, classifier) -> tuple[float | None, str | None]:
+    """(threshold, where it comes from): --person-threshold, else the model's operating point;
+    with neither, stderr says why."""
+    if args.person_threshold is not None:
+        return args.person_threshold, "--person-threshold"
+    point = classifier.operating_point
+    if point is not None:
+        return point["threshold"], point["source"]
+    where = ("exported without one: export it again with `dvc repro export`"
+             if args.model.suffix.lower() == ".onnx" else
+             f"no {OPERATING_POINT.name} fitted for it beside it or at {OPERATING_POINT}: run "
+             "`dvc repro calibrate`")
+    print(f"warning: {args.model} has no operating point ({where}); probabilities are "
+          "uncalibrated and the alarm is raised when person is the top label; "
+          "--person-threshold X sets one", file=sys.stderr)
+    return None, None
+
+
 @main_guard
 def main(argv: list[str] | None = None) -> int:
     if sys.stdout is None:  # started with stdout closed (`>&-`)
@@ -192,6 +254,9 @@ def main(argv: list[str] | None = None) -> int:
     if not 1 <= args.batch_size <= MAX_BATCH:
         raise ParamError(f"--batch-size={args.batch_size} is not allowed; expected 1 to "
                          f"{MAX_BATCH}")
+    if args.person_threshold is not None and not 0 <= args.person_threshold <= 1:
+        raise ParamError(f"--person-threshold={args.person_threshold} is not allowed; expected "
+                         "a number from 0 to 1")
     if not 1 <= args.max_image_pixels <= MAX_IMAGE_PIXELS:
         raise ParamError(f"--max-image-pixels={args.max_image_pixels} is not allowed; expected "
                          f"1 to {MAX_IMAGE_PIXELS:,}")
@@ -203,9 +268,10 @@ def main(argv: list[str] | None = None) -> int:
     if args.top_k is not None and args.top_k < 1:
         raise ParamError(f"--top-k={args.top_k} is not allowed; expected 1 to {len(classes)}")
     k = min(args.top_k or len(classes), len(classes))
+    alarm = Alarm(classes, *threshold_for(args, classifier), classifier.operating_point)
 
     items = expand(args.paths)
-    out = WRITERS[args.format](sys.stdout, classes, k, [path for path, _ in items])
+    out = WRITERS[args.format](sys.stdout, classes, k, [path for path, _ in items], alarm)
     answered = failed = 0
     with output_errors():
         out.begin(args.model, classifier.meta["arch"])

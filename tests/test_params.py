@@ -128,6 +128,11 @@ def test_default_and_report_run_one_process():
     (lambda p: p["crops"].update(max_image_pixels=0), "crops.max_image_pixels=0 is not allowed"),
     (lambda p: p["data"]["zoo"].update(splits=["train", "train"]), "data.zoo.splits="),
     (lambda p: p["export"].update(opset="18"), "export.opset='18' is not allowed"),
+    (lambda p: p["calibrate"].update(person_recall_target=0),
+     "calibrate.person_recall_target=0 is not allowed; expected a number > 0 and <= 1"),
+    (lambda p: p["calibrate"].update(person_recall_target=1.01),
+     "calibrate.person_recall_target=1.01 is not allowed"),
+    (lambda p: p["data"]["labels"].pop("person"), "data.labels has no 'person' label"),
 ])
 def test_every_key_is_checked_by_load(tmp_path, edit, needle):
     params = raw()
@@ -151,6 +156,13 @@ def _model_keys(model=P.Params, prefix: str = "") -> set[str]:
 
 def test_the_params_model_knows_every_key_of_params_yaml_and_no_other():
     assert _keys(raw()) == _model_keys()
+
+
+@pytest.mark.parametrize("target", [1, 1.0, 0.5, 1e-9])
+def test_any_recall_target_in_0_1_is_accepted(target):
+    params = raw()
+    params["calibrate"]["person_recall_target"] = target
+    assert P.parse(params).calibrate.person_recall_target == target
 
 
 def test_broken_yaml_is_one_line(tmp_path):

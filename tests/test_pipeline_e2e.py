@@ -59,17 +59,31 @@ def dvc(repo, *args, check=True):
 
 
 def test_repro_runs_every_stage_and_writes_metrics_and_plots(repo):
-    for stage in ["download", "extract_crops", "split", "train", "evaluate", "export"]:
+    for stage in ["download", "extract_crops", "split", "train", "calibrate", "evaluate",
+                  "export"]:
         assert f"Running stage '{stage}'" in repo.first_output
     metrics = json.loads((repo.path / "metrics/eval.json").read_text())
     for key in ["accuracy", "macro_f1", "weighted_f1", "person_recall", "goals", "speed"]:
         assert key in metrics
+    # the person alarm, under the keys `dvc metrics diff` lines up across experiments
+    op, cal = metrics["operating_point"], metrics["calibration"]
+    assert {"threshold", "target_recall", "test_person_recall", "test_person_precision",
+            "false_alarms_per_1000"} <= set(op)
+    assert set(cal) == {"ece_before", "ece_after", "temperature"}
+    point = json.loads((repo.path / "data/calibration/operating_point.json").read_text())
+    assert op["threshold"] == point["threshold"] and op["target_recall"] == 0.99
+    assert cal["temperature"] == round(point["temperature"], 4) > 0
+    assert 0 <= op["test_person_recall"] <= 1 and 0 <= cal["ece_after"] <= 1
+    assert op["test_persons"] == metrics["per_class"]["person"]["support"]
+    for csv in ["pr/person.csv", "pr/animal.csv", "pr/object.csv", "roc_person.csv",
+                "reliability/before.csv", "reliability/after.csv"]:
+        assert len((repo.path / "plots/eval" / csv).read_text().splitlines()) >= 2, csv
     assert set(metrics["per_class"]) == {"animal", "object", "person"}
     assert metrics["speed"]["batch1_ms_per_image"] > 0
     for split in ["train", "val", "test"]:
         assert sorted(p.name for p in (repo.path / "data/split" / split).iterdir()) == \
             ["animal", "object", "person"]
-    for png in ["confusion.png", "learning_curves.png", "mistakes.png"]:
+    for png in ["confusion.png", "learning_curves.png", "mistakes.png", "alarm.png"]:
         assert (repo.path / "plots/eval" / png).read_bytes()[:4] == b"\x89PNG"
     assert (repo.path / "dvc.lock").is_file()
     exported = json.loads((repo.path / "metrics/export.json").read_text())
@@ -96,6 +110,10 @@ def test_the_model_card_matches_the_metrics_and_the_lock(repo):
         for out in lock[stage]["outs"]:
             assert f"| `{out['path']}` | `{out['md5']}` |" in card
     assert "not a detector" in card and f"\n  arch: {TINY_ARCH}\n" in card
+    op = metrics["operating_point"]
+    assert "## Person alarm (operating point)" in card
+    assert f"On test: person recall {op['test_person_recall']}" in card
+    assert f"{op['false_alarms_per_1000']} false alarms per 1,000" in card
 
 
 def test_second_repro_does_nothing_and_status_is_clean(repo):
@@ -154,6 +172,29 @@ def test_arch_change_leaves_everything_upstream_of_train_cached(repo):
     assert set(stale) == {"train", "export"}
 
 
+def test_a_new_recall_target_reruns_only_calibrate_and_what_follows(repo):
+    params_file = repo.path / "params.yaml"
+    original = params_file.read_text()
+    params = yaml.safe_load(original)
+    params["calibrate"]["person_recall_target"] = 0.5
+    params_file.write_text(yaml.safe_dump(params, sort_keys=False))
+    try:
+        assert set(json.loads(dvc(repo, "status", "--json").stdout)) == {"calibrate"}
+        out = dvc(repo, "repro").stdout
+        ran = {line.split("'")[1] for line in out.splitlines()
+               if line.startswith("Running stage")}
+        assert ran == {"calibrate", "evaluate", "export"}, out
+        metrics = json.loads((repo.path / "metrics/eval.json").read_text())
+        assert metrics["operating_point"]["target_recall"] == 0.5
+    finally:
+        params_file.write_text(original)
+    # back to the committed target: DVC's run cache restores those outputs, nothing trains
+    out = dvc(repo, "repro").stdout
+    assert "Running stage 'train'" not in out
+    assert json.loads((repo.path / "metrics/eval.json").read_text())[
+        "operating_point"]["target_recall"] == 0.99
+
+
 def test_exp_run_resnet50_reruns_only_train_and_evaluate(repo):
     _commit_all(repo, "baseline run")
     exp = dvc(repo, "exp", "run", "-S", "model.arch=resnet50")
@@ -186,7 +227,13 @@ def test_exp_run_resnet50_reruns_only_train_and_evaluate(repo):
 def test_plots_show_renders_curves_confusion_and_images(repo, tmp_path):
     plots = json.loads(dvc(repo, "plots", "show", "--json").stdout)["data"]
     assert {"Loss", "Accuracy", "plots/eval/confusion.csv", "plots/eval/confusion.png",
-            "plots/eval/learning_curves.png", "plots/eval/mistakes.png"} <= set(plots)
+            "plots/eval/learning_curves.png", "plots/eval/mistakes.png", "Precision-recall",
+            "Person-ROC", "Reliability", "plots/eval/alarm.png"} <= set(plots)
+    pr = plots["Precision-recall"][0]["content"]["data"]["values"]
+    assert {v["filename"].split("/")[-1] for v in pr} == {"person.csv", "animal.csv",
+                                                         "object.csv"}
+    reliability = plots["Reliability"][0]["content"]["data"]["values"]
+    assert {v["filename"].split("/")[-1] for v in reliability} == {"before.csv", "after.csv"}
     for curve in ["Loss", "Accuracy"]:
         values = plots[curve][0]["content"]["data"]["values"]
         assert {v["filename"].split("/")[0] for v in values} == {"train", "val"}

@@ -42,8 +42,22 @@ def models(tmp_path_factory):
     meta = {"arch": "resnet18", "classes": CLASSES, "image_size": SIZE, "mean": IMAGENET_MEAN,
             "std": IMAGENET_STD, "dropout": 0.3}
     save_checkpoint(d / "best.pt", model, meta)
+    give_point(d / "best.pt", d)
     export(model, meta, d / "model.onnx", 18)
     return d / "best.pt", d / "model.onnx"
+
+
+def give_point(checkpoint: Path, *folders: Path) -> None:
+    """An operating point fitted for ``checkpoint``, as calibrate writes it, in each folder."""
+    from stages.common.calibration import log_odds
+    from stages.common.digest import file_sha256
+
+    point = {"format": 1, "label": "person", "temperature": 1.0, "threshold": 0.5,
+             "threshold_log_odds": log_odds(0.5), "target_recall": 0.99,
+             "model_sha256": file_sha256(checkpoint)}
+    for folder in folders:
+        folder.mkdir(parents=True, exist_ok=True)
+        (folder / "operating_point.json").write_text(json.dumps(point))
 
 
 @pytest.fixture
@@ -124,7 +138,8 @@ def test_predict_table_and_csv(run_predict, models, pictures):
     assert "error: cannot decode" in lines[2]
     csv_out = run_predict(good, "--model", pt, "--format", "csv")
     assert csv_out.returncode == 0
-    assert csv_out.stdout.splitlines()[0] == "path,label,probability,animal,object,person,error"
+    assert csv_out.stdout.splitlines()[0] == \
+        "path,label,probability,alarm,animal,object,person,error"
 
 
 def test_predict_bad_option_or_model_is_one_line_exit_2(run_predict, models, pictures, tmp_path):
@@ -468,6 +483,7 @@ def overflowing_checkpoint(folder: Path) -> Path:
     path = folder / "data/model/best.pt"
     path.parent.mkdir(parents=True)
     save_checkpoint(path, model, meta)
+    give_point(path, path.parent, folder / "data/calibration")  # predict's, and evaluate's
     return path
 
 

@@ -1,7 +1,8 @@
 """ONNX: export a checkpoint with a dynamic batch axis, and run an exported model in ONNX Runtime.
 
 The exported file carries the checkpoint's arch, class names, image size and normalisation in its
-metadata, so ``stages.predict --model model.onnx`` needs nothing but that one file. It also
+metadata, and calibrate's temperature and person threshold (``operating_point``), so
+``stages.predict --model model.onnx`` needs nothing but that one file. It also
 carries ``weights_sha256``: the SHA-256 of the file's model (deterministic protobuf
 serialisation) without that entry, written by :func:`export` and checked by
 :class:`OnnxClassifier` before ONNX Runtime sees the bytes (one flipped bit in a weight answered
@@ -24,6 +25,7 @@ from stages.common.errors import StageError
 
 INPUT, OUTPUT = "images", "logits"
 META_KEYS = ("arch", "classes", "image_size", "mean", "std")  # values stored as JSON text
+POINT_KEY = "operating_point"  # calibrate's temperature and person threshold, as JSON text
 EXPORT_AGAIN = "export it again with `dvc repro export` (or python -m stages.export)"
 
 
@@ -49,6 +51,8 @@ def export(model: nn.Module, meta: dict, path: Path, opset: int) -> None:
                          "try another export.opset") from None
     for key in META_KEYS:
         program.model.metadata_props[key] = json.dumps(meta[key])
+    if meta.get(POINT_KEY) is not None:
+        program.model.metadata_props[POINT_KEY] = json.dumps(meta[POINT_KEY])
     strip_paths(program.model)
     program.save(str(path), external_data=False)
     import onnx
@@ -155,12 +159,29 @@ class OnnxClassifier:
                                  f"damaged or not one this project wrote; {EXPORT_AGAIN}") \
                     from None
         check_meta(path, self.meta, META_KEYS)
+        self.operating_point = self._operating_point(stored)
         try:
             self.session = ort.InferenceSession(data, options,
                                                 providers=["CPUExecutionProvider"])
         except Exception as exc:
             raise StageError(f"{path}: not a loadable ONNX model ({type(exc).__name__}); "
                              f"{EXPORT_AGAIN}") from None
+
+    def _operating_point(self, stored: dict[str, str]) -> dict | None:
+        """The operating point export embedded (None in a file exported without one)."""
+        from stages.common.calibration import point_problem
+
+        if POINT_KEY not in stored:
+            return None
+        try:
+            point = json.loads(stored[POINT_KEY])
+        except ValueError:
+            point = None
+        problem = point_problem(point, embedded=True)
+        if problem:
+            raise StageError(f"{self.path}: ONNX metadata {POINT_KEY} is not usable ({problem}); "
+                             f"{EXPORT_AGAIN}")
+        return {**point, "source": f"{self.path} (embedded)"}
 
     def logits(self, batch: np.ndarray) -> np.ndarray:
         return self.session.run([OUTPUT], {INPUT: np.ascontiguousarray(batch, np.float32)})[0]

@@ -126,6 +126,11 @@ class Data(Section):
                                      f"data.labels.{owner[name]} and {key}; a class needs one "
                                      "label")
                 owner[name] = label
+        if "person" not in labels:
+            # The alarm (calibrate, evaluate, predict) is the person label's: the reason the
+            # classifier exists.
+            raise ParamError("params.yaml: data.labels has no 'person' label; the person alarm "
+                             "needs one: add person: [Person, ...] under data.labels")
         return {label: list(names) for label, names in sorted(labels.items())}
 
     @property
@@ -202,6 +207,13 @@ class Train(Section):
     pin_memory: bool
 
 
+class Calibrate(Section):
+    # The share of val persons that must raise the alarm; the threshold is the highest that does.
+    person_recall_target: float = Field(gt=0, le=1)
+    batch_size: int = Field(ge=1, le=MAX_BATCH)
+    device: Literal["auto", "cpu", "cuda", "mps"]
+
+
 class Evaluate(Section):
     batch_size: int = Field(ge=1, le=MAX_BATCH)
     speed_runs: int = Field(ge=1, le=MAX_SPEED_RUNS)
@@ -223,6 +235,7 @@ class Params(Section):
     split: Split
     model: Model
     train: Train
+    calibrate: Calibrate
     evaluate: Evaluate
     export: Export
 

@@ -15,10 +15,13 @@ from typing import Iterable, Iterator
 import numpy as np
 import torch
 
-from stages.common.batches import CropSet, normalise
+from stages.common.batches import CropSet, batch_len, batches, normalise
+from stages.common.calibration import beside, softmax
 from stages.common.crops import letterbox
 from stages.common.errors import StageError
+from stages.common.inference import predict
 from stages.common.model import check_logits, load_checkpoint
+from stages.common.progress import tracked
 from stages.common.pictures import (DEFAULT_MAX_IMAGE_PIXELS, describe, image_problem,
                                     read_header)
 
@@ -34,6 +37,7 @@ class TorchClassifier:
         self.model, meta = load_checkpoint(path)
         self.model = self.model.to(device, memory_format=torch.channels_last)
         self.meta = {k: meta[k] for k in ("arch", "classes", "image_size", "mean", "std")}
+        self.operating_point = beside(self.path)
 
     @torch.inference_mode()
     def logits(self, batch: np.ndarray | torch.Tensor) -> np.ndarray:
@@ -91,12 +95,6 @@ def prepare(image_bgr: np.ndarray, meta: dict) -> torch.Tensor:
     return torch.from_numpy(rgb).permute(2, 0, 1)
 
 
-def softmax(logits: np.ndarray) -> np.ndarray:
-    z = logits.astype(np.float64) - logits.max(axis=1, keepdims=True)
-    e = np.exp(z)
-    return e / e.sum(axis=1, keepdims=True)
-
-
 def expand(inputs: Iterable[str | Path]) -> list[tuple[Path, str | None]]:
     """(path, error) per input: files as given, folders walked (sorted, image suffixes only)."""
     out: list[tuple[Path, str | None]] = []
@@ -135,9 +133,13 @@ def file_error(exc: Exception) -> str:
 
 def predict_paths(classifier, items: list[tuple[Path, str | None]], batch_size: int = 32,
                   max_pixels: int = DEFAULT_MAX_IMAGE_PIXELS) -> Iterator[Prediction]:
-    """Predictions in input order, each batch's as soon as it is classified. A file that cannot
-    be used, for whatever reason its read or decode raises (OpenCV's errors, MemoryError,
-    OSError), comes back with ``error`` set and the others go on."""
+    """Predictions in input order, each batch's as soon as it is classified; probabilities are
+    calibrated by the classifier's operating point (``softmax(logits / temperature)``; T = 1
+    without one). A file that cannot be used, for whatever reason its read
+    or decode raises (OpenCV's errors, MemoryError, OSError), comes back with ``error`` set and
+    the others go on."""
+    point = getattr(classifier, "operating_point", None)
+    temperature = point["temperature"] if point else 1.0
     pending: list[Prediction] = []
     arrays: list[torch.Tensor] = []
 
@@ -145,7 +147,7 @@ def predict_paths(classifier, items: list[tuple[Path, str | None]], batch_size: 
         if arrays:
             logits = classifier.classify(torch.stack(arrays))
             check_logits(logits, len(arrays), len(classifier.meta["classes"]), classifier.path)
-            probs = softmax(logits)
+            probs = softmax(logits, temperature)
             k = 0
             for p in pending:
                 if p.error is None:
@@ -181,3 +183,17 @@ def checked_crops(folder: Path, meta: dict, checkpoint: Path, device: torch.devi
                          f"crops but {crops.paths[0]} is {crops.size}x{crops.size}; retrain or "
                          "rerun extract_crops with the same crops.size")
     return crops
+
+
+def labelled_logits(model: torch.nn.Module, meta: dict, folder: Path, checkpoint: Path,
+                    device: torch.device, batch_size: int, what: str
+                    ) -> tuple[CropSet, np.ndarray, np.ndarray]:
+    """(the crops, logits, targets) of a labelled split under ``model`` (already on ``device``),
+    with progress lines named ``what``; calibrate runs it on val, evaluate on test."""
+    crops = checked_crops(folder, meta, checkpoint, device)
+    order = torch.arange(len(crops))
+    logits, targets = predict(model, tracked(batches(crops, order, batch_size, device,
+                                                     meta["mean"], meta["std"]),
+                                             what, len(crops), size=batch_len), device)
+    check_logits(logits, len(crops), len(meta["classes"]), checkpoint)
+    return crops, logits.numpy(), targets.numpy()

@@ -1,9 +1,13 @@
 """Stage `evaluate`: score the best checkpoint on the held-out test split, once.
 
 Writes metrics/eval.json (accuracy, macro / weighted F1, per-class precision / recall / F1 /
-support, person recall, the report's goals as pass/fail, speed), plots/eval/confusion.csv (for
-DVC's confusion template) and PNGs of the confusion matrix, the learning curves and the most
-confident mistakes (the gallery lives here because this stage already holds every prediction).
+support, person recall, the report's goals as pass/fail, speed, and the person alarm at
+calibrate's operating point: ``operating_point.*`` and ``calibration.*``),
+plots/eval/confusion.csv (for DVC's confusion template), CSVs for DVC's linear template
+(precision-recall per class, the person ROC, the reliability diagram before and after
+calibration) and PNGs of the confusion matrix (counts and normalised by true class), the curves,
+the learning curves and the most confident mistakes (the gallery lives here because this stage
+already holds every prediction).
 """
 from __future__ import annotations
 
@@ -11,17 +15,19 @@ from pathlib import Path
 
 import numpy as np
 import torch
-from sklearn.metrics import classification_report, confusion_matrix
+from sklearn.metrics import (classification_report, confusion_matrix,
+                             precision_recall_curve, roc_curve)
 from PIL import Image
 
 from stages.common import params
 from stages.common.atomic import atomic_file, write_json
-from stages.common.batches import CropSet, batch_len, batches, normalise
+from stages.common.batches import CropSet, normalise
+from stages.common.calibration import (ALARM_LABEL, alarm_figures, ece, operating_point_for,
+                                       operator_sentence, person_log_odds, reliability,
+                                       softmax, threshold_text)
 from stages.common.errors import main_guard
-from stages.common.inference import predict
-from stages.common.model import check_logits, load_checkpoint, pick_device
-from stages.common.predictor import checked_crops, softmax
-from stages.common.progress import tracked
+from stages.common.model import load_checkpoint, pick_device
+from stages.common.predictor import labelled_logits
 from stages.common.speed import speed_figures
 from stages.evaluate import figures
 
@@ -32,10 +38,6 @@ TRAIN_METRICS = Path("metrics/train.json")
 METRICS_FILE = Path("metrics/eval.json")
 PLOTS_DIR = Path("plots/eval")
 GOAL = 0.90  # the report's target for accuracy and F1
-
-
-def load_test_set(meta: dict, device: torch.device) -> CropSet:
-    return checked_crops(TEST_DIR, meta, CHECKPOINT, device)
 
 
 def _sync(device: torch.device) -> None:
@@ -74,6 +76,63 @@ def score(targets: np.ndarray, preds: np.ndarray, classes: list[str]) -> dict:
     if "person" in per_class:  # the figure that matters at the fence
         result["person_recall"] = per_class["person"]["recall"]
     return result
+
+
+def alarm_metrics(logits: np.ndarray, targets: np.ndarray, classes: list[str],
+                  point: dict) -> dict:
+    """The person alarm at calibrate's operating point, on test, and the calibration's effect."""
+    before, after = softmax(logits), softmax(logits, point["temperature"])
+    person = classes.index(ALARM_LABEL)
+    alarm = alarm_figures(person_log_odds(logits, point["temperature"], person),
+                          targets == person, point["threshold_log_odds"])
+    return {
+        "operating_point": {
+            "threshold": point["threshold"],
+            "threshold_log_odds": round(point["threshold_log_odds"], 4),
+            "target_recall": point["target_recall"],
+            "test_person_recall": alarm["person_recall"],
+            "test_person_precision": alarm["person_precision"],
+            "false_alarms_per_1000": alarm["false_alarms_per_1000"],
+            "test_persons": alarm["persons"], "test_non_persons": alarm["non_persons"],
+            "test_persons_missed": alarm["persons_missed"],
+            "test_false_alarms": alarm["false_alarms"]},
+        "calibration": {"temperature": round(point["temperature"], 4),
+                        "ece_before": round(ece(before, targets), 4),
+                        "ece_after": round(ece(after, targets), 4)},
+    }
+
+
+def _rows(path: Path, header: str, rows) -> None:
+    with atomic_file(path) as f:
+        f.write(header + "\n")
+        for row in rows:
+            f.write(",".join(f"{v:.6g}" if isinstance(v, float) else str(v) for v in row) + "\n")
+
+
+def write_curves(probs: np.ndarray, targets: np.ndarray, classes: list[str]) -> dict:
+    """CSVs for DVC's linear template, one point per threshold where the curve turns; returns
+    the curves for the PNG."""
+    curves = {"pr": {}, "reliability": {}}
+    for k, name in enumerate(classes):
+        precision, recall, thresholds = precision_recall_curve(
+            targets == k, probs[:, k], drop_intermediate=True)
+        # the last point (recall 0, precision 1) has no threshold
+        rows = list(zip(recall[:-1].tolist(), precision[:-1].tolist(), thresholds.tolist()))
+        _rows(PLOTS_DIR / "pr" / f"{name}.csv", "recall,precision,threshold", rows)
+        curves["pr"][name] = rows
+    person = classes.index(ALARM_LABEL)
+    fpr, tpr, thresholds = roc_curve(targets == person, probs[:, person], drop_intermediate=True)
+    thresholds = np.minimum(thresholds, 1.0)  # sklearn starts at +inf: no alarm at all
+    curves["roc"] = list(zip(fpr.tolist(), tpr.tolist(), thresholds.tolist()))
+    _rows(PLOTS_DIR / "roc_person.csv", "fpr,tpr,threshold", curves["roc"])
+    return curves
+
+
+def write_reliability(before: np.ndarray, after: np.ndarray, targets: np.ndarray) -> dict:
+    bins = {"before": reliability(before, targets), "after": reliability(after, targets)}
+    for name, rows in bins.items():
+        _rows(PLOTS_DIR / "reliability" / f"{name}.csv", "confidence,accuracy,count", rows)
+    return bins
 
 
 def write_confusion_csv(path: Path, targets, preds, classes) -> None:
@@ -119,19 +178,16 @@ def main() -> None:
     cfg = params.load().evaluate
     device = pick_device(cfg.device)
     model, meta = load_checkpoint(CHECKPOINT)
-    crops = load_test_set(meta, device)
+    point = operating_point_for(CHECKPOINT)  # before the minutes of inference
     model = model.to(device, memory_format=torch.channels_last)
-    test_batches = batches(crops, torch.arange(len(crops)), cfg.batch_size, device,
-                           meta["mean"], meta["std"])
-    logits, targets = predict(model, tracked(test_batches, "evaluate", len(crops),
-                                             size=batch_len), device)
-    check_logits(logits, len(crops), len(meta["classes"]), CHECKPOINT)
-    preds = logits.argmax(1).numpy()
-    probs = softmax(logits.numpy())
-    targets = targets.numpy()
+    crops, logits, targets = labelled_logits(model, meta, TEST_DIR, CHECKPOINT, device,
+                                             cfg.batch_size, "evaluate")
+    preds = logits.argmax(1)
+    probs = softmax(logits, point["temperature"])  # argmax unchanged; what predict shows
     classes = meta["classes"]
 
     metrics = score(targets, preds, classes)
+    metrics.update(alarm_metrics(logits, targets, classes, point))
     metrics["speed"] = measure_speed(model, crops, meta, device, cfg.batch_size, cfg.speed_runs)
     metrics["arch"] = meta["arch"]
     write_json(METRICS_FILE, metrics)
@@ -141,6 +197,9 @@ def main() -> None:
     matrix = confusion_matrix(targets, preds, labels=list(range(len(classes))))
     figures.confusion_png(matrix, classes, PLOTS_DIR / "confusion.png",
                           f"{meta['arch']} test (n={len(targets)})")
+    curves = write_curves(probs, targets, classes)
+    bins = write_reliability(softmax(logits), probs, targets)
+    figures.alarm_png(curves, bins, metrics, PLOTS_DIR / "alarm.png")
     figures.learning_curves_png(figures.read_history(LIVE_DIR), PLOTS_DIR / "learning_curves.png",
                                 best_epoch())
     mistakes_gallery(crops, probs, targets, cfg.mistakes,
@@ -151,3 +210,8 @@ def main() -> None:
     print(f"accuracy {metrics['accuracy']:.4f}  macro F1 {metrics['macro_f1']:.4f}  "
           f"person recall {metrics.get('person_recall', float('nan')):.4f}  "
           f"batch-1 {metrics['speed']['batch1_ms_per_image']} ms/image on {device.type}")
+    op = metrics["operating_point"]
+    print(f"person alarm at {threshold_text(op['threshold'], op['threshold_log_odds'])} "
+          f"(calibrated, temperature "
+          f"{metrics['calibration']['temperature']}): "
+          + operator_sentence(op["test_person_recall"], op["false_alarms_per_1000"]))

@@ -1,0 +1,234 @@
+"""Calibrated scores and the person alarm: shared by calibrate (fits), evaluate (scores on test),
+export (embeds in the ONNX file) and predict (answers).
+
+Temperature scaling (Guo et al., 2017): one scalar T > 0 divides every logit before the softmax.
+It keeps each picture's ranking of the classes (argmax, accuracy unchanged) and makes the top
+probability mean what it says. T is fitted on the val split by minimising the negative
+log-likelihood, a bounded 1-D search over log T in float64, so the same logits give the same T on
+any machine.
+
+The operating point: the person probability (after T) at or above which a picture raises the
+alarm. Of the thresholds whose val person recall reaches the target, the highest one: the fewest
+false alarms for that recall. The comparison is made on the person log-odds,
+log(p / (1 - p)) = z_person / T - logsumexp(z_others / T), computed from the logits: a
+probability rounds to exactly 1.0 in float64 once the gap passes ~37 (a small T gets there fast),
+and thresholds on such ties would lose all resolution. ``threshold`` is its probability, for
+people to read.
+
+The operating point file (data/calibration/operating_point.json) names the checkpoint it was
+fitted for by the SHA-256 of its bytes: a stale file next to another model is never used.
+"""
+from __future__ import annotations
+
+import json
+import math
+from pathlib import Path
+
+import numpy as np
+
+from stages.common.errors import StageError
+
+ALARM_LABEL = "person"
+ECE_BINS = 15
+# Search range for T: far outside anything a trained classifier needs (1-5 typically), so a
+# fitted T at either end means the logits carry no usable information.
+T_MIN, T_MAX = 0.05, 20.0
+OPERATING_POINT = Path("data/calibration/operating_point.json")
+FORMAT = 1
+
+
+def softmax(logits: np.ndarray, temperature: float = 1.0) -> np.ndarray:
+    """Row-wise softmax of ``logits / temperature`` in float64."""
+    z = np.asarray(logits, np.float64) / float(temperature)
+    z = z - z.max(axis=1, keepdims=True)
+    e = np.exp(z)
+    return e / e.sum(axis=1, keepdims=True)
+
+
+def person_log_odds(logits: np.ndarray, temperature: float, person: int) -> np.ndarray:
+    """log(p / (1 - p)) of the calibrated person probability p, without ever forming p."""
+    z = np.asarray(logits, np.float64) / float(temperature)
+    others = np.delete(z, person, axis=1)
+    top = others.max(axis=1)
+    return z[:, person] - (top + np.log(np.exp(others - top[:, None]).sum(axis=1)))
+
+
+def log_odds(probability: float) -> float:
+    """The log-odds of a probability threshold: 0 -> -inf (always), 1 -> +inf (never)."""
+    with np.errstate(divide="ignore"):
+        return float(np.log(probability) - np.log1p(-probability))
+
+
+def probability(log_odds_value: float) -> float:
+    from scipy.special import expit
+
+    return float(expit(log_odds_value))
+
+
+def nll(logits: np.ndarray, targets: np.ndarray, temperature: float) -> float:
+    """Mean negative log-likelihood of ``targets`` under ``softmax(logits / temperature)``."""
+    z = np.asarray(logits, np.float64) / temperature
+    z = z - z.max(axis=1, keepdims=True)
+    log_norm = np.log(np.exp(z).sum(axis=1))
+    return float(np.mean(log_norm - z[np.arange(len(z)), targets]))
+
+
+def fit_temperature(logits: np.ndarray, targets: np.ndarray) -> float:
+    """The T in [T_MIN, T_MAX] that minimises the NLL on (``logits``, ``targets``)."""
+    from scipy.optimize import minimize_scalar
+
+    logits = np.asarray(logits, np.float64)
+    targets = np.asarray(targets, np.int64)
+    if len(logits) == 0:
+        raise StageError("no val crops to fit the temperature on; check split.val in params.yaml")
+    result = minimize_scalar(lambda log_t: nll(logits, targets, math.exp(log_t)),
+                             bounds=(math.log(T_MIN), math.log(T_MAX)), method="bounded",
+                             options={"xatol": 1e-6})
+    return float(math.exp(result.x))
+
+
+def ece(probs: np.ndarray, targets: np.ndarray, bins: int = ECE_BINS) -> float:
+    """Expected calibration error: over ``bins`` equal-width bins of top-class confidence, the
+    gap between accuracy and mean confidence, weighted by the share of pictures in the bin."""
+    return float(sum(abs(acc - conf) * n for conf, acc, n in reliability(probs, targets, bins))
+                 / max(len(targets), 1))
+
+
+def reliability(probs: np.ndarray, targets: np.ndarray, bins: int = ECE_BINS
+                ) -> list[tuple[float, float, int]]:
+    """(mean confidence, accuracy, count) of each non-empty bin, lowest confidence first.
+    Bins are (k/bins, (k+1)/bins]; a confidence of exactly 0 falls in the first."""
+    probs = np.asarray(probs, np.float64)
+    confidence = probs.max(axis=1)
+    correct = probs.argmax(axis=1) == np.asarray(targets)
+    index = np.clip(np.ceil(confidence * bins).astype(int) - 1, 0, bins - 1)
+    rows = []
+    for k in range(bins):
+        inside = index == k
+        n = int(inside.sum())
+        if n:
+            rows.append((float(confidence[inside].mean()), float(correct[inside].mean()), n))
+    return rows
+
+
+def persons_needed(target: float) -> int:
+    """How many persons val must hold for one missed person to keep recall >= ``target``."""
+    return 1 if target >= 1 else math.ceil(1 / (1 - target) - 1e-9)
+
+
+def person_threshold(person_scores: np.ndarray, is_person: np.ndarray, target: float) -> float:
+    """The highest threshold t such that the share of persons with score >= t reaches
+    ``target``: the k-th highest person score, k = ceil(target * persons)."""
+    scores = np.sort(np.asarray(person_scores, np.float64)[np.asarray(is_person, bool)])[::-1]
+    if len(scores) == 0:
+        raise StageError("val holds no person crops, so no person threshold can be chosen; "
+                         "check data.labels and split.val in params.yaml")
+    k = max(1, math.ceil(target * len(scores) - 1e-9))  # 1e-9: 0.99 * 100 is 99.00000000000001
+    return float(scores[k - 1])
+
+
+def alarm_figures(person_scores: np.ndarray, is_person: np.ndarray, threshold: float) -> dict:
+    """What the alarm does at ``threshold`` on a labelled set: recall, precision, false alarms."""
+    alarm = np.asarray(person_scores) >= threshold
+    is_person = np.asarray(is_person, bool)
+    persons, others = int(is_person.sum()), int((~is_person).sum())
+    caught = int((alarm & is_person).sum())
+    false_alarms = int((alarm & ~is_person).sum())
+    raised = caught + false_alarms
+    return {"persons": persons, "non_persons": others, "persons_missed": persons - caught,
+            "false_alarms": false_alarms,
+            "person_recall": round(caught / persons, 4) if persons else None,
+            "person_precision": round(caught / raised, 4) if raised else None,
+            "false_alarms_per_1000": round(1000 * false_alarms / others, 2) if others else None}
+
+
+def threshold_text(threshold: float, threshold_log_odds: float) -> str:
+    """A threshold as people read it; near 1 the probability alone would print as 1."""
+    if threshold < 0.999:
+        return f"{threshold:.4g}"
+    return f"{threshold:.12g} (log-odds {threshold_log_odds:.2f})"
+
+
+def operator_sentence(recall: float, false_alarms_per_1000: float) -> str:
+    """The operating point as an operator reads it."""
+    return (f"At this threshold, {round(recall * 100)} of 100 people raise an alarm; "
+            f"{round(false_alarms_per_1000):,} of 1,000 animals and objects do too.")
+
+
+# ----- the operating point file ----------------------------------------------------------------
+
+def read_operating_point(path: Path = OPERATING_POINT) -> dict:
+    """The file calibrate wrote, checked; one line naming it otherwise."""
+    try:
+        point = json.loads(Path(path).read_text())
+    except FileNotFoundError:
+        raise StageError(f"{path}: not found; run `dvc repro calibrate` first") from None
+    except (OSError, ValueError) as exc:
+        raise StageError(f"{path}: cannot read it ({exc}); run `dvc repro calibrate` again") \
+            from None
+    problem = point_problem(point)
+    if problem:
+        raise StageError(f"{path}: {problem}; the file is damaged or not calibrate's; run "
+                         "`dvc repro calibrate` again")
+    return point
+
+
+def operating_point_for(checkpoint: Path, path: Path = OPERATING_POINT) -> dict:
+    """The operating point fitted for ``checkpoint`` (its bytes' SHA-256 must match); one line
+    naming both files otherwise."""
+    from stages.common.digest import file_sha256
+
+    point = read_operating_point(path)
+    if point["model_sha256"] != file_sha256(checkpoint):
+        raise StageError(f"{path} was fitted for another checkpoint than {checkpoint}; run "
+                         "`dvc repro calibrate` again")
+    return point
+
+
+def _number(value, low: float, high: float) -> bool:
+    return (isinstance(value, (int, float)) and not isinstance(value, bool)
+            and math.isfinite(value) and low <= value <= high)
+
+
+def point_problem(point, embedded: bool = False) -> str | None:
+    """What makes ``point`` unusable, or None. ``embedded``: inside a model file (ONNX
+    metadata), so it names no other file's digest."""
+    if not isinstance(point, dict):
+        return "not a JSON object"
+    if point.get("format") != FORMAT:
+        return f"format {point.get('format')!r}, expected {FORMAT}"
+    if point.get("label") != ALARM_LABEL:
+        return f"label {point.get('label')!r}, expected {ALARM_LABEL!r}"
+    if not _number(point.get("temperature"), T_MIN, T_MAX):
+        return f"temperature {point.get('temperature')!r} is not a number from {T_MIN} to {T_MAX}"
+    if not _number(point.get("threshold"), 0.0, 1.0):
+        return f"threshold {point.get('threshold')!r} is not a number from 0 to 1"
+    if not _number(point.get("threshold_log_odds"), -math.inf, math.inf):
+        return f"threshold_log_odds {point.get('threshold_log_odds')!r} is not a finite number"
+    if not embedded and not isinstance(point.get("model_sha256"), str):
+        return "model_sha256 is missing"
+    return None
+
+
+def embedded(point: dict) -> dict:
+    """What a model file carries of an operating point: no file names, no digests."""
+    return {k: point[k] for k in ("format", "label", "temperature", "threshold",
+                                  "threshold_log_odds", "target_recall")}
+
+
+def beside(checkpoint: Path) -> dict | None:
+    """The operating point fitted for ``checkpoint``: ``operating_point.json`` in its folder
+    (how a checkpoint is handed on with its point), else calibrate's own file; a file fitted
+    for another checkpoint is passed over. None when neither fits."""
+    from stages.common.digest import file_sha256
+
+    digest = None
+    for path in dict.fromkeys([Path(checkpoint).parent / OPERATING_POINT.name, OPERATING_POINT]):
+        if path.is_file():
+            point = read_operating_point(path)
+            digest = digest or file_sha256(checkpoint)
+            if point["model_sha256"] == digest:
+                return {**point, "source": str(path)}
+    return None
+
+

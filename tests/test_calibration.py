@@ -1,0 +1,238 @@
+"""The person alarm's math on constructed logits: temperature, threshold, ECE, the point file."""
+import json
+import math
+
+import numpy as np
+import pytest
+
+from stages import calibrate
+from stages.common import calibration as cal
+from stages.common.errors import StageError
+from stages.evaluate.stage import alarm_metrics
+
+
+def sampled(n: int, temperature: float, seed: int = 0):
+    """Logits whose softmax at ``temperature`` is the true distribution the targets are drawn
+    from: the temperature that calibrates them is ``temperature``."""
+    rng = np.random.default_rng(seed)
+    true_logits = rng.normal(0, 2.0, (n, 3))
+    probs = cal.softmax(true_logits)
+    targets = (rng.random(n)[:, None] > probs.cumsum(axis=1)).sum(axis=1)
+    return true_logits * temperature, targets
+
+
+@pytest.mark.parametrize("temperature", [0.5, 1.0, 2.5])
+def test_a_known_temperature_is_recovered(temperature):
+    logits, targets = sampled(40_000, temperature)
+    fitted = cal.fit_temperature(logits, targets)
+    assert fitted == pytest.approx(temperature, rel=0.05)
+    # and it is the minimum of the NLL, not just near the truth
+    assert cal.nll(logits, targets, fitted) <= cal.nll(logits, targets, fitted * 1.02)
+    assert cal.nll(logits, targets, fitted) <= cal.nll(logits, targets, fitted / 1.02)
+
+
+def test_temperature_scaling_keeps_every_argmax():
+    logits, targets = sampled(1000, 3.0, seed=1)
+    t = cal.fit_temperature(logits, targets)
+    assert (cal.softmax(logits, t).argmax(1) == logits.argmax(1)).all()
+
+
+def test_the_fit_is_the_same_number_every_time():
+    logits, targets = sampled(5000, 1.7, seed=2)
+    assert cal.fit_temperature(logits, targets) == cal.fit_temperature(logits.copy(), targets)
+
+
+def test_no_val_crops_is_one_line():
+    with pytest.raises(StageError, match="no val crops"):
+        cal.fit_temperature(np.zeros((0, 3)), np.zeros(0, int))
+
+
+def recall_at(scores, is_person, t):
+    return (scores[is_person] >= t).mean()
+
+
+@pytest.mark.parametrize("persons, target, k", [(100, 0.99, 99), (100, 0.95, 95), (20, 0.9, 18),
+                                                 (7, 0.5, 4), (3, 1.0, 3), (100, 0.29, 29)])
+def test_the_threshold_meets_the_target_exactly_on_a_crafted_set(persons, target, k):
+    # person scores 1/persons ... 1, shuffled, among non-person crops that score anything
+    rng = np.random.default_rng(3)
+    person_scores = np.arange(1, persons + 1) / persons
+    scores = np.concatenate([rng.permutation(person_scores), rng.random(50)])
+    is_person = np.arange(len(scores)) < persons
+    t = cal.person_threshold(scores, is_person, target)
+    assert t == np.sort(person_scores)[::-1][k - 1]  # the k-th highest person score
+    assert recall_at(scores, is_person, t) == k / persons >= target - 1e-12
+    higher = person_scores[person_scores > t]
+    if len(higher):  # any higher threshold misses the target: t is the highest that reaches it
+        assert recall_at(scores, is_person, higher.min()) < target
+
+
+def test_the_threshold_on_random_sets_is_the_highest_that_reaches_the_target():
+    rng = np.random.default_rng(4)
+    for _ in range(200):
+        n = int(rng.integers(1, 300))
+        scores = np.round(rng.random(n), 2)  # ties included
+        is_person = rng.random(n) < 0.5
+        if not is_person.any():
+            continue
+        target = float(rng.uniform(0.01, 1.0))
+        t = cal.person_threshold(scores, is_person, target)
+        assert recall_at(scores, is_person, t) >= target
+        above = scores[is_person & (scores > t)]
+        if len(above):
+            assert recall_at(scores, is_person, above.min()) < target
+
+
+def test_person_log_odds_is_the_log_odds_of_the_calibrated_probability():
+    logits, _ = sampled(300, 1.0, seed=9)
+    p = cal.softmax(logits, 1.7)[:, 2]
+    np.testing.assert_allclose(cal.person_log_odds(logits, 1.7, 2), np.log(p / (1 - p)),
+                               rtol=1e-9, atol=1e-9)
+    assert cal.log_odds(0.5) == 0 and cal.log_odds(0.0) == -math.inf
+    assert cal.log_odds(1.0) == math.inf
+    assert cal.probability(cal.log_odds(0.3)) == pytest.approx(0.3)
+
+
+def test_the_alarm_keeps_its_resolution_where_probabilities_round_to_one():
+    # gaps of 60 and 70 logits: both probabilities are exactly 1.0 in float64
+    logits = np.array([[0.0, 0.0, 60.0], [0.0, 0.0, 70.0], [0.0, 0.0, 2.0]])
+    assert (cal.softmax(logits)[:2, 2] == 1.0).all()
+    scores = cal.person_log_odds(logits, 1.0, 2)
+    assert scores[1] > scores[0] > scores[2]
+    t = cal.person_threshold(scores, np.array([True, True, False]), 0.5)
+    assert t == scores[1]  # one of two persons is enough: the higher one
+    assert cal.alarm_figures(scores, np.array([True, True, False]), t)["persons_missed"] == 1
+
+
+def test_no_person_in_val_is_one_line():
+    with pytest.raises(StageError, match="val holds no person crops"):
+        cal.person_threshold(np.array([0.3, 0.9]), np.array([False, False]), 0.99)
+
+
+def test_ece_of_a_perfectly_calibrated_set_is_zero():
+    # per confidence level, exactly that share of the top-class answers is right
+    probs, targets = [], []
+    for conf, n in [(0.4, 100), (0.6, 200), (0.75, 400), (0.9, 1000)]:
+        right = round(conf * n)
+        rest = (1 - conf) / 2
+        probs += [[conf, rest, rest]] * n
+        targets += [0] * right + [1] * (n - right)
+    probs, targets = np.array(probs), np.array(targets)
+    assert cal.ece(probs, targets) == pytest.approx(0, abs=1e-12)
+    # a sampled calibrated set: near 0 too
+    logits, sampled_targets = sampled(50_000, 1.0, seed=5)
+    assert cal.ece(cal.softmax(logits), sampled_targets) < 0.01
+
+
+def test_ece_of_an_overconfident_set_is_the_gap():
+    probs = np.array([[0.9, 0.05, 0.05]] * 10)
+    targets = np.array([0] * 6 + [1] * 4)  # 60 % right at 90 % confidence
+    assert cal.ece(probs, targets) == pytest.approx(0.3)
+    assert cal.reliability(probs, targets) == [(pytest.approx(0.9), pytest.approx(0.6), 10)]
+
+
+def test_reliability_bins_are_15_equal_widths_closed_above():
+    # bins (k/15, (k+1)/15]: 0.4 closes bin 6 (0.333, 0.4]; 0.41 opens bin 7; 0.98 and 1.0: bin 15
+    probs = np.array([[0.4, 0.3, 0.3], [0.41, 0.3, 0.29], [1.0, 0, 0], [0.98, 0.01, 0.01]])
+    rows = cal.reliability(probs, np.array([0, 1, 0, 0]))
+    assert [n for _, _, n in rows] == [1, 1, 2]  # 0.4 | 0.41 | 0.98 and 1.0 share the top bin
+    assert rows[0] == (pytest.approx(0.4), 1.0, 1) and rows[1] == (pytest.approx(0.41), 0.0, 1)
+
+
+def test_calibrated_overconfident_logits_lower_the_ece():
+    logits, targets = sampled(20_000, 3.0, seed=6)
+    point = calibrate.operating_point(logits, targets, ["animal", "object", "person"], 0.95)
+    val = point["val"]
+    assert point["temperature"] == pytest.approx(3.0, rel=0.05)
+    assert val["ece_after"] < val["ece_before"] and val["nll_after"] < val["nll_before"]
+    assert val["person_recall"] >= 0.95 and val["resolved"]
+
+
+def test_too_few_val_persons_is_said_and_recorded():
+    logits, targets = sampled(200, 1.0, seed=7)
+    persons = int((targets == 2).sum())
+    assert persons < 100
+    point = calibrate.operating_point(logits, targets, ["animal", "object", "person"], 0.99)
+    assert point["val"] == {**point["val"], "persons": persons, "persons_needed": 100,
+                            "resolved": False, "person_recall": 1.0, "persons_missed": 0}
+    assert cal.persons_needed(0.99) == 100 and cal.persons_needed(0.9) == 10
+    assert cal.persons_needed(1.0) == 1
+
+
+def test_a_checkpoint_without_a_person_label_is_one_line():
+    logits, targets = sampled(50, 1.0)
+    with pytest.raises(StageError, match="no 'person' label"):
+        calibrate.operating_point(logits, targets, ["animal", "object", "vehicle"], 0.99)
+
+
+def test_alarm_figures_by_hand():
+    scores = np.array([0.9, 0.8, 0.3, 0.7, 0.2, 0.1, 0.95])
+    is_person = np.array([True, True, True, False, False, False, False])
+    got = cal.alarm_figures(scores, is_person, 0.75)
+    assert got == {"persons": 3, "non_persons": 4, "persons_missed": 1, "false_alarms": 1,
+                   "person_recall": 0.6667, "person_precision": 0.6667,
+                   "false_alarms_per_1000": 250.0}
+
+
+def test_evaluate_writes_the_keys_dvc_metrics_diff_lines_up():
+    logits, targets = sampled(500, 2.0, seed=8)
+    point = {"temperature": 2.0, "threshold": 0.4, "threshold_log_odds": cal.log_odds(0.4),
+             "target_recall": 0.99}
+    m = alarm_metrics(logits, targets, ["animal", "object", "person"], point)
+    assert {"threshold", "target_recall", "test_person_recall", "test_person_precision",
+            "false_alarms_per_1000"} <= set(m["operating_point"])
+    assert set(m["calibration"]) == {"ece_before", "ece_after", "temperature"}
+    probs = cal.softmax(logits, 2.0)
+    persons = targets == 2
+    assert m["operating_point"]["test_person_recall"] == \
+        round(float((probs[persons, 2] >= 0.4).mean()), 4)
+
+
+def test_the_operator_sentence():
+    assert cal.operator_sentence(0.99, 7.3) == \
+        "At this threshold, 99 of 100 people raise an alarm; 7 of 1,000 animals and objects do too."
+    assert cal.operator_sentence(1.0, 1000.0).startswith("At this threshold, 100 of 100")
+    assert "1,000 of 1,000" in cal.operator_sentence(1.0, 1000.0)
+
+
+def write_point(path, **change):
+    point = {"format": 1, "label": "person", "temperature": 1.5, "threshold": 0.2,
+             "threshold_log_odds": cal.log_odds(0.2),
+             "target_recall": 0.99, "model_sha256": "0" * 64, **change}
+    path.parent.mkdir(parents=True, exist_ok=True)
+    path.write_text(json.dumps(point))
+    return point
+
+
+@pytest.mark.parametrize("change, needle", [
+    ({"temperature": -1}, "temperature -1"), ({"threshold": 1.5}, "threshold 1.5"),
+    ({"threshold": math.nan}, "threshold nan"), ({"format": 9}, "format 9"),
+    ({"label": "cat"}, "label 'cat'"), ({"model_sha256": None}, "model_sha256")])
+def test_a_damaged_operating_point_file_is_one_line(tmp_path, change, needle):
+    path = tmp_path / "operating_point.json"
+    write_point(path, **change)
+    with pytest.raises(StageError, match="dvc repro calibrate") as err:
+        cal.read_operating_point(path)
+    assert needle in str(err.value) and "\n" not in str(err.value)
+    path.write_text("{not json")
+    with pytest.raises(StageError, match="cannot read it"):
+        cal.read_operating_point(path)
+
+
+def test_the_point_beside_a_checkpoint_is_used_only_for_that_checkpoint(tmp_path, monkeypatch):
+    from stages.common.digest import file_sha256
+
+    monkeypatch.chdir(tmp_path)  # no data/calibration here
+    ckpt = tmp_path / "m" / "best.pt"
+    ckpt.parent.mkdir()
+    ckpt.write_bytes(b"weights")
+    assert cal.beside(ckpt) is None
+    write_point(ckpt.parent / "operating_point.json")  # fitted for other bytes
+    assert cal.beside(ckpt) is None
+    write_point(ckpt.parent / "operating_point.json", model_sha256=file_sha256(ckpt))
+    point = cal.beside(ckpt)
+    assert point["threshold"] == 0.2 and point["source"] == str(ckpt.parent / "operating_point.json")
+    write_point(tmp_path / "other.json")
+    with pytest.raises(StageError, match="fitted for another checkpoint"):
+        cal.operating_point_for(ckpt, tmp_path / "other.json")
+    assert cal.operating_point_for(ckpt, ckpt.parent / "operating_point.json")["threshold"] == 0.2

@@ -1,0 +1,167 @@
+"""predict's alarm: calibrated probabilities and ``alarm`` in the table, CSV and JSON, from the
+point beside a checkpoint or inside an ONNX file, overridden by --person-threshold."""
+import csv
+import io
+import json
+import os
+from types import SimpleNamespace
+
+import cv2
+import numpy as np
+import pytest
+import torch
+
+from stages import predict
+from stages.common import calibration as cal
+from stages.common.digest import file_sha256
+from stages.common.model import IMAGENET_MEAN, IMAGENET_STD, build_model, save_checkpoint
+from stages.common.onnx_model import OnnxClassifier, export
+from stages.common.predictor import TorchClassifier, expand, predict_paths
+
+SIZE = 32
+CLASSES = ["animal", "object", "person"]
+TEMPERATURE = 2.5
+
+
+@pytest.fixture(scope="module", autouse=True)
+def elsewhere(tmp_path_factory):
+    """Run from an empty folder: the project's own data/calibration must not answer here."""
+    old = os.getcwd()
+    os.chdir(tmp_path_factory.mktemp("cwd"))
+    yield
+    os.chdir(old)
+
+
+@pytest.fixture(scope="module")
+def models(elsewhere, tmp_path_factory):
+    """A random checkpoint with its operating point beside it, and its ONNX export carrying
+    the point; the threshold is the median person probability of the pictures below, so some
+    raise the alarm and some do not."""
+    d = tmp_path_factory.mktemp("alarm")
+    torch.manual_seed(0)
+    model = build_model("resnet18", 3, 0.3).eval()
+    meta = {"arch": "resnet18", "classes": CLASSES, "image_size": SIZE, "mean": IMAGENET_MEAN,
+            "std": IMAGENET_STD, "dropout": 0.3}
+    save_checkpoint(d / "best.pt", model, meta)
+    pics = d / "pics"
+    pics.mkdir()
+    rng = np.random.default_rng(1)
+    for i in range(8):
+        cv2.imwrite(str(pics / f"p{i}.png"), rng.integers(0, 255, (SIZE, SIZE, 3), np.uint8))
+    (pics / "broken.jpg").write_bytes(b"not a picture")
+    plain = TorchClassifier(d / "best.pt")  # no point yet: T = 1
+    logits = np.stack([p.logits for p in predict_paths(plain, expand([pics])) if not p.error])
+    person = cal.softmax(logits, TEMPERATURE)[:, 2]
+    threshold = float(np.median(person))
+    point = {"format": 1, "label": "person", "temperature": TEMPERATURE, "threshold": threshold,
+             "threshold_log_odds": cal.log_odds(threshold),
+             "target_recall": 0.99, "model_sha256": file_sha256(d / "best.pt")}
+    (d / "operating_point.json").write_text(json.dumps(point))
+    export(model, {**meta, "operating_point": cal.embedded(point)}, d / "model.onnx", 18)
+    return SimpleNamespace(pt=d / "best.pt", onnx=d / "model.onnx", pics=pics, point=point,
+                           logits=logits)
+
+
+@pytest.fixture
+def run(capsys):
+    def go(*args):
+        try:
+            code = predict.main([str(a) for a in args])
+        except SystemExit as exc:
+            code = exc.code
+        out = capsys.readouterr()
+        return SimpleNamespace(returncode=code, stdout=out.out, stderr=out.err)
+    return go
+
+
+def expected_alarms(models, threshold):
+    person = cal.softmax(models.logits, models.point["temperature"])[:, 2]
+    return [bool(v >= threshold) for v in person]
+
+
+@pytest.mark.parametrize("which", ["pt", "onnx"])
+def test_json_answers_calibrated_probabilities_and_the_alarm(run, models, which):
+    proc = run(models.pics, "--model", getattr(models, which), "--format", "json")
+    assert proc.returncode == 1  # broken.jpg
+    doc = json.loads(proc.stdout)
+    assert doc["operating_point"]["threshold"] == models.point["threshold"]
+    assert doc["operating_point"]["temperature"] == TEMPERATURE
+    assert "embedded" in doc["operating_point"]["source"] if which == "onnx" else \
+        doc["operating_point"]["source"].endswith("operating_point.json")
+    answers = [p for p in doc["predictions"] if "error" not in p]
+    calibrated = cal.softmax(models.logits, TEMPERATURE)
+    for p, probs in zip(answers, calibrated):
+        assert [p["probabilities"][c] for c in CLASSES] == pytest.approx(probs, abs=2e-5)
+    assert [p["alarm"] for p in answers] == expected_alarms(models, models.point["threshold"])
+    assert True in [p["alarm"] for p in answers] and False in [p["alarm"] for p in answers]
+    assert "alarm" not in [p for p in doc["predictions"] if "error" in p][0]
+    assert "warning" not in proc.stderr
+
+
+def test_csv_and_table_carry_the_alarm(run, models):
+    wanted = expected_alarms(models, models.point["threshold"])
+    proc = run(models.pics, "--model", models.pt, "--format", "csv")
+    rows = list(csv.DictReader(io.StringIO(proc.stdout)))
+    assert list(rows[0]) == ["path", "label", "probability", "alarm", *CLASSES, "error"]
+    assert rows[0]["error"] and rows[0]["alarm"] == ""  # broken.jpg sorts first
+    assert [r["alarm"] == "yes" for r in rows[1:]] == wanted
+    assert {r["alarm"] for r in rows[1:]} == {"yes", "no"}
+    table = run(models.pics, "--model", models.pt).stdout.splitlines()
+    assert table[0].split()[:4] == ["file", "label", "prob", "alarm"]
+    assert [line.split()[3] == "yes" for line in table[2:]] == wanted
+
+
+@pytest.mark.parametrize("fmt", ["json", "csv", "table"])
+def test_person_threshold_overrides_the_point_for_one_run(run, models, fmt):
+    for threshold, alarm in [(0.0, True), (1.0, False)]:
+        proc = run(models.pics, "--model", models.onnx, "--format", fmt,
+                   "--person-threshold", threshold)
+        if fmt == "json":
+            doc = json.loads(proc.stdout)
+            assert doc["operating_point"]["source"] == "--person-threshold"
+            got = {p["alarm"] for p in doc["predictions"] if "error" not in p}
+        elif fmt == "csv":
+            got = {r["alarm"] == "yes" for r in csv.DictReader(io.StringIO(proc.stdout))
+                   if not r["error"]}
+        else:
+            got = {line.split()[3] == "yes" for line in proc.stdout.splitlines()[2:]}
+        assert got == {alarm}, (threshold, fmt)
+
+
+@pytest.mark.parametrize("value", ["-0.1", "1.5", "nan", "high"])
+def test_a_bad_person_threshold_is_one_line_exit_2(run, models, value):
+    proc = run(models.pics, "--model", models.pt, "--person-threshold", value)
+    assert proc.returncode == 2 and proc.stderr.count("\n") == 1
+    assert "--person-threshold" in proc.stderr and proc.stdout == ""
+
+
+def test_without_a_point_stderr_says_so_and_the_alarm_is_the_top_label(run, models, tmp_path):
+    bare = tmp_path / "best.pt"
+    bare.write_bytes(models.pt.read_bytes())  # same checkpoint, no operating_point.json beside
+    proc = run(models.pics, "--model", bare, "--format", "json")
+    assert "warning:" in proc.stderr and "dvc repro calibrate" in proc.stderr
+    doc = json.loads(proc.stdout)
+    assert doc["operating_point"] == {"threshold": None, "source": None, "temperature": 1.0}
+    answers = [p for p in doc["predictions"] if "error" not in p]
+    plain = cal.softmax(models.logits)
+    for p, probs in zip(answers, plain):
+        assert [p["probabilities"][c] for c in CLASSES] == pytest.approx(probs, abs=2e-5)
+        assert p["alarm"] == (p["label"] == "person")
+
+
+def test_a_point_fitted_for_another_checkpoint_is_not_used(run, models, tmp_path):
+    other = tmp_path / "best.pt"
+    torch.manual_seed(1)
+    meta = {"arch": "resnet18", "classes": CLASSES, "image_size": SIZE, "mean": IMAGENET_MEAN,
+            "std": IMAGENET_STD, "dropout": 0.3}
+    save_checkpoint(other, build_model("resnet18", 3, 0.3).eval(), meta)
+    (tmp_path / "operating_point.json").write_text((models.pt.parent / "operating_point.json")
+                                                   .read_text())
+    assert TorchClassifier(other).operating_point is None
+    assert TorchClassifier(models.pt).operating_point["threshold"] == models.point["threshold"]
+
+
+def test_the_onnx_file_carries_the_point_under_its_digest(models):
+    loaded = OnnxClassifier(models.onnx).operating_point
+    assert {k: loaded[k] for k in cal.embedded(models.point)} == cal.embedded(models.point)
+    assert "model_sha256" not in loaded  # a file inside a model names no other file
