@@ -52,28 +52,104 @@ new Promise(resolve => {
 """
 
 
-def write_plot_files(repo: Path) -> None:
-    """Every file dvc.yaml's plots read, with small plausible contents."""
-    for split, shift in [("train", 0.0), ("val", 0.05)]:
-        for metric, values in [("loss", [0.6, 0.3, 0.2]), ("acc", [0.5, 0.8, 0.9])]:
-            tsv = repo / f"plots/train/plots/metrics/{split}/{metric}.tsv"
-            tsv.parent.mkdir(parents=True, exist_ok=True)
-            tsv.write_text(f"step\t{metric}\n" + "".join(
-                f"{i}\t{v + shift}\n" for i, v in enumerate(values)))
-    classes = ["animal", "object", "person"]
-    pairs = [(a, p) for a in classes for p in classes] * 2 + [(c, c) for c in classes] * 5
-    (repo / "plots/eval").mkdir(parents=True, exist_ok=True)
-    (repo / "plots/eval/confusion.csv").write_text(
-        "actual,predicted\n" + "".join(f"{a},{p}\n" for a, p in pairs))
-    figures.confusion_png(np.array([[5, 1, 0], [2, 6, 0], [0, 1, 7]]), classes,
-                          repo / "plots/eval/confusion.png", "test")
-    history = figures.read_history(repo / "plots/train")
-    figures.learning_curves_png(history, repo / "plots/eval/learning_curves.png", 2)
-    crop = np.random.default_rng(0).integers(0, 255, (32, 32, 3), dtype=np.uint8)
-    figures.mistakes_png([{"image": crop, "true": "person", "pred": "object", "confidence": 0.9,
-                           "name": "x.jpg"}], repo / "plots/eval/mistakes.png", "test", total=9)
-    (repo / "metrics").mkdir(exist_ok=True)
-    (repo / "metrics/eval.json").write_text(json.dumps({"accuracy": 0.9, "person_recall": 1.0}))
+IMAGE_SUFFIXES = {".png", ".jpg", ".jpeg", ".svg", ".gif"}
+CLASSES = ["animal", "object", "person"]
+
+
+def plot_definitions(dvc_yaml: Path) -> list[tuple[str, dict]]:
+    """(id, properties) of each entry of a dvc.yaml's top-level ``plots:``."""
+    out = []
+    for item in yaml.safe_load(dvc_yaml.read_text()).get("plots") or []:
+        if isinstance(item, str):
+            out.append((item, {}))
+        else:
+            [(plot_id, props)] = item.items()
+            out.append((plot_id, props or {}))
+    return out
+
+
+def plot_file_columns(dvc_yaml: Path) -> tuple[dict[str, dict[str, str]], list[str]]:
+    """What dvc.yaml's plots read: {data file: {column: "number" | "category"}} and the images.
+
+    A plot reads the files of its ``y`` mapping, or its own id when ``y`` is a field name; ``x``
+    is a field name or a {file: field} mapping. Confusion templates plot categories."""
+    columns: dict[str, dict[str, str]] = {}
+    images: list[str] = []
+    for plot_id, props in plot_definitions(dvc_yaml):
+        y, x = props.get("y"), props.get("x")
+        kind = "category" if "confusion" in str(props.get("template", "")) else "number"
+        for file, y_fields in (y if isinstance(y, dict) else {plot_id: y}).items():
+            if Path(file).suffix.lower() in IMAGE_SUFFIXES:
+                images.append(file)
+                continue
+            fields = [x.get(file) if isinstance(x, dict) else x]
+            fields += y_fields if isinstance(y_fields, list) else [y_fields or "value"]
+            for field in filter(None, fields):
+                columns.setdefault(file, {})[field] = kind
+    return columns, images
+
+
+def column_values(name: str, kind: str, index: int, shift: float) -> list:
+    """Five plausible values: class pairs of a confusion matrix (more on the diagonal as
+    ``shift`` grows), epochs for step-like fields, otherwise rising rates in [0, 1]."""
+    if kind == "category":
+        pairs = [(a, p) for a in CLASSES for p in CLASSES] * 2
+        pairs += [(c, c) for c in CLASSES] * (5 + round(shift * 20))
+        return [pair[index % 2] for pair in pairs]
+    if name in ("step", "epoch"):
+        return list(range(5))
+    return [round(min(1.0, 0.1 + 0.2 * i + shift * (index + 1)), 4) for i in range(5)]
+
+
+def write_data_file(path: Path, columns: dict[str, str], shift: float) -> None:
+    table = {name: column_values(name, kind, i, shift)
+             for i, (name, kind) in enumerate(columns.items())}
+    rows = list(zip(*table.values()))
+    path.parent.mkdir(parents=True, exist_ok=True)
+    if path.suffix in (".csv", ".tsv"):
+        sep = "," if path.suffix == ".csv" else "\t"
+        path.write_text(sep.join(table) + "\n" + "".join(
+            sep.join(map(str, row)) + "\n" for row in rows))
+    elif path.suffix == ".json":
+        path.write_text(json.dumps([dict(zip(table, row)) for row in rows]))
+    else:
+        raise AssertionError(f"{path}: write_plot_files has no writer for {path.suffix!r} plot "
+                             "data (a folder of files?); add one")
+
+
+def write_png(repo: Path, rel: str, shift: float) -> None:
+    """The project's own figure code for the PNGs it draws, a small line chart for any other."""
+    path = repo / rel
+    path.parent.mkdir(parents=True, exist_ok=True)
+    if path.name == "confusion.png":
+        figures.confusion_png(np.array([[5, 1, 0], [2, 6, 0], [0, 1, 7]]), CLASSES, path, "test")
+    elif path.name == "learning_curves.png":
+        figures.learning_curves_png(figures.read_history(repo / "plots/train"), path, 2)
+    elif path.name == "mistakes.png":
+        crop = np.random.default_rng(0).integers(0, 255, (32, 32, 3), dtype=np.uint8)
+        figures.mistakes_png([{"image": crop, "true": "person", "pred": "object",
+                               "confidence": 0.9, "name": "x.jpg"}], path, "test", total=9)
+    elif path.suffix == ".png":
+        import matplotlib.pyplot as plt
+
+        fig, ax = plt.subplots(figsize=(3, 2))
+        ax.plot([0, 1, 2], [0.2, 0.5 + shift, 0.9], marker="o")
+        ax.set_title(path.stem)
+        fig.savefig(path, format="png", dpi=80, metadata=figures.PNG_META)
+        plt.close(fig)
+    else:
+        raise AssertionError(f"{rel}: write_plot_files writes PNGs only; add a writer")
+
+
+def write_plot_files(repo: Path, shift: float = 0.0) -> None:
+    """Every file repo/dvc.yaml's plots read, with small plausible contents (``shift`` moves
+    the numbers, for another revision). Derived from the plots section, so a new plot
+    definition needs no edit here. Data files first: learning_curves.png reads the TSVs."""
+    columns, images = plot_file_columns(repo / "dvc.yaml")
+    for rel, cols in columns.items():
+        write_data_file(repo / rel, cols, shift)
+    for rel in images:
+        write_png(repo, rel, shift)
 
 
 @pytest.fixture(scope="module")
@@ -85,6 +161,8 @@ def project(tmp_path_factory):
     shutil.copy(ROOT / "params.yaml", repo / "params.yaml")  # dvc.yaml reads ${data.mirror}
     subprocess.run([sys.executable, "-m", "dvc", "init", "--no-scm", "-q"], cwd=repo, check=True)
     write_plot_files(repo)
+    (repo / "metrics").mkdir(exist_ok=True)
+    (repo / "metrics/eval.json").write_text(json.dumps({"accuracy": 0.9, "person_recall": 1.0}))
     proc = subprocess.run([sys.executable, "-m", "stages.report", "--repo", str(repo),
                            "--out", str(repo / "report.html")], cwd=ROOT, capture_output=True,
                           text=True, env={**os.environ, "PYTHONPATH": str(ROOT)})
