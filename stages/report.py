@@ -5,7 +5,8 @@ page that loads Vega from a CDN, so on an air-gapped machine it stays blank. Thi
 plots (the Vega-Lite specs DVC fills from dvc.yaml's ``plots:``) to SVG here, with vl-convert's
 bundled Vega, and writes ONE self-contained HTML file: every plot and PNG inlined as a data: URI,
 the metrics as tables, no script, and a Content-Security-Policy that forbids any fetch. Copy the
-file anywhere and open it in any browser.
+file anywhere and open it in any browser. Where metrics/eval.json has an ``operating_point``
+(evaluate's chosen alarm threshold), the page says in one sentence what it means for an operator.
 
 A plot that cannot be rendered is named in the page and on stderr, the others still come out;
 the exit code is then 1. ``--out -`` writes the page to stdout; an ``--out`` that is a symbolic
@@ -26,6 +27,7 @@ from stages.common.atomic import atomic_file, refuse_odd_destination
 from stages.common.errors import ArgumentParser, StageError, main_guard
 
 DEFAULT_OUT = Path("dvc_plots/report.html")  # beside dvc plots show's index.html, git-ignored
+EVAL_METRICS = "metrics/eval.json"  # evaluate's, where the operating point is
 IMAGE_TYPES = {".png": "image/png", ".jpg": "image/jpeg", ".jpeg": "image/jpeg",
                ".svg": "image/svg+xml", ".gif": "image/gif"}
 CSP = "default-src 'none'; img-src data:; style-src 'unsafe-inline'"
@@ -89,6 +91,29 @@ def metrics_html(metrics: dict) -> str:
     return "\n".join(parts) or "<p>no metrics</p>"
 
 
+def operating_point_sentence(point: dict) -> str | None:
+    """What eval.json's ``operating_point`` means at the perimeter, in words an operator uses;
+    None when it lacks the figures the sentence needs (an older eval.json)."""
+    try:
+        threshold = float(point["threshold"])
+        people = float(point["test_person_recall"]) * 100
+        others = float(point["false_alarms_per_1000"])
+    except (KeyError, TypeError, ValueError):
+        return None
+    people, others = int(people + 0.5), int(others + 0.5)  # half up: 7.5 false alarms reads 8
+    return (f"At this threshold ({threshold:g}), {people} of 100 people "
+            f"{'raises' if people == 1 else 'raise'} an alarm; {others} of 1,000 animals and "
+            f"objects {'does' if others == 1 else 'do'} too.")
+
+
+def operating_point_html(points: dict[str, dict]) -> str:
+    """The sentence per revision ({revision label: operating_point}); empty when none has one."""
+    lines = [(label, operating_point_sentence(point)) for label, point in points.items()]
+    items = "".join(f"<li>{f'<b>{html.escape(label)}</b>: ' if len(points) > 1 else ''}"
+                    f"{html.escape(sentence)}</li>" for label, sentence in lines if sentence)
+    return f'<h2>Operating point</h2>\n<ul class="operating-point">{items}</ul>\n' if items else ""
+
+
 def build(repo: Path) -> tuple[str, list[str]]:
     """The report's HTML and the list of plots that failed to render."""
     failed: list[str] = []
@@ -111,6 +136,11 @@ def build(repo: Path) -> tuple[str, list[str]]:
                                f'<img src="{uri}" alt="{html.escape(label)}">'
                                f'<figcaption>{html.escape(label)} ({kind})</figcaption></figure>')
     metrics = dvc_json("metrics", "show", cwd=repo)
+    points = {}
+    for content in metrics.values():  # one revision: the workspace
+        evaluation = ((content.get("data") or {}).get(EVAL_METRICS) or {}).get("data") or {}
+        if isinstance(evaluation.get("operating_point"), dict):
+            points["workspace"] = evaluation["operating_point"]
     page = f"""<!DOCTYPE html>
 <html lang="en"><head><meta charset="utf-8">
 <meta http-equiv="Content-Security-Policy" content="{CSP}">
@@ -120,7 +150,7 @@ def build(repo: Path) -> tuple[str, list[str]]:
 <h1>Pipeline report: {html.escape(repo.resolve().name)}</h1>
 <p>Plots of dvc.yaml rendered offline ({len(figures)} plots); metrics of the workspace. This file
 needs no network.</p>
-<h2>Plots</h2>
+{operating_point_html(points)}<h2>Plots</h2>
 <div class="plots">
 {chr(10).join(figures)}
 </div>

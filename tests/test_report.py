@@ -162,7 +162,10 @@ def project(tmp_path_factory):
     subprocess.run([sys.executable, "-m", "dvc", "init", "--no-scm", "-q"], cwd=repo, check=True)
     write_plot_files(repo)
     (repo / "metrics").mkdir(exist_ok=True)
-    (repo / "metrics/eval.json").write_text(json.dumps({"accuracy": 0.9, "person_recall": 1.0}))
+    (repo / "metrics/eval.json").write_text(json.dumps({
+        "accuracy": 0.9, "person_recall": 1.0,
+        "operating_point": {"threshold": 0.1234, "test_person_recall": 0.9828,
+                            "false_alarms_per_1000": 7.3}}))
     proc = subprocess.run([sys.executable, "-m", "stages.report", "--repo", str(repo),
                            "--out", str(repo / "report.html")], cwd=ROOT, capture_output=True,
                           text=True, env={**os.environ, "PYTHONPATH": str(ROOT)})
@@ -181,6 +184,7 @@ def test_report_holds_every_plot_and_needs_no_network(project):
     assert refs and all(r.startswith("data:") for r in refs), [r[:40] for r in refs]
     assert "<script" not in page and "default-src 'none'" in page
     assert "person_recall" in page  # metrics tables
+    assert "98 of 100 people raise an alarm; 7 of 1,000" in page  # eval.json's operating point
 
 
 def test_report_is_deterministic(project, tmp_path):
@@ -311,3 +315,25 @@ def test_out_onto_a_symlink_is_refused_and_dash_writes_stdout(tmp_path, monkeypa
     assert report.main(["--repo", str(tmp_path), "--out", "-"]) == 0
     done = capsys.readouterr()
     assert done.out == "<html>page</html>\n" and done.err.startswith("stdout: 0 plots")
+
+
+def test_operating_point_sentence():
+    from stages.report import operating_point_html, operating_point_sentence
+
+    point = {"threshold": 0.1234, "target_recall": 0.99, "test_person_recall": 0.9828,
+             "test_person_precision": 0.95, "false_alarms_per_1000": 7.3, "test_persons": 58,
+             "test_non_persons": 98}
+    assert operating_point_sentence(point) == (
+        "At this threshold (0.1234), 98 of 100 people raise an alarm; 7 of 1,000 animals and "
+        "objects do too.")
+    assert operating_point_sentence({**point, "test_person_recall": 0.995,
+                                     "false_alarms_per_1000": 0.5}) == (
+        "At this threshold (0.1234), 100 of 100 people raise an alarm; 1 of 1,000 animals and "
+        "objects does too.")  # halves round up
+    assert operating_point_sentence({"threshold": 0.5}) is None  # an eval.json without them
+    assert operating_point_sentence({**point, "threshold": None}) is None
+    assert operating_point_html({"workspace": {"threshold": 0.5}}) == ""
+    one = operating_point_html({"workspace": point})
+    assert "98 of 100 people" in one and "<b>" not in one  # one revision: no label
+    both = operating_point_html({"HEAD~1": {}, "<exp>": point})
+    assert "<b>&lt;exp&gt;</b>: At this threshold" in both and "HEAD~1" not in both
