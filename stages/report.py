@@ -1,11 +1,21 @@
-"""An offline report: `python -m stages.report [--out dvc_plots/report.html]`.
+"""An offline report: `python -m stages.report [--rev REV ...] [--out dvc_plots/report.html]`.
 
 Not a DVC stage: a command to run after `dvc repro` (or `dvc exp apply`). `dvc plots show` writes a
 page that loads Vega from a CDN, so on an air-gapped machine it stays blank. This renders the same
 plots (the Vega-Lite specs DVC fills from dvc.yaml's ``plots:``) to SVG here, with vl-convert's
 bundled Vega, and writes ONE self-contained HTML file: every plot and PNG inlined as a data: URI,
 the metrics as tables, no script, and a Content-Security-Policy that forbids any fetch. Copy the
-file anywhere and open it in any browser.
+file anywhere and open it in any browser. Where metrics/eval.json has an ``operating_point``
+(evaluate's chosen alarm threshold), the page says in one sentence what it means for an operator.
+
+Without ``--rev`` the page shows the workspace (`dvc plots show`, `dvc metrics show`). Each
+``--rev`` (a git commit, branch or tag, a DVC experiment name, or ``workspace``) is a revision to
+compare, as `dvc plots diff` and `dvc metrics diff` do: every plot overlays the revisions, image
+plots stand side by side labelled by revision, and each metrics file is one table with a column
+per revision and, for numbers, the change from the first one. What a revision lacks (a plot or
+metrics file, a plot dvc.yaml did not define yet) is shown as missing and named on stderr; the
+rest still renders. A revision DVC cannot resolve is refused in one line, exit code 2, before
+anything is written.
 
 A plot that cannot be rendered is named in the page and on stderr, the others still come out;
 the exit code is then 1. ``--out -`` writes the page to stdout; an ``--out`` that is a symbolic
@@ -26,6 +36,7 @@ from stages.common.atomic import atomic_file, refuse_odd_destination
 from stages.common.errors import ArgumentParser, StageError, main_guard
 
 DEFAULT_OUT = Path("dvc_plots/report.html")  # beside dvc plots show's index.html, git-ignored
+EVAL_METRICS = "metrics/eval.json"  # evaluate's, where the operating point is
 IMAGE_TYPES = {".png": "image/png", ".jpg": "image/jpeg", ".jpeg": "image/jpeg",
                ".svg": "image/svg+xml", ".gif": "image/gif"}
 CSP = "default-src 'none'; img-src data:; style-src 'unsafe-inline'"
@@ -39,16 +50,22 @@ figcaption { font-size: .85em; color: #555; margin-top: .3em; }
 table { border-collapse: collapse; font-size: .85em; margin-bottom: 1em; }
 td, th { border: 1px solid #ddd; padding: 2px 8px; text-align: left; }
 .error { color: #a00; border: 1px solid #a00; padding: .5em; }
+section.group { margin-bottom: 1.5em; } section.group h3 { font-size: 1em; margin: .3em 0; }
+.missing { color: #777; font-style: italic; }
+div.missing { border: 1px dashed #bbb; padding: 2em 1em; align-self: center; }
+td.change { color: #555; }
 """
 
 
-def dvc_json(*args: str, cwd: Path) -> dict:
-    proc = subprocess.run([sys.executable, "-m", "dvc", *args, "--json"], cwd=cwd,
+def dvc_json(*args: str, cwd: Path, revs: tuple[str, ...] | list[str] = ()) -> dict:
+    """`dvc ARGS --json [-- REVS]`'s output; the revisions after `--`, never read as options."""
+    proc = subprocess.run([sys.executable, "-m", "dvc", *args, "--json",
+                           *(["--", *revs] if revs else [])], cwd=cwd,
                           capture_output=True, text=True)
     if proc.returncode != 0:
         last = (proc.stderr.strip().splitlines() or ["no message"])[-1]
-        raise StageError(f"`dvc {' '.join(args)}` failed in {cwd} ({last}); run it from the "
-                         "repository root after `dvc repro`")
+        raise StageError(f"`dvc {' '.join([*args, *revs])}` failed in {cwd} ({last}); run it "
+                         "from the repository root after `dvc repro`")
     return json.loads(proc.stdout or "{}")
 
 
@@ -72,45 +89,212 @@ def render_plot(entry: dict) -> tuple[str, str]:
     raise ValueError(f"unsupported plot type {entry['type']!r}")
 
 
-def flatten(tree, prefix: str = "") -> list[tuple[str, str]]:
+def figure_html(plot_id: str, entry: dict, label: str, failed: list[str],
+                rev: str | None = None) -> str:
+    """One plot as a <figure>, or a named error box when it cannot be rendered."""
+    try:
+        uri, kind = render_plot(entry)
+    except Exception as exc:  # one bad plot must not cost the others
+        failed.append(f"{plot_id}: {type(exc).__name__}: {exc}")
+        return (f'<div class="error">{html.escape(plot_id)}: could not be rendered '
+                f'({html.escape(str(exc))})</div>')
+    rev_attr = f' data-rev="{html.escape(rev)}"' if rev is not None else ""
+    return (f'<figure class="plot" data-plot="{html.escape(plot_id)}"{rev_attr}>'
+            f'<img src="{uri}" alt="{html.escape(label)}">'
+            f'<figcaption>{html.escape(label)} ({kind})</figcaption></figure>')
+
+
+def entry_revisions(entry: dict) -> set[str]:
+    """The revisions whose data one plot of `dvc plots diff --json` holds."""
+    if entry["type"] == "image":
+        return set(entry.get("revisions", []))
+    values = (entry.get("content") or {}).get("data", {}).get("values", [])
+    return {row.get("rev") for row in values if isinstance(row, dict)}
+
+
+def compared_plots_html(shown: dict, revs: list[str], failed: list[str],
+                        missing: list[str]) -> list[str]:
+    """A section per plot of `dvc plots diff`: the overlay (Vega) or one image per revision
+    side by side, and what each revision lacks (its file, or the plot's definition)."""
+    lacking: dict[str, dict] = {}  # plot id -> {(revision, file): None}, from DVC's errors
+    for error in shown.get("errors", []) or []:
+        if error.get("type") == "FileNotFoundError":  # absent in that revision: expected
+            lacking.setdefault(error["name"], {})[(error["rev"], error["source"])] = None
+        else:
+            failed.append(f"dvc: {error}")
+    data = shown.get("data", {})
+    sections = []
+    for plot_id in [*data, *(p for p in lacking if p not in data)]:
+        entries = data.get(plot_id, [])
+        present = set().union(*map(entry_revisions, entries)) if entries else set()
+        notes = list(lacking.get(plot_id, {}))
+        notes += [(rev, "no data for this plot") for rev in revs  # not in its dvc.yaml yet?
+                  if rev not in present and rev not in {r for r, _ in notes}]
+        notes.sort(key=lambda note: revs.index(note[0]) if note[0] in revs else len(revs))
+        missing += [f"{plot_id}: {what} in {rev}" for rev, what in notes]
+        cells = []
+        if entries and all(e["type"] == "image" for e in entries):
+            by_rev = {r: e for e in entries for r in e.get("revisions", [])}
+            for rev in revs:  # side by side, in the order given, a gap where one lacks it
+                cells.append(figure_html(plot_id, by_rev[rev], rev, failed, rev) if rev in by_rev
+                             else f'<div class="missing" data-rev="{html.escape(rev)}">'
+                                  f'{html.escape(rev)}: missing</div>')
+        else:
+            cells = [figure_html(plot_id, e, ", ".join(e.get("revisions", [])), failed,
+                                 " ".join(e.get("revisions", []))) for e in entries]
+        note_html = "".join(f'<p class="missing">missing in {html.escape(rev)}: '
+                            f'{html.escape(what)}</p>' for rev, what in notes)
+        sections.append(f'<section class="group" data-plot="{html.escape(plot_id)}">'
+                        f'<h3>{html.escape(plot_id)}</h3><div class="plots">{"".join(cells)}'
+                        f'</div>{note_html}</section>')
+    return sections
+
+
+def flatten(tree, prefix: str = "") -> list[tuple[str, object]]:
+    """(dotted key, value) pairs of nested metrics, as `dvc metrics diff` names them."""
     if isinstance(tree, dict):
         return [row for key in sorted(tree) for row in flatten(tree[key], f"{prefix}{key}.")]
-    return [(prefix.rstrip("."), json.dumps(tree) if not isinstance(tree, str) else tree)]
+    return [(prefix.rstrip("."), tree)]
+
+
+def as_text(value) -> str:
+    return value if isinstance(value, str) else json.dumps(value)
 
 
 def metrics_html(metrics: dict) -> str:
     parts = []
     for rev, content in metrics.items():
         for name, value in sorted((content.get("data") or {}).items()):
-            rows = "".join(f"<tr><td>{html.escape(k)}</td><td>{html.escape(v)}</td></tr>"
-                           for k, v in flatten(value.get("data", {})))
+            rows = "".join(f"<tr><td>{html.escape(k)}</td><td>{html.escape(as_text(v))}</td>"
+                           "</tr>" for k, v in flatten(value.get("data", {})))
             parts.append(f"<h3>{html.escape(name)} <small>({html.escape(rev)})</small></h3>"
                          f"<table><tr><th>metric</th><th>value</th></tr>{rows}</table>")
     return "\n".join(parts) or "<p>no metrics</p>"
 
 
-def build(repo: Path) -> tuple[str, list[str]]:
-    """The report's HTML and the list of plots that failed to render."""
+def operating_point_sentence(point: dict) -> str | None:
+    """What eval.json's ``operating_point`` means at the perimeter, in words an operator uses;
+    None when it lacks the figures the sentence needs (an older eval.json)."""
+    try:
+        threshold = float(point["threshold"])
+        people = float(point["test_person_recall"]) * 100
+        others = float(point["false_alarms_per_1000"])
+    except (KeyError, TypeError, ValueError):
+        return None
+    people, others = int(people + 0.5), int(others + 0.5)  # half up: 7.5 false alarms reads 8
+    return (f"At this threshold ({threshold:g}), {people} of 100 people "
+            f"{'raises' if people == 1 else 'raise'} an alarm; {others} of 1,000 animals and "
+            f"objects {'does' if others == 1 else 'do'} too.")
+
+
+def operating_point_html(points: dict[str, dict]) -> str:
+    """The sentence per revision ({revision label: operating_point}); empty when none has one."""
+    lines = [(label, operating_point_sentence(point)) for label, point in points.items()]
+    items = "".join(f"<li>{f'<b>{html.escape(label)}</b>: ' if len(points) > 1 else ''}"
+                    f"{html.escape(sentence)}</li>" for label, sentence in lines if sentence)
+    return f'<h2>Operating point</h2>\n<ul class="operating-point">{items}</ul>\n' if items else ""
+
+
+def revision_metrics(repo: Path, rev: str) -> dict[str, dict[str, object]]:
+    """{metrics file: {dotted key: value}} of one revision; a file it lacks is absent.
+
+    `dvc metrics show` reads the workspace alone and `dvc metrics diff` two revisions, so a
+    revision is diffed against itself: compared with another that names the same commit, DVC
+    merges the two names and the diff comes back empty."""
+    if rev == "workspace":  # which `metrics diff` takes as its second revision only
+        shown = dvc_json("metrics", "show", cwd=repo)
+        return {name: dict(flatten(content["data"]))
+                for revision in shown.values() for name, content in
+                ((revision or {}).get("data") or {}).items() if "data" in content}
+    diff = dvc_json("metrics", "diff", "--all", cwd=repo, revs=(rev, rev))
+    return {name: {key: change["new"] for key, change in keys.items()
+                   if change.get("new") is not None} for name, keys in diff.items()}
+
+
+def compare_metrics(repo: Path, revs: list[str]) -> dict[str, dict[str, dict]]:
+    """{metrics file: {dotted key: {revision: value}}}; a value a revision lacks is absent."""
+    table: dict[str, dict[str, dict]] = {}
+    for rev in revs:
+        for name, values in revision_metrics(repo, rev).items():
+            for key, value in values.items():
+                table.setdefault(name, {}).setdefault(key, {})[rev] = value
+    return table
+
+
+def change(old, new) -> str:
+    """new - old when both are numbers (not flags), else empty."""
+    if not all(isinstance(v, (int, float)) and not isinstance(v, bool) for v in (old, new)):
+        return ""
+    return "0" if new == old else f"{new - old:+.6g}"  # 6 digits: no float noise like 0.0499999
+
+
+def compared_metrics_html(table: dict, revs: list[str], missing: list[str]) -> str:
+    """One table per metrics file: a column per revision, a change column after each but the
+    first, "missing" where a revision lacks the value or the whole file."""
+    header = "".join(f"<th>{html.escape(r)}</th>" + ("<th>change</th>" if i else "")
+                     for i, r in enumerate(revs))
+    parts = []
+    for name in sorted(table):
+        rows = table[name]
+        absent = [rev for rev in revs if not any(rev in values for values in rows.values())]
+        missing += [f"{name} in {rev}" for rev in absent]
+        body = ""
+        for key in sorted(rows):
+            values = rows[key]
+            cells = ""
+            for i, rev in enumerate(revs):
+                value = values.get(rev)
+                cells += ('<td class="missing">missing</td>' if rev not in values else
+                          f"<td>{html.escape(as_text(value))}</td>")
+                if i:
+                    cells += f'<td class="change">{change(values.get(revs[0]), value)}</td>'
+            body += f"<tr><td>{html.escape(key)}</td>{cells}</tr>"
+        note = (f'<p class="missing">missing in {html.escape(", ".join(absent))}</p>'
+                if absent else "")
+        parts.append(f"<h3>{html.escape(name)}</h3>{note}<table><tr><th>metric</th>{header}</tr>"
+                     f"{body}</table>")
+    return "\n".join(parts) or "<p>no metrics in these revisions</p>"
+
+
+def build(repo: Path, revs: list[str] | None = None) -> tuple[str, list[str], list[str]]:
+    """The report's HTML, the plots that failed to render, and what the revisions lack."""
     failed: list[str] = []
+    missing: list[str] = []
     figures = []
     with tempfile.TemporaryDirectory() as tmp:  # dvc copies image plots there
-        shown = dvc_json("plots", "show", "-o", tmp, cwd=repo)
-        for error in shown.get("errors", []) or []:
-            failed.append(f"dvc: {error}")
-        for plot_id, entries in shown.get("data", {}).items():
-            for entry in entries:
-                label = plot_id if len(entries) == 1 else f"{plot_id} ({', '.join(entry.get('revisions', []))})"
-                try:
-                    uri, kind = render_plot(entry)
-                except Exception as exc:  # one bad plot must not cost the others
-                    failed.append(f"{plot_id}: {type(exc).__name__}: {exc}")
-                    figures.append(f'<div class="error">{html.escape(plot_id)}: could not be '
-                                   f'rendered ({html.escape(str(exc))})</div>')
-                    continue
-                figures.append(f'<figure class="plot" data-plot="{html.escape(plot_id)}">'
-                               f'<img src="{uri}" alt="{html.escape(label)}">'
-                               f'<figcaption>{html.escape(label)} ({kind})</figcaption></figure>')
-    metrics = dvc_json("metrics", "show", cwd=repo)
+        if revs:
+            # With one revision `dvc plots diff` adds the workspace; named twice it shows one.
+            shown = dvc_json("plots", "diff", "-o", tmp, cwd=repo,
+                             revs=revs if len(revs) > 1 else revs * 2)
+            figures = compared_plots_html(shown, revs, failed, missing)
+        else:
+            shown = dvc_json("plots", "show", "-o", tmp, cwd=repo)
+            for error in shown.get("errors", []) or []:
+                failed.append(f"dvc: {error}")
+            for plot_id, entries in shown.get("data", {}).items():
+                for entry in entries:
+                    label = plot_id if len(entries) == 1 else \
+                        f"{plot_id} ({', '.join(entry.get('revisions', []))})"
+                    figures.append(figure_html(plot_id, entry, label, failed))
+    points = {}
+    if revs:
+        table = compare_metrics(repo, revs)
+        metrics_part = compared_metrics_html(table, revs, missing)
+        prefix = "operating_point."
+        for rev in revs:
+            points[rev] = {key[len(prefix):]: values[rev]
+                           for key, values in table.get(EVAL_METRICS, {}).items()
+                           if key.startswith(prefix) and rev in values}
+        what = (f", the revisions overlaid ({len(figures)} plots); metrics side by side, each "
+                f"change against {html.escape(revs[0])}. Revisions: {html.escape(', '.join(revs))}")
+    else:
+        metrics = dvc_json("metrics", "show", cwd=repo)
+        metrics_part = metrics_html(metrics)
+        for content in metrics.values():  # one revision: the workspace
+            evaluation = ((content.get("data") or {}).get(EVAL_METRICS) or {}).get("data") or {}
+            if isinstance(evaluation.get("operating_point"), dict):
+                points["workspace"] = evaluation["operating_point"]
+        what = f" ({len(figures)} plots); metrics of the workspace"
     page = f"""<!DOCTYPE html>
 <html lang="en"><head><meta charset="utf-8">
 <meta http-equiv="Content-Security-Policy" content="{CSP}">
@@ -118,17 +302,37 @@ def build(repo: Path) -> tuple[str, list[str]]:
 <style>{STYLE}</style></head>
 <body>
 <h1>Pipeline report: {html.escape(repo.resolve().name)}</h1>
-<p>Plots of dvc.yaml rendered offline ({len(figures)} plots); metrics of the workspace. This file
+<p>Plots of dvc.yaml rendered offline{what}. This file
 needs no network.</p>
-<h2>Plots</h2>
+{operating_point_html(points)}<h2>Plots</h2>
 <div class="plots">
 {chr(10).join(figures)}
 </div>
 <h2>Metrics</h2>
-{metrics_html(metrics)}
+{metrics_part}
 </body></html>
 """
-    return page, failed
+    return page, failed, missing
+
+
+def check_revisions(repo: Path, revs: list[str]) -> None:
+    """Stop in one line, before any rendering, at a revision DVC would not find. DVC's own
+    resolution: git commits, branches and tags, and experiment names."""
+    from dvc.scm import SCM, RevError, SCMError, resolve_rev
+
+    try:
+        scm = SCM(str(repo))
+    except SCMError as exc:
+        raise StageError(f"--rev needs a git repository ({exc}); run without --rev for the "
+                         "workspace alone") from None
+    for rev in revs:
+        if rev == "workspace":  # DVC's name for the files as they are now
+            continue
+        try:
+            resolve_rev(scm, rev)
+        except RevError as exc:
+            raise StageError(f"--rev {rev}: {exc}; give a git commit, branch or tag, an "
+                             "experiment name (`dvc exp list`) or workspace") from None
 
 
 @main_guard
@@ -139,21 +343,30 @@ def main(argv: list[str] | None = None) -> int:
                         help=f"HTML file to write, - for stdout (default {DEFAULT_OUT})")
     parser.add_argument("--repo", type=Path, default=Path("."),
                         help="DVC project root (default: here)")
+    parser.add_argument("--rev", action="append", default=[], metavar="REV",
+                        help="a revision to compare: git commit, branch or tag, DVC experiment "
+                             "name, or workspace; repeat it (default: the workspace alone)")
     args = parser.parse_args(argv)
+    revs = list(dict.fromkeys(args.rev))  # a revision named twice is one column
     if not (args.repo / "dvc.yaml").is_file():
         raise StageError(f"{args.repo / 'dvc.yaml'}: not found; run from the repository root")
     to_stdout = str(args.out) == "-"
     if not to_stdout:
         refuse_odd_destination(args.out)  # before the minutes of rendering, not after
-    page, failed = build(args.repo)
+    if revs:
+        check_revisions(args.repo, revs)
+    page, failed, missing = build(args.repo, revs)
     if to_stdout:
         sys.stdout.write(page)
     else:
         with atomic_file(args.out) as f:
             f.write(page)
+    for line in missing:
+        print(f"missing: {line}", file=sys.stderr)
     for line in failed:
         print(f"error: {line}", file=sys.stderr)
-    print(f"{'stdout' if to_stdout else args.out}: {page.count('<figure class=')} plots, "
+    of_revs = f" of {len(revs)} revisions" if revs else ""
+    print(f"{'stdout' if to_stdout else args.out}: {page.count('<figure class=')} plots{of_revs}, "
           f"{len(page) // 1024} KiB, self-contained (no network needed)",
           file=sys.stderr if to_stdout else sys.stdout)
     return 1 if failed else 0

@@ -5,6 +5,7 @@ The plot files are written here (by the project's own figure code where it has o
 needs no pipeline run. Chromium is Debian's `chromium` package; CI installs it (.ci/run). Without
 it the browser test is skipped with the reason, so `make test` still runs for a user who lacks it.
 """
+import base64
 import json
 import os
 import re
@@ -52,28 +53,104 @@ new Promise(resolve => {
 """
 
 
-def write_plot_files(repo: Path) -> None:
-    """Every file dvc.yaml's plots read, with small plausible contents."""
-    for split, shift in [("train", 0.0), ("val", 0.05)]:
-        for metric, values in [("loss", [0.6, 0.3, 0.2]), ("acc", [0.5, 0.8, 0.9])]:
-            tsv = repo / f"plots/train/plots/metrics/{split}/{metric}.tsv"
-            tsv.parent.mkdir(parents=True, exist_ok=True)
-            tsv.write_text(f"step\t{metric}\n" + "".join(
-                f"{i}\t{v + shift}\n" for i, v in enumerate(values)))
-    classes = ["animal", "object", "person"]
-    pairs = [(a, p) for a in classes for p in classes] * 2 + [(c, c) for c in classes] * 5
-    (repo / "plots/eval").mkdir(parents=True, exist_ok=True)
-    (repo / "plots/eval/confusion.csv").write_text(
-        "actual,predicted\n" + "".join(f"{a},{p}\n" for a, p in pairs))
-    figures.confusion_png(np.array([[5, 1, 0], [2, 6, 0], [0, 1, 7]]), classes,
-                          repo / "plots/eval/confusion.png", "test")
-    history = figures.read_history(repo / "plots/train")
-    figures.learning_curves_png(history, repo / "plots/eval/learning_curves.png", 2)
-    crop = np.random.default_rng(0).integers(0, 255, (32, 32, 3), dtype=np.uint8)
-    figures.mistakes_png([{"image": crop, "true": "person", "pred": "object", "confidence": 0.9,
-                           "name": "x.jpg"}], repo / "plots/eval/mistakes.png", "test", total=9)
-    (repo / "metrics").mkdir(exist_ok=True)
-    (repo / "metrics/eval.json").write_text(json.dumps({"accuracy": 0.9, "person_recall": 1.0}))
+IMAGE_SUFFIXES = {".png", ".jpg", ".jpeg", ".svg", ".gif"}
+CLASSES = ["animal", "object", "person"]
+
+
+def plot_definitions(dvc_yaml: Path) -> list[tuple[str, dict]]:
+    """(id, properties) of each entry of a dvc.yaml's top-level ``plots:``."""
+    out = []
+    for item in yaml.safe_load(dvc_yaml.read_text()).get("plots") or []:
+        if isinstance(item, str):
+            out.append((item, {}))
+        else:
+            [(plot_id, props)] = item.items()
+            out.append((plot_id, props or {}))
+    return out
+
+
+def plot_file_columns(dvc_yaml: Path) -> tuple[dict[str, dict[str, str]], list[str]]:
+    """What dvc.yaml's plots read: {data file: {column: "number" | "category"}} and the images.
+
+    A plot reads the files of its ``y`` mapping, or its own id when ``y`` is a field name; ``x``
+    is a field name or a {file: field} mapping. Confusion templates plot categories."""
+    columns: dict[str, dict[str, str]] = {}
+    images: list[str] = []
+    for plot_id, props in plot_definitions(dvc_yaml):
+        y, x = props.get("y"), props.get("x")
+        kind = "category" if "confusion" in str(props.get("template", "")) else "number"
+        for file, y_fields in (y if isinstance(y, dict) else {plot_id: y}).items():
+            if Path(file).suffix.lower() in IMAGE_SUFFIXES:
+                images.append(file)
+                continue
+            fields = [x.get(file) if isinstance(x, dict) else x]
+            fields += y_fields if isinstance(y_fields, list) else [y_fields or "value"]
+            for field in filter(None, fields):
+                columns.setdefault(file, {})[field] = kind
+    return columns, images
+
+
+def column_values(name: str, kind: str, index: int, shift: float) -> list:
+    """Five plausible values: class pairs of a confusion matrix (more on the diagonal as
+    ``shift`` grows), epochs for step-like fields, otherwise rising rates in [0, 1]."""
+    if kind == "category":
+        pairs = [(a, p) for a in CLASSES for p in CLASSES] * 2
+        pairs += [(c, c) for c in CLASSES] * (5 + round(shift * 20))
+        return [pair[index % 2] for pair in pairs]
+    if name in ("step", "epoch"):
+        return list(range(5))
+    return [round(min(1.0, 0.1 + 0.2 * i + shift * (index + 1)), 4) for i in range(5)]
+
+
+def write_data_file(path: Path, columns: dict[str, str], shift: float) -> None:
+    table = {name: column_values(name, kind, i, shift)
+             for i, (name, kind) in enumerate(columns.items())}
+    rows = list(zip(*table.values()))
+    path.parent.mkdir(parents=True, exist_ok=True)
+    if path.suffix in (".csv", ".tsv"):
+        sep = "," if path.suffix == ".csv" else "\t"
+        path.write_text(sep.join(table) + "\n" + "".join(
+            sep.join(map(str, row)) + "\n" for row in rows))
+    elif path.suffix == ".json":
+        path.write_text(json.dumps([dict(zip(table, row)) for row in rows]))
+    else:
+        raise AssertionError(f"{path}: write_plot_files has no writer for {path.suffix!r} plot "
+                             "data (a folder of files?); add one")
+
+
+def write_png(repo: Path, rel: str, shift: float) -> None:
+    """The project's own figure code for the PNGs it draws, a small line chart for any other."""
+    path = repo / rel
+    path.parent.mkdir(parents=True, exist_ok=True)
+    if path.name == "confusion.png":
+        figures.confusion_png(np.array([[5, 1, 0], [2, 6, 0], [0, 1, 7]]), CLASSES, path, "test")
+    elif path.name == "learning_curves.png":
+        figures.learning_curves_png(figures.read_history(repo / "plots/train"), path, 2)
+    elif path.name == "mistakes.png":
+        crop = np.random.default_rng(0).integers(0, 255, (32, 32, 3), dtype=np.uint8)
+        figures.mistakes_png([{"image": crop, "true": "person", "pred": "object",
+                               "confidence": 0.9, "name": "x.jpg"}], path, "test", total=9)
+    elif path.suffix == ".png":
+        import matplotlib.pyplot as plt
+
+        fig, ax = plt.subplots(figsize=(3, 2))
+        ax.plot([0, 1, 2], [0.2, 0.5 + shift, 0.9], marker="o")
+        ax.set_title(path.stem)
+        fig.savefig(path, format="png", dpi=80, metadata=figures.PNG_META)
+        plt.close(fig)
+    else:
+        raise AssertionError(f"{rel}: write_plot_files writes PNGs only; add a writer")
+
+
+def write_plot_files(repo: Path, shift: float = 0.0) -> None:
+    """Every file repo/dvc.yaml's plots read, with small plausible contents (``shift`` moves
+    the numbers, for another revision). Derived from the plots section, so a new plot
+    definition needs no edit here. Data files first: learning_curves.png reads the TSVs."""
+    columns, images = plot_file_columns(repo / "dvc.yaml")
+    for rel, cols in columns.items():
+        write_data_file(repo / rel, cols, shift)
+    for rel in images:
+        write_png(repo, rel, shift)
 
 
 @pytest.fixture(scope="module")
@@ -85,6 +162,11 @@ def project(tmp_path_factory):
     shutil.copy(ROOT / "params.yaml", repo / "params.yaml")  # dvc.yaml reads ${data.mirror}
     subprocess.run([sys.executable, "-m", "dvc", "init", "--no-scm", "-q"], cwd=repo, check=True)
     write_plot_files(repo)
+    (repo / "metrics").mkdir(exist_ok=True)
+    (repo / "metrics/eval.json").write_text(json.dumps({
+        "accuracy": 0.9, "person_recall": 1.0,
+        "operating_point": {"threshold": 0.1234, "test_person_recall": 0.9828,
+                            "false_alarms_per_1000": 7.3}}))
     proc = subprocess.run([sys.executable, "-m", "stages.report", "--repo", str(repo),
                            "--out", str(repo / "report.html")], cwd=ROOT, capture_output=True,
                           text=True, env={**os.environ, "PYTHONPATH": str(ROOT)})
@@ -103,6 +185,7 @@ def test_report_holds_every_plot_and_needs_no_network(project):
     assert refs and all(r.startswith("data:") for r in refs), [r[:40] for r in refs]
     assert "<script" not in page and "default-src 'none'" in page
     assert "person_recall" in page  # metrics tables
+    assert "98 of 100 people raise an alarm; 7 of 1,000" in page  # eval.json's operating point
 
 
 def test_report_is_deterministic(project, tmp_path):
@@ -112,8 +195,9 @@ def test_report_is_deterministic(project, tmp_path):
     assert (tmp_path / "again.html").read_bytes() == (repo / "report.html").read_bytes()
 
 
-def chromium_evaluate(urls: list[str], expression: str) -> list:
-    """Open each URL in headless Chromium (network off) and evaluate ``expression`` there.
+def chromium_evaluate(urls: list[str], expression: str, requests: list | None = None) -> list:
+    """Open each URL in headless Chromium (network off) and evaluate ``expression`` there;
+    ``requests``, when given, gets the URL of every request each page made (its own included).
 
     Chrome DevTools Protocol over --remote-debugging-pipe (fds 3 and 4): no extra package.
     """
@@ -157,6 +241,8 @@ def chromium_evaluate(urls: list[str], expression: str) -> list:
                     result = reply["result"]
                 elif reply.get("method") == until_event and reply.get("sessionId") == session:
                     seen_event = True
+                elif reply.get("method") == "Network.requestWillBeSent" and requests is not None:
+                    requests.append(reply["params"]["request"]["url"])
             return result
 
         try:
@@ -166,6 +252,8 @@ def chromium_evaluate(urls: list[str], expression: str) -> list:
                 session = send("Target.attachToTarget",
                                {"targetId": target, "flatten": True})["sessionId"]
                 send("Page.enable", session=session)
+                if requests is not None:
+                    send("Network.enable", session=session)
                 send("Page.navigate", {"url": url}, session, until_event="Page.loadEventFired")
                 value = send("Runtime.evaluate", {"expression": expression, "awaitPromise": True,
                                                   "returnByValue": True}, session)
@@ -215,7 +303,7 @@ def test_out_onto_a_symlink_is_refused_and_dash_writes_stdout(tmp_path, monkeypa
     links live in tmp_path: the code before this check would replace a real /dev/stdout."""
     from stages import report
 
-    monkeypatch.setattr(report, "build", lambda repo: ("<html>page</html>\n", []))
+    monkeypatch.setattr(report, "build", lambda repo, revs: ("<html>page</html>\n", [], []))
     (tmp_path / "dvc.yaml").write_text("stages: {}\n")
     target = tmp_path / "elsewhere.html"
     target.write_text("keep")
@@ -233,3 +321,195 @@ def test_out_onto_a_symlink_is_refused_and_dash_writes_stdout(tmp_path, monkeypa
     assert report.main(["--repo", str(tmp_path), "--out", "-"]) == 0
     done = capsys.readouterr()
     assert done.out == "<html>page</html>\n" and done.err.startswith("stdout: 0 plots")
+
+
+def test_operating_point_sentence():
+    from stages.report import operating_point_html, operating_point_sentence
+
+    point = {"threshold": 0.1234, "target_recall": 0.99, "test_person_recall": 0.9828,
+             "test_person_precision": 0.95, "false_alarms_per_1000": 7.3, "test_persons": 58,
+             "test_non_persons": 98}
+    assert operating_point_sentence(point) == (
+        "At this threshold (0.1234), 98 of 100 people raise an alarm; 7 of 1,000 animals and "
+        "objects do too.")
+    assert operating_point_sentence({**point, "test_person_recall": 0.995,
+                                     "false_alarms_per_1000": 0.5}) == (
+        "At this threshold (0.1234), 100 of 100 people raise an alarm; 1 of 1,000 animals and "
+        "objects does too.")  # halves round up
+    assert operating_point_sentence({"threshold": 0.5}) is None  # an eval.json without them
+    assert operating_point_sentence({**point, "threshold": None}) is None
+    assert operating_point_html({"workspace": {"threshold": 0.5}}) == ""
+    one = operating_point_html({"workspace": point})
+    assert "98 of 100 people" in one and "<b>" not in one  # one revision: no label
+    both = operating_point_html({"HEAD~1": {}, "<exp>": point})
+    assert "<b>&lt;exp&gt;</b>: At this threshold" in both and "HEAD~1" not in both
+
+
+# Plots another branch is adding to dvc.yaml (precision-recall, ROC, reliability, a PNG): the
+# comparison below adds those the project's dvc.yaml lacks to its copy, so write_plot_files is
+# shown to cover new definitions without an edit.
+EXTRA_PLOTS = [
+    {"Precision-recall (test)": {"template": "linear", "x": "recall", "y": {
+        f"plots/eval/pr/{c}.csv": "precision" for c in CLASSES}}},
+    {"plots/eval/roc_person.csv": {"template": "linear", "x": "fpr", "y": "tpr"}},
+    {"Reliability (test)": {"template": "linear", "x": "confidence", "y": {
+        "plots/eval/reliability/before.csv": "accuracy",
+        "plots/eval/reliability/after.csv": "accuracy"}}},
+    "plots/eval/reliability.png",
+]
+REVS = ["HEAD~1", "HEAD", "tuned", "workspace"]  # two commits, a DVC experiment, the files
+POINT = {"threshold": 0.1234, "target_recall": 0.99, "test_person_recall": 0.9828,
+         "test_person_precision": 0.95, "false_alarms_per_1000": 7.3, "test_persons": 58,
+         "test_non_persons": 98}
+
+
+@pytest.fixture(scope="module")
+def history(tmp_path_factory):
+    """A git + DVC repo with this dvc.yaml's plots: a commit; a second with other numbers that
+    adds EXTRA_PLOTS and lacks metrics/train.json and mistakes.png; an experiment on it (the
+    workspace is the experiment); `stages.report --rev HEAD~1 --rev HEAD --rev tuned --rev
+    workspace`. Returns the repo, the plots, the plot ids HEAD~1 lacks, the page, the process."""
+    repo = tmp_path_factory.mktemp("history") / "repo"
+    repo.mkdir()
+    env = {**os.environ, "PYTHONPATH": str(ROOT), "GIT_AUTHOR_NAME": "t",
+           "GIT_AUTHOR_EMAIL": "t@t", "GIT_COMMITTER_NAME": "t", "GIT_COMMITTER_EMAIL": "t@t"}
+
+    def run(*args):
+        return subprocess.run(args, cwd=repo, env=env, check=True, capture_output=True)
+
+    plots = yaml.safe_load((ROOT / "dvc.yaml").read_text())["plots"]
+    ids = {item if isinstance(item, str) else next(iter(item)) for item in plots}
+    added = [p for p in EXTRA_PLOTS if (p if isinstance(p, str) else next(iter(p))) not in ids]
+    run("git", "init", "-q")
+    run(sys.executable, "-m", "dvc", "init", "-q")
+    (repo / "metrics").mkdir()
+    for shift, evaluation in [(0.0, {"accuracy": 0.9, "arch": "resnet18", "person_recall": 0.95}),
+                              (0.05, {"accuracy": 0.95, "arch": "resnet18", "person_recall": 0.97,
+                                      "operating_point": POINT})]:
+        # No stages: `dvc exp save` wants every stage's dependencies; the report reads plots
+        # and metrics alone, and top-level metrics read as stage outputs' do.
+        (repo / "dvc.yaml").write_text(yaml.safe_dump({
+            "metrics": ["metrics/eval.json", "metrics/train.json"],
+            "plots": plots + added if shift else plots}, sort_keys=False))
+        write_plot_files(repo, shift)
+        (repo / "metrics/eval.json").write_text(json.dumps(evaluation))
+        if shift:
+            (repo / "metrics/train.json").unlink()
+            (repo / "plots/eval/mistakes.png").unlink()
+        else:
+            (repo / "metrics/train.json").write_text(json.dumps({"epochs": 12}))
+        run("git", "add", "-A")
+        run("git", "commit", "-qm", f"shift {shift}")
+    (repo / "metrics/eval.json").write_text(json.dumps({
+        "accuracy": 0.97, "arch": "resnet34", "person_recall": 0.99,
+        "operating_point": {**POINT, "threshold": 0.05, "test_person_recall": 1.0}}))
+    write_plot_files(repo, 0.1)
+    (repo / "plots/eval/mistakes.png").unlink()  # `exp save` would take it, untracked as it is
+    run(sys.executable, "-m", "dvc", "exp", "save", "-q", "-n", "tuned")
+    out = repo / "compare.html"
+    proc = subprocess.run([sys.executable, "-m", "stages.report", "--repo", str(repo),
+                           *(a for rev in REVS for a in ("--rev", rev)), "--out", str(out)],
+                          cwd=ROOT, env=env, capture_output=True, text=True)
+    added_ids = [p if isinstance(p, str) else next(iter(p)) for p in added]
+    return repo, plots + added, added_ids, out, proc
+
+
+def metric_rows(page: str, name: str) -> dict[str, list[str]]:
+    """The cells of the table of one metrics file: {metric: [cell, ...]}."""
+    table = page.split(f"<h3>{name}</h3>", 1)[1].split("</table>", 1)[0]
+    rows = [re.findall(r"<td[^>]*>([^<]*)</td>", row) for row in table.split("<tr>")[2:]]
+    return {row[0]: row[1:] for row in rows}
+
+
+def svg_texts(uri: str) -> set[str]:
+    svg = base64.b64decode(uri.split(",", 1)[1]).decode()
+    return set(re.findall(r"<text[^>]*>([^<]*)</text>", svg))
+
+
+def test_report_compares_revisions(history):
+    _, plots, added, out, proc = history
+    assert proc.returncode == 0, proc.stderr
+    page = out.read_text()
+    refs = re.findall(r'(?:src|href)\s*=\s*"([^"]*)"', page)
+    assert refs and all(r.startswith("data:") for r in refs), [r[:40] for r in refs]
+    assert "<script" not in page and "default-src 'none'" in page
+    # Every plot of the dvc.yaml, each revision's data in it.
+    sections = re.findall(r'<section class="group" data-plot="([^"]+)">(.*?)</section>', page)
+    plot_ids = [item if isinstance(item, str) else next(iter(item)) for item in plots]
+    assert [plot_id for plot_id, _ in sections] == plot_ids
+    for plot_id, body in sections:
+        figures = re.findall(r'<figure class="plot" data-plot="[^"]+" data-rev="([^"]+)">'
+                             r'<img src="([^"]+)"', body)
+        lacking = REVS[1:] if plot_id == "plots/eval/mistakes.png" else \
+            ["HEAD~1"] if plot_id in added else []
+        having = [rev for rev in REVS if rev not in lacking]
+        if plot_id.endswith(".png"):  # side by side, one per revision, a gap where one lacks it
+            assert [rev for rev, _ in figures] == having
+            assert re.findall(r'<div class="missing" data-rev="([^"]+)"', body) == lacking
+        else:  # one overlay; its legend or facets name every revision that has the plot
+            [(revs, uri)] = figures
+            texts = svg_texts(uri)
+            assert set(having) <= set(revs.split()) and set(having) <= texts, plot_id
+            assert not set(lacking) & texts, plot_id
+        assert re.findall(r'<p class="missing">missing in ([^:]+):', body) == lacking
+    # Metrics side by side, the change against the first revision; what a revision lacks.
+    tuned = ["0.97", "+0.07"]  # accuracy in the experiment, and in the workspace
+    assert metric_rows(page, "metrics/eval.json")["accuracy"] == ["0.9", "0.95", "+0.05", *tuned,
+                                                                  *tuned]
+    assert metric_rows(page, "metrics/eval.json")["arch"] == ["resnet18", "resnet18", "",
+                                                              "resnet34", "", "resnet34", ""]
+    assert metric_rows(page, "metrics/eval.json")["operating_point.threshold"] == [
+        "missing", "0.1234", "", "0.05", "", "0.05", ""]
+    assert metric_rows(page, "metrics/train.json") == {
+        "epochs": ["12", "missing", "", "missing", "", "missing", ""]}
+    assert "missing in HEAD, tuned, workspace" in page
+    # The operating point per revision that has one.
+    assert ("<b>HEAD</b>: At this threshold (0.1234), 98 of 100 people raise an alarm; 7 of "
+            "1,000 animals and objects do too.") in page
+    for rev in ("tuned", "workspace"):
+        assert f"<b>{rev}</b>: At this threshold (0.05), 100 of 100 people" in page
+    assert "<b>HEAD~1</b>" not in page
+    named = [line for line in proc.stderr.splitlines() if line.startswith(("missing", "error"))]
+    assert sorted(named) == sorted(
+        [f"missing: {plot_id}: no data for this plot in HEAD~1" for plot_id in added]
+        + [f"missing: plots/eval/mistakes.png: plots/eval/mistakes.png in {rev}"
+           for rev in REVS[1:]] + [f"missing: metrics/train.json in {rev}" for rev in REVS[1:]])
+
+
+@pytest.mark.skipif(CHROMIUM is None, reason="chromium not installed (Debian: apt-get install "
+                    "chromium; CI's .ci/run installs it)")
+def test_compared_revisions_render_in_offline_chromium(history, tmp_path):
+    _, _, _, out, proc = history
+    assert proc.returncode == 0, proc.stderr
+    # Control: a page that fetches something is seen doing so.
+    fetching = tmp_path / "fetching.html"
+    fetching.write_text('<img src="http://127.0.0.1:9/x.png">')
+    requests, control = [], []
+    [report] = chromium_evaluate([out.as_uri()], CHECK, requests)
+    chromium_evaluate([fetching.as_uri()], "1", control)
+    assert "http://127.0.0.1:9/x.png" in control
+    assert [r for r in requests if not r.startswith("data:")] == [out.as_uri()]  # itself alone
+    assert len(report) == out.read_text().count('<figure class="plot"') > len(REVS)
+    for figure in report:
+        assert figure["loaded"] and figure["shown"], figure
+        assert figure["width"] > 100 and figure["height"] > 100, figure
+        assert figure["colours"] > 2, figure  # not a blank rectangle
+
+
+def test_a_revision_that_does_not_exist_is_one_line_and_writes_nothing(history, project,
+                                                                      tmp_path, capsys):
+    from stages import report
+
+    repo = history[0]
+    out = tmp_path / "x.html"
+    for where, revs, expected in [
+            (repo, ["HEAD", "no-such-rev"], "error: --rev no-such-rev: unknown Git revision"),
+            (project[0], ["HEAD"], "error: --rev needs a git repository")]:  # `dvc init --no-scm`
+        with pytest.raises(SystemExit) as exc:
+            report.main(["--repo", str(where), *(a for r in revs for a in ("--rev", r)),
+                         "--out", str(out)])
+        assert exc.value.code == 2
+        captured = capsys.readouterr()
+        assert captured.out == "" and len(captured.err.splitlines()) == 1, captured
+        assert captured.err.startswith(expected), captured.err
+        assert not out.exists()
