@@ -33,6 +33,7 @@ import tempfile
 from pathlib import Path
 
 from stages.common.atomic import atomic_file, refuse_odd_destination
+from stages.common.calibration import operator_sentence, threshold_text
 from stages.common.errors import ArgumentParser, StageError, main_guard
 
 DEFAULT_OUT = Path("dvc_plots/report.html")  # beside dvc plots show's index.html, git-ignored
@@ -177,14 +178,13 @@ def operating_point_sentence(point: dict) -> str | None:
     None when it lacks the figures the sentence needs (an older eval.json)."""
     try:
         threshold = float(point["threshold"])
-        people = float(point["test_person_recall"]) * 100
+        recall = float(point["test_person_recall"])
         others = float(point["false_alarms_per_1000"])
     except (KeyError, TypeError, ValueError):
         return None
-    people, others = int(people + 0.5), int(others + 0.5)  # half up: 7.5 false alarms reads 8
-    return (f"At this threshold ({threshold:g}), {people} of 100 people "
-            f"{'raises' if people == 1 else 'raise'} an alarm; {others} of 1,000 animals and "
-            f"objects {'does' if others == 1 else 'do'} too.")
+    shown = (threshold_text(threshold, float(point["threshold_log_odds"]))
+             if "threshold_log_odds" in point else f"{threshold:g}")
+    return operator_sentence(recall, others, shown)
 
 
 def operating_point_html(points: dict[str, dict]) -> str:

@@ -149,10 +149,13 @@ def threshold_text(threshold: float, threshold_log_odds: float) -> str:
     return f"{threshold:.12g} (log-odds {threshold_log_odds:.2f})"
 
 
-def operator_sentence(recall: float, false_alarms_per_1000: float) -> str:
-    """The operating point as an operator reads it."""
-    return (f"At this threshold, {round(recall * 100)} of 100 people raise an alarm; "
-            f"{round(false_alarms_per_1000):,} of 1,000 animals and objects do too.")
+def operator_sentence(recall: float, false_alarms_per_1000: float,
+                      threshold: str | None = None) -> str:
+    """The operating point as an operator reads it (halves round up: 7.5 false alarms reads 8)."""
+    people, others = int(recall * 100 + 0.5), int(false_alarms_per_1000 + 0.5)
+    at = f"At this threshold ({threshold})" if threshold else "At this threshold"
+    return (f"{at}, {people} of 100 people {'raises' if people == 1 else 'raise'} an alarm; "
+            f"{others:,} of 1,000 animals and objects {'does' if others == 1 else 'do'} too.")
 
 
 # ----- the operating point file ----------------------------------------------------------------
