@@ -13,6 +13,7 @@ import hashlib
 import http.server
 import json
 import os
+import re
 import shutil
 import socket
 import subprocess
@@ -25,6 +26,7 @@ from urllib.parse import urlsplit
 
 import pytest
 
+from stages.common import progress
 from stages.download import zoo
 from tests.test_download import REAL_MIDS, ZOO_URLS, make_zoo_split, tree_digest, write_params
 
@@ -137,7 +139,12 @@ class Handler(http.server.BaseHTTPRequestHandler):
                 self.wfile.flush()
                 self.close_connection = True
                 return
-            self.wfile.write(data[start:])
+            piece = -(-(len(data) - start) // srv.label_pieces) or 1
+            for at in range(start, len(data), piece):   # in pieces, a pause between them
+                if at > start:
+                    time.sleep(srv.piece_delay)
+                self.wfile.write(data[at:at + piece])
+                self.wfile.flush()
             return
         with srv.lock:
             srv.inflight += 1
@@ -160,10 +167,13 @@ class Origin(http.server.ThreadingHTTPServer):
     daemon_threads = True
 
     def __init__(self, files: dict[str, bytes], image_delay: float = 0.0,
-                 stall_images: bool = False) -> None:
+                 stall_images: bool = False, label_pieces: int = 1,
+                 piece_delay: float = 0.0) -> None:
         super().__init__(("127.0.0.1", 0), Handler)
         self.files = files
         self.image_delay = image_delay
+        self.label_pieces = label_pieces     # a label file's body in this many writes,
+        self.piece_delay = piece_delay       # this long apart (a slow link)
         self.stall_images = stall_images
         self.counts: Counter[tuple[str, str]] = Counter()
         self.ranges: list[tuple[str, str | None]] = []   # (path, Range header) of each request
@@ -439,6 +449,49 @@ def test_num_workers_is_how_many_images_download_at_once(work: Path) -> None:
     assert result.returncode == 0, result.stderr
     assert origin.image_gets() == set(wanted)
     assert origin.max_inflight == 3
+
+
+# ---------------------------------------------------------------------------- progress
+
+BYTES_LINE = (r"download train/labels/detections\.csv: [\d.,]+ k?B/{size} \((\d+)%\), "
+              r"[\d.,]+ [kMG]?B/s, ETA \d+:\d\d")
+IMAGES_LINE = r"download train images: (\d)/8 images \(\d+%\), \d+ images/s, ETA \d+:\d\d"
+
+
+def test_progress_shows_as_plain_lines_when_stderr_is_a_pipe(
+        work: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """Under `dvc repro` or a pipe the download says how far it is, in lines on stderr: the box
+    file in bytes (sent in 4 pieces), the images one by one (FiftyOne's thread pool), each
+    with done/total, %, rate and ETA; FiftyOne's own redrawn bars are gone from stdout, and
+    the files are the server's bytes."""
+    monkeypatch.setenv("PROGRESS_EVERY_S", "0")            # a line at every step but the last
+    files, wanted = open_images()
+    boxes = label_path("train/labels/detections.csv")
+    origin = Origin(files, image_delay=0.05, label_pieces=4, piece_delay=0.1)
+    try:
+        write_params(work, source="open-images-v7", max_samples=8, num_workers=3, timeout=5)
+        result = run_stage(work, work / "zoo", origin.url)
+    finally:
+        origin.stop()
+    assert result.returncode == 0, result.stderr
+    err = result.stderr.splitlines()
+    size = re.escape(progress.bytes_text(len(files[boxes])))
+    label_lines = [re.fullmatch(BYTES_LINE.format(size=size), l) for l in err
+                   if l.startswith("download train/labels/detections.csv")]
+    assert label_lines and all(label_lines), err
+    percents = [int(m[1]) for m in label_lines]
+    assert percents == sorted(percents) and percents[-1] < 100, err
+    image_lines = [re.fullmatch(IMAGES_LINE, l) for l in err if l.startswith("download train images")]
+    assert all(image_lines) and [int(m[1]) for m in image_lines] == list(range(1, 8)), err
+    assert "\r" not in result.stdout and "files/s" not in result.stdout, result.stdout
+    split = work / "zoo/open-images-v7/train"
+    for rel in ZOO_URLS:
+        assert (split.parent / rel).read_bytes() == files[label_path(rel)], rel
+    raw = sorted((work / "data/raw/data").iterdir())
+    assert len(raw) == 8
+    for picture in raw:
+        assert picture.read_bytes() == files[f"{BUCKET}{picture.name}"]
+        assert (split / "data" / picture.name).read_bytes() == picture.read_bytes()
 
 
 # ---------------------------------------------------------------------------- units
