@@ -28,14 +28,17 @@ import pytest
 
 from stages.common import progress
 from stages.download import zoo
+from tests import paramfile
 from tests.test_download import REAL_MIDS, ZOO_URLS, make_zoo_split, tree_digest, write_params
+from tests.tiny_project import copy_project
 
 REPO = Path(__file__).resolve().parents[1]
 GOOGLE = "https://storage.googleapis.com"
 BUCKET = "/open-images-dataset/train/"
 
-HARNESS = """
-import os, socket, sys, time
+# Sockets may reach 127.0.0.1 only (also a sitecustomize.py, for a stage that DVC starts).
+GUARD = """
+import socket
 LOOPBACK = ("127.0.0.1", "::1", "localhost")
 def _guard(host):
     if host not in LOOPBACK:
@@ -50,6 +53,9 @@ def getaddrinfo(host, *args, **kwargs):
     return _getaddrinfo(host, *args, **kwargs)
 socket.socket.connect = connect
 socket.getaddrinfo = getaddrinfo
+"""
+HARNESS = GUARD + """
+import os, sys, time
 import fiftyone.utils.openimages as fouo
 def point(node, origin):
     for key, value in node.items():
@@ -449,6 +455,54 @@ def test_num_workers_is_how_many_images_download_at_once(work: Path) -> None:
     assert result.returncode == 0, result.stderr
     assert origin.image_gets() == set(wanted)
     assert origin.max_inflight == 3
+
+
+# ---------------------------------------------------------------------------- under DVC
+
+def test_a_download_that_fails_under_dvc_keeps_the_last_data_raw(tmp_path: Path) -> None:
+    """DVC deletes a stage's outputs before its command runs. The report's recipe on a machine
+    with no network (`cp configs/report-resnet18.yaml params.yaml && dvc exp run`) stopped in
+    download with data/raw and metrics/download.json gone; dvc.yaml declares them persist, so
+    the failed run ends in one line within data.zoo.timeout and leaves them as they were:
+    with the params put back, DVC finds nothing to do."""
+    small = {"data": {"sample": {"images": 24, "max_side": 160}}}
+    project = copy_project(tmp_path / "p", small)
+    hook = tmp_path / "hook"
+    hook.mkdir()
+    (hook / "sitecustomize.py").write_text(GUARD)          # for every process DVC starts
+    env = {k: v for k, v in os.environ.items() if "proxy" not in k.lower()}
+    env.update(PATH=f"{Path(sys.executable).parent}{os.pathsep}{env['PATH']}",
+               PYTHONPATH=f"{hook}{os.pathsep}{REPO}", FIFTYONE_DATASET_ZOO_DIR=str(tmp_path / "zoo"),
+               FIFTYONE_DO_NOT_TRACK="true", GIT_AUTHOR_NAME="t", GIT_AUTHOR_EMAIL="t@t",
+               GIT_COMMITTER_NAME="t", GIT_COMMITTER_EMAIL="t@t")
+
+    def run(*args: str) -> subprocess.CompletedProcess:
+        return subprocess.run(args, cwd=project, env=env, capture_output=True, text=True,
+                              timeout=300)
+
+    for args in (["git", "init", "-q"], ["dvc", "repro", "download"], ["git", "add", "-A"],
+                 ["git", "commit", "-qm", "sample"]):
+        done = run(*args)
+        assert done.returncode == 0, f"{args}: {done.stdout}{done.stderr}"
+    raw, metrics = tree_digest(project / "data/raw"), (project / "metrics/download.json").read_bytes()
+    committed = (project / "params.yaml").read_bytes()
+
+    paramfile.write(project, {"data": {**small["data"], "source": "open-images-v7",
+                                       "zoo": {"timeout": 1}}})
+    started = time.monotonic()
+    failed = run("dvc", "repro", "download")
+    took = time.monotonic() - started
+    assert failed.returncode != 0
+    errors = [l for l in failed.stderr.splitlines() if l.startswith("error: ")]
+    assert len(errors) == 1 and "cannot get the class list" in errors[0] \
+        and "network disabled by the test" in errors[0], failed.stderr
+    assert took < 60, took   # DVC's start and the stage's imports; the wait itself is 1 s at most
+    assert tree_digest(project / "data/raw") == raw
+    assert (project / "metrics/download.json").read_bytes() == metrics
+
+    (project / "params.yaml").write_bytes(committed)
+    status = run("dvc", "status", "--json", "download")
+    assert status.returncode == 0 and json.loads(status.stdout) == {}, status.stdout
 
 
 # ---------------------------------------------------------------------------- progress
