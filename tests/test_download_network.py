@@ -13,6 +13,7 @@ import hashlib
 import http.server
 import json
 import os
+import re
 import shutil
 import socket
 import subprocess
@@ -25,15 +26,19 @@ from urllib.parse import urlsplit
 
 import pytest
 
+from stages.common import progress
 from stages.download import zoo
+from tests import paramfile
 from tests.test_download import REAL_MIDS, ZOO_URLS, make_zoo_split, tree_digest, write_params
+from tests.tiny_project import copy_project
 
 REPO = Path(__file__).resolve().parents[1]
 GOOGLE = "https://storage.googleapis.com"
 BUCKET = "/open-images-dataset/train/"
 
-HARNESS = """
-import os, socket, sys, time
+# Sockets may reach 127.0.0.1 only (also a sitecustomize.py, for a stage that DVC starts).
+GUARD = """
+import socket
 LOOPBACK = ("127.0.0.1", "::1", "localhost")
 def _guard(host):
     if host not in LOOPBACK:
@@ -48,6 +53,9 @@ def getaddrinfo(host, *args, **kwargs):
     return _getaddrinfo(host, *args, **kwargs)
 socket.socket.connect = connect
 socket.getaddrinfo = getaddrinfo
+"""
+HARNESS = GUARD + """
+import os, sys, time
 import fiftyone.utils.openimages as fouo
 def point(node, origin):
     for key, value in node.items():
@@ -137,7 +145,12 @@ class Handler(http.server.BaseHTTPRequestHandler):
                 self.wfile.flush()
                 self.close_connection = True
                 return
-            self.wfile.write(data[start:])
+            piece = -(-(len(data) - start) // srv.label_pieces) or 1
+            for at in range(start, len(data), piece):   # in pieces, a pause between them
+                if at > start:
+                    time.sleep(srv.piece_delay)
+                self.wfile.write(data[at:at + piece])
+                self.wfile.flush()
             return
         with srv.lock:
             srv.inflight += 1
@@ -160,10 +173,13 @@ class Origin(http.server.ThreadingHTTPServer):
     daemon_threads = True
 
     def __init__(self, files: dict[str, bytes], image_delay: float = 0.0,
-                 stall_images: bool = False) -> None:
+                 stall_images: bool = False, label_pieces: int = 1,
+                 piece_delay: float = 0.0) -> None:
         super().__init__(("127.0.0.1", 0), Handler)
         self.files = files
         self.image_delay = image_delay
+        self.label_pieces = label_pieces     # a label file's body in this many writes,
+        self.piece_delay = piece_delay       # this long apart (a slow link)
         self.stall_images = stall_images
         self.counts: Counter[tuple[str, str]] = Counter()
         self.ranges: list[tuple[str, str | None]] = []   # (path, Range header) of each request
@@ -439,6 +455,97 @@ def test_num_workers_is_how_many_images_download_at_once(work: Path) -> None:
     assert result.returncode == 0, result.stderr
     assert origin.image_gets() == set(wanted)
     assert origin.max_inflight == 3
+
+
+# ---------------------------------------------------------------------------- under DVC
+
+def test_a_download_that_fails_under_dvc_keeps_the_last_data_raw(tmp_path: Path) -> None:
+    """DVC deletes a stage's outputs before its command runs. The report's recipe on a machine
+    with no network (`cp configs/report-resnet18.yaml params.yaml && dvc exp run`) stopped in
+    download with data/raw and metrics/download.json gone; dvc.yaml declares them persist, so
+    the failed run ends in one line within data.zoo.timeout and leaves them as they were:
+    with the params put back, DVC finds nothing to do."""
+    small = {"data": {"sample": {"images": 24, "max_side": 160}}}
+    project = copy_project(tmp_path / "p", small)
+    hook = tmp_path / "hook"
+    hook.mkdir()
+    (hook / "sitecustomize.py").write_text(GUARD)          # for every process DVC starts
+    env = {k: v for k, v in os.environ.items() if "proxy" not in k.lower()}
+    env.update(PATH=f"{Path(sys.executable).parent}{os.pathsep}{env['PATH']}",
+               PYTHONPATH=f"{hook}{os.pathsep}{REPO}", FIFTYONE_DATASET_ZOO_DIR=str(tmp_path / "zoo"),
+               FIFTYONE_DO_NOT_TRACK="true", GIT_AUTHOR_NAME="t", GIT_AUTHOR_EMAIL="t@t",
+               GIT_COMMITTER_NAME="t", GIT_COMMITTER_EMAIL="t@t")
+
+    def run(*args: str) -> subprocess.CompletedProcess:
+        return subprocess.run(args, cwd=project, env=env, capture_output=True, text=True,
+                              timeout=300)
+
+    for args in (["git", "init", "-q"], ["dvc", "repro", "download"], ["git", "add", "-A"],
+                 ["git", "commit", "-qm", "sample"]):
+        done = run(*args)
+        assert done.returncode == 0, f"{args}: {done.stdout}{done.stderr}"
+    raw, metrics = tree_digest(project / "data/raw"), (project / "metrics/download.json").read_bytes()
+    committed = (project / "params.yaml").read_bytes()
+
+    paramfile.write(project, {"data": {**small["data"], "source": "open-images-v7",
+                                       "zoo": {"timeout": 1}}})
+    started = time.monotonic()
+    failed = run("dvc", "repro", "download")
+    took = time.monotonic() - started
+    assert failed.returncode != 0
+    errors = [l for l in failed.stderr.splitlines() if l.startswith("error: ")]
+    assert len(errors) == 1 and "cannot get the class list" in errors[0] \
+        and "network disabled by the test" in errors[0], failed.stderr
+    assert took < 60, took   # DVC's start and the stage's imports; the wait itself is 1 s at most
+    assert tree_digest(project / "data/raw") == raw
+    assert (project / "metrics/download.json").read_bytes() == metrics
+
+    (project / "params.yaml").write_bytes(committed)
+    status = run("dvc", "status", "--json", "download")
+    assert status.returncode == 0 and json.loads(status.stdout) == {}, status.stdout
+
+
+# ---------------------------------------------------------------------------- progress
+
+BYTES_LINE = (r"download train/labels/detections\.csv: [\d.,]+ k?B/{size} \((\d+)%\), "
+              r"[\d.,]+ [kMG]?B/s, ETA \d+:\d\d")
+IMAGES_LINE = r"download train images: (\d)/8 images \(\d+%\), \d+ images/s, ETA \d+:\d\d"
+
+
+def test_progress_shows_as_plain_lines_when_stderr_is_a_pipe(
+        work: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """Under `dvc repro` or a pipe the download says how far it is, in lines on stderr: the box
+    file in bytes (sent in 4 pieces), the images one by one (FiftyOne's thread pool), each
+    with done/total, %, rate and ETA; FiftyOne's own redrawn bars are gone from stdout, and
+    the files are the server's bytes."""
+    monkeypatch.setenv("PROGRESS_EVERY_S", "0")            # a line at every step but the last
+    files, wanted = open_images()
+    boxes = label_path("train/labels/detections.csv")
+    origin = Origin(files, image_delay=0.05, label_pieces=4, piece_delay=0.1)
+    try:
+        write_params(work, source="open-images-v7", max_samples=8, num_workers=3, timeout=5)
+        result = run_stage(work, work / "zoo", origin.url)
+    finally:
+        origin.stop()
+    assert result.returncode == 0, result.stderr
+    err = result.stderr.splitlines()
+    size = re.escape(progress.bytes_text(len(files[boxes])))
+    label_lines = [re.fullmatch(BYTES_LINE.format(size=size), l) for l in err
+                   if l.startswith("download train/labels/detections.csv")]
+    assert label_lines and all(label_lines), err
+    percents = [int(m[1]) for m in label_lines]
+    assert percents == sorted(percents) and percents[-1] < 100, err
+    image_lines = [re.fullmatch(IMAGES_LINE, l) for l in err if l.startswith("download train images")]
+    assert all(image_lines) and [int(m[1]) for m in image_lines] == list(range(1, 8)), err
+    assert "\r" not in result.stdout and "files/s" not in result.stdout, result.stdout
+    split = work / "zoo/open-images-v7/train"
+    for rel in ZOO_URLS:
+        assert (split.parent / rel).read_bytes() == files[label_path(rel)], rel
+    raw = sorted((work / "data/raw/data").iterdir())
+    assert len(raw) == 8
+    for picture in raw:
+        assert picture.read_bytes() == files[f"{BUCKET}{picture.name}"]
+        assert (split / "data" / picture.name).read_bytes() == picture.read_bytes()
 
 
 # ---------------------------------------------------------------------------- units

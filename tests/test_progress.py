@@ -66,3 +66,54 @@ def test_the_train_stage_shows_progress_inside_each_epoch_when_not_on_a_terminal
         assert [l.split(":")[1].split()[0] for l in lines] == \
             ["4/24", "8/24", "12/24", "16/24", "20/24"], proc.stderr
         assert all("images/s" in l and "ETA" in l for l in lines)
+
+
+def test_bytes_are_shown_scaled_and_a_resumed_part_does_not_count_toward_the_rate(monkeypatch):
+    """A label file resumed at 1.5 GB of 2.1 GB: the rate is what this run fetched, 100 MB in
+    10 s, so the ETA is for the 0.6 GB left at 10 MB/s."""
+    monkeypatch.setenv("PROGRESS_EVERY_S", "5")
+    ticks = iter([0, 10])
+    out = io.StringIO()
+    with progress.Meter("download train/labels/detections.csv", 2_100_000_000, progress.BYTES,
+                        stream=out, initial=1_500_000_000, clock=lambda: next(ticks)) as meter:
+        meter.update(100_000_000)
+    assert out.getvalue() == ("download train/labels/detections.csv: 1.6 GB/2.1 GB (76%), "
+                              "10.0 MB/s, ETA 0:50\n")
+    assert progress.line("download x.csv", 999, None, progress.BYTES, 1.0) == \
+        "download x.csv: 999 B, 999 B/s"                      # no size stated: no % nor ETA
+    assert progress.line("download x", 12, None, "images", 4.0) == "download x: 12 images, 3 images/s"
+
+
+def test_a_meter_counts_updates_from_many_threads(monkeypatch):
+    """Images finish in a thread pool: every update counts once, and the lines go up."""
+    import threading
+
+    monkeypatch.setenv("PROGRESS_EVERY_S", "0")
+    out = io.StringIO()
+    with progress.Meter("download train images", 8 * 500, stream=out) as meter:
+        workers = [threading.Thread(target=lambda: [meter.update() for _ in range(500)])
+                   for _ in range(8)]
+        for w in workers:
+            w.start()
+        for w in workers:
+            w.join()
+    assert meter.done == 8 * 500
+    counts = [int(l.split(": ")[1].split("/")[0].replace(",", "")) for l in out.getvalue().splitlines()]
+    assert counts == list(range(1, 8 * 500)), "a count lost, repeated or out of order"
+
+
+class Terminal(io.StringIO):
+    def isatty(self):
+        return True
+
+
+def test_on_a_terminal_a_meter_draws_a_bar_in_bytes():
+    out = Terminal()
+    with progress.Meter("download train/labels/detections.csv", 4_000_000, progress.BYTES,
+                        stream=out, initial=1_000_000) as meter:
+        meter.update(1_000_000)
+    drawn = out.getvalue()
+    # drawn at once with the resumed part (tqdm redraws at most every 0.1 s)
+    assert "download train/labels/detections.csv" in drawn and "1.00M/4.00M" in drawn, drawn
+    assert "B/s" in drawn
+    assert "\r" in drawn and "ETA" not in drawn               # tqdm's bar, not our lines

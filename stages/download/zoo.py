@@ -30,6 +30,12 @@ what :func:`patched` changes while the download stage runs it:
   choice depends on the params and the label files only, and the images it chose are reported
   back (:attr:`Session.chosen`) so that the stage keeps exactly those.
 
+- **Progress**: eta's bar (label files) and FiftyOne's (images) redraw on stdout up to ten
+  times a second, which a pipe or ``dvc repro``'s log turns into a pile of frames. Here both
+  go through stages/common/progress.py on stderr: a bar on a terminal, else a line every
+  ``PROGRESS_EVERY_S`` seconds; label files in bytes (a resumed one from where it stopped),
+  images counted as the S3 client finishes each one in FiftyOne's thread pool.
+
 So a network that goes silent stops the stage within about ``S3_ATTEMPTS`` x ``timeout``
 (plus botocore's backoff of a few seconds, and the resolver's own DNS timeout), with one line.
 
@@ -39,7 +45,6 @@ from __future__ import annotations
 
 import base64
 import contextlib
-import functools
 import json
 import logging
 import os
@@ -49,6 +54,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Callable, Iterator
 
+from stages.common import progress
 from stages.common.atomic import clean_stale, write_json
 from stages.common.digest import file_md5
 from stages.common.errors import StageError
@@ -174,12 +180,12 @@ def fetch(url: str, path: str | Path, timeout: float, quiet: bool = False) -> in
         written = have
         try:
             with part.open("ab" if have else "wb") as f, \
-                    etau_progress(total, quiet) as bar:
-                bar.update(8 * have)
+                    progress.Meter(f"download {shown(path)}", total, progress.BYTES,
+                                   enabled=not quiet, initial=have) as meter:
                 for chunk in body(r):
                     f.write(chunk)
                     written += len(chunk)
-                    bar.update(8 * len(chunk))
+                    meter.update(len(chunk))
         except BaseException:
             if total is None:
                 drop_partial(path)
@@ -214,10 +220,9 @@ def body(response: Any) -> Iterator[bytes]:
         yield chunk
 
 
-def etau_progress(total: int | None, quiet: bool) -> Any:
-    import eta.core.utils as etau
-
-    return etau.ProgressBar(8 * total if total else None, use_bits=True, quiet=quiet)
+def shown(path: Path) -> str:
+    """What a progress line calls a label file: ``train/labels/detections.csv``."""
+    return "/".join(path.parts[-3:])
 
 
 def finish(url: str, path: Path, meta: dict[str, Any]) -> int:
@@ -299,6 +304,11 @@ class Session:
     """What :func:`patched` yields: ``ensure`` a file, and the images FiftyOne chose per split."""
     ensure: Callable[..., bool]
     chosen: dict[Path, list[str]] = field(default_factory=dict)
+    images: progress.Meter | None = None    # the split's image downloads under way, if any
+
+    def image_done(self) -> None:
+        if self.images is not None:
+            self.images.update(1)
 
 
 def tidy(root: Path, splits: tuple[str, ...] | list[str]) -> None:
@@ -326,10 +336,12 @@ def tidy(root: Path, splits: tuple[str, ...] | list[str]) -> None:
                         stale.unlink()
 
 
-def boto3_with_timeouts(timeout: float) -> types.SimpleNamespace:
+def boto3_with_timeouts(timeout: float,
+                        on_file: Callable[[], None] = lambda: None) -> types.SimpleNamespace:
     """A stand-in for the ``boto3`` module in fiftyone.utils.aws (which calls only
     ``boto3.client``): the client it returns waits ``timeout`` s per connect or read and gives
-    up after ``S3_ATTEMPTS`` attempts per request and ``BODY_ATTEMPTS`` per image body."""
+    up after ``S3_ATTEMPTS`` attempts per request and ``BODY_ATTEMPTS`` per image body, and
+    calls ``on_file()`` after each file it downloaded whole (in the pool's threads)."""
     import boto3
     import botocore.config
     from boto3.s3.transfer import TransferConfig
@@ -341,7 +353,13 @@ def boto3_with_timeouts(timeout: float) -> types.SimpleNamespace:
     def client(*args: Any, config: Any = None, **kwargs: Any) -> Any:
         s3 = boto3.client(*args, config=config.merge(ours) if config is not None else ours,
                           **kwargs)
-        s3.download_file = functools.partial(s3.download_file, Config=transfer)
+        download = s3.download_file
+
+        def download_file(*a: Any, **kw: Any) -> None:
+            download(*a, Config=transfer, **kw)
+            on_file()
+
+        s3.download_file = download_file
         return s3
 
     return types.SimpleNamespace(client=client)
@@ -376,6 +394,7 @@ def exclusive(root: Path) -> Iterator[None]:
 @contextlib.contextmanager
 def patched(root: Path, timeout: float) -> Iterator[Session]:
     """FiftyOne's Open Images download as the module doc describes, for the ``with`` block."""
+    import fiftyone as fo
     import fiftyone.utils.aws as foua
     import fiftyone.utils.openimages as fouo
 
@@ -397,7 +416,10 @@ def patched(root: Path, timeout: float) -> Iterator[Session]:
             raise ValueError(f"File '{filepath}' is not downloaded")
         if quiet < 1:
             logger.info("Downloading '%s' to '%s'", url, filepath)
-        record.add(path, url, fetch(url, path, timeout, quiet=quiet != -1))
+        # Progress for every label file, whatever FiftyOne's ``quiet``: it would show a bar for
+        # train's files only, but another split's box file is tens of MB too; a small file
+        # ends before the first line is due.
+        record.add(path, url, fetch(url, path, timeout))
         return True
 
     session = Session(ensure=ensure)
@@ -405,13 +427,25 @@ def patched(root: Path, timeout: float) -> Iterator[Session]:
     def download_images(image_ids: list[str], split: str, dataset_dir: str,
                         num_workers: int | None = None, download: bool = True) -> int:
         session.chosen[Path(dataset_dir).resolve()] = list(image_ids)
-        return original_images(image_ids, split, dataset_dir, num_workers=num_workers,
-                               download=download)
+        # FiftyOne fetches the chosen images not on disk (the same test as here); its bar is
+        # silenced (below) and the client counts each image it finished into this meter.
+        data = Path(dataset_dir) / "data"
+        missing = sum(not (data / f"{image_id}.jpg").is_file() for image_id in image_ids)
+        with progress.Meter(f"download {split} images", missing, "images") as meter:
+            session.images = meter
+            try:
+                return original_images(image_ids, split, dataset_dir, num_workers=num_workers,
+                                       download=download)
+            finally:
+                session.images = None
 
+    # FiftyOne's own image bar (eta's) redraws on stdout up to 10 times a second: on a
+    # terminal it would fight ours, in a pipe it piles up frames. Ours replaces it.
     swaps = [(fouo, "_download_file_if_necessary", ensure),
              (fouo, "_get_downloaded_image_ids", lambda dataset_dir: []),
              (fouo, "_download_images_if_necessary", download_images),
-             (foua, "boto3", boto3_with_timeouts(timeout))]
+             (foua, "boto3", boto3_with_timeouts(timeout, session.image_done)),
+             (fo.config, "show_progress_bars", False)]
     saved = [(module, name, getattr(module, name)) for module, name, _ in swaps]
     for module, name, value in swaps:
         setattr(module, name, value)
