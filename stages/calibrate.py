@@ -5,8 +5,9 @@ writes data/calibration/operating_point.json:
   * ``temperature``: one scalar that divides the logits before the softmax, fitted by minimising
     the val negative log-likelihood (stages.common.calibration);
   * ``threshold``: the calibrated person probability at or above which a picture raises the
-    alarm: the highest threshold whose val person recall reaches
-    ``calibrate.person_recall_target``;
+    alarm: val person recall >= ``calibrate.person_recall_target`` with the fewest val false
+    alarms, halfway (in log-odds) between the last person it must catch and the first
+    non-person below it (stages.common.calibration.person_threshold);
   * the val figures at that point, the checkpoint's SHA-256 (predict uses the file only for that
     checkpoint), and whether val held enough persons to resolve the target (1 / (1 - target)
     persons; fewer: every val person must raise the alarm, and the stage says so).
@@ -25,7 +26,7 @@ from stages.common.atomic import write_json
 from stages.common.calibration import (ALARM_LABEL, FORMAT, OPERATING_POINT, alarm_figures,
                                        ece, fit_temperature, nll, person_log_odds,
                                        person_threshold, persons_needed, probability,
-                                       softmax)
+                                       softmax, threshold_text)
 from stages.common.digest import file_sha256
 from stages.common.errors import StageError, main_guard
 from stages.common.model import load_checkpoint, pick_device
@@ -76,8 +77,8 @@ def main() -> None:
     val = point["val"]
     print(f"calibrate: temperature {point['temperature']:.4f} (val NLL {val['nll_before']} -> "
           f"{val['nll_after']}, ECE {val['ece_before']} -> {val['ece_after']})\n"
-          f"person threshold {point['threshold']:.6g} (log-odds "
-          f"{point['threshold_log_odds']:.4f}) for recall >= {cfg.person_recall_target}: "
+          f"person threshold {threshold_text(point['threshold'], point['threshold_log_odds'])} "
+          f"for recall >= {cfg.person_recall_target}: "
           f"val recall {val['person_recall']}, {val['false_alarms']} false alarms of "
           f"{val['non_persons']} non-persons")
     if not val["resolved"]:

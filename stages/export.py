@@ -89,8 +89,8 @@ def alarm_section(scores: dict) -> str:
     return f"""## Person alarm (operating point)
 Scores are calibrated by temperature scaling (T = {cal['temperature']}, fitted on val; test
 expected calibration error {cal['ece_before']} before, {cal['ece_after']} after). A crop raises
-the alarm when its calibrated person probability is >= **{shown}**, the highest
-threshold whose val person recall reached {op['target_recall']} (`calibrate.person_recall_target`).
+the alarm when its calibrated person probability is >= **{shown}**: val person recall
+>= {op['target_recall']} (`calibrate.person_recall_target`) with the fewest val false alarms.
 On test: person recall {op['test_person_recall']}, precision {op['test_person_precision']},
 {op['false_alarms_per_1000']} false alarms per 1,000 non-person crops
 ({op['test_persons_missed']} of {op['test_persons']} persons missed, {op['test_false_alarms']}

@@ -54,33 +54,51 @@ def recall_at(scores, is_person, t):
 @pytest.mark.parametrize("persons, target, k", [(100, 0.99, 99), (100, 0.95, 95), (20, 0.9, 18),
                                                  (7, 0.5, 4), (3, 1.0, 3), (100, 0.29, 29)])
 def test_the_threshold_meets_the_target_exactly_on_a_crafted_set(persons, target, k):
-    # person scores 1/persons ... 1, shuffled, among non-person crops that score anything
+    # persons score 1 ... persons; a non-person just below each person: 0.5, 1.5, ...
     rng = np.random.default_rng(3)
-    person_scores = np.arange(1, persons + 1) / persons
-    scores = np.concatenate([rng.permutation(person_scores), rng.random(50)])
-    is_person = np.arange(len(scores)) < persons
+    person_scores = np.arange(1, persons + 1, dtype=float)
+    other_scores = person_scores - 0.5
+    order = rng.permutation(2 * persons)
+    scores = np.concatenate([person_scores, other_scores])[order]
+    is_person = (np.arange(2 * persons) < persons)[order]
+    top = cal.highest_threshold(scores, is_person, target)
+    assert top == persons - k + 1  # the k-th highest person score
     t = cal.person_threshold(scores, is_person, target)
-    assert t == np.sort(person_scores)[::-1][k - 1]  # the k-th highest person score
+    assert t == top - 0.25  # halfway to the non-person just below it
     assert recall_at(scores, is_person, t) == k / persons >= target - 1e-12
-    higher = person_scores[person_scores > t]
-    if len(higher):  # any higher threshold misses the target: t is the highest that reaches it
-        assert recall_at(scores, is_person, higher.min()) < target
+    # any higher threshold that changes the figures misses the target
+    assert recall_at(scores, is_person, top + 0.5) < target
+    # the non-persons above the k-th person: the fewest a threshold reaching the target raises
+    assert cal.alarm_figures(scores, is_person, t)["false_alarms"] == k - 1
 
 
-def test_the_threshold_on_random_sets_is_the_highest_that_reaches_the_target():
+def false_alarms(scores, is_person, t):
+    return int((scores[~is_person] >= t).sum())
+
+
+def test_the_threshold_on_random_sets_reaches_the_target_with_the_fewest_false_alarms():
     rng = np.random.default_rng(4)
-    for _ in range(200):
+    for _ in range(300):
         n = int(rng.integers(1, 300))
-        scores = np.round(rng.random(n), 2)  # ties included
+        scores = np.round(rng.normal(0, 3, n), 1)  # ties included
         is_person = rng.random(n) < 0.5
         if not is_person.any():
             continue
         target = float(rng.uniform(0.01, 1.0))
+        top = cal.highest_threshold(scores, is_person, target)
         t = cal.person_threshold(scores, is_person, target)
-        assert recall_at(scores, is_person, t) >= target
-        above = scores[is_person & (scores > t)]
-        if len(above):
+        assert recall_at(scores, is_person, t) >= target and t <= top
+        above = scores[is_person & (scores > top)]
+        if len(above):  # top is the highest threshold that reaches the target
             assert recall_at(scores, is_person, above.min()) < target
+        # no other threshold that reaches the target raises fewer non-persons
+        assert false_alarms(scores, is_person, t) == false_alarms(scores, is_person, top)
+        assert not ((scores >= t) & (scores < top) & ~is_person).any()
+
+
+def test_with_no_non_person_below_the_threshold_is_the_highest():
+    scores, is_person = np.array([3.0, 5.0, 9.0]), np.array([True, True, False])
+    assert cal.person_threshold(scores, is_person, 1.0) == 3.0
 
 
 def test_person_log_odds_is_the_log_odds_of_the_calibrated_probability():
@@ -99,7 +117,7 @@ def test_the_alarm_keeps_its_resolution_where_probabilities_round_to_one():
     assert (cal.softmax(logits)[:2, 2] == 1.0).all()
     scores = cal.person_log_odds(logits, 1.0, 2)
     assert scores[1] > scores[0] > scores[2]
-    t = cal.person_threshold(scores, np.array([True, True, False]), 0.5)
+    t = cal.highest_threshold(scores, np.array([True, True, False]), 0.5)
     assert t == scores[1]  # one of two persons is enough: the higher one
     assert cal.alarm_figures(scores, np.array([True, True, False]), t)["persons_missed"] == 1
 

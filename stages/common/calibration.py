@@ -8,8 +8,8 @@ log-likelihood, a bounded 1-D search over log T in float64, so the same logits g
 any machine.
 
 The operating point: the person probability (after T) at or above which a picture raises the
-alarm. Of the thresholds whose val person recall reaches the target, the highest one: the fewest
-false alarms for that recall. The comparison is made on the person log-odds,
+alarm: val person recall at or above the target with the fewest val false alarms, placed halfway
+between the last person it must catch and the first non-person below it. The comparison is made on the person log-odds,
 log(p / (1 - p)) = z_person / T - logsumexp(z_others / T), computed from the logits: a
 probability rounds to exactly 1.0 in float64 once the gap passes ~37 (a small T gets there fast),
 and thresholds on such ties would lose all resolution. ``threshold`` is its probability, for
@@ -116,15 +116,31 @@ def persons_needed(target: float) -> int:
     return 1 if target >= 1 else math.ceil(1 / (1 - target) - 1e-9)
 
 
-def person_threshold(person_scores: np.ndarray, is_person: np.ndarray, target: float) -> float:
+def highest_threshold(person_scores: np.ndarray, is_person: np.ndarray, target: float) -> float:
     """The highest threshold t such that the share of persons with score >= t reaches
     ``target``: the k-th highest person score, k = ceil(target * persons)."""
-    scores = np.sort(np.asarray(person_scores, np.float64)[np.asarray(is_person, bool)])[::-1]
+    is_person = np.asarray(is_person, bool)
+    scores = np.sort(np.asarray(person_scores, np.float64)[is_person])[::-1]
     if len(scores) == 0:
         raise StageError("val holds no person crops, so no person threshold can be chosen; "
                          "check data.labels and split.val in params.yaml")
     k = max(1, math.ceil(target * len(scores) - 1e-9))  # 1e-9: 0.99 * 100 is 99.00000000000001
     return float(scores[k - 1])
+
+
+def person_threshold(person_scores: np.ndarray, is_person: np.ndarray, target: float) -> float:
+    """The operating point on val scores: recall >= ``target`` with the fewest false alarms.
+
+    Every threshold from just above the highest non-person score below
+    :func:`highest_threshold` up to it gives that: the same false alarms, a recall at or above
+    the target. Val cannot tell them apart, so the middle is taken (a margin on both sides, as
+    a max-margin classifier does): the highest one sits on the last person val happened to
+    hold, and a slightly less certain person on another day would go unnoticed."""
+    scores = np.asarray(person_scores, np.float64)
+    is_person = np.asarray(is_person, bool)
+    top = highest_threshold(scores, is_person, target)
+    below = scores[~is_person & (scores < top)]
+    return float((top + below.max()) / 2) if len(below) else top
 
 
 def alarm_figures(person_scores: np.ndarray, is_person: np.ndarray, threshold: float) -> dict:

@@ -208,7 +208,7 @@ class Train(Section):
 
 
 class Calibrate(Section):
-    # The share of val persons that must raise the alarm; the threshold is the highest that does.
+    # The share of val persons that must raise the alarm (with the fewest val false alarms).
     person_recall_target: float = Field(gt=0, le=1)
     batch_size: int = Field(ge=1, le=MAX_BATCH)
     device: Literal["auto", "cpu", "cuda", "mps"]
