@@ -208,8 +208,7 @@ def build(model_cfg: params.Model, train: params.Train, n_classes: int, world: W
 @dataclass
 class Standing:
     """Where the run stands: epochs done, the last one to run, the best epoch and its weights,
-    the history DVCLive's plots are drawn from. (stages.common.progress is another thing: the
-    progress lines on stderr.)"""
+    the history DVCLive's plots are drawn from: what a saved state restores."""
     done: int
     last: int
     best: dict = field(default_factory=dict)
