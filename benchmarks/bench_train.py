@@ -136,12 +136,12 @@ def compile_figures(stage, n_frozen, device, batches, run_eager_rate, loss_fn, o
                     ) -> str:
     """The stage step compiled: compile seconds, compiled rate, break-even run length."""
     step = train.make_step(stage, n_frozen, World(), device, True)
+    learner = train.Learner(stage, step, opt, loss_fn, trainable)
     started = time.perf_counter()
-    train.train_one_epoch(stage, step, batches[:1], loss_fn, opt, device, trainable, World())
+    train.train_one_epoch(learner, batches[:1], World(), device)
     torch.cuda.synchronize()
     compile_s = time.perf_counter() - started
-    t = timed(lambda: train.train_one_epoch(stage, step, batches, loss_fn, opt, device,
-                                            trainable, World()), device)
+    t = timed(lambda: train.train_one_epoch(learner, batches, World(), device), device)
     compiled = len(batches) * len(batches[0][1]) / t
     gain = 1 / run_eager_rate - 1 / compiled  # seconds saved per image
     pays = f"after {compile_s / gain:,.0f} images" if gain > 0 else "never (not faster)"
@@ -183,6 +183,7 @@ def main() -> None:
     batches = [batch] * args.steps
     n_frozen = frozen_prefix(trainable)
     stage_step = train.make_step(stage, n_frozen, World(), device, False)
+    learner = train.Learner(stage, stage_step, opt[stage], loss_fn, trainable)
     bn_before = frozen_bn_stats(stage, trainable)
 
     def run_naive():
@@ -192,8 +193,7 @@ def main() -> None:
         naive_steps(frozen_rg, batches, loss_fn, opt[frozen_rg], device)
 
     def run_stage():
-        train.train_one_epoch(stage, stage_step, batches, loss_fn, opt[stage], device, trainable,
-                              World())
+        train.train_one_epoch(learner, batches, World(), device)
 
     runs = {"naive": run_naive, "requires_grad": run_frozen_rg, "stage": run_stage}
     for fn in runs.values():  # warm-up: allocator, oneDNN kernels

@@ -1,6 +1,6 @@
 """Stage ``train``: the report's recipe on data/split/{train,val} (``python -m stages.train``).
 
-    stage.py        the stage, top to bottom: main, load_data, train_one_epoch, validate, ...
+    stage.py        the stage, top to bottom: main, run, load_splits, build, epoch, ...
     recipe.py       focal loss, the cosine schedule, early stopping
     data.py         seeding, and data order / augmentation as functions of (seed, epoch, crop)
     state.py        data/train_state: what a killed run resumes from

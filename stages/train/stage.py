@@ -11,9 +11,10 @@ Writes  data/model/best.pt      the best val-loss epoch's weights, with arch, cl
 Params  seed, model.*, train.*
 
 Focal loss, AdamW, CosineAnnealingLR stepped per epoch, early stopping on val loss (recipe.py).
-Read top to bottom: :func:`main` -> :func:`run`, which calls :func:`load_data`, :func:`build`,
-:func:`resume`, then per epoch :func:`train_one_epoch`, :func:`validate` and :func:`save_state`,
-and at the end :func:`finish`.
+Read top to bottom: :func:`main` -> :func:`run`, which calls :func:`load_splits`, :func:`build`,
+:func:`resume`, then per epoch :func:`epoch` (:func:`train_one_epoch`, :func:`validate`),
+:func:`advance` and :func:`save_state`, and at the end :func:`save_best` and :func:`finish`.
+Each helper takes the params section or the values it reads, not the whole params.
 
 `train.nproc` > 1 relaunches the stage under torchrun (DDP, distributed.py); the stage also runs
 unchanged under a torchrun you start yourself, e.g. across nodes. On CUDA, `train.amp`,
@@ -42,10 +43,10 @@ from stages.common.model import (IMAGENET_MEAN, IMAGENET_STD, build_model, forwa
                                  frozen_prefix, pick_device, save_checkpoint, set_train_mode)
 from stages.common.params import Params
 from stages.common.progress import tracked
-from stages.train import distributed as D
-from stages.train import state as TS
+from stages.train import distributed, state
 from stages.train.augment import Augment
 from stages.train.data import SPLIT_DIR, EpochOrder, prefetched, seed_everything
+from stages.train.distributed import World
 from stages.train.recipe import EarlyStopping, FocalLoss, cosine_scheduler
 
 MODEL_DIR = Path("data/model")
@@ -84,7 +85,8 @@ def amp_dtype(amp: str, device: torch.device) -> torch.dtype | None:
 # ----- the run's parts -------------------------------------------------------------------------
 
 @dataclass
-class Data:
+class Splits:
+    """The train and val crops as this rank draws them: decoded once, then batched per epoch."""
     train: CropSet         # data/split/train, decoded once
     val: CropSet           # data/split/val
     order: EpochOrder      # this rank's share of each epoch's seeded shuffle
@@ -118,24 +120,21 @@ class Data:
                        IMAGENET_STD)
 
 
-def load_data(cfg: Params, world: D.World, device: torch.device) -> Data:
+def load_splits(train: params.Train, seed: int, world: World, device: torch.device) -> Splits:
     """Both splits decoded once. One process is a world of one: the same seeded order."""
-    t = cfg.train
-    workers = t.num_workers
-    pin = t.pin_memory
-    train_crops = CropSet.load(SPLIT_DIR / "train", device, workers, pin=pin)
-    val_crops = CropSet.load(SPLIT_DIR / "val", device, workers, pin=pin)
+    workers = train.num_workers
+    train_crops = CropSet.load(SPLIT_DIR / "train", device, workers, pin=train.pin_memory)
+    val_crops = CropSet.load(SPLIT_DIR / "val", device, workers, pin=train.pin_memory)
     if train_crops.classes != val_crops.classes:
         raise StageError(f"class folders differ: train {train_crops.classes} vs val "
                          f"{val_crops.classes}")
     if train_crops.size != val_crops.size:
         raise StageError(f"crop sizes differ: train {train_crops.size} px vs val "
                          f"{val_crops.size} px; rerun extract_crops and split")
-    val_indices = torch.tensor(D.shard_indices(len(val_crops), world), dtype=torch.long)
-    return Data(train_crops, val_crops, EpochOrder(len(train_crops), cfg.seed, world.rank,
-                                                   world.size),
-                Augment(cfg.seed, len(train_crops), device, workers, IMAGENET_MEAN,
-                        IMAGENET_STD), val_indices, t.batch_size)
+    val_indices = torch.tensor(distributed.shard_indices(len(val_crops), world), dtype=torch.long)
+    order = EpochOrder(len(train_crops), seed, world.rank, world.size)
+    augment = Augment(seed, len(train_crops), device, workers, IMAGENET_MEAN, IMAGENET_STD)
+    return Splits(train_crops, val_crops, order, augment, val_indices, train.batch_size)
 
 
 class FrozenPrefixNet(nn.Module):
@@ -165,38 +164,51 @@ def make_step(model, n_frozen, world, device, compile_: bool):
 
 
 @dataclass
-class Parts:
+class Learner:
+    """What a training pass uses, in one object so :func:`train_one_epoch` (and the benchmark)
+    take it whole: ``step`` is the model's (maybe DDP-wrapped, compiled) forward, ``trainable``
+    the modules that train, ``amp`` the CUDA autocast dtype and ``scaler`` fp16's GradScaler."""
     model: nn.Module
     step: object
     optimizer: torch.optim.Optimizer
-    scheduler: object
-    scaler: torch.amp.GradScaler | None
     loss_fn: FocalLoss
-    stopper: EarlyStopping
-    amp: torch.dtype | None
-
-
-def build(cfg: Params, data: Data, world: D.World, device: torch.device,
-          state: dict | None) -> Parts:
-    """Model (from the state's weights when resuming), forward, optimizer, schedule, loss."""
-    m, t = cfg.model, cfg.train
-    model = build_model(m.arch, len(data.classes), m.dropout, m.weights, m.zero_init_residual)
-    freeze(model, m.trainable)
-    model = model.to(device, memory_format=torch.channels_last)
-    if state is not None:
-        model.load_state_dict(state["model"])
-    step = make_step(model, frozen_prefix(m.trainable), world, device, t.compile)
-    amp = amp_dtype(t.amp, device)
-    optimizer = torch.optim.AdamW([q for q in model.parameters() if q.requires_grad],
-                                  lr=t.lr, weight_decay=t.weight_decay)
-    return Parts(model, step, optimizer, cosine_scheduler(optimizer, t.epochs, t.t_max_ratio),
-                 torch.amp.GradScaler("cuda") if amp == torch.float16 else None,
-                 FocalLoss(t.focal_alpha, t.focal_gamma), EarlyStopping(t.patience), amp)
+    trainable: list[str]
+    amp: torch.dtype | None = None
+    scaler: torch.amp.GradScaler | None = None
 
 
 @dataclass
-class Progress:
-    """Where the run stands: epochs done, the last one to run, the best epoch and its weights."""
+class Parts:
+    """The learner, and what steers the run from one epoch to the next."""
+    learner: Learner
+    scheduler: object
+    stopper: EarlyStopping
+
+
+def build(model_cfg: params.Model, train: params.Train, n_classes: int, world: World,
+          device: torch.device, saved: dict | None) -> Parts:
+    """Model (from the saved state's weights when resuming), forward, optimizer, schedule, loss."""
+    model = build_model(model_cfg.arch, n_classes, model_cfg.dropout, model_cfg.weights,
+                        model_cfg.zero_init_residual)
+    freeze(model, model_cfg.trainable)
+    model = model.to(device, memory_format=torch.channels_last)
+    if saved is not None:
+        model.load_state_dict(saved["model"])
+    step = make_step(model, frozen_prefix(model_cfg.trainable), world, device, train.compile)
+    amp = amp_dtype(train.amp, device)
+    optimizer = torch.optim.AdamW([q for q in model.parameters() if q.requires_grad],
+                                  lr=train.lr, weight_decay=train.weight_decay)
+    scaler = torch.amp.GradScaler("cuda") if amp == torch.float16 else None
+    learner = Learner(model, step, optimizer, FocalLoss(train.focal_alpha, train.focal_gamma),
+                      model_cfg.trainable, amp, scaler)
+    return Parts(learner, cosine_scheduler(optimizer, train.epochs, train.t_max_ratio),
+                 EarlyStopping(train.patience))
+
+
+@dataclass
+class Standing:
+    """Where the run stands: epochs done, the last one to run, the best epoch and its weights,
+    the history DVCLive's plots are drawn from: what a saved state restores."""
     done: int
     last: int
     best: dict = field(default_factory=dict)
@@ -205,82 +217,92 @@ class Progress:
     started: float = 0.0  # perf_counter() when the training began, earlier runs' time included
 
 
-def load_state(cfg: Params, world: D.World, device: torch.device, log) -> tuple[dict, dict | None]:
-    """(this run's fingerprint, the state to resume from or None). Every rank reads the state;
-    all resume, or all start from scratch."""
-    fp = TS.fingerprint(fingerprint_params(cfg), {s: SPLIT_DIR / s for s in ("train", "val")},
-                        world.size, device)
+def run_fingerprint(cfg: Params, world: World, device: torch.device) -> dict:
+    """What a state must have been written with to be resumed: params, processes, code, data."""
+    return state.fingerprint(fingerprint_params(cfg),
+                             {s: SPLIT_DIR / s for s in ("train", "val")}, world.size, device)
+
+
+def load_state(fp: dict, world: World, device: torch.device, log) -> dict | None:
+    """The saved state to resume from, or None. Every rank reads it; all resume, or all start
+    from scratch."""
     quiet = None if world.is_main else (lambda m: None)
-    state = TS.load(fp, warn=quiet, note=quiet, clean=world.is_main)
-    if not D.all_equal(state["epoch"] if state else 0, world, device):
-        log(f"train: ignoring {TS.STATE_FILE}: the processes do not all see the same state "
+    saved = state.load(fp, warn=quiet, note=quiet, clean=world.is_main)
+    if not distributed.all_equal(saved["epoch"] if saved else 0, world, device):
+        log(f"train: ignoring {state.STATE_FILE}: the processes do not all see the same state "
             "(not on a shared disk?); training from scratch", file=sys.stderr, flush=True)
-        state = None
-    return fp, state
+        saved = None
+    return saved
 
 
-def resume(cfg: Params, parts: Parts, state: dict | None, world: D.World,
-           device: torch.device, log, started: float) -> Progress:
-    """The progress to continue from: a fresh one, or the state's (optimizer, schedule, early
-    stopping, best epoch, history, RNG states restored). ``started``: when this run began (its
-    time, decoding the crops included, adds to the resumed run's)."""
-    epochs = cfg.train.epochs
-    if state is None:
-        return Progress(done=0, last=epochs, started=started)
-    parts.optimizer.load_state_dict(state["optimizer"])
-    parts.scheduler.load_state_dict(state["scheduler"])
-    if parts.scaler is not None and state["scaler"] is not None:
-        parts.scaler.load_state_dict(state["scaler"])
-    parts.stopper.best = state["stopper"]["best"]
-    parts.stopper.bad_epochs = state["stopper"]["bad_epochs"]
-    done = state["epoch"]
-    best_weights = state["best_model"] or {
-        k: v.clone(memory_format=torch.contiguous_format) for k, v in state["model"].items()}
-    if state["finished"]:
-        log(f"train: {TS.STATE_FILE}: this run finished training after epoch {done}; "
+def resume(epochs: int, parts: Parts, saved: dict | None, world: World, device: torch.device,
+           log, started: float) -> Standing:
+    """The standing to continue from: a fresh one, or the saved state's (optimizer, schedule,
+    early stopping, best epoch, history, RNG states restored). ``started``: when this run began
+    (its time, decoding the crops included, adds to the resumed run's)."""
+    if saved is None:
+        return Standing(done=0, last=epochs, started=started)
+    parts.learner.optimizer.load_state_dict(saved["optimizer"])
+    parts.scheduler.load_state_dict(saved["scheduler"])
+    if parts.learner.scaler is not None and saved["scaler"] is not None:
+        parts.learner.scaler.load_state_dict(saved["scaler"])
+    parts.stopper.best = saved["stopper"]["best"]
+    parts.stopper.bad_epochs = saved["stopper"]["bad_epochs"]
+    done = saved["epoch"]
+    best_weights = saved["best_model"] or {
+        k: v.clone(memory_format=torch.contiguous_format) for k, v in saved["model"].items()}
+    if saved["finished"]:
+        log(f"train: {state.STATE_FILE}: this run finished training after epoch {done}; "
             "writing its outputs without training", flush=True)
     else:
-        log(f"train: resuming from {TS.STATE_FILE} after epoch {done} of {epochs}", flush=True)
-    TS.set_rng_state(state["rng"][world.rank], device)  # last: nothing may draw after it
-    return Progress(done=done, last=done if state["finished"] else epochs, best=state["best"],
-                    best_weights=best_weights, history=state["history"],
-                    started=started - state["seconds"])
+        log(f"train: resuming from {state.STATE_FILE} after epoch {done} of {epochs}", flush=True)
+    state.set_rng_state(saved["rng"][world.rank], device)  # last: nothing may draw after it
+    return Standing(done=done, last=done if saved["finished"] else epochs, best=saved["best"],
+                    best_weights=best_weights, history=saved["history"],
+                    started=started - saved["seconds"])
 
 
 # ----- one epoch -------------------------------------------------------------------------------
 
-def train_one_epoch(model, step, batches, loss_fn, optimizer, device, trainable, world,
-                    amp=None, scaler=None):
-    """One pass over this rank's share of ``batches`` ((input, targets) on ``device``); ``step``
-    is the (maybe DDP-wrapped) forward. Returns loss and accuracy over every rank's batches.
+def train_one_epoch(learner: Learner, batches, world: World, device: torch.device):
+    """One pass over this rank's share of ``batches`` ((input, targets) on ``device``). Returns
+    loss and accuracy over every rank's batches.
 
     Sums stay on the device and are read once, at the end: a read per batch would make the host
     wait for the GPU at every step."""
-    set_train_mode(model, trainable)
+    set_train_mode(learner.model, learner.trainable)
     total_loss = torch.zeros((), dtype=torch.float64, device=device)
     correct = torch.zeros((), dtype=torch.long, device=device)
     seen = 0
     for images, targets in batches:
-        with torch.autocast(device.type, dtype=amp) if amp else contextlib.nullcontext():
-            logits = step(images)
-            loss = loss_fn(logits.float(), targets)
-        optimizer.zero_grad(set_to_none=True)
-        if scaler is not None:  # fp16 only: scale the loss so small gradients do not underflow
-            scaler.scale(loss).backward()
-            scaler.step(optimizer)
-            scaler.update()
-        else:
-            loss.backward()
-            optimizer.step()
+        logits, loss = train_step(learner, images, targets, device)
         total_loss += loss.detach().double() * len(targets)
         correct += (logits.argmax(1) == targets).sum()
         seen += len(targets)
-    total_loss, correct, seen = D.all_sum([total_loss.item(), correct.item(), seen], world,
-                                          device)
+    total_loss, correct, seen = distributed.all_sum([total_loss.item(), correct.item(), seen],
+                                                    world, device)
     return total_loss / seen, correct / seen
 
 
-def validate(model, batches, loss_fn, device, world=D.World()):
+def train_step(learner: Learner, images: torch.Tensor, targets: torch.Tensor,
+                 device: torch.device) -> tuple[torch.Tensor, torch.Tensor]:
+    """One optimisation step on a batch; its logits and loss."""
+    amp, scaler, optimizer = learner.amp, learner.scaler, learner.optimizer
+    with torch.autocast(device.type, dtype=amp) if amp else contextlib.nullcontext():
+        logits = learner.step(images)
+        loss = learner.loss_fn(logits.float(), targets)
+    optimizer.zero_grad(set_to_none=True)
+    if scaler is not None:  # fp16 only: scale the loss so small gradients do not underflow
+        scaler.scale(loss).backward()
+        scaler.step(optimizer)
+        scaler.update()
+    else:
+        loss.backward()
+        optimizer.step()
+    return logits, loss
+
+
+def validate(model, batches, loss_fn, device, world=World()):
     """Val loss and accuracy over the whole val set; each rank's batches hold its shard, and
     sums of loss * n, correct and n are all-reduced, so the result does not depend on ranks."""
     logits, targets = predict(model, batches, device)
@@ -291,8 +313,50 @@ def validate(model, batches, loss_fn, device, world=D.World()):
     n = len(targets)
     loss_sum = loss_fn(logits, targets).item() * n if n else 0.0
     correct = (logits.argmax(1) == targets).sum().item() if n else 0
-    loss_sum, correct, n = D.all_sum([loss_sum, correct, n], world, device)
+    loss_sum, correct, n = distributed.all_sum([loss_sum, correct, n], world, device)
     return loss_sum / n, correct / n
+
+
+def epoch(n: int, last: int, splits: Splits, learner: Learner, world: World,
+          device: torch.device) -> dict:
+    """Epoch ``n`` of ``last``: a training pass, then val; its history record (the lr is the one
+    it trained with, so it is read before the schedule steps)."""
+    lr = learner.optimizer.param_groups[0]["lr"]
+    shown = tracked(splits.train_batches(n, device), f"train epoch {n}/{last}",
+                    splits.train_share, size=batch_len, enabled=world.is_main)
+    tr_loss, tr_acc = train_one_epoch(learner, shown, world, device)
+    distributed.sync_buffers(learner.model, world)
+    va_loss, va_acc = validate(learner.model, splits.val_batches(device), learner.loss_fn,
+                               device, world)
+    return {"train/loss": tr_loss, "train/acc": tr_acc, "val/loss": va_loss, "val/acc": va_acc,
+            "lr": lr}
+
+
+def check_finite(n: int, record: dict, lr: float) -> None:
+    """Stop on a diverged run before its epoch is kept: NaN weights would be saved as the best."""
+    tr_loss, va_loss = record["train/loss"], record["val/loss"]
+    if not (math.isfinite(tr_loss) and math.isfinite(va_loss)):
+        raise StageError(f"epoch {n}: the loss is not a number (train {tr_loss}, "
+                         f"val {va_loss}): training diverged; lower train.lr (now {lr})")
+
+
+def advance(n: int, record: dict, parts: Parts, standing: Standing, world: World) -> None:
+    """Epoch ``n`` into the standing: its record, its figures and weights when val loss is a new
+    best (rank 0 only keeps weights: it alone writes), then the schedule's step."""
+    standing.history.append(record)
+    if parts.stopper.step(record["val/loss"]):
+        standing.best = {"best_epoch": n, "best_val_loss": record["val/loss"],
+                         "best_val_acc": record["val/acc"], "train_loss": record["train/loss"],
+                         "train_acc": record["train/acc"]}
+        standing.best_weights = snapshot(parts.learner.model) if world.is_main else None
+    parts.scheduler.step()
+    standing.done = n
+
+
+def epoch_line(n: int, record: dict) -> str:
+    return (f"[{n:02d}] train: [Loss: {record['train/loss']:.4f}, "
+            f"Acc: {record['train/acc']:.4f}] | eval: [Loss: {record['val/loss']:.4f}, "
+            f"Acc: {record['val/acc']:.4f}]")
 
 
 def snapshot(model: nn.Module) -> dict[str, torch.Tensor]:
@@ -301,23 +365,23 @@ def snapshot(model: nn.Module) -> dict[str, torch.Tensor]:
             for k, v in model.state_dict().items()}
 
 
-def save_state(fp: dict, epoch: int, parts: Parts, progress: Progress, world: D.World,
+def save_state(fp: dict, n: int, parts: Parts, standing: Standing, world: World,
                device: torch.device) -> None:
-    """The epoch's end, safe in data/train_state (rank 0 writes every rank's RNG states)."""
-    rngs = D.gather_to_main(TS.rng_state(device), world)
+    """Epoch ``n``'s end, safe in data/train_state (rank 0 writes every rank's RNG states)."""
+    rngs = distributed.gather_to_main(state.rng_state(device), world)
     if not world.is_main:
         return
-    best = progress.best
-    TS.save({
-        "fingerprint": fp, "finished": parts.stopper.should_stop or epoch == progress.last,
-        "epoch": epoch, "model": {k: v.detach().cpu() for k, v in parts.model.state_dict().items()},
-        "optimizer": parts.optimizer.state_dict(), "scheduler": parts.scheduler.state_dict(),
-        "scaler": parts.scaler.state_dict() if parts.scaler is not None else None,
+    best, learner = standing.best, parts.learner
+    state.save({
+        "fingerprint": fp, "finished": parts.stopper.should_stop or n == standing.last,
+        "epoch": n, "model": {k: v.detach().cpu() for k, v in learner.model.state_dict().items()},
+        "optimizer": learner.optimizer.state_dict(), "scheduler": parts.scheduler.state_dict(),
+        "scaler": learner.scaler.state_dict() if learner.scaler is not None else None,
         "stopper": {"best": parts.stopper.best, "bad_epochs": parts.stopper.bad_epochs},
-        "best": best, "history": progress.history, "rng": rngs,
+        "best": best, "history": standing.history, "rng": rngs,
         # the best epoch's weights, unless they are this epoch's ("model")
-        "best_model": None if best.get("best_epoch") == epoch else progress.best_weights,
-        "seconds": time.perf_counter() - progress.started,
+        "best_model": None if best.get("best_epoch") == n else standing.best_weights,
+        "seconds": time.perf_counter() - standing.started,
     })
 
 
@@ -361,93 +425,84 @@ def log_epoch(live, record: dict) -> None:
 @main_guard
 def main() -> None:
     cfg = params.load()
-    if cfg.train.nproc > 1 and not D.under_torchrun():
-        raise SystemExit(D.relaunch_with_torchrun("stages.train", cfg.train.nproc))
-    world, device = D.init(pick_device(cfg.train.device))
+    if cfg.train.nproc > 1 and not distributed.under_torchrun():
+        raise SystemExit(distributed.relaunch_with_torchrun("stages.train", cfg.train.nproc))
+    world, device = distributed.init(pick_device(cfg.train.device))
     try:
         run(cfg, world, device)
     finally:
-        D.shutdown(world)
+        distributed.shutdown(world)
 
 
-def run(cfg: Params, world: D.World, device: torch.device) -> None:
+def run(cfg: Params, world: World, device: torch.device) -> None:
     # Each rank seeds its own global RNGs (dropout); DDP copies rank 0's initial weights to all.
     # Data order and augmentation are functions of (seed, epoch) alone, so a resumed run
     # continues exactly: see data.py and state.py.
     seed_everything(cfg.seed + world.rank)
     log = print if world.is_main else (lambda *a, **k: None)
     started = time.perf_counter()
-    data = load_data(cfg, world, device)
-    fp, state = load_state(cfg, world, device, log)
-    parts = build(cfg, data, world, device, state)
-    if device.type != "cuda" and (cfg.train.amp != "off" or cfg.train.compile):
-        log(f"train: amp and compile apply on CUDA only; running fp32, eager on {device.type}")
-    log(f"train: {cfg.model.arch} on {device}, {len(data.train)} train / {len(data.val)} val "
-        f"crops, {data.size} px, classes {data.classes}, trainable {cfg.model.trainable}"
-        + (f", {world.size} processes" if world.distributed else ""), flush=True)
-    progress = resume(cfg, parts, state, world, device, log, started)
+    splits = load_splits(cfg.train, cfg.seed, world, device)
+    fp = run_fingerprint(cfg, world, device)
+    saved = load_state(fp, world, device, log)
+    parts = build(cfg.model, cfg.train, len(splits.classes), world, device, saved)
+    announce(cfg, splits, world, device, log)
+    standing = resume(cfg.train.epochs, parts, saved, world, device, log, started)
     # Only rank 0 writes; every rank sees the same reduced val loss, so all stop together.
-    live = open_live(progress.history) if world.is_main else None
+    live = open_live(standing.history) if world.is_main else None
     with atomic_dir(MODEL_DIR) if world.is_main else contextlib.nullcontext() as out:
-        for epoch in range(progress.done + 1, progress.last + 1):
-            lr = parts.optimizer.param_groups[0]["lr"]
-            shown = tracked(data.train_batches(epoch, device),
-                            f"train epoch {epoch}/{progress.last}", data.train_share,
-                            size=batch_len, enabled=world.is_main)
-            tr_loss, tr_acc = train_one_epoch(parts.model, parts.step, shown,
-                                              parts.loss_fn, parts.optimizer, device,
-                                              cfg.model.trainable, world, parts.amp, parts.scaler)
-            D.sync_buffers(parts.model, world)
-            va_loss, va_acc = validate(parts.model, data.val_batches(device), parts.loss_fn,
-                                       device, world)
-            if not (math.isfinite(tr_loss) and math.isfinite(va_loss)):
-                raise StageError(f"epoch {epoch}: the loss is not a number (train {tr_loss}, "
-                                 f"val {va_loss}): training diverged; lower train.lr "
-                                 f"(now {cfg.train.lr})")
-            record = {"train/loss": tr_loss, "train/acc": tr_acc, "val/loss": va_loss,
-                      "val/acc": va_acc, "lr": lr}
-            progress.history.append(record)
+        for n in range(standing.done + 1, standing.last + 1):
+            record = epoch(n, standing.last, splits, parts.learner, world, device)
+            check_finite(n, record, cfg.train.lr)
             log_epoch(live, record)
-            if parts.stopper.step(va_loss):
-                progress.best = {"best_epoch": epoch, "best_val_loss": va_loss,
-                                 "best_val_acc": va_acc, "train_loss": tr_loss,
-                                 "train_acc": tr_acc}
-                progress.best_weights = snapshot(parts.model) if world.is_main else None
-            parts.scheduler.step()
-            progress.done = epoch
-            save_state(fp, epoch, parts, progress, world, device)
+            advance(n, record, parts, standing, world)
+            save_state(fp, n, parts, standing, world, device)
             # printed once the epoch is safe in data/train_state: a kill after it loses nothing
-            log(f"[{epoch:02d}] train: [Loss: {tr_loss:.4f}, Acc: {tr_acc:.4f}] | "
-                f"eval: [Loss: {va_loss:.4f}, Acc: {va_acc:.4f}]", flush=True)
+            log(epoch_line(n, record), flush=True)
             if parts.stopper.should_stop:
                 log(f"early stop: no val-loss improvement in {cfg.train.patience} epochs",
                     flush=True)
                 break
         if world.is_main:
-            save_checkpoint(out / "best.pt", progress.best_weights, {
-                "arch": cfg.model.arch, "classes": data.classes, "image_size": data.size,
-                "mean": IMAGENET_MEAN, "std": IMAGENET_STD, "dropout": cfg.model.dropout,
-                "params": recipe(cfg), "epoch": progress.best["best_epoch"],
-                "val_loss": progress.best["best_val_loss"],
-                "val_acc": progress.best["best_val_acc"]})
+            save_best(out / "best.pt", cfg, splits, standing)
     if world.is_main:
-        finish(fp, data, parts, progress, world, device, live)
+        finish(fp, len(splits.train), parts, standing, world, device, live)
 
 
-def finish(fp: dict, data: Data, parts: Parts, progress: Progress, world: D.World,
+def announce(cfg: Params, splits: Splits, world: World, device: torch.device, log) -> None:
+    """What is about to train, on what: the first lines of the stage's log."""
+    if device.type != "cuda" and (cfg.train.amp != "off" or cfg.train.compile):
+        log(f"train: amp and compile apply on CUDA only; running fp32, eager on {device.type}")
+    log(f"train: {cfg.model.arch} on {device}, {len(splits.train)} train / {len(splits.val)} val "
+        f"crops, {splits.size} px, classes {splits.classes}, trainable {cfg.model.trainable}"
+        + (f", {world.size} processes" if world.distributed else ""), flush=True)
+
+
+def save_best(path: Path, cfg: Params, splits: Splits, standing: Standing) -> None:
+    """The best epoch's weights with what a loader needs to use them (arch, classes, crop size,
+    normalisation) and the recipe that made them: the checkpoint is read without params.yaml."""
+    best = standing.best
+    save_checkpoint(path, standing.best_weights, {
+        "arch": cfg.model.arch, "classes": splits.classes, "image_size": splits.size,
+        "mean": IMAGENET_MEAN, "std": IMAGENET_STD, "dropout": cfg.model.dropout,
+        "params": recipe(cfg), "epoch": best["best_epoch"], "val_loss": best["best_val_loss"],
+        "val_acc": best["best_val_acc"]})
+
+
+def finish(fp: dict, n_train: int, parts: Parts, standing: Standing, world: World,
            device: torch.device, live) -> None:
-    """metrics/train.json, the end of DVCLive's log, and the state shrunk to a marker."""
-    seconds = time.perf_counter() - progress.started
+    """metrics/train.json, the end of DVCLive's log, and the state shrunk to a marker.
+    ``n_train``: train crops per epoch, for the speed."""
+    seconds = time.perf_counter() - standing.started
     live.end()
-    best = progress.best
+    best, amp = standing.best, parts.learner.amp
     write_json(METRICS_FILE, {
-        **best, "epochs_run": progress.done, "stopped_early": parts.stopper.should_stop,
+        **best, "epochs_run": standing.done, "stopped_early": parts.stopper.should_stop,
         "train_seconds": round(seconds, 1),
-        "train_images_per_s": round(len(data.train) * progress.done / seconds, 1),
+        "train_images_per_s": round(n_train * standing.done / seconds, 1),
         "device": device.type, "processes": world.size,
-        "amp": str(parts.amp).replace("torch.", "") if parts.amp else "off",
+        "amp": str(amp).replace("torch.", "") if amp else "off",
     })
     # The outputs are in place: keep only a marker (DVC caches this out; kilobytes, not weights).
-    TS.save_finished(fp, progress.done)
+    state.save_finished(fp, standing.done)
     print(f"best epoch {best['best_epoch']}: val loss {best['best_val_loss']:.4f}, "
           f"val acc {best['best_val_acc']:.4f} -> {MODEL_DIR / 'best.pt'}")
