@@ -41,7 +41,7 @@ class Library:
     pinned: str
     adapter: str                 # the adapter's file, named in the refusal
     needs: tuple[Private, ...]
-    instead: str                 # what a user can do when the adapter refuses
+    instead: str = ""            # what else a user can do when the adapter refuses, if anything
 
 
 def installed(dist: str) -> str | None:
@@ -96,5 +96,5 @@ def require(lib: Library, *names: str) -> None:
     found = problems(lib, *names)
     if found:
         raise StageError(f"{'; '.join(found)}; install the pinned version "
-                         f"(pip install {lib.dist}=={lib.pinned}, as requirements.txt says), "
-                         f"or {lib.instead}")
+                         f"(pip install {lib.dist}=={lib.pinned}, as requirements.txt says)"
+                         + (f", or {lib.instead}" if lib.instead else ""))
