@@ -1,4 +1,4 @@
-"""The one place the project touches DVC's and DVCLive's internals (tests/test_layout.py keeps it so).
+"""The one place the project touches DVC's and DVCLive's internals (tests/test_layout.py).
 
 DVC's public Python API (``dvc.api``) and DVCLive's (``dvclive.Live``) lack two things:
 
