@@ -32,6 +32,7 @@ import sys
 import tempfile
 from pathlib import Path
 
+from stages.common import dvc_internals
 from stages.common.atomic import atomic_file, refuse_odd_destination
 from stages.common.calibration import operator_sentence, threshold_text
 from stages.common.errors import ArgumentParser, StageError, main_guard
@@ -318,19 +319,17 @@ needs no network.</p>
 def check_revisions(repo: Path, revs: list[str]) -> None:
     """Stop in one line, before any rendering, at a revision DVC would not find. DVC's own
     resolution: git commits, branches and tags, and experiment names."""
-    from dvc.scm import SCM, RevError, SCMError, resolve_rev
-
     try:
-        scm = SCM(str(repo))
-    except SCMError as exc:
+        resolve = dvc_internals.revision_resolver(repo)
+    except dvc_internals.NoRepository as exc:
         raise StageError(f"--rev needs a git repository ({exc}); run without --rev for the "
                          "workspace alone") from None
     for rev in revs:
         if rev == "workspace":  # DVC's name for the files as they are now
             continue
         try:
-            resolve_rev(scm, rev)
-        except RevError as exc:
+            resolve(rev)
+        except dvc_internals.UnknownRevision as exc:
             raise StageError(f"--rev {rev}: {exc}; give a git commit, branch or tag, an "
                              "experiment name (`dvc exp list`) or workspace") from None
 

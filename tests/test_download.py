@@ -351,7 +351,7 @@ def run_offline(cwd: Path, zoo_dir: Path) -> subprocess.CompletedProcess:
                           capture_output=True, timeout=180)
 
 
-# Where FiftyOne 1.22.1 fetches each label file of the train split from (_ANNOTATION_DOWNLOAD_URLS).
+# Where FiftyOne 1.22.1 fetches each train label file from (fiftyone_internals.label_urls).
 ZOO_URLS = {
     "train/metadata/classes.csv":
         "https://storage.googleapis.com/openimages/v5/class-descriptions-boxable.csv",

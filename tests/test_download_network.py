@@ -56,14 +56,14 @@ socket.getaddrinfo = getaddrinfo
 """
 HARNESS = GUARD + """
 import os, sys, time
-import fiftyone.utils.openimages as fouo
+from stages.download import fiftyone_internals
 def point(node, origin):
     for key, value in node.items():
         if isinstance(value, dict):
             point(value, origin)
         elif isinstance(value, str) and value.startswith("https://storage.googleapis.com/"):
             node[key] = origin + value[len("https://storage.googleapis.com"):]
-point(fouo._ANNOTATION_DOWNLOAD_URLS, os.environ["TEST_ORIGIN"])
+point(fiftyone_internals.label_urls(), os.environ["TEST_ORIGIN"])
 import runpy
 start = time.monotonic()
 try:

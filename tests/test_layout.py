@@ -4,18 +4,24 @@
 - ``stages/common/`` holds only what two or more stages (or commands) use;
 - no import cycle among the project's modules;
 - a stage's code deps in dvc.yaml are exactly its module or package plus the stages/common
-  modules it imports (transitively), but the few that never change what a stage writes.
+  modules it imports (transitively), but the few that never change what a stage writes;
+- only the adapters (stages/download/fiftyone_internals.py, stages/common/dvc_internals.py)
+  touch FiftyOne's, DVC's or DVCLive's internals.
 """
 import ast
+import re
 from pathlib import Path
 
 import yaml
+
+from stages.common import dvc_internals
+from stages.download import fiftyone_internals
 
 ROOT = Path(__file__).resolve().parents[1]
 STAGES = ROOT / "stages"
 COMMON = STAGES / "common"
 # Shared modules that check, report or write, never change an output: not code deps in dvc.yaml.
-NOT_DEPS = {"errors", "params", "atomic", "processes", "progress"}
+NOT_DEPS = {"errors", "params", "atomic", "processes", "progress", "internals"}
 DVC = yaml.safe_load((ROOT / "dvc.yaml").read_text())["stages"]
 
 
@@ -123,3 +129,143 @@ def test_dvc_code_deps_are_the_stage_and_the_shared_modules_it_imports():
                      if d.split(".")[-1] not in NOT_DEPS}
         listed = {d for d in stage["deps"] if d.startswith("stages/")}
         assert listed == expected, name
+
+
+# ---------------------------------------------------------------- library internals, adapters only
+
+ADAPTERS = {STAGES / "download/fiftyone_internals.py", STAGES / "common/dvc_internals.py"}
+LIBRARIES = (fiftyone_internals.FIFTYONE, dvc_internals.DVC, dvc_internals.DVCLIVE)
+# Packages whose private parts only the adapters may touch, and what is public of those where
+# not every name without an underscore is (DVC's Python API is dvc.api, DVCLive's is Live).
+TRACKED = ("fiftyone", "eta", "dvc", "dvclive", "scmrepo")
+PUBLIC_ONLY = {"dvc": r"dvc\.api(\..+)?", "dvclive": r"dvclive(\.Live)?", "scmrepo": r"(?!)"}
+
+
+def tracked(dotted: str | None) -> bool:
+    return dotted is not None and dotted.split(".")[0] in TRACKED
+
+
+def non_public(dotted: str) -> bool:
+    """``dotted`` names a private part: an ``_name`` anywhere or, in a package with a narrow
+    public API (PUBLIC_ONLY), anything outside it."""
+    top = dotted.split(".")[0]
+    if any(part.startswith("_") for part in dotted.split(".")):
+        return True
+    public = PUBLIC_ONLY.get(top)
+    return public is not None and not re.fullmatch(public, dotted)
+
+
+def dotted_name(node: ast.AST, aliases: dict[str, str]) -> str | None:
+    """``fouo.x.y`` -> ``fiftyone.utils.openimages.x.y`` through the file's imports."""
+    parts = []
+    while isinstance(node, ast.Attribute):
+        parts.append(node.attr)
+        node = node.value
+    if not isinstance(node, ast.Name) or node.id not in aliases:
+        return None
+    return ".".join([aliases[node.id], *reversed(parts)])
+
+
+def imports_of_internals(tree: ast.AST) -> tuple[dict[str, str], list[str]]:
+    """The names the file's imports bind (name -> dotted path), and its imports of internals."""
+    aliases: dict[str, str] = {}
+    found = []
+    for node in ast.walk(tree):
+        if isinstance(node, ast.Import):
+            for a in node.names:   # `import a.b` binds a; `import a.b as x` binds x to a.b
+                top = a.name.split(".")[0]
+                aliases[a.asname or top] = a.name if a.asname else top
+                if tracked(a.name) and non_public(a.name):
+                    found.append(f"line {node.lineno}: import {a.name}")
+        elif isinstance(node, ast.ImportFrom) and node.module and node.level == 0:
+            for a in node.names:
+                aliases[a.asname or a.name] = f"{node.module}.{a.name}"
+                if tracked(node.module) and non_public(f"{node.module}.{a.name}"):
+                    found.append(f"line {node.lineno}: from {node.module} import {a.name}")
+    return aliases, found
+
+
+def touches_of_internals(path: Path) -> list[str]:
+    """Where ``path`` imports, reads or replaces a tracked library's internals."""
+    tree = ast.parse(path.read_text())
+    aliases, found = imports_of_internals(tree)
+    # the modules the file imported, to tell a replaced module attribute from a config field
+    modules = set(aliases.values()) | {a.name for node in ast.walk(tree)
+                                       if isinstance(node, ast.Import) for a in node.names}
+    for node in ast.walk(tree):
+        targets = (node.targets if isinstance(node, (ast.Assign, ast.Delete)) else
+                   [node.target] if isinstance(node, (ast.AugAssign, ast.AnnAssign)) else [])
+        for t in targets:
+            parent = dotted_name(t.value, aliases) if isinstance(t, ast.Attribute) else None
+            if tracked(parent) and parent in modules:
+                found.append(f"line {node.lineno}: replaces {parent}.{t.attr}")
+        if isinstance(node, ast.Attribute) and node.attr.startswith("_"):
+            name = dotted_name(node, aliases)
+            if tracked(name):
+                found.append(f"line {node.lineno}: reads {name}")
+        if isinstance(node, ast.Call) and node.args and (
+                getattr(node.func, "id", None) in ("setattr", "delattr")
+                or getattr(node.func, "attr", None) in ("setattr", "delattr")):
+            replaced = replaced_by_call(node.args, aliases, modules)
+            if replaced:
+                found.append(f"line {node.lineno}: replaces {replaced}")
+    return sorted(found, key=lambda f: int(f.split()[1].rstrip(":")))
+
+
+def replaced_by_call(args: list[ast.expr], aliases: dict[str, str],
+                     modules: set[str]) -> str | None:
+    """What ``setattr(module, "name", v)`` or ``monkeypatch.setattr("pkg.mod.name", v)``
+    replaces in a tracked library's module, if anything."""
+    first = args[0]
+    if isinstance(first, ast.Constant) and isinstance(first.value, str):
+        return first.value if tracked(first.value) and "." in first.value else None
+    owner = dotted_name(first, aliases)
+    if not (tracked(owner) and owner in modules):
+        return None
+    name = args[1].value if len(args) > 1 and isinstance(args[1], ast.Constant) else "?"
+    return f"{owner}.{name}"
+
+
+def test_only_the_adapters_touch_library_internals():
+    declared = {need.name for lib in LIBRARIES for need in lib.needs
+                if need.name.startswith("_") or need.params is not None}
+    word = re.compile(r"\b(" + "|".join(map(re.escape, sorted(declared))) + r")\b")
+    offences = []
+    for path in sorted([*STAGES.rglob("*.py"), *(ROOT / "tests").rglob("*.py")]):
+        if path in ADAPTERS or path == Path(__file__) or "__pycache__" in path.parts:
+            continue
+        rel = path.relative_to(ROOT)
+        offences += [f"{rel}: {hit}" for hit in touches_of_internals(path)]
+        # also in strings (a harness run by a subprocess) and comments
+        offences += [f"{rel}: names {m[1]}" for m in word.finditer(path.read_text())]
+    assert not offences, ("only the adapters may touch library internals; go through "
+                          "fiftyone_internals / dvc_internals:\n" + "\n".join(offences))
+
+
+def test_the_rule_sees_each_way_of_touching_internals(tmp_path):
+    source = """
+import dvclive.live
+import fiftyone.utils.openimages as fouo
+import fiftyone as fo
+from dvc.scm import resolve_rev
+from fiftyone.utils import aws
+url = fouo._ANNOTATION_DOWNLOAD_URLS
+dvclive.live.get_dvc_repo = None
+aws.boto3 = None
+setattr(fouo, "x", 1)
+monkeypatch.setattr("fiftyone.utils.aws.boto3", None)
+fo.config.show_progress_bars = False
+from dvc.api import read
+from dvclive import Live
+"""
+    path = tmp_path / "sample.py"
+    path.write_text(source)
+    assert touches_of_internals(path) == [
+        "line 2: import dvclive.live",
+        "line 5: from dvc.scm import resolve_rev",
+        "line 7: reads fiftyone.utils.openimages._ANNOTATION_DOWNLOAD_URLS",
+        "line 8: replaces dvclive.live.get_dvc_repo",
+        "line 9: replaces fiftyone.utils.aws.boto3",
+        "line 10: replaces fiftyone.utils.openimages.x",
+        "line 11: replaces fiftyone.utils.aws.boto3",
+    ]

@@ -36,7 +36,7 @@ from stages.common.openimages import (CLASSES, DATA_DIR, DETECTION_COLUMNS, DETE
                                       images_on_disk, mids_for_names, read_classes,
                                       write_classes, write_detections)
 from stages.common.params import Params, Zoo
-from stages.download import sample_data, zoo
+from stages.download import fiftyone_internals, sample_data, zoo
 
 RAW = Path("data/raw")
 METRICS = Path("metrics/download.json")
@@ -125,7 +125,6 @@ def fetch_zoo(cfg: Params) -> tuple[list[Path], dict[Path, set[str]]]:
     # Usage statistics would be a network call of their own; nothing here needs them.
     os.environ.setdefault("FIFTYONE_DO_NOT_TRACK", "true")
     import fiftyone as fo
-    import fiftyone.utils.openimages as fouo
     import fiftyone.zoo as foz
 
     zoo_dir = Path(fo.config.dataset_zoo_dir) / ZOO_NAME
@@ -135,7 +134,7 @@ def fetch_zoo(cfg: Params) -> tuple[list[Path], dict[Path, set[str]]]:
         zoo.tidy(zoo_dir, z.splits)
         classes_csv = zoo_dir / z.splits[0] / CLASSES
         try:
-            session.ensure(classes_csv, fouo._ANNOTATION_DOWNLOAD_URLS["general"]["class_names"])
+            session.ensure(classes_csv, fiftyone_internals.class_list_url())
         except errors as exc:
             raise StageError(f"{ZOO_NAME}: cannot get the class list ({network_failure(exc, z)}); "
                              "check the network, or use a local mirror (data.source: mirror)") from None

@@ -1,10 +1,12 @@
 """FiftyOne's Open Images download, bounded in time, never trusting a partial file, resumable.
 
 What FiftyOne 1.22.1 does by itself (fiftyone/utils/openimages.py, fiftyone/utils/aws.py), and
-what :func:`patched` changes while the download stage runs it:
+what :func:`patched` changes while the download stage runs it (FiftyOne has no public way to
+do it: the hooks go in through fiftyone_internals.py, the only module that touches FiftyOne's
+private names):
 
-- **Label and metadata files** (``_download_file_if_necessary``: the class list, the split's
-  image list and its box file, 2 GB for train) go through eta's ``download_file``: ``requests``
+- **Label and metadata files** (the class list, the split's image list and its box file, 2 GB
+  for train) go through eta's ``download_file``: ``requests``
   with no timeout, so a server that stops answering hangs the run for ever; written in place
   under the final name; and any file that exists is taken as complete, so a download cut off
   midway leaves a truncated CSV that every later run trusts. Here they are fetched with
@@ -58,6 +60,7 @@ from stages.common import progress
 from stages.common.atomic import clean_stale, write_json
 from stages.common.digest import file_md5
 from stages.common.errors import StageError
+from stages.download import fiftyone_internals
 
 RECORD = "download-record.json"
 S3_ATTEMPTS = 3          # botocore attempts per request (HEAD, GET) of an image
@@ -395,17 +398,10 @@ def exclusive(root: Path) -> Iterator[None]:
 def patched(root: Path, timeout: float) -> Iterator[Session]:
     """FiftyOne's Open Images download as the module doc describes, for the ``with`` block."""
     import fiftyone as fo
-    import fiftyone.utils.aws as foua
-    import fiftyone.utils.openimages as fouo
 
     record = Record(root, timeout)
-    original_file = fouo._download_file_if_necessary
-    original_images = fouo._download_images_if_necessary
 
-    def ensure(filepath: str | Path, url: str, is_zip: bool = False, quiet: int = -1,
-               download: bool = True) -> bool:
-        if is_zip:   # segmentation masks: this stage never asks for them
-            return original_file(filepath, url, is_zip=is_zip, quiet=quiet, download=download)
+    def ensure(filepath: str | Path, url: str, quiet: int = -1, download: bool = True) -> bool:
         path = Path(filepath)
         if path.is_file() and not record.complete(path, url):
             logger.info("'%s' is incomplete (an interrupted download); fetching it again", path)
@@ -422,10 +418,17 @@ def patched(root: Path, timeout: float) -> Iterator[Session]:
         record.add(path, url, fetch(url, path, timeout))
         return True
 
+    def label_file(original: Callable[..., bool], filepath: str, url: str, is_zip: bool = False,
+                   quiet: int = -1, download: bool = True) -> bool:
+        if is_zip:   # segmentation masks: this stage never asks for them
+            return original(filepath, url, is_zip=is_zip, quiet=quiet, download=download)
+        return ensure(filepath, url, quiet=quiet, download=download)
+
     session = Session(ensure=ensure)
 
-    def download_images(image_ids: list[str], split: str, dataset_dir: str,
-                        num_workers: int | None = None, download: bool = True) -> int:
+    def download_images(original: Callable[..., int], image_ids: list[str], split: str,
+                        dataset_dir: str, num_workers: int | None = None,
+                        download: bool = True) -> int:
         session.chosen[Path(dataset_dir).resolve()] = list(image_ids)
         # FiftyOne fetches the chosen images not on disk (the same test as here); its bar is
         # silenced (below) and the client counts each image it finished into this meter.
@@ -434,23 +437,20 @@ def patched(root: Path, timeout: float) -> Iterator[Session]:
         with progress.Meter(f"download {split} images", missing, "images") as meter:
             session.images = meter
             try:
-                return original_images(image_ids, split, dataset_dir, num_workers=num_workers,
-                                       download=download)
+                return original(image_ids, split, dataset_dir, num_workers=num_workers,
+                                download=download)
             finally:
                 session.images = None
 
     # FiftyOne's own image bar (eta's) redraws on stdout up to 10 times a second: on a
     # terminal it would fight ours, in a pipe it piles up frames. Ours replaces it.
-    swaps = [(fouo, "_download_file_if_necessary", ensure),
-             (fouo, "_get_downloaded_image_ids", lambda dataset_dir: []),
-             (fouo, "_download_images_if_necessary", download_images),
-             (foua, "boto3", boto3_with_timeouts(timeout, session.image_done)),
-             (fo.config, "show_progress_bars", False)]
-    saved = [(module, name, getattr(module, name)) for module, name, _ in swaps]
-    for module, name, value in swaps:
-        setattr(module, name, value)
+    bars = fo.config.show_progress_bars
+    fo.config.show_progress_bars = False
     try:
-        yield session
+        with fiftyone_internals.hooked(
+                label_file=label_file, images=download_images,
+                on_disk=lambda dataset_dir: [],   # see "Which images" in the module doc
+                s3=boto3_with_timeouts(timeout, session.image_done)):
+            yield session
     finally:
-        for module, name, value in saved:
-            setattr(module, name, value)
+        fo.config.show_progress_bars = bars

@@ -34,7 +34,7 @@ import torch
 from torch import nn
 from torch.nn.parallel import DistributedDataParallel
 
-from stages.common import params
+from stages.common import dvc_internals, params
 from stages.common.atomic import atomic_dir, write_json
 from stages.common.errors import StageError, main_guard
 from stages.common.batches import CropSet, batch_len, batches
@@ -387,27 +387,12 @@ def save_state(fp: dict, n: int, parts: Parts, standing: Standing, world: World,
 
 def open_live(history: list[dict]):
     """DVCLive on plots/train, with the epochs before a resume replayed: one run's plots."""
-    import dvclive.live
     from dvclive import Live
-    from scmrepo.exceptions import SCMError
 
     # dvcyaml=False: the stage's outputs and plots are declared in the project's dvc.yaml.
-    def live():
-        return Live(dir=str(LIVE_DIR), dvcyaml=False, save_dvc_exp=False, report=None)
-
-    try:
-        opened = live()
-    except SCMError:
-        # DVCLive 3.49 asks git for HEAD before it checks whether there is one, so in a fresh
-        # `git init` with no commit yet it fails ("Empty git repo"). This stage saves no
-        # experiment, so DVCLive's repo is not needed: open it as DVCLive runs where DVC is
-        # not installed (no repo), which writes the same files.
-        original = dvclive.live.get_dvc_repo
-        dvclive.live.get_dvc_repo = lambda: None
-        try:
-            opened = live()
-        finally:
-            dvclive.live.get_dvc_repo = original
+    # In a fresh `git init` with no commit yet, DVCLive is opened without DVC's repo.
+    opened = dvc_internals.open_live(lambda: Live(dir=str(LIVE_DIR), dvcyaml=False,
+                                                  save_dvc_exp=False, report=None))
     for record in history:
         log_epoch(opened, record)
     return opened

@@ -1,0 +1,87 @@
+"""The one place the project touches DVC's and DVCLive's internals (tests/test_layout.py).
+
+DVC's public Python API (``dvc.api``) and DVCLive's (``dvclive.Live``) lack two things:
+
+- **Resolving a revision name** as ``dvc plots diff`` does (a git commit, branch or tag, or a DVC
+  experiment name), so that ``python -m stages.report --rev`` can refuse a bad one in one line
+  before minutes of rendering: DVC does it in ``dvc.scm`` (``SCM``, ``resolve_rev``).
+- **Opening DVCLive in a git repository with no commit yet**: DVCLive 3.49 asks git for HEAD
+  before it checks whether there is one, and fails ("Empty git repo"). The train stage saves no
+  experiment, so it opens DVCLive as DVCLive runs where DVC is not installed (no repository),
+  which writes the same files: ``dvclive.live.get_dvc_repo`` answers None for that moment.
+
+:data:`DVC` and :data:`DVCLIVE` declare what is used; each function refuses in one line
+(``internals.require``) on a version other than the pinned one, or one that lacks a name.
+"""
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Callable, TypeVar
+
+from stages.common.internals import Library, Private, require
+
+T = TypeVar("T")
+ADAPTER = "stages/common/dvc_internals.py"
+DVC = Library(
+    dist="dvc", pinned="3.67.1", adapter=ADAPTER,
+    needs=(
+        Private("dvc.scm", "SCM", params=("root_dir", "search_parent_directories", "no_scm")),
+        Private("dvc.scm", "resolve_rev", params=("scm", "rev")),
+        Private("dvc.scm", "SCMError", subclass_of=Exception),
+        Private("dvc.scm", "RevError", subclass_of=Exception),
+    ),
+    instead="run without --rev for the workspace alone")
+DVCLIVE = Library(
+    dist="dvclive", pinned="3.49.1", adapter=ADAPTER,
+    needs=(
+        Private("dvclive.live", "get_dvc_repo", params=()),
+        # what DVCLive raises in a repository without a commit (scmrepo comes with DVC)
+        Private("scmrepo.exceptions", "SCMError", subclass_of=Exception),
+    ))
+
+
+class NoRepository(Exception):
+    """The folder is not in a git repository (DVC's message)."""
+
+
+class UnknownRevision(Exception):
+    """DVC cannot resolve the revision name (DVC's message)."""
+
+
+def revision_resolver(repo: Path) -> Callable[[str], str]:
+    """A function that resolves a revision name in ``repo`` to a commit, as DVC does: a git
+    commit, branch or tag, or an experiment name. Raises :class:`NoRepository` here, and
+    :class:`UnknownRevision` from the function."""
+    require(DVC)
+    from dvc.scm import SCM, RevError, SCMError, resolve_rev
+
+    try:
+        scm = SCM(str(repo))
+    except SCMError as exc:
+        raise NoRepository(str(exc)) from None
+
+    def resolve(rev: str) -> str:
+        try:
+            return resolve_rev(scm, rev)
+        except RevError as exc:
+            raise UnknownRevision(str(exc)) from None
+
+    return resolve
+
+
+def open_live(make: Callable[[], T]) -> T:
+    """``make()``, which opens a ``dvclive.Live`` that saves no experiment; in a git repository
+    with no commit yet, opened without DVC's repository (the module doc says why)."""
+    require(DVCLIVE)
+    import dvclive.live
+    from scmrepo.exceptions import SCMError
+
+    try:
+        return make()
+    except SCMError:
+        original = dvclive.live.get_dvc_repo
+        dvclive.live.get_dvc_repo = lambda: None
+        try:
+            return make()
+        finally:
+            dvclive.live.get_dvc_repo = original
