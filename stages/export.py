@@ -89,7 +89,8 @@ def with_point(scores: dict, point: dict) -> dict:
     op = {**scores["operating_point"], "threshold": point["threshold"],
           "threshold_log_odds": point["threshold_log_odds"],
           "target_recall": point["target_recall"]}
-    cal = {**scores["calibration"], "temperature": round(point["temperature"], 4)}
+    cal = scores.get("calibration")  # without it the card says "not calibrated"
+    cal = cal and {**cal, "temperature": round(point["temperature"], 4)}
     return {**scores, "operating_point": op, "calibration": cal}
 
 

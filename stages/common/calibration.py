@@ -251,7 +251,7 @@ def _seal_problem(point: dict) -> str | None:
 
 def _threshold_problem(point: dict) -> str | None:
     """``threshold_log_odds`` is the alarm; ``threshold`` only shows it, so the two must agree
-    (to float rounding: a few units in the last place)."""
+    (to float rounding: 1e-14 relative, far below any digit a person reads)."""
     if not _number(point.get("threshold_log_odds"), -math.inf, math.inf):
         return f"threshold_log_odds {point.get('threshold_log_odds')!r} is not a finite number"
     if not _number(point.get("threshold"), 0.0, 1.0):
