@@ -239,7 +239,8 @@ def _number(value, low: float, high: float) -> bool:
 def _seal_problem(point: dict) -> str | None:
     stored = point.get(SEAL_KEY)
     if not isinstance(stored, str):
-        return f"{SEAL_KEY} is missing (not sealed by calibrate), so its content cannot be trusted"
+        return (f"{SEAL_KEY} {stored!r} is not a digest (the point was not sealed by calibrate), "
+                "so its content cannot be trusted")
     try:
         digest = point_digest(point)
     except (TypeError, ValueError):  # content that is not plain JSON data
