@@ -11,6 +11,8 @@ writes data/calibration/operating_point.json:
   * the val figures at that point, the checkpoint's SHA-256 (predict uses the file only for that
     checkpoint), and whether val held enough persons to resolve the target (1 / (1 - target)
     persons; fewer: every val person must raise the alarm, and the stage says so).
+  * ``point_sha256``: the seal over all of the above (stages.common.calibration.seal); every
+    reader refuses a file whose content no longer matches it.
 evaluate scores the operating point on test; export embeds it in the ONNX file; predict answers
 with it.
 """
@@ -26,7 +28,7 @@ from stages.common.atomic import write_json
 from stages.common.calibration import (ALARM_LABEL, FORMAT, OPERATING_POINT, alarm_figures,
                                        ece, fit_temperature, nll, person_log_odds,
                                        person_threshold, persons_needed, probability,
-                                       softmax, threshold_text)
+                                       seal, softmax, threshold_text)
 from stages.common.digest import file_sha256
 from stages.common.errors import StageError, main_guard
 from stages.common.model import load_checkpoint, pick_device
@@ -71,7 +73,7 @@ def main() -> None:
     _, logits, targets = labelled_logits(model, meta, VAL_DIR, CHECKPOINT, device,
                                          cfg.batch_size, "calibrate")
     point = operating_point(logits, targets, meta["classes"], cfg.person_recall_target)
-    point = {**point, "model": str(CHECKPOINT), "model_sha256": file_sha256(CHECKPOINT)}
+    point = seal({**point, "model": str(CHECKPOINT), "model_sha256": file_sha256(CHECKPOINT)})
     write_json(OPERATING_POINT, point)
 
     val = point["val"]

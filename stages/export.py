@@ -4,7 +4,9 @@ Writes data/export/model.onnx (with the class names, size and normalisation in i
 `python -m stages.predict --model data/export/model.onnx` needs nothing else),
 data/export/MODEL_CARD.md (what the model is for and not for, the data it came from with the
 dvc.lock hashes, the recipe, the test figures, the speed, how to rebuild it) and
-metrics/export.json:
+metrics/export.json. The model file carries calibrate's sealed operating point; the card's alarm
+figures are metrics/eval.json's only when evaluate scored that very point (its ``point_sha256``),
+and its threshold and temperature are read back from the model file:
   * parity on the test crops: max absolute logit difference and top-1 agreement between ONNX
     Runtime and PyTorch; the stage fails when the difference exceeds ``export.parity_atol``;
   * speed on the CPU, both runtimes on the same threads and the same inputs: ms per image at
@@ -22,8 +24,8 @@ import yaml
 from stages.common import params
 from stages.common.atomic import atomic_dir, write_json
 from stages.common.batches import normalise
-from stages.common.calibration import (embedded, operating_point_for, operator_sentence,
-                                       threshold_text)
+from stages.common.calibration import (OPERATING_POINT, embedded, operating_point_for,
+                                       operator_sentence, threshold_text)
 from stages.common.errors import StageError, main_guard
 from stages.common.model import check_logits, load_checkpoint
 from stages.common.onnx_model import OnnxClassifier, export
@@ -68,6 +70,28 @@ def read_metrics(path: Path) -> dict:
     except (OSError, ValueError) as exc:
         raise StageError(f"{path}: cannot read it ({exc}); run `dvc repro` (evaluate and "
                          "split write it)") from None
+
+
+def evaluated(scores: dict, point: dict) -> dict:
+    """eval.json's figures, once they are of ``point`` (the operating point export embeds):
+    a card must never describe another alarm than the one the model file carries."""
+    seen = (scores.get("operating_point") or {}).get("point_sha256")
+    if seen != point["point_sha256"]:
+        raise StageError(f"{EVAL_METRICS} evaluated another operating point (point_sha256 "
+                         f"{str(seen)[:12]}) than {OPERATING_POINT} ({point['point_sha256'][:12]})"
+                         "; run `dvc repro evaluate` before export")
+    return scores
+
+
+def with_point(scores: dict, point: dict) -> dict:
+    """``scores`` whose alarm settings are those of ``point``, the copy read back from the ONNX
+    file: the card states the threshold and temperature the model answers with."""
+    op = {**scores["operating_point"], "threshold": point["threshold"],
+          "threshold_log_odds": point["threshold_log_odds"],
+          "target_recall": point["target_recall"]}
+    cal = scores.get("calibration")  # without it the card says "not calibrated"
+    cal = cal and {**cal, "temperature": round(point["temperature"], 4)}
+    return {**scores, "operating_point": op, "calibration": cal}
 
 
 def data_hashes(lock: Path = LOCK_FILE) -> dict[str, str]:
@@ -183,7 +207,7 @@ def main() -> None:
     everything = params.load()
     cfg = everything.export
     model, meta = load_checkpoint(CHECKPOINT)
-    point = embedded(operating_point_for(CHECKPOINT))  # predict answers with it
+    point = operating_point_for(CHECKPOINT)  # predict answers with it
     images = test_arrays(meta)
 
     n = cfg.batch_size
@@ -197,9 +221,10 @@ def main() -> None:
     check_logits(reference, len(images), len(meta["classes"]), CHECKPOINT)
     speed["pytorch_eager"] = speed_figures(eager.logits, one, batch, n, cfg.speed_runs)
     del eager
+    scores = evaluated(read_metrics(EVAL_METRICS), point)
 
     with atomic_dir(EXPORT_DIR) as tmp:
-        export(model, {**meta, "operating_point": point}, tmp / ONNX_FILE, cfg.opset)
+        export(model, {**meta, "operating_point": embedded(point)}, tmp / ONNX_FILE, cfg.opset)
         onnx = OnnxClassifier(tmp / ONNX_FILE, threads=threads)
         answered = in_batches(onnx.logits, images)
         check_logits(answered, len(images), len(meta["classes"]), EXPORT_DIR / ONNX_FILE)
@@ -217,8 +242,8 @@ def main() -> None:
         figures = {"arch": meta["arch"], "opset": cfg.opset, "onnx_mb": size_mb,
                    "parity": check, "speed": speed}
         (tmp / CARD_FILE).write_text(model_card(
-            everything, meta, read_metrics(EVAL_METRICS), read_metrics(SPLIT_METRICS),
-            data_hashes(), figures))
+            everything, meta, with_point(scores, onnx.operating_point),
+            read_metrics(SPLIT_METRICS), data_hashes(), figures))
 
     write_json(METRICS_FILE, figures)
     e, o = speed["pytorch_eager"], speed["onnxruntime"]

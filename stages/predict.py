@@ -34,6 +34,7 @@ import argparse
 import contextlib
 import csv
 import json
+import math
 import os
 import signal
 import sys
@@ -108,17 +109,18 @@ class Alarm:
     compared as log-odds from the logits (stages.common.calibration: no rounding to 1.0); with
     no threshold, person as the top label."""
 
-    def __init__(self, classes: list[str], threshold: float | None, source: str | None,
-                 point: dict | None):
+    def __init__(self, classes: list[str], threshold: tuple[float, float] | None,
+                 source: str | None, point: dict | None):
+        """``threshold``: (probability, log-odds), the log-odds being the one compared."""
         self.person = classes.index(ALARM_LABEL) if ALARM_LABEL in classes else None
         self.temperature = point["temperature"] if point else 1.0
-        if threshold is None:
-            self.log_odds = None
-        elif point is not None and threshold == point["threshold"]:
-            self.log_odds = point["threshold_log_odds"]  # exact, as fitted
-        else:
-            self.log_odds = log_odds(threshold)
-        self.header = {"threshold": threshold, "source": source, "temperature": self.temperature}
+        shown, self.log_odds = threshold or (None, None)
+        # Near 1 the probability prints as 1: the log-odds says which threshold answered. 0 and 1
+        # have none that JSON can hold (-inf, inf: always, never); the probability says it.
+        finite = self.log_odds is not None and math.isfinite(self.log_odds)
+        self.header = {"threshold": shown,
+                       "threshold_log_odds": self.log_odds if finite else None,
+                       "source": source, "temperature": self.temperature}
 
     def __call__(self, pred: Prediction) -> bool | None:
         if pred.error or self.person is None:
@@ -227,14 +229,17 @@ def output_errors() -> Iterator[None]:
                          "check where stdout goes, or redirect it to a file") from None
 
 
-def threshold_for(args: argparse.Namespace, classifier) -> tuple[float | None, str | None]:
-    """(threshold, where it comes from): --person-threshold, else the model's operating point;
-    with neither, stderr says why."""
+def threshold_for(args: argparse.Namespace, classifier
+                  ) -> tuple[tuple[float, float] | None, str | None]:
+    """((probability, log-odds), where it comes from): --person-threshold X (its own log-odds,
+    whatever the point holds), else the model's operating point (whose log-odds is the alarm and
+    was checked against its probability); with neither, stderr says why."""
     if args.person_threshold is not None:
-        return args.person_threshold, "--person-threshold"
+        x = args.person_threshold
+        return (x, log_odds(x)), "--person-threshold"
     point = classifier.operating_point
     if point is not None:
-        return point["threshold"], point["source"]
+        return (point["threshold"], point["threshold_log_odds"]), point["source"]
     where = ("exported without one: export it again with `dvc repro export`"
              if args.model.suffix.lower() == ".onnx" else
              f"no {OPERATING_POINT.name} fitted for it beside it or at {OPERATING_POINT}: run "

@@ -194,8 +194,8 @@ def test_alarm_figures_by_hand():
 
 def test_evaluate_writes_the_keys_dvc_metrics_diff_lines_up():
     logits, targets = sampled(500, 2.0, seed=8)
-    point = {"temperature": 2.0, "threshold": 0.4, "threshold_log_odds": cal.log_odds(0.4),
-             "target_recall": 0.99}
+    point = cal.seal({"temperature": 2.0, "threshold": 0.4,
+                      "threshold_log_odds": cal.log_odds(0.4), "target_recall": 0.99})
     m = alarm_metrics(logits, targets, ["animal", "object", "person"], point)
     assert {"threshold", "target_recall", "test_person_recall", "test_person_precision",
             "false_alarms_per_1000"} <= set(m["operating_point"])
@@ -214,9 +214,11 @@ def test_the_operator_sentence():
 
 
 def write_point(path, **change):
-    point = {"format": 1, "label": "person", "temperature": 1.5, "threshold": 0.2,
-             "threshold_log_odds": cal.log_odds(0.2),
-             "target_recall": 0.99, "model_sha256": "0" * 64, **change}
+    """A point as calibrate seals it, with ``change`` made before the seal."""
+    point = cal.seal({"format": 1, "label": "person", "temperature": 1.5,
+                      "threshold": cal.probability(cal.log_odds(0.2)),
+                      "threshold_log_odds": cal.log_odds(0.2), "target_recall": 0.99,
+                      "val": {"persons": 29}, "model_sha256": "0" * 64, **change})
     path.parent.mkdir(parents=True, exist_ok=True)
     path.write_text(json.dumps(point))
     return point

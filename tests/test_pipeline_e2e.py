@@ -16,6 +16,8 @@ from types import SimpleNamespace
 import pytest
 import yaml
 
+from stages.common.calibration import threshold_text
+from stages.common.onnx_model import OnnxClassifier
 from tests.tiny_project import copy_project
 
 pytestmark = pytest.mark.training
@@ -72,6 +74,7 @@ def test_repro_runs_every_stage_and_writes_metrics_and_plots(repo):
     assert set(cal) == {"ece_before", "ece_after", "temperature"}
     point = json.loads((repo.path / "data/calibration/operating_point.json").read_text())
     assert op["threshold"] == point["threshold"] and op["target_recall"] == 0.99
+    assert op["point_sha256"] == point["point_sha256"]  # eval.json scored this very point
     assert cal["temperature"] == round(point["temperature"], 4) > 0
     assert 0 <= op["test_person_recall"] <= 1 and 0 <= cal["ece_after"] <= 1
     assert op["test_persons"] == metrics["per_class"]["person"]["support"]
@@ -114,6 +117,8 @@ def test_the_model_card_matches_the_metrics_and_the_lock(repo):
     assert "## Person alarm (operating point)" in card
     assert f"On test: person recall {op['test_person_recall']}" in card
     assert f"{op['false_alarms_per_1000']} false alarms per 1,000" in card
+    carried = OnnxClassifier(repo.path / "data/export/model.onnx").operating_point
+    assert f">= **{threshold_text(carried['threshold'], carried['threshold_log_odds'])}**" in card
 
 
 def test_second_repro_does_nothing_and_status_is_clean(repo):

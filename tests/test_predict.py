@@ -49,12 +49,12 @@ def models(tmp_path_factory):
 
 def give_point(checkpoint: Path, *folders: Path) -> None:
     """An operating point fitted for ``checkpoint``, as calibrate writes it, in each folder."""
-    from stages.common.calibration import log_odds
+    from stages.common.calibration import log_odds, seal
     from stages.common.digest import file_sha256
 
-    point = {"format": 1, "label": "person", "temperature": 1.0, "threshold": 0.5,
-             "threshold_log_odds": log_odds(0.5), "target_recall": 0.99,
-             "model_sha256": file_sha256(checkpoint)}
+    point = seal({"format": 1, "label": "person", "temperature": 1.0, "threshold": 0.5,
+                  "threshold_log_odds": log_odds(0.5), "target_recall": 0.99, "val": {},
+                  "model_sha256": file_sha256(checkpoint)})
     for folder in folders:
         folder.mkdir(parents=True, exist_ok=True)
         (folder / "operating_point.json").write_text(json.dumps(point))

@@ -53,9 +53,10 @@ def models(elsewhere, tmp_path_factory):
     logits = np.stack([p.logits for p in predict_paths(plain, expand([pics])) if not p.error])
     person = cal.softmax(logits, TEMPERATURE)[:, 2]
     threshold = float(np.median(person))
-    point = {"format": 1, "label": "person", "temperature": TEMPERATURE, "threshold": threshold,
-             "threshold_log_odds": cal.log_odds(threshold),
-             "target_recall": 0.99, "model_sha256": file_sha256(d / "best.pt")}
+    point = cal.seal({"format": 1, "label": "person", "temperature": TEMPERATURE,
+                      "threshold": cal.probability(cal.log_odds(threshold)),
+                      "threshold_log_odds": cal.log_odds(threshold), "target_recall": 0.99,
+                      "val": {}, "model_sha256": file_sha256(d / "best.pt")})
     (d / "operating_point.json").write_text(json.dumps(point))
     export(model, {**meta, "operating_point": cal.embedded(point)}, d / "model.onnx", 18)
     return SimpleNamespace(pt=d / "best.pt", onnx=d / "model.onnx", pics=pics, point=point,
@@ -141,7 +142,8 @@ def test_without_a_point_stderr_says_so_and_the_alarm_is_the_top_label(run, mode
     proc = run(models.pics, "--model", bare, "--format", "json")
     assert "warning:" in proc.stderr and "dvc repro calibrate" in proc.stderr
     doc = json.loads(proc.stdout)
-    assert doc["operating_point"] == {"threshold": None, "source": None, "temperature": 1.0}
+    assert doc["operating_point"] == {"threshold": None, "threshold_log_odds": None,
+                                      "source": None, "temperature": 1.0}
     answers = [p for p in doc["predictions"] if "error" not in p]
     plain = cal.softmax(models.logits)
     for p, probs in zip(answers, plain):

@@ -12,11 +12,14 @@ alarm: val person recall at or above the target with the fewest val false alarms
 between the last person it must catch and the first non-person below it. The comparison is made on the person log-odds,
 log(p / (1 - p)) = z_person / T - logsumexp(z_others / T), computed from the logits: a
 probability rounds to exactly 1.0 in float64 once the gap passes ~37 (a small T gets there fast),
-and thresholds on such ties would lose all resolution. ``threshold`` is its probability, for
-people to read.
+and thresholds on such ties would lose all resolution. ``threshold_log_odds`` is the alarm;
+``threshold`` is its probability, for people to read, and a reader refuses a point where the two
+disagree.
 
 The operating point file (data/calibration/operating_point.json) names the checkpoint it was
-fitted for by the SHA-256 of its bytes: a stale file next to another model is never used.
+fitted for by the SHA-256 of its bytes: a stale file next to another model is never used. It is
+sealed by ``point_sha256`` over all its other keys (:func:`seal`), as is the copy an ONNX file
+carries, and every reader checks the seal (:func:`point_problem`).
 """
 from __future__ import annotations
 
@@ -175,20 +178,44 @@ def operator_sentence(recall: float, false_alarms_per_1000: float,
 
 
 # ----- the operating point file ----------------------------------------------------------------
+# Sealed as best.pt and model.onnx are: ``point_sha256`` is the SHA-256 of every other key as
+# canonical JSON (sorted keys, no spaces), so any edit (a flipped digit in the log-odds, a
+# temperature typed in) is refused in one line instead of moving the alarm in silence. One
+# writer function (seal) for the file and for the copy inside an ONNX file; one check
+# (point_problem) for every reader. Whatever keys a point holds, the seal covers them all.
+
+SEAL_KEY = "point_sha256"
+RECALIBRATE = "run `dvc repro calibrate` again"
+# Keys that name other files: kept out of the copy inside a model file.
+FILE_KEYS = ("model", "model_sha256", "source", SEAL_KEY)
+
+
+def point_digest(point: dict) -> str:
+    """SHA-256 of ``point`` without its seal, as sorted compact JSON: the checkpoint's metadata
+    digest with no tensors (stages.common.model.weights_digest), so there is one recipe."""
+    from stages.common.model import weights_digest
+
+    return weights_digest({k: v for k, v in point.items() if k != SEAL_KEY}, {})
+
+
+def seal(point: dict) -> dict:
+    """``point`` with its ``point_sha256`` (replacing any): what every writer writes."""
+    content = {k: v for k, v in point.items() if k != SEAL_KEY}
+    return {**content, SEAL_KEY: point_digest(content)}
+
 
 def read_operating_point(path: Path = OPERATING_POINT) -> dict:
-    """The file calibrate wrote, checked; one line naming it otherwise."""
+    """The file calibrate wrote, its seal and keys checked; one line naming it otherwise."""
     try:
         point = json.loads(Path(path).read_text())
     except FileNotFoundError:
         raise StageError(f"{path}: not found; run `dvc repro calibrate` first") from None
     except (OSError, ValueError) as exc:
-        raise StageError(f"{path}: cannot read it ({exc}); run `dvc repro calibrate` again") \
-            from None
+        raise StageError(f"{path}: cannot read it ({exc}); {RECALIBRATE}") from None
     problem = point_problem(point)
     if problem:
-        raise StageError(f"{path}: {problem}; the file is damaged or not calibrate's; run "
-                         "`dvc repro calibrate` again")
+        raise StageError(f"{path}: {problem}; the file is damaged, edited or not calibrate's; "
+                         f"{RECALIBRATE}")
     return point
 
 
@@ -199,8 +226,8 @@ def operating_point_for(checkpoint: Path, path: Path = OPERATING_POINT) -> dict:
 
     point = read_operating_point(path)
     if point["model_sha256"] != file_sha256(checkpoint):
-        raise StageError(f"{path} was fitted for another checkpoint than {checkpoint}; run "
-                         "`dvc repro calibrate` again")
+        raise StageError(f"{path} was fitted for another checkpoint than {checkpoint}; "
+                         f"{RECALIBRATE}")
     return point
 
 
@@ -209,36 +236,72 @@ def _number(value, low: float, high: float) -> bool:
             and math.isfinite(value) and low <= value <= high)
 
 
+def _seal_problem(point: dict) -> str | None:
+    stored = point.get(SEAL_KEY)
+    if not isinstance(stored, str):
+        return (f"{SEAL_KEY} {stored!r} is not a digest (the point was not sealed by calibrate), "
+                "so its content cannot be trusted")
+    try:
+        digest = point_digest(point)
+    except (TypeError, ValueError):  # content that is not plain JSON data
+        digest = None
+    if digest != stored:
+        return f"its content does not match its {SEAL_KEY}"
+    return None
+
+
+def _threshold_problem(point: dict) -> str | None:
+    """``threshold_log_odds`` is the alarm; ``threshold`` only shows it, so the two must agree
+    (to float rounding: 1e-14 relative, far below any digit a person reads)."""
+    if not _number(point.get("threshold_log_odds"), -math.inf, math.inf):
+        return f"threshold_log_odds {point.get('threshold_log_odds')!r} is not a finite number"
+    if not _number(point.get("threshold"), 0.0, 1.0):
+        return f"threshold {point.get('threshold')!r} is not a number from 0 to 1"
+    derived = probability(point["threshold_log_odds"])
+    if not math.isclose(point["threshold"], derived, rel_tol=1e-14, abs_tol=0.0):
+        return (f"threshold {point['threshold']!r} is not the probability of threshold_log_odds "
+                f"{point['threshold_log_odds']!r} ({derived!r})")
+    return None
+
+
 def point_problem(point, embedded: bool = False) -> str | None:
-    """What makes ``point`` unusable, or None. ``embedded``: inside a model file (ONNX
-    metadata), so it names no other file's digest."""
+    """What makes ``point`` unusable, or None: its seal first, then every key a reader uses.
+    ``embedded``: inside a model file (ONNX metadata), so it names no other file's digest."""
     if not isinstance(point, dict):
         return "not a JSON object"
+    problem = _seal_problem(point)
+    if problem:
+        return problem
     if point.get("format") != FORMAT:
         return f"format {point.get('format')!r}, expected {FORMAT}"
     if point.get("label") != ALARM_LABEL:
         return f"label {point.get('label')!r}, expected {ALARM_LABEL!r}"
     if not _number(point.get("temperature"), T_MIN, T_MAX):
         return f"temperature {point.get('temperature')!r} is not a number from {T_MIN} to {T_MAX}"
-    if not _number(point.get("threshold"), 0.0, 1.0):
-        return f"threshold {point.get('threshold')!r} is not a number from 0 to 1"
-    if not _number(point.get("threshold_log_odds"), -math.inf, math.inf):
-        return f"threshold_log_odds {point.get('threshold_log_odds')!r} is not a finite number"
-    if not embedded and not isinstance(point.get("model_sha256"), str):
-        return "model_sha256 is missing"
+    problem = _threshold_problem(point)
+    if problem:
+        return problem
+    target = point.get("target_recall")
+    if not _number(target, 0.0, 1.0) or target == 0:
+        return f"target_recall {target!r} is not a number in (0, 1]"
+    if not isinstance(point.get("val"), dict):
+        return f"val {point.get('val')!r} is not the val figures (a JSON object)"
+    if not embedded and not (isinstance(point.get("model_sha256"), str)
+                             and len(point["model_sha256"]) == 64):
+        return f"model_sha256 {point.get('model_sha256')!r} is not a SHA-256"
     return None
 
 
 def embedded(point: dict) -> dict:
-    """What a model file carries of an operating point: no file names, no digests."""
-    return {k: point[k] for k in ("format", "label", "temperature", "threshold",
-                                  "threshold_log_odds", "target_recall")}
+    """The copy of an operating point a model file carries: every key but those naming other
+    files, under its own seal (the file's would name a checkpoint the model file has not)."""
+    return seal({k: v for k, v in point.items() if k not in FILE_KEYS})
 
 
 def beside(checkpoint: Path) -> dict | None:
     """The operating point fitted for ``checkpoint``: ``operating_point.json`` in its folder
     (how a checkpoint is handed on with its point), else calibrate's own file; a file fitted
-    for another checkpoint is passed over. None when neither fits."""
+    for another checkpoint is passed over. None when neither fits; a damaged one is refused."""
     from stages.common.digest import file_sha256
 
     digest = None
@@ -249,5 +312,3 @@ def beside(checkpoint: Path) -> dict | None:
             if point["model_sha256"] == digest:
                 return {**point, "source": str(path)}
     return None
-
-

@@ -1,7 +1,8 @@
 """ONNX: export a checkpoint with a dynamic batch axis, and run an exported model in ONNX Runtime.
 
 The exported file carries the checkpoint's arch, class names, image size and normalisation in its
-metadata, and calibrate's temperature and person threshold (``operating_point``), so
+metadata, and calibrate's temperature and person threshold (``operating_point``, under its own
+seal, checked on load: stages.common.calibration), so
 ``stages.predict --model model.onnx`` needs nothing but that one file. It also
 carries ``weights_sha256``: the SHA-256 of the file's model (deterministic protobuf
 serialisation) without that entry, written by :func:`export` and checked by

@@ -90,6 +90,7 @@ def alarm_metrics(logits: np.ndarray, targets: np.ndarray, classes: list[str],
             "threshold": point["threshold"],
             "threshold_log_odds": round(point["threshold_log_odds"], 4),
             "target_recall": point["target_recall"],
+            "point_sha256": point["point_sha256"],  # export embeds only the point evaluated here
             "test_person_recall": alarm["person_recall"],
             "test_person_precision": alarm["person_precision"],
             "false_alarms_per_1000": alarm["false_alarms_per_1000"],
