@@ -611,3 +611,16 @@ def test_an_empty_rev_and_a_closed_stdout_are_one_line(hostile, tmp_path, capsys
                               env={**os.environ, "PYTHONPATH": str(ROOT)})
         assert proc.returncode == 2 and proc.stderr.count("\n") == 1, (shell, proc.stderr)
         assert proc.stderr.startswith("error: --out -: "), proc.stderr
+
+
+@pytest.mark.parametrize("command", ["report", "review"])
+def test_a_bad_option_is_one_line_exit_2(command, capsys):
+    """The commands' parser (stages.common.errors.ArgumentParser): one line, not argparse's
+    usage block."""
+    import importlib
+
+    with pytest.raises(SystemExit) as exc:
+        importlib.import_module(f"stages.{command}").main(["--no-such-option"])
+    err = capsys.readouterr().err.splitlines()
+    assert exc.value.code == 2 and err == [
+        f"error: unrecognized arguments: --no-such-option; see python -m stages.{command} --help"]
