@@ -29,5 +29,15 @@ test: setup
 test-threads: setup
 	$(RUN) OMP_NUM_THREADS=1 python -m pytest -q -m training tests
 
+# `make clean`: remove every data output of the pipeline (tests/test_atomic.py keeps the list
+# equal to dvc.yaml's) and what killed runs left beside the outputs (.<name>.tmp-<pid>,
+# .<name>.old-<pid>); not data/mirror, nor the git-tracked metrics and plots. `dvc checkout`
+# brings the outputs back from the cache, `dvc repro` from the run cache or by running. Run it
+# when no stage is running.
+DATA_OUTS := data/raw data/crops data/split data/model data/train_state data/calibration \
+             data/export
+
 clean:
-	rm -rf data/raw data/crops data/split data/model
+	rm -rf $(DATA_OUTS)
+	find $(wildcard data metrics plots) -maxdepth 2 -path data/mirror -prune -o \
+	  \( -name '.*.tmp-*' -o -name '.*.old-*' \) -prune -exec rm -rf {} +

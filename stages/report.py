@@ -14,19 +14,25 @@ compare, as `dvc plots diff` and `dvc metrics diff` do: every plot overlays the 
 plots stand side by side labelled by revision, and each metrics file is one table with a column
 per revision and, for numbers, the change from the first one. What a revision lacks (a plot or
 metrics file, a plot dvc.yaml did not define yet) is shown as missing and named on stderr; the
-rest still renders. A revision DVC cannot resolve is refused in one line, exit code 2, before
-anything is written.
+rest still renders. A revision DVC cannot resolve, or an empty ``--rev ''``, is refused in one
+line, exit code 2, before anything is written.
 
-A plot that cannot be rendered is named in the page and on stderr, the others still come out;
-the exit code is then 1. ``--out -`` writes the page to stdout; an ``--out`` that is a symbolic
-link or not a regular file (``/dev/stdout`` is a link) is refused in one line, exit code 2,
-because the atomic rename would replace the link or the device node itself.
+A plot that cannot be rendered, a metrics file DVC cannot parse ("unreadable: <why>", never
+"missing") and an operating point whose figures are not finite numbers in range (NaN, Infinity,
+a string: "invalid") are named in the page and on stderr, the rest still comes out; the exit code
+is then 1. ``--out -`` writes the page to stdout (closed, or its reader gone: one line, exit code
+2); an ``--out`` that is a symbolic link or not a regular file (``/dev/stdout`` is a link) is
+refused in one line, exit code 2, because the atomic rename would replace the link or the device
+node itself.
 """
 from __future__ import annotations
 
 import base64
+import contextlib
 import html
 import json
+import math
+import os
 import subprocess
 import sys
 import tempfile
@@ -34,8 +40,8 @@ from pathlib import Path
 
 from stages.common import dvc_internals
 from stages.common.atomic import atomic_file, refuse_odd_destination
-from stages.common.calibration import operator_sentence, threshold_text
-from stages.common.errors import ArgumentParser, StageError, main_guard
+from stages.common.calibration import _number, operator_sentence, threshold_text
+from stages.common.errors import ArgumentParser, ParamError, StageError, main_guard
 
 DEFAULT_OUT = Path("dvc_plots/report.html")  # beside dvc plots show's index.html, git-ignored
 EVAL_METRICS = "metrics/eval.json"  # evaluate's, where the operating point is
@@ -163,15 +169,20 @@ def as_text(value) -> str:
     return value if isinstance(value, str) else json.dumps(value)
 
 
-def metrics_html(metrics: dict) -> str:
-    parts = []
-    for rev, content in metrics.items():
-        for name, value in sorted((content.get("data") or {}).items()):
-            rows = "".join(f"<tr><td>{html.escape(k)}</td><td>{html.escape(as_text(v))}</td>"
-                           "</tr>" for k, v in flatten(value.get("data", {})))
-            parts.append(f"<h3>{html.escape(name)} <small>({html.escape(rev)})</small></h3>"
-                         f"<table><tr><th>metric</th><th>value</th></tr>{rows}</table>")
-    return "\n".join(parts) or "<p>no metrics</p>"
+# The figures of the operator's sentence, each with the range it must lie in. A revision's
+# eval.json is whatever that commit holds: NaN, Infinity or a string there is shown as invalid.
+POINT_FIGURES = {"threshold": (0.0, 1.0), "threshold_log_odds": (-math.inf, math.inf),
+                 "test_person_recall": (0.0, 1.0), "false_alarms_per_1000": (0.0, 1000.0)}
+
+
+def operating_point_problem(point: dict) -> str | None:
+    """Why ``point`` cannot be put into words (a figure that is no finite number in range), or
+    None; a figure it lacks is no problem (an older eval.json)."""
+    for key, (low, high) in POINT_FIGURES.items():
+        if key in point and not _number(point[key], low, high):
+            return f"{key} {point[key]!r} is not a finite number" + (
+                f" from {low:g} to {high:g}" if math.isfinite(high) else "")
+    return None
 
 
 def operating_point_sentence(point: dict) -> str | None:
@@ -190,36 +201,59 @@ def operating_point_sentence(point: dict) -> str | None:
 
 def operating_point_html(points: dict[str, dict]) -> str:
     """The sentence per revision ({revision label: operating_point}); empty when none has one."""
-    lines = [(label, operating_point_sentence(point)) for label, point in points.items()]
+    lines = [(label, f"invalid operating point: {problem}" if (problem := operating_point_problem(
+        point)) else operating_point_sentence(point)) for label, point in points.items()]
     items = "".join(f"<li>{f'<b>{html.escape(label)}</b>: ' if len(points) > 1 else ''}"
                     f"{html.escape(sentence)}</li>" for label, sentence in lines if sentence)
     return f'<h2>Operating point</h2>\n<ul class="operating-point">{items}</ul>\n' if items else ""
 
 
-def revision_metrics(repo: Path, rev: str) -> dict[str, dict[str, object]]:
-    """{metrics file: {dotted key: value}} of one revision; a file it lacks is absent.
-
-    `dvc metrics show` reads the workspace alone and `dvc metrics diff` two revisions, so a
-    revision is diffed against itself: compared with another that names the same commit, DVC
-    merges the two names and the diff comes back empty."""
-    if rev == "workspace":  # which `metrics diff` takes as its second revision only
-        shown = dvc_json("metrics", "show", cwd=repo)
-        return {name: dict(flatten(content["data"]))
-                for revision in shown.values() for name, content in
-                ((revision or {}).get("data") or {}).items() if "data" in content}
-    diff = dvc_json("metrics", "diff", "--all", cwd=repo, revs=(rev, rev))
-    return {name: {key: change["new"] for key, change in keys.items()
-                   if change.get("new") is not None} for name, keys in diff.items()}
+def unreadable_reason(exc: BaseException) -> str:
+    """Why DVC could not read a metrics file: the parser's own words (line, column) where it
+    gave them; DVC's message names the file by a path inside its own temporary tree."""
+    cause = exc.__cause__ or exc
+    return f"{type(cause).__name__}: {cause}"
 
 
-def compare_metrics(repo: Path, revs: list[str]) -> dict[str, dict[str, dict]]:
-    """{metrics file: {dotted key: {revision: value}}}; a value a revision lacks is absent."""
+def revision_metrics(repo: Path, rev: str) -> tuple[dict[str, dict[str, object]], dict[str, str]]:
+    """({metrics file: {dotted key: value}}, {metrics file: why it is unreadable}) of one
+    revision (``workspace``: the files as they are now); a file it lacks is in neither.
+
+    DVC's Python API, one revision a call: `dvc metrics diff --json` drops a file it cannot
+    parse (it would read as missing), and two names of one commit would be merged into one."""
+    from dvc.repo import Repo
+
+    with Repo(str(repo)) as dvc_repo:
+        shown = dvc_repo.metrics.show(revs=[rev], hide_workspace=False).get(rev) or {}
+    if "error" in shown:
+        raise StageError(f"--rev {rev}: DVC cannot read its metrics "
+                         f"({unreadable_reason(shown['error'])}); check dvc.yaml in {rev}")
+    values: dict[str, dict[str, object]] = {}
+    unreadable: dict[str, str] = {}
+    for name, content in (shown.get("data") or {}).items():
+        if isinstance(content.get("error"), (FileNotFoundError, KeyError)):
+            continue  # not in this revision (KeyError: DVC's index of outputs lacks it)
+        if "error" in content:
+            unreadable[name] = unreadable_reason(content["error"])
+        else:
+            values[name] = dict(flatten(content.get("data") or {}))
+    return values, unreadable
+
+
+def compare_metrics(repo: Path, revs: list[str]) -> tuple[dict[str, dict[str, dict]],
+                                                          dict[str, dict[str, str]]]:
+    """({metrics file: {dotted key: {revision: value}}}, {metrics file: {revision: why it is
+    unreadable}}); a value a revision lacks is absent."""
     table: dict[str, dict[str, dict]] = {}
+    unreadable: dict[str, dict[str, str]] = {}
     for rev in revs:
-        for name, values in revision_metrics(repo, rev).items():
-            for key, value in values.items():
+        values, broken = revision_metrics(repo, rev)
+        for name, keys in values.items():
+            for key, value in keys.items():
                 table.setdefault(name, {}).setdefault(key, {})[rev] = value
-    return table
+        for name, reason in broken.items():
+            unreadable.setdefault(name, {})[rev] = reason
+    return table, unreadable
 
 
 def change(old, new) -> str:
@@ -229,36 +263,44 @@ def change(old, new) -> str:
     return "0" if new == old else f"{new - old:+.6g}"  # 6 digits: no float noise like 0.0499999
 
 
-def compared_metrics_html(table: dict, revs: list[str], missing: list[str]) -> str:
+def compared_metrics_html(table: dict, unreadable: dict, revs: list[str], missing: list[str],
+                          failed: list[str]) -> str:
     """One table per metrics file: a column per revision, a change column after each but the
-    first, "missing" where a revision lacks the value or the whole file."""
+    first, "missing" where a revision lacks the value or the whole file, "unreadable: <why>"
+    where DVC could not parse the file in that revision (named in ``failed`` too)."""
     header = "".join(f"<th>{html.escape(r)}</th>" + ("<th>change</th>" if i else "")
                      for i, r in enumerate(revs))
     parts = []
-    for name in sorted(table):
-        rows = table[name]
-        absent = [rev for rev in revs if not any(rev in values for values in rows.values())]
+    for name in sorted(set(table) | set(unreadable)):
+        rows, broken = table.get(name, {}), unreadable.get(name, {})
+        absent = [rev for rev in revs if rev not in broken
+                  and not any(rev in values for values in rows.values())]
         missing += [f"{name} in {rev}" for rev in absent]
+        failed += [f"{name} in {rev}: unreadable: {why}" for rev, why in broken.items()]
         body = ""
         for key in sorted(rows):
             values = rows[key]
             cells = ""
             for i, rev in enumerate(revs):
                 value = values.get(rev)
-                cells += ('<td class="missing">missing</td>' if rev not in values else
-                          f"<td>{html.escape(as_text(value))}</td>")
+                cells += (f'<td class="missing">unreadable: {html.escape(broken[rev])}</td>'
+                          if rev in broken else '<td class="missing">missing</td>'
+                          if rev not in values else f"<td>{html.escape(as_text(value))}</td>")
                 if i:
                     cells += f'<td class="change">{change(values.get(revs[0]), value)}</td>'
             body += f"<tr><td>{html.escape(key)}</td>{cells}</tr>"
         note = (f'<p class="missing">missing in {html.escape(", ".join(absent))}</p>'
                 if absent else "")
+        note += "".join(f'<p class="error">unreadable in {html.escape(rev)}: '
+                        f'{html.escape(why)}</p>' for rev, why in broken.items())
         parts.append(f"<h3>{html.escape(name)}</h3>{note}<table><tr><th>metric</th>{header}</tr>"
                      f"{body}</table>")
     return "\n".join(parts) or "<p>no metrics in these revisions</p>"
 
 
 def build(repo: Path, revs: list[str] | None = None) -> tuple[str, list[str], list[str]]:
-    """The report's HTML, the plots that failed to render, and what the revisions lack."""
+    """The report's HTML, what failed (a plot, an unreadable metrics file, an invalid operating
+    point), and what the revisions lack."""
     failed: list[str] = []
     missing: list[str] = []
     figures = []
@@ -277,24 +319,19 @@ def build(repo: Path, revs: list[str] | None = None) -> tuple[str, list[str], li
                     label = plot_id if len(entries) == 1 else \
                         f"{plot_id} ({', '.join(entry.get('revisions', []))})"
                     figures.append(figure_html(plot_id, entry, label, failed))
-    points = {}
+    columns = revs or ["workspace"]
+    table, unreadable = compare_metrics(repo, columns)
+    metrics_part = compared_metrics_html(table, unreadable, columns, missing, failed)
+    prefix = "operating_point."
+    points = {rev: {key[len(prefix):]: values[rev]
+                    for key, values in table.get(EVAL_METRICS, {}).items()
+                    if key.startswith(prefix) and rev in values} for rev in columns}
+    failed += [f"{EVAL_METRICS} in {rev}: invalid operating point: {problem}"
+               for rev, point in points.items() if (problem := operating_point_problem(point))]
     if revs:
-        table = compare_metrics(repo, revs)
-        metrics_part = compared_metrics_html(table, revs, missing)
-        prefix = "operating_point."
-        for rev in revs:
-            points[rev] = {key[len(prefix):]: values[rev]
-                           for key, values in table.get(EVAL_METRICS, {}).items()
-                           if key.startswith(prefix) and rev in values}
         what = (f", the revisions overlaid ({len(figures)} plots); metrics side by side, each "
                 f"change against {html.escape(revs[0])}. Revisions: {html.escape(', '.join(revs))}")
     else:
-        metrics = dvc_json("metrics", "show", cwd=repo)
-        metrics_part = metrics_html(metrics)
-        for content in metrics.values():  # one revision: the workspace
-            evaluation = ((content.get("data") or {}).get(EVAL_METRICS) or {}).get("data") or {}
-            if isinstance(evaluation.get("operating_point"), dict):
-                points["workspace"] = evaluation["operating_point"]
         what = f" ({len(figures)} plots); metrics of the workspace"
     page = f"""<!DOCTYPE html>
 <html lang="en"><head><meta charset="utf-8">
@@ -334,6 +371,23 @@ def check_revisions(repo: Path, revs: list[str]) -> None:
                              "experiment name (`dvc exp list`) or workspace") from None
 
 
+STDOUT_CLOSED = "--out -: standard output is closed; give a file with --out"
+
+
+def write_stdout(page: str) -> None:
+    """The page on stdout; a closed or broken one (the reader gone: `| head`) is one line."""
+    try:
+        sys.stdout.write(page)
+        sys.stdout.flush()
+    except (BrokenPipeError, ValueError, OSError) as exc:  # ValueError: closed by Python itself
+        # Python flushes stdout again at exit; point it at nothing so that says nothing more.
+        with contextlib.suppress(OSError, ValueError):
+            os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())
+        why = exc.strerror if isinstance(exc, OSError) and exc.strerror else str(exc)
+        raise StageError(f"--out -: cannot write the page to standard output ({why}); give a "
+                         "file with --out") from None
+
+
 @main_guard
 def main(argv: list[str] | None = None) -> int:
     parser = ArgumentParser(prog="python -m stages.report",
@@ -347,16 +401,21 @@ def main(argv: list[str] | None = None) -> int:
                              "name, or workspace; repeat it (default: the workspace alone)")
     args = parser.parse_args(argv)
     revs = list(dict.fromkeys(args.rev))  # a revision named twice is one column
+    if any(not rev.strip() for rev in revs):
+        raise ParamError("--rev: an empty revision name would be a column without a name; give "
+                         "a git commit, branch or tag, an experiment name or workspace")
     if not (args.repo / "dvc.yaml").is_file():
         raise StageError(f"{args.repo / 'dvc.yaml'}: not found; run from the repository root")
     to_stdout = str(args.out) == "-"
+    if to_stdout and sys.stdout is None:  # Python's stdout when the shell closed it (>&-)
+        raise StageError(STDOUT_CLOSED)
     if not to_stdout:
         refuse_odd_destination(args.out)  # before the minutes of rendering, not after
     if revs:
         check_revisions(args.repo, revs)
     page, failed, missing = build(args.repo, revs)
     if to_stdout:
-        sys.stdout.write(page)
+        write_stdout(page)
     else:
         with atomic_file(args.out) as f:
             f.write(page)

@@ -1,12 +1,19 @@
 """Atomic outputs: a failed or killed stage leaves the previous output whole, or nothing."""
 import errno
+import importlib
 import json
 import os
+import shutil
+import subprocess
+from pathlib import Path
 
 import pytest
+import yaml
 
-from stages.common.atomic import atomic_dir, atomic_file, write_json
+from stages.common.atomic import atomic_dir, atomic_file, clean_dead_leftovers, write_json
 from stages.common.errors import StageError
+
+ROOT = Path(__file__).resolve().parents[1]
 
 
 def test_atomic_dir_replaces_the_old_output_on_success(tmp_path):
@@ -163,3 +170,93 @@ def test_the_train_state_replaces_a_link_into_dvcs_cache(tmp_path):
     TS.save_finished({"params": {}}, 3, state)
     assert not state.is_symlink() and state.stat().st_size > 0
     assert cached.read_bytes() == b"the cached state"
+
+
+# --------------------------------------------------------------------- what killed runs left
+
+STAGES = ["download", "extract_crops", "split", "train", "calibrate", "evaluate", "export"]
+
+
+def dead_pid() -> int:
+    """The pid of a process that has ended (and been reaped)."""
+    proc = subprocess.Popen(["true"])
+    proc.wait()
+    return proc.pid
+
+
+def plant_leftovers(root: Path, dead: int, live: int) -> tuple[list[Path], list[Path]]:
+    """(what a killed run left beside or inside the outputs, what must stay): a live process's
+    temporary, names that are no temporary of ours, and one too deep to be ours."""
+    gone = [root / f"data/.export.tmp-{dead}", root / f"data/.model.old-{dead}",
+            root / f"metrics/.eval.json.tmp-{dead}", root / f"plots/eval/.pr.csv.tmp-{dead}",
+            root / f"data/calibration/.operating_point.json.tmp-{dead}"]
+    kept = [root / f"data/.export.tmp-{live}", root / "data/.export.tmp-x1",
+            root / f"data/export.tmp-{dead}", root / f"data/mirror/.README.md.tmp-{dead}",
+            root / f"data/raw/data/.x.jpg.tmp-{dead}"]
+    for path in gone + kept:
+        path.parent.mkdir(parents=True, exist_ok=True)
+        if ".export." in path.name or ".model." in path.name:
+            path.mkdir()
+            (path / "model.onnx").write_bytes(b"x" * 1000)
+        else:
+            path.write_text("half")
+    return gone, kept
+
+
+@pytest.mark.parametrize("stage", STAGES)
+def test_every_stage_start_removes_what_dead_runs_left(stage, tmp_path, monkeypatch, capsys):
+    """A SIGKILLed export leaves data/.export.tmp-<pid>; when `dvc repro` then restores export
+    from the run cache, export never reruns to remove it. Every stage's start does, even one
+    that stops at once (no params.yaml here), beside and inside the outputs dvc.yaml declares;
+    a live process's temporaries, and anything not named as ours, stay."""
+    shutil.copy(ROOT / "dvc.yaml", tmp_path / "dvc.yaml")
+    live = subprocess.Popen(["sleep", "60"])
+    try:
+        gone, kept = plant_leftovers(tmp_path, dead_pid(), live.pid)
+        monkeypatch.chdir(tmp_path)
+        with pytest.raises(SystemExit) as exc:
+            module = importlib.import_module(f"stages.{stage}")  # a package: its stage.py
+            (getattr(module, "main", None) or importlib.import_module(f"stages.{stage}.stage").main)()
+        assert exc.value.code == 2
+        err = capsys.readouterr().err
+        assert [p for p in gone if p.exists()] == [] and all(p.exists() for p in kept), err
+        assert err.count("left by a killed run") == len(gone), err
+    finally:
+        live.kill()
+        live.wait()
+
+
+def test_without_a_pipeline_here_nothing_is_touched(tmp_path, monkeypatch):
+    """A command run outside the project (no dvc.yaml) removes nothing, whatever it finds."""
+    gone, kept = plant_leftovers(tmp_path, dead_pid(), os.getpid())
+    monkeypatch.chdir(tmp_path)
+    assert clean_dead_leftovers() == [] and all(p.exists() for p in gone + kept)
+
+
+def test_make_clean_removes_every_data_output_and_leftovers(tmp_path):
+    """`make clean`: every data/ output dvc.yaml declares and what killed runs left, gone; the
+    committed data/mirror/README.md, a mirror there, metrics and plots kept."""
+    shutil.copy(ROOT / "dvc.yaml", tmp_path / "dvc.yaml")
+    shutil.copy(ROOT / "Makefile", tmp_path / "Makefile")
+    stages = yaml.safe_load((ROOT / "dvc.yaml").read_text())["stages"].values()
+    outs = {e if isinstance(e, str) else next(iter(e)) for s in stages for e in s.get("outs", [])}
+    data_outs = sorted(o for o in outs if o.startswith("data/"))
+    assert len(data_outs) >= 7, data_outs
+    for out in data_outs:
+        (tmp_path / out).mkdir(parents=True)
+        (tmp_path / out / "f").write_text("x")
+    gone, kept = plant_leftovers(tmp_path, dead_pid(), os.getpid())
+    # make clean runs when no stage does: every temporary of ours goes, whatever its pid.
+    gone += [p for p in kept if p.name.startswith(".export.tmp-")]
+    kept = [p for p in kept if p not in gone and not any(
+        p.is_relative_to(tmp_path / out) for out in data_outs)]
+    for keep in ("data/mirror/README.md", "data/mirror/data/a.jpg", "metrics/eval.json",
+                 "plots/train/loss.tsv"):
+        (tmp_path / keep).parent.mkdir(parents=True, exist_ok=True)
+        (tmp_path / keep).write_text("keep")
+        kept.append(tmp_path / keep)
+    subprocess.run(["make", "-s", "clean"], cwd=tmp_path, check=True, capture_output=True)
+    assert [o for o in data_outs if (tmp_path / o).exists()] == []
+    assert [p for p in gone if p.exists()] == [] and [p for p in kept if not p.exists()] == []
+    assert sorted(p.name for p in (tmp_path / "data").iterdir()) == sorted(
+        [p.name for p in kept if p.parent == tmp_path / "data"] + ["mirror"])

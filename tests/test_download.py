@@ -323,6 +323,28 @@ def test_path_source_missing_folder_or_file(work: Path, capsys: pytest.CaptureFi
     fails_with(capsys, "detections.csv")
 
 
+@pytest.mark.parametrize("part", ["data", "labels", "labels/detections.csv", "metadata",
+                                  "metadata/classes.csv"])
+def test_path_source_refuses_a_link_out_of_the_mirror(work: Path, capsys: pytest.CaptureFixture,
+                                                      part: str) -> None:
+    """data/, labels/ or metadata/ or their CSV a symbolic link out of the mirror: refused in one
+    line, as a picture that is a link is never taken; nothing written. A link that stays
+    inside the mirror is followed."""
+    images = {"c" * 16: [(REAL_MIDS["Dog"], "0.1")]}
+    make_mirror(work / "mirror", images, set(images))
+    make_mirror(work / "elsewhere", images, set(images))
+    (work / "mirror" / part).rename(work / "mirror" / f"{part}.moved")
+    (work / "mirror" / part).symlink_to(work / "elsewhere" / part)
+    write_params(work, source="mirror")
+    fails_with(capsys, f"error: mirror/{part}: a symbolic link out of mirror (to "
+               f"{(work / 'elsewhere' / part).resolve()}); refusing to follow it")
+    assert not (work / "data/raw").exists()
+    (work / "mirror" / part).unlink()  # now a link inside the mirror
+    (work / "mirror" / part).symlink_to(Path(part).name + ".moved")
+    run_stage()
+    assert json.loads((work / "metrics/download.json").read_text())["images"] == 1
+
+
 def test_path_source_unknown_class_stops_naming_it(work: Path,
                                                    capsys: pytest.CaptureFixture) -> None:
     make_mirror(work / "mirror", {"c" * 16: [(REAL_MIDS["Dog"], "0.1")]}, {"c" * 16})

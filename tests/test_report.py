@@ -6,9 +6,11 @@ needs no pipeline run. Chromium is Debian's `chromium` package; CI installs it (
 it the browser test is skipped with the reason, so `make test` still runs for a user who lacks it.
 """
 import base64
+import html
 import json
 import os
 import re
+import shlex
 import shutil
 import subprocess
 import sys
@@ -513,3 +515,112 @@ def test_a_revision_that_does_not_exist_is_one_line_and_writes_nothing(history, 
         assert captured.out == "" and len(captured.err.splitlines()) == 1, captured
         assert captured.err.startswith(expected), captured.err
         assert not out.exists()
+
+
+@pytest.fixture(scope="module")
+def hostile(tmp_path_factory):
+    """A git + DVC repo of two commits, metrics only: the first's eval.json has NaN, Infinity and
+    a string in its operating point and its train.json is cut off; the second is sound. The
+    workspace then has an eval.json that is not JSON at all."""
+    repo = tmp_path_factory.mktemp("hostile") / "repo"
+    repo.mkdir()
+    env = {**os.environ, "GIT_AUTHOR_NAME": "t", "GIT_AUTHOR_EMAIL": "t@t",
+           "GIT_COMMITTER_NAME": "t", "GIT_COMMITTER_EMAIL": "t@t"}
+
+    def run(*args):
+        subprocess.run(args, cwd=repo, env=env, check=True, capture_output=True)
+
+    run("git", "init", "-q")
+    run(sys.executable, "-m", "dvc", "init", "-q")
+    (repo / "dvc.yaml").write_text(yaml.safe_dump(
+        {"metrics": ["metrics/eval.json", "metrics/train.json"]}))
+    (repo / "metrics").mkdir()
+    bad = {**POINT, "threshold": float("nan"), "test_person_recall": float("inf"),
+           "false_alarms_per_1000": "7.3"}
+    for evaluation, train in [({"accuracy": 0.9, "operating_point": bad}, '{"epochs": 12'),
+                              ({"accuracy": 0.95, "operating_point": POINT}, '{"epochs": 12}')]:
+        (repo / "metrics/eval.json").write_text(json.dumps(evaluation))  # NaN, Infinity as JS
+        (repo / "metrics/train.json").write_text(train)
+        run("git", "add", "-A")
+        run("git", "commit", "-qm", "metrics")
+    (repo / "metrics/eval.json").write_text("accuracy: 0.97\n")
+    return repo
+
+
+def report_of(repo: Path, out: Path, *args: str, capsys) -> tuple[int, str, list[str]]:
+    """(exit code, page, stderr lines) of `stages.report --repo REPO --out OUT ARGS`, in-process."""
+    from stages import report
+
+    try:
+        code = report.main(["--repo", str(repo), "--out", str(out), *args])
+    except SystemExit as exc:
+        code = exc.code
+    err = capsys.readouterr().err.splitlines()
+    return code, out.read_text() if out.exists() else "", err
+
+
+def test_hostile_metrics_are_named_never_a_traceback_nor_missing(hostile, tmp_path, capsys):
+    """NaN / Infinity / a string in a revision's operating point: that revision's point is
+    "invalid", the other's sentence still there; a file DVC cannot parse is "unreadable: <why>"
+    in the page and on stderr, never "missing"; exit code 1, the page written."""
+    from stages.report import operating_point_html
+
+    code, page, err = report_of(hostile, tmp_path / "r.html", "--rev", "HEAD~1", "--rev", "HEAD",
+                                capsys=capsys)
+    assert code == 1, err
+    assert ("<b>HEAD~1</b>: invalid operating point: threshold nan is not a finite number from "
+            "0 to 1") in page
+    assert "<b>HEAD</b>: At this threshold (0.1234), 98 of 100 people" in page
+    train = metric_rows(page, "metrics/train.json")["epochs"]
+    assert train[0].startswith("unreadable: JSONDecodeError: Expecting") and train[1:] == [
+        "12", ""]
+    assert metric_rows(page, "metrics/eval.json")["operating_point.test_person_recall"][0] == \
+        "Infinity"  # the table shows what the file holds
+    assert "missing" not in " ".join(err) and sorted(err)[:2] == [
+        "error: metrics/eval.json in HEAD~1: invalid operating point: threshold nan is not a "
+        "finite number from 0 to 1",
+        "error: metrics/train.json in HEAD~1: unreadable: JSONDecodeError: Expecting ',' "
+        "delimiter: line 1 column 14 (char 13)"]
+    for point, why in [({"false_alarms_per_1000": "7.3"}, "false_alarms_per_1000 '7.3' is not"),
+                       ({"test_person_recall": float("inf")}, "test_person_recall inf is not"),
+                       ({"threshold_log_odds": float("-inf")}, "threshold_log_odds -inf is not"),
+                       ({"threshold": True}, "threshold True is not")]:
+        shown = html.unescape(operating_point_html({"w": {**POINT, **point}}))
+        assert f"invalid operating point: {why}" in shown, shown
+    # Without --rev: the workspace's eval.json, not JSON, is unreadable too.
+    code, page, err = report_of(hostile, tmp_path / "w.html", capsys=capsys)
+    assert code == 1 and err[0].startswith("error: metrics/eval.json in workspace: unreadable: "
+                                           "JSONDecodeError"), err
+    assert '<p class="error">unreadable in workspace: JSONDecodeError' in page
+
+
+def test_an_empty_rev_and_a_closed_stdout_are_one_line(hostile, tmp_path, capsys):
+    out = tmp_path / "r.html"
+    for revs in (["", "HEAD"], ["HEAD", " "]):
+        code, _, err = report_of(hostile, out, *(a for r in revs for a in ("--rev", r)),
+                                 capsys=capsys)
+        assert code == 2 and len(err) == 1 and err[0].startswith(
+            "error: --rev: an empty revision name"), err
+        assert not out.exists()
+    # `--out -` with stdout closed by the shell (>&-), and with its reader gone before the page
+    # comes (`| true` ends at once; the report takes seconds). HEAD: sound metrics, exit 0 else.
+    cmd = (f"{shlex.quote(sys.executable)} -m stages.report --repo {shlex.quote(str(hostile))} "
+           "--rev HEAD --out -")
+    for shell in (f"{cmd} >&-", f"{cmd} | true; exit ${{PIPESTATUS[0]}}"):
+        proc = subprocess.run(["bash", "-c", shell], cwd=ROOT, capture_output=True, text=True,
+                              env={**os.environ, "PYTHONPATH": str(ROOT)})
+        assert proc.returncode == 2 and proc.stderr.count("\n") == 1, (shell, proc.stderr)
+        assert proc.stderr.startswith("error: --out -: "), proc.stderr
+
+
+@pytest.mark.parametrize("command", ["report", "review"])
+def test_a_bad_option_is_one_line_exit_2(command, capsys):
+    """The commands' parser (stages.common.errors.ArgumentParser): one line, not argparse's
+    usage block."""
+    import importlib
+
+    with pytest.raises(SystemExit) as exc:
+        importlib.import_module(f"stages.{command}").main(["--no-such-option"])
+    err = capsys.readouterr().err.splitlines()
+    assert exc.value.code == 2 and err == [
+        f"error: unrecognized arguments: --no-such-option; see python -m stages.{command} --help"]

@@ -8,23 +8,36 @@ refused before any work: renaming over it would replace the link itself (or, for
 ``--out /dev/stdout`` run as root, a node of /dev) instead of writing where the user meant.
 Temporaries are created with O_EXCL | O_NOFOLLOW, so a link planted at a temporary's name is
 never written through. An error while writing names the output it was writing (OSError's
-``filename``), so a full disk is reported on the file, not as a traceback (params.main_guard).
+``filename``), so a full disk is reported on the file, not as a traceback (errors.main_guard).
+
+What a SIGKILL leaves (a temporary, or atomic_dir's moved-aside old output) is removed by the
+next write of that output (clean_stale), and at every stage's start beside and inside all the
+outputs dvc.yaml declares, when the process named in it is gone (clean_dead_leftovers).
 """
 from __future__ import annotations
 
 import contextlib
 import json
 import os
+import re
 import shutil
 import stat
+import sys
 from pathlib import Path
 from typing import Any, Iterator
+
+import yaml
 
 from stages.common.errors import StageError
 
 
 def _tmp_sibling(path: Path) -> Path:
     return path.with_name(f".{path.name}.tmp-{os.getpid()}")
+
+
+# The names above and atomic_dir's moved-aside output: ".<name>.tmp-<pid>", ".<name>.old-<pid>".
+LEFTOVER = re.compile(r"\..+\.(?:tmp|old)-(?P<pid>[0-9]+)")
+PIPELINE = Path("dvc.yaml")
 
 
 def _remove(path: Path) -> None:
@@ -40,6 +53,67 @@ def clean_stale(path: Path) -> None:
     for pattern in (f".{path.name}.tmp-*", f".{path.name}.old-*"):
         for stale in path.parent.glob(pattern):
             _remove(stale)
+
+
+def _alive(pid: int) -> bool:
+    """Whether process ``pid`` exists (another user's included: EPERM)."""
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:
+        return True
+    except OverflowError:  # no such pid can exist
+        return False
+    return True
+
+
+def output_folders(pipeline: Path = PIPELINE) -> list[Path]:
+    """Where atomic writes leave temporaries: beside each output dvc.yaml declares (outs,
+    metrics, plots of every stage) and directly inside each output folder (a file written
+    there, e.g. data/calibration/operating_point.json). Never deeper: data/raw/data/ holds
+    thousands of pictures and no temporary of ours."""
+    try:
+        stages = yaml.safe_load(pipeline.read_text())["stages"].values()
+    except (OSError, yaml.YAMLError, TypeError, KeyError, AttributeError):
+        return []  # no pipeline here (a command run elsewhere), or DVC itself would refuse it
+    folders: dict[Path, None] = {}
+    for stage in stages:
+        for kind in ("outs", "metrics", "plots"):
+            for entry in (stage.get(kind) or []) if isinstance(stage, dict) else []:
+                out = pipeline.parent / (entry if isinstance(entry, str) else next(iter(entry)))
+                folders[out.parent] = None
+                if out.is_dir() and not out.is_symlink():
+                    folders[out] = None
+    return list(folders)
+
+
+def clean_dead_leftovers(pipeline: Path = PIPELINE) -> list[Path]:
+    """Remove the temporaries (and moved-aside old outputs) of processes that are gone, beside
+    and inside the pipeline's outputs; return them. Called at every stage's start (params.load):
+    a stage killed with SIGKILL never reaches its own cleanup, and when `dvc repro` then
+    restores that stage from the run cache, no rerun of it ever comes to remove them (a killed
+    export left data/.export.tmp-<pid>, 35-43 MB). A live process's temporaries are kept: it
+    may be writing them now."""
+    removed = []
+    for folder in output_folders(pipeline):
+        try:
+            entries = list(os.scandir(folder))
+        except (FileNotFoundError, NotADirectoryError):
+            continue
+        for entry in entries:
+            found = LEFTOVER.fullmatch(entry.name)
+            if found and not _alive(int(found["pid"])):
+                try:
+                    _remove(Path(entry.path))
+                except OSError as exc:  # never a reason to stop the stage; said, not hidden
+                    print(f"warning: cannot remove {entry.path}, left by a killed run "
+                          f"({exc.strerror or exc}); remove it by hand", file=sys.stderr)
+                    continue
+                removed.append(Path(entry.path))
+                print(f"removed {entry.path}, left by a killed run (process {found['pid']})",
+                      file=sys.stderr)
+    return removed
 
 
 def refuse_odd_destination(path: Path, directory: bool = False) -> None:

@@ -47,6 +47,20 @@ def is_safe_image_id(image_id: object) -> bool:
     return isinstance(image_id, str) and SAFE_IMAGE_ID.fullmatch(image_id) is not None
 
 
+def refuse_link_out(root: Path, part: str | Path) -> None:
+    """Stop, in one line, when ``root/part`` (data/, a label or class file) leads out of
+    ``root`` through a symbolic link (its own or a folder's on the way): as with a picture that
+    is a link (images_on_disk), it could point anywhere on the machine. A link that stays
+    inside ``root``, or ``root`` itself being a link, is followed."""
+    parts = Path(part).parts
+    for depth in range(1, len(parts) + 1):  # the folder first: name the link that leads out
+        path = root.joinpath(*parts[:depth])
+        real = path.resolve()
+        if not real.is_relative_to(root.resolve()):
+            raise StageError(f"{path}: a symbolic link out of {root} (to {real}); refusing to "
+                             f"follow it; copy what it points at into {root}")
+
+
 def images_on_disk(root: str | Path) -> dict[str, Path]:
     """{ImageID: file} for the ``<ImageID>.jpg`` files in ``root/data`` with a safe ImageID.
 

@@ -21,6 +21,7 @@ import yaml
 from pydantic import (BaseModel, ConfigDict, Field, ValidationError, field_validator,
                       model_validator)
 
+from stages.common.atomic import clean_dead_leftovers
 from stages.common.errors import ParamError
 from stages.common.pictures import MAX_IMAGE_PIXELS
 
@@ -243,8 +244,13 @@ class Params(Section):
 # ----- reading ---------------------------------------------------------------------------------
 
 def load(path: str | Path = PARAMS_FILE) -> Params:
-    """The params file as a checked :class:`Params`; the first bad key stops with one line."""
+    """The params file as a checked :class:`Params`; the first bad key stops with one line.
+
+    Every stage starts here, so this is also where what killed runs left beside the outputs of
+    the dvc.yaml beside ``path`` is removed (atomic.clean_dead_leftovers; live processes' kept):
+    a stage `dvc repro` restores from the run cache never reruns to remove its own."""
     path = Path(path)
+    clean_dead_leftovers(path.parent / "dvc.yaml")
     if not path.is_file():
         raise ParamError(f"{path}: not found; run from the repository root (where dvc.yaml is)")
     try:

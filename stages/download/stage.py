@@ -34,7 +34,7 @@ from stages.common.errors import ParamError, StageError, main_guard
 from stages.common.openimages import (CLASSES, DATA_DIR, DETECTION_COLUMNS, DETECTIONS,
                                       FLAG_COLUMNS, csv_chunks, detection_columns,
                                       images_on_disk, mids_for_names, read_classes,
-                                      write_classes, write_detections)
+                                      refuse_link_out, write_classes, write_detections)
 from stages.common.params import Params, Zoo
 from stages.download import fiftyone_internals, sample_data, zoo
 
@@ -162,7 +162,8 @@ def fetch_zoo(cfg: Params) -> tuple[list[Path], dict[Path, set[str]]]:
 # ------------------------------------------------------------------- zoo and path: normalise
 
 def check_root(root: Path) -> None:
-    """An Open Images-style folder must have data/, labels/detections.csv, metadata/classes.csv."""
+    """An Open Images-style folder must have data/, labels/detections.csv, metadata/classes.csv,
+    none of them reached through a symbolic link out of the folder."""
     if not root.is_dir():
         raise StageError(f"data.mirror: folder {str(root)!r} not found; give the path of an "
                          "Open Images-style folder (data/, labels/, metadata/)")
@@ -171,6 +172,7 @@ def check_root(root: Path) -> None:
         if not (path.is_dir() if is_dir else path.is_file()):
             raise StageError(f"{path}: not found; an Open Images-style folder has data/, "
                              f"{DETECTIONS} and {CLASSES}")
+        refuse_link_out(root, part)
 
 
 def rows_for_images(path: Path, image_ids: set[str]) -> pd.DataFrame:
