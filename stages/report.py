@@ -221,10 +221,7 @@ def revision_metrics(repo: Path, rev: str) -> tuple[dict[str, dict[str, object]]
 
     DVC's Python API, one revision a call: `dvc metrics diff --json` drops a file it cannot
     parse (it would read as missing), and two names of one commit would be merged into one."""
-    from dvc.repo import Repo
-
-    with Repo(str(repo)) as dvc_repo:
-        shown = dvc_repo.metrics.show(revs=[rev], hide_workspace=False).get(rev) or {}
+    shown = dvc_internals.metrics_of(repo, rev)
     if "error" in shown:
         raise StageError(f"--rev {rev}: DVC cannot read its metrics "
                          f"({unreadable_reason(shown['error'])}); check dvc.yaml in {rev}")

@@ -5,6 +5,9 @@ DVC's public Python API (``dvc.api``) and DVCLive's (``dvclive.Live``) lack two 
 - **Resolving a revision name** as ``dvc plots diff`` does (a git commit, branch or tag, or a DVC
   experiment name), so that ``python -m stages.report --rev`` can refuse a bad one in one line
   before minutes of rendering: DVC does it in ``dvc.scm`` (``SCM``, ``resolve_rev``).
+- **Reading one revision's metrics with each file's parse error kept**: ``dvc metrics diff
+  --json`` drops a file it cannot parse (it would read as missing); ``dvc.repo.Repo``
+  (``Repo.metrics.show``) keeps the error beside the file.
 - **Opening DVCLive in a git repository with no commit yet**: DVCLive 3.49 asks git for HEAD
   before it checks whether there is one, and fails ("Empty git repo"). The train stage saves no
   experiment, so it opens DVCLive as DVCLive runs where DVC is not installed (no repository),
@@ -29,6 +32,7 @@ DVC = Library(
         Private("dvc.scm", "resolve_rev", params=("scm", "rev")),
         Private("dvc.scm", "SCMError", subclass_of=Exception),
         Private("dvc.scm", "RevError", subclass_of=Exception),
+        Private("dvc.repo", "Repo", subclass_of=object),
     ),
     instead="run without --rev for the workspace alone")
 DVCLIVE = Library(
@@ -67,6 +71,16 @@ def revision_resolver(repo: Path) -> Callable[[str], str]:
             raise UnknownRevision(str(exc)) from None
 
     return resolve
+
+
+def metrics_of(repo: Path, rev: str) -> dict:
+    """DVC's ``metrics show`` result for one revision (``workspace`` included): ``{"data":
+    {file: {"data": ...} or {"error": exception}}}``, or ``{"error": exception}``."""
+    require(DVC)
+    from dvc.repo import Repo
+
+    with Repo(str(repo)) as dvc_repo:
+        return dvc_repo.metrics.show(revs=[rev], hide_workspace=False).get(rev) or {}
 
 
 def open_live(make: Callable[[], T]) -> T:
