@@ -232,3 +232,24 @@ def test_calibrate_reads_the_calibration_split_when_it_has_a_share(tmp_path, mon
         assert read[-1] == folder and point["fitted_on"] == str(folder)
         err = capsys.readouterr().err
         assert f"warning: {folder} holds" in err and "probability needs 299" in err
+
+
+def test_the_model_card_states_the_rule_the_bounds_and_whether_the_target_is_met():
+    from stages.export import alarm_section
+
+    op = {"threshold": 0.2, "threshold_log_odds": cal.log_odds(0.2), "target_recall": 0.99,
+          "guarantee": "probability", "delta": 0.05, "resolved": False,
+          "test_person_recall": 1.0, "test_person_recall_lower_95": 0.9496, "target_met": False,
+          "test_person_precision": 0.95, "false_alarms_per_1000": 7.3,
+          "false_alarms_per_1000_upper_95": 34.12, "test_persons": 58, "test_non_persons": 137,
+          "test_persons_missed": 0, "test_false_alarms": 1}
+    card = alarm_section({"operating_point": op, "calibration": {
+        "temperature": 1.2, "ece_before": 0.1, "ece_after": 0.05}})
+    assert "with probability at least 0.95" in card and "too few persons" in card
+    assert "With 95 % confidence at least 94 of 100 people raise an alarm, and at most 35 of " \
+           "1,000 animals and objects do." in card
+    assert "The target is **not met** with 95 % confidence" in card
+    resolved = alarm_section({"operating_point": {**op, "resolved": True, "target_met": True},
+                              "calibration": {"temperature": 1.2, "ece_before": 0.1,
+                                              "ece_after": 0.05}})
+    assert "too few persons" not in resolved and "The target is **met**" in resolved
