@@ -118,8 +118,8 @@ Scores are calibrated by temperature scaling (T = {cal['temperature']}, fitted o
 calibration split; test
 expected calibration error {cal['ece_before']} before, {cal['ece_after']} after). A crop raises
 the alarm when its calibrated person probability is >= **{shown}**, chosen for person recall
->= {op['target_recall']} (`calibrate.person_recall_target`) with the fewest false alarms.{guarantee_text(op)}
-On test: person recall {op['test_person_recall']}, precision {op['test_person_precision']},
+>= {op['target_recall']} (`calibrate.person_recall_target`) with the fewest false
+alarms.{guarantee_text(op)} On test: person recall {op['test_person_recall']}, precision {op['test_person_precision']},
 {op['false_alarms_per_1000']} false alarms per 1,000 non-person crops
 ({op['test_persons_missed']} of {op['test_persons']} persons missed, {op['test_false_alarms']}
 of {op['test_non_persons']} animals and objects raised). {sentence} {bounds or ""}{met} The ONNX

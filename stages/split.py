@@ -4,7 +4,7 @@
 
 Reads   data/crops/manifest.csv and the crops it lists
 Writes  data/split/{train,val,test}/<label>/<crop>.jpg   (torchvision ImageFolder layout, copies;
-                                                         and calibration/ when split.calibration > 0)
+                                                         calibration/ too if split.calibration > 0)
         data/split/manifest.csv                          crop, split, label, image_id, source
         metrics/split.json                               crops per split and label, images per split
 Params  seed, split.test, split.val, split.calibration (fractions of ALL crops: 0.2 / 0.1 / 0 ->

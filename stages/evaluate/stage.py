@@ -6,9 +6,9 @@ calibrate's operating point: ``operating_point.*`` with one-sided 95 % Clopper-P
 of test recall and false alarms, and ``calibration.*``: ECE, NLL and Brier score before and after
 temperature scaling), plots/eval/confusion.csv (for DVC's confusion template), CSVs for DVC's
 linear template (precision-recall per class and the person ROC, thresholds as log-odds; the
-reliability diagram before and after calibration) and PNGs of the confusion matrix (counts and normalised by true class), the curves,
-the learning curves and the most confident mistakes (the gallery lives here because this stage
-already holds every prediction).
+reliability diagram before and after calibration) and PNGs of the confusion matrix (counts and
+normalised by true class), the curves, the learning curves and the most confident mistakes (the
+gallery lives here because this stage already holds every prediction).
 """
 from __future__ import annotations
 
