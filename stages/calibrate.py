@@ -1,16 +1,23 @@
-"""Stage `calibrate`: the person alarm's operating point, fitted on the val split only.
+"""Stage `calibrate`: the person alarm's operating point, fitted on val (or the calibration
+split) only.
 
-Reads data/model/best.pt and data/split/val (the test split stays unseen until evaluate) and
-writes data/calibration/operating_point.json:
+Reads data/model/best.pt and data/split/val, or data/split/calibration when
+``split.calibration`` > 0 (val also picks the best epoch, which flatters both numbers below; the
+test split stays unseen until evaluate), and writes data/calibration/operating_point.json:
   * ``temperature``: one scalar that divides the logits before the softmax, fitted by minimising
-    the val negative log-likelihood (stages.common.calibration);
+    the negative log-likelihood (stages.common.calibration), with a seeded bootstrap interval
+    (``temperature_interval``); stderr warns when T sits at an end of its range or the crops
+    hold no error to learn from;
   * ``threshold``: the calibrated person probability at or above which a picture raises the
-    alarm: val person recall >= ``calibrate.person_recall_target`` with the fewest val false
-    alarms, halfway (in log-odds) between the last person it must catch and the first
-    non-person below it (stages.common.calibration.person_threshold);
-  * the val figures at that point, the checkpoint's SHA-256 (predict uses the file only for that
-    checkpoint), and whether val held enough persons to resolve the target (1 / (1 - target)
-    persons; fewer: every val person must raise the alarm, and the stage says so).
+    alarm, on the order statistic of the person scores that ``calibrate.guarantee`` chooses
+    (stages.common.guarantee: ``none`` reaches ``calibrate.person_recall_target`` on these crops,
+    ``average`` on new persons on average, ``probability`` on new persons with probability
+    >= 1 - ``calibrate.delta``), halfway (in log-odds) to the first non-person below it;
+  * the figures at that point (``val``, whichever split it was fitted on): recall and false
+    alarms with their one-sided 95 % Clopper-Pearson bounds, what the threshold promises on new
+    persons, the checkpoint's SHA-256 (predict uses the file only for that checkpoint), and
+    whether the split held enough persons for the rule (``persons_needed``; fewer: every person
+    there must raise the alarm, ``resolved: false``, and the stage says so in one line).
   * ``point_sha256``: the seal over all of the above (stages.common.calibration.seal); every
     reader refuses a file whose content no longer matches it.
 evaluate scores the operating point on test; export embeds it in the ONNX file; predict answers
@@ -28,18 +35,23 @@ from stages.common.atomic import write_json
 from stages.common.calibration import (ALARM_LABEL, FORMAT, OPERATING_POINT, alarm_figures,
                                        ece, fit_temperature, nll, person_log_odds,
                                        person_threshold, persons_needed, probability,
-                                       seal, softmax, threshold_text)
+                                       seal, softmax, temperature_interval, temperature_warnings,
+                                       threshold_order, threshold_text)
 from stages.common.digest import file_sha256
 from stages.common.errors import StageError, main_guard
+from stages.common.guarantee import alarm_bounds, assurance
 from stages.common.model import load_checkpoint, pick_device
 from stages.common.predictor import labelled_logits
 
 CHECKPOINT = Path("data/model/best.pt")
 VAL_DIR = Path("data/split/val")
+CALIBRATION_DIR = Path("data/split/calibration")
 
 
-def operating_point(logits, targets, classes: list[str], target: float) -> dict:
-    """Temperature, threshold and the val figures for val ``logits`` and ``targets``."""
+def operating_point(logits, targets, classes: list[str], target: float,
+                    rule: str = "none", delta: float = 0.05, seed: int = 0) -> dict:
+    """Temperature, threshold and the figures for ``logits`` and ``targets`` (val or the
+    calibration split; the figures are under ``val`` either way)."""
     if ALARM_LABEL not in classes:
         raise StageError(f"{CHECKPOINT} was trained on {classes}, with no '{ALARM_LABEL}' "
                          "label; add it under data.labels and retrain")
@@ -48,15 +60,17 @@ def operating_point(logits, targets, classes: list[str], target: float) -> dict:
     person = classes.index(ALARM_LABEL)
     is_person = targets == person
     scores = person_log_odds(logits, temperature, person)
-    threshold = person_threshold(scores, is_person, target)
-    needed = persons_needed(target)
+    threshold = person_threshold(scores, is_person, target, rule, delta)
+    _, k, resolved = threshold_order(scores, is_person, target, rule, delta)
+    figures = alarm_figures(scores, is_person, threshold)
     return {
         "format": FORMAT, "label": ALARM_LABEL, "temperature": temperature,
+        "temperature_interval": temperature_interval(logits, targets, seed),
         "threshold": probability(threshold), "threshold_log_odds": threshold,
-        "target_recall": target,
-        "val": {"crops": int(len(targets)),
-                **alarm_figures(scores, is_person, threshold),
-                "persons_needed": needed, "resolved": bool(is_person.sum() >= needed),
+        "target_recall": target, "guarantee": rule, "delta": delta,
+        "val": {"crops": int(len(targets)), **figures, **alarm_bounds(figures, target),
+                **assurance(figures["persons"], k, target),
+                "persons_needed": persons_needed(target, rule, delta), "resolved": resolved,
                 "nll_before": round(nll(logits, targets, 1.0), 4),
                 "nll_after": round(nll(logits, targets, temperature), 4),
                 "ece_before": round(ece(before, targets), 4),
@@ -64,30 +78,46 @@ def operating_point(logits, targets, classes: list[str], target: float) -> dict:
     }
 
 
+def unresolved_line(point: dict, source: Path) -> str | None:
+    """One line when the rule could not be resolved on ``source``'s persons; None otherwise."""
+    val = point["val"]
+    if val["resolved"]:
+        return None
+    return (f"warning: {source} holds {val['persons']} persons; calibrate.guarantee "
+            f"{point['guarantee']} needs {val['persons_needed']} to resolve a recall target of "
+            f"{point['target_recall']}, so every one of them must raise the alarm (stricter than "
+            "the target asks); more data or a larger split share resolves it")
+
+
 @main_guard
 def main() -> None:
-    cfg = params.load().calibrate
+    everything = params.load()
+    cfg = everything.calibrate
+    source = CALIBRATION_DIR if everything.split.calibration > 0 else VAL_DIR
     device = pick_device(cfg.device)
     model, meta = load_checkpoint(CHECKPOINT)
     model = model.to(device, memory_format=torch.channels_last)
-    _, logits, targets = labelled_logits(model, meta, VAL_DIR, CHECKPOINT, device,
+    _, logits, targets = labelled_logits(model, meta, source, CHECKPOINT, device,
                                          cfg.batch_size, "calibrate")
-    point = operating_point(logits, targets, meta["classes"], cfg.person_recall_target)
-    point = seal({**point, "model": str(CHECKPOINT), "model_sha256": file_sha256(CHECKPOINT)})
+    point = operating_point(logits, targets, meta["classes"], cfg.person_recall_target,
+                            cfg.guarantee, cfg.delta, everything.seed)
+    point = seal({**point, "fitted_on": str(source), "model": str(CHECKPOINT),
+                  "model_sha256": file_sha256(CHECKPOINT)})
     write_json(OPERATING_POINT, point)
 
-    val = point["val"]
-    print(f"calibrate: temperature {point['temperature']:.4f} (val NLL {val['nll_before']} -> "
+    val, interval = point["val"], point["temperature_interval"]
+    print(f"calibrate on {source}: temperature {point['temperature']:.4f} (95 % bootstrap "
+          f"{interval['low']} to {interval['high']}; NLL {val['nll_before']} -> "
           f"{val['nll_after']}, ECE {val['ece_before']} -> {val['ece_after']})\n"
           f"person threshold {threshold_text(point['threshold'], point['threshold_log_odds'])} "
-          f"for recall >= {cfg.person_recall_target}: "
-          f"val recall {val['person_recall']}, {val['false_alarms']} false alarms of "
-          f"{val['non_persons']} non-persons")
-    if not val["resolved"]:
-        print(f"warning: val holds {val['persons']} persons; a recall target of "
-              f"{cfg.person_recall_target} needs {val['persons_needed']} to be resolved, so every "
-              "val person must raise the alarm (a stricter threshold than the target asks); "
-              "more data or a larger split.val resolves it", file=sys.stderr)
+          f"for recall >= {cfg.person_recall_target} (guarantee {cfg.guarantee}): "
+          f"recall {val['person_recall']} (95 % lower bound {val['person_recall_lower_95']}), "
+          f"{val['false_alarms']} false alarms of {val['non_persons']} non-persons")
+    for line in temperature_warnings(point["temperature"], logits, targets):
+        print(line, file=sys.stderr)
+    line = unresolved_line(point, source)
+    if line:
+        print(line, file=sys.stderr)
 
 
 if __name__ == "__main__":

@@ -24,8 +24,8 @@ import yaml
 from stages.common import params
 from stages.common.atomic import atomic_dir, write_json
 from stages.common.batches import normalise
-from stages.common.calibration import (OPERATING_POINT, embedded, operating_point_for,
-                                       operator_sentence, threshold_text)
+from stages.common.calibration import (OPERATING_POINT, bound_sentence, embedded,
+                                       operating_point_for, operator_sentence, threshold_text)
 from stages.common.errors import StageError, main_guard
 from stages.common.model import check_logits, load_checkpoint
 from stages.common.onnx_model import OnnxClassifier, export
@@ -104,22 +104,50 @@ def data_hashes(lock: Path = LOCK_FILE) -> dict[str, str]:
             for out in (stages.get(name) or {}).get("outs", [])}
 
 
+GUARANTEE_WORDS = {
+    "none": "reaches it on the calibration crops themselves, with no promise for new pictures",
+    "average": "reaches it on new pictures on average (split-conformal)",
+    "probability": "reaches it on new pictures with probability at least {confidence} "
+                   "(Neyman-Pearson order statistic)",
+}
+
+
+def guarantee_text(op: dict) -> str:
+    """What the threshold rule promised, in words; what it could not, when unresolved."""
+    rule = op.get("guarantee")
+    if rule not in GUARANTEE_WORDS:
+        return ""
+    delta = op.get("delta") or 0.05
+    words = GUARANTEE_WORDS[rule].format(confidence=f"{1 - delta:g}")
+    if op.get("resolved") is False:
+        words += ("; but the calibration crops held too few persons for it, so every one of "
+                  "them raises the alarm instead")
+    return f" The rule (`calibrate.guarantee: {rule}`) {words}."
+
+
 def alarm_section(scores: dict) -> str:
     op, cal = scores.get("operating_point"), scores.get("calibration")
     if not op or not cal:
         return "## Person alarm\nNot calibrated: run `dvc repro` (calibrate, then evaluate)."
     sentence = operator_sentence(op["test_person_recall"], op["false_alarms_per_1000"])
+    bounds = bound_sentence(op.get("test_person_recall_lower_95"),
+                            op.get("false_alarms_per_1000_upper_95"))
+    met = ("" if "target_met" not in op else
+           f" The target is **{'met' if op['target_met'] else 'not met'}** with 95 % "
+           f"confidence (lower bound of test person recall "
+           f"{op.get('test_person_recall_lower_95')}, target {op['target_recall']}).")
     shown = threshold_text(op["threshold"], op["threshold_log_odds"])
     return f"""## Person alarm (operating point)
-Scores are calibrated by temperature scaling (T = {cal['temperature']}, fitted on val; test
+Scores are calibrated by temperature scaling (T = {cal['temperature']}, fitted on val or the
+calibration split; test
 expected calibration error {cal['ece_before']} before, {cal['ece_after']} after). A crop raises
-the alarm when its calibrated person probability is >= **{shown}**: val person recall
->= {op['target_recall']} (`calibrate.person_recall_target`) with the fewest val false alarms.
-On test: person recall {op['test_person_recall']}, precision {op['test_person_precision']},
+the alarm when its calibrated person probability is >= **{shown}**, chosen for person recall
+>= {op['target_recall']} (`calibrate.person_recall_target`) with the fewest false
+alarms.{guarantee_text(op)} On test: person recall {op['test_person_recall']}, precision {op['test_person_precision']},
 {op['false_alarms_per_1000']} false alarms per 1,000 non-person crops
 ({op['test_persons_missed']} of {op['test_persons']} persons missed, {op['test_false_alarms']}
-of {op['test_non_persons']} animals and objects raised). {sentence} The ONNX file carries this
-operating point; `python -m stages.predict` reports `alarm` with it."""
+of {op['test_non_persons']} animals and objects raised). {sentence} {bounds or ""}{met} The ONNX
+file carries this operating point; `python -m stages.predict` reports `alarm` with it."""
 
 
 def model_card(cfg: params.Params, meta: dict, scores: dict, split: dict, hashes: dict,

@@ -40,7 +40,8 @@ from pathlib import Path
 
 from stages.common import dvc_internals
 from stages.common.atomic import atomic_file, refuse_odd_destination
-from stages.common.calibration import _number, operator_sentence, threshold_text
+from stages.common.calibration import (_number, bound_sentence, operator_sentence,
+                                       threshold_text)
 from stages.common.errors import ArgumentParser, ParamError, StageError, main_guard
 
 DEFAULT_OUT = Path("dvc_plots/report.html")  # beside dvc plots show's index.html, git-ignored
@@ -196,7 +197,27 @@ def operating_point_sentence(point: dict) -> str | None:
         return None
     shown = (threshold_text(threshold, float(point["threshold_log_odds"]))
              if "threshold_log_odds" in point else f"{threshold:g}")
-    return operator_sentence(recall, others, shown)
+    return " ".join(filter(None, [operator_sentence(recall, others, shown),
+                                  confidence_sentence(point)]))
+
+
+def confidence_sentence(point: dict) -> str | None:
+    """The one-sided 95 % bounds and whether they reach the target, in an operator's words;
+    None for an eval.json without them."""
+    try:
+        lower = float(point["test_person_recall_lower_95"])
+        upper = point.get("false_alarms_per_1000_upper_95")
+        upper = None if upper is None else float(upper)
+    except (KeyError, TypeError, ValueError):
+        return None
+    if not (math.isfinite(lower) and (upper is None or math.isfinite(upper))):
+        return None
+    sentence = bound_sentence(lower, upper)
+    met = point.get("target_met")
+    if isinstance(met, bool) and "target_recall" in point:
+        sentence += (f" The target of {point['target_recall']} is "
+                     f"{'met' if met else 'not met'} with 95 % confidence.")
+    return sentence
 
 
 def operating_point_html(points: dict[str, dict]) -> str:

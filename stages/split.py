@@ -3,10 +3,12 @@
     python -m stages.split
 
 Reads   data/crops/manifest.csv and the crops it lists
-Writes  data/split/{train,val,test}/<label>/<crop>.jpg   (torchvision ImageFolder layout, copies)
+Writes  data/split/{train,val,test}/<label>/<crop>.jpg   (torchvision ImageFolder layout, copies;
+                                                         calibration/ too if split.calibration > 0)
         data/split/manifest.csv                          crop, split, label, image_id, source
         metrics/split.json                               crops per split and label, images per split
-Params  seed, split.test, split.val (both fractions of ALL crops: 0.2 / 0.1 -> 70 / 10 / 20)
+Params  seed, split.test, split.val, split.calibration (fractions of ALL crops: 0.2 / 0.1 / 0 ->
+        70 / 10 / 20; a calibration share comes out of train)
 
 Why by image: crops of one picture share lighting, background and often the same object boxed
 twice; if they straddle train and test, the test score measures memory, not generalisation.
@@ -27,8 +29,10 @@ a rare label weighs as much as a common one. For single-label images this is a h
 apportionment per label: every split ends within about one image's crops of its target.
 (sklearn's StratifiedGroupKFold only offers 1/k fractions and balances folds, not exact targets.)
 
-Test is drawn first from all images, then val from the rest: changing split.val never moves a
-crop into or out of the test set, so evaluations stay comparable.
+Test is drawn first from all images, then val from the rest, then the calibration split (when
+split.calibration > 0) from what is left: changing split.val or split.calibration never moves a
+crop into or out of the test set, so evaluations stay comparable (and the calibration share
+never moves val).
 """
 from __future__ import annotations
 
@@ -94,15 +98,21 @@ def apportion(counts: pd.DataFrame, fractions: list[float], rng: np.random.Gener
     return part
 
 
-def assign_splits(counts: pd.DataFrame, seed: int, test: float, val: float) -> pd.Series:
-    """Split name per ImageID: test out of all images first, then val out of the rest."""
+def assign_splits(counts: pd.DataFrame, seed: int, test: float, val: float,
+                  calibration: float = 0.0) -> pd.Series:
+    """Split name per ImageID: test out of all images first, then val out of the rest, then
+    (``calibration`` > 0) the calibration split out of what is left; each share is of ALL
+    crops, each carve-out has its own random stream, so a later one never moves an earlier."""
     split = pd.Series("train", index=counts.index, dtype=object)
-    is_test = apportion(counts, [1.0 - test, test], np.random.default_rng([seed, 0])) == 1
-    split[is_test] = "test"
-    rest = counts[~is_test]
-    is_val = apportion(rest, [1.0 - val / (1.0 - test), val / (1.0 - test)],
-                       np.random.default_rng([seed, 1])) == 1
-    split[rest.index[is_val]] = "val"
+    rest, left = counts, 1.0
+    for k, (name, share) in enumerate([("test", test), ("val", val),
+                                       ("calibration", calibration)]):
+        if share <= 0:
+            continue
+        taken = apportion(rest, [1.0 - share / left, share / left],
+                          np.random.default_rng([seed, k])) == 1
+        split[rest.index[taken]] = name
+        rest, left = rest[~taken], left - share
     return split
 
 
@@ -145,9 +155,10 @@ def copy_crops(frame: pd.DataFrame, crops_dir: Path, out: Path) -> None:
 @main_guard
 def main() -> None:
     cfg = params.load()
-    splits = SPLITS
+    splits = SPLITS + (["calibration"] if cfg.split.calibration > 0 else [])
     frame = read_manifest(CROPS)
-    split_of = assign_splits(image_label_counts(frame), cfg.seed, cfg.split.test, cfg.split.val)
+    split_of = assign_splits(image_label_counts(frame), cfg.seed, cfg.split.test, cfg.split.val,
+                             cfg.split.calibration)
     frame = frame.rename(columns={"crop": "source"})
     frame["split"] = frame["image_id"].map(split_of)
     frame["crop"] = [f"{s}/{lab}/{Path(src).name}" for s, lab, src in

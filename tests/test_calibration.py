@@ -199,7 +199,9 @@ def test_evaluate_writes_the_keys_dvc_metrics_diff_lines_up():
     m = alarm_metrics(logits, targets, ["animal", "object", "person"], point)
     assert {"threshold", "target_recall", "test_person_recall", "test_person_precision",
             "false_alarms_per_1000"} <= set(m["operating_point"])
-    assert set(m["calibration"]) == {"ece_before", "ece_after", "temperature"}
+    assert set(m["calibration"]) == {"ece_before", "ece_after", "temperature", "nll_before",
+                                     "nll_after", "brier_before", "brier_after"}
+    assert m["calibration"]["nll_after"] == round(cal.nll(logits, targets, 2.0), 4)
     probs = cal.softmax(logits, 2.0)
     persons = targets == 2
     assert m["operating_point"]["test_person_recall"] == \

@@ -33,3 +33,30 @@ def test_confusion_csv_has_one_row_per_crop_with_names(tmp_path):
     path = tmp_path / "confusion.csv"
     write_confusion_csv(path, [2, 0], [1, 0], CLASSES)
     assert path.read_text() == "actual,predicted\nperson,object\nanimal,animal\n"
+
+
+def test_curve_thresholds_are_log_odds_and_the_roc_start_is_inf(tmp_path, monkeypatch):
+    import pandas as pd
+
+    from stages.common.calibration import person_log_odds
+    from stages.evaluate import stage
+
+    monkeypatch.setattr(stage, "PLOTS_DIR", tmp_path)
+    rng = np.random.default_rng(0)
+    targets = rng.integers(0, 3, 200)
+    # confident logits: most person probabilities round to 1.0 in float64
+    logits = rng.normal(0, 1, (200, 3)) + 60.0 * np.eye(3)[targets]
+    scores = stage.class_log_odds(logits, 0.5)
+    np.testing.assert_array_equal(scores[:, 2], person_log_odds(logits, 0.5, 2))
+    curves = stage.write_curves(scores, targets, ["animal", "object", "person"])
+    roc = pd.read_csv(tmp_path / "roc_person.csv")
+    assert list(roc.columns) == ["fpr", "tpr", "threshold_log_odds"]
+    assert roc["threshold_log_odds"].iloc[0] == np.inf  # no alarm at all, written as such
+    finite = roc["threshold_log_odds"].iloc[1:]
+    assert np.isfinite(finite).all() and finite.nunique() == len(finite)
+    assert (finite > 37).any()  # its probability is exactly 1.0: the log-odds keeps it apart
+    assert "1" not in (tmp_path / "roc_person.csv").read_text().splitlines()[2].split(",")[2:]
+    pr = pd.read_csv(tmp_path / "pr" / "person.csv")
+    assert list(pr.columns) == ["recall", "precision", "threshold_log_odds"]
+    assert np.isfinite(pr["threshold_log_odds"]).all() and pr["threshold_log_odds"].nunique() > 1
+    assert len(curves["roc"]) == len(roc) and len(curves["pr"]["person"]) == len(pr)

@@ -7,6 +7,7 @@ import yaml
 from stages.common import errors
 from stages.common import params as P
 from stages.train import stage as train
+from tests import paramfile
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -161,8 +162,40 @@ def test_the_params_model_knows_every_key_of_params_yaml_and_no_other():
 @pytest.mark.parametrize("target", [1, 1.0, 0.5, 1e-9])
 def test_any_recall_target_in_0_1_is_accepted(target):
     params = raw()
-    params["calibrate"]["person_recall_target"] = target
+    params["calibrate"].update(person_recall_target=target, guarantee="none")
     assert P.parse(params).calibrate.person_recall_target == target
+
+
+@pytest.mark.parametrize("edit, needle", [
+    ({"calibrate": {"guarantee": "always"}},
+     "calibrate.guarantee='always' is not allowed; expected one of none, average, probability"),
+    ({"calibrate": {"delta": 0}}, "calibrate.delta=0 is not allowed; expected a number > 0 and "
+                                  "<= 0.5"),
+    ({"calibrate": {"delta": 0.6}}, "calibrate.delta=0.6 is not allowed"),
+    ({"calibrate": {"guarantee": "probability", "person_recall_target": 1}},
+     "calibrate.guarantee='probability' cannot promise calibrate.person_recall_target=1"),
+    ({"calibrate": {"guarantee": "average", "person_recall_target": 1.0}},
+     "set a target below 1 or calibrate.guarantee: none"),
+    ({"split": {"calibration": -0.1}}, "split.calibration=-0.1 is not allowed; expected a "
+                                       "number >= 0 and < 1"),
+    ({"split": {"test": 0.2, "val": 0.1, "calibration": 0.7}},
+     "split.calibration=0.7 is not allowed; expected a number >= 0 with split.test + split.val "
+     "+ split.calibration < 1"),
+    ({"split": {"calibration": "0.1"}}, "split.calibration='0.1' is not allowed"),
+])
+def test_bad_guarantee_and_calibration_split_params_are_one_line(tmp_path, edit, needle):
+    path = tmp_path / "params.yaml"
+    path.write_text(yaml.safe_dump(paramfile.merge(raw(), edit)))
+    with pytest.raises(errors.ParamError) as err:
+        P.load(path)
+    assert needle in str(err.value) and "\n" not in str(err.value)
+
+
+def test_the_default_guarantee_is_a_probability_and_calibration_falls_back_to_val():
+    for path in ["params.yaml", "configs/report-resnet18.yaml"]:
+        cfg = P.load(ROOT / path)
+        assert (cfg.calibrate.guarantee, cfg.calibrate.delta) == ("probability", 0.05)
+        assert cfg.split.calibration == 0
 
 
 def test_broken_yaml_is_one_line(tmp_path):

@@ -71,7 +71,8 @@ def test_repro_runs_every_stage_and_writes_metrics_and_plots(repo):
     op, cal = metrics["operating_point"], metrics["calibration"]
     assert {"threshold", "target_recall", "test_person_recall", "test_person_precision",
             "false_alarms_per_1000"} <= set(op)
-    assert set(cal) == {"ece_before", "ece_after", "temperature"}
+    assert set(cal) == {"ece_before", "ece_after", "temperature", "nll_before", "nll_after",
+                        "brier_before", "brier_after"}
     point = json.loads((repo.path / "data/calibration/operating_point.json").read_text())
     assert op["threshold"] == point["threshold"] and op["target_recall"] == 0.99
     assert op["point_sha256"] == point["point_sha256"]  # eval.json scored this very point

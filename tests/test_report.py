@@ -347,6 +347,27 @@ def test_operating_point_sentence():
     assert "<b>&lt;exp&gt;</b>: At this threshold" in both and "HEAD~1" not in both
 
 
+def test_the_operating_point_sentence_states_the_bounds_and_the_target():
+    from stages.report import operating_point_html, operating_point_sentence
+
+    point = {"threshold": 0.1234, "target_recall": 0.99, "test_person_recall": 0.9828,
+             "false_alarms_per_1000": 7.3, "test_person_recall_lower_95": 0.9213,
+             "false_alarms_per_1000_upper_95": 21.41, "target_met": False}
+    assert operating_point_sentence(point) == (
+        "At this threshold (0.1234), 98 of 100 people raise an alarm; 7 of 1,000 animals and "
+        "objects do too. With 95 % confidence at least 92 of 100 people raise an alarm, and at "
+        "most 22 of 1,000 animals and objects do. The target of 0.99 is not met with 95 % "
+        "confidence.")  # people round down, false alarms up: never more than the bound
+    met = operating_point_sentence({**point, "test_person_recall_lower_95": 0.9951,
+                                    "target_met": True})
+    assert met.endswith("at least 99 of 100 people raise an alarm, and at most 22 of 1,000 "
+                        "animals and objects do. The target of 0.99 is met with 95 % confidence.")
+    for bad in (None, "x", float("nan")):  # an unusable bound drops the second sentence only
+        assert operating_point_sentence({**point, "test_person_recall_lower_95": bad}) \
+            .endswith("objects do too.")
+    assert "at least 92 of 100" in operating_point_html({"workspace": point})
+
+
 # Plots another branch is adding to dvc.yaml (precision-recall, ROC, reliability, a PNG): the
 # comparison below adds those the project's dvc.yaml lacks to its copy, so write_plot_files is
 # shown to cover new definitions without an edit.

@@ -17,8 +17,9 @@ from tests import paramfile
 LABELS = ["animal", "object", "person"]
 
 
-def write_params(root: Path, seed: int = 42, test=0.2, val=0.1) -> None:
-    paramfile.write(root, {"seed": seed, "split": {"test": test, "val": val}})
+def write_params(root: Path, seed: int = 42, test=0.2, val=0.1, calibration=0) -> None:
+    paramfile.write(root, {"seed": seed, "split": {"test": test, "val": val,
+                                                   "calibration": calibration}})
 
 
 def write_crops(root: Path, n_images: int = 300, seed: int = 0,
@@ -135,6 +136,29 @@ def test_changing_val_keeps_the_test_set(tmp_path, monkeypatch):
     assert tests[0] == tests[1]
 
 
+def test_a_calibration_share_moves_neither_test_nor_val_and_stays_apart(tmp_path, monkeypatch):
+    runs = {}
+    for share in (0, 0.15):
+        root = tmp_path / str(share)
+        root.mkdir()
+        write_crops(root)
+        write_params(root, calibration=share)
+        runs[share] = (run_stage(root, monkeypatch), read_split_manifest(root), root)
+    (before, plain, root0), (metrics, out, root) = runs[0], runs[0.15]
+    for name in ("test", "val"):  # the same crops, the same bytes
+        assert sorted(plain.loc[plain["split"] == name, "source"]) == \
+            sorted(out.loc[out["split"] == name, "source"])
+        assert tree_digest(root0 / "data/split" / name) == tree_digest(root / "data/split" / name)
+    assert "calibration" not in before["crops"] and not (root0 / "data/split/calibration").exists()
+    assert (out.groupby("image_id")["split"].nunique() == 1).all()  # disjoint by source image
+    part = out[out["split"] == "calibration"]
+    assert set(part["image_id"]).isdisjoint(out.loc[out["split"] != "calibration", "image_id"])
+    assert metrics["crops"]["calibration"]["total"] == len(part)
+    assert sorted(p.name for p in (root / "data/split/calibration").iterdir()) == LABELS
+    for label in LABELS:  # the share of ALL crops, taken out of train
+        total = int((out["label"] == label).sum())
+        assert abs(int((part["label"] == label).sum()) - 0.15 * total) <= 4
+        assert abs(metrics["crops"]["train"][label] - 0.55 * total) <= 6
 
 
 def test_multi_label_images_stay_whole(tmp_path, monkeypatch):

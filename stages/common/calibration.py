@@ -8,8 +8,10 @@ log-likelihood, a bounded 1-D search over log T in float64, so the same logits g
 any machine.
 
 The operating point: the person probability (after T) at or above which a picture raises the
-alarm: val person recall at or above the target with the fewest val false alarms, placed halfway
-between the last person it must catch and the first non-person below it. The comparison is made on the person log-odds,
+alarm: the val person score the chosen rule allows (stages.common.guarantee: the target reached
+on val, on new persons on average, or on new persons with probability 1 - delta) with the
+fewest val false alarms, placed halfway between the last person it must catch and the first
+non-person below it. The comparison is made on the person log-odds,
 log(p / (1 - p)) = z_person / T - logsumexp(z_others / T), computed from the logits: a
 probability rounds to exactly 1.0 in float64 once the gap passes ~37 (a small T gets there fast),
 and thresholds on such ties would lose all resolution. ``threshold_log_odds`` is the alarm;
@@ -29,6 +31,7 @@ from pathlib import Path
 
 import numpy as np
 
+from stages.common import guarantee
 from stages.common.errors import StageError
 
 ALARM_LABEL = "person"
@@ -36,6 +39,7 @@ ECE_BINS = 15
 # Search range for T: far outside anything a trained classifier needs (1-5 typically), so a
 # fitted T at either end means the logits carry no usable information.
 T_MIN, T_MAX = 0.05, 20.0
+BOOTSTRAP_DRAWS = 200  # resamples for T's interval: its 2.5 / 97.5 % ends steady to ~1 %
 OPERATING_POINT = Path("data/calibration/operating_point.json")
 FORMAT = 1
 
@@ -90,6 +94,47 @@ def fit_temperature(logits: np.ndarray, targets: np.ndarray) -> float:
     return float(math.exp(result.x))
 
 
+def temperature_interval(logits: np.ndarray, targets: np.ndarray, seed: int,
+                         draws: int = BOOTSTRAP_DRAWS, confidence: float = 0.95) -> dict:
+    """A percentile bootstrap interval for T: T refitted on ``draws`` resamples of the val crops
+    (with replacement, seeded, so the same val set gives the same interval)."""
+    logits = np.asarray(logits, np.float64)
+    targets = np.asarray(targets, np.int64)
+    rng = np.random.default_rng(seed)
+    fitted = [fit_temperature(logits[i], targets[i])
+              for i in (rng.integers(0, len(targets), len(targets)) for _ in range(draws))]
+    low, high = np.quantile(fitted, [(1 - confidence) / 2, (1 + confidence) / 2])
+    return {"low": round(float(low), 4), "high": round(float(high), 4),
+            "confidence": confidence, "draws": draws, "seed": seed}
+
+
+def temperature_warnings(temperature: float, logits: np.ndarray, targets: np.ndarray
+                         ) -> list[str]:
+    """Why a fitted T may not mean what it says, one line each: at (within 10 % of) an end of
+    its search range the logits did not pin it down; with no val error at all the NLL only
+    falls as T shrinks, so T says nothing about how wrong the model is when it is wrong."""
+    lines = []
+    if temperature <= T_MIN * 1.1 or temperature >= T_MAX * 0.9:
+        lines.append(f"warning: the temperature {temperature:.4g} lies within 10 % of its "
+                     f"search range's end ({T_MIN} to {T_MAX}); the val logits do not pin it "
+                     "down, so calibrated probabilities are unreliable; check the model and "
+                     "the val split")
+    if len(targets) and (np.asarray(logits).argmax(axis=1) == np.asarray(targets)).all():
+        lines.append(f"warning: the model makes no error on the {len(targets)} val crops, so "
+                     "the temperature only sharpens and says nothing about its mistakes; a "
+                     "larger val (split.val) or calibration split (split.calibration) fixes it")
+    return lines
+
+
+def brier(probs: np.ndarray, targets: np.ndarray) -> float:
+    """Multi-class Brier score: mean over pictures of the squared distance between the
+    probabilities and the one-hot truth (0 is perfect, 2 the worst)."""
+    probs = np.asarray(probs, np.float64)
+    truth = np.zeros_like(probs)
+    truth[np.arange(len(probs)), np.asarray(targets)] = 1.0
+    return float(np.mean(((probs - truth) ** 2).sum(axis=1)))
+
+
 def ece(probs: np.ndarray, targets: np.ndarray, bins: int = ECE_BINS) -> float:
     """Expected calibration error: over ``bins`` equal-width bins of top-class confidence, the
     gap between accuracy and mean confidence, weighted by the share of pictures in the bin."""
@@ -114,34 +159,47 @@ def reliability(probs: np.ndarray, targets: np.ndarray, bins: int = ECE_BINS
     return rows
 
 
-def persons_needed(target: float) -> int:
-    """How many persons val must hold for one missed person to keep recall >= ``target``."""
-    return 1 if target >= 1 else math.ceil(1 / (1 - target) - 1e-9)
+def persons_needed(target: float, rule: str = "none", delta: float = 0.05) -> int | None:
+    """How many val persons ``rule`` needs to resolve ``target`` (stages.common.guarantee);
+    for ``none``, one missed person must keep recall >= ``target``."""
+    return guarantee.persons_needed(rule, target, delta)
 
 
-def highest_threshold(person_scores: np.ndarray, is_person: np.ndarray, target: float) -> float:
-    """The highest threshold t such that the share of persons with score >= t reaches
-    ``target``: the k-th highest person score, k = ceil(target * persons)."""
+def threshold_order(person_scores: np.ndarray, is_person: np.ndarray, target: float,
+                    rule: str = "none", delta: float = 0.05) -> tuple[np.ndarray, int, bool]:
+    """The val person scores, highest first, the k whose k-th highest the threshold sits on,
+    and whether ``rule`` resolved ``target`` (unresolved: k is every val person)."""
     is_person = np.asarray(is_person, bool)
     scores = np.sort(np.asarray(person_scores, np.float64)[is_person])[::-1]
     if len(scores) == 0:
         raise StageError("val holds no person crops, so no person threshold can be chosen; "
                          "check data.labels and split.val in params.yaml")
-    k = max(1, math.ceil(target * len(scores) - 1e-9))  # 1e-9: 0.99 * 100 is 99.00000000000001
+    k = guarantee.order_from_top(rule, len(scores), target, delta)
+    return scores, (len(scores) if k is None else k), k is not None
+
+
+def highest_threshold(person_scores: np.ndarray, is_person: np.ndarray, target: float,
+                      rule: str = "none", delta: float = 0.05) -> float:
+    """The highest threshold ``rule`` allows: the k-th highest person score; for ``none``,
+    k = ceil(target * persons), the highest with val recall >= ``target``."""
+    scores, k, _ = threshold_order(person_scores, is_person, target, rule, delta)
     return float(scores[k - 1])
 
 
-def person_threshold(person_scores: np.ndarray, is_person: np.ndarray, target: float) -> float:
-    """The operating point on val scores: recall >= ``target`` with the fewest false alarms.
+def person_threshold(person_scores: np.ndarray, is_person: np.ndarray, target: float,
+                     rule: str = "none", delta: float = 0.05) -> float:
+    """The operating point on val scores: the rule's order statistic, with the fewest false
+    alarms.
 
     Every threshold from just above the highest non-person score below
-    :func:`highest_threshold` up to it gives that: the same false alarms, a recall at or above
-    the target. Val cannot tell them apart, so the middle is taken (a margin on both sides, as
-    a max-margin classifier does): the highest one sits on the last person val happened to
-    hold, and a slightly less certain person on another day would go unnoticed."""
+    :func:`highest_threshold` up to it gives that: the same false alarms, at least the same
+    persons caught. Val cannot tell them apart, so the middle is taken (a margin on both sides,
+    as a max-margin classifier does): the highest one sits on the last person val happened to
+    hold, and a slightly less certain person on another day would go unnoticed. Lower than the
+    order statistic only catches more persons, so every rule's guarantee still holds."""
     scores = np.asarray(person_scores, np.float64)
     is_person = np.asarray(is_person, bool)
-    top = highest_threshold(scores, is_person, target)
+    top = highest_threshold(scores, is_person, target, rule, delta)
     below = scores[~is_person & (scores < top)]
     return float((top + below.max()) / 2) if len(below) else top
 
@@ -175,6 +233,22 @@ def operator_sentence(recall: float, false_alarms_per_1000: float,
     at = f"At this threshold ({threshold})" if threshold else "At this threshold"
     return (f"{at}, {people} of 100 people {'raises' if people == 1 else 'raise'} an alarm; "
             f"{others:,} of 1,000 animals and objects {'does' if others == 1 else 'do'} too.")
+
+
+def bound_sentence(recall_lower: float | None, false_alarms_upper_per_1000: float | None
+                   ) -> str | None:
+    """The Clopper-Pearson bounds as an operator reads them; people round down and false alarms
+    up, so the sentence never promises more than the bound. None without persons."""
+    if recall_lower is None:
+        return None
+    people = math.floor(recall_lower * 100 + 1e-9)
+    sentence = (f"With 95 % confidence at least {people} of 100 people "
+                f"{'raises' if people == 1 else 'raise'} an alarm")
+    if false_alarms_upper_per_1000 is not None:
+        others = math.ceil(false_alarms_upper_per_1000 - 1e-9)
+        sentence += (f", and at most {others:,} of 1,000 animals and objects "
+                     f"{'does' if others == 1 else 'do'}")
+    return sentence + "."
 
 
 # ----- the operating point file ----------------------------------------------------------------

@@ -154,6 +154,8 @@ class Crops(Section):
 class Split(Section):
     test: float = Field(gt=0, lt=1)
     val: float = Field(gt=0, lt=1)
+    # 0: calibrate fits on val; > 0: on a split of its own (val also picks the best epoch).
+    calibration: float = Field(ge=0, lt=1)
 
     @model_validator(mode="after")
     def _room_for_train(self) -> "Split":
@@ -162,6 +164,11 @@ class Split(Section):
             raise ParamError(f"params.yaml: split.val={self.val!r} is not allowed; expected a "
                              f"number > 0 with split.test + split.val < 1 (split.test is "
                              f"{self.test})")
+        if self.test + self.val + self.calibration >= 1:
+            raise ParamError(f"params.yaml: split.calibration={self.calibration!r} is not "
+                             "allowed; expected a number >= 0 with split.test + split.val + "
+                             f"split.calibration < 1 (split.test is {self.test}, split.val "
+                             f"{self.val})")
         return self
 
 
@@ -209,10 +216,23 @@ class Train(Section):
 
 
 class Calibrate(Section):
-    # The share of val persons that must raise the alarm (with the fewest val false alarms).
+    # The share of persons that must raise the alarm (with the fewest false alarms).
     person_recall_target: float = Field(gt=0, le=1)
+    # What the target promises on new pictures (stages.common.guarantee).
+    guarantee: Literal["none", "average", "probability"]
+    delta: float = Field(gt=0, le=0.5)  # guarantee: probability holds with probability 1 - delta
     batch_size: int = Field(ge=1, le=MAX_BATCH)
     device: Literal["auto", "cpu", "cuda", "mps"]
+
+    @model_validator(mode="after")
+    def _guarantee_reachable(self) -> "Calibrate":
+        # No finite val set guarantees that every new person raises the alarm.
+        if self.person_recall_target >= 1 and self.guarantee != "none":
+            raise ParamError(f"params.yaml: calibrate.guarantee={self.guarantee!r} cannot "
+                             "promise calibrate.person_recall_target=1 on new pictures (no "
+                             "number of val persons does); set a target below 1 or "
+                             "calibrate.guarantee: none")
+        return self
 
 
 class Evaluate(Section):

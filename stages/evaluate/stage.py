@@ -2,12 +2,13 @@
 
 Writes metrics/eval.json (accuracy, macro / weighted F1, per-class precision / recall / F1 /
 support, person recall, the report's goals as pass/fail, speed, and the person alarm at
-calibrate's operating point: ``operating_point.*`` and ``calibration.*``),
-plots/eval/confusion.csv (for DVC's confusion template), CSVs for DVC's linear template
-(precision-recall per class, the person ROC, the reliability diagram before and after
-calibration) and PNGs of the confusion matrix (counts and normalised by true class), the curves,
-the learning curves and the most confident mistakes (the gallery lives here because this stage
-already holds every prediction).
+calibrate's operating point: ``operating_point.*`` with one-sided 95 % Clopper-Pearson bounds
+of test recall and false alarms, and ``calibration.*``: ECE, NLL and Brier score before and after
+temperature scaling), plots/eval/confusion.csv (for DVC's confusion template), CSVs for DVC's
+linear template (precision-recall per class and the person ROC, thresholds as log-odds; the
+reliability diagram before and after calibration) and PNGs of the confusion matrix (counts and
+normalised by true class), the curves, the learning curves and the most confident mistakes (the
+gallery lives here because this stage already holds every prediction).
 """
 from __future__ import annotations
 
@@ -22,10 +23,11 @@ from PIL import Image
 from stages.common import params
 from stages.common.atomic import atomic_file, write_json
 from stages.common.batches import CropSet, normalise
-from stages.common.calibration import (ALARM_LABEL, alarm_figures, ece, operating_point_for,
-                                       operator_sentence, person_log_odds, reliability,
-                                       softmax, threshold_text)
+from stages.common.calibration import (ALARM_LABEL, alarm_figures, bound_sentence, brier, ece,
+                                       nll, operating_point_for, operator_sentence,
+                                       person_log_odds, reliability, softmax, threshold_text)
 from stages.common.errors import main_guard
+from stages.common.guarantee import alarm_bounds
 from stages.common.model import load_checkpoint, pick_device
 from stages.common.predictor import labelled_logits
 from stages.common.speed import speed_figures
@@ -80,26 +82,40 @@ def score(targets: np.ndarray, preds: np.ndarray, classes: list[str]) -> dict:
 
 def alarm_metrics(logits: np.ndarray, targets: np.ndarray, classes: list[str],
                   point: dict) -> dict:
-    """The person alarm at calibrate's operating point, on test, and the calibration's effect."""
-    before, after = softmax(logits), softmax(logits, point["temperature"])
+    """The person alarm at calibrate's operating point, on test, with its one-sided 95 %
+    Clopper-Pearson bounds (``target_met`` only when the lower bound of recall reaches the
+    target), and the calibration's effect (ECE, NLL, Brier before / after)."""
+    temperature = point["temperature"]
+    before, after = softmax(logits), softmax(logits, temperature)
     person = classes.index(ALARM_LABEL)
-    alarm = alarm_figures(person_log_odds(logits, point["temperature"], person),
+    alarm = alarm_figures(person_log_odds(logits, temperature, person),
                           targets == person, point["threshold_log_odds"])
+    bounds = alarm_bounds(alarm, point["target_recall"])
+    val = point.get("val") or {}
     return {
         "operating_point": {
             "threshold": point["threshold"],
             "threshold_log_odds": round(point["threshold_log_odds"], 4),
             "target_recall": point["target_recall"],
             "point_sha256": point["point_sha256"],  # export embeds only the point evaluated here
+            "guarantee": point.get("guarantee"), "delta": point.get("delta"),
+            "resolved": val.get("resolved"),
             "test_person_recall": alarm["person_recall"],
+            "test_person_recall_lower_95": bounds["person_recall_lower_95"],
+            "target_met": bounds["target_met"],
             "test_person_precision": alarm["person_precision"],
             "false_alarms_per_1000": alarm["false_alarms_per_1000"],
+            "false_alarms_per_1000_upper_95": bounds["false_alarms_per_1000_upper_95"],
             "test_persons": alarm["persons"], "test_non_persons": alarm["non_persons"],
             "test_persons_missed": alarm["persons_missed"],
             "test_false_alarms": alarm["false_alarms"]},
-        "calibration": {"temperature": round(point["temperature"], 4),
+        "calibration": {"temperature": round(temperature, 4),
                         "ece_before": round(ece(before, targets), 4),
-                        "ece_after": round(ece(after, targets), 4)},
+                        "ece_after": round(ece(after, targets), 4),
+                        "nll_before": round(nll(logits, targets, 1.0), 4),
+                        "nll_after": round(nll(logits, targets, temperature), 4),
+                        "brier_before": round(brier(before, targets), 4),
+                        "brier_after": round(brier(after, targets), 4)},
     }
 
 
@@ -110,23 +126,32 @@ def _rows(path: Path, header: str, rows) -> None:
             f.write(",".join(f"{v:.6g}" if isinstance(v, float) else str(v) for v in row) + "\n")
 
 
-def write_curves(probs: np.ndarray, targets: np.ndarray, classes: list[str]) -> dict:
+def write_curves(log_odds: np.ndarray, targets: np.ndarray, classes: list[str]) -> dict:
     """CSVs for DVC's linear template, one point per threshold where the curve turns; returns
-    the curves for the PNG."""
+    the curves for the PNG. ``log_odds``: each class's calibrated log-odds (N x classes), so a
+    threshold keeps its resolution where the probability rounds to 1; thresholds are written
+    so (``threshold_log_odds``), and the ROC's first point, where no picture raises the alarm,
+    as ``inf``."""
     curves = {"pr": {}, "reliability": {}}
     for k, name in enumerate(classes):
         precision, recall, thresholds = precision_recall_curve(
-            targets == k, probs[:, k], drop_intermediate=True)
+            targets == k, log_odds[:, k], drop_intermediate=True)
         # the last point (recall 0, precision 1) has no threshold
         rows = list(zip(recall[:-1].tolist(), precision[:-1].tolist(), thresholds.tolist()))
-        _rows(PLOTS_DIR / "pr" / f"{name}.csv", "recall,precision,threshold", rows)
+        _rows(PLOTS_DIR / "pr" / f"{name}.csv", "recall,precision,threshold_log_odds", rows)
         curves["pr"][name] = rows
     person = classes.index(ALARM_LABEL)
-    fpr, tpr, thresholds = roc_curve(targets == person, probs[:, person], drop_intermediate=True)
-    thresholds = np.minimum(thresholds, 1.0)  # sklearn starts at +inf: no alarm at all
+    fpr, tpr, thresholds = roc_curve(targets == person, log_odds[:, person],
+                                     drop_intermediate=True)
     curves["roc"] = list(zip(fpr.tolist(), tpr.tolist(), thresholds.tolist()))
-    _rows(PLOTS_DIR / "roc_person.csv", "fpr,tpr,threshold", curves["roc"])
+    _rows(PLOTS_DIR / "roc_person.csv", "fpr,tpr,threshold_log_odds", curves["roc"])
     return curves
+
+
+def class_log_odds(logits: np.ndarray, temperature: float) -> np.ndarray:
+    """Every class's calibrated log-odds, one column per class."""
+    return np.stack([person_log_odds(logits, temperature, k) for k in range(logits.shape[1])],
+                    axis=1)
 
 
 def write_reliability(before: np.ndarray, after: np.ndarray, targets: np.ndarray) -> dict:
@@ -198,7 +223,7 @@ def main() -> None:
     matrix = confusion_matrix(targets, preds, labels=list(range(len(classes))))
     figures.confusion_png(matrix, classes, PLOTS_DIR / "confusion.png",
                           f"{meta['arch']} test (n={len(targets)})")
-    curves = write_curves(probs, targets, classes)
+    curves = write_curves(class_log_odds(logits, point["temperature"]), targets, classes)
     bins = write_reliability(softmax(logits), probs, targets)
     figures.alarm_png(curves, bins, metrics, PLOTS_DIR / "alarm.png")
     figures.learning_curves_png(figures.read_history(LIVE_DIR), PLOTS_DIR / "learning_curves.png",
@@ -215,4 +240,8 @@ def main() -> None:
     print(f"person alarm at {threshold_text(op['threshold'], op['threshold_log_odds'])} "
           f"(calibrated, temperature "
           f"{metrics['calibration']['temperature']}): "
-          + operator_sentence(op["test_person_recall"], op["false_alarms_per_1000"]))
+          + operator_sentence(op["test_person_recall"], op["false_alarms_per_1000"]) + " "
+          + (bound_sentence(op["test_person_recall_lower_95"],
+                            op["false_alarms_per_1000_upper_95"]) or "")
+          + f" Target {op['target_recall']} met with 95 % confidence: "
+          + ("yes" if op["target_met"] else "no"))

@@ -1,0 +1,255 @@
+"""The threshold's guarantee on constructed scores: exact Clopper-Pearson bounds, the rules'
+order statistics, and (in seeded simulation) that each rule keeps its promise on new persons."""
+import json
+import math
+
+import numpy as np
+import pytest
+from scipy.stats import binom, norm
+
+from stages import calibrate
+from stages.common import calibration as cal
+from stages.common import guarantee as g
+from tests import paramfile
+
+DRAWS = 2000
+Z = 3.29  # two-sided 0.1 %: the Monte-Carlo tolerance below is Z standard errors
+
+
+# ----- Clopper-Pearson -------------------------------------------------------------------------
+
+@pytest.mark.parametrize("n", [1, 10, 29, 58, 300])
+def test_bounds_at_the_ends_have_closed_forms(n):
+    # all n caught: P(n of n | p) = p^n = 0.05 at the bound; none raised: (1 - p)^n = 0.05
+    assert g.lower_bound(n, n) == pytest.approx(0.05 ** (1 / n), rel=1e-12)
+    assert g.upper_bound(0, n) == pytest.approx(1 - 0.05 ** (1 / n), rel=1e-12)
+    assert g.lower_bound(0, n) == 0.0 and g.upper_bound(n, n) == 1.0
+    assert g.lower_bound(0, 0) is None and g.upper_bound(0, 0) is None
+
+
+def test_bounds_agree_with_published_values_and_their_definition():
+    # R: binom.test(7, 10, alternative = "greater")$conf.int[1] = 0.3933758;
+    #    binom.test(3, 10, alternative = "less")$conf.int[2] = 0.6066242
+    assert g.lower_bound(7, 10) == pytest.approx(0.3933758, abs=1e-7)
+    assert g.upper_bound(3, 10) == pytest.approx(0.6066242, abs=1e-7)
+    for x, n in [(1, 5), (57, 58), (95, 100), (990, 1000)]:
+        low, high = g.lower_bound(x, n), g.upper_bound(x, n)
+        # the bound is the p at which seeing x or more (x or fewer) has probability exactly 5 %
+        assert binom.sf(x - 1, n, low) == pytest.approx(0.05, abs=1e-9)
+        assert binom.cdf(x, n, high) == pytest.approx(0.05, abs=1e-9)
+        assert low < x / n < high
+
+
+def test_shown_bounds_round_outwards_and_target_met_needs_the_lower_bound():
+    # 58 of 58 persons: recall 1.0, but the lower bound 0.9497 is below 0.99: not met
+    figures = {"persons": 58, "persons_missed": 0, "non_persons": 137, "false_alarms": 1}
+    bounds = g.alarm_bounds(figures, 0.99)
+    assert bounds == {"person_recall_lower_95": math.floor(0.05 ** (1 / 58) * 1e4) / 1e4,
+                      "false_alarms_per_1000_upper_95":
+                          math.ceil(g.upper_bound(1, 137) * 1e5) / 100, "target_met": False}
+    assert bounds["person_recall_lower_95"] <= g.lower_bound(58, 58)
+    assert g.alarm_bounds(figures, 0.94)["target_met"] is True
+    assert g.alarm_bounds({**figures, "persons": 0}, 0.9)["target_met"] is False
+
+
+# ----- the rules' order statistics ------------------------------------------------------------
+
+@pytest.mark.parametrize("rule, target, delta, needed", [
+    ("probability", 0.99, 0.05, 299), ("probability", 0.95, 0.05, 59),
+    ("probability", 0.9, 0.1, 22), ("average", 0.99, 0.05, 99), ("average", 0.9, 0.05, 9),
+    ("none", 0.99, 0.05, 100), ("none", 0.9, 0.05, 10)])
+def test_persons_needed_is_the_fewest_that_resolve(rule, target, delta, needed):
+    assert g.persons_needed(rule, target, delta) == needed
+    assert g.order_from_top(rule, needed, target, delta) is not None
+    assert g.order_from_top(rule, needed - 1, target, delta) is None
+
+
+def test_persons_needed_agrees_with_the_rules_over_many_targets():
+    rng = np.random.default_rng(0)
+    for _ in range(200):
+        target, delta = float(rng.uniform(0.5, 0.995)), float(rng.uniform(0.01, 0.5))
+        for rule in g.RULES:
+            n = g.persons_needed(rule, target, delta)
+            assert g.order_from_top(rule, n, target, delta) is not None
+            assert n == 1 or g.order_from_top(rule, n - 1, target, delta) is None
+        # the umbrella's closed form: the fewest n with target^n <= delta
+        n = g.persons_needed("probability", target, delta)
+        assert target ** n <= delta < target ** (n - 1)
+    for rule in ("average", "probability"):  # no val set guarantees recall 1 on new persons
+        assert g.persons_needed(rule, 1.0, 0.05) is None
+        assert g.order_from_top(rule, 10_000, 1.0, 0.05) is None
+
+
+@pytest.mark.parametrize("n, target, delta", [(100, 0.95, 0.1), (299, 0.99, 0.05),
+                                              (1000, 0.99, 0.05), (60, 0.9, 0.2)])
+def test_the_umbrella_takes_the_highest_admissible_order_statistic(n, target, delta):
+    k = g.order_from_top("probability", n, target, delta)
+    r = n + 1 - k  # counted from the lowest person score
+    assert binom.cdf(r - 1, n, 1 - target) <= delta  # admissible
+    assert r == n or binom.cdf(r, n, 1 - target) > delta  # one higher is not: fewest alarms
+    assert g.assurance(n, k, target)["chance_recall_below_target"] <= delta + 1e-4
+
+
+# ----- the guarantees in simulation -----------------------------------------------------------
+
+def order_statistic_recalls(rule: str, n: int, target: float, delta: float) -> np.ndarray:
+    """New-person recall of the rule's order statistic on DRAWS val sets of n person scores
+    drawn from N(0, 1): exactly norm.sf(threshold), no new draws needed."""
+    rng = np.random.default_rng([n, int(target * 1000)])
+    scores = -np.sort(-rng.normal(size=(DRAWS, n)), axis=1)  # highest first
+    k = g.order_from_top(rule, n, target, delta)
+    return norm.sf(scores[:, k - 1])
+
+
+def shipped_rule_recalls(rule: str, n: int, target: float, delta: float) -> np.ndarray:
+    """The same with calibrate's threshold (halfway to the non-person below), non-persons from
+    N(-2, 1) mixed in."""
+    rng = np.random.default_rng([n, 7])
+    out = []
+    for _ in range(DRAWS):
+        scores = np.concatenate([rng.normal(size=n), rng.normal(-2, 1, size=3 * n)])
+        is_person = np.arange(4 * n) < n
+        out.append(norm.sf(cal.person_threshold(scores, is_person, target, rule, delta)))
+    return np.array(out)
+
+
+def test_the_conformal_rule_reaches_the_target_on_average():
+    n, target = 25, 0.9
+    for recalls in (order_statistic_recalls("average", n, target, 0.05),
+                    shipped_rule_recalls("average", n, target, 0.05)):
+        tolerance = Z * recalls.std() / math.sqrt(DRAWS)
+        assert recalls.mean() >= target - tolerance
+    # exactly k / (n + 1) on average, as derived
+    recalls = order_statistic_recalls("average", n, target, 0.05)
+    k = g.order_from_top("average", n, target, 0.05)
+    assert recalls.mean() == pytest.approx(k / (n + 1), abs=Z * recalls.std() / math.sqrt(DRAWS))
+    # the check can fail: reaching the target on val only (none) falls short on new persons
+    plain = order_statistic_recalls("none", n, target, 0.05)
+    assert plain.mean() < target - Z * plain.std() / math.sqrt(DRAWS)
+
+
+def test_the_umbrella_rule_misses_the_target_in_at_most_delta_of_draws():
+    n, target, delta = 100, 0.95, 0.1
+    tolerance = Z * math.sqrt(delta * (1 - delta) / DRAWS)
+    for recalls in (order_statistic_recalls("probability", n, target, delta),
+                    shipped_rule_recalls("probability", n, target, delta)):
+        assert (recalls < target).mean() <= delta + tolerance
+    # exactly binom.cdf(r - 1, n, 1 - target), as derived
+    k = g.order_from_top("probability", n, target, delta)
+    exact = binom.cdf(n - k, n, 1 - target)
+    missed = (order_statistic_recalls("probability", n, target, delta) < target).mean()
+    assert missed == pytest.approx(exact, abs=Z * math.sqrt(exact * (1 - exact) / DRAWS))
+    # the check can fail: the conformal rule, right on average, misses far more often
+    average = order_statistic_recalls("average", n, target, delta)
+    assert (average < target).mean() > delta + tolerance
+
+
+# ----- the stage: too few persons, the point's keys, the split it reads ----------------------
+
+def sampled(n: int, seed: int = 0):
+    rng = np.random.default_rng(seed)
+    logits = rng.normal(0, 2.0, (n, 3))
+    targets = (rng.random(n)[:, None] > cal.softmax(logits).cumsum(axis=1)).sum(axis=1)
+    return logits, targets
+
+
+@pytest.mark.parametrize("rule, needed", [("probability", 299), ("average", 99), ("none", 100)])
+def test_too_few_persons_for_the_rule_is_one_line_and_recorded(rule, needed):
+    logits, targets = sampled(150)
+    persons = int((targets == 2).sum())
+    point = calibrate.operating_point(logits, targets, ["animal", "object", "person"], 0.99,
+                                      rule, 0.05, seed=1)
+    val = point["val"]
+    assert (point["guarantee"], val["persons_needed"], val["resolved"]) == (rule, needed, False)
+    assert val["persons_missed"] == 0 and val["order_statistic"] == persons  # every one alarms
+    line = calibrate.unresolved_line(point, calibrate.VAL_DIR)
+    assert f"holds {persons} persons" in line and f"{rule} needs {needed}" in line
+    assert "\n" not in line
+
+
+def test_a_resolved_point_records_bounds_assurance_and_the_temperature_interval():
+    logits, targets = sampled(3000, seed=2)
+    point = calibrate.operating_point(logits * 2.0, targets, ["animal", "object", "person"],
+                                      0.95, "probability", 0.05, seed=3)
+    val = point["val"]
+    assert val["resolved"] and calibrate.unresolved_line(point, calibrate.VAL_DIR) is None
+    assert val["chance_recall_below_target"] <= 0.05
+    assert val["person_recall_lower_95"] <= val["person_recall"]
+    assert val["target_met"] == (g.lower_bound(val["persons"] - val["persons_missed"],
+                                               val["persons"]) >= 0.95)
+    interval = point["temperature_interval"]
+    assert interval["low"] <= point["temperature"] <= interval["high"]
+    assert interval["low"] == pytest.approx(2.0, rel=0.2) and interval["seed"] == 3
+    again = calibrate.operating_point(logits * 2.0, targets, ["animal", "object", "person"],
+                                      0.95, "probability", 0.05, seed=3)
+    assert again["temperature_interval"] == interval  # seeded: the same numbers every run
+
+
+def test_the_temperature_warns_at_its_bounds_and_without_val_errors():
+    logits, targets = sampled(300, seed=4)
+    assert cal.temperature_warnings(1.3, logits, targets) == []
+    for t in (cal.T_MIN, cal.T_MIN * 1.09, cal.T_MAX * 0.95):
+        (line,) = cal.temperature_warnings(t, logits, targets)
+        assert "within 10 % of its search range's end" in line
+    perfect = logits.argmax(axis=1)
+    lines = cal.temperature_warnings(cal.fit_temperature(logits, perfect), logits, perfect)
+    assert any("no error on the 300 val crops" in line for line in lines)
+    assert all("\n" not in line for line in lines)
+
+
+def test_brier_by_hand():
+    probs = np.array([[0.7, 0.2, 0.1], [0.1, 0.1, 0.8]])
+    # truth [1, 0, 0]: 0.3² + 0.2² + 0.1² = 0.14; truth [0, 1, 0]: 0.1² + 0.9² + 0.8² = 1.46
+    assert cal.brier(probs, np.array([0, 1])) == pytest.approx((0.14 + 1.46) / 2)
+    assert cal.brier(np.eye(3), np.arange(3)) == 0 and cal.brier(np.eye(3)[[1]], [0]) == 2
+
+
+class FakeModel:
+    def to(self, *args, **kwargs):
+        return self
+
+
+def test_calibrate_reads_the_calibration_split_when_it_has_a_share(tmp_path, monkeypatch,
+                                                                    capsys):
+    logits, targets = sampled(120, seed=5)
+    read = []
+
+    def fake_logits(model, meta, folder, *args):
+        read.append(folder)
+        return None, logits, targets
+
+    monkeypatch.chdir(tmp_path)
+    (tmp_path / "data" / "model").mkdir(parents=True)
+    (tmp_path / "data" / "model" / "best.pt").write_bytes(b"weights")
+    monkeypatch.setattr(calibrate, "load_checkpoint",
+                        lambda path: (FakeModel(), {"classes": ["animal", "object", "person"]}))
+    monkeypatch.setattr(calibrate, "labelled_logits", fake_logits)
+    for share, folder in [(0, calibrate.VAL_DIR), (0.1, calibrate.CALIBRATION_DIR)]:
+        paramfile.write(tmp_path, {"split": {"calibration": share},
+                                   "calibrate": {"device": "cpu"}})
+        calibrate.main()
+        point = json.loads((tmp_path / cal.OPERATING_POINT).read_text())
+        assert read[-1] == folder and point["fitted_on"] == str(folder)
+        err = capsys.readouterr().err
+        assert f"warning: {folder} holds" in err and "probability needs 299" in err
+
+
+def test_the_model_card_states_the_rule_the_bounds_and_whether_the_target_is_met():
+    from stages.export import alarm_section
+
+    op = {"threshold": 0.2, "threshold_log_odds": cal.log_odds(0.2), "target_recall": 0.99,
+          "guarantee": "probability", "delta": 0.05, "resolved": False,
+          "test_person_recall": 1.0, "test_person_recall_lower_95": 0.9496, "target_met": False,
+          "test_person_precision": 0.95, "false_alarms_per_1000": 7.3,
+          "false_alarms_per_1000_upper_95": 34.12, "test_persons": 58, "test_non_persons": 137,
+          "test_persons_missed": 0, "test_false_alarms": 1}
+    card = alarm_section({"operating_point": op, "calibration": {
+        "temperature": 1.2, "ece_before": 0.1, "ece_after": 0.05}})
+    assert "with probability at least 0.95" in card and "too few persons" in card
+    assert "With 95 % confidence at least 94 of 100 people raise an alarm, and at most 35 of " \
+           "1,000 animals and objects do." in card
+    assert "The target is **not met** with 95 % confidence" in card
+    resolved = alarm_section({"operating_point": {**op, "resolved": True, "target_met": True},
+                              "calibration": {"temperature": 1.2, "ece_before": 0.1,
+                                              "ece_after": 0.05}})
+    assert "too few persons" not in resolved and "The target is **met**" in resolved
