@@ -17,7 +17,7 @@ import numpy as np
 import pytest
 import torch
 
-from stages.common import batches, predictor
+from stages.common import batches, pictures, predictor
 from stages.extract_crops import stage as extract_crops
 
 PICTURES = Path(__file__).resolve().parent / "pictures"
@@ -205,3 +205,25 @@ if __name__ == "__main__":
     for n in NAMES:
         row = {caller: outcome(n) for caller, outcome in CALLERS.items()}
         print(f"    {n!r}: {{" + ", ".join(f"{c!r}: {v!r}" for c, v in row.items()) + "},")
+
+
+def test_damaged_crops_are_refused_where_checked_pictures_get_a_second_try():
+    """A libjpeg warning inside the scan (a restart marker in the middle of the data): a source
+    picture that passed the byte checks is still decoded (OpenCV tolerates the warning, as
+    extract_crops always did), but unchecked crop bytes are refused, not papered over."""
+    data = (PICTURES / "plain.jpg").read_bytes()
+    cut = data.find(b"\xff\xda") + 200
+    damaged = data[:cut] + b"\xff\xd3" + data[cut + 2:]
+    assert pictures.examine(damaged, LIMIT)[1] == ""
+    assert pictures.decode(damaged).shape == (120, 160, 3)
+    with pytest.raises(pictures.Undecodable, match="Corrupt JPEG data"):
+        pictures.decode(damaged, colours=pictures.RGB, checked=False)
+    assert pictures.decode(data, checked=False).shape == (120, 160, 3)
+
+
+def test_a_caller_that_asks_for_what_does_not_exist_is_told_so():
+    """A typo in a caller's needs must not decode quietly in another colour order or size."""
+    data = (PICTURES / "plain.jpg").read_bytes()
+    for needs in [{"scale": 3}, {"orientation": "exif6"}, {"colours": "rgb"}]:
+        with pytest.raises(TypeError, match="not one of"):
+            pictures.decode(data, **needs)
