@@ -16,6 +16,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
+from PIL import Image
 
 from stages.common import batches, pictures, predictor
 from stages.extract_crops import stage as extract_crops
@@ -227,3 +228,15 @@ def test_a_caller_that_asks_for_what_does_not_exist_is_told_so():
     for needs in [{"scale": 3}, {"orientation": "exif6"}, {"colours": "rgb"}]:
         with pytest.raises(TypeError, match="not one of"):
             pictures.decode(data, **needs)
+
+
+@pytest.mark.parametrize("name", ["plain.jpg", "progressive420.jpg", "gray.jpg", "exif6.jpg",
+                                  "multi.mpo", "gray.png", "alpha.png", "odd.png"])
+def test_the_mistakes_gallery_shows_the_pixels_pil_showed(name):
+    """evaluate's gallery read its crops with PIL (``Image.open(p).convert("RGB")``); it now
+    reads them as the crop batches do, and on any crop-like file the pixels are PIL's."""
+    path = PICTURES / name
+    with Image.open(path) as im:
+        expected = np.asarray(im.convert("RGB"))
+    got = pictures.decode(path.read_bytes(), colours=pictures.RGB, checked=False)
+    assert got.shape == expected.shape and np.array_equal(got, expected)
