@@ -26,9 +26,10 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Callable, Iterator, Sequence
 
-import numpy as np
+import cv2
 import torch
 
+from stages.common import pictures
 from stages.common.errors import StageError
 
 # Shares of free memory a decoded split may take (the model, its activations and the optimizer
@@ -36,7 +37,6 @@ from stages.common.errors import StageError
 DEVICE_SHARE = 0.5
 HOST_SHARE = 0.5
 NVJPEG_BATCH = 512  # JPEGs per batched GPU decode call
-JPEG_MAGIC = b"\xff\xd8"
 
 
 def threads_for(workers: int) -> int:
@@ -50,23 +50,12 @@ def read_bytes(path: str) -> torch.Tensor:
 
 
 def decode_rgb(data: torch.Tensor) -> torch.Tensor:
-    """One picture file's bytes -> uint8 RGB, 3 x H x W, on the CPU: a JPEG by libjpeg-turbo
-    (simplejpeg, with the accurate IDCT and smooth upsampling: PIL's pixels, tested), anything
-    else (the tests' PNG crops) by OpenCV."""
-    import cv2
-    import simplejpeg
-
-    raw = data.numpy()
+    """One crop file's bytes -> uint8 RGB, 3 x H x W, on the CPU (stages.common.pictures: a
+    JPEG by libjpeg-turbo, PIL's pixels, tested; anything else by OpenCV). Unchecked bytes: no
+    header parse per crop, and a damaged crop is refused, never papered over."""
     try:
-        if raw[:2].tobytes() == JPEG_MAGIC:
-            rgb = simplejpeg.decode_jpeg(raw.tobytes(), colorspace="RGB", fastdct=False,
-                                         fastupsample=False)
-        else:
-            bgr = cv2.imdecode(raw, cv2.IMREAD_COLOR | cv2.IMREAD_IGNORE_ORIENTATION)
-            if bgr is None:
-                raise ValueError("not a picture OpenCV can decode")
-            rgb = cv2.cvtColor(bgr, cv2.COLOR_BGR2RGB)
-    except (ValueError, RuntimeError, cv2.error) as exc:
+        rgb = pictures.decode(data.numpy(), 1, pictures.STORED, pictures.RGB, checked=False)
+    except (ValueError, cv2.error) as exc:  # pictures.Undecodable is a ValueError
         raise ValueError(f"cannot decode ({str(exc).splitlines()[0][:120]})") from None
     return torch.from_numpy(rgb).permute(2, 0, 1)
 
@@ -96,7 +85,7 @@ def _decode_on_gpu(datas: list[torch.Tensor], device: torch.device,
         from torchvision.io import ImageReadMode, decode_jpeg
 
     out: list[torch.Tensor | None] = [None] * len(datas)
-    jpeg = [i for i, d in enumerate(datas) if bytes(d[:2].tolist()) == JPEG_MAGIC]
+    jpeg = [i for i, d in enumerate(datas) if bytes(d[:2].tolist()) == pictures.JPEG_MAGIC]
     for start in range(0, len(jpeg), NVJPEG_BATCH):
         part = jpeg[start:start + NVJPEG_BATCH]
         for i, image in zip(part, decode_jpeg([datas[i] for i in part], mode=ImageReadMode.RGB,
@@ -150,8 +139,6 @@ class CropSet:
         CUDA, a host copy is page-locked (copied to the GPU without blocking)."""
         from torchvision.datasets import ImageFolder
 
-        from stages.common.pictures import square_side
-
         if not folder.is_dir():
             raise StageError(f"{folder}: not found; run the split stage first")
         try:
@@ -159,7 +146,7 @@ class CropSet:
         except (FileNotFoundError, RuntimeError) as exc:
             raise StageError(f"{folder}: no usable images ({exc})") from None
         paths = [p for p, _ in listing.samples]
-        size = square_side(paths[0])
+        size = pictures.square_side(paths[0])
         threads = threads_for(workers)
         kept = keep or where_to_keep(len(paths) * 3 * size * size, device)
         pixels = None

@@ -1,9 +1,19 @@
-"""What a picture file is, from its bytes and header alone, before anything is decoded.
+"""Picture files: what they are from their bytes and header alone, and their decoded pixels.
 
-Shared by extract_crops (source pictures) and predict (an operator's files), so both refuse the
-same files for the same reasons: empty, not a picture, more pixels than the limit (a
-decompression bomb: a 1 MB PNG can announce 30,000 x 30,000 pixels, 2.7 GB decoded), or cut
-off before its end.
+The checks (:func:`examine`) come before any decode and are shared by extract_crops (source
+pictures) and predict (an operator's files), so both refuse the same files for the same reasons:
+empty, not a picture, more pixels than the limit (a decompression bomb: a 1 MB PNG can announce
+30,000 x 30,000 pixels, 2.7 GB decoded), or cut off before its end.
+
+:func:`decode` is the one decoder; each caller says what it needs:
+
+- extract_crops: full size or 1/2, 1/4, 1/8; orientation stored; BGR; checked bytes;
+- the crop batches (train, calibrate, evaluate, export): full size; stored; RGB; unchecked
+  bytes (crops the pipeline wrote: no header parse per crop);
+- predict: full size; EXIF orientation applied; BGR; checked bytes.
+
+Orientation "stored" ignores an EXIF Orientation tag: Open Images boxes refer to the picture as
+stored, and crops carry no tag. "exif" turns an operator's photo as it was taken.
 """
 from __future__ import annotations
 
@@ -12,6 +22,9 @@ import warnings
 from dataclasses import dataclass
 from pathlib import Path
 
+import cv2
+import numpy as np
+import simplejpeg
 from PIL import Image
 
 from stages.common.errors import StageError
@@ -26,6 +39,11 @@ MAX_IMAGE_PIXELS = 2**30
 # Why a picture could not be used (extract_crops counts them by these names).
 IMAGE_PROBLEMS = ["empty_file", "not_an_image", "too_many_pixels", "truncated", "decode_failed"]
 ORIENTATION_TAG = 0x0112
+JPEG_MAGIC = b"\xff\xd8"
+STORED, EXIF = "stored", "exif"  # orientation: ignore the EXIF tag, or apply it
+BGR, RGB = "BGR", "RGB"  # colour order of the decoded channels
+_OPENCV_SCALE = {1: cv2.IMREAD_COLOR, 2: cv2.IMREAD_REDUCED_COLOR_2,
+                 4: cv2.IMREAD_REDUCED_COLOR_4, 8: cv2.IMREAD_REDUCED_COLOR_8}
 
 
 @dataclass(frozen=True)
@@ -53,6 +71,13 @@ def read_header(data: bytes) -> Header | None:
         return None
     finally:
         Image.MAX_IMAGE_PIXELS = limit
+
+
+def examine(data: bytes, max_pixels: int) -> tuple[Header | None, str]:
+    """(header, problem): the header (None when unreadable) and why the picture must not be
+    decoded ("" when it may be), the checks every caller of checked bytes runs."""
+    header = read_header(data) if data else None
+    return header, image_problem(data, header, max_pixels)
 
 
 def image_problem(data: bytes, header: Header | None, max_pixels: int) -> str:
@@ -87,6 +112,64 @@ def describe(problem: str, header: Header | None, max_pixels: int) -> str:
             "truncated": "truncated: the end of the picture is missing (a cut-off copy?)",
             "decode_failed": "cannot decode the file as an image (damaged, or not a picture)",
             }[problem]
+
+
+class Undecodable(ValueError):
+    """The bytes gave no picture; the message says why, in one line."""
+
+
+def decode(data: bytes | np.ndarray, scale: int = 1, orientation: str = STORED,
+           colours: str = BGR, checked: bool = True) -> np.ndarray:
+    """A picture file's bytes -> H x W x 3 uint8 in ``colours`` order, at 1/``scale`` of its
+    size (1, 2, 4, 8; libjpeg's DCT scaling rounds sizes up). Gray, 16-bit, alpha and CMYK
+    pictures all come back as 8-bit colour.
+
+    A full-size JPEG in stored orientation goes to libjpeg-turbo through simplejpeg (the same
+    library, accurate IDCT and smooth upsampling as OpenCV: its pixels, tested; faster around
+    the same calls, BENCHMARKS.md); anything else to OpenCV. ``checked``: the bytes passed
+    :func:`examine`; a JPEG that libjpeg-turbo declines (CMYK with subsampled chroma, any
+    libjpeg warning such as damaged data) then goes to OpenCV, which tolerates warnings.
+    Unchecked bytes get no such second try, so a cut-off or damaged crop is refused, never
+    padded with grey.
+
+    Raises :class:`Undecodable`; OpenCV's own errors (cv2.error, MemoryError) pass through.
+    """
+    if scale not in _OPENCV_SCALE or orientation not in (STORED, EXIF) or \
+            colours not in (BGR, RGB):  # a caller's slip, never the picture's fault
+        raise TypeError(f"decode: scale {scale!r}, orientation {orientation!r}, colours "
+                        f"{colours!r}: not one of {tuple(_OPENCV_SCALE)}, {STORED}/{EXIF}, "
+                        f"{BGR}/{RGB}")
+    if scale == 1 and orientation == STORED and bytes(data[:2]) == JPEG_MAGIC:
+        try:
+            return libjpeg_turbo(data, colours)
+        except Undecodable:
+            if not checked:
+                raise
+    return opencv(data, scale, orientation, colours)
+
+
+def libjpeg_turbo(data: bytes | np.ndarray, colours: str) -> np.ndarray:
+    """A full-size JPEG by simplejpeg, orientation tag ignored; strict: a libjpeg warning
+    (damaged data it could paper over) refuses the picture."""
+    try:
+        image = simplejpeg.decode_jpeg(data, colorspace=colours, fastdct=False,
+                                       fastupsample=False, strict=True)
+    except (ValueError, RuntimeError, TypeError) as exc:
+        text = str(exc).strip()
+        raise Undecodable(text.splitlines()[0][:120] if text else type(exc).__name__) from None
+    if image.ndim != 3 or image.shape[2] != 3 or not image.size:
+        raise Undecodable(f"libjpeg-turbo gave a {image.shape} array")
+    return image
+
+
+def opencv(data: bytes | np.ndarray, scale: int, orientation: str, colours: str) -> np.ndarray:
+    """Any picture OpenCV reads, at 1/``scale``, orientation tag applied or ignored."""
+    flags = _OPENCV_SCALE[scale] | (cv2.IMREAD_IGNORE_ORIENTATION if orientation == STORED
+                                    else 0)
+    image = cv2.imdecode(np.frombuffer(data, np.uint8), flags)
+    if image is None or image.size == 0:
+        raise Undecodable("not a picture OpenCV can decode")
+    return cv2.cvtColor(image, cv2.COLOR_BGR2RGB) if colours == RGB else image
 
 
 def square_side(path: str | Path) -> int:

@@ -1,10 +1,10 @@
 """Applying a trained classifier to pictures: shared by predict, export, evaluate and review.
 
-A picture is prepared exactly as extract_crops prepares a training crop (OpenCV decode, aspect
-ratio kept, padded with the median corner colour) but placed in the centre, not at a random spot,
-so the answer for a file never changes. A crop that is already S x S passes through unchanged.
-The batch is then normalised as every crop is (stages.common.batches.normalise), on the device
-the model runs on.
+A picture is prepared exactly as extract_crops prepares a training crop (the same decoder,
+with the EXIF orientation applied; aspect ratio kept, padded with the median corner colour) but
+placed in the centre, not at a random spot, so the answer for a file never changes. A crop that
+is already S x S passes through unchanged. The batch is then normalised as every crop is
+(stages.common.batches.normalise), on the device the model runs on.
 """
 from __future__ import annotations
 
@@ -15,15 +15,15 @@ from typing import Iterable, Iterator
 import numpy as np
 import torch
 
+from stages.common import pictures
 from stages.common.batches import CropSet, batch_len, batches, normalise
 from stages.common.calibration import beside, softmax
 from stages.common.crops import letterbox
 from stages.common.errors import StageError
 from stages.common.inference import predict
 from stages.common.model import check_logits, load_checkpoint
+from stages.common.pictures import DEFAULT_MAX_IMAGE_PIXELS
 from stages.common.progress import tracked
-from stages.common.pictures import (DEFAULT_MAX_IMAGE_PIXELS, describe, image_problem,
-                                    read_header)
 
 IMAGE_SUFFIXES = {".jpg", ".jpeg", ".png", ".bmp", ".webp", ".tif", ".tiff"}
 
@@ -68,22 +68,19 @@ def load_classifier(path: str | Path, threads: int | None = None,
 
 
 def read_image(path: Path, max_pixels: int = DEFAULT_MAX_IMAGE_PIXELS) -> np.ndarray:
-    """BGR uint8 pixels (OpenCV's decode, EXIF orientation applied: an operator's photo as
-    taken). The file is refused before any decode, as extract_crops refuses its pictures, when
-    its header says it is empty, not a picture, above ``max_pixels`` or cut off."""
-    import cv2
-
+    """BGR uint8 pixels, EXIF orientation applied (an operator's photo as taken). The file is
+    refused before any decode, as extract_crops refuses its pictures, when its header says it
+    is empty, not a picture, above ``max_pixels`` or cut off."""
     if not path.is_file():
         raise ValueError("file not found")
     data = path.read_bytes()
-    header = read_header(data) if data else None
-    problem = image_problem(data, header, max_pixels)
+    header, problem = pictures.examine(data, max_pixels)
     if problem:
-        raise ValueError(describe(problem, header, max_pixels))
-    image = cv2.imdecode(np.frombuffer(data, np.uint8), cv2.IMREAD_COLOR)
-    if image is None or image.size == 0:
-        raise ValueError(describe("decode_failed", header, max_pixels))
-    return image
+        raise ValueError(pictures.describe(problem, header, max_pixels))
+    try:
+        return pictures.decode(data, 1, pictures.EXIF, pictures.BGR, checked=True)
+    except pictures.Undecodable:
+        raise ValueError(pictures.describe("decode_failed", header, max_pixels)) from None
 
 
 def prepare(image_bgr: np.ndarray, meta: dict) -> torch.Tensor:

@@ -18,9 +18,8 @@ import numpy as np
 import torch
 from sklearn.metrics import (classification_report, confusion_matrix,
                              precision_recall_curve, roc_curve)
-from PIL import Image
 
-from stages.common import params
+from stages.common import params, pictures
 from stages.common.atomic import atomic_file, write_json
 from stages.common.batches import CropSet, normalise
 from stages.common.calibration import (ALARM_LABEL, alarm_figures, bound_sentence, brier, ece,
@@ -184,8 +183,7 @@ def mistakes_gallery(crops: CropSet, probs: np.ndarray, targets: np.ndarray, k: 
     for i in most_confident_mistakes(probs, targets, k):
         path = Path(crops.paths[i])
         pred = int(probs[i].argmax())
-        with Image.open(path) as im:
-            pixels = np.asarray(im.convert("RGB"))
+        pixels = pictures.decode(path.read_bytes(), colours=pictures.RGB, checked=False)
         items.append({"image": pixels, "true": classes[targets[i]], "pred": classes[pred],
                       "confidence": float(probs[i, pred]), "name": path.name})
     figures.mistakes_png(items, PLOTS_DIR / "mistakes.png", title, total=len(targets))

@@ -40,14 +40,13 @@ from typing import Iterable, Iterator
 import cv2
 import numpy as np
 import pandas as pd
-import simplejpeg
 from tqdm import tqdm
 
-from stages.common import crops, openimages, params
+from stages.common import crops, openimages, params, pictures
 from stages.common.atomic import atomic_dir, write_json
 from stages.common.errors import StageError, main_guard
 from stages.common.params import Params
-from stages.common.pictures import IMAGE_PROBLEMS, Header, image_problem, read_header
+from stages.common.pictures import IMAGE_PROBLEMS, Header
 from stages.common.processes import die_with_parent
 from stages.extract_crops.dedup import greedy_duplicates
 
@@ -188,44 +187,13 @@ def crop_name(image_id: str, box_index: int) -> str:
     return f"{image_id}_{box_index}.jpg"
 
 
-# IGNORE_ORIENTATION: boxes refer to the stored picture (see the module's docstring).
-READ_FLAGS = {f: flag | cv2.IMREAD_IGNORE_ORIENTATION for f, flag in {
-    1: cv2.IMREAD_COLOR, 2: cv2.IMREAD_REDUCED_COLOR_2, 4: cv2.IMREAD_REDUCED_COLOR_4,
-    8: cv2.IMREAD_REDUCED_COLOR_8}.items()}
-
-
-def decode(data: bytes | str, factor: int = 1, jpeg: bool = False) -> np.ndarray | None:
-    """The picture (file bytes or a path) at 1/factor of its size as 8-bit BGR, None when
-    OpenCV cannot read it. Gray, 16-bit, alpha and CMYK pictures all come back as 8-bit BGR.
-    ``jpeg``: the header says JPEG; a full-size decode then tries :func:`decode_jpeg` first."""
-    if isinstance(data, str):
-        data = Path(data).read_bytes()
-    if jpeg and factor == 1:
-        image = decode_jpeg(data)
-        if image is not None:
-            return image
+def decode(data: bytes, factor: int = 1) -> np.ndarray | None:
+    """The picture at 1/factor of its size as 8-bit BGR, the EXIF tag ignored (boxes refer to the
+    stored picture, see the module's docstring); None when it does not decode."""
     try:
-        image = cv2.imdecode(np.frombuffer(data, np.uint8), READ_FLAGS[factor])
-    except cv2.error:  # some malformed files raise instead of returning None
+        return pictures.decode(data, factor, pictures.STORED, pictures.BGR, checked=True)
+    except (pictures.Undecodable, cv2.error):  # some malformed files raise in OpenCV
         return None
-    return None if image is None or image.size == 0 else image
-
-
-def decode_jpeg(data: bytes) -> np.ndarray | None:
-    """A JPEG decoded by libjpeg-turbo through simplejpeg, None when it declines (CMYK, any
-    libjpeg warning such as a damaged stream): OpenCV then decides, as before.
-
-    The same library, with the same accurate integer IDCT and smooth chroma upsampling as
-    OpenCV's decode, so the same pixels (tested; orientation tags are ignored by both); about
-    10 % faster on Open Images-sized pictures, because OpenCV's decode path costs more around
-    the same libjpeg calls (BENCHMARKS.md).
-    """
-    try:
-        image = simplejpeg.decode_jpeg(data, colorspace="BGR", fastdct=False,
-                                       fastupsample=False, strict=True)
-    except (ValueError, RuntimeError, TypeError):
-        return None
-    return image if image.ndim == 3 and image.shape[2] == 3 and image.size else None
 
 
 def read_for_crops(task: ImageTask) -> tuple[np.ndarray | None, str, Header | None, int]:
@@ -239,8 +207,7 @@ def read_for_crops(task: ImageTask) -> tuple[np.ndarray | None, str, Header | No
         data = Path(task.path).read_bytes()
     except OSError:
         return None, "decode_failed", None, 1
-    header = read_header(data) if data else None
-    problem = image_problem(data, header, task.max_image_pixels)
+    header, problem = pictures.examine(data, task.max_image_pixels)
     if problem:
         return None, problem, header, 1
     size = (header.width, header.height)
@@ -252,7 +219,7 @@ def read_for_crops(task: ImageTask) -> tuple[np.ndarray | None, str, Header | No
             image = decode(data, factor)
             if image is not None and image.shape[1::-1] == crops.reduced_shape(*size, factor):
                 return image, "", header, factor
-    image = decode(data, jpeg=header.format == "JPEG")
+    image = decode(data)
     if image is None:
         return None, "decode_failed", header, 1
     return image, "", header, 1
