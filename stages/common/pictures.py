@@ -92,8 +92,14 @@ def describe(problem: str, header: Header | None, max_pixels: int) -> str:
 def square_side(path: str | Path) -> int:
     """The side of a square crop file, from its header; a crop that is not square is an error
     (every crop of the pipeline is an S x S canvas, and the model was trained on one S)."""
-    with Image.open(path) as im:
-        width, height = im.size
+    try:
+        with Image.open(path) as im:
+            width, height = im.size
+    except (OSError, ValueError, SyntaxError) as exc:  # PIL's errors for a file it cannot read
+        empty = Path(path).is_file() and Path(path).stat().st_size == 0
+        what = "empty file (0 bytes: a damaged copy)" if empty else \
+            f"not a picture ({type(exc).__name__})"
+        raise StageError(f"{path}: {what}; rerun extract_crops and split") from None
     if width != height:
         raise StageError(f"{path}: crops must be square, got {width}x{height}; rerun "
                          "extract_crops")
