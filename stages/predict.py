@@ -33,6 +33,7 @@ from __future__ import annotations
 import argparse
 import contextlib
 import csv
+import io
 import json
 import os
 import signal
@@ -78,24 +79,36 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
 
 
 def shown(path: Path | str) -> str:
-    """A path as text that can always be written: bytes that are not UTF-8 (a file name from
-    another system) become ``\\xNN`` instead of failing the write."""
-    return os.fsencode(str(path)).decode("utf-8", "backslashreplace")
+    """A path as text that can always be written and read back: a byte that is not UTF-8 (a
+    file name from another system) is written ``\\xNN`` and a backslash ``\\\\``, so no name
+    is mistaken for another (``e\\xff.jpg`` is the byte 0xff, ``e\\\\xff.jpg`` four
+    characters). The CSV and JSON outputs carry it."""
+    return "".join(_escape(ch, controls=False) for ch in str(path))
 
 
 def printable(text: str) -> str:
-    """``text`` with control and other non-printable characters (newline, ESC, bidi overrides)
-    and the backslash escaped, so a name can neither fake a row nor drive the terminal; a byte
-    that is not UTF-8 shows as ``\\xNN``."""
+    """:func:`shown`, and control and other non-printable characters (newline, ESC, bidi
+    overrides) escaped too, so a name can neither fake a row nor drive the terminal."""
     return "".join(_escape(ch) for ch in text)
 
 
-def _escape(ch: str) -> str:
+def _escape(ch: str, controls: bool = True) -> str:
     if ch == "\\":
         return "\\\\"
     if "\udc80" <= ch <= "\udcff":  # how Python holds a file name's undecodable byte
         return f"\\x{ord(ch) - 0xdc00:02x}"
-    return ch if ch.isprintable() else ascii(ch)[1:-1]
+    return ascii(ch)[1:-1] if controls and not ch.isprintable() else ch
+
+
+# What a spreadsheet runs as a formula (OWASP, CSV injection), and the quote that shields it.
+FORMULA_STARTS = ("=", "+", "-", "@", "\t", "\r")
+
+
+def csv_cell(text: str) -> str:
+    """``text`` for a CSV cell that a spreadsheet shows and never runs: one ``'`` before a text
+    that begins like a formula, or with ``'`` itself (so dropping one leading ``'`` gives every
+    name back)."""
+    return "'" + text if text.startswith(FORMULA_STARTS + ("'",)) else text
 
 
 def ranked(pred: Prediction, classes: list[str], k: int) -> list[tuple[str, float]]:
@@ -168,20 +181,30 @@ class TableWriter:
 
 
 class CsvWriter:
+    """One row per picture. Names and errors are :func:`csv_cell` s of :func:`shown` text."""
+
     def __init__(self, out: TextIO, classes: list[str], k: int, paths: list[Path], alarm: Alarm):
-        self.classes, self.alarm = classes, alarm
-        self.writer = csv.writer(out, lineterminator="\n")
+        self.out, self.classes, self.alarm = out, classes, alarm
+
+    def row(self, fields: list[str]) -> None:
+        line = io.StringIO()
+        # "\r\n" as the terminator makes the csv module quote every field that holds a CR or
+        # an LF (with "\n" it left a lone CR bare, and readers split the row there); the row
+        # itself still ends in "\n".
+        csv.writer(line, lineterminator="\r\n").writerow(fields)
+        self.out.write(line.getvalue()[:-2] + "\n")
 
     def begin(self, model: Path, arch: str) -> None:
-        self.writer.writerow(["path", "label", "probability", "alarm", *self.classes, "error"])
+        self.row(["path", "label", "probability", "alarm", *self.classes, "error"])
 
     def write(self, p: Prediction) -> None:
+        name = csv_cell(shown(p.path))
         if p.error:
-            self.writer.writerow([shown(p.path), "", "", "", *[""] * len(self.classes), p.error])
+            self.row([name, "", "", "", *[""] * len(self.classes), csv_cell(p.error)])
         else:
             best = int(p.probs.argmax())
-            self.writer.writerow([shown(p.path), self.classes[best], f"{p.probs[best]:.6f}",
-                                  yes_no(self.alarm(p)), *[f"{v:.6f}" for v in p.probs], ""])
+            self.row([name, self.classes[best], f"{p.probs[best]:.6f}", yes_no(self.alarm(p)),
+                      *[f"{v:.6f}" for v in p.probs], ""])
 
     def end(self) -> None:
         pass
