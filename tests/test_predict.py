@@ -603,3 +603,74 @@ def test_the_model_card_outside_dvc_repro_and_without_metrics(tmp_path):
     assert E.data_hashes(tmp_path / "dvc.lock") == {"data/raw": "abc.dir"}
     with pytest.raises(StageError, match="eval.json: cannot read it .*run `dvc repro`"):
         E.read_metrics(tmp_path / "metrics/eval.json")
+
+
+# ---------------------------------------------------------------------------------------------
+# What a folder holds: every picture answered, everything else named
+
+def answered(stdout: str) -> dict[str, dict]:
+    return {p["path"]: p for p in json.loads(stdout)["predictions"]}
+
+
+def test_a_linked_sub_folder_is_walked_and_loops_end(run_predict, models, pictures, tmp_path):
+    """A symlinked sub-folder was passed over in silence (exit 0, its pictures unanswered)."""
+    elsewhere = tmp_path / "camera3"
+    elsewhere.mkdir()
+    (elsewhere / "person.jpg").write_bytes((pictures / "crop.jpg").read_bytes())
+    (pictures / "cam3").symlink_to(elsewhere)
+    (pictures / "sub" / "up").symlink_to("..")  # a loop
+    (pictures / "again").symlink_to("sub")  # a second name for a folder
+    proc = run_predict(pictures, "--model", models[0], "--format", "json")
+    assert proc.returncode == 1  # broken.jpg
+    got = answered(proc.stdout)
+    assert "label" in got[f"{pictures}/cam3/person.jpg"]
+    assert sorted(Path(p).relative_to(pictures).as_posix() for p in got) == [
+        "broken.jpg", "cam3/person.jpg", "crop.jpg", "sub/tall.png", "wide.jpg"]
+    assert proc.stderr.splitlines()[1:] == [  # a folder's own name wins over a link's
+        f"note: {pictures}/again leads to the folder {pictures}/sub, already walked; its "
+        "pictures are answered once, under that name",
+        f"note: {pictures}/sub/up leads to the folder {pictures}, already walked; its pictures "
+        "are answered once, under that name",
+        "1 of 5 inputs failed"]
+
+
+def test_links_that_fan_out_cost_one_walk_per_folder(run_predict, models, pictures, tmp_path):
+    """Two links per level to the next, 24 levels: 2**24 paths to a walk that follows every
+    link, one visit per folder here (the timeout only guards against a hang)."""
+    levels = [tmp_path / f"level{i}" for i in range(24)]
+    for folder in levels:
+        folder.mkdir()
+    for upper, lower in zip(levels, levels[1:]):
+        (upper / "left").symlink_to(lower)
+        (upper / "right").symlink_to(lower)
+    (levels[-1] / "deep.jpg").write_bytes((pictures / "crop.jpg").read_bytes())
+    proc = predict_command(levels[0], "--model", models[0], "--format", "json")
+    assert proc.returncode == 0
+    assert list(answered(proc.stdout)) == [str(levels[0] / ("left/" * 23) / "deep.jpg")]
+    assert len(proc.stderr.splitlines()) == 23  # each level's second link, named
+
+
+def test_a_picture_is_known_by_its_content_whatever_its_name(run_predict, models, pictures):
+    """.jfif, .jpe and names without a suffix were passed over in silence."""
+    jpeg = (pictures / "crop.jpg").read_bytes()
+    png = cv2.imencode(".png", np.zeros((20, 20, 3), np.uint8))[1].tobytes()
+    for name, data in [("photo.jfif", jpeg), ("photo.jpe", jpeg), ("IMG_0001", jpeg),
+                       ("snapshot.dat", png), ("readme", b"BMW 320d, 2019: not a bitmap")]:
+        (pictures / name).write_bytes(data)
+    (pictures / "gone.jpg").symlink_to(pictures / "nowhere.jpg")
+    proc = run_predict(pictures, "--model", models[0], "--format", "json")
+    got = answered(proc.stdout)
+    for name in ["photo.jfif", "photo.jpe", "IMG_0001", "snapshot.dat"]:
+        assert "label" in got[f"{pictures}/{name}"], name
+    assert got[f"{pictures}/gone.jpg"]["error"] == "a link to nothing"
+    assert proc.returncode == 1
+    assert proc.stderr.splitlines()[0] == (
+        f"note: 2 files are not a picture by name or content, not classified: "
+        f"{pictures}/notes.txt, {pictures}/readme")
+
+
+def test_predict_help_says_which_files_of_a_folder_are_pictures(capsys):
+    with pytest.raises(SystemExit):
+        predict.parse_args(["--help"])
+    text = " ".join(capsys.readouterr().out.split())
+    assert "links followed" in text and ".jfif" in text and "first bytes" in text
