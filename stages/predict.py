@@ -108,8 +108,8 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
 def shown(path: Path | str) -> str:
     """A path as text that can always be written and read back: a byte that is not UTF-8 (a
     file name from another system) is written ``\\xNN`` and a backslash ``\\\\``, so no name
-    is mistaken for another (``e\\xff.jpg`` is the byte 0xff, ``e\\\\xff.jpg`` four
-    characters). The CSV and JSON outputs carry it."""
+    is mistaken for another (``e\\xff.jpg``: an e and the byte 0xff; ``e\\\\xff.jpg``: an e, a
+    backslash and the letters xff). The CSV and JSON outputs carry it."""
     return "".join(_escape(ch, controls=False) for ch in str(path))
 
 
