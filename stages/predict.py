@@ -308,9 +308,9 @@ def say_skipped(skipped: list[Skipped]) -> None:
               f"by name or content, not classified: {names}{more}", file=sys.stderr)
     for s in skipped:
         if s.walked_as is not None:
-            print(f"note: {printable(str(s.path))} leads to the folder {printable(str(s.walked_as))}"
-                  ", already walked; its pictures are answered once, under that name",
-                  file=sys.stderr)
+            print(f"note: {printable(str(s.path))} leads to the folder "
+                  f"{printable(str(s.walked_as))}, already walked; its pictures are answered "
+                  "once, under that name", file=sys.stderr)
 
 
 @main_guard

@@ -303,11 +303,13 @@ def test_hostile_yaml_is_one_line(tmp_path, content, message):
 def test_a_byte_that_is_not_utf8_is_one_line_naming_its_line(tmp_path):
     """Read with the locale's codec: a UnicodeDecodeError traceback."""
     path = tmp_path / "params.yaml"
-    path.write_bytes((ROOT / "params.yaml").read_bytes().replace(b"\ntrain:", b"\n# caf\xe9\ntrain:", 1))
+    text = (ROOT / "params.yaml").read_bytes()
+    path.write_bytes(text.replace(b"\ntrain:", b"\n# caf\xe9\ntrain:", 1))
     line = path.read_bytes().split(b"\n").index(b"# caf\xe9") + 1
     with pytest.raises(errors.ParamError) as err:
         P.load(path)
-    assert str(err.value) == f"{path}: not UTF-8 (byte 0xe9 at line {line}); save the file as UTF-8"
+    assert str(err.value) == (f"{path}: not UTF-8 (byte 0xe9 at line {line}); save the file "
+                              "as UTF-8")
 
 
 def test_aliases_within_the_bounds_still_load(tmp_path):
