@@ -1,7 +1,13 @@
 """Classify pictures: `python -m stages.predict PATH... [--model M] [--format F] [--top-k K]`.
 
-Not a DVC stage: the operator's command. PATH is a picture or a folder (walked recursively, image
-suffixes only, sorted). Each picture is prepared as training crops are (aspect kept, padded with
+Not a DVC stage: the operator's command. PATH is a picture or a folder, walked recursively and
+sorted, links followed (each real folder once, under its own name when it has one, so loops and
+links fanning out cost one walk per folder). In a folder a file is a picture when its name has a
+picture suffix (``PICTURE_SUFFIXES``: .jpg .jpeg .jpe .jfif .png ... .heic) or its first bytes
+are a picture format's signature (``picture_format``), whatever its name; every other file, and
+each link to a folder already walked, is named on stderr (``note: ...``), so no picture is passed
+over in silence. A link to nothing, or a file or folder that cannot be read, gets its own
+``error:``. Each picture is prepared as training crops are (aspect kept, padded with
 the corner colour), centred, so the answer never changes between runs. The model is a train-stage
 checkpoint (PyTorch) or an exported ``.onnx`` file (ONNX Runtime); either carries its own arch,
 class names, image size and normalisation, and a digest of its weights that is checked before it
@@ -18,9 +24,14 @@ file carries its own. With none, stderr says so, probabilities are uncalibrated 
 Answers are written as each batch is classified (``--format json`` opens the document first and
 closes it last), so a failure later in the run loses nothing already answered. A file that
 cannot be used (missing, empty, not a picture, more pixels than ``--max-image-pixels``, cut off,
-or anything its decode raises) gets its own ``error: ...`` and the rest go on. In the table,
-control and other non-printable characters in names are escaped (``\\n``, ``\\x1b``), so one
-picture is always one row.
+or anything its decode raises) gets its own ``error: ...`` and the rest go on.
+
+File names are written so that no two files share one and none fakes a row: in every format a
+byte that is not UTF-8 is ``\\xNN`` and a backslash ``\\\\``; the table also escapes control
+and other non-printable characters (``\\n``, ``\\x1b``); the CSV quotes every field holding a
+comma, a quote, CR or LF, and puts one ``'`` before a name or error that begins with ``= + - @``,
+tab, CR or ``'``, so a spreadsheet shows it and never runs it (drop that ``'`` to get the name);
+JSON writes the name without it.
 
 Exit code:
   0  every input was classified;
@@ -33,6 +44,7 @@ from __future__ import annotations
 import argparse
 import contextlib
 import csv
+import io
 import json
 import math
 import os
@@ -48,16 +60,32 @@ from stages.common.errors import (DISK_FULL, ArgumentParser, ParamError, StageEr
                                   main_guard)
 from stages.common.model import pick_device
 from stages.common.params import MAX_BATCH
-from stages.common.pictures import DEFAULT_MAX_IMAGE_PIXELS, MAX_IMAGE_PIXELS
-from stages.common.predictor import Prediction, expand, load_classifier, predict_paths
+from stages.common.pictures import (DEFAULT_MAX_IMAGE_PIXELS, MAX_IMAGE_PIXELS,
+                                    PICTURE_SUFFIXES)
+from stages.common.predictor import (Prediction, Skipped, expand, load_classifier,
+                                     predict_paths)
 from stages.common.progress import is_terminal, tracked
 
 DEFAULT_MODEL = Path("data/model/best.pt")
 
 
+PATHS_HELP = ("picture files or folders. A folder is walked recursively, links followed (each "
+              "folder once, so loops end); in it a file is a picture when its name ends in "
+              + " ".join(PICTURE_SUFFIXES) + " or its first bytes are those of a JPEG, PNG, "
+              "BMP, WebP, TIFF, GIF, JPEG 2000, Sun raster, HEIF or AVIF file; other files and "
+              "links to a folder already walked are named on stderr (note: ...), never answered "
+              "in silence")
+NAMES_HELP = ("File names: a byte that is not UTF-8 is written \\xNN and a backslash \\\\ in "
+              "every format; the table also escapes control characters; the CSV quotes fields "
+              "holding a comma, quote, CR or LF and puts one ' before a name or error that "
+              "begins with = + - @ tab CR or ' (a spreadsheet shows it, never runs it); JSON "
+              "writes the name without it.")
+
+
 def parse_args(argv: list[str] | None) -> argparse.Namespace:
-    parser = ArgumentParser(prog="python -m stages.predict", description=__doc__.split("\n")[0])
-    parser.add_argument("paths", nargs="+", metavar="PATH", help="picture files or folders")
+    parser = ArgumentParser(prog="python -m stages.predict", description=__doc__.split("\n")[0],
+                            epilog=NAMES_HELP)
+    parser.add_argument("paths", nargs="+", metavar="PATH", help=PATHS_HELP)
     parser.add_argument("--model", type=Path, default=DEFAULT_MODEL,
                         help=f"checkpoint (.pt) or exported .onnx file (default {DEFAULT_MODEL})")
     parser.add_argument("--format", choices=["table", "json", "csv"], default="table")
@@ -79,24 +107,36 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
 
 
 def shown(path: Path | str) -> str:
-    """A path as text that can always be written: bytes that are not UTF-8 (a file name from
-    another system) become ``\\xNN`` instead of failing the write."""
-    return os.fsencode(str(path)).decode("utf-8", "backslashreplace")
+    """A path as text that can always be written and read back: a byte that is not UTF-8 (a
+    file name from another system) is written ``\\xNN`` and a backslash ``\\\\``, so no name
+    is mistaken for another (``e\\xff.jpg``: an e and the byte 0xff; ``e\\\\xff.jpg``: an e, a
+    backslash and the letters xff). The CSV and JSON outputs carry it."""
+    return "".join(_escape(ch, controls=False) for ch in str(path))
 
 
 def printable(text: str) -> str:
-    """``text`` with control and other non-printable characters (newline, ESC, bidi overrides)
-    and the backslash escaped, so a name can neither fake a row nor drive the terminal; a byte
-    that is not UTF-8 shows as ``\\xNN``."""
+    """:func:`shown`, and control and other non-printable characters (newline, ESC, bidi
+    overrides) escaped too, so a name can neither fake a row nor drive the terminal."""
     return "".join(_escape(ch) for ch in text)
 
 
-def _escape(ch: str) -> str:
+def _escape(ch: str, controls: bool = True) -> str:
     if ch == "\\":
         return "\\\\"
     if "\udc80" <= ch <= "\udcff":  # how Python holds a file name's undecodable byte
         return f"\\x{ord(ch) - 0xdc00:02x}"
-    return ch if ch.isprintable() else ascii(ch)[1:-1]
+    return ascii(ch)[1:-1] if controls and not ch.isprintable() else ch
+
+
+# What a spreadsheet runs as a formula (OWASP, CSV injection), and the quote that shields it.
+FORMULA_STARTS = ("=", "+", "-", "@", "\t", "\r")
+
+
+def csv_cell(text: str) -> str:
+    """``text`` for a CSV cell that a spreadsheet shows and never runs: one ``'`` before a text
+    that begins like a formula, or with ``'`` itself (so dropping one leading ``'`` gives every
+    name back)."""
+    return "'" + text if text.startswith(FORMULA_STARTS + ("'",)) else text
 
 
 def ranked(pred: Prediction, classes: list[str], k: int) -> list[tuple[str, float]]:
@@ -170,20 +210,30 @@ class TableWriter:
 
 
 class CsvWriter:
+    """One row per picture. Names and errors are :func:`csv_cell` s of :func:`shown` text."""
+
     def __init__(self, out: TextIO, classes: list[str], k: int, paths: list[Path], alarm: Alarm):
-        self.classes, self.alarm = classes, alarm
-        self.writer = csv.writer(out, lineterminator="\n")
+        self.out, self.classes, self.alarm = out, classes, alarm
+
+    def row(self, fields: list[str]) -> None:
+        line = io.StringIO()
+        # "\r\n" as the terminator makes the csv module quote every field that holds a CR or
+        # an LF (with "\n" it left a lone CR bare, and readers split the row there); the row
+        # itself still ends in "\n".
+        csv.writer(line, lineterminator="\r\n").writerow(fields)
+        self.out.write(line.getvalue()[:-2] + "\n")
 
     def begin(self, model: Path, arch: str) -> None:
-        self.writer.writerow(["path", "label", "probability", "alarm", *self.classes, "error"])
+        self.row(["path", "label", "probability", "alarm", *self.classes, "error"])
 
     def write(self, p: Prediction) -> None:
+        name = csv_cell(shown(p.path))
         if p.error:
-            self.writer.writerow([shown(p.path), "", "", "", *[""] * len(self.classes), p.error])
+            self.row([name, "", "", "", *[""] * len(self.classes), csv_cell(p.error)])
         else:
             best = int(p.probs.argmax())
-            self.writer.writerow([shown(p.path), self.classes[best], f"{p.probs[best]:.6f}",
-                                  yes_no(self.alarm(p)), *[f"{v:.6f}" for v in p.probs], ""])
+            self.row([name, self.classes[best], f"{p.probs[best]:.6f}", yes_no(self.alarm(p)),
+                      *[f"{v:.6f}" for v in p.probs], ""])
 
     def end(self) -> None:
         pass
@@ -250,6 +300,24 @@ def threshold_for(args: argparse.Namespace, classifier
     return None, None
 
 
+NAMES_SHOWN = 5  # skipped files named on stderr; the rest are counted
+
+
+def say_skipped(skipped: list[Skipped]) -> None:
+    """What a folder held that gets no answer, on stderr: nothing is passed over in silence."""
+    others = [s.path for s in skipped if s.walked_as is None]
+    if others:
+        names = ", ".join(printable(str(p)) for p in others[:NAMES_SHOWN])
+        more = f" and {len(others) - NAMES_SHOWN} more" if len(others) > NAMES_SHOWN else ""
+        print(f"note: {len(others)} file{'s are' if len(others) > 1 else ' is'} not a picture "
+              f"by name or content, not classified: {names}{more}", file=sys.stderr)
+    for s in skipped:
+        if s.walked_as is not None:
+            print(f"note: {printable(str(s.path))} leads to the folder "
+                  f"{printable(str(s.walked_as))}, already walked; its pictures are answered "
+                  "once, under that name", file=sys.stderr)
+
+
 @main_guard
 def main(argv: list[str] | None = None) -> int:
     if sys.stdout is None:  # started with stdout closed (`>&-`)
@@ -275,7 +343,9 @@ def main(argv: list[str] | None = None) -> int:
     k = min(args.top_k or len(classes), len(classes))
     alarm = Alarm(classes, *threshold_for(args, classifier), classifier.operating_point)
 
-    items = expand(args.paths)
+    skipped: list[Skipped] = []
+    items = expand(args.paths, skipped)
+    say_skipped(skipped)
     out = WRITERS[args.format](sys.stdout, classes, k, [path for path, _ in items], alarm)
     answered = failed = 0
     with output_errors():

@@ -87,3 +87,26 @@ def test_prefetching_keeps_order_and_hands_errors_over():
     assert got == [1]
     # a consumer that stops early does not leave the producer blocked for ever
     assert list(itertools.islice(prefetched(iter(range(10_000)), depth=1), 3)) == [0, 1, 2]
+
+
+@pytest.mark.parametrize("name", ["0000.jpg", "zzzz.jpg"])  # first (its size is read) or not
+@pytest.mark.parametrize("keep", ["host", "stream"])
+def test_a_zero_byte_crop_is_one_line_naming_it(split, name, keep):
+    """A zero-byte crop was a traceback (torch.frombuffer's, or PIL's when it sorted first);
+    a cut-off one was already one line."""
+    (split / "animal" / name).write_bytes(b"")
+    with pytest.raises(StageError) as err:
+        crops = B.CropSet.load(split, CPU, keep=keep)
+        list(B.batches(crops, torch.arange(len(crops)), 4, CPU, IMAGENET_MEAN, IMAGENET_STD))
+    assert str(err.value) == (f"{split / 'animal' / name}: empty file (0 bytes: a damaged "
+                              "copy); rerun extract_crops and split")
+
+
+def test_the_gpu_path_names_a_bad_crop_too(split):
+    """Crops that are not JPEG are decoded on the CPU beside nvJPEG: the same one line."""
+    paths = sorted(str(p) for p in split.rglob("*.png"))
+    (split / "animal" / "0.png").write_bytes(b"")
+    from concurrent.futures import ThreadPoolExecutor
+
+    with ThreadPoolExecutor(1) as pool, pytest.raises(StageError, match="0.png: empty file"):
+        B._decode_on_gpu([B.read_bytes(p) for p in paths], paths, CPU, pool)

@@ -269,3 +269,87 @@ def test_a_key_given_twice_is_refused_with_both_lines(tmp_path):
         P.load(path)
     assert str(err.value) == (f"{path}: key 'train.lr' is given twice (lines {line} and "
                               f"{second}); keep one (DVC refuses such a file)")
+
+
+# ---------------------------------------------------------------------------------------------
+# The YAML itself: bounded before anything reads its values
+
+def laughs(levels: int = 10, width: int = 10) -> str:
+    """A 'billion laughs' file: each anchor repeats the one before ``width`` times, so the last
+    stands for width ** levels values in a few hundred bytes."""
+    lines = ["lol0: &lol0 [" + ", ".join(['"lol"'] * width) + "]"]
+    for i in range(1, levels):
+        lines.append(f"lol{i}: &lol{i} [" + ", ".join([f"*lol{i - 1}"] * width) + "]")
+    return "\n".join(lines) + "\n"
+
+
+def test_a_billion_laughs_file_is_refused_at_once(tmp_path):
+    """10 ** 10 values in 1 KB: the duplicate-key walk followed every alias and the check ran for
+    ever; the stage now stops in one line (the timeout is only a guard against a hang)."""
+    import subprocess
+    import sys
+
+    text = (ROOT / "params.yaml").read_text() + laughs()
+    (tmp_path / "params.yaml").write_text(text)
+    done = subprocess.run([sys.executable, "-m", "stages.download"], cwd=tmp_path,
+                          capture_output=True, text=True, timeout=120,
+                          env={"PYTHONPATH": str(ROOT), "PATH": "/usr/bin:/bin"})
+    assert done.returncode == 2
+    assert done.stderr.strip().splitlines() == [
+        "error: params.yaml: its aliases expand to more than 100,000 values (a 'billion laughs' "
+        "file?); a params file holds a few hundred: write the values out"]
+    assert not (tmp_path / "data").exists()
+
+
+def deep_through_aliases() -> str:
+    """Two anchors 40 deep, the second holding an alias of the first: 80 deep once expanded."""
+    return ("a: &a " + "[" * 40 + "1" + "]" * 40 + "\n"
+            "b: &b " + "[" * 40 + "*a" + "]" * 40 + "\n")
+
+
+@pytest.mark.parametrize("content,message", [
+    ("a: " + "[" * 20_000 + "]" * 20_000 + "\n",  # was a RecursionError traceback
+     "lists and mappings nested more than 64 deep (line 1); a params file needs a few levels: "
+     "fix the nesting"),
+    ("a:\n" + "".join(" " * i + "- \n" for i in range(2_000)),
+     "lists and mappings nested more than 64 deep (line 65); a params file needs a few levels: "
+     "fix the nesting"),
+    (deep_through_aliases(),
+     "lists and mappings nested more than 64 deep (line 1); a params file needs a few levels: "
+     "fix the nesting"),
+    ("a: &a [1, *a]\n",  # was a RecursionError traceback
+     "the value anchored at line 1 holds an alias of itself, an endless value; write the "
+     "values out"),
+    (laughs(levels=6), "its aliases expand to more than 100,000 values"),
+    ("seed: 2026-13-45\n",  # a date that is no date: datetime's ValueError traceback
+     "a value YAML cannot read (month must be in 1..12); fix it"),
+])
+def test_hostile_yaml_is_one_line(tmp_path, content, message):
+    path = tmp_path / "params.yaml"
+    path.write_text(content)
+    with pytest.raises(errors.ParamError) as err:
+        P.load(path)
+    assert str(err.value).startswith(f"{path}: {message}")
+    assert "\n" not in str(err.value)
+
+
+def test_a_byte_that_is_not_utf8_is_one_line_naming_its_line(tmp_path):
+    """Read with the locale's codec: a UnicodeDecodeError traceback."""
+    path = tmp_path / "params.yaml"
+    text = (ROOT / "params.yaml").read_bytes()
+    path.write_bytes(text.replace(b"\ntrain:", b"\n# caf\xe9\ntrain:", 1))
+    line = path.read_bytes().split(b"\n").index(b"# caf\xe9") + 1
+    with pytest.raises(errors.ParamError) as err:
+        P.load(path)
+    assert str(err.value) == (f"{path}: not UTF-8 (byte 0xe9 at line {line}); save the file "
+                              "as UTF-8")
+
+
+def test_aliases_within_the_bounds_still_load(tmp_path):
+    text = (ROOT / "params.yaml").read_text()
+    text = text.replace("  workers: 2 ", "  workers: &w 3 ", 1).replace(
+        "  num_workers: 2 ", "  num_workers: *w ", 1)
+    path = tmp_path / "params.yaml"
+    path.write_text("\ufeff" + text)  # a byte-order mark too, as some editors write
+    cfg = P.load(path)
+    assert cfg.crops.workers == cfg.train.num_workers == 3

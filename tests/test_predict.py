@@ -380,6 +380,81 @@ def test_table_escapes_names_so_one_picture_is_one_row(run_predict, models, pict
         assert names == [str(fake), str(pictures / "e\\xff.jpg")]
 
 
+def csv_rows(stdout: str) -> list[list[str]]:
+    """The rows as a CSV reader sees them (one that splits at a bare CR, as spreadsheets and
+    pandas do, would see more)."""
+    import csv
+
+    rows = list(csv.reader(io.StringIO(stdout, newline="")))
+    assert len(rows) == len(stdout.split("\n")) - 1 - sum(  # no row breaks inside a field...
+        field.count("\n") for row in rows for field in row)
+    assert all("\r" not in line or line.count('"') for line in stdout.split("\n"))  # ...nor CR
+    return rows
+
+
+def unescaped(name: str) -> bytes:
+    """A name as predict writes it, back to the file name's bytes (docs/using-the-model.md)."""
+    import re
+
+    return re.sub(rb"\\(\\|x[0-9a-f]{2})",
+                  lambda m: b"\\" if m[1] == b"\\" else bytes([int(m[1][1:], 16)]),
+                  name.encode())
+
+
+def test_a_carriage_return_in_a_name_stays_inside_its_csv_row(run_predict, models, pictures):
+    """csv.writer with "\\n" left a lone CR unquoted: a reader split the row there and the
+    alarm landed on a file named `cam1.jpg`."""
+    crop = (pictures / "crop.jpg").read_bytes()
+    odd = pictures / "x\rcam1.jpg"
+    odd.write_bytes(crop)
+    out = run_predict(odd, pictures / "wide.jpg", "--model", models[0], "--format", "csv")
+    assert out.returncode == 0
+    rows = csv_rows(out.stdout)
+    assert [r[0] for r in rows] == ["path", str(odd), str(pictures / "wide.jpg")]
+    assert f'"{odd}",' in out.stdout  # quoted, so a reader that splits at CR does not
+
+
+def test_names_are_escaped_one_way_so_no_two_files_share_a_name(run_predict, models, pictures):
+    """A byte that is not UTF-8 was written \\xff, as was a name holding those four characters:
+    two files, one name in the answers."""
+    crop = (pictures / "crop.jpg").read_bytes()
+    byte = Path(os.fsdecode(bytes(pictures) + b"/e\xff.jpg"))
+    text = pictures / "e\\xff.jpg"
+    for path in (byte, text):
+        path.write_bytes(crop)
+    for fmt in ("csv", "json"):
+        out = run_predict(byte, text, "--model", models[0], "--format", fmt)
+        assert out.returncode == 0
+        names = ([r["path"] for r in json.loads(out.stdout)["predictions"]] if fmt == "json"
+                 else [r[0] for r in csv_rows(out.stdout)[1:]])
+        assert names == [f"{pictures}/e\\xff.jpg", f"{pictures}/e\\\\xff.jpg"]
+        assert [unescaped(n) for n in names] == [os.fsencode(byte), os.fsencode(text)]
+    table = run_predict(byte, text, "--model", models[0])
+    assert [r.split()[0] for r in rows_of(table.stdout)] == names
+
+
+FORMULAS = ["=HYPERLINK(\"evil\").jpg", "+1.jpg", "-2.jpg", "@SUM(1).jpg", "\tx.jpg",
+            "\rcam.jpg", "'quoted.jpg"]
+
+
+def test_a_name_a_spreadsheet_would_run_is_written_as_text(run_predict, models, pictures,
+                                                            monkeypatch):
+    """`predict . --format csv`: a file named =HYPERLINK(...) became a live formula (OWASP CSV
+    injection). The CSV puts one ' before it; JSON keeps the exact name."""
+    crop = (pictures / "crop.jpg").read_bytes()
+    for name in FORMULAS:
+        (pictures / name).write_bytes(crop)
+    monkeypatch.chdir(pictures)
+    as_csv = run_predict("--model", models[0], "--format", "csv", "--", *FORMULAS, "plain.jpg")
+    rows = csv_rows(as_csv.stdout)[1:]
+    assert [r[0] for r in rows] == ["'" + n for n in FORMULAS] + ["plain.jpg"]
+    assert rows[-1][-1] == "file not found"
+    as_json = run_predict("--model", models[0], "--format", "json", "--", *FORMULAS)
+    assert [r["path"] for r in json.loads(as_json.stdout)["predictions"]] == FORMULAS
+    walked = run_predict(".", "--model", models[0], "--format", "csv")  # names from a folder
+    assert {"'" + n for n in FORMULAS} <= {r[0] for r in csv_rows(walked.stdout)[1:]}
+
+
 @pytest.mark.parametrize("args,needle", [
     (["--top-k", "abc"], "argument --top-k: invalid int value: 'abc'"),
     (["--batch-size", "100000"], "--batch-size=100000 is not allowed; expected 1 to 4096"),
@@ -528,3 +603,74 @@ def test_the_model_card_outside_dvc_repro_and_without_metrics(tmp_path):
     assert E.data_hashes(tmp_path / "dvc.lock") == {"data/raw": "abc.dir"}
     with pytest.raises(StageError, match="eval.json: cannot read it .*run `dvc repro`"):
         E.read_metrics(tmp_path / "metrics/eval.json")
+
+
+# ---------------------------------------------------------------------------------------------
+# What a folder holds: every picture answered, everything else named
+
+def answered(stdout: str) -> dict[str, dict]:
+    return {p["path"]: p for p in json.loads(stdout)["predictions"]}
+
+
+def test_a_linked_sub_folder_is_walked_and_loops_end(run_predict, models, pictures, tmp_path):
+    """A symlinked sub-folder was passed over in silence (exit 0, its pictures unanswered)."""
+    elsewhere = tmp_path / "camera3"
+    elsewhere.mkdir()
+    (elsewhere / "person.jpg").write_bytes((pictures / "crop.jpg").read_bytes())
+    (pictures / "cam3").symlink_to(elsewhere)
+    (pictures / "sub" / "up").symlink_to("..")  # a loop
+    (pictures / "again").symlink_to("sub")  # a second name for a folder
+    proc = run_predict(pictures, "--model", models[0], "--format", "json")
+    assert proc.returncode == 1  # broken.jpg
+    got = answered(proc.stdout)
+    assert "label" in got[f"{pictures}/cam3/person.jpg"]
+    assert sorted(Path(p).relative_to(pictures).as_posix() for p in got) == [
+        "broken.jpg", "cam3/person.jpg", "crop.jpg", "sub/tall.png", "wide.jpg"]
+    assert proc.stderr.splitlines()[1:] == [  # a folder's own name wins over a link's
+        f"note: {pictures}/again leads to the folder {pictures}/sub, already walked; its "
+        "pictures are answered once, under that name",
+        f"note: {pictures}/sub/up leads to the folder {pictures}, already walked; its pictures "
+        "are answered once, under that name",
+        "1 of 5 inputs failed"]
+
+
+def test_links_that_fan_out_cost_one_walk_per_folder(run_predict, models, pictures, tmp_path):
+    """Two links per level to the next, 24 levels: 2**24 paths to a walk that follows every
+    link, one visit per folder here (the timeout only guards against a hang)."""
+    levels = [tmp_path / f"level{i}" for i in range(24)]
+    for folder in levels:
+        folder.mkdir()
+    for upper, lower in zip(levels, levels[1:]):
+        (upper / "left").symlink_to(lower)
+        (upper / "right").symlink_to(lower)
+    (levels[-1] / "deep.jpg").write_bytes((pictures / "crop.jpg").read_bytes())
+    proc = predict_command(levels[0], "--model", models[0], "--format", "json")
+    assert proc.returncode == 0
+    assert list(answered(proc.stdout)) == [str(levels[0] / ("left/" * 23) / "deep.jpg")]
+    assert len(proc.stderr.splitlines()) == 23  # each level's second link, named
+
+
+def test_a_picture_is_known_by_its_content_whatever_its_name(run_predict, models, pictures):
+    """.jfif, .jpe and names without a suffix were passed over in silence."""
+    jpeg = (pictures / "crop.jpg").read_bytes()
+    png = cv2.imencode(".png", np.zeros((20, 20, 3), np.uint8))[1].tobytes()
+    for name, data in [("photo.jfif", jpeg), ("photo.jpe", jpeg), ("IMG_0001", jpeg),
+                       ("snapshot.dat", png), ("readme", b"BMW 320d, 2019: not a bitmap")]:
+        (pictures / name).write_bytes(data)
+    (pictures / "gone.jpg").symlink_to(pictures / "nowhere.jpg")
+    proc = run_predict(pictures, "--model", models[0], "--format", "json")
+    got = answered(proc.stdout)
+    for name in ["photo.jfif", "photo.jpe", "IMG_0001", "snapshot.dat"]:
+        assert "label" in got[f"{pictures}/{name}"], name
+    assert got[f"{pictures}/gone.jpg"]["error"] == "a link to nothing"
+    assert proc.returncode == 1
+    assert proc.stderr.splitlines()[0] == (
+        f"note: 2 files are not a picture by name or content, not classified: "
+        f"{pictures}/notes.txt, {pictures}/readme")
+
+
+def test_predict_help_says_which_files_of_a_folder_are_pictures(capsys):
+    with pytest.raises(SystemExit):
+        predict.parse_args(["--help"])
+    text = " ".join(capsys.readouterr().out.split())
+    assert "links followed" in text and ".jfif" in text and "first bytes" in text

@@ -46,15 +46,21 @@ def threads_for(workers: int) -> int:
 
 def read_bytes(path: str) -> torch.Tensor:
     with open(path, "rb") as f:
-        return torch.frombuffer(bytearray(f.read()), dtype=torch.uint8)
+        data = f.read()
+    # torch.frombuffer refuses an empty buffer: an empty file is decode_rgb's to name.
+    return torch.frombuffer(bytearray(data), dtype=torch.uint8) if data else \
+        torch.empty(0, dtype=torch.uint8)
 
 
 def decode_rgb(data: torch.Tensor) -> torch.Tensor:
     """One crop file's bytes -> uint8 RGB, 3 x H x W, on the CPU (stages.common.pictures: a
     JPEG by libjpeg-turbo, PIL's pixels, tested; anything else by OpenCV). Unchecked bytes: no
     header parse per crop, and a damaged crop is refused, never papered over."""
+    raw = data.numpy()
+    if raw.size == 0:
+        raise ValueError("empty file (0 bytes: a damaged copy)")
     try:
-        rgb = pictures.decode(data.numpy(), 1, pictures.STORED, pictures.RGB, checked=False)
+        rgb = pictures.decode(raw, 1, pictures.STORED, pictures.RGB, checked=False)
     except (ValueError, cv2.error) as exc:  # pictures.Undecodable is a ValueError
         raise ValueError(f"cannot decode ({str(exc).splitlines()[0][:120]})") from None
     return torch.from_numpy(rgb).permute(2, 0, 1)
@@ -65,7 +71,7 @@ def decode_files(paths: Sequence[str], device: torch.device, threads: int) -> to
     with ThreadPoolExecutor(threads) as pool:
         datas = list(pool.map(read_bytes, paths))
         if device.type == "cuda":
-            return _decode_on_gpu(datas, device, pool)
+            return _decode_on_gpu(datas, paths, device, pool)
         return torch.stack(list(pool.map(_decode_checked, datas, paths)))
 
 
@@ -76,7 +82,7 @@ def _decode_checked(data: torch.Tensor, path: str) -> torch.Tensor:
         raise StageError(f"{path}: {exc}; rerun extract_crops and split") from None
 
 
-def _decode_on_gpu(datas: list[torch.Tensor], device: torch.device,
+def _decode_on_gpu(datas: list[torch.Tensor], paths: Sequence[str], device: torch.device,
                    pool: ThreadPoolExecutor) -> torch.Tensor:
     import warnings
 
@@ -92,7 +98,8 @@ def _decode_on_gpu(datas: list[torch.Tensor], device: torch.device,
                                               device=device)):
             out[i] = image
     rest = [i for i in range(len(datas)) if out[i] is None]  # PNG and the like: on the CPU
-    for i, image in zip(rest, pool.map(decode_rgb, [datas[i] for i in rest])):
+    for i, image in zip(rest, pool.map(_decode_checked, [datas[i] for i in rest],
+                                       [paths[i] for i in rest])):
         out[i] = image.to(device)
     return torch.stack(out)  # type: ignore[arg-type]
 

@@ -263,6 +263,14 @@ class Params(Section):
 
 # ----- reading ---------------------------------------------------------------------------------
 
+# Bounds on the YAML itself, checked while it is read: params.yaml holds a few hundred values a
+# few levels deep. An alias repeats the whole value it names, so 6 KB of aliases of aliases
+# stand for 10^9 values (a "billion laughs" file) and every reader of them would run for ever;
+# deep nesting ends in a RecursionError in PyYAML's composer.
+MAX_YAML_VALUES = 100_000  # values, each alias counted as every value it repeats
+MAX_YAML_DEPTH = 64  # lists and mappings inside one another
+
+
 def load(path: str | Path = PARAMS_FILE) -> Params:
     """The params file as a checked :class:`Params`; the first bad key stops with one line.
 
@@ -274,8 +282,7 @@ def load(path: str | Path = PARAMS_FILE) -> Params:
     if not path.is_file():
         raise ParamError(f"{path}: not found; run from the repository root (where dvc.yaml is)")
     try:
-        with path.open() as f:
-            raw = _load_yaml(f, path)
+        raw = _load_yaml(_utf8_text(path), path)
     except yaml.YAMLError as exc:
         where = getattr(exc, "problem_mark", None)
         line = f" at line {where.line + 1}" if where is not None else ""
@@ -293,35 +300,105 @@ def parse(raw: Any) -> Params:
         raise ParamError(_first_error(exc, raw)) from None
 
 
-def _load_yaml(stream, path: Path) -> Any:
-    """``yaml.safe_load``, but a key given twice in one mapping is an error: PyYAML keeps the
-    last value silently, while DVC refuses the file, so the stages and DVC would disagree."""
-    loader = yaml.SafeLoader(stream)
+def _utf8_text(path: Path) -> str:
+    """The file's text; YAML files are UTF-8, and DVC reads them so."""
+    data = path.read_bytes()
+    try:
+        return data.decode("utf-8")
+    except UnicodeDecodeError as exc:
+        line = data[:exc.start].count(b"\n") + 1
+        raise ParamError(f"{path}: not UTF-8 (byte 0x{data[exc.start]:02x} at line {line}); "
+                         "save the file as UTF-8") from None
+
+
+class _BoundedLoader(yaml.SafeLoader):
+    """SafeLoader whose composer refuses nesting deeper than MAX_YAML_DEPTH before it recurses
+    further (each level is a few Python frames)."""
+
+    def __init__(self, text: str, path: Path):
+        super().__init__(text)
+        self.path, self.depth = path, 0
+
+    def compose_node(self, parent, index):
+        self.depth += 1
+        try:
+            if self.depth > MAX_YAML_DEPTH:
+                raise ParamError(_too_deep(self.path, self.peek_event().start_mark))
+            return super().compose_node(parent, index)
+        finally:
+            self.depth -= 1
+
+
+def _load_yaml(text: str, path: Path) -> Any:
+    """``yaml.safe_load``, within the bounds above, and a key given twice in one mapping is an
+    error: PyYAML keeps the last value silently, while DVC refuses the file, so the stages and
+    DVC would disagree."""
+    loader = _BoundedLoader(text, path)
     try:
         node = loader.get_single_node()
         if node is None:
             return None
-        _refuse_duplicate_keys(node, path)
-        return loader.construct_document(node)
+        _measure(node, path, 1, {})
+        try:
+            return loader.construct_document(node)
+        except (ValueError, TypeError, OverflowError) as exc:  # e.g. a date 2026-13-45
+            raise ParamError(f"{path}: a value YAML cannot read ({exc}); fix it") from None
     finally:
         loader.dispose()
 
 
-def _refuse_duplicate_keys(node: yaml.Node, path: Path, prefix: str = "") -> None:
+def _measure(node: yaml.Node, path: Path, depth: int, seen: dict[int, tuple[int, int] | None],
+             prefix: str = "") -> tuple[int, int]:
+    """(values, height) of ``node`` with every alias expanded, refusing a key given twice, an
+    alias inside the value it names, and the bounds. An alias is the very node it names, so each
+    node is measured once (``seen``, by identity) however often it is repeated: linear time."""
+    if depth > MAX_YAML_DEPTH:
+        raise ParamError(_too_deep(path, node.start_mark))
+    if id(node) in seen:
+        known = seen[id(node)]
+        if known is None:  # still being measured: the node holds an alias of itself
+            raise ParamError(f"{path}: the value anchored at line {node.start_mark.line + 1} "
+                             "holds an alias of itself, an endless value; write the values out")
+        if depth + known[1] - 1 > MAX_YAML_DEPTH:
+            raise ParamError(_too_deep(path, node.start_mark))
+        return known
+    seen[id(node)] = None
+    values, height = 1, 1
+    for child, name in _children(node, path, prefix):
+        count, below = _measure(child, path, depth + 1, seen, name)
+        values, height = values + count, max(height, below + 1)
+        if values > MAX_YAML_VALUES:
+            raise ParamError(f"{path}: its aliases expand to more than {MAX_YAML_VALUES:,} "
+                             "values (a 'billion laughs' file?); a params file holds a few "
+                             "hundred: write the values out")
+    seen[id(node)] = (values, height)
+    return values, height
+
+
+def _children(node: yaml.Node, path: Path, prefix: str) -> list[tuple[yaml.Node, str]]:
+    """The nodes inside ``node``, each with the dotted name of its key; a key given twice in
+    one mapping is refused here, naming both lines."""
     if isinstance(node, yaml.SequenceNode):
-        for item in node.value:
-            _refuse_duplicate_keys(item, path, prefix)
-    elif isinstance(node, yaml.MappingNode):
-        first_line: dict[str, int] = {}
-        for key, value in node.value:
-            name = key.value if isinstance(key, yaml.ScalarNode) else str(key.start_mark)
-            line = key.start_mark.line + 1
-            if name in first_line:
-                raise ParamError(f"{path}: key '{prefix}{name}' is given twice (lines "
-                                 f"{first_line[name]} and {line}); keep one (DVC refuses such "
-                                 "a file)")
-            first_line[name] = line
-            _refuse_duplicate_keys(value, path, f"{prefix}{name}.")
+        return [(item, prefix) for item in node.value]
+    if not isinstance(node, yaml.MappingNode):
+        return []
+    first_line: dict[str, int] = {}
+    out = []
+    for key, value in node.value:
+        name = key.value if isinstance(key, yaml.ScalarNode) else str(key.start_mark)
+        line = key.start_mark.line + 1
+        if name in first_line:
+            raise ParamError(f"{path}: key '{prefix}{name}' is given twice (lines "
+                             f"{first_line[name]} and {line}); keep one (DVC refuses such "
+                             "a file)")
+        first_line[name] = line
+        out += [(key, prefix), (value, f"{prefix}{name}.")]
+    return out
+
+
+def _too_deep(path: Path, mark) -> str:
+    return (f"{path}: lists and mappings nested more than {MAX_YAML_DEPTH} deep (line "
+            f"{mark.line + 1}); a params file needs a few levels: fix the nesting")
 
 
 # ----- one line per error ----------------------------------------------------------------------

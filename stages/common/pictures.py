@@ -46,6 +46,39 @@ _OPENCV_SCALE = {1: cv2.IMREAD_COLOR, 2: cv2.IMREAD_REDUCED_COLOR_2,
                  4: cv2.IMREAD_REDUCED_COLOR_4, 8: cv2.IMREAD_REDUCED_COLOR_8}
 
 
+# Names that say "picture": the formats predict reads (OpenCV and PIL both: JPEG, PNG, BMP, WebP,
+# TIFF, GIF, JPEG 2000, AVIF, PNM, Sun raster) and HEIF, which it cannot read but must not pass
+# over in silence. A file so named is always an input: answered, or its own error.
+PICTURE_SUFFIXES = (".jpg", ".jpeg", ".jpe", ".jfif", ".jif", ".png", ".bmp", ".dib", ".webp",
+                    ".tif", ".tiff", ".gif", ".jp2", ".j2k", ".avif", ".heic", ".heif", ".pbm",
+                    ".pgm", ".ppm", ".pnm", ".ras", ".sr")
+SIGNATURE_BYTES = 32  # enough for every signature below
+# The first bytes of each format (its "magic number"), for a file whose name says nothing.
+SIGNATURES = ((b"\xff\xd8\xff", "JPEG"), (b"\x89PNG\r\n\x1a\n", "PNG"), (b"GIF87a", "GIF"),
+              (b"GIF89a", "GIF"), (b"II*\x00", "TIFF"), (b"MM\x00*", "TIFF"),
+              (b"\x00\x00\x00\x0cjP  \r\n\x87\n", "JPEG 2000"),
+              (b"\xff\x4f\xff\x51", "JPEG 2000"), (b"\x59\xa6\x6a\x95", "Sun raster"))
+# ISO base media files (HEIF, AVIF) name their kind in the "ftyp" box at byte 4.
+PICTURE_BRANDS = {b"heic", b"heix", b"heim", b"heis", b"hevc", b"hevx", b"hevm", b"hevs",
+                  b"mif1", b"msf1", b"avif", b"avis"}
+BMP_HEADER_SIZES = {12, 40, 52, 56, 64, 108, 124}  # the DIB header versions
+
+
+def picture_format(head: bytes) -> str | None:
+    """The picture format a file's first :data:`SIGNATURE_BYTES` announce, or None. "BM" alone
+    begins many a text; a BMP also names its header's size at byte 14."""
+    for magic, name in SIGNATURES:
+        if head.startswith(magic):
+            return name
+    if head[:4] == b"RIFF" and head[8:12] == b"WEBP":
+        return "WebP"
+    if head[:2] == b"BM" and int.from_bytes(head[14:18], "little") in BMP_HEADER_SIZES:
+        return "BMP"
+    if head[4:8] == b"ftyp" and head[8:12] in PICTURE_BRANDS:
+        return "HEIF/AVIF"
+    return None
+
+
 @dataclass(frozen=True)
 class Header:
     width: int
@@ -175,8 +208,14 @@ def opencv(data: bytes | np.ndarray, scale: int, orientation: str, colours: str)
 def square_side(path: str | Path) -> int:
     """The side of a square crop file, from its header; a crop that is not square is an error
     (every crop of the pipeline is an S x S canvas, and the model was trained on one S)."""
-    with Image.open(path) as im:
-        width, height = im.size
+    try:
+        with Image.open(path) as im:
+            width, height = im.size
+    except (OSError, ValueError, SyntaxError) as exc:  # PIL's errors for a file it cannot read
+        empty = Path(path).is_file() and Path(path).stat().st_size == 0
+        what = "empty file (0 bytes: a damaged copy)" if empty else \
+            f"not a picture ({type(exc).__name__})"
+        raise StageError(f"{path}: {what}; rerun extract_crops and split") from None
     if width != height:
         raise StageError(f"{path}: crops must be square, got {width}x{height}; rerun "
                          "extract_crops")

@@ -8,6 +8,8 @@ is already S x S passes through unchanged. The batch is then normalised as every
 """
 from __future__ import annotations
 
+import os
+import stat
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Iterable, Iterator
@@ -22,10 +24,9 @@ from stages.common.crops import letterbox
 from stages.common.errors import StageError
 from stages.common.inference import predict
 from stages.common.model import check_logits, load_checkpoint
-from stages.common.pictures import DEFAULT_MAX_IMAGE_PIXELS
+from stages.common.pictures import (DEFAULT_MAX_IMAGE_PIXELS, PICTURE_SUFFIXES, SIGNATURE_BYTES,
+                                    picture_format)
 from stages.common.progress import tracked
-
-IMAGE_SUFFIXES = {".jpg", ".jpeg", ".png", ".bmp", ".webp", ".tif", ".tiff"}
 
 
 class TorchClassifier:
@@ -92,23 +93,103 @@ def prepare(image_bgr: np.ndarray, meta: dict) -> torch.Tensor:
     return torch.from_numpy(rgb).permute(2, 0, 1)
 
 
-def expand(inputs: Iterable[str | Path]) -> list[tuple[Path, str | None]]:
-    """(path, error) per input: files as given, folders walked (sorted, image suffixes only)."""
+@dataclass
+class Skipped:
+    """A thing inside a given folder that gets no answer, and why: a file that is not a picture
+    by name or content, or a link to a folder already walked (``walked_as``)."""
+    path: Path
+    walked_as: Path | None = None
+
+
+def expand(inputs: Iterable[str | Path], skipped: list[Skipped] | None = None
+           ) -> list[tuple[Path, str | None]]:
+    """(path, error) per input: files as given, folders walked (sorted). In a folder, links are
+    followed and each real folder is walked once (a loop, or a second link to one, is appended
+    to ``skipped``); a file is a picture when its name or its first bytes say so
+    (:data:`PICTURE_SUFFIXES`, :func:`picture_format`), any other file goes to ``skipped``; a
+    link to nothing, or a file or folder that cannot be read, is an input with its error."""
+    skipped = [] if skipped is None else skipped
     out: list[tuple[Path, str | None]] = []
     for item in inputs:
         path = Path(item)
         if path.is_dir():
-            found = sorted(p for p in path.rglob("*")
-                           if p.is_file() and p.suffix.lower() in IMAGE_SUFFIXES)
+            found = _walk(path, skipped)
             if not found:
-                out.append((path, "folder holds no images (" +
-                            ", ".join(sorted(IMAGE_SUFFIXES)) + ")"))
-            out.extend((p, None) for p in found)
+                found.append((path, "folder holds no pictures (by name or content)"))
+            out.extend(found)
         elif path.exists():
             out.append((path, None))
         else:
             out.append((path, "file not found"))
     return out
+
+
+def _walk(folder: Path, skipped: list[Skipped]) -> list[tuple[Path, str | None]]:
+    """Every picture under ``folder``, links followed, each real folder once (by device and
+    inode, so loops end and n links to one folder cost one walk), under its own name when it
+    has one there: the folders themselves first, then those reached only through links."""
+    st = folder.stat()
+    walked = {(st.st_dev, st.st_ino): folder}
+    found: list[tuple[Path, str | None]] = []
+    todo: list[Path] = [folder]  # not recursion: a tree thousands of folders deep is walked
+    links: list[tuple[Path, tuple[int, int]]] = []
+    while todo or links:
+        if not todo:
+            link, key = links.pop(0)
+            _visit(link, key, walked, todo, skipped)
+            continue
+        current = todo.pop()
+        try:
+            entries = sorted(current.iterdir())
+        except OSError as exc:
+            found.append((current, f"cannot list the folder ({exc.strerror or exc})"))
+            continue
+        for entry in entries:
+            try:
+                st = entry.stat()  # the link's target, for a link
+            except OSError as exc:  # a link to nothing, a loop of links, no permission
+                why = ("a link to nothing" if isinstance(exc, FileNotFoundError) else
+                       f"cannot read it ({exc.strerror or exc})")
+                found.append((entry, why))
+                continue
+            if stat.S_ISDIR(st.st_mode):
+                key = (st.st_dev, st.st_ino)
+                if entry.is_symlink():
+                    links.append((entry, key))
+                else:
+                    _visit(entry, key, walked, todo, skipped)
+                continue
+            verdict = _picture_or_not(entry, st)
+            if verdict is False:
+                skipped.append(Skipped(entry))
+            else:
+                found.append((entry, verdict))
+    return sorted(found, key=lambda item: item[0])
+
+
+def _visit(entry: Path, key: tuple[int, int], walked: dict[tuple[int, int], Path],
+           todo: list[Path], skipped: list[Skipped]) -> None:
+    """Walk the folder ``entry`` next, unless it was walked already (under another name)."""
+    first = walked.setdefault(key, entry)
+    if first is entry:
+        todo.append(entry)
+    else:
+        skipped.append(Skipped(entry, walked_as=first))
+
+
+def _picture_or_not(path: Path, st: os.stat_result) -> str | None | bool:
+    """None: a picture (read_image decides the rest); an error text; False: not a picture."""
+    named = path.suffix.lower() in PICTURE_SUFFIXES
+    if not stat.S_ISREG(st.st_mode):  # a pipe or a device: never opened (a read may block)
+        return "not a regular file" if named else False
+    if named:
+        return None
+    try:
+        with path.open("rb") as f:
+            head = f.read(SIGNATURE_BYTES)
+    except OSError as exc:
+        return f"cannot read the file ({exc.strerror or exc})"
+    return None if picture_format(head) else False
 
 
 @dataclass
