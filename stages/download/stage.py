@@ -20,7 +20,6 @@ Usage: ``python -m stages.download`` from the repository root.
 """
 from __future__ import annotations
 
-import csv
 import os
 import shutil
 from pathlib import Path
