@@ -42,6 +42,23 @@ EVAL_METRICS = Path("metrics/eval.json")
 SPLIT_METRICS = Path("metrics/split.json")
 LOCK_FILE = Path("dvc.lock")
 DATA_STAGES = ("download", "extract_crops", "split")
+# The params that define the model and its data: every param download, extract_crops, split and
+# train depend on, and nothing else (not worker counts: params.NO_OUTPUT). The model card states
+# them, so they and export's own section are this stage's DVC params, exactly:
+# tests/test_layout.py checks dvc.yaml against PARAMS.
+CARD_PARAMS = (
+    "seed",
+    "data.source", "data.mirror", "data.labels", "data.sample",
+    "data.zoo.splits", "data.zoo.max_samples", "data.zoo.shuffle",
+    "crops.size", "crops.min_box_px", "crops.skip_group_of", "crops.skip_depiction",
+    "crops.dedup_iou", "crops.reduced_decode", "crops.max_image_pixels",
+    "split",
+    "model",
+    "train.epochs", "train.batch_size", "train.lr", "train.t_max_ratio", "train.weight_decay",
+    "train.focal_alpha", "train.focal_gamma", "train.patience", "train.device", "train.nproc",
+    "train.amp", "train.compile",
+)
+PARAMS = CARD_PARAMS + ("export",)
 
 
 def test_arrays(meta: dict) -> np.ndarray:
@@ -150,6 +167,19 @@ of {op['test_non_persons']} animals and objects raised). {sentence} {bounds or "
 file carries this operating point; `python -m stages.predict` reports `alarm` with it."""
 
 
+def card_recipe(cfg: params.Params) -> dict:
+    """The values of CARD_PARAMS, nested as params.yaml holds them."""
+    recipe: dict = {}
+    for name in CARD_PARAMS:
+        *sections, key = name.split(".")
+        node, value = recipe, cfg
+        for section in sections:
+            node, value = node.setdefault(section, {}), getattr(value, section)
+        value = getattr(value, key)
+        node[key] = value.model_dump(mode="json") if isinstance(value, params.Section) else value
+    return recipe
+
+
 def model_card(cfg: params.Params, meta: dict, scores: dict, split: dict, hashes: dict,
                export_figures: dict) -> str:
     """data/export/MODEL_CARD.md: what a reviewer reads before the model is deployed."""
@@ -164,11 +194,7 @@ def model_card(cfg: params.Params, meta: dict, scores: dict, split: dict, hashes
         for c in classes if c in scores.get("per_class", {}))
     provenance = "\n".join(f"| `{path}` | `{md5}` |" for path, md5 in hashes.items()) \
         or "| (not recorded: run the pipeline with `dvc repro`) | |"
-    recipe = {"seed": cfg.seed, "data": cfg.data.model_dump(mode="json"),
-              "crops": cfg.crops.model_dump(mode="json"),
-              "split": cfg.split.model_dump(mode="json"),
-              "model": cfg.model.model_dump(mode="json"),
-              "train": cfg.train.model_dump(mode="json")}
+    recipe = card_recipe(cfg)
     e, o = export_figures["speed"]["pytorch_eager"], export_figures["speed"]["onnxruntime"]
     return f"""# Model card: {meta['arch']} person / animal / object classifier
 
@@ -200,7 +226,8 @@ Outputs of the data stages as `dvc.lock` recorded them:
 {provenance}
 
 ## Recipe
-{meta['arch']}, {meta['image_size']} px, the params of this run (params.yaml):
+{meta['arch']}, {meta['image_size']} px, the params of this run that define the data and the
+model (params.yaml; worker counts and the like change no result and are not shown):
 
 ```yaml
 {yaml.safe_dump(recipe, sort_keys=False).rstrip()}

@@ -6,9 +6,12 @@
 - a stage's code deps in dvc.yaml are exactly its module or package plus the stages/common
   modules it imports (transitively), but the few that never change what a stage writes;
 - only the adapters (stages/download/fiftyone_internals.py, stages/common/dvc_internals.py)
-  touch FiftyOne's, DVC's or DVCLive's internals.
+  touch FiftyOne's, DVC's or DVCLive's internals;
+- a stage's params in dvc.yaml hold no key that changes no output (params.NO_OUTPUT, each with
+  its reason), every other key is some stage's param, and export's list is the model card's.
 """
 import ast
+import functools
 import re
 from pathlib import Path
 
@@ -16,6 +19,7 @@ import yaml
 
 from stages.common import dvc_internals
 from stages.download import fiftyone_internals
+from stages.common.params import NO_OUTPUT, Params, Section, load
 
 ROOT = Path(__file__).resolve().parents[1]
 STAGES = ROOT / "stages"
@@ -269,3 +273,64 @@ from dvclive import Live
         "line 10: replaces fiftyone.utils.openimages.x",
         "line 11: replaces fiftyone.utils.aws.boto3",
     ]
+
+
+# ----- params: a stage depends on exactly the params that can change what it writes ------------
+
+PARAMS = load(ROOT / "params.yaml")
+
+
+def leaves(name: str) -> set[str]:
+    """The keys a dvc.yaml param names: itself, or every key of the section it names."""
+    value = functools.reduce(getattr, name.split("."), PARAMS)
+    if isinstance(value, Section):
+        return set().union(*(leaves(f"{name}.{key}") for key in type(value).model_fields))
+    return {name}
+
+
+def stage_params(name: str) -> set[str]:
+    return set().union(*(leaves(p) for p in DVC[name].get("params", [])))
+
+
+def test_no_output_keys_are_params_with_a_reason():
+    every = leaves_of_all()
+    for key, reason in NO_OUTPUT.items():
+        assert key in every, f"params.NO_OUTPUT names {key}, which params.yaml does not hold"
+        assert isinstance(reason, str) and len(reason.split()) >= 5, key
+
+
+def leaves_of_all() -> set[str]:
+    return set().union(*(leaves(section) for section in Params.model_fields))
+
+
+def test_no_stage_depends_on_a_key_that_changes_no_output():
+    for name in DVC:
+        listed = stage_params(name) & set(NO_OUTPUT)
+        assert not listed, (f"{name} depends on {sorted(listed)}, which change no output: list "
+                            "that section key by key in dvc.yaml, without them")
+
+
+def test_every_other_key_is_a_param_of_some_stage():
+    used = set().union(*(stage_params(name) for name in DVC))
+    assert leaves_of_all() - set(NO_OUTPUT) == used, (
+        "a key no stage depends on: a DVC param of the stage that reads it, or into "
+        "params.NO_OUTPUT with the reason it changes no output")
+
+
+def test_export_depends_on_the_model_cards_params_and_its_own():
+    from stages import export
+
+    assert DVC["export"]["params"] == list(export.PARAMS)
+    # the card states what the data and the model depend on: every param of the stages that made
+    # them, and nothing else
+    made = set().union(*(stage_params(s) for s in ("download", "extract_crops", "split", "train")))
+    assert set().union(*(leaves(p) for p in export.CARD_PARAMS)) == made
+    card = yaml.safe_dump(export.card_recipe(PARAMS))
+    for key in NO_OUTPUT:
+        assert f"{key.split('.')[-1]}:" not in card, key
+
+
+def test_trains_resume_fingerprint_holds_exactly_its_dvc_params():
+    from stages.train import stage as train
+
+    assert set(train.fingerprint_params(PARAMS)) == stage_params("train")

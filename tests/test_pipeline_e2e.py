@@ -5,6 +5,7 @@ one test that shows the stages chain, cache and rerun as the README promises. It
 guaranteed (which stages ran, which keys exist, well-formed outputs), never what a model happened
 to learn: another CPU or thread count trains other weights (CI reruns it under OMP_NUM_THREADS=1).
 """
+import functools
 import json
 import os
 import subprocess
@@ -18,6 +19,7 @@ import yaml
 
 from stages.common.calibration import threshold_text
 from stages.common.onnx_model import OnnxClassifier
+from stages.common.params import NO_OUTPUT
 from tests.tiny_project import copy_project
 
 pytestmark = pytest.mark.training
@@ -176,6 +178,37 @@ def test_arch_change_leaves_everything_upstream_of_train_cached(repo):
     # card states the recipe). evaluate reads train's outputs, so it reruns after train (shown
     # by the exp run test); nothing upstream is stale.
     assert set(stale) == {"train", "export"}
+
+
+def _another(value):
+    """A valid value other than ``value``, for a bool, int or float key."""
+    return (not value) if isinstance(value, bool) else value + 1
+
+
+def _stages_that_would_run(repo, *flags) -> set[str]:
+    out = dvc(repo, "repro", "--dry", *flags).stdout
+    return {line.split("'")[1] for line in out.splitlines() if line.startswith("Running stage")}
+
+
+def test_a_key_that_changes_no_output_reruns_nothing_and_the_arch_reruns_train_onwards(repo):
+    params_file = repo.path / "params.yaml"
+    original = params_file.read_text()
+    try:
+        for key in sorted(NO_OUTPUT):  # crops.workers, train.num_workers...
+            params = yaml.safe_load(original)
+            *sections, leaf = key.split(".")
+            section = functools.reduce(dict.__getitem__, sections, params)
+            section[leaf] = _another(section[leaf])
+            params_file.write_text(yaml.safe_dump(params, sort_keys=False))
+            assert json.loads(dvc(repo, "status", "--json").stdout) == {}, key
+            assert _stages_that_would_run(repo) == set(), key
+        params = yaml.safe_load(original)
+        params["model"]["arch"] = "resnet34"
+        params_file.write_text(yaml.safe_dump(params, sort_keys=False))
+        assert _stages_that_would_run(repo, "--force-downstream") == {
+            "train", "calibrate", "evaluate", "export"}
+    finally:
+        params_file.write_text(original)
 
 
 def test_a_new_recall_target_reruns_only_calibrate_and_what_follows(repo):

@@ -95,6 +95,34 @@ def test_training_twice_gives_the_same_checkpoint_bytes(tmp_path):
     assert runs[0][0] == runs[1][0], "same data, params, machine and threads: other weights"
 
 
+def _written_by_train(root: Path) -> dict:
+    """Every byte train writes, timing figures aside (they measure the machine)."""
+    files = {p.relative_to(root).as_posix(): p.read_bytes()
+             for out in ("data/model", "plots/train", "data/train_state")
+             for p in sorted((root / out).rglob("*")) if p.is_file()}
+    metrics = json.loads((root / "metrics/train.json").read_text())
+    return {**files, "metrics/train.json": {k: v for k, v in metrics.items()
+                                            if k not in ("train_seconds", "train_images_per_s")}}
+
+
+@pytest.mark.training
+def test_the_train_thread_count_changes_no_byte_train_writes(tmp_path):
+    """train.num_workers is no DVC param (stages.common.params.NO_OUTPUT): one thread or three
+    decoding and augmenting, the same checkpoint, plots, metrics and resume marker."""
+    written = []
+    for workers in (1, 3):
+        root = tmp_path / str(workers)
+        write_colour_split(root, np.random.default_rng(0), {"train": 8, "val": 4}, 40)
+        paramfile.write(root, {"model": {"arch": "resnet18", "weights": "none"},
+                               "train": {"epochs": 2, "batch_size": 8, "num_workers": workers,
+                                         "device": "cpu", "nproc": 1}})
+        _run(root, sys.executable, "-m", "stages.train")
+        written.append(_written_by_train(root))
+    assert set(written[0]) == set(written[1])
+    for name in written[0]:
+        assert written[0][name] == written[1][name], f"{name} differs with another thread count"
+
+
 def test_a_changed_mirror_reruns_download(tmp_path):
     project = _git_project(tmp_path / "p", {"data": {"sample": {"images": 24, "max_side": 160}}})
     # a mirror in the Open Images layout: what the sample source writes to data/raw

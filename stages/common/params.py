@@ -51,6 +51,24 @@ MAX_EPOCHS = 10_000
 MAX_SPEED_RUNS = 10_000  # timed forward passes: more only makes the stage slower
 MAX_MISTAKES = 256  # subplots of the mistakes figure: more is unreadable and minutes to draw
 
+# The keys whose value changes no byte any stage writes (timing figures aside: they measure the
+# machine, and these keys only make a stage faster or slower), so no stage lists them as a DVC
+# param and `dvc exp run -S crops.workers=8` reruns nothing. Each with the reason it cannot
+# change an output; tests/test_layout.py checks dvc.yaml against this map.
+NO_OUTPUT = {
+    "data.zoo.num_workers": "images fetched at once: FiftyOne fetches the same chosen images, "
+                            "each whole, and download copies them in its own sorted order",
+    "data.zoo.timeout": "how long download waits on the network: a run gets every chosen file "
+                        "whole or fails, it never writes other data",
+    "crops.workers": "processes: each box's crop and placement is drawn from a seed of its own, "
+                     "so the bytes are the same for any count (tests/test_crops.py)",
+    "train.num_workers": "threads that decode and augment crops: each crop is decoded and "
+                         "jittered alone, with draws that are functions of (seed, epoch, crop) "
+                         "(tests/test_reproducibility.py)",
+    "train.pin_memory": "CUDA page-locked host copies: the same values reach the GPU, only "
+                        "without blocking",
+}
+
 
 def _expect(text: str) -> Any:
     """What a key accepts, in words, for a rule pydantic cannot describe from the type."""

@@ -8,7 +8,7 @@ Writes  data/model/best.pt      the best val-loss epoch's weights, with arch, cl
         plots/train/            per-epoch history (DVCLive)
         metrics/train.json      the best epoch's figures, epochs run, speed, processes, precision
         data/train_state/       what a killed run resumes from (state.py; docs/reliability.md)
-Params  seed, model.*, train.*
+Params  seed, model.*, train.* but train.num_workers and train.pin_memory (they change no byte)
 
 Focal loss, AdamW, CosineAnnealingLR stepped per epoch, early stopping on val loss (recipe.py).
 Read top to bottom: :func:`main` -> :func:`run`, which calls :func:`load_splits`, :func:`build`,
@@ -53,12 +53,15 @@ MODEL_DIR = Path("data/model")
 LIVE_DIR = Path("plots/train")
 METRICS_FILE = Path("metrics/train.json")
 # What the checkpoint records as the recipe, in this order (the checkpoint's bytes follow it).
+# Not train.num_workers or train.pin_memory: they change no byte train writes
+# (params.NO_OUTPUT), so they are neither here, nor in the resume fingerprint, nor DVC params.
 RECIPE_MODEL = ("arch", "weights", "zero_init_residual", "dropout", "trainable")
 RECIPE_TRAIN = ("epochs", "batch_size", "lr", "t_max_ratio", "weight_decay", "focal_alpha",
-                "focal_gamma", "patience", "num_workers", "device")
-# How the run is spread and, on CUDA, its precision and speed-ups: not in the checkpoint's
-# recipe (the same weights come out either way on one process), but in the resume fingerprint.
-SCALE_TRAIN = ("nproc", "amp", "compile", "pin_memory")
+                "focal_gamma", "patience", "device")
+# How the run is spread and, on CUDA, its precision and compilation: not in the checkpoint's
+# recipe, but in the resume fingerprint. The fingerprint's params are exactly train's DVC params
+# (tests/test_layout.py).
+SCALE_TRAIN = ("nproc", "amp", "compile")
 
 
 def recipe(cfg: Params) -> dict:
@@ -68,7 +71,8 @@ def recipe(cfg: Params) -> dict:
 
 
 def fingerprint_params(cfg: Params) -> dict:
-    """Every param train reads, by dotted name (what a resumed state must have been run with)."""
+    """Every param that can change what train writes, by dotted name (what a resumed state must
+    have been run with): the stage's DVC params."""
     return {"seed": cfg.seed, **{f"model.{k}": getattr(cfg.model, k) for k in RECIPE_MODEL},
             **{f"train.{k}": getattr(cfg.train, k) for k in RECIPE_TRAIN + SCALE_TRAIN}}
 

@@ -5,7 +5,7 @@ states, the early-stopping counters, the best epoch's weights and figures, every
 NumPy / Python RNG states and the per-epoch history that DVCLive's plots are rebuilt from. Plain
 types and tensors only, so it loads with ``torch.load(weights_only=True)``.
 
-It also holds a fingerprint of the run: the params train reads, the processes and device, the
+It also holds a fingerprint of the run: the params train depends on, the processes and device, the
 torch version, digests of the train stage's code and of every file in data/split/{train,val}.
 A state whose fingerprint differs from the run's, or that does not load, is ignored with one line
 on stderr, and training starts from scratch. Once a run's outputs are in place the state shrinks
