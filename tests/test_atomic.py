@@ -76,7 +76,7 @@ def test_the_next_write_removes_what_a_sigkill_left(tmp_path):
 
 
 # ---------------------------------------------------------------------------------------------
-# Destinations that are not what they seem (issue 11)
+# Destinations that are not what they seem
 
 @pytest.mark.parametrize("directory", [False, True])
 def test_a_symlink_at_the_destination_is_refused_and_left_alone(tmp_path, directory):

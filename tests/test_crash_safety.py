@@ -20,8 +20,8 @@ What each stage writes, and how (audit):
 
 A kill leaves, at worst, a temporary sibling (data/.crops.tmp-<pid>, metrics/.crops.json.tmp-
 <pid>): never inside a non-persist output, and removed by the next run (atomic.clean_stale;
-before this test atomic_file did not clean, so a kill inside write_json left
-metrics/.<name>.json.tmp-<pid> in the git-tracked metrics/ for good). A kill between the rename of
+a kill inside write_json must not leave metrics/.<name>.json.tmp-<pid> in the git-tracked
+metrics/ for good). A kill between the rename of
 the output directory and the metrics file leaves a complete output with no metrics: the stage is
 still not recorded, so it reruns. extract_crops' worker processes (crops.workers > 1) die with
 the stage; one of them killed alone fails the stage at once (multiprocessing.Pool, used before

@@ -191,7 +191,7 @@ def test_weights_file_of_another_arch_is_refused(tmp_path):
 
 
 # ---------------------------------------------------------------------------------------------
-# Integrity (issue 11): a damaged or foreign file is one line, never an answer or a traceback
+# Integrity: a damaged or foreign file is one line, never an answer or a traceback
 
 META = {"arch": "resnet18", "classes": ["animal", "object", "person"], "image_size": 32,
         "mean": M.IMAGENET_MEAN, "std": M.IMAGENET_STD, "dropout": 0.3}

@@ -224,7 +224,7 @@ def test_first_stage_stops_on_a_bad_key_of_a_later_one(tmp_path):
 
 
 # ---------------------------------------------------------------------------------------------
-# Values that passed the check and crashed or exhausted a stage later (issue 11)
+# Values a later stage would crash on or be exhausted by: refused by the check
 
 @pytest.mark.parametrize("key,value", [
     ("seed", 2**32),                  # np.random.seed in train: ValueError after hours upstream

@@ -269,7 +269,7 @@ def test_checkpoint_that_disagrees_with_the_data_is_refused(tmp_path, models, cl
 
 
 # ---------------------------------------------------------------------------------------------
-# A hostile afternoon (issue 11): pixel bombs, files that blow up, names that lie, outputs that
+# Hostile input: pixel bombs, files that blow up, names that lie, outputs that
 # fail. Exit codes: 0 all classified, 1 some inputs failed, 2 no more answers possible.
 
 def rows_of(stdout: str) -> list[str]:
@@ -516,7 +516,7 @@ def test_exit_codes_0_1_2(run_predict, models, pictures, tmp_path):
 
 
 # ---------------------------------------------------------------------------------------------
-# The ONNX file's integrity, and NaN / infinite logits in every user of a model (issue 11)
+# The ONNX file's integrity, and NaN / infinite logits in every user of a model
 
 def test_a_flipped_bit_in_the_onnx_file_is_refused(models, tmp_path):
     """One flipped bit in model.onnx answered 'object 1.000000'."""
