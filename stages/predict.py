@@ -11,7 +11,7 @@ over in silence. A link to nothing, or a file or folder that cannot be read, get
 the corner colour), centred, so the answer never changes between runs. The model is a train-stage
 checkpoint (PyTorch) or an exported ``.onnx`` file (ONNX Runtime); either carries its own arch,
 class names, image size and normalisation, and a digest of its weights that is checked before it
-answers anything. No network is touched. ``--device auto|cpu|cuda`` (default auto: CUDA when
+answers anything. No network is touched. ``--device auto|cpu|cuda|mps`` (default auto: CUDA when
 there is one) is where a checkpoint runs, batched; an ONNX file runs on the CPU.
 
 Probabilities are calibrated (calibrate's temperature) and each picture gets ``alarm``: its person
@@ -88,9 +88,14 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     parser.add_argument("paths", nargs="+", metavar="PATH", help=PATHS_HELP)
     parser.add_argument("--model", type=Path, default=DEFAULT_MODEL,
                         help=f"checkpoint (.pt) or exported .onnx file (default {DEFAULT_MODEL})")
-    parser.add_argument("--format", choices=["table", "json", "csv"], default="table")
+    parser.add_argument("--format", choices=["table", "json", "csv"], default="table",
+                        help="table: aligned columns for people (default); csv: one row per "
+                             "picture with every class's probability; json: one document, a "
+                             "header (model, classes, operating point) and one record a picture")
     parser.add_argument("--top-k", type=int, default=None,
-                        help="classes listed per picture in the table, best first (default all)")
+                        help="classes listed per picture, best first, in the table's last "
+                             "column and JSON's top_k (default all); the CSV always holds every "
+                             "class")
     parser.add_argument("--batch-size", type=int, default=32,
                         help=f"pictures per forward pass (1 to {MAX_BATCH})")
     parser.add_argument("--max-image-pixels", type=int, default=DEFAULT_MAX_IMAGE_PIXELS,
@@ -100,9 +105,9 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     parser.add_argument("--person-threshold", type=float, default=None, metavar="X",
                         help="raise the alarm when the person probability is >= X (0 to 1), "
                              "instead of the model's operating point")
-    parser.add_argument("--device", choices=["auto", "cpu", "cuda"], default="auto",
-                        help="where a .pt checkpoint runs (auto: cuda when there is one); an "
-                             ".onnx model runs on the CPU")
+    parser.add_argument("--device", choices=["auto", "cpu", "cuda", "mps"], default="auto",
+                        help="where a .pt checkpoint runs (auto: cuda, then mps, then cpu, "
+                             "whichever there is); an .onnx model runs on the CPU")
     return parser.parse_args(argv)
 
 

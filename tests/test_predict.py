@@ -674,3 +674,31 @@ def test_predict_help_says_which_files_of_a_folder_are_pictures(capsys):
         predict.parse_args(["--help"])
     text = " ".join(capsys.readouterr().out.split())
     assert "links followed" in text and ".jfif" in text and "first bytes" in text
+
+
+def test_predict_help_explains_every_option_and_offers_every_device(capsys):
+    import argparse
+    import typing
+
+    from stages.common.params import Evaluate
+
+    seen: list[argparse.Action] = []
+    real = argparse.ArgumentParser.add_argument
+
+    def spy(self, *args, **kwargs):
+        seen.append(real(self, *args, **kwargs))
+        return seen[-1]
+
+    with pytest.MonkeyPatch.context() as mp:
+        mp.setattr(argparse.ArgumentParser, "add_argument", spy)
+        with pytest.raises(SystemExit):
+            predict.parse_args(["--help"])
+    options = [a for a in seen if a.option_strings and a.dest != "help"]
+    assert options, "no option was declared"
+    silent = [a.option_strings[0] for a in options if not a.help]
+    assert not silent, f"options without help text: {silent}"
+    device = next(a for a in options if a.dest == "device")
+    # the stages' device param and predict's option offer the same choices
+    assert list(device.choices) == list(typing.get_args(Evaluate.model_fields["device"].annotation))
+    text = " ".join(capsys.readouterr().out.split())
+    assert "mps" in text and "the CSV always holds every class" in text
