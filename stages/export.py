@@ -105,7 +105,7 @@ def with_point(scores: dict, point: dict) -> dict:
     file: the card states the threshold and temperature the model answers with."""
     op = {**scores["operating_point"], "threshold": point["threshold"],
           "threshold_log_odds": point["threshold_log_odds"],
-          "target_recall": point["target_recall"]}
+          "target_recall": point["target_recall"], "fitted_on": point.get("fitted_on")}
     cal = scores.get("calibration")  # without it the card says "not calibrated"
     cal = cal and {**cal, "temperature": round(point["temperature"], 4)}
     return {**scores, "operating_point": op, "calibration": cal}
@@ -155,16 +155,20 @@ def alarm_section(scores: dict) -> str:
            f"{op.get('test_person_recall_lower_95')}, target {op['target_recall']}).")
     shown = threshold_text(op["threshold"], op["threshold_log_odds"])
     return f"""## Person alarm (operating point)
-Scores are calibrated by temperature scaling (T = {cal['temperature']}, fitted on val or the
-calibration split; test
-expected calibration error {cal['ece_before']} before, {cal['ece_after']} after). A crop raises
-the alarm when its calibrated person probability is >= **{shown}**, chosen for person recall
->= {op['target_recall']} (`calibrate.person_recall_target`) with the fewest false
-alarms.{guarantee_text(op)} On test: person recall {op['test_person_recall']}, precision {op['test_person_precision']},
+Scores are calibrated by temperature scaling (T = {cal['temperature']}, fitted on
+`{op.get('fitted_on') or 'data/split/val'}`; test expected calibration error {cal['ece_before']}
+before, {cal['ece_after']} after). A crop raises the alarm when its calibrated person probability
+is >= **{shown}**, chosen for person recall >= {op['target_recall']}
+(`calibrate.person_recall_target`) with the fewest false alarms.{guarantee_text(op)}
+
+On test: person recall {op['test_person_recall']}, precision {op['test_person_precision']},
 {op['false_alarms_per_1000']} false alarms per 1,000 non-person crops
 ({op['test_persons_missed']} of {op['test_persons']} persons missed, {op['test_false_alarms']}
-of {op['test_non_persons']} animals and objects raised). {sentence} {bounds or ""}{met} The ONNX
-file carries this operating point; `python -m stages.predict` reports `alarm` with it."""
+of {op['test_non_persons']} animals and objects raised). {sentence} {bounds or ""}{met}
+
+The ONNX file carries this operating point; `python -m stages.predict` reports `alarm` with it.
+How the point is chosen and what each rule promises: docs/stages.md, "The person alarm's
+operating point"."""
 
 
 def card_recipe(cfg: params.Params) -> dict:
