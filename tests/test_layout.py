@@ -13,6 +13,8 @@
 """
 import ast
 import re
+import subprocess
+import sys
 from pathlib import Path
 
 import yaml
@@ -219,6 +221,16 @@ def test_rooms_import_only_the_rooms_below_them():
                 offences.append(f"{name} imports {dep}: {room} may import only "
                                 f"{sorted(ALLOWED[room]) or 'nothing shared'}")
     assert not offences, "\n".join(offences)
+
+
+def test_params_and_the_arch_facts_import_no_torch():
+    """Every stage checks params.yaml first, in milliseconds: the schema and the facts it checks
+    against (model.archs, the alarm's label, picture limits) must not pull in torch."""
+    code = ("import sys, stages.common.config.params, stages.common.model.archs; "
+            "print(sorted(m for m in ('torch', 'torchvision') if m in sys.modules))")
+    out = subprocess.run([sys.executable, "-c", code], cwd=ROOT, capture_output=True, text=True,
+                         check=True).stdout
+    assert out.strip() == "[]"
 
 
 def rooms_map() -> str:
