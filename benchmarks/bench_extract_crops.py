@@ -34,7 +34,7 @@ import numpy as np
 import pandas as pd
 import yaml
 
-from stages.common import crops, openimages
+from stages.common.pictures import crops, openimages
 
 ROOT = Path(__file__).resolve().parents[1]
 

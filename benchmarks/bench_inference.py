@@ -6,8 +6,8 @@ PyTorch eager fp32 NCHW, eager channels_last (what evaluate and predict use), an
     python -m benchmarks.bench_inference --device cuda      # eager only: ORT here is CPU-only
 
 Same weights and inputs for every runtime (outputs compared, must agree to 1e-3). Timings are
-medians after warm-up (stages.common.speed, the timer of evaluate and export), models in eval
-mode under torch.inference_mode. Untrained weights: speed does not depend on their values.
+medians after warm-up (stages.common.inference.speed, the timer of evaluate and export), models in
+eval mode under torch.inference_mode. Untrained weights: speed does not depend on their values.
 """
 from __future__ import annotations
 
@@ -18,9 +18,10 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from stages.common.model import IMAGENET_MEAN, IMAGENET_STD, build_model
-from stages.common.onnx_model import OnnxClassifier, export
-from stages.common.speed import speed_figures
+from stages.common.inference.speed import speed_figures
+from stages.common.model.build import IMAGENET_MEAN, IMAGENET_STD, build_model
+from stages.common.model.onnx import export
+from stages.common.serving.classifiers import OnnxClassifier
 
 
 def runtimes(model, size: int, device: torch.device, tmp: Path):

@@ -8,8 +8,8 @@ Each reader runs alone in a fresh process, so its peak RSS (getrusage ru_maxrss,
 the ~100 MB of Python + pandas) is its own:
   whole_file        pd.read_csv of everything, default dtypes (what a loader that keeps all boxes
                     in memory pays; FiftyOne's is OOM-killed on this file)
-  read_detections   stages.common.openimages.read_detections with the wanted MIDs of params.yaml
-                    (extract_crops)
+  read_detections   stages.common.pictures.openimages.read_detections with the wanted MIDs of
+                    params.yaml (extract_crops)
   rows_for_images   stages.download.rows_for_images with 62,000 ImageIDs drawn from the file
                     (download's normalisation of a zoo download; the report's 62,000 images)
 """
@@ -27,7 +27,7 @@ import numpy as np
 import pandas as pd
 import yaml
 
-from stages.common.openimages import CLASSES
+from stages.common.pictures.openimages import CLASSES
 
 ROOT = Path(__file__).resolve().parents[1]
 READERS = ["whole_file", "read_detections", "rows_for_images"]
@@ -49,7 +49,7 @@ def sample_image_ids(path: Path, n: int, out: Path) -> None:
 def run_one(reader: str, path: Path, ids_file: Path) -> dict:
     """In this (fresh) process: run one reader, return rows, seconds and peak RSS."""
     sys.path.insert(0, str(ROOT))
-    from stages.common.openimages import read_detections
+    from stages.common.pictures.openimages import read_detections
     from stages.download.stage import rows_for_images
 
     started = time.perf_counter()

@@ -14,7 +14,8 @@
   loader  images/s a data path can deliver, nothing else, on JPEG crops of the same size:
           per-image   the path before (ImageFolder + RandomHorizontalFlip, ColorJitter, ToTensor,
                       Normalize per image in a DataLoader of --loader-workers processes)
-          stage       the stage's path: the crops decoded once (stages.common.batches.CropSet),
+          stage       the stage's path: the crops decoded once
+                      (stages.common.inference.batches.CropSet),
                       flip + jitter on whole batches (stages.train.augment: OpenCV threads on the
                       CPU, torch on a GPU), normalised, prepared ahead of the step
   compile (CUDA, --compile) the stage step under torch.compile: the compile time, the compiled
@@ -36,9 +37,10 @@ import cv2
 import numpy as np
 import torch
 
-from stages.common.batches import CropSet, batches
-from stages.common.model import IMAGENET_MEAN, IMAGENET_STD, build_model, freeze, frozen_prefix
-from stages.common.params import trainable_modules
+from stages.common.config.params import trainable_modules
+from stages.common.inference.batches import CropSet, batches
+from stages.common.model.build import (IMAGENET_MEAN, IMAGENET_STD, build_model, freeze,
+                                       frozen_prefix)
 from stages.train import stage as train
 from stages.train.augment import Augment
 from stages.train.data import EpochOrder, prefetched

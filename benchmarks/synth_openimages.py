@@ -26,7 +26,7 @@ import numpy as np
 import pandas as pd
 import yaml
 
-from stages.common.openimages import DETECTION_COLUMNS, write_classes, write_detections
+from stages.common.pictures.openimages import DETECTION_COLUMNS, write_classes, write_detections
 
 ROOT = Path(__file__).resolve().parents[1]
 LONG_SIDE = 1024

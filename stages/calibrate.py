@@ -5,20 +5,20 @@ Reads data/model/best.pt and data/split/val, or data/split/calibration when
 ``split.calibration`` > 0 (val also picks the best epoch, which flatters both numbers below; the
 test split stays unseen until evaluate), and writes data/calibration/operating_point.json:
   * ``temperature``: one scalar that divides the logits before the softmax, fitted by minimising
-    the negative log-likelihood (stages.common.calibration), with a seeded bootstrap interval
+    the negative log-likelihood (stages.common.alarm.calibration), with a seeded bootstrap interval
     (``temperature_interval``); stderr warns when T sits at an end of its range or the crops
     hold no error to learn from;
   * ``threshold``: the calibrated person probability at or above which a picture raises the
     alarm, on the order statistic of the person scores that ``calibrate.guarantee`` chooses
-    (stages.common.guarantee: ``none`` reaches ``calibrate.person_recall_target`` on these crops,
-    ``average`` on new persons on average, ``probability`` on new persons with probability
+    (stages.common.alarm.guarantee: ``none`` reaches ``calibrate.person_recall_target`` on these
+    crops, ``average`` on new persons on average, ``probability`` on new persons with probability
     >= 1 - ``calibrate.delta``), halfway (in log-odds) to the first non-person below it;
   * the figures at that point (``val``, whichever split it was fitted on): recall and false
     alarms with their one-sided 95 % Clopper-Pearson bounds, what the threshold promises on new
     persons, the checkpoint's SHA-256 (predict uses the file only for that checkpoint), and
     whether the split held enough persons for the rule (``persons_needed``; fewer: every person
     there must raise the alarm, ``resolved: false``, and the stage says so in one line).
-  * ``point_sha256``: the seal over all of the above (stages.common.calibration.seal); every
+  * ``point_sha256``: the seal over all of the above (stages.common.alarm.calibration.seal); every
     reader refuses a file whose content no longer matches it.
 evaluate scores the operating point on test; export embeds it in the ONNX file; predict answers
 with it.
@@ -30,22 +30,21 @@ from pathlib import Path
 
 import torch
 
-from stages.common import params
-from stages.common.atomic import write_json
-from stages.common.calibration import (ALARM_LABEL, FORMAT, OPERATING_POINT, alarm_figures,
-                                       ece, fit_temperature, nll, person_log_odds,
-                                       person_threshold, persons_needed, probability,
-                                       seal, softmax, temperature_interval, temperature_warnings,
-                                       threshold_order, threshold_text)
-from stages.common.digest import file_sha256
-from stages.common.errors import StageError, main_guard
-from stages.common.guarantee import alarm_bounds, assurance
-from stages.common.model import load_checkpoint, pick_device
-from stages.common.predictor import labelled_logits
+from stages.common.alarm.calibration import (ALARM_LABEL, FORMAT, alarm_figures, ece,
+                                             fit_temperature, nll, person_log_odds,
+                                             person_threshold, persons_needed, probability, seal,
+                                             softmax, temperature_interval, temperature_warnings,
+                                             threshold_order, threshold_text)
+from stages.common.alarm.guarantee import alarm_bounds, assurance
+from stages.common.config import params
+from stages.common.config.paths import CALIBRATION_SPLIT, CHECKPOINT, OPERATING_POINT, VAL_SPLIT
+from stages.common.inference.logits import labelled_logits
+from stages.common.infra.atomic import write_json
+from stages.common.infra.digest import file_sha256
+from stages.common.infra.errors import StageError, main_guard
+from stages.common.model.build import load_checkpoint
+from stages.common.model.device import pick_device
 
-CHECKPOINT = Path("data/model/best.pt")
-VAL_DIR = Path("data/split/val")
-CALIBRATION_DIR = Path("data/split/calibration")
 
 
 def operating_point(logits, targets, classes: list[str], target: float,
@@ -93,7 +92,7 @@ def unresolved_line(point: dict, source: Path) -> str | None:
 def main() -> None:
     everything = params.load()
     cfg = everything.calibrate
-    source = CALIBRATION_DIR if everything.split.calibration > 0 else VAL_DIR
+    source = CALIBRATION_SPLIT if everything.split.calibration > 0 else VAL_SPLIT
     device = pick_device(cfg.device)
     model, meta = load_checkpoint(CHECKPOINT)
     model = model.to(device, memory_format=torch.channels_last)

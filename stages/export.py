@@ -10,7 +10,8 @@ and its threshold and temperature are read back from the model file:
   * parity on the test crops: max absolute logit difference and top-1 agreement between ONNX
     Runtime and PyTorch; the stage fails when the difference exceeds ``export.parity_atol``;
   * speed on the CPU, both runtimes on the same threads and the same inputs: ms per image at
-    batch 1 and images/s at ``export.batch_size`` (stages.common.speed, as evaluate measures).
+    batch 1 and images/s at ``export.batch_size`` (stages.common.inference.speed, as evaluate
+    measures).
 """
 from __future__ import annotations
 
@@ -21,25 +22,23 @@ import numpy as np
 import torch
 import yaml
 
-from stages.common import params
-from stages.common.atomic import atomic_dir, write_json
-from stages.common.batches import normalise
-from stages.common.calibration import (OPERATING_POINT, bound_sentence, embedded,
-                                       operating_point_for, operator_sentence, threshold_text)
-from stages.common.errors import StageError, main_guard
-from stages.common.model import check_logits, load_checkpoint
-from stages.common.onnx_model import OnnxClassifier, export
-from stages.common.predictor import TorchClassifier, checked_crops
-from stages.common.speed import speed_figures
+from stages.common.alarm.calibration import (bound_sentence, embedded, operating_point_for,
+                                             operator_sentence, threshold_text)
+from stages.common.config import params
+from stages.common.config.paths import (CHECKPOINT, EVAL_METRICS, EXPORT_DIR, EXPORT_METRICS,
+                                        MODEL_DIR, OPERATING_POINT, SPLIT_METRICS, TEST_SPLIT)
+from stages.common.inference.batches import normalise
+from stages.common.inference.logits import checked_crops
+from stages.common.inference.speed import speed_figures
+from stages.common.infra.atomic import atomic_dir, write_json
+from stages.common.infra.errors import StageError, main_guard
+from stages.common.model.build import load_checkpoint
+from stages.common.model.checkpoint import check_logits
+from stages.common.model.onnx import export
+from stages.common.serving.classifiers import OnnxClassifier, TorchClassifier
 
-CHECKPOINT = Path("data/model/best.pt")
-TEST_DIR = Path("data/split/test")
-EXPORT_DIR = Path("data/export")
 ONNX_FILE = "model.onnx"
-METRICS_FILE = Path("metrics/export.json")
 CARD_FILE = "MODEL_CARD.md"
-EVAL_METRICS = Path("metrics/eval.json")
-SPLIT_METRICS = Path("metrics/split.json")
 LOCK_FILE = Path("dvc.lock")
 DATA_STAGES = ("download", "extract_crops", "split")
 # The params that define the model and its data: every param download, extract_crops, split and
@@ -63,7 +62,7 @@ PARAMS = CARD_PARAMS + ("export",)
 
 def test_arrays(meta: dict) -> np.ndarray:
     """Every test crop, normalised as evaluate sees it: N x 3 x S x S float32."""
-    crops = checked_crops(TEST_DIR, meta, CHECKPOINT, torch.device("cpu"))
+    crops = checked_crops(TEST_SPLIT, meta, CHECKPOINT, torch.device("cpu"))
     return normalise(crops.pixels, meta["mean"], meta["std"]).contiguous().numpy()
 
 
@@ -254,7 +253,7 @@ parity with PyTorch: max abs logit difference {export_figures['parity']['max_abs
 on {export_figures['parity']['test_crops']} test crops.
 
 ## Rebuild
-`git log -S <md5 of data/model in dvc.lock> -- dvc.lock` finds the commit; then
+`git log -S <md5 of {MODEL_DIR} in dvc.lock> -- dvc.lock` finds the commit; then
 `git checkout <commit> && dvc repro` (or `dvc pull` from the team's remote for these exact bytes).
 Data stages give the same bytes on every machine; training the same bytes on one machine with one
 thread count (docs/reproducibility.md).
@@ -266,7 +265,7 @@ def main() -> None:
     everything = params.load()
     cfg = everything.export
     model, meta = load_checkpoint(CHECKPOINT)
-    point = operating_point_for(CHECKPOINT)  # predict answers with it
+    point = operating_point_for(CHECKPOINT, OPERATING_POINT)  # predict answers with it
     images = test_arrays(meta)
 
     n = cfg.batch_size
@@ -304,7 +303,7 @@ def main() -> None:
             everything, meta, with_point(scores, onnx.operating_point),
             read_metrics(SPLIT_METRICS), data_hashes(), figures))
 
-    write_json(METRICS_FILE, figures)
+    write_json(EXPORT_METRICS, figures)
     e, o = speed["pytorch_eager"], speed["onnxruntime"]
     print(f"{EXPORT_DIR / ONNX_FILE}: {meta['arch']}, {size_mb} MB, opset {cfg.opset}, "
           f"dynamic batch\n"

@@ -55,18 +55,18 @@ from typing import Iterator, TextIO
 
 import torch
 
-from stages.common.calibration import ALARM_LABEL, OPERATING_POINT, log_odds, person_log_odds
-from stages.common.errors import (DISK_FULL, ArgumentParser, ParamError, StageError,
-                                  main_guard)
-from stages.common.model import pick_device
-from stages.common.params import MAX_BATCH
-from stages.common.pictures import (DEFAULT_MAX_IMAGE_PIXELS, MAX_IMAGE_PIXELS,
-                                    PICTURE_SUFFIXES)
-from stages.common.predictor import (Prediction, Skipped, expand, load_classifier,
-                                     predict_paths)
-from stages.common.progress import is_terminal, tracked
+from stages.common.alarm.calibration import ALARM_LABEL, log_odds, person_log_odds
+from stages.common.config.params import MAX_BATCH
+from stages.common.config.paths import CHECKPOINT, OPERATING_POINT
+from stages.common.infra.errors import DISK_FULL, ArgumentParser, ParamError, StageError, main_guard
+from stages.common.infra.progress import is_terminal, tracked
+from stages.common.model.device import pick_device
+from stages.common.pictures.decode import (DEFAULT_MAX_IMAGE_PIXELS, MAX_IMAGE_PIXELS,
+                                           PICTURE_SUFFIXES)
+from stages.common.serving.classifiers import load_classifier
+from stages.common.serving.predictor import Prediction, Skipped, expand, predict_paths
 
-DEFAULT_MODEL = Path("data/model/best.pt")
+DEFAULT_MODEL = CHECKPOINT
 
 
 PATHS_HELP = ("picture files or folders. A folder is walked recursively, links followed (each "
@@ -151,7 +151,7 @@ def ranked(pred: Prediction, classes: list[str], k: int) -> list[tuple[str, floa
 
 class Alarm:
     """When a picture raises the alarm: its calibrated person probability >= the threshold,
-    compared as log-odds from the logits (stages.common.calibration: no rounding to 1.0); with
+    compared as log-odds from the logits (stages.common.alarm.calibration: no rounding to 1.0); with
     no threshold, person as the top label."""
 
     def __init__(self, classes: list[str], threshold: tuple[float, float] | None,

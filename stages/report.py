@@ -38,14 +38,14 @@ import sys
 import tempfile
 from pathlib import Path
 
-from stages.common import dvc_internals
-from stages.common.atomic import atomic_file, refuse_odd_destination
-from stages.common.calibration import (_number, bound_sentence, operator_sentence,
-                                       threshold_text)
-from stages.common.errors import ArgumentParser, ParamError, StageError, main_guard
+from stages.common.alarm.calibration import (_number, bound_sentence, operator_sentence,
+                                             threshold_text)
+from stages.common.config.paths import EVAL_METRICS
+from stages.common.infra import dvc_internals
+from stages.common.infra.atomic import atomic_file, refuse_odd_destination
+from stages.common.infra.errors import ArgumentParser, ParamError, StageError, main_guard
 
 DEFAULT_OUT = Path("dvc_plots/report.html")  # beside dvc plots show's index.html, git-ignored
-EVAL_METRICS = "metrics/eval.json"  # evaluate's, where the operating point is
 IMAGE_TYPES = {".png": "image/png", ".jpg": "image/jpeg", ".jpeg": "image/jpeg",
                ".svg": "image/svg+xml", ".gif": "image/gif"}
 CSP = "default-src 'none'; img-src data:; style-src 'unsafe-inline'"
@@ -342,7 +342,7 @@ def build(repo: Path, revs: list[str] | None = None) -> tuple[str, list[str], li
     metrics_part = compared_metrics_html(table, unreadable, columns, missing, failed)
     prefix = "operating_point."
     points = {rev: {key[len(prefix):]: values[rev]
-                    for key, values in table.get(EVAL_METRICS, {}).items()
+                    for key, values in table.get(EVAL_METRICS.as_posix(), {}).items()
                     if key.startswith(prefix) and rev in values} for rev in columns}
     failed += [f"{EVAL_METRICS} in {rev}: invalid operating point: {problem}"
                for rev, point in points.items() if (problem := operating_point_problem(point))]

@@ -17,11 +17,14 @@ from pathlib import Path
 
 import torch
 
-from stages.common.errors import ArgumentParser, StageError, main_guard
-from stages.common.predictor import checked_crops, load_classifier, predict_paths
+from stages.common.config.paths import CHECKPOINT, TEST_SPLIT
+from stages.common.inference.logits import checked_crops
+from stages.common.infra.errors import ArgumentParser, StageError, main_guard
+from stages.common.serving.classifiers import load_classifier
+from stages.common.serving.predictor import predict_paths
 
-DEFAULT_MODEL = Path("data/model/best.pt")
-DEFAULT_SPLIT = Path("data/split/test")
+DEFAULT_MODEL = CHECKPOINT
+DEFAULT_SPLIT = TEST_SPLIT
 DEFAULT_NAME = "perimeter-test"
 
 

@@ -43,13 +43,11 @@ from pathlib import Path
 import numpy as np
 import pandas as pd
 
-from stages.common import params
-from stages.common.atomic import atomic_dir, write_json
-from stages.common.errors import StageError, main_guard
+from stages.common.config import params
+from stages.common.config.paths import CROPS, SPLIT_DIR, SPLIT_METRICS
+from stages.common.infra.atomic import atomic_dir, write_json
+from stages.common.infra.errors import StageError, main_guard
 
-CROPS = Path("data/crops")
-OUT = Path("data/split")
-METRICS = Path("metrics/split.json")
 MANIFEST = "manifest.csv"
 SPLITS = ["train", "val", "test"]
 
@@ -169,14 +167,14 @@ def main() -> None:
     check_splits(frame, splits)
     frame = frame[["crop", "split", "label", "image_id", "source"]].sort_values(
         "crop", kind="mergesort")
-    with atomic_dir(OUT) as tmp:
+    with atomic_dir(SPLIT_DIR) as tmp:
         copy_crops(frame, CROPS, tmp)
         frame.to_csv(tmp / MANIFEST, index=False, lineterminator="\n")
     metrics = summarise(frame, splits)
-    write_json(METRICS, metrics)
+    write_json(SPLIT_METRICS, metrics)
     print("split: " + ", ".join(f"{s} {metrics['crops'][s]['total']} crops / "
                                 f"{metrics['images'][s]} images" for s in splits)
-          + f" -> {OUT}", file=sys.stderr)
+          + f" -> {SPLIT_DIR}", file=sys.stderr)
 
 
 if __name__ == "__main__":

@@ -1,7 +1,7 @@
 """A complete params.yaml for a test: the project's own, with the test's values merged in.
 
-Every stage checks every key of params.yaml before it starts (stages.common.params), so a test
-writes the whole file, not only the section it cares about.
+Every stage checks every key of params.yaml before it starts (stages.common.config.params), so a
+test writes the whole file, not only the section it cares about.
 """
 from __future__ import annotations
 

@@ -10,8 +10,8 @@ from pathlib import Path
 import pytest
 import yaml
 
-from stages.common.atomic import atomic_dir, atomic_file, clean_dead_leftovers, write_json
-from stages.common.errors import StageError
+from stages.common.infra.atomic import atomic_dir, atomic_file, clean_dead_leftovers, write_json
+from stages.common.infra.errors import StageError
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -123,7 +123,7 @@ def test_a_device_or_folder_at_a_file_destination_is_refused(tmp_path):
 def test_a_link_planted_at_the_temporary_name_is_never_written_through(tmp_path, monkeypatch):
     """O_EXCL | O_NOFOLLOW: even if a link sits where the temporary goes (planted after the
     stale-temporary cleanup), the file it points at is untouched."""
-    from stages.common import atomic
+    from stages.common.infra import atomic
 
     victim = tmp_path / "victim"
     victim.write_text("precious")
@@ -138,7 +138,7 @@ def test_a_link_planted_at_the_temporary_name_is_never_written_through(tmp_path,
 def test_a_full_disk_names_the_output_in_one_line(tmp_path, capsys):
     """ENOSPC in the middle of a write: one line naming the output (not its temporary), exit
     code 2, nothing half-written left."""
-    from stages.common.errors import main_guard
+    from stages.common.infra.errors import main_guard
 
     @main_guard
     def stage():

@@ -11,8 +11,8 @@ from scipy import stats
 from torchvision.transforms import ColorJitter
 from torchvision.transforms.v2 import functional as F
 
-from stages.common.batches import normalise
-from stages.common.model import IMAGENET_MEAN as MEAN, IMAGENET_STD as STD
+from stages.common.inference.batches import normalise
+from stages.common.model.build import IMAGENET_MEAN as MEAN, IMAGENET_STD as STD
 from stages.train.augment import (BRIGHTNESS, CONTRAST, SATURATION, Augment, Draws, draw,
                                   jitter_opencv, jitter_torch)
 

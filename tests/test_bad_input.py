@@ -15,8 +15,8 @@ import numpy as np
 import pytest
 from PIL import Image
 
+from stages.common.pictures import decode as pictures
 from stages.extract_crops import stage as extract_crops
-from stages.common import pictures
 from tests import paramfile
 from tests.test_crops import (MID, basic_dataset, box, read_manifest, run_stage, textured,
                               write_params, write_raw)

@@ -10,9 +10,9 @@ import torch
 from PIL import Image
 from torchvision import transforms as T
 
-from stages.common import batches as B
-from stages.common.errors import StageError
-from stages.common.model import IMAGENET_MEAN, IMAGENET_STD
+from stages.common.inference import batches as B
+from stages.common.infra.errors import StageError
+from stages.common.model.build import IMAGENET_MEAN, IMAGENET_STD
 from stages.train.data import prefetched
 
 CPU = torch.device("cpu")

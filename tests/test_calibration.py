@@ -6,8 +6,9 @@ import numpy as np
 import pytest
 
 from stages import calibrate
-from stages.common import calibration as cal
-from stages.common.errors import StageError
+from stages.common.alarm import calibration as cal
+from stages.common.config.paths import OPERATING_POINT
+from stages.common.infra.errors import StageError
 from stages.evaluate.stage import alarm_metrics
 
 
@@ -242,17 +243,17 @@ def test_a_damaged_operating_point_file_is_one_line(tmp_path, change, needle):
 
 
 def test_the_point_beside_a_checkpoint_is_used_only_for_that_checkpoint(tmp_path, monkeypatch):
-    from stages.common.digest import file_sha256
+    from stages.common.infra.digest import file_sha256
 
     monkeypatch.chdir(tmp_path)  # no data/calibration here
     ckpt = tmp_path / "m" / "best.pt"
     ckpt.parent.mkdir()
     ckpt.write_bytes(b"weights")
-    assert cal.beside(ckpt) is None
+    assert cal.beside(ckpt, OPERATING_POINT) is None
     write_point(ckpt.parent / "operating_point.json")  # fitted for other bytes
-    assert cal.beside(ckpt) is None
+    assert cal.beside(ckpt, OPERATING_POINT) is None
     write_point(ckpt.parent / "operating_point.json", model_sha256=file_sha256(ckpt))
-    point = cal.beside(ckpt)
+    point = cal.beside(ckpt, OPERATING_POINT)
     assert point["threshold"] == 0.2 and point["source"] == str(ckpt.parent / "operating_point.json")
     write_point(tmp_path / "other.json")
     with pytest.raises(StageError, match="fitted for another checkpoint"):

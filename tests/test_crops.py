@@ -1,4 +1,5 @@
-"""Crop geometry (stages.common.crops) and the extract_crops stage on tiny hand-made datasets."""
+"""Crop geometry (stages.common.pictures.crops) and the extract_crops stage on tiny hand-made
+datasets."""
 from __future__ import annotations
 
 import hashlib
@@ -11,8 +12,8 @@ import numpy as np
 import pytest
 import yaml
 
+from stages.common.pictures import crops
 from stages.extract_crops import stage as extract_crops
-from stages.common import crops
 from tests import paramfile
 
 CLASSES = {"/m/person": "Person", "/m/man": "Man", "/m/dog": "Dog", "/m/car": "Car",

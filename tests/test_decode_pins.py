@@ -18,7 +18,9 @@ import pytest
 import torch
 from PIL import Image
 
-from stages.common import batches, pictures, predictor
+from stages.common.inference import batches
+from stages.common.pictures import decode as pictures
+from stages.common.serving import predictor
 from stages.extract_crops import stage as extract_crops
 
 PICTURES = Path(__file__).resolve().parent / "pictures"

@@ -19,8 +19,8 @@ import numpy as np
 import pytest
 import torch
 
-from stages.common.batches import CropSet, batches
-from stages.common.model import load_checkpoint
+from stages.common.inference.batches import CropSet, batches
+from stages.common.model.build import load_checkpoint
 from stages.train import stage as train
 from stages.train.distributed import World, shard_indices
 from stages.train.recipe import FocalLoss

@@ -20,10 +20,9 @@ import pandas as pd
 import pytest
 import yaml
 
-from stages.download import stage as download
-from stages.common import crops
-from stages.download import sample_data
-from stages.common.openimages import DETECTION_COLUMNS, read_classes, read_detections
+from stages.common.pictures import crops
+from stages.common.pictures.openimages import DETECTION_COLUMNS, read_classes, read_detections
+from stages.download import sample_data, stage as download
 from tests import paramfile
 
 REPO = Path(__file__).resolve().parents[1]

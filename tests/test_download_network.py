@@ -26,7 +26,7 @@ from urllib.parse import urlsplit
 
 import pytest
 
-from stages.common import progress
+from stages.common.infra import progress
 from stages.download import zoo
 from tests import paramfile
 from tests.test_download import REAL_MIDS, ZOO_URLS, make_zoo_split, tree_digest, write_params

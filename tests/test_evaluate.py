@@ -38,10 +38,10 @@ def test_confusion_csv_has_one_row_per_crop_with_names(tmp_path):
 def test_curve_thresholds_are_log_odds_and_the_roc_start_is_inf(tmp_path, monkeypatch):
     import pandas as pd
 
-    from stages.common.calibration import person_log_odds
+    from stages.common.alarm.calibration import person_log_odds
     from stages.evaluate import stage
 
-    monkeypatch.setattr(stage, "PLOTS_DIR", tmp_path)
+    monkeypatch.setattr(stage, "EVAL_PLOTS", tmp_path)
     rng = np.random.default_rng(0)
     targets = rng.integers(0, 3, 200)
     # confident logits: most person probabilities round to 1.0 in float64

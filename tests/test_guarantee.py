@@ -8,8 +8,8 @@ import pytest
 from scipy.stats import binom, norm
 
 from stages import calibrate
-from stages.common import calibration as cal
-from stages.common import guarantee as g
+from stages.common.alarm import calibration as cal, guarantee as g
+from stages.common.config.paths import OPERATING_POINT
 from tests import paramfile
 
 DRAWS = 2000
@@ -162,7 +162,7 @@ def test_too_few_persons_for_the_rule_is_one_line_and_recorded(rule, needed):
     val = point["val"]
     assert (point["guarantee"], val["persons_needed"], val["resolved"]) == (rule, needed, False)
     assert val["persons_missed"] == 0 and val["order_statistic"] == persons  # every one alarms
-    line = calibrate.unresolved_line(point, calibrate.VAL_DIR)
+    line = calibrate.unresolved_line(point, calibrate.VAL_SPLIT)
     assert f"holds {persons} persons" in line and f"{rule} needs {needed}" in line
     assert "\n" not in line
 
@@ -172,7 +172,7 @@ def test_a_resolved_point_records_bounds_assurance_and_the_temperature_interval(
     point = calibrate.operating_point(logits * 2.0, targets, ["animal", "object", "person"],
                                       0.95, "probability", 0.05, seed=3)
     val = point["val"]
-    assert val["resolved"] and calibrate.unresolved_line(point, calibrate.VAL_DIR) is None
+    assert val["resolved"] and calibrate.unresolved_line(point, calibrate.VAL_SPLIT) is None
     assert val["chance_recall_below_target"] <= 0.05
     assert val["person_recall_lower_95"] <= val["person_recall"]
     assert val["target_met"] == (g.lower_bound(val["persons"] - val["persons_missed"],
@@ -224,11 +224,11 @@ def test_calibrate_reads_the_calibration_split_when_it_has_a_share(tmp_path, mon
     monkeypatch.setattr(calibrate, "load_checkpoint",
                         lambda path: (FakeModel(), {"classes": ["animal", "object", "person"]}))
     monkeypatch.setattr(calibrate, "labelled_logits", fake_logits)
-    for share, folder in [(0, calibrate.VAL_DIR), (0.1, calibrate.CALIBRATION_DIR)]:
+    for share, folder in [(0, calibrate.VAL_SPLIT), (0.1, calibrate.CALIBRATION_SPLIT)]:
         paramfile.write(tmp_path, {"split": {"calibration": share},
                                    "calibrate": {"device": "cpu"}})
         calibrate.main()
-        point = json.loads((tmp_path / cal.OPERATING_POINT).read_text())
+        point = json.loads((tmp_path / OPERATING_POINT).read_text())
         assert read[-1] == folder and point["fitted_on"] == str(folder)
         err = capsys.readouterr().err
         assert f"warning: {folder} holds" in err and "probability needs 299" in err

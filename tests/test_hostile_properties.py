@@ -15,8 +15,8 @@ import pandas as pd
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
-from stages.common import crops, openimages, pictures
-from stages.common.params import parse
+from stages.common.config.params import parse
+from stages.common.pictures import crops, decode as pictures, openimages
 from stages.extract_crops import stage as extract_crops
 from tests import paramfile
 

@@ -1,6 +1,6 @@
 """The adapters that touch FiftyOne's, DVC's and DVCLive's private names hold what they declare.
 
-stages/download/fiftyone_internals.py and stages/common/dvc_internals.py are the only modules
+stages/download/fiftyone_internals.py and stages/common/infra/dvc_internals.py are the only modules
 that reach into a library's internals (tests/test_layout.py). These tests fail, naming the
 attribute and the pinned version, when the installed library lacks a name an adapter uses or
 takes other parameters, or when the pins drift apart; and show that an adapter refuses in one
@@ -17,9 +17,9 @@ from pathlib import Path
 
 import pytest
 
-from stages.common import dvc_internals, internals
-from stages.common.errors import StageError
-from stages.common.internals import Library, Private
+from stages.common.infra import dvc_internals, internals
+from stages.common.infra.errors import StageError
+from stages.common.infra.internals import Library, Private
 from stages.download import fiftyone_internals, zoo
 from tests.test_download import run_stage, write_params
 
@@ -201,6 +201,6 @@ def test_dvc_adapter_refuses_another_version_in_one_line(
     monkeypatch.setattr(internals, "installed",
                         lambda dist: "3.99.0" if dist == "dvc" else real(dist))
     with pytest.raises(StageError, match=r"^dvc 3\.99\.0 is installed, but "
-                                         r"stages/common/dvc_internals\.py was written against "
+                                         r"stages/common/infra/dvc_internals\.py was written against "
                                          r"dvc 3\.67\.1's internals; .*or run without --rev"):
         dvc_internals.revision_resolver(tmp_path)

@@ -1,11 +1,14 @@
 """The tree mirrors dvc.yaml, and stays so.
 
 - every DVC stage is ``stages/<name>.py`` or a package ``stages/<name>/`` holding its own parts;
-- ``stages/common/`` holds only what two or more stages (or commands) use;
+- ``stages/common/`` holds only what two or more stages (or commands) use, in rooms by
+  responsibility (:data:`ROOMS`), each room importing only the rooms below it (:data:`ALLOWED`),
+  and docs/stages.md opens with that map;
 - no import cycle among the project's modules;
 - a stage's code deps in dvc.yaml are exactly its module or package plus the stages/common
   modules it imports (transitively), but the few that never change what a stage writes;
-- only the adapters (stages/download/fiftyone_internals.py, stages/common/dvc_internals.py)
+- every artifact path is named once, in stages/common/config/paths.py, and agrees with dvc.yaml;
+- only the adapters (stages/download/fiftyone_internals.py, stages/common/infra/dvc_internals.py)
   touch FiftyOne's, DVC's or DVCLive's internals;
 - a stage's params in dvc.yaml hold no key that changes no output (params.NO_OUTPUT, each with
   its reason), every other key is some stage's param, and export's list is the model card's.
@@ -13,20 +16,61 @@
 import ast
 import functools
 import re
+import subprocess
+import sys
 from pathlib import Path
 
 import yaml
 
-from stages.common import dvc_internals
+from stages.common.config import paths
+from stages.common.infra import dvc_internals
 from stages.download import fiftyone_internals
-from stages.common.params import NO_OUTPUT, Params, Section, load
+from stages.common.config.params import NO_OUTPUT, Params, Section, load
 
 ROOT = Path(__file__).resolve().parents[1]
 STAGES = ROOT / "stages"
 COMMON = STAGES / "common"
-# Shared modules that check, report or write, never change an output: not code deps in dvc.yaml.
-NOT_DEPS = {"errors", "params", "atomic", "processes", "progress", "internals"}
+# The rooms of stages/common, each what its package's docstring says, lowest first.
+ROOMS = {
+    "infra": "Running a stage: one-line errors, atomic writes, progress, processes, digests, "
+             "adapters.",
+    "pictures": "Picture files: one decoder, crop geometry and letterbox, the Open Images file "
+                "layout.",
+    "model": "The classifier: arch facts without torch, building, checkpoint format, device, ONNX "
+             "export.",
+    "alarm": "The person alarm: temperature, threshold, sealed operating point, what the "
+             "threshold promises.",
+    "config": "What a run is told: params.yaml's schema and loader, every artifact path of the "
+              "pipeline.",
+    "inference": "A model over labelled crops: crops decoded once and batched, checked logits, "
+                 "speed.",
+    "serving": "Answering for picture files: PyTorch and ONNX Runtime classifiers, folder walks, "
+               "batches.",
+}
+# The rooms a room's modules may import besides its own: a graph without cycles. config sits
+# above the facts it checks params against (picture limits, arch names, the alarm's label);
+# only its paths module is imported from above it.
+ALLOWED = {
+    "infra": set(),
+    "pictures": {"infra"},
+    "model": {"infra"},
+    "alarm": {"infra", "model"},
+    "config": {"infra", "pictures", "model", "alarm"},
+    "inference": {"infra", "pictures", "model"},
+    "serving": {"infra", "config", "pictures", "model", "alarm", "inference"},
+}
+# Shared modules that check, report, name or write, never change an output: not code deps in
+# dvc.yaml. paths: every path in it that a stage writes is one of dvc.yaml's outs (checked
+# below), so moving an output is a dvc.yaml change, which DVC sees; as a dep of all seven
+# stages, a new name or comment there would rerun the whole pipeline, download included.
+NOT_DEPS = {"infra.errors", "infra.atomic", "infra.processes", "infra.progress", "infra.internals",
+            "config.params", "config.paths"}
 DVC = yaml.safe_load((ROOT / "dvc.yaml").read_text())["stages"]
+
+
+def common_name(module: str) -> str:
+    """``stages.common.model.build`` -> ``model.build``."""
+    return module[len("stages.common."):]
 
 
 def module_name(path: Path) -> str:
@@ -89,8 +133,8 @@ def test_common_holds_only_what_two_or_more_stages_use():
                     if dep.startswith("stages.common.") and not users[name] <= users.get(dep, set()):
                         users.setdefault(dep, set()).update(users[name])
                         changed = True
-    for name in modules:
-        if name.startswith("stages.common."):
+    for name, path in modules.items():
+        if name.startswith("stages.common.") and path.name != "__init__.py":  # rooms aside
             assert len(users.get(name, set())) >= 2, f"{name} is used by {users.get(name)} only"
 
 
@@ -114,30 +158,176 @@ def test_no_import_cycle():
             visit(m, [])
 
 
-def test_dvc_code_deps_are_the_stage_and_the_shared_modules_it_imports():
+def shared_deps(name: str) -> set[str]:
+    """The stages.common modules stage ``name`` imports, directly or through a shared module
+    that can change an output (a NOT_DEPS module's own imports are not followed)."""
     modules = project_modules()
+    package = STAGES / name
+    own = sorted(package.glob("*.py")) if package.is_dir() else [STAGES / f"{name}.py"]
+    todo = set().union(*(imported(p) for p in own))
+    shared: set[str] = set()
+    while todo:
+        dep = todo.pop()
+        if not dep.startswith("stages.common.") or dep in shared or dep not in modules:
+            continue
+        shared.add(dep)
+        if common_name(dep) not in NOT_DEPS:
+            todo |= imported(modules[dep])
+    return {d for d in shared if common_name(d) not in NOT_DEPS}
+
+
+def test_dvc_code_deps_are_the_stage_and_the_shared_modules_it_imports():
     for name, stage in DVC.items():
-        package = STAGES / name
-        own = sorted(package.glob("*.py")) if package.is_dir() else [STAGES / f"{name}.py"]
-        todo = set().union(*(imported(p) for p in own))
-        shared: set[str] = set()
-        while todo:
-            dep = todo.pop()
-            if not dep.startswith("stages.common.") or dep in shared:
-                continue
-            shared.add(dep)
-            if dep.split(".")[-1] not in NOT_DEPS:
-                todo |= imported(modules[dep])
-        expected = {f"stages/{name}" if package.is_dir() else f"stages/{name}.py"}
-        expected |= {f"stages/common/{d.split('.')[-1]}.py" for d in shared
-                     if d.split(".")[-1] not in NOT_DEPS}
+        own = f"stages/{name}" if (STAGES / name).is_dir() else f"stages/{name}.py"
+        expected = {own} | {d.replace(".", "/") + ".py" for d in shared_deps(name)}
         listed = {d for d in stage["deps"] if d.startswith("stages/")}
-        assert listed == expected, name
+        assert listed == expected, (name, sorted(listed - expected), sorted(expected - listed))
+
+
+# ---------------------------------------------------------------- the rooms of stages/common
+
+def room_modules() -> dict[str, list[str]]:
+    """room -> the names of its modules, sorted (its __init__ aside)."""
+    return {room: sorted(p.stem for p in (COMMON / room).glob("*.py") if p.stem != "__init__")
+            for room in ROOMS}
+
+
+def test_every_shared_module_lives_in_a_declared_room():
+    assert sorted(p.name for p in COMMON.glob("*.py")) == ["__init__.py"]  # no loose module
+    folders = {p.name for p in COMMON.iterdir() if p.is_dir() and p.name != "__pycache__"}
+    assert folders == set(ROOMS)
+    for room, text in ROOMS.items():
+        init = COMMON / room / "__init__.py"
+        tree = ast.parse(init.read_text())
+        # only its docstring: importing a room runs nothing, so __init__ is never a code dep
+        assert len(tree.body) == 1 and ast.get_docstring(tree) == text, init
+        assert not list((COMMON / room).glob("*/*.py")), f"{room}: rooms hold modules only"
+
+
+def test_rooms_import_only_the_rooms_below_them():
+    order: list[str] = []  # a topological order of ALLOWED: no cycle
+    while len(order) < len(ALLOWED):
+        ready = [r for r in ALLOWED if r not in order and ALLOWED[r] <= set(order)]
+        assert ready, f"ALLOWED has a cycle among {sorted(set(ALLOWED) - set(order))}"
+        order += sorted(ready)
+    assert set(ALLOWED) == set(ROOMS) and all(ALLOWED[r] <= set(ROOMS) for r in ALLOWED)
+    offences = []
+    for name, path in project_modules().items():
+        if not name.startswith("stages.common."):
+            continue
+        room = common_name(name).split(".")[0]
+        for dep in sorted(imported(path)):
+            if not dep.startswith("stages.common."):
+                offences.append(f"{name} imports {dep}: shared code never imports a stage")
+                continue
+            other = common_name(dep).split(".")[0]
+            if other != room and other not in ALLOWED[room]:
+                offences.append(f"{name} imports {dep}: {room} may import only "
+                                f"{sorted(ALLOWED[room]) or 'nothing shared'}")
+    assert not offences, "\n".join(offences)
+
+
+def test_params_and_the_arch_facts_import_no_torch():
+    """Every stage checks params.yaml first, in milliseconds: the schema and the facts it checks
+    against (model.archs, the alarm's label, picture limits) must not pull in torch."""
+    code = ("import sys, stages.common.config.params, stages.common.model.archs; "
+            "print(sorted(m for m in ('torch', 'torchvision') if m in sys.modules))")
+    out = subprocess.run([sys.executable, "-c", code], cwd=ROOT, capture_output=True, text=True,
+                         check=True).stdout
+    assert out.strip() == "[]"
+
+
+def rooms_map() -> str:
+    """The map docs/stages.md opens with, made from ROOMS, ALLOWED and the tree."""
+    rows = [f"| `{room}/` | {text} | {', '.join(f'`{m}`' for m in modules)} | "
+            f"{', '.join(r for r in ROOMS if r in ALLOWED[room]) or '-'} |"
+            for (room, text), modules in zip(ROOMS.items(), room_modules().values())]
+    return "\n".join([
+        "## `stages/common/`, room by room",
+        "",
+        "What two or more stages use, by responsibility; a room imports only the rooms in its "
+        "last",
+        "column (no cycle). tests/test_layout.py writes this table from its `ROOMS` and "
+        "`ALLOWED`",
+        "and fails when it differs from this one.",
+        "",
+        "| room | what it holds | modules | imports from |",
+        "|---|---|---|---|",
+        *rows,
+    ]) + "\n"
+
+
+def test_docs_open_with_the_map_of_the_rooms():
+    text = (ROOT / "docs/stages.md").read_text()
+    expected = "# The stages\n\n" + rooms_map()
+    assert text.startswith(expected), "docs/stages.md must open with:\n\n" + expected
+
+
+# ---------------------------------------------------------------- artifact paths, one module
+
+PATHS_MODULE = COMMON / "config/paths.py"
+ARTIFACT = re.compile(r"(?<![\w./-])(data|metrics|plots)/\w")
+
+
+def docstrings(tree: ast.AST) -> set[int]:
+    """ids of the docstring nodes of a module, its classes and functions."""
+    out = set()
+    for node in ast.walk(tree):
+        if isinstance(node, (ast.Module, ast.ClassDef, ast.FunctionDef, ast.AsyncFunctionDef)):
+            body = node.body
+            if body and isinstance(body[0], ast.Expr) and isinstance(body[0].value, ast.Constant):
+                out.add(id(body[0].value))
+    return out
+
+
+def artifact_literals(path: Path) -> list[str]:
+    """Strings in ``path`` (not docstrings; comments are not in the tree) naming an artifact."""
+    tree = ast.parse(path.read_text())
+    skip = docstrings(tree)
+    return [f"line {node.lineno}: {node.value!r}" for node in ast.walk(tree)
+            if isinstance(node, ast.Constant) and isinstance(node.value, str)
+            and id(node) not in skip and ARTIFACT.search(node.value)]
+
+
+def test_artifact_paths_are_spelled_only_in_config_paths():
+    offences = [f"{p.relative_to(ROOT)}: {hit}" for p in sorted(STAGES.rglob("*.py"))
+                if p != PATHS_MODULE and "__pycache__" not in p.parts
+                for hit in artifact_literals(p)]
+    assert not offences, ("name artifact paths through stages.common.config.paths:\n"
+                          + "\n".join(offences))
+
+
+def test_the_rule_sees_an_artifact_path_but_not_a_docstring(tmp_path):
+    sample = tmp_path / "sample.py"
+    sample.write_text('"""Reads data/split/test."""\nA = "data/model/best.pt"\n'
+                      'B = f"nothing in {A} or metrics/eval.json"\nC = "dvc_plots/x.html"\n'
+                      '# data/raw in a comment\n')
+    assert artifact_literals(sample) == ["line 2: 'data/model/best.pt'",
+                                         "line 3: ' or metrics/eval.json'"]
+
+
+def dvc_outputs() -> set[Path]:
+    out = set()
+    for stage in DVC.values():
+        for key in ("outs", "metrics", "plots"):
+            for entry in stage.get(key, []):
+                out.add(Path(next(iter(entry)) if isinstance(entry, dict) else entry))
+    return out
+
+
+def test_config_paths_agree_with_dvc_yaml():
+    named = {k: v for k, v in vars(paths).items() if isinstance(v, Path)}
+    outputs = dvc_outputs()
+    outside = [f"{k} = {v}" for k, v in named.items()
+               if not any(v == o or o in v.parents for o in outputs)]
+    assert not outside, f"paths.py names what no stage of dvc.yaml writes: {outside}"
+    unnamed = sorted(str(o) for o in outputs if o not in named.values())
+    assert not unnamed, f"dvc.yaml outputs not named in stages/common/config/paths.py: {unnamed}"
 
 
 # ---------------------------------------------------------------- library internals, adapters only
 
-ADAPTERS = {STAGES / "download/fiftyone_internals.py", STAGES / "common/dvc_internals.py"}
+ADAPTERS = {STAGES / "download/fiftyone_internals.py", STAGES / "common/infra/dvc_internals.py"}
 LIBRARIES = (fiftyone_internals.FIFTYONE, dvc_internals.DVC, dvc_internals.DVCLIVE)
 # Packages whose private parts only the adapters may touch, and what is public of those where
 # not every name without an underscore is (DVC's Python API is dvc.api, DVCLive's is Live).

@@ -7,10 +7,12 @@ import pytest
 import torch
 from torch import nn
 
-from stages.common import model as M
-from stages.common.params import RESNET_CHILDREN, trainable_modules
-from stages.common.digest import file_sha256
-from stages.common.errors import StageError
+from stages.common.config.params import trainable_modules
+from stages.common.infra.digest import file_sha256
+from stages.common.infra.errors import StageError
+from stages.common.model import build as M
+from stages.common.model.archs import RESNET_CHILDREN
+from stages.common.model.checkpoint import DIGEST_KEY, save_checkpoint
 from stages.train.recipe import EarlyStopping, FocalLoss, cosine_scheduler
 
 
@@ -124,7 +126,7 @@ def test_checkpoint_round_trip_keeps_classes_and_outputs(tmp_path):
     meta = {"arch": "resnet34", "classes": ["animal", "object", "person"], "image_size": 64,
             "mean": M.IMAGENET_MEAN, "std": M.IMAGENET_STD, "dropout": 0.3,
             "params": {"train": {"lr": 1e-5}}, "epoch": 4}
-    M.save_checkpoint(tmp_path / "best.pt", model, meta)
+    save_checkpoint(tmp_path / "best.pt", model, meta)
     loaded, got = M.load_checkpoint(tmp_path / "best.pt")
     assert got["classes"] == meta["classes"] and got["arch"] == "resnet34"
     assert got["image_size"] == 64 and got["epoch"] == 4
@@ -203,7 +205,7 @@ def saved(tmp_path, name="best.pt", meta=None, edit=None, arch="resnet18", class
     if edit:
         edit(model)
     path = tmp_path / name
-    M.save_checkpoint(path, model, meta or META)
+    save_checkpoint(path, model, meta or META)
     return path
 
 
@@ -264,7 +266,7 @@ def test_non_finite_weights_are_refused(tmp_path):
 def test_a_checkpoint_without_a_digest_is_refused_saying_how_to_regenerate(tmp_path):
     path = saved(tmp_path)
     ckpt = torch.load(path, weights_only=True)
-    del ckpt[M.DIGEST_KEY]
+    del ckpt[DIGEST_KEY]
     torch.save(ckpt, path)
     with pytest.raises(StageError) as err:
         M.load_checkpoint(path)

@@ -4,8 +4,8 @@ from pathlib import Path
 import pytest
 import yaml
 
-from stages.common import errors
-from stages.common import params as P
+from stages.common.config import params as P
+from stages.common.infra import errors
 from stages.train import stage as train
 from tests import paramfile
 

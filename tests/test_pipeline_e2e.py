@@ -17,9 +17,9 @@ from types import SimpleNamespace
 import pytest
 import yaml
 
-from stages.common.calibration import threshold_text
-from stages.common.onnx_model import OnnxClassifier
-from stages.common.params import NO_OUTPUT
+from stages.common.alarm.calibration import threshold_text
+from stages.common.serving.classifiers import OnnxClassifier
+from stages.common.config.params import NO_OUTPUT
 from tests.tiny_project import copy_project
 
 pytestmark = pytest.mark.training

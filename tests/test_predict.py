@@ -13,18 +13,18 @@ import numpy as np
 import pytest
 import torch
 
-from stages import export as export_stage
-from stages.common.params import parse
-from stages import predict
+from stages import export as export_stage, predict
+from stages.common.config.params import parse
+from stages.common.inference.batches import normalise
+from stages.common.inference.speed import speed_figures
+from stages.common.infra.errors import ParamError, StageError
+from stages.common.model.build import IMAGENET_MEAN, IMAGENET_STD, build_model, load_checkpoint
+from stages.common.model.checkpoint import save_checkpoint
+from stages.common.model.onnx import export, seal
+from stages.common.pictures.crops import corner_colour
+from stages.common.serving.classifiers import OnnxClassifier, TorchClassifier, load_classifier
+from stages.common.serving.predictor import prepare
 from stages.evaluate import figures
-from stages.common.batches import normalise
-from stages.common.crops import corner_colour
-from stages.common.model import (IMAGENET_MEAN, IMAGENET_STD, build_model, load_checkpoint,
-                                 save_checkpoint)
-from stages.common.onnx_model import OnnxClassifier, export, seal
-from stages.common.errors import ParamError, StageError
-from stages.common.predictor import TorchClassifier, load_classifier, prepare
-from stages.common.speed import speed_figures
 from stages.evaluate.stage import most_confident_mistakes
 from tests import paramfile
 
@@ -49,8 +49,8 @@ def models(tmp_path_factory):
 
 def give_point(checkpoint: Path, *folders: Path) -> None:
     """An operating point fitted for ``checkpoint``, as calibrate writes it, in each folder."""
-    from stages.common.calibration import log_odds, seal
-    from stages.common.digest import file_sha256
+    from stages.common.alarm.calibration import log_odds, seal
+    from stages.common.infra.digest import file_sha256
 
     point = seal({"format": 1, "label": "person", "temperature": 1.0, "threshold": 0.5,
                   "threshold_log_odds": log_odds(0.5), "target_recall": 0.99, "val": {},
@@ -253,8 +253,8 @@ def test_mistakes_png_is_deterministic_and_handles_none(tmp_path):
 ])
 def test_checkpoint_that_disagrees_with_the_data_is_refused(tmp_path, models, classes, side,
                                                            needle):
-    from stages.common.model import load_checkpoint
-    from stages.common.predictor import checked_crops
+    from stages.common.model.build import load_checkpoint
+    from stages.common.inference.logits import checked_crops
 
     for label in classes:
         (tmp_path / label).mkdir()
@@ -297,7 +297,7 @@ def test_pixel_bomb_is_refused_from_its_header_and_the_others_answered(run_predi
 
 
 def test_pixel_limit_default_is_crops_max_image_pixels():
-    from stages.common import pictures as pics
+    from stages.common.pictures import decode as pics
 
     assert paramfile.params()["crops"]["max_image_pixels"] == pics.DEFAULT_MAX_IMAGE_PIXELS
     assert predict.parse_args(["x.jpg"]).max_image_pixels == pics.DEFAULT_MAX_IMAGE_PIXELS
@@ -595,7 +595,7 @@ def test_infinite_logits_stop_predict_evaluate_and_export_in_one_line(tmp_path, 
 
 def test_the_model_card_outside_dvc_repro_and_without_metrics(tmp_path):
     from stages import export as E
-    from stages.common.errors import StageError
+    from stages.common.infra.errors import StageError
 
     assert E.data_hashes(tmp_path / "dvc.lock") == {}
     (tmp_path / "dvc.lock").write_text("stages:\n  download:\n    outs:\n    - path: data/raw\n"
@@ -680,7 +680,7 @@ def test_predict_help_explains_every_option_and_offers_every_device(capsys):
     import argparse
     import typing
 
-    from stages.common.params import Evaluate
+    from stages.common.config.params import Evaluate
 
     seen: list[argparse.Action] = []
     real = argparse.ArgumentParser.add_argument

@@ -12,11 +12,13 @@ import pytest
 import torch
 
 from stages import predict
-from stages.common import calibration as cal
-from stages.common.digest import file_sha256
-from stages.common.model import IMAGENET_MEAN, IMAGENET_STD, build_model, save_checkpoint
-from stages.common.onnx_model import OnnxClassifier, export
-from stages.common.predictor import TorchClassifier, expand, predict_paths
+from stages.common.alarm import calibration as cal
+from stages.common.infra.digest import file_sha256
+from stages.common.model.build import IMAGENET_MEAN, IMAGENET_STD, build_model
+from stages.common.model.checkpoint import save_checkpoint
+from stages.common.model.onnx import export
+from stages.common.serving.classifiers import OnnxClassifier, TorchClassifier
+from stages.common.serving.predictor import expand, predict_paths
 
 SIZE = 32
 CLASSES = ["animal", "object", "person"]

@@ -10,7 +10,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from stages.common import progress
+from stages.common.infra import progress
 from tests import paramfile
 from tests.tiny_project import ROOT, write_colour_split
 

@@ -20,8 +20,8 @@ import numpy as np
 import pytest
 from PIL import Image
 
+from stages.common.pictures import crops, decode as pictures
 from stages.extract_crops import stage as extract_crops
-from stages.common import crops, pictures
 from tests.test_crops import box, read_manifest, run_stage, write_params, write_raw
 
 AREA_SLACK = 0.5
@@ -183,7 +183,7 @@ def test_worker_pool_survives_opencv_threads_in_the_parent(tmp_path):
             cv2.resize(big, (1000, 1000))
             cv2.warpAffine(big, np.eye(2, 3), (2000, 2000))
         from stages.extract_crops import stage as extract_crops
-        from stages.common import crops
+        from stages.common.pictures import crops
         tasks = [extract_crops.ImageTask(f"i{{k}}", {str(tmp_path / "p.jpg")!r}, {str(tmp_path)!r},
                                          1, 32, 4, True, 10**8, ((0, "out", 0.1, 0.9, 0.1, 0.9),))
                  for k in range(4)]

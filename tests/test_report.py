@@ -636,7 +636,7 @@ def test_an_empty_rev_and_a_closed_stdout_are_one_line(hostile, tmp_path, capsys
 
 @pytest.mark.parametrize("command", ["report", "review"])
 def test_a_bad_option_is_one_line_exit_2(command, capsys):
-    """The commands' parser (stages.common.errors.ArgumentParser): one line, not argparse's
+    """The commands' parser (stages.common.infra.errors.ArgumentParser): one line, not argparse's
     usage block."""
     import importlib
 

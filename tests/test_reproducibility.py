@@ -107,7 +107,7 @@ def _written_by_train(root: Path) -> dict:
 
 @pytest.mark.training
 def test_the_train_thread_count_changes_no_byte_train_writes(tmp_path):
-    """train.num_workers is no DVC param (stages.common.params.NO_OUTPUT): one thread or three
+    """train.num_workers is no DVC param (stages.common.config.params.NO_OUTPUT): one thread or three
     decoding and augmenting, the same checkpoint, plots, metrics and resume marker."""
     written = []
     for workers in (1, 3):

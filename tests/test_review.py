@@ -17,7 +17,8 @@ import numpy as np
 import pytest
 import torch
 
-from stages.common.model import IMAGENET_MEAN, IMAGENET_STD, build_model, save_checkpoint
+from stages.common.model.build import IMAGENET_MEAN, IMAGENET_STD, build_model
+from stages.common.model.checkpoint import save_checkpoint
 
 ROOT = Path(__file__).resolve().parents[1]
 CLASSES = ["animal", "object", "person"]

@@ -13,14 +13,15 @@ import numpy as np
 import pytest
 import torch
 
-from stages import export as export_stage
-from stages import predict
-from stages.common import calibration as cal
-from stages.common.atomic import write_json
-from stages.common.digest import file_sha256
-from stages.common.errors import StageError
-from stages.common.model import IMAGENET_MEAN, IMAGENET_STD, build_model, save_checkpoint
-from stages.common.onnx_model import POINT_KEY, OnnxClassifier, export, seal
+from stages import export as export_stage, predict
+from stages.common.alarm import calibration as cal
+from stages.common.infra.atomic import write_json
+from stages.common.infra.digest import file_sha256
+from stages.common.infra.errors import StageError
+from stages.common.model.build import IMAGENET_MEAN, IMAGENET_STD, build_model
+from stages.common.model.checkpoint import save_checkpoint
+from stages.common.model.onnx import POINT_KEY, export, seal
+from stages.common.serving.classifiers import OnnxClassifier
 from stages.evaluate import stage as evaluate
 from tests import paramfile
 
@@ -231,7 +232,8 @@ def answers(capsys, *args) -> dict:
 
 
 def person_log_odds(project, paths) -> np.ndarray:
-    from stages.common.predictor import TorchClassifier, expand, predict_paths
+    from stages.common.serving.classifiers import TorchClassifier
+    from stages.common.serving.predictor import expand, predict_paths
 
     plain = TorchClassifier(project.root / CHECKPOINT)
     logits = np.stack([p.logits for p in predict_paths(plain, expand(paths))])

@@ -386,6 +386,6 @@ def test_the_fingerprint_reads_the_train_stage_code_from_dvc_yaml():
     deps = yaml.safe_load((ROOT / "dvc.yaml").read_text())["stages"]["train"]["deps"]
     code = [d for d in deps if d.startswith("stages/")]
     assert "stages/train" in code and {"stages/train/stage.py", "stages/train/state.py",
-                                       "stages/common/model.py"} <= set(files)
+                                       "stages/common/model/build.py"} <= set(files)
     assert all(any(f == d or f.startswith(d + "/") for d in code) for f in files)
     assert not any("__pycache__" in f or f.endswith(".pyc") for f in files)

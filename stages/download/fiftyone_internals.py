@@ -27,7 +27,7 @@ import functools
 import types
 from typing import Any, Callable, Iterator
 
-from stages.common.internals import Library, Private, require
+from stages.common.infra.internals import Library, Private, require
 
 OPENIMAGES = "fiftyone.utils.openimages"
 FIFTYONE = Library(

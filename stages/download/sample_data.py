@@ -25,7 +25,7 @@ from typing import Callable
 import cv2
 import numpy as np
 
-from stages.common import crops
+from stages.common.pictures import crops
 
 # Open Images boxable classes the generator can draw: DisplayName -> (MID, shape).
 # MIDs are the real ones from class-descriptions-boxable.csv (checked against two published

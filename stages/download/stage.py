@@ -27,18 +27,17 @@ from pathlib import Path
 import numpy as np
 import pandas as pd
 
-from stages.common import params
-from stages.common.atomic import atomic_dir, write_json
-from stages.common.errors import ParamError, StageError, main_guard
-from stages.common.openimages import (CLASSES, DATA_DIR, DETECTION_COLUMNS, DETECTIONS,
-                                      FLAG_COLUMNS, csv_chunks, detection_columns,
-                                      images_on_disk, mids_for_names, read_classes,
-                                      refuse_link_out, write_classes, write_detections)
-from stages.common.params import Params, Zoo
+from stages.common.config import params
+from stages.common.config.params import Params, Zoo
+from stages.common.config.paths import DOWNLOAD_METRICS, RAW
+from stages.common.infra.atomic import atomic_dir, write_json
+from stages.common.infra.errors import ParamError, StageError, main_guard
+from stages.common.pictures.openimages import (CLASSES, DATA_DIR, DETECTIONS, DETECTION_COLUMNS,
+                                               FLAG_COLUMNS, csv_chunks, detection_columns,
+                                               images_on_disk, mids_for_names, read_classes,
+                                               refuse_link_out, write_classes, write_detections)
 from stages.download import fiftyone_internals, sample_data, zoo
 
-RAW = Path("data/raw")
-METRICS = Path("metrics/download.json")
 ZOO_NAME = "open-images-v7"
 # Values for the optional detections.csv columns a mirror may lack (what the crop stage assumes).
 COLUMN_DEFAULTS = {"Source": "", "Confidence": "1", **{c: "0" for c in FLAG_COLUMNS}}
@@ -269,7 +268,7 @@ def run(cfg: Params) -> dict:
 @main_guard
 def main() -> None:
     metrics = run(params.load())
-    write_json(METRICS, metrics)
+    write_json(DOWNLOAD_METRICS, metrics)
     print(f"download: {metrics['images']} images, {metrics['boxes']} boxes "
           f"({metrics['boxes_per_label']}) from {metrics['source']} -> {RAW}")
 

@@ -34,7 +34,7 @@ private names):
 
 - **Progress**: eta's bar (label files) and FiftyOne's (images) redraw on stdout up to ten
   times a second, which a pipe or ``dvc repro``'s log turns into a pile of frames. Here both
-  go through stages/common/progress.py on stderr: a bar on a terminal, else a line every
+  go through stages/common/infra/progress.py on stderr: a bar on a terminal, else a line every
   ``PROGRESS_EVERY_S`` seconds; label files in bytes (a resumed one from where it stopped),
   images counted as the S3 client finishes each one in FiftyOne's thread pool.
 
@@ -56,10 +56,10 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Callable, Iterator
 
-from stages.common import progress
-from stages.common.atomic import clean_stale, write_json
-from stages.common.digest import file_md5
-from stages.common.errors import StageError
+from stages.common.infra import progress
+from stages.common.infra.atomic import clean_stale, write_json
+from stages.common.infra.digest import file_md5
+from stages.common.infra.errors import StageError
 from stages.download import fiftyone_internals
 
 RECORD = "download-record.json"

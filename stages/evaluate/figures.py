@@ -12,8 +12,8 @@ import numpy as np  # noqa: E402
 import pandas as pd  # noqa: E402
 from matplotlib.ticker import MaxNLocator  # noqa: E402
 
-from stages.common.atomic import atomic_file  # noqa: E402
-from stages.common.calibration import threshold_text  # noqa: E402
+from stages.common.infra.atomic import atomic_file  # noqa: E402
+from stages.common.alarm.calibration import ALARM_LABEL, threshold_text  # noqa: E402
 
 # Deterministic PNG bytes: no creation time or software version in the metadata.
 PNG_META = {"Software": None}
@@ -64,12 +64,12 @@ def alarm_png(curves: dict, bins: dict, metrics: dict, path: Path) -> None:
         ax.plot(recall, precision, label=name, drawstyle="steps-post")
     if op["test_person_precision"] is not None:
         ax.plot(op["test_person_recall"], op["test_person_precision"], "ko",
-                label="person alarm >= " + threshold_text(op["threshold"],
+                label=f"{ALARM_LABEL} alarm >= " + threshold_text(op["threshold"],
                                                           op["threshold_log_odds"]))
     ax.set(xlabel="recall", ylabel="precision", title="precision-recall (test)",
            xlim=(0, 1.02), ylim=(0, 1.02))
     ax = axes[1]
-    ax.plot([r[0] for r in curves["roc"]], [r[1] for r in curves["roc"]], label="person")
+    ax.plot([r[0] for r in curves["roc"]], [r[1] for r in curves["roc"]], label=ALARM_LABEL)
     ax.plot([0, 1], [0, 1], color="grey", ls=":", lw=1)
     if op["false_alarms_per_1000"] is not None:
         ax.plot(op["false_alarms_per_1000"] / 1000, op["test_person_recall"], "ko",
@@ -148,7 +148,7 @@ def mistakes_png(items: list[dict], path: Path, title: str, total: int, columns:
         ax.imshow(item["image"])
         ax.set_title(f"{item['name']}\ntrue {item['true']}, pred {item['pred']}\n"
                      f"confidence {item['confidence']:.3f}", fontsize=8,
-                     color="firebrick" if item["true"] == "person" else "black")
+                     color="firebrick" if item["true"] == ALARM_LABEL else "black")
     fig.suptitle(f"{title} ({len(items)} shown, of {total} test crops)")
     fig.tight_layout()
     _save(fig, path)

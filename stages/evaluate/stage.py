@@ -19,25 +19,23 @@ import torch
 from sklearn.metrics import (classification_report, confusion_matrix,
                              precision_recall_curve, roc_curve)
 
-from stages.common import params, pictures
-from stages.common.atomic import atomic_file, write_json
-from stages.common.batches import CropSet, normalise
-from stages.common.calibration import (ALARM_LABEL, alarm_figures, bound_sentence, brier, ece,
-                                       nll, operating_point_for, operator_sentence,
-                                       person_log_odds, reliability, softmax, threshold_text)
-from stages.common.errors import main_guard
-from stages.common.guarantee import alarm_bounds
-from stages.common.model import load_checkpoint, pick_device
-from stages.common.predictor import labelled_logits
-from stages.common.speed import speed_figures
+from stages.common.alarm.calibration import (ALARM_LABEL, alarm_figures, bound_sentence, brier, ece,
+                                             nll, operating_point_for, operator_sentence,
+                                             person_log_odds, reliability, softmax, threshold_text)
+from stages.common.alarm.guarantee import alarm_bounds
+from stages.common.config import params
+from stages.common.config.paths import (CHECKPOINT, EVAL_METRICS, EVAL_PLOTS, OPERATING_POINT,
+                                        TEST_SPLIT, TRAIN_METRICS, TRAIN_PLOTS)
+from stages.common.inference.batches import CropSet, normalise
+from stages.common.inference.logits import labelled_logits
+from stages.common.inference.speed import speed_figures
+from stages.common.infra.atomic import atomic_file, write_json
+from stages.common.infra.errors import main_guard
+from stages.common.model.build import load_checkpoint
+from stages.common.model.device import pick_device
+from stages.common.pictures import decode as pictures
 from stages.evaluate import figures
 
-CHECKPOINT = Path("data/model/best.pt")
-TEST_DIR = Path("data/split/test")
-LIVE_DIR = Path("plots/train")
-TRAIN_METRICS = Path("metrics/train.json")
-METRICS_FILE = Path("metrics/eval.json")
-PLOTS_DIR = Path("plots/eval")
 GOAL = 0.90  # the report's target for accuracy and F1
 
 
@@ -74,8 +72,8 @@ def score(targets: np.ndarray, preds: np.ndarray, classes: list[str]) -> dict:
         "test_crops": int(len(targets)),
         "goals": {"accuracy_ge_0_90": bool(accuracy >= GOAL), "macro_f1_ge_0_90": bool(macro_f1 >= GOAL)},
     }
-    if "person" in per_class:  # the figure that matters at the fence
-        result["person_recall"] = per_class["person"]["recall"]
+    if ALARM_LABEL in per_class:  # the figure that matters at the fence
+        result["person_recall"] = per_class[ALARM_LABEL]["recall"]
     return result
 
 
@@ -137,13 +135,13 @@ def write_curves(log_odds: np.ndarray, targets: np.ndarray, classes: list[str]) 
             targets == k, log_odds[:, k], drop_intermediate=True)
         # the last point (recall 0, precision 1) has no threshold
         rows = list(zip(recall[:-1].tolist(), precision[:-1].tolist(), thresholds.tolist()))
-        _rows(PLOTS_DIR / "pr" / f"{name}.csv", "recall,precision,threshold_log_odds", rows)
+        _rows(EVAL_PLOTS / "pr" / f"{name}.csv", "recall,precision,threshold_log_odds", rows)
         curves["pr"][name] = rows
     person = classes.index(ALARM_LABEL)
     fpr, tpr, thresholds = roc_curve(targets == person, log_odds[:, person],
                                      drop_intermediate=True)
     curves["roc"] = list(zip(fpr.tolist(), tpr.tolist(), thresholds.tolist()))
-    _rows(PLOTS_DIR / "roc_person.csv", "fpr,tpr,threshold_log_odds", curves["roc"])
+    _rows(EVAL_PLOTS / "roc_person.csv", "fpr,tpr,threshold_log_odds", curves["roc"])
     return curves
 
 
@@ -156,7 +154,7 @@ def class_log_odds(logits: np.ndarray, temperature: float) -> np.ndarray:
 def write_reliability(before: np.ndarray, after: np.ndarray, targets: np.ndarray) -> dict:
     bins = {"before": reliability(before, targets), "after": reliability(after, targets)}
     for name, rows in bins.items():
-        _rows(PLOTS_DIR / "reliability" / f"{name}.csv", "confidence,accuracy,count", rows)
+        _rows(EVAL_PLOTS / "reliability" / f"{name}.csv", "confidence,accuracy,count", rows)
     return bins
 
 
@@ -186,7 +184,7 @@ def mistakes_gallery(crops: CropSet, probs: np.ndarray, targets: np.ndarray, k: 
         pixels = pictures.decode(path.read_bytes(), colours=pictures.RGB, checked=False)
         items.append({"image": pixels, "true": classes[targets[i]], "pred": classes[pred],
                       "confidence": float(probs[i, pred]), "name": path.name})
-    figures.mistakes_png(items, PLOTS_DIR / "mistakes.png", title, total=len(targets))
+    figures.mistakes_png(items, EVAL_PLOTS / "mistakes.png", title, total=len(targets))
 
 
 def best_epoch() -> int | None:
@@ -202,9 +200,9 @@ def main() -> None:
     cfg = params.load().evaluate
     device = pick_device(cfg.device)
     model, meta = load_checkpoint(CHECKPOINT)
-    point = operating_point_for(CHECKPOINT)  # before the minutes of inference
+    point = operating_point_for(CHECKPOINT, OPERATING_POINT)  # before the minutes of inference
     model = model.to(device, memory_format=torch.channels_last)
-    crops, logits, targets = labelled_logits(model, meta, TEST_DIR, CHECKPOINT, device,
+    crops, logits, targets = labelled_logits(model, meta, TEST_SPLIT, CHECKPOINT, device,
                                              cfg.batch_size, "evaluate")
     preds = logits.argmax(1)
     probs = softmax(logits, point["temperature"])  # argmax unchanged; what predict shows
@@ -214,18 +212,18 @@ def main() -> None:
     metrics.update(alarm_metrics(logits, targets, classes, point))
     metrics["speed"] = measure_speed(model, crops, meta, device, cfg.batch_size, cfg.speed_runs)
     metrics["arch"] = meta["arch"]
-    write_json(METRICS_FILE, metrics)
+    write_json(EVAL_METRICS, metrics)
 
-    PLOTS_DIR.mkdir(parents=True, exist_ok=True)
-    write_confusion_csv(PLOTS_DIR / "confusion.csv", targets, preds, classes)
+    EVAL_PLOTS.mkdir(parents=True, exist_ok=True)
+    write_confusion_csv(EVAL_PLOTS / "confusion.csv", targets, preds, classes)
     matrix = confusion_matrix(targets, preds, labels=list(range(len(classes))))
-    figures.confusion_png(matrix, classes, PLOTS_DIR / "confusion.png",
+    figures.confusion_png(matrix, classes, EVAL_PLOTS / "confusion.png",
                           f"{meta['arch']} test (n={len(targets)})")
     curves = write_curves(class_log_odds(logits, point["temperature"]), targets, classes)
     bins = write_reliability(softmax(logits), probs, targets)
-    figures.alarm_png(curves, bins, metrics, PLOTS_DIR / "alarm.png")
-    figures.learning_curves_png(figures.read_history(LIVE_DIR), PLOTS_DIR / "learning_curves.png",
-                                best_epoch())
+    figures.alarm_png(curves, bins, metrics, EVAL_PLOTS / "alarm.png")
+    figures.learning_curves_png(figures.read_history(TRAIN_PLOTS),
+                                EVAL_PLOTS / "learning_curves.png", best_epoch())
     mistakes_gallery(crops, probs, targets, cfg.mistakes,
                      f"{meta['arch']}: most confident test mistakes")
 

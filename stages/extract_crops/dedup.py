@@ -1,9 +1,9 @@
 """Greedy removal of near-duplicate boxes in O(n log n) instead of comparing every pair.
 
 extract_crops keeps, per (image, label), the largest box first (ties: lower box_index), and drops
-a box whose IoU (:func:`stages.common.crops.iou`, the same floating-point function) with any box
-already kept is >= t. Compared with every kept box, one picture with 10,000 boxes took 55 s and
-a crafted detections.csv could stall a run for hours. :func:`greedy_duplicates` gives exactly
+a box whose IoU (:func:`stages.common.pictures.crops.iou`, the same floating-point function) with
+any box already kept is >= t. Compared with every kept box, one picture with 10,000 boxes took 55 s
+and a crafted detections.csv could stall a run for hours. :func:`greedy_duplicates` gives exactly
 the same answer, box for box, while comparing each box only with the kept boxes that could reach
 IoU >= t, found through a grid.
 
@@ -37,7 +37,7 @@ from typing import Sequence
 
 import numpy as np
 
-from stages.common.crops import iou
+from stages.common.pictures.crops import iou
 
 Box = tuple[float, float, float, float]  # x0, y0, x1, y1 (XMin, YMin, XMax, YMax)
 

@@ -2,7 +2,7 @@
 
     python -m stages.extract_crops
 
-Reads   data/raw/ (Open Images layout, see stages.common.openimages)
+Reads   data/raw/ (Open Images layout, see stages.common.pictures.openimages)
 Writes  data/crops/<label>/<ImageID>_<k>.jpg   k = the box's index among the image's wanted boxes
         data/crops/manifest.csv                one row per crop, sorted by image_id, box_index
         metrics/crops.json                     what was seen, kept, and skipped for which reason
@@ -11,8 +11,8 @@ Params  seed, data.labels, crops.*
 The report's data_fix.py, made deterministic: boxes of wanted classes in downloaded images,
 sorted by ImageID; each image read once; each box cut, checked for size, scaled with its aspect
 kept, padded with its corner colour and placed at a random spot (geometry in
-stages.common.crops). Beyond the report, a box is skipped when it is a group of objects or a
-depiction (when the params say so), or when a larger box of the same label in the same image
+stages.common.pictures.crops). Beyond the report, a box is skipped when it is a group of objects or
+a depiction (when the params say so), or when a larger box of the same label in the same image
 already covers it (one person boxed as both Person and Man must not become two crops).
 
 Every box goes through the filters in this order, and is counted under the first reason that
@@ -42,17 +42,16 @@ import numpy as np
 import pandas as pd
 from tqdm import tqdm
 
-from stages.common import crops, openimages, params, pictures
-from stages.common.atomic import atomic_dir, write_json
-from stages.common.errors import StageError, main_guard
-from stages.common.params import Params
-from stages.common.pictures import IMAGE_PROBLEMS, Header
-from stages.common.processes import die_with_parent
+from stages.common.config import params
+from stages.common.config.params import Params
+from stages.common.config.paths import CROPS, CROPS_METRICS, RAW
+from stages.common.infra.atomic import atomic_dir, write_json
+from stages.common.infra.errors import StageError, main_guard
+from stages.common.infra.processes import die_with_parent
+from stages.common.pictures import crops, decode as pictures, openimages
+from stages.common.pictures.decode import IMAGE_PROBLEMS, Header
 from stages.extract_crops.dedup import greedy_duplicates
 
-RAW = Path("data/raw")
-OUT = Path("data/crops")
-METRICS = Path("metrics/crops.json")
 MANIFEST = "manifest.csv"
 JPEG_QUALITY = 95
 
@@ -314,7 +313,7 @@ def run_tasks(tasks: list[ImageTask], workers: int, program: bool = False
         yield from tqdm(pool.map(process_image, tasks, chunksize=chunksize), **bar)
     except BrokenProcessPool:
         raise StageError("a crop worker process died (killed, e.g. by the out-of-memory "
-                         "killer); nothing was written to data/crops; run the stage again, "
+                         f"killer); nothing was written to {CROPS}; run the stage again, "
                          "with fewer crops.workers if memory is short") from None
     finally:  # on an error, drop the queued tasks and wait for the running ones only
         pool.shutdown(wait=True, cancel_futures=True)
@@ -417,7 +416,7 @@ def main(program: bool = False) -> None:
             raise StageError(f"label {label!r}: no boxes of classes {labels[label]} in "
                              f"the downloaded images of {RAW}; add classes or download more")
     reason = pre_read_skips(frame, cfg)
-    with atomic_dir(OUT) as tmp:
+    with atomic_dir(CROPS) as tmp:
         for label in labels:
             (tmp / label).mkdir()
         tasks = make_tasks(frame[reason == ""], on_disk, tmp, cfg)
@@ -427,7 +426,7 @@ def main(program: bool = False) -> None:
                             images=images)
         check_labels(metrics)
         manifest(frame[reason == ""]).to_csv(tmp / MANIFEST, index=False, lineterminator="\n")
-    write_json(METRICS, metrics)
+    write_json(CROPS_METRICS, metrics)
     print(f"extract_crops: {metrics['crops_kept']} crops from {images.seen} images "
-          f"({metrics['images_unreadable']} unreadable) -> {OUT}", file=sys.stderr)
+          f"({metrics['images_unreadable']} unreadable) -> {CROPS}", file=sys.stderr)
 

@@ -29,7 +29,7 @@ import cv2
 import numpy as np
 import torch
 
-from stages.common.batches import normalise
+from stages.common.inference.batches import normalise
 from stages.train.data import derived_seed
 
 JITTER = 0.2      # brightness, contrast, saturation: factors in [1 - 0.2, 1 + 0.2]
@@ -212,8 +212,8 @@ def jitter_opencv(pixels: torch.Tensor, draws: Draws, idx: torch.Tensor,
                   std: Sequence[float] | None = None) -> torch.Tensor:
     """uint8 B x 3 x S x S on the CPU -> float in [0, 1] (channels_last), per crop in ``pool``;
     with ``mean`` and ``std``, normalised in the same thread: (x - mean) / std in float32, the
-    operations of :func:`stages.common.batches.normalise`, so the same bits, but in parallel
-    and while the crop is still in the core's cache."""
+    operations of :func:`stages.common.inference.batches.normalise`, so the same bits, but in
+    parallel and while the crop is still in the core's cache."""
     planes = pixels.contiguous().numpy()
     b, _, h, w = planes.shape
     flip, factors = draws.flip[idx].numpy(), draws.factors[idx].numpy()
@@ -236,7 +236,7 @@ def jitter_opencv(pixels: torch.Tensor, draws: Draws, idx: torch.Tensor,
 
 
 class Augment:
-    """The batch transform train gives :func:`stages.common.batches.batches`: this epoch's
+    """The batch transform train gives :func:`stages.common.inference.batches.batches`: this epoch's
     draws, applied by torch on an accelerator and by OpenCV threads on the CPU, then
     normalised with ``mean`` and ``std``: uint8 crops in, the model's input out."""
 

@@ -1,5 +1,5 @@
-"""The train stage's data: the train and val crops decoded once (stages.common.batches), each
-epoch's order and augmentation functions of (seed, epoch, crop) alone, so a resumed run draws
+"""The train stage's data: the train and val crops decoded once (stages.common.inference.batches),
+each epoch's order and augmentation functions of (seed, epoch, crop) alone, so a resumed run draws
 exactly what an uninterrupted one would, and batches prepared ahead of the step on the CPU.
 """
 from __future__ import annotations
@@ -9,14 +9,12 @@ import os
 import queue
 import random
 import threading
-from pathlib import Path
 from typing import Iterator
 
 import numpy as np
 import torch
 from torch.utils.data.distributed import DistributedSampler
 
-SPLIT_DIR = Path("data/split")
 PREFETCH = 2  # batches prepared ahead of the step (CPU threads; the GPU path queues kernels)
 
 

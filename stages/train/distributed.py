@@ -15,8 +15,8 @@ import torch
 import torch.distributed as dist
 from torch import nn
 
-from stages.common.errors import StageError
-from stages.common.processes import die_with_parent
+from stages.common.infra.errors import StageError
+from stages.common.infra.processes import die_with_parent
 
 
 @dataclass(frozen=True)

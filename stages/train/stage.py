@@ -34,24 +34,26 @@ import torch
 from torch import nn
 from torch.nn.parallel import DistributedDataParallel
 
-from stages.common import dvc_internals, params
-from stages.common.atomic import atomic_dir, write_json
-from stages.common.errors import StageError, main_guard
-from stages.common.batches import CropSet, batch_len, batches
-from stages.common.inference import predict
-from stages.common.model import (IMAGENET_MEAN, IMAGENET_STD, build_model, forward, freeze,
-                                 frozen_prefix, pick_device, save_checkpoint, set_train_mode)
-from stages.common.params import Params
-from stages.common.progress import tracked
+from stages.common.config import params
+from stages.common.config.params import Params
+from stages.common.config.paths import (CHECKPOINT, MODEL_DIR, SPLIT_DIR, TRAIN_METRICS,
+                                        TRAIN_PLOTS, TRAIN_SPLIT, VAL_SPLIT)
+from stages.common.inference.batches import CropSet, batch_len, batches
+from stages.common.inference.logits import predict
+from stages.common.infra import dvc_internals
+from stages.common.infra.atomic import atomic_dir, write_json
+from stages.common.infra.errors import StageError, main_guard
+from stages.common.infra.progress import tracked
+from stages.common.model.build import (IMAGENET_MEAN, IMAGENET_STD, build_model, forward, freeze,
+                                       frozen_prefix, set_train_mode)
+from stages.common.model.checkpoint import save_checkpoint
+from stages.common.model.device import pick_device
 from stages.train import distributed, state
 from stages.train.augment import Augment
-from stages.train.data import SPLIT_DIR, EpochOrder, prefetched, seed_everything
+from stages.train.data import EpochOrder, prefetched, seed_everything
 from stages.train.distributed import World
 from stages.train.recipe import EarlyStopping, FocalLoss, cosine_scheduler
 
-MODEL_DIR = Path("data/model")
-LIVE_DIR = Path("plots/train")
-METRICS_FILE = Path("metrics/train.json")
 # What the checkpoint records as the recipe, in this order (the checkpoint's bytes follow it).
 # Not train.num_workers or train.pin_memory: they change no byte train writes
 # (params.NO_OUTPUT), so they are neither here, nor in the resume fingerprint, nor DVC params.
@@ -127,8 +129,8 @@ class Splits:
 def load_splits(train: params.Train, seed: int, world: World, device: torch.device) -> Splits:
     """Both splits decoded once. One process is a world of one: the same seeded order."""
     workers = train.num_workers
-    train_crops = CropSet.load(SPLIT_DIR / "train", device, workers, pin=train.pin_memory)
-    val_crops = CropSet.load(SPLIT_DIR / "val", device, workers, pin=train.pin_memory)
+    train_crops = CropSet.load(TRAIN_SPLIT, device, workers, pin=train.pin_memory)
+    val_crops = CropSet.load(VAL_SPLIT, device, workers, pin=train.pin_memory)
     if train_crops.classes != val_crops.classes:
         raise StageError(f"class folders differ: train {train_crops.classes} vs val "
                          f"{val_crops.classes}")
@@ -395,7 +397,7 @@ def open_live(history: list[dict]):
 
     # dvcyaml=False: the stage's outputs and plots are declared in the project's dvc.yaml.
     # In a fresh `git init` with no commit yet, DVCLive is opened without DVC's repo.
-    opened = dvc_internals.open_live(lambda: Live(dir=str(LIVE_DIR), dvcyaml=False,
+    opened = dvc_internals.open_live(lambda: Live(dir=str(TRAIN_PLOTS), dvcyaml=False,
                                                   save_dvc_exp=False, report=None))
     for record in history:
         log_epoch(opened, record)
@@ -452,7 +454,7 @@ def run(cfg: Params, world: World, device: torch.device) -> None:
                     flush=True)
                 break
         if world.is_main:
-            save_best(out / "best.pt", cfg, splits, standing)
+            save_best(out / CHECKPOINT.name, cfg, splits, standing)
     if world.is_main:
         finish(fp, len(splits.train), parts, standing, world, device, live)
 
@@ -484,7 +486,7 @@ def finish(fp: dict, n_train: int, parts: Parts, standing: Standing, world: Worl
     seconds = time.perf_counter() - standing.started
     live.end()
     best, amp = standing.best, parts.learner.amp
-    write_json(METRICS_FILE, {
+    write_json(TRAIN_METRICS, {
         **best, "epochs_run": standing.done, "stopped_early": parts.stopper.should_stop,
         "train_seconds": round(seconds, 1),
         "train_images_per_s": round(n_train * standing.done / seconds, 1),
@@ -494,4 +496,4 @@ def finish(fp: dict, n_train: int, parts: Parts, standing: Standing, world: Worl
     # The outputs are in place: keep only a marker (DVC caches this out; kilobytes, not weights).
     state.save_finished(fp, standing.done)
     print(f"best epoch {best['best_epoch']}: val loss {best['best_val_loss']:.4f}, "
-          f"val acc {best['best_val_acc']:.4f} -> {MODEL_DIR / 'best.pt'}")
+          f"val acc {best['best_val_acc']:.4f} -> {CHECKPOINT}")

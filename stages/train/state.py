@@ -24,11 +24,11 @@ import numpy as np
 import torch
 import yaml
 
-from stages.common.atomic import atomic_file, clean_stale
-from stages.common.digest import file_md5
+from stages.common.config.paths import SPLIT_DIR, TRAIN_STATE
+from stages.common.infra.atomic import atomic_file, clean_stale
+from stages.common.infra.digest import file_md5
 
-STATE_DIR = Path("data/train_state")
-STATE_FILE = STATE_DIR / "state.pt"
+STATE_FILE = TRAIN_STATE / "state.pt"
 FORMAT = 1
 ROOT = Path(__file__).resolve().parents[2]
 
@@ -85,7 +85,7 @@ def mismatch(old: dict, new: dict) -> str | None:
         if part == "code":
             return f"the train stage's code changed since ({', '.join(keys)})"
         return ("the training data changed since (" +
-                ", ".join(f"data/split/{k}" for k in keys) + ")")
+                ", ".join(str(SPLIT_DIR / k) for k in keys) + ")")
     return None
 
 

@@ -56,6 +56,9 @@ from __future__ import annotations
 
 import math
 
+# scipy.stats is imported inside the functions that use it: a second of start-up that params.py
+# and predict (which import this module through calibration) never need.
+
 RULES = ("none", "average", "probability")
 CONFIDENCE = 0.95  # the one-sided confidence of every bound shown to an operator
 EPS = 1e-9  # 0.99 * 100 is 99.00000000000001 in floats; a ceiling must not turn it into 100
@@ -146,7 +149,7 @@ def assurance(persons: int, k: int, target: float) -> dict:
 
 def alarm_bounds(figures: dict, target: float | None = None) -> dict:
     """One-sided 95 % Clopper-Pearson bounds of an alarm's figures
-    (stages.common.calibration.alarm_figures): the lowest person recall and the most false
+    (stages.common.alarm.calibration.alarm_figures): the lowest person recall and the most false
     alarms per 1,000 non-persons; with ``target``, whether the lowest recall reaches it. Rounded
     outwards, so a shown bound never promises more than the exact one."""
     persons, others = figures["persons"], figures["non_persons"]

@@ -38,7 +38,7 @@ def main_guard(fn: Callable[..., Any]) -> Callable[..., Any]:
     """Turn a ParamError / StageError, or a full disk, into one line on stderr and exit code 2.
 
     The disk-full line names the file being written when the writer said which
-    (stages.common.atomic names its outputs)."""
+    (stages.common.infra.atomic names its outputs)."""
 
     @functools.wraps(fn)
     def wrapper(*args: Any, **kwargs: Any) -> Any:

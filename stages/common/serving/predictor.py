@@ -1,10 +1,11 @@
-"""Applying a trained classifier to pictures: shared by predict, export, evaluate and review.
+"""Applying a classifier (stages.common.serving.classifiers) to picture files: shared by
+predict and review.
 
 A picture is prepared exactly as extract_crops prepares a training crop (the same decoder,
 with the EXIF orientation applied; aspect ratio kept, padded with the median corner colour) but
 placed in the centre, not at a random spot, so the answer for a file never changes. A crop that
 is already S x S passes through unchanged. The batch is then normalised as every crop is
-(stages.common.batches.normalise), on the device the model runs on.
+(stages.common.inference.batches.normalise), on the device the model runs on.
 """
 from __future__ import annotations
 
@@ -14,58 +15,16 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Iterable, Iterator
 
+import cv2
 import numpy as np
 import torch
 
-from stages.common import pictures
-from stages.common.batches import CropSet, batch_len, batches, normalise
-from stages.common.calibration import beside, softmax
-from stages.common.crops import letterbox
-from stages.common.errors import StageError
-from stages.common.inference import predict
-from stages.common.model import check_logits, load_checkpoint
-from stages.common.pictures import (DEFAULT_MAX_IMAGE_PIXELS, PICTURE_SUFFIXES, SIGNATURE_BYTES,
-                                    picture_format)
-from stages.common.progress import tracked
-
-
-class TorchClassifier:
-    """A train-stage checkpoint in PyTorch eager, on ``device`` (the CPU by default)."""
-
-    def __init__(self, path: str | Path, device: torch.device = torch.device("cpu")):
-        self.path = Path(path)
-        self.device = device
-        self.model, meta = load_checkpoint(path)
-        self.model = self.model.to(device, memory_format=torch.channels_last)
-        self.meta = {k: meta[k] for k in ("arch", "classes", "image_size", "mean", "std")}
-        self.operating_point = beside(self.path)
-
-    @torch.inference_mode()
-    def logits(self, batch: np.ndarray | torch.Tensor) -> np.ndarray:
-        """Normalised float32 N x 3 x S x S (an array, or a tensor on any device) -> logits."""
-        if isinstance(batch, np.ndarray):
-            batch = torch.from_numpy(np.ascontiguousarray(batch, np.float32))
-        x = batch.to(self.device).contiguous(memory_format=torch.channels_last)
-        return self.model(x).float().cpu().numpy()
-
-    def classify(self, pixels: torch.Tensor) -> np.ndarray:
-        """uint8 RGB N x 3 x S x S -> logits, normalised on the model's device."""
-        return self.logits(normalise(pixels.to(self.device), self.meta["mean"], self.meta["std"]))
-
-
-def load_classifier(path: str | Path, threads: int | None = None,
-                    device: torch.device = torch.device("cpu")):
-    """A ``.onnx`` file runs in ONNX Runtime (the CPU); anything else must be a train-stage
-    checkpoint, run by PyTorch on ``device``."""
-    if Path(path).suffix.lower() == ".onnx":
-        from stages.common.onnx_model import OnnxClassifier
-
-        if device.type != "cpu":
-            raise StageError(f"{path}: an ONNX model runs on the CPU here (ONNX Runtime's CPU "
-                             "build); use --device cpu, or the .pt checkpoint on "
-                             f"{device.type}")
-        return OnnxClassifier(path, threads)
-    return TorchClassifier(path, device)
+from stages.common.alarm.calibration import softmax
+from stages.common.model.checkpoint import check_logits
+from stages.common.pictures import decode as pictures
+from stages.common.pictures.crops import letterbox
+from stages.common.pictures.decode import (DEFAULT_MAX_IMAGE_PIXELS, PICTURE_SUFFIXES,
+                                           SIGNATURE_BYTES, picture_format)
 
 
 def read_image(path: Path, max_pixels: int = DEFAULT_MAX_IMAGE_PIXELS) -> np.ndarray:
@@ -86,8 +45,6 @@ def read_image(path: Path, max_pixels: int = DEFAULT_MAX_IMAGE_PIXELS) -> np.nda
 
 def prepare(image_bgr: np.ndarray, meta: dict) -> torch.Tensor:
     """A centred letterbox of the checkpoint's size: uint8 RGB, 3 x S x S."""
-    import cv2
-
     canvas = letterbox(image_bgr, int(meta["image_size"]), rng=None)
     rgb = cv2.cvtColor(canvas, cv2.COLOR_BGR2RGB)
     return torch.from_numpy(rgb).permute(2, 0, 1)
@@ -246,32 +203,3 @@ def predict_paths(classifier, items: list[tuple[Path, str | None]], batch_size: 
         if len(arrays) >= batch_size:
             yield from flush()
     yield from flush()
-
-
-def checked_crops(folder: Path, meta: dict, checkpoint: Path, device: torch.device,
-                  workers: int = 0, keep: str | None = None) -> CropSet:
-    """A labelled split (``<label>/<crop>``) decoded once, whose class names and crop size must
-    be the checkpoint's."""
-    crops = CropSet.load(folder, device, workers, keep=keep)
-    if crops.classes != meta["classes"]:
-        raise StageError(f"{checkpoint} was trained on classes {meta['classes']} but {folder} "
-                         f"holds {crops.classes}; retrain or re-split")
-    if crops.size != meta["image_size"]:
-        raise StageError(f"{checkpoint} was trained on {meta['image_size']}x{meta['image_size']} "
-                         f"crops but {crops.paths[0]} is {crops.size}x{crops.size}; retrain or "
-                         "rerun extract_crops with the same crops.size")
-    return crops
-
-
-def labelled_logits(model: torch.nn.Module, meta: dict, folder: Path, checkpoint: Path,
-                    device: torch.device, batch_size: int, what: str
-                    ) -> tuple[CropSet, np.ndarray, np.ndarray]:
-    """(the crops, logits, targets) of a labelled split under ``model`` (already on ``device``),
-    with progress lines named ``what``; calibrate runs it on val, evaluate on test."""
-    crops = checked_crops(folder, meta, checkpoint, device)
-    order = torch.arange(len(crops))
-    logits, targets = predict(model, tracked(batches(crops, order, batch_size, device,
-                                                     meta["mean"], meta["std"]),
-                                             what, len(crops), size=batch_len), device)
-    check_logits(logits, len(crops), len(meta["classes"]), checkpoint)
-    return crops, logits.numpy(), targets.numpy()

@@ -8,8 +8,8 @@ log-likelihood, a bounded 1-D search over log T in float64, so the same logits g
 any machine.
 
 The operating point: the person probability (after T) at or above which a picture raises the
-alarm: the val person score the chosen rule allows (stages.common.guarantee: the target reached
-on val, on new persons on average, or on new persons with probability 1 - delta) with the
+alarm: the val person score the chosen rule allows (stages.common.alarm.guarantee: the target
+reached on val, on new persons on average, or on new persons with probability 1 - delta) with the
 fewest val false alarms, placed halfway between the last person it must catch and the first
 non-person below it. The comparison is made on the person log-odds,
 log(p / (1 - p)) = z_person / T - logsumexp(z_others / T), computed from the logits: a
@@ -31,8 +31,9 @@ from pathlib import Path
 
 import numpy as np
 
-from stages.common import guarantee
-from stages.common.errors import StageError
+from stages.common.alarm import guarantee
+from stages.common.infra.digest import file_sha256
+from stages.common.infra.errors import StageError
 
 ALARM_LABEL = "person"
 ECE_BINS = 15
@@ -40,7 +41,6 @@ ECE_BINS = 15
 # fitted T at either end means the logits carry no usable information.
 T_MIN, T_MAX = 0.05, 20.0
 BOOTSTRAP_DRAWS = 200  # resamples for T's interval: its 2.5 / 97.5 % ends steady to ~1 %
-OPERATING_POINT = Path("data/calibration/operating_point.json")
 FORMAT = 1
 
 
@@ -67,7 +67,7 @@ def log_odds(probability: float) -> float:
 
 
 def probability(log_odds_value: float) -> float:
-    from scipy.special import expit
+    from scipy.special import expit  # here: scipy costs every importer ~1 s of start-up
 
     return float(expit(log_odds_value))
 
@@ -82,7 +82,7 @@ def nll(logits: np.ndarray, targets: np.ndarray, temperature: float) -> float:
 
 def fit_temperature(logits: np.ndarray, targets: np.ndarray) -> float:
     """The T in [T_MIN, T_MAX] that minimises the NLL on (``logits``, ``targets``)."""
-    from scipy.optimize import minimize_scalar
+    from scipy.optimize import minimize_scalar  # here: scipy's start-up cost (see above)
 
     logits = np.asarray(logits, np.float64)
     targets = np.asarray(targets, np.int64)
@@ -160,7 +160,7 @@ def reliability(probs: np.ndarray, targets: np.ndarray, bins: int = ECE_BINS
 
 
 def persons_needed(target: float, rule: str = "none", delta: float = 0.05) -> int | None:
-    """How many val persons ``rule`` needs to resolve ``target`` (stages.common.guarantee);
+    """How many val persons ``rule`` needs to resolve ``target`` (stages.common.alarm.guarantee);
     for ``none``, one missed person must keep recall >= ``target``."""
     return guarantee.persons_needed(rule, target, delta)
 
@@ -266,8 +266,11 @@ FILE_KEYS = ("model", "model_sha256", "source", SEAL_KEY)
 
 def point_digest(point: dict) -> str:
     """SHA-256 of ``point`` without its seal, as sorted compact JSON: the checkpoint's metadata
-    digest with no tensors (stages.common.model.weights_digest), so there is one recipe."""
-    from stages.common.model import weights_digest
+    digest with no tensors (stages.common.model.checkpoint.weights_digest), so there is one
+    recipe."""
+    # here, not at the top: params.py (ALARM_LABEL) and report.py import this module and must
+    # not pay for torch, which stages.common.model.checkpoint imports
+    from stages.common.model.checkpoint import weights_digest
 
     return weights_digest({k: v for k, v in point.items() if k != SEAL_KEY}, {})
 
@@ -278,7 +281,7 @@ def seal(point: dict) -> dict:
     return {**content, SEAL_KEY: point_digest(content)}
 
 
-def read_operating_point(path: Path = OPERATING_POINT) -> dict:
+def read_operating_point(path: Path) -> dict:
     """The file calibrate wrote, its seal and keys checked; one line naming it otherwise."""
     try:
         point = json.loads(Path(path).read_text())
@@ -293,11 +296,9 @@ def read_operating_point(path: Path = OPERATING_POINT) -> dict:
     return point
 
 
-def operating_point_for(checkpoint: Path, path: Path = OPERATING_POINT) -> dict:
+def operating_point_for(checkpoint: Path, path: Path) -> dict:
     """The operating point fitted for ``checkpoint`` (its bytes' SHA-256 must match); one line
     naming both files otherwise."""
-    from stages.common.digest import file_sha256
-
     point = read_operating_point(path)
     if point["model_sha256"] != file_sha256(checkpoint):
         raise StageError(f"{path} was fitted for another checkpoint than {checkpoint}; "
@@ -372,14 +373,13 @@ def embedded(point: dict) -> dict:
     return seal({k: v for k, v in point.items() if k not in FILE_KEYS})
 
 
-def beside(checkpoint: Path) -> dict | None:
+def beside(checkpoint: Path, pipeline_point: Path) -> dict | None:
     """The operating point fitted for ``checkpoint``: ``operating_point.json`` in its folder
-    (how a checkpoint is handed on with its point), else calibrate's own file; a file fitted
-    for another checkpoint is passed over. None when neither fits; a damaged one is refused."""
-    from stages.common.digest import file_sha256
-
+    (how a checkpoint is handed on with its point), else calibrate's own file
+    (``pipeline_point``); a file fitted for another checkpoint is passed over. None when neither
+    fits; a damaged one is refused."""
     digest = None
-    for path in dict.fromkeys([Path(checkpoint).parent / OPERATING_POINT.name, OPERATING_POINT]):
+    for path in dict.fromkeys([Path(checkpoint).parent / pipeline_point.name, pipeline_point]):
         if path.is_file():
             point = read_operating_point(path)
             digest = digest or file_sha256(checkpoint)

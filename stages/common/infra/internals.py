@@ -3,7 +3,7 @@
 Where a library has no public way to do what the pipeline needs (FiftyOne's download has no
 timeout or resume; DVCLive cannot be opened in a git repository without a commit; DVC resolves
 experiment names only in ``dvc.scm``), one adapter module per library touches its internals:
-stages/download/fiftyone_internals.py and stages/common/dvc_internals.py, nowhere else
+stages/download/fiftyone_internals.py and stages/common/infra/dvc_internals.py, nowhere else
 (tests/test_layout.py). Each declares a :class:`Library`: the version its code was written
 against (the pin in requirements.txt, tests/test_internals.py) and every private name it uses,
 with the parameters it calls it with. :func:`require` refuses, in one line, to run an adapter on
@@ -17,7 +17,7 @@ import importlib.metadata
 import inspect
 from dataclasses import dataclass
 
-from stages.common.errors import StageError
+from stages.common.infra.errors import StageError
 
 
 @dataclass(frozen=True)

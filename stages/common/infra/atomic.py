@@ -28,7 +28,7 @@ from typing import Any, Iterator
 
 import yaml
 
-from stages.common.errors import StageError
+from stages.common.infra.errors import StageError
 
 
 def _tmp_sibling(path: Path) -> Path:

@@ -23,7 +23,7 @@ from typing import Iterator
 
 import pandas as pd
 
-from stages.common.errors import StageError
+from stages.common.infra.errors import StageError
 
 DATA_DIR = "data"
 DETECTIONS = Path("labels") / "detections.csv"

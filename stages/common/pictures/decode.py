@@ -27,7 +27,7 @@ import numpy as np
 import simplejpeg
 from PIL import Image
 
-from stages.common.errors import StageError
+from stages.common.infra.errors import StageError
 
 # Pictures above this many pixels are not decoded: crops.max_image_pixels' default (params.yaml
 # holds the same value; a test keeps them equal) and predict's --max-image-pixels. 100 MP is

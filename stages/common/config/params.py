@@ -21,16 +21,14 @@ import yaml
 from pydantic import (BaseModel, ConfigDict, Field, ValidationError, field_validator,
                       model_validator)
 
-from stages.common.atomic import clean_dead_leftovers
-from stages.common.errors import ParamError
-from stages.common.pictures import MAX_IMAGE_PIXELS
+from stages.common.alarm.calibration import ALARM_LABEL
+from stages.common.infra.atomic import clean_dead_leftovers
+from stages.common.infra.errors import ParamError
+from stages.common.model.archs import ARCH_NAMES, MAX_CROP_SIZE, RESNET_CHILDREN
+from stages.common.pictures.decode import MAX_IMAGE_PIXELS
 
 PARAMS_FILE = Path("params.yaml")
 
-ARCH_NAMES = ("resnet18", "resnet34", "resnet50", "resnet101", "resnet152")
-# Top-level modules of a torchvision ResNet, in forward order.
-RESNET_CHILDREN = ("conv1", "bn1", "relu", "maxpool", "layer1", "layer2", "layer3", "layer4",
-                   "avgpool", "fc")
 SOURCES = ("sample", "open-images-v7", "mirror")
 # Labels become folder names (ImageFolder classes).
 LABEL_NAME = re.compile(r"[A-Za-z0-9_][A-Za-z0-9_.-]*")
@@ -45,8 +43,6 @@ MAX_PROCESSES = 256
 # Crops per forward pass: 4,096 crops of 224 px are 2.4 GB of float32 input before any
 # activation; export.batch_size repeats test crops up to this many in memory.
 MAX_BATCH = 4096
-# Crop side: activations grow with its square, 20x those of the report's 224 px at 1,024.
-MAX_CROP_SIZE = 1024
 MAX_EPOCHS = 10_000
 MAX_SPEED_RUNS = 10_000  # timed forward passes: more only makes the stage slower
 MAX_MISTAKES = 256  # subplots of the mistakes figure: more is unreadable and minutes to draw
@@ -145,11 +141,12 @@ class Data(Section):
                                      f"data.labels.{owner[name]} and {key}; a class needs one "
                                      "label")
                 owner[name] = label
-        if "person" not in labels:
+        if ALARM_LABEL not in labels:
             # The alarm (calibrate, evaluate, predict) is the person label's: the reason the
             # classifier exists.
-            raise ParamError("params.yaml: data.labels has no 'person' label; the person alarm "
-                             "needs one: add person: [Person, ...] under data.labels")
+            raise ParamError(f"params.yaml: data.labels has no {ALARM_LABEL!r} label; the "
+                             f"{ALARM_LABEL} alarm needs one: add {ALARM_LABEL}: [Person, ...] "
+                             "under data.labels")
         return {label: list(names) for label, names in sorted(labels.items())}
 
     @property
@@ -236,7 +233,7 @@ class Train(Section):
 class Calibrate(Section):
     # The share of persons that must raise the alarm (with the fewest false alarms).
     person_recall_target: float = Field(gt=0, le=1)
-    # What the target promises on new pictures (stages.common.guarantee).
+    # What the target promises on new pictures (stages.common.alarm.guarantee).
     guarantee: Literal["none", "average", "probability"]
     delta: float = Field(gt=0, le=0.5)  # guarantee: probability holds with probability 1 - delta
     batch_size: int = Field(ge=1, le=MAX_BATCH)

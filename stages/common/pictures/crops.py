@@ -103,7 +103,7 @@ def place(scaled: np.ndarray, size: int, rng: np.random.Generator | None) -> np.
     else:
         x = int(rng.integers(0, size - nw, endpoint=True))
         y = int(rng.integers(0, size - nh, endpoint=True))
-    import cv2
+    import cv2  # here: the box geometry of this module is usable without OpenCV
 
     # One C call pads with the colour; filling a numpy canvas by broadcasting cost 8x as much
     # time as the whole rest of a crop's placement.
@@ -171,7 +171,7 @@ def scale_from_reduced(image: np.ndarray, box: PixelBox, factor: int,
     The same bilinear sampling at exactly those points keeps the crop aligned to a fraction of a
     pixel, which rounding the box to the 1/f grid would not (up to f/2 source pixels off).
     """
-    import cv2
+    import cv2  # here: the box geometry of this module is usable without OpenCV
 
     x0, y0, x1, y1 = box
     nw, nh = scaled_size

@@ -21,6 +21,7 @@ differ from libjpeg's by a level here and there: another IDCT).
 from __future__ import annotations
 
 import os
+import warnings
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from pathlib import Path
@@ -28,9 +29,14 @@ from typing import Callable, Iterator, Sequence
 
 import cv2
 import torch
+from torchvision.datasets import ImageFolder
 
-from stages.common import pictures
-from stages.common.errors import StageError
+from stages.common.infra.errors import StageError
+from stages.common.pictures import decode as pictures
+
+with warnings.catch_warnings():  # torchvision 0.29 points to TorchCodec; nvJPEG still works
+    warnings.simplefilter("ignore", DeprecationWarning)
+    from torchvision.io import ImageReadMode, decode_jpeg
 
 # Shares of free memory a decoded split may take (the model, its activations and the optimizer
 # need the rest).
@@ -53,7 +59,7 @@ def read_bytes(path: str) -> torch.Tensor:
 
 
 def decode_rgb(data: torch.Tensor) -> torch.Tensor:
-    """One crop file's bytes -> uint8 RGB, 3 x H x W, on the CPU (stages.common.pictures: a
+    """One crop file's bytes -> uint8 RGB, 3 x H x W, on the CPU (stages.common.pictures.decode: a
     JPEG by libjpeg-turbo, PIL's pixels, tested; anything else by OpenCV). Unchecked bytes: no
     header parse per crop, and a damaged crop is refused, never papered over."""
     raw = data.numpy()
@@ -84,12 +90,6 @@ def _decode_checked(data: torch.Tensor, path: str) -> torch.Tensor:
 
 def _decode_on_gpu(datas: list[torch.Tensor], paths: Sequence[str], device: torch.device,
                    pool: ThreadPoolExecutor) -> torch.Tensor:
-    import warnings
-
-    with warnings.catch_warnings():  # torchvision 0.29 points to TorchCodec; nvJPEG still works
-        warnings.simplefilter("ignore", DeprecationWarning)
-        from torchvision.io import ImageReadMode, decode_jpeg
-
     out: list[torch.Tensor | None] = [None] * len(datas)
     jpeg = [i for i, d in enumerate(datas) if bytes(d[:2].tolist()) == pictures.JPEG_MAGIC]
     for start in range(0, len(jpeg), NVJPEG_BATCH):
@@ -144,8 +144,6 @@ class CropSet:
         """Decode the split at ``folder`` (its class folders, ImageFolder's order) once.
         ``keep`` forces where ('device', 'host', 'stream'); by default, by size. ``pin``: on
         CUDA, a host copy is page-locked (copied to the GPU without blocking)."""
-        from torchvision.datasets import ImageFolder
-
         if not folder.is_dir():
             raise StageError(f"{folder}: not found; run the split stage first")
         try:

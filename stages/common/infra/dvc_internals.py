@@ -21,10 +21,10 @@ from __future__ import annotations
 from pathlib import Path
 from typing import Callable, TypeVar
 
-from stages.common.internals import Library, Private, require
+from stages.common.infra.internals import Library, Private, require
 
 T = TypeVar("T")
-ADAPTER = "stages/common/dvc_internals.py"
+ADAPTER = "stages/common/infra/dvc_internals.py"
 DVC = Library(
     dist="dvc", pinned="3.67.1", adapter=ADAPTER,
     needs=(

@@ -1,12 +1,13 @@
-"""ONNX: export a checkpoint with a dynamic batch axis, and run an exported model in ONNX Runtime.
+"""ONNX: export a checkpoint with a dynamic batch axis, seal the file, verify a sealed file.
 
 The exported file carries the checkpoint's arch, class names, image size and normalisation in its
 metadata, and calibrate's temperature and person threshold (``operating_point``, under its own
-seal, checked on load: stages.common.calibration), so
+seal, checked on load: stages.common.alarm.calibration), so
 ``stages.predict --model model.onnx`` needs nothing but that one file. It also
 carries ``weights_sha256``: the SHA-256 of the file's model (deterministic protobuf
 serialisation) without that entry, written by :func:`export` and checked by
-:class:`OnnxClassifier` before ONNX Runtime sees the bytes (one flipped bit in a weight answered
+:func:`verified_bytes` (for stages.common.serving.classifiers.OnnxClassifier) before ONNX
+Runtime sees the bytes (one flipped bit in a weight answered
 "object 1.000000"). A file without it, or whose content does not match it, is refused in one line.
 """
 from __future__ import annotations
@@ -17,12 +18,14 @@ import io
 import json
 from pathlib import Path
 
-import numpy as np
 import torch
 from torch import nn
 
-from stages.common.model import DIGEST_KEY, check_meta
-from stages.common.errors import StageError
+from stages.common.infra.errors import StageError
+from stages.common.model.checkpoint import DIGEST_KEY
+
+# onnx and onnx_ir are imported where used, not here: over a second of start-up that predict
+# with a .pt checkpoint (which imports this module through its classifiers) never needs.
 
 INPUT, OUTPUT = "images", "logits"
 META_KEYS = ("arch", "classes", "image_size", "mean", "std")  # values stored as JSON text
@@ -127,69 +130,3 @@ def strip_paths(model) -> None:
     for graph in [model.graph, *model.functions.values()]:
         for node in RecursiveGraphIterator(graph):
             node.metadata_props.pop(STACK_TRACE, None)
-
-
-class OnnxClassifier:
-    """An exported model in ONNX Runtime on the CPU: ``logits(batch NCHW float32) -> ndarray``."""
-
-    def __init__(self, path: str | Path, threads: int | None = None):
-        import onnxruntime as ort
-
-        self.path = path = Path(path)
-        if not path.is_file():
-            raise StageError(f"{path}: ONNX model not found; run `dvc repro export` first")
-        options = ort.SessionOptions()
-        options.log_severity_level = 3  # errors only
-        # ORT's idle threads otherwise busy-wait after each run and steal the CPU from whatever
-        # runs next (PyTorch, in export's side-by-side timing: 30x slower there).
-        options.add_session_config_entry("session.intra_op.allow_spinning", "0")
-        if threads:
-            options.intra_op_num_threads = threads
-            options.inter_op_num_threads = 1
-        # ONNX Runtime gets the very bytes that were verified, not the file a second time.
-        data, stored = verified_bytes(path)
-        missing = [k for k in META_KEYS if k not in stored]
-        if missing:
-            raise StageError(f"{path}: ONNX metadata lacks {', '.join(missing)}; {EXPORT_AGAIN}")
-        self.meta = {}
-        for key in META_KEYS:
-            try:
-                self.meta[key] = json.loads(stored[key])
-            except ValueError:
-                raise StageError(f"{path}: ONNX metadata {key} is not valid JSON; the file is "
-                                 f"damaged or not one this project wrote; {EXPORT_AGAIN}") \
-                    from None
-        check_meta(path, self.meta, META_KEYS)
-        self.operating_point = self._operating_point(stored)
-        try:
-            self.session = ort.InferenceSession(data, options,
-                                                providers=["CPUExecutionProvider"])
-        except Exception as exc:
-            raise StageError(f"{path}: not a loadable ONNX model ({type(exc).__name__}); "
-                             f"{EXPORT_AGAIN}") from None
-
-    def _operating_point(self, stored: dict[str, str]) -> dict | None:
-        """The operating point export embedded (None in a file exported without one)."""
-        from stages.common.calibration import point_problem
-
-        if POINT_KEY not in stored:
-            return None
-        try:
-            point = json.loads(stored[POINT_KEY])
-        except ValueError:
-            point = None
-        problem = point_problem(point, embedded=True)
-        if problem:
-            raise StageError(f"{self.path}: ONNX metadata {POINT_KEY} is not usable ({problem}); "
-                             f"{EXPORT_AGAIN}")
-        return {**point, "source": f"{self.path} (embedded)"}
-
-    def logits(self, batch: np.ndarray) -> np.ndarray:
-        return self.session.run([OUTPUT], {INPUT: np.ascontiguousarray(batch, np.float32)})[0]
-
-    def classify(self, pixels) -> np.ndarray:
-        """uint8 RGB N x 3 x S x S (a torch tensor) -> logits, normalised as every crop is."""
-        from stages.common.batches import normalise
-
-        x = normalise(pixels, self.meta["mean"], self.meta["std"])
-        return self.logits(x.contiguous().numpy())

@@ -1,0 +1,1 @@
+"""The person alarm: temperature, threshold, sealed operating point, what the threshold promises."""

@@ -1,0 +1,45 @@
+"""Every artifact path of the pipeline, relative to the project root (where dvc.yaml is).
+
+The one place a stage, a command or a test learns where an output lies: a folder renamed here
+and in dvc.yaml moves it everywhere. tests/test_layout.py checks that every path here is one of
+dvc.yaml's outs, metrics or plots (or lies inside one), that every output of dvc.yaml is named
+here, and that no other module of stages/ spells one.
+"""
+from __future__ import annotations
+
+from pathlib import Path
+
+# download
+RAW = Path("data/raw")
+DOWNLOAD_METRICS = Path("metrics/download.json")
+
+# extract_crops
+CROPS = Path("data/crops")
+CROPS_METRICS = Path("metrics/crops.json")
+
+# split: one ImageFolder (<label>/<crop>) per split
+SPLIT_DIR = Path("data/split")
+TRAIN_SPLIT = SPLIT_DIR / "train"
+VAL_SPLIT = SPLIT_DIR / "val"
+TEST_SPLIT = SPLIT_DIR / "test"
+CALIBRATION_SPLIT = SPLIT_DIR / "calibration"  # only when split.calibration > 0
+SPLIT_METRICS = Path("metrics/split.json")
+
+# train
+MODEL_DIR = Path("data/model")
+CHECKPOINT = MODEL_DIR / "best.pt"
+TRAIN_STATE = Path("data/train_state")
+TRAIN_PLOTS = Path("plots/train")  # DVCLive's folder
+TRAIN_METRICS = Path("metrics/train.json")
+
+# calibrate
+CALIBRATION_DIR = Path("data/calibration")
+OPERATING_POINT = CALIBRATION_DIR / "operating_point.json"
+
+# evaluate
+EVAL_PLOTS = Path("plots/eval")
+EVAL_METRICS = Path("metrics/eval.json")
+
+# export
+EXPORT_DIR = Path("data/export")
+EXPORT_METRICS = Path("metrics/export.json")

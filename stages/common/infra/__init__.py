@@ -1,0 +1,1 @@
+"""Running a stage: one-line errors, atomic writes, progress, processes, digests, adapters."""

@@ -1,0 +1,1 @@
+"""The classifier: arch facts without torch, building, checkpoint format, device, ONNX export."""

@@ -1,0 +1,1 @@
+"""Answering for picture files: PyTorch and ONNX Runtime classifiers, folder walks, batches."""

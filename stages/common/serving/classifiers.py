@@ -1,0 +1,124 @@
+"""A model file that answers logits: a train-stage checkpoint in PyTorch (:class:`TorchClassifier`)
+or an exported model in ONNX Runtime (:class:`OnnxClassifier`), each with the operating point
+fitted for it; shared by predict, export and review.
+
+Both take uint8 RGB N x 3 x S x S pixels (``classify``) and normalise them as every crop is
+(stages.common.inference.batches.normalise).
+"""
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import numpy as np
+import torch
+
+from stages.common.alarm.calibration import beside, point_problem
+from stages.common.config.paths import OPERATING_POINT
+from stages.common.inference.batches import normalise
+from stages.common.infra.errors import StageError
+from stages.common.model.build import load_checkpoint
+from stages.common.model.checkpoint import check_meta
+from stages.common.model.onnx import (EXPORT_AGAIN, INPUT, META_KEYS, OUTPUT, POINT_KEY,
+                                      verified_bytes)
+
+
+class TorchClassifier:
+    """A train-stage checkpoint in PyTorch eager, on ``device`` (the CPU by default)."""
+
+    def __init__(self, path: str | Path, device: torch.device = torch.device("cpu")):
+        self.path = Path(path)
+        self.device = device
+        self.model, meta = load_checkpoint(path)
+        self.model = self.model.to(device, memory_format=torch.channels_last)
+        self.meta = {k: meta[k] for k in ("arch", "classes", "image_size", "mean", "std")}
+        self.operating_point = beside(self.path, OPERATING_POINT)
+
+    @torch.inference_mode()
+    def logits(self, batch: np.ndarray | torch.Tensor) -> np.ndarray:
+        """Normalised float32 N x 3 x S x S (an array, or a tensor on any device) -> logits."""
+        if isinstance(batch, np.ndarray):
+            batch = torch.from_numpy(np.ascontiguousarray(batch, np.float32))
+        x = batch.to(self.device).contiguous(memory_format=torch.channels_last)
+        return self.model(x).float().cpu().numpy()
+
+    def classify(self, pixels: torch.Tensor) -> np.ndarray:
+        """uint8 RGB N x 3 x S x S -> logits, normalised on the model's device."""
+        return self.logits(normalise(pixels.to(self.device), self.meta["mean"], self.meta["std"]))
+
+
+def load_classifier(path: str | Path, threads: int | None = None,
+                    device: torch.device = torch.device("cpu")):
+    """A ``.onnx`` file runs in ONNX Runtime (the CPU); anything else must be a train-stage
+    checkpoint, run by PyTorch on ``device``."""
+    if Path(path).suffix.lower() == ".onnx":
+        if device.type != "cpu":
+            raise StageError(f"{path}: an ONNX model runs on the CPU here (ONNX Runtime's CPU "
+                             "build); use --device cpu, or the .pt checkpoint on "
+                             f"{device.type}")
+        return OnnxClassifier(path, threads)
+    return TorchClassifier(path, device)
+
+
+class OnnxClassifier:
+    """An exported model in ONNX Runtime on the CPU: ``logits(batch NCHW float32) -> ndarray``."""
+
+    def __init__(self, path: str | Path, threads: int | None = None):
+        # here, not at the top: ONNX Runtime only for a .onnx file (predict with a .pt never
+        # loads it)
+        import onnxruntime as ort
+
+        self.path = path = Path(path)
+        if not path.is_file():
+            raise StageError(f"{path}: ONNX model not found; run `dvc repro export` first")
+        options = ort.SessionOptions()
+        options.log_severity_level = 3  # errors only
+        # ORT's idle threads otherwise busy-wait after each run and steal the CPU from whatever
+        # runs next (PyTorch, in export's side-by-side timing: 30x slower there).
+        options.add_session_config_entry("session.intra_op.allow_spinning", "0")
+        if threads:
+            options.intra_op_num_threads = threads
+            options.inter_op_num_threads = 1
+        # ONNX Runtime gets the very bytes that were verified, not the file a second time.
+        data, stored = verified_bytes(path)
+        missing = [k for k in META_KEYS if k not in stored]
+        if missing:
+            raise StageError(f"{path}: ONNX metadata lacks {', '.join(missing)}; {EXPORT_AGAIN}")
+        self.meta = {}
+        for key in META_KEYS:
+            try:
+                self.meta[key] = json.loads(stored[key])
+            except ValueError:
+                raise StageError(f"{path}: ONNX metadata {key} is not valid JSON; the file is "
+                                 f"damaged or not one this project wrote; {EXPORT_AGAIN}") \
+                    from None
+        check_meta(path, self.meta, META_KEYS)
+        self.operating_point = self._operating_point(stored)
+        try:
+            self.session = ort.InferenceSession(data, options,
+                                                providers=["CPUExecutionProvider"])
+        except Exception as exc:
+            raise StageError(f"{path}: not a loadable ONNX model ({type(exc).__name__}); "
+                             f"{EXPORT_AGAIN}") from None
+
+    def _operating_point(self, stored: dict[str, str]) -> dict | None:
+        """The operating point export embedded (None in a file exported without one)."""
+        if POINT_KEY not in stored:
+            return None
+        try:
+            point = json.loads(stored[POINT_KEY])
+        except ValueError:
+            point = None
+        problem = point_problem(point, embedded=True)
+        if problem:
+            raise StageError(f"{self.path}: ONNX metadata {POINT_KEY} is not usable ({problem}); "
+                             f"{EXPORT_AGAIN}")
+        return {**point, "source": f"{self.path} (embedded)"}
+
+    def logits(self, batch: np.ndarray) -> np.ndarray:
+        return self.session.run([OUTPUT], {INPUT: np.ascontiguousarray(batch, np.float32)})[0]
+
+    def classify(self, pixels) -> np.ndarray:
+        """uint8 RGB N x 3 x S x S (a torch tensor) -> logits, normalised as every crop is."""
+        x = normalise(pixels, self.meta["mean"], self.meta["std"])
+        return self.logits(x.contiguous().numpy())
