@@ -26,7 +26,8 @@ from stages.common.alarm.calibration import (bound_sentence, embedded, operating
                                              operator_sentence, threshold_text)
 from stages.common.config import params
 from stages.common.config.paths import (CHECKPOINT, EVAL_METRICS, EXPORT_DIR, EXPORT_METRICS,
-                                        MODEL_DIR, OPERATING_POINT, SPLIT_METRICS, TEST_SPLIT)
+                                        MODEL_DIR, OPERATING_POINT, SPLIT_METRICS, TEST_SPLIT,
+                                        VAL_SPLIT)
 from stages.common.inference.batches import normalise
 from stages.common.inference.logits import checked_crops
 from stages.common.inference.speed import speed_figures
@@ -155,7 +156,7 @@ def alarm_section(scores: dict) -> str:
     shown = threshold_text(op["threshold"], op["threshold_log_odds"])
     return f"""## Person alarm (operating point)
 Scores are calibrated by temperature scaling (T = {cal['temperature']}, fitted on
-`{op.get('fitted_on') or 'data/split/val'}`; test expected calibration error {cal['ece_before']}
+`{op.get('fitted_on') or VAL_SPLIT}`; test expected calibration error {cal['ece_before']}
 before, {cal['ece_after']} after). A crop raises the alarm when its calibrated person probability
 is >= **{shown}**, chosen for person recall >= {op['target_recall']}
 (`calibrate.person_recall_target`) with the fewest false alarms.{guarantee_text(op)}
