@@ -323,3 +323,17 @@ def test_model_weights_is_verified_like_a_checkpoint(tmp_path):
     torch.save(state, nan)
     with pytest.raises(StageError, match="weight layer1.0.conv1.weight holds NaN or infinite"):
         M.build_model("resnet18", 3, 0.3, str(nan))
+
+
+@pytest.mark.parametrize("name", ["cuda", "mps"])
+def test_a_device_asked_for_by_name_that_is_not_there_is_one_line(name, monkeypatch):
+    import torch
+
+    from stages.common.infra.errors import StageError
+    from stages.common.model import device
+
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: False)
+    monkeypatch.setattr(device, "mps_available", lambda: False)
+    with pytest.raises(StageError, match=f"device={name} but no .* use auto or cpu"):
+        device.pick_device(name)
+    assert device.pick_device("auto").type == "cpu"

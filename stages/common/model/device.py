@@ -6,13 +6,19 @@ import torch
 from stages.common.infra.errors import StageError
 
 
+def mps_available() -> bool:
+    return bool(getattr(torch.backends, "mps", None) and torch.backends.mps.is_available())
+
+
 def pick_device(name: str) -> torch.device:
+    """``auto``: CUDA, then Apple's MPS, then the CPU; a device asked for by name must be there
+    (one line, not a traceback from the first tensor moved to it)."""
     if name == "auto":
         if torch.cuda.is_available():
             return torch.device("cuda")
-        if getattr(torch.backends, "mps", None) and torch.backends.mps.is_available():
-            return torch.device("mps")
-        return torch.device("cpu")
+        return torch.device("mps") if mps_available() else torch.device("cpu")
     if name == "cuda" and not torch.cuda.is_available():
         raise StageError("device=cuda but no CUDA device is visible; use auto or cpu")
+    if name == "mps" and not mps_available():
+        raise StageError("device=mps but no Apple MPS device is available; use auto or cpu")
     return torch.device(name)
