@@ -9,10 +9,8 @@ test split stays unseen until evaluate), and writes data/calibration/operating_p
     (``temperature_interval``); stderr warns when T sits at an end of its range or the crops
     hold no error to learn from;
   * ``threshold``: the calibrated person probability at or above which a picture raises the
-    alarm, on the order statistic of the person scores that ``calibrate.guarantee`` chooses
-    (stages.common.alarm.guarantee: ``none`` reaches ``calibrate.person_recall_target`` on these
-    crops, ``average`` on new persons on average, ``probability`` on new persons with probability
-    >= 1 - ``calibrate.delta``), halfway (in log-odds) to the first non-person below it;
+    alarm, chosen by the rule ``calibrate.guarantee`` names (how, and what each rule promises:
+    docs/stages.md, "The person alarm's operating point");
   * the figures at that point (``val``, whichever split it was fitted on): recall and false
     alarms with their one-sided 95 % Clopper-Pearson bounds, what the threshold promises on new
     persons, the checkpoint's SHA-256 (predict uses the file only for that checkpoint), and

@@ -8,10 +8,8 @@ log-likelihood, a bounded 1-D search over log T in float64, so the same logits g
 any machine.
 
 The operating point: the person probability (after T) at or above which a picture raises the
-alarm: the val person score the chosen rule allows (stages.common.alarm.guarantee: the target
-reached on val, on new persons on average, or on new persons with probability 1 - delta) with the
-fewest val false alarms, placed halfway between the last person it must catch and the first
-non-person below it. The comparison is made on the person log-odds,
+alarm, chosen on val by the rule of stages.common.alarm.guarantee (how, and what each rule
+promises: docs/stages.md, "The person alarm's operating point"). The comparison is made on the person log-odds,
 log(p / (1 - p)) = z_person / T - logsumexp(z_others / T), computed from the logits: a
 probability rounds to exactly 1.0 in float64 once the gap passes ~37 (a small T gets there fast),
 and thresholds on such ties would lose all resolution. ``threshold_log_odds`` is the alarm;
