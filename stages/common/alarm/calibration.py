@@ -9,8 +9,8 @@ any machine.
 
 The operating point: the person probability (after T) at or above which a picture raises the
 alarm, chosen on val by the rule of stages.common.alarm.guarantee (how, and what each rule
-promises: docs/stages.md, "The person alarm's operating point"). The comparison is made on the person log-odds,
-log(p / (1 - p)) = z_person / T - logsumexp(z_others / T), computed from the logits: a
+promises: docs/stages.md, "The person alarm's operating point"). The comparison is made on the
+person log-odds, log(p / (1 - p)) = z_person / T - logsumexp(z_others / T), computed from the logits: a
 probability rounds to exactly 1.0 in float64 once the gap passes ~37 (a small T gets there fast),
 and thresholds on such ties would lose all resolution. ``threshold_log_odds`` is the alarm;
 ``threshold`` is its probability, for people to read, and a reader refuses a point where the two

@@ -112,8 +112,8 @@ class Data(Section):
     @classmethod
     def _source(cls, value: Any) -> Any:
         if isinstance(value, str) and value.strip() and value not in SOURCES:
-            # Until 2026-12 a folder path went here; DVC cannot track a dependency named by a
-            # value that is sometimes a path and sometimes not, so the path has a key of its own.
+            # A folder path is data.mirror's: DVC cannot track a dependency named by a value
+            # that is sometimes a path and sometimes not, so the path has a key of its own.
             raise ParamError(f"params.yaml: data.source={value!r} is not allowed; expected one "
                              f"of {', '.join(SOURCES)} (for a folder: data.source: mirror and "
                              f"data.mirror: {value}, which DVC tracks as a dependency)")
