@@ -524,3 +524,9 @@ def test_trains_resume_fingerprint_holds_exactly_its_dvc_params():
     from stages.train import stage as train
 
     assert set(train.fingerprint_params(PARAMS)) == stage_params("train")
+
+
+def test_the_readme_stays_short():
+    """README.md is the front page (at most 12 KB); the details live in docs/."""
+    size = (ROOT / "README.md").stat().st_size
+    assert size <= 12_000, f"README.md is {size:,} bytes; move details to docs/ (at most 12,000)"
