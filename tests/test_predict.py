@@ -27,6 +27,7 @@ from stages.common.serving.predictor import prepare
 from stages.evaluate import figures
 from stages.evaluate.stage import most_confident_mistakes
 from tests import paramfile
+from tests.tiny_project import write_noise_test_split
 
 ROOT = Path(__file__).resolve().parents[1]
 SIZE = 32
@@ -573,13 +574,7 @@ def test_infinite_logits_stop_predict_evaluate_and_export_in_one_line(tmp_path, 
     assert proc.stderr.splitlines() == [f"error: {checkpoint}: the model answers NaN or "
                                         "infinite logits; its weights are damaged or diverged: "
                                         "retrain (dvc repro) or export it again"]
-    rng = np.random.default_rng(5)
-    for label in CLASSES:
-        folder = tmp_path / "data/split/test" / label
-        folder.mkdir(parents=True)
-        for i in range(2):
-            cv2.imwrite(str(folder / f"{i}.png"),
-                        rng.integers(0, 255, (SIZE, SIZE, 3), dtype=np.uint8))
+    write_noise_test_split(tmp_path, CLASSES, SIZE)
     paramfile.write(tmp_path, {"evaluate": {"device": "cpu", "speed_runs": 1},
                                "export": {"speed_runs": 1, "batch_size": 2}})
     monkeypatch.chdir(tmp_path)

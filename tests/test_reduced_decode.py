@@ -21,7 +21,6 @@ import pytest
 from PIL import Image
 
 from stages.common.pictures import crops, decode as pictures
-from stages.extract_crops import stage as extract_crops
 from tests.test_crops import box, read_manifest, run_stage, write_params, write_raw
 
 AREA_SLACK = 0.5

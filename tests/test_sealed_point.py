@@ -4,11 +4,9 @@ reader (predict on a checkpoint and on an ONNX file, evaluate, export); a missin
 the threshold shown is the one that answers; the model card states the point the ONNX file
 carries, and export embeds only the point evaluate scored."""
 import json
-import os
 from pathlib import Path
 from types import SimpleNamespace
 
-import cv2
 import numpy as np
 import pytest
 import torch
@@ -24,6 +22,7 @@ from stages.common.model.onnx import POINT_KEY, export, seal
 from stages.common.serving.classifiers import OnnxClassifier
 from stages.evaluate import stage as evaluate
 from tests import paramfile
+from tests.tiny_project import write_noise_test_split
 
 SIZE = 32
 CLASSES = ["animal", "object", "person"]
@@ -63,13 +62,7 @@ def project(tmp_path_factory):
     point = fitted_point(root / CHECKPOINT)
     (root / FILE).parent.mkdir(parents=True)
     write_json(root / FILE, point)
-    rng = np.random.default_rng(5)
-    for label in CLASSES:
-        folder = root / "data/split/test" / label
-        folder.mkdir(parents=True)
-        for i in range(2):
-            cv2.imwrite(str(folder / f"{i}.png"),
-                        rng.integers(0, 255, (SIZE, SIZE, 3), dtype=np.uint8))
+    write_noise_test_split(root, CLASSES, SIZE)
     paramfile.write(root, {"evaluate": {"device": "cpu", "speed_runs": 1, "mistakes": 2},
                            "export": {"speed_runs": 1, "batch_size": 2}})
     export(model, {**meta, POINT_KEY: cal.embedded(point)}, root / "model.onnx", 18)

@@ -61,3 +61,16 @@ def write_colour_split(root: Path, rng: np.random.Generator, counts: dict[str, i
                 spread = rng.integers(-noise, noise, (32, 32, 3))
                 img = np.clip(np.array(colour_of(split, label)) + spread, 0, 255)
                 cv2.imwrite(str(folder / f"{i}.png"), img.astype(np.uint8))
+
+
+def write_noise_test_split(root: Path, classes: list[str], size: int, per_label: int = 2,
+                           seed: int = 5) -> None:
+    """``per_label`` random-noise ``size`` px PNGs per label under root/data/split/test/<label>/:
+    a test split for the stages that only need crops of the right shape (evaluate, export)."""
+    rng = np.random.default_rng(seed)
+    for label in classes:
+        folder = root / "data/split/test" / label
+        folder.mkdir(parents=True)
+        for i in range(per_label):
+            cv2.imwrite(str(folder / f"{i}.png"),
+                        rng.integers(0, 255, (size, size, 3), dtype=np.uint8))
