@@ -30,10 +30,10 @@ import torch
 
 from stages.common.alarm.calibration import (ALARM_LABEL, FORMAT, alarm_figures, ece,
                                              fit_temperature, nll, person_log_odds,
-                                             person_threshold, persons_needed, probability, seal,
+                                             person_threshold, probability, seal,
                                              softmax, temperature_interval, temperature_warnings,
                                              threshold_order, threshold_text)
-from stages.common.alarm.guarantee import alarm_bounds, assurance
+from stages.common.alarm.guarantee import alarm_bounds, assurance, persons_needed
 from stages.common.config import params
 from stages.common.config.paths import CALIBRATION_SPLIT, CHECKPOINT, OPERATING_POINT, VAL_SPLIT
 from stages.common.inference.logits import labelled_logits
@@ -42,7 +42,6 @@ from stages.common.infra.digest import file_sha256
 from stages.common.infra.errors import StageError, main_guard
 from stages.common.model.build import load_checkpoint
 from stages.common.model.device import pick_device
-
 
 
 def operating_point(logits, targets, classes: list[str], target: float,
@@ -67,7 +66,7 @@ def operating_point(logits, targets, classes: list[str], target: float,
         "target_recall": target, "guarantee": rule, "delta": delta,
         "val": {"crops": int(len(targets)), **figures, **alarm_bounds(figures, target),
                 **assurance(figures["persons"], k, target),
-                "persons_needed": persons_needed(target, rule, delta), "resolved": resolved,
+                "persons_needed": persons_needed(rule, target, delta), "resolved": resolved,
                 "nll_before": round(nll(logits, targets, 1.0), 4),
                 "nll_after": round(nll(logits, targets, temperature), 4),
                 "ece_before": round(ece(before, targets), 4),

@@ -38,8 +38,8 @@ import sys
 import tempfile
 from pathlib import Path
 
-from stages.common.alarm.calibration import (_number, bound_sentence, operator_sentence,
-                                             threshold_text)
+from stages.common.alarm.calibration import (bound_sentence, number_in, operator_sentence,
+                                             target_sentence, threshold_text)
 from stages.common.config.paths import EVAL_METRICS
 from stages.common.infra import dvc_internals
 from stages.common.infra.atomic import atomic_file, refuse_odd_destination
@@ -180,7 +180,7 @@ def operating_point_problem(point: dict) -> str | None:
     """Why ``point`` cannot be put into words (a figure that is no finite number in range), or
     None; a figure it lacks is no problem (an older eval.json)."""
     for key, (low, high) in POINT_FIGURES.items():
-        if key in point and not _number(point[key], low, high):
+        if key in point and not number_in(point[key], low, high):
             return f"{key} {point[key]!r} is not a finite number" + (
                 f" from {low:g} to {high:g}" if math.isfinite(high) else "")
     return None
@@ -215,8 +215,7 @@ def confidence_sentence(point: dict) -> str | None:
     sentence = bound_sentence(lower, upper)
     met = point.get("target_met")
     if isinstance(met, bool) and "target_recall" in point:
-        sentence += (f" The target of {point['target_recall']} is "
-                     f"{'met' if met else 'not met'} with 95 % confidence.")
+        sentence += " " + target_sentence(point["target_recall"], met)
     return sentence
 
 

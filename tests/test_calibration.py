@@ -6,7 +6,7 @@ import numpy as np
 import pytest
 
 from stages import calibrate
-from stages.common.alarm import calibration as cal
+from stages.common.alarm import calibration as cal, guarantee
 from stages.common.config.paths import OPERATING_POINT
 from stages.common.infra.errors import StageError
 from stages.evaluate.stage import alarm_metrics
@@ -174,8 +174,9 @@ def test_too_few_val_persons_is_said_and_recorded():
     point = calibrate.operating_point(logits, targets, ["animal", "object", "person"], 0.99)
     assert point["val"] == {**point["val"], "persons": persons, "persons_needed": 100,
                             "resolved": False, "person_recall": 1.0, "persons_missed": 0}
-    assert cal.persons_needed(0.99) == 100 and cal.persons_needed(0.9) == 10
-    assert cal.persons_needed(1.0) == 1
+    assert guarantee.persons_needed("none", 0.99, 0.05) == 100
+    assert guarantee.persons_needed("none", 0.9, 0.05) == 10
+    assert guarantee.persons_needed("none", 1.0, 0.05) == 1
 
 
 def test_a_checkpoint_without_a_person_label_is_one_line():

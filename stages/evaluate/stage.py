@@ -19,9 +19,10 @@ import torch
 from sklearn.metrics import (classification_report, confusion_matrix,
                              precision_recall_curve, roc_curve)
 
-from stages.common.alarm.calibration import (ALARM_LABEL, alarm_figures, bound_sentence, brier, ece,
-                                             nll, operating_point_for, operator_sentence,
-                                             person_log_odds, reliability, softmax, threshold_text)
+from stages.common.alarm.calibration import (ALARM_LABEL, alarm_figures, bound_sentence, brier,
+                                             ece, nll, operating_point_for, operator_sentence,
+                                             person_log_odds, reliability, softmax,
+                                             target_sentence, threshold_text)
 from stages.common.alarm.guarantee import alarm_bounds
 from stages.common.config import params
 from stages.common.config.paths import (CHECKPOINT, EVAL_METRICS, EVAL_PLOTS, OPERATING_POINT,
@@ -239,5 +240,4 @@ def main() -> None:
           + operator_sentence(op["test_person_recall"], op["false_alarms_per_1000"]) + " "
           + (bound_sentence(op["test_person_recall_lower_95"],
                             op["false_alarms_per_1000_upper_95"]) or "")
-          + f" Target {op['target_recall']} met with 95 % confidence: "
-          + ("yes" if op["target_met"] else "no"))
+          + " " + target_sentence(op["target_recall"], op["target_met"]))

@@ -10,11 +10,11 @@ any machine.
 The operating point: the person probability (after T) at or above which a picture raises the
 alarm, chosen on val by the rule of stages.common.alarm.guarantee (how, and what each rule
 promises: docs/stages.md, "The person alarm's operating point"). The comparison is made on the
-person log-odds, log(p / (1 - p)) = z_person / T - logsumexp(z_others / T), computed from the logits: a
-probability rounds to exactly 1.0 in float64 once the gap passes ~37 (a small T gets there fast),
-and thresholds on such ties would lose all resolution. ``threshold_log_odds`` is the alarm;
-``threshold`` is its probability, for people to read, and a reader refuses a point where the two
-disagree.
+person log-odds, log(p / (1 - p)) = z_person / T - logsumexp(z_others / T), computed from the
+logits: a probability rounds to exactly 1.0 in float64 once the gap passes ~37 (a small T gets
+there fast), and thresholds on such ties would lose all resolution. ``threshold_log_odds`` is
+the alarm; ``threshold`` is its probability, for people to read, and a reader refuses a point
+where the two disagree.
 
 The operating point file (data/calibration/operating_point.json) names the checkpoint it was
 fitted for by the SHA-256 of its bytes: a stale file next to another model is never used. It is
@@ -157,12 +157,6 @@ def reliability(probs: np.ndarray, targets: np.ndarray, bins: int = ECE_BINS
     return rows
 
 
-def persons_needed(target: float, rule: str = "none", delta: float = 0.05) -> int | None:
-    """How many val persons ``rule`` needs to resolve ``target`` (stages.common.alarm.guarantee);
-    for ``none``, one missed person must keep recall >= ``target``."""
-    return guarantee.persons_needed(rule, target, delta)
-
-
 def threshold_order(person_scores: np.ndarray, is_person: np.ndarray, target: float,
                     rule: str = "none", delta: float = 0.05) -> tuple[np.ndarray, int, bool]:
     """The val person scores, highest first, the k whose k-th highest the threshold sits on,
@@ -249,6 +243,11 @@ def bound_sentence(recall_lower: float | None, false_alarms_upper_per_1000: floa
     return sentence + "."
 
 
+def target_sentence(target: float, met: bool) -> str:
+    """Whether the lower bound of recall reaches the target, as an operator reads it."""
+    return f"The target of {target} is {'met' if met else 'not met'} with 95 % confidence."
+
+
 # ----- the operating point file ----------------------------------------------------------------
 # Sealed as best.pt and model.onnx are: ``point_sha256`` is the SHA-256 of every other key as
 # canonical JSON (sorted keys, no spaces), so any edit (a flipped digit in the log-odds, a
@@ -304,7 +303,8 @@ def operating_point_for(checkpoint: Path, path: Path) -> dict:
     return point
 
 
-def _number(value, low: float, high: float) -> bool:
+def number_in(value, low: float, high: float) -> bool:
+    """``value`` is a finite int or float (not a bool) from ``low`` to ``high``."""
     return (isinstance(value, (int, float)) and not isinstance(value, bool)
             and math.isfinite(value) and low <= value <= high)
 
@@ -326,9 +326,9 @@ def _seal_problem(point: dict) -> str | None:
 def _threshold_problem(point: dict) -> str | None:
     """``threshold_log_odds`` is the alarm; ``threshold`` only shows it, so the two must agree
     (to float rounding: 1e-14 relative, far below any digit a person reads)."""
-    if not _number(point.get("threshold_log_odds"), -math.inf, math.inf):
+    if not number_in(point.get("threshold_log_odds"), -math.inf, math.inf):
         return f"threshold_log_odds {point.get('threshold_log_odds')!r} is not a finite number"
-    if not _number(point.get("threshold"), 0.0, 1.0):
+    if not number_in(point.get("threshold"), 0.0, 1.0):
         return f"threshold {point.get('threshold')!r} is not a number from 0 to 1"
     derived = probability(point["threshold_log_odds"])
     if not math.isclose(point["threshold"], derived, rel_tol=1e-14, abs_tol=0.0):
@@ -349,13 +349,13 @@ def point_problem(point, embedded: bool = False) -> str | None:
         return f"format {point.get('format')!r}, expected {FORMAT}"
     if point.get("label") != ALARM_LABEL:
         return f"label {point.get('label')!r}, expected {ALARM_LABEL!r}"
-    if not _number(point.get("temperature"), T_MIN, T_MAX):
+    if not number_in(point.get("temperature"), T_MIN, T_MAX):
         return f"temperature {point.get('temperature')!r} is not a number from {T_MIN} to {T_MAX}"
     problem = _threshold_problem(point)
     if problem:
         return problem
     target = point.get("target_recall")
-    if not _number(target, 0.0, 1.0) or target == 0:
+    if not number_in(target, 0.0, 1.0) or target == 0:
         return f"target_recall {target!r} is not a number in (0, 1]"
     if not isinstance(point.get("val"), dict):
         return f"val {point.get('val')!r} is not the val figures (a JSON object)"
