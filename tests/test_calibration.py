@@ -163,7 +163,8 @@ def test_calibrated_overconfident_logits_lower_the_ece():
     point = calibrate.operating_point(logits, targets, ["animal", "object", "person"], 0.95)
     val = point["val"]
     assert point["temperature"] == pytest.approx(3.0, rel=0.05)
-    assert val["ece_after"] < val["ece_before"] and val["nll_after"] < val["nll_before"]
+    assert val["in_sample_ece_after"] < val["in_sample_ece_before"]
+    assert val["in_sample_nll_after"] < val["in_sample_nll_before"]
     assert val["person_recall"] >= 0.95 and val["resolved"]
 
 
@@ -191,7 +192,9 @@ def test_alarm_figures_by_hand():
     got = cal.alarm_figures(scores, is_person, 0.75)
     assert got == {"persons": 3, "non_persons": 4, "persons_missed": 1, "false_alarms": 1,
                    "person_recall": 0.6667, "person_precision": 0.6667,
-                   "false_alarms_per_1000": 250.0}
+                   "false_alarms_per_1000": 250.0,  # without pictures: each crop its own
+                   "person_pictures": 3, "person_pictures_missed": 1,
+                   "non_person_pictures": 4, "false_alarm_pictures": 1}
 
 
 def test_evaluate_writes_the_keys_dvc_metrics_diff_lines_up():
@@ -260,3 +263,21 @@ def test_the_point_beside_a_checkpoint_is_used_only_for_that_checkpoint(tmp_path
     with pytest.raises(StageError, match="fitted for another checkpoint"):
         cal.operating_point_for(ckpt, tmp_path / "other.json")
     assert cal.operating_point_for(ckpt, ckpt.parent / "operating_point.json")["threshold"] == 0.2
+
+
+def test_alarm_figures_count_pictures_by_hand():
+    scores = np.array([0.9, 0.8, 0.3, 0.7, 0.2, 0.1, 0.95, 0.99])
+    is_person = np.array([True, True, True, False, False, False, False, False])
+    # picture a: persons 0.9, 0.3 (one missed) and non-person 0.7; b: person 0.8, non-person
+    # 0.2; c: non-persons 0.1, 0.95 and 0.99 (two false alarms, one picture)
+    pictures = ["a", "b", "a", "a", "b", "c", "c", "c"]
+    got = cal.alarm_figures(scores, is_person, 0.75, pictures)
+    assert (got["persons_missed"], got["false_alarms"]) == (1, 2)
+    assert (got["person_pictures"], got["person_pictures_missed"]) == (2, 1)
+    assert (got["non_person_pictures"], got["false_alarm_pictures"]) == (3, 1)
+    # the crops' order does not matter, only which picture each belongs to
+    order = np.array([7, 2, 5, 0, 3, 6, 1, 4])
+    assert cal.alarm_figures(scores[order], is_person[order], 0.75,
+                             np.array(pictures)[order]) == got
+    with pytest.raises(ValueError, match="3 picture ids for 8 crops"):
+        cal.alarm_figures(scores, is_person, 0.75, pictures[:3])

@@ -2,6 +2,7 @@
 order statistics, and (in seeded simulation) that each rule keeps its promise on new persons."""
 import json
 import math
+from types import SimpleNamespace
 
 import numpy as np
 import pytest
@@ -216,7 +217,7 @@ def test_calibrate_reads_the_calibration_split_when_it_has_a_share(tmp_path, mon
 
     def fake_logits(model, meta, folder, *args):
         read.append(folder)
-        return None, logits, targets
+        return SimpleNamespace(paths=[f"{folder}/x/{i}.jpg" for i in range(120)]), logits, targets
 
     monkeypatch.chdir(tmp_path)
     (tmp_path / "data" / "model").mkdir(parents=True)
