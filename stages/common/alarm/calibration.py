@@ -116,7 +116,7 @@ def temperature_interval(logits: np.ndarray, targets: np.ndarray, seed: int,
     sizes = np.bincount(codes)
     starts = np.cumsum(sizes) - sizes
     rng = np.random.default_rng(seed)
-    fitted = []
+    fitted, flawless = [], 0
     for _ in range(draws):
         drawn = rng.integers(0, len(sizes), len(sizes))
         # the drawn pictures' crops, one after another: each run of positions starts at its
@@ -125,23 +125,29 @@ def temperature_interval(logits: np.ndarray, targets: np.ndarray, seed: int,
         rows = order[np.repeat(starts[drawn] - (np.cumsum(lens) - lens), lens)
                      + np.arange(lens.sum())]
         fitted.append(fit_temperature(logits[rows], targets[rows]))
+        flawless += bool((logits[rows].argmax(axis=1) == targets[rows]).all())
     low, high = np.quantile(fitted, [(1 - confidence) / 2, (1 + confidence) / 2])
     return {"low": round(float(low), 4), "high": round(float(high), 4),
             "confidence": confidence, "draws": draws, "seed": seed,
-            "resampled": "pictures", "pictures": len(sizes)}
+            "resampled": "pictures", "pictures": len(sizes),
+            # resamples without an error: there T runs to wherever the flat NLL stops it
+            "draws_without_error": flawless}
 
 
 def interval_warnings(interval: dict) -> list[str]:
-    """One line when T's bootstrap interval reaches (within 10 % of) an end of T's search
-    range: on some resamples the logits did not pin T down (often: no error among the drawn
-    crops, so the NLL only falls as T shrinks), and the end is the search's, not the data's."""
-    if interval["low"] > T_MIN * 1.1 and interval["high"] < T_MAX * 0.9:
+    """One line when T's bootstrap interval reaches an end of T's search range: an end within
+    10 % of it, or so many resamples without a single error (where the NLL only falls as T
+    shrinks, so the refit stops wherever the flat NLL lets it, near T_MIN) that the lower
+    percentile is one of them. That end is the search's, not the data's."""
+    flawless = interval.get("draws_without_error", 0) / max(interval.get("draws", 1), 1)
+    if (interval["low"] > T_MIN * 1.1 and interval["high"] < T_MAX * 0.9
+            and flawless < (1 - interval.get("confidence", 0.95)) / 2):
         return []
     return [f"warning: the temperature's 95 % bootstrap interval {interval['low']} to "
-            f"{interval['high']} reaches an end of its search range ({T_MIN} to {T_MAX}); on "
-            "some resampled val sets the logits do not pin T down, so T is less certain than "
-            "the interval reads; a larger val (split.val) or calibration split "
-            "(split.calibration) narrows it"]
+            f"{interval['high']} reaches an end of its search range ({T_MIN} to {T_MAX}): on "
+            f"{flawless:.0%} of the resampled val sets the model makes no error and T is not "
+            "pinned down, so T is less certain than the interval reads; a larger val "
+            "(split.val) or calibration split (split.calibration) narrows it"]
 
 
 def temperature_warnings(temperature: float, logits: np.ndarray, targets: np.ndarray
