@@ -139,15 +139,16 @@ def interval_warnings(interval: dict) -> list[str]:
     10 % of it, or so many resamples without a single error (where the NLL only falls as T
     shrinks, so the refit stops wherever the flat NLL lets it, near T_MIN) that the lower
     percentile is one of them. That end is the search's, not the data's."""
-    flawless = interval.get("draws_without_error", 0) / max(interval.get("draws", 1), 1)
-    if (interval["low"] > T_MIN * 1.1 and interval["high"] < T_MAX * 0.9
-            and flawless < (1 - interval.get("confidence", 0.95)) / 2):
+    draws, flawless = interval.get("draws", 1), interval.get("draws_without_error", 0)
+    # np.quantile's lower end lies at this position among the sorted refits
+    lowest = (draws - 1) * (1 - interval.get("confidence", 0.95)) / 2
+    if interval["low"] > T_MIN * 1.1 and interval["high"] < T_MAX * 0.9 and flawless <= lowest:
         return []
     return [f"warning: the temperature's 95 % bootstrap interval {interval['low']} to "
             f"{interval['high']} reaches an end of its search range ({T_MIN} to {T_MAX}): on "
-            f"{flawless:.0%} of the resampled val sets the model makes no error and T is not "
-            "pinned down, so T is less certain than the interval reads; a larger val "
-            "(split.val) or calibration split (split.calibration) narrows it"]
+            f"{flawless / max(draws, 1):.0%} of the resampled val sets the model makes no "
+            "error and T is not pinned down, so T is less certain than the interval reads; a "
+            "larger val (split.val) or calibration split (split.calibration) narrows it"]
 
 
 def temperature_warnings(temperature: float, logits: np.ndarray, targets: np.ndarray
