@@ -42,7 +42,7 @@ ECE_BINS = 15
 # Search range for T: far outside anything a trained classifier needs (1-5 typically), so a
 # fitted T at either end means the logits carry no usable information.
 T_MIN, T_MAX = 0.05, 20.0
-BOOTSTRAP_DRAWS = 200  # resamples for T's interval (see temperature_interval for how steady)
+BOOTSTRAP_DRAWS = 200  # resamples for T's interval; how steady: temperature_interval
 FORMAT = 1
 
 
@@ -107,8 +107,11 @@ def temperature_interval(logits: np.ndarray, targets: np.ndarray, seed: int,
 
     How steady the ends are: at 200 draws a 2.5 % end rests on about 5 refits, so it moves
     with the seed. Measured on simulated val sets of the bundled sample's size (78 crops in 34
-    pictures, seeds 0-99): see BOOTSTRAP_SPREAD; the interval says how wide T's uncertainty
-    is, not a figure to quote to three digits."""
+    pictures of 1 to 3 crops, logits drawn as tests/test_calibration.py's ``sampled`` does)
+    over 100 seeds: with 9 to 11 errors the lower end varies by 5 to 7 % (standard deviation
+    over mean), the upper by 2 % (1,000 draws, 30 seeds: 2 % and 0.8 %); with 3 errors the
+    lower end is a resample without an error, anywhere from T_MIN up (:func:`interval_warnings`
+    says so). Read the interval as T's rough uncertainty, not to the last digit."""
     logits = np.asarray(logits, np.float64)
     targets = np.asarray(targets, np.int64)
     codes = picture_codes(pictures, len(targets))
