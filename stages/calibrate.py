@@ -3,7 +3,8 @@ split) only.
 
 Reads data/model/best.pt and data/split/val, or data/split/calibration when
 ``split.calibration`` > 0 (val also picks the best epoch, which flatters both numbers below; the
-test split stays unseen until evaluate), and writes data/calibration/operating_point.json:
+test split stays unseen until evaluate), with data/split/manifest.csv for each crop's source
+picture, and writes data/calibration/operating_point.json:
   * ``temperature``: one scalar that divides the logits before the softmax, fitted by minimising
     the negative log-likelihood (stages.common.alarm.calibration), with a seeded bootstrap interval
     (``temperature_interval``, resampling pictures); stderr warns when T or its interval sits at

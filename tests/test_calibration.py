@@ -390,3 +390,30 @@ def test_calibrate_counts_the_pictures_the_split_manifest_names(tmp_path, monkey
 class FakeModel:
     def to(self, *args, **kwargs):
         return self
+
+
+def test_evaluate_bounds_the_alarm_by_picture():
+    logits, targets = sampled(400, 2.0, seed=13)
+    point = cal.seal({"temperature": 2.0, "threshold": 0.4,
+                      "threshold_log_odds": cal.log_odds(0.4), "target_recall": 0.9})
+    pictures = np.arange(400) // 4  # four crops a picture
+    op = alarm_metrics(logits, targets, ["animal", "object", "person"], point,
+                       pictures)["operating_point"]
+    persons = targets == 2
+    alarm = cal.person_log_odds(logits, 2.0, 2) >= cal.log_odds(0.4)
+    with_persons = np.unique(pictures[persons])
+    missed = np.unique(pictures[persons & ~alarm])
+    raised = np.unique(pictures[~persons & alarm])
+    assert (op["test_persons"], op["test_person_pictures"]) == (persons.sum(), len(with_persons))
+    assert op["test_person_pictures_missed"] == len(missed) > 0
+    assert op["test_non_person_pictures"] == len(np.unique(pictures[~persons]))
+    assert op["test_false_alarm_pictures"] == len(raised)
+    # the bounds count pictures: fewer of them than crops, so a wider (honest) bound
+    low = guarantee.lower_bound(len(with_persons) - len(missed), len(with_persons))
+    assert op["test_person_recall_lower_95"] == math.floor(low * 1e4 + 1e-9) / 1e4
+    alone = alarm_metrics(logits, targets, ["animal", "object", "person"], point)
+    assert alone["operating_point"]["test_person_pictures"] == persons.sum()
+    assert op["test_person_recall_lower_95"] < alone["operating_point"][
+        "test_person_recall_lower_95"]
+    assert op["false_alarms_per_1000_upper_95"] > alone["operating_point"][
+        "false_alarms_per_1000_upper_95"]
