@@ -30,6 +30,7 @@ from __future__ import annotations
 import sys
 from pathlib import Path
 
+import numpy as np
 import torch
 
 from stages.common.alarm.calibration import (ALARM_LABEL, FORMAT, alarm_figures, crop_pictures,
@@ -74,7 +75,7 @@ def operating_point(logits, targets, classes: list[str], target: float,
         "threshold": probability(threshold), "threshold_log_odds": threshold,
         "target_recall": target, "guarantee": rule, "delta": delta,
         "val": {"crops": int(len(targets)),
-                "pictures": int(picture_codes(pictures, len(targets)).max(initial=-1) + 1),
+                "pictures": len(np.unique(picture_codes(pictures, len(targets)))),
                 **figures, **alarm_bounds(figures, target),
                 **assurance(figures["person_pictures"], k, target),
                 "persons_needed": persons_needed(rule, target, delta), "resolved": resolved,

@@ -304,7 +304,7 @@ def test_the_rule_by_picture_keeps_its_promise_when_crops_of_a_picture_are_corre
     assert (norm.cdf(per_crop) > 1 - target).mean() > delta + tolerance
 
 
-def test_calibrates_threshold_by_picture_keeps_the_promise_on_correlated_pictures():
+def test_the_shipped_threshold_by_picture_keeps_the_promise_on_correlated_pictures():
     pictures, target, delta, draws = 80, 0.95, 0.05, 1000
     rng = np.random.default_rng([pictures, 25])
     scores, present = correlated_pictures(rng, draws, pictures)
