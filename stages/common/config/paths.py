@@ -41,6 +41,10 @@ OPERATING_POINT = CALIBRATION_DIR / "operating_point.json"
 EVAL_PLOTS = Path("plots/eval")
 EVAL_METRICS = Path("metrics/eval.json")
 
+# conditions
+CONDITIONS_PLOTS = Path("plots/conditions")  # one CSV per condition, the grid PNG
+CONDITIONS_METRICS = Path("metrics/conditions.json")
+
 # export
 EXPORT_DIR = Path("data/export")
 EXPORT_METRICS = Path("metrics/export.json")
