@@ -6,7 +6,8 @@ data/export/MODEL_CARD.md (what the model is for and not for, the data it came f
 dvc.lock hashes, the recipe, the test figures, the speed, how to rebuild it) and
 metrics/export.json. The model file carries calibrate's sealed operating point; the card's alarm
 figures are metrics/eval.json's only when evaluate scored that very point (its ``point_sha256``),
-and its threshold and temperature are read back from the model file:
+as are its camera conditions metrics/conditions.json's (stage conditions), and its threshold and
+temperature are read back from the model file:
   * parity on the test crops: max absolute logit difference and top-1 agreement between ONNX
     Runtime and PyTorch; the stage fails when the difference exceeds ``export.parity_atol``;
   * speed on the CPU, both runtimes on the same threads and the same inputs: ms per image at
@@ -25,7 +26,8 @@ import yaml
 from stages.common.alarm.calibration import (bound_sentence, embedded, operating_point_for,
                                              operator_sentence, threshold_text)
 from stages.common.config import params
-from stages.common.config.paths import (CHECKPOINT, EVAL_METRICS, EXPORT_DIR, EXPORT_METRICS,
+from stages.common.config.paths import (CHECKPOINT, CONDITIONS_METRICS, EVAL_METRICS,
+                                        EXPORT_DIR, EXPORT_METRICS,
                                         MODEL_DIR, OPERATING_POINT, SPLIT_METRICS, TEST_SPLIT,
                                         VAL_SPLIT)
 from stages.common.inference.batches import normalise
@@ -89,14 +91,17 @@ def read_metrics(path: Path) -> dict:
                          "split write it)") from None
 
 
-def evaluated(scores: dict, point: dict) -> dict:
-    """eval.json's figures, once they are of ``point`` (the operating point export embeds):
-    a card must never describe another alarm than the one the model file carries."""
-    seen = (scores.get("operating_point") or {}).get("point_sha256")
+def evaluated(scores: dict, point: dict, path: Path = EVAL_METRICS, stage: str = "evaluate"
+              ) -> dict:
+    """``path``'s figures (eval.json's, or conditions.json's from stage conditions), once they
+    are of ``point`` (the operating point export embeds): a card must never describe another
+    alarm than the one the model file carries."""
+    seen = (scores.get("operating_point") or scores).get("point_sha256")
     if seen != point["point_sha256"]:
-        raise StageError(f"{EVAL_METRICS} evaluated another operating point (point_sha256 "
+        raise StageError(f"{path} {'evaluated' if stage == 'evaluate' else 'measured'} another "
+                         f"operating point (point_sha256 "
                          f"{str(seen)[:12]}) than {OPERATING_POINT} ({point['point_sha256'][:12]})"
-                         "; run `dvc repro evaluate` before export")
+                         f"; run `dvc repro {stage}` before export")
     return scores
 
 
@@ -171,6 +176,36 @@ How the point is chosen and what each rule promises: docs/stages.md, "The person
 operating point"."""
 
 
+def conditions_section(conditions: dict) -> str:
+    """Per camera condition, up to which severity the alarm keeps its target (stage
+    conditions: the lower bound of test person recall >= the target at every severity up to
+    it)."""
+    rows = []
+    for name, figures in (conditions.get("conditions") or {}).items():
+        measured = sorted(int(k[1:]) for k in figures if k.startswith("s") and k[1:].isdigit())
+        if not measured:
+            continue
+        kept = figures["kept_target_to_severity"]
+        worst = figures[f"s{measured[-1]}"]
+        said = (f"up to severity {kept}" if kept else f"not at severity {measured[0]}")
+        rows.append(f"| {name} | {said} | {worst['person_recall']} "
+                    f"(>= {worst['person_recall_lower_95']}) | {figures['ce']} |")
+    if not rows:
+        return ""
+    clean = conditions["clean"]
+    return f"""## Under camera conditions
+The alarm on the test crops under simulated camera conditions, severities 1-5
+(`conditions.measure`; definitions in docs/conditions.md, after ImageNet-C): where it keeps its
+target {conditions.get('target_recall')} (the 95 % lower bound of person recall reaches it; clean:
+recall {clean['person_recall']}, >= {clean['person_recall_lower_95']}). CE: ImageNet-C's
+corruption error, mean error over the severities / clean error (empty when the clean error is 0).
+
+| condition | keeps the target | recall at the highest severity | CE |
+|---|---|---|---|
+{chr(10).join(rows)}
+"""
+
+
 def card_recipe(cfg: params.Params) -> dict:
     """The values of CARD_PARAMS, nested as params.yaml holds them."""
     recipe: dict = {}
@@ -185,7 +220,7 @@ def card_recipe(cfg: params.Params) -> dict:
 
 
 def model_card(cfg: params.Params, meta: dict, scores: dict, split: dict, hashes: dict,
-               export_figures: dict) -> str:
+               export_figures: dict, conditions: dict | None = None) -> str:
     """data/export/MODEL_CARD.md: what a reviewer reads before the model is deployed."""
     classes = meta["classes"]
     counts = split.get("crops", {})
@@ -247,6 +282,7 @@ Accuracy {scores['accuracy']:.4f}, macro F1 {scores['macro_f1']:.4f}, **person r
 
 {alarm_section(scores)}
 
+{conditions_section(conditions or {})}
 ## Speed (CPU, {export_figures['speed']['threads']} threads, this run's machine)
 Batch 1: {o['batch1_ms_per_image']} ms/image in ONNX Runtime, {e['batch1_ms_per_image']} ms in
 PyTorch; batch {cfg.export.batch_size}: {o['batch_images_per_s']} images/s in ONNX Runtime. ONNX
@@ -281,6 +317,8 @@ def main() -> None:
     speed["pytorch_eager"] = speed_figures(eager.logits, one, batch, n, cfg.speed_runs)
     del eager
     scores = evaluated(read_metrics(EVAL_METRICS), point)
+    conditions = read_metrics(CONDITIONS_METRICS)
+    evaluated(conditions, point, CONDITIONS_METRICS, "conditions")
 
     with atomic_dir(EXPORT_DIR) as tmp:
         export(model, {**meta, "operating_point": embedded(point)}, tmp / ONNX_FILE, cfg.opset)
@@ -302,7 +340,7 @@ def main() -> None:
                    "parity": check, "speed": speed}
         (tmp / CARD_FILE).write_text(model_card(
             everything, meta, with_point(scores, onnx.operating_point),
-            read_metrics(SPLIT_METRICS), data_hashes(), figures))
+            read_metrics(SPLIT_METRICS), data_hashes(), figures, conditions))
 
     write_json(EXPORT_METRICS, figures)
     e, o = speed["pytorch_eager"], speed["onnxruntime"]

@@ -19,6 +19,7 @@ from __future__ import annotations
 
 import hashlib
 import math
+import warnings
 from typing import Callable
 
 import cv2
@@ -205,7 +206,9 @@ def rain(x, p, rng):
 def jpeg(x, p, rng):
     (quality,) = p
     pixels = _tensor(to_uint8(x))
-    return _array(tvf.jpeg(pixels, quality)) / 255
+    with warnings.catch_warnings():  # torchvision 0.29 points to TorchCodec; libjpeg still works
+        warnings.simplefilter("ignore", DeprecationWarning)
+        return _array(tvf.jpeg(pixels, quality)) / 255
 
 
 def low_resolution(x, p, rng):
