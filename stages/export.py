@@ -193,12 +193,15 @@ def conditions_section(conditions: dict) -> str:
     if not rows:
         return ""
     clean = conditions["clean"]
+    caveat = ("" if clean["target_met"] else
+              " The clean test crops do not show the target either, so no condition can.")
     return f"""## Under camera conditions
 The alarm on the test crops under simulated camera conditions, severities 1-5
-(`conditions.measure`; definitions in docs/conditions.md, after ImageNet-C): where it keeps its
-target {conditions.get('target_recall')} (the 95 % lower bound of person recall reaches it; clean:
-recall {clean['person_recall']}, >= {clean['person_recall_lower_95']}). CE: ImageNet-C's
-corruption error, mean error over the severities / clean error (empty when the clean error is 0).
+(`conditions.measure`, after ImageNet-C; docs/conditions.md): up to which severity it keeps its
+target {conditions.get('target_recall')}, i.e. the 95 % lower bound of person recall reaches it
+(clean: recall {clean['person_recall']}, >= {clean['person_recall_lower_95']}).{caveat} CE:
+ImageNet-C's corruption error, mean error over the severities / clean error (None when the clean
+error is 0).
 
 | condition | keeps the target | recall at the highest severity | CE |
 |---|---|---|---|

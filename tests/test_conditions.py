@@ -179,6 +179,26 @@ def test_kept_to_is_the_last_severity_of_an_unbroken_run():
     assert M.corruption_error(0.2, 0.1) == 2.0 and M.corruption_error(0.2, 0.0) is None
 
 
+def test_the_model_card_says_per_condition_up_to_which_severity():
+    from stages.export import conditions_section
+
+    def cell(met):
+        return {"target_met": met, "person_recall": 0.5, "person_recall_lower_95": 0.4}
+
+    measured = {"clean": cell(True), "target_recall": 0.99, "conditions": {
+        "fog": {"s1": cell(True), "s2": cell(True), "s3": cell(False),
+                "kept_target_to_severity": 2, "ce": 1.5},
+        "night": {"s2": cell(False), "s4": cell(False), "kept_target_to_severity": 0,
+                  "ce": None}}}
+    card = conditions_section(measured)
+    assert "| fog | up to severity 2 | 0.5 (>= 0.4) | 1.5 |" in card
+    assert "| night | not at severity 2 | 0.5 (>= 0.4) | None |" in card
+    assert "do not show the target either" not in card
+    measured["clean"] = cell(False)
+    assert "The clean test crops do not show the target either" in conditions_section(measured)
+    assert conditions_section({}) == ""
+
+
 # ----- bad params: one line, before any work ----------------------------------------------------
 
 @pytest.mark.parametrize("measure,needle", [
