@@ -68,14 +68,15 @@ def write_csvs(result: dict, folder: Path) -> None:
 
 
 def grid_png(result: dict, target: float, path: Path) -> None:
-    """Condition x severity, each cell coloured by the lower bound of person recall, its recall
-    and bound written in it, and framed where the bound reaches the target."""
+    """Condition x severity, each cell coloured by the lower bound of person recall, its recall,
+    bound and false alarms per 1,000 written in it, and framed where the bound reaches the
+    target."""
     names = list(result["conditions"])
     severities = sorted({int(k[1:]) for c in result["conditions"].values() for k in c
                          if k.startswith("s") and k[1:].isdigit()})
     columns = [("clean", None)] + [(f"severity {s}", s) for s in severities]
     bounds = np.full((len(names), len(columns)), np.nan)
-    fig, ax = plt.subplots(figsize=(1.3 * len(columns) + 2, 0.55 * len(names) + 1.6))
+    fig, ax = plt.subplots(figsize=(1.3 * len(columns) + 2, 0.65 * len(names) + 1.6))
     for i, name in enumerate(names):
         for j, (_, severity) in enumerate(columns):
             cell = result["clean"] if severity is None else \
@@ -83,8 +84,10 @@ def grid_png(result: dict, target: float, path: Path) -> None:
             if cell is None or cell["person_recall_lower_95"] is None:
                 continue
             bounds[i, j] = cell["person_recall_lower_95"]
-            ax.text(j, i, f"{cell['person_recall']:.3f}\n>= {cell['person_recall_lower_95']:.3f}",
-                    ha="center", va="center", fontsize=7,
+            raised = cell["false_alarms_per_1000"]
+            ax.text(j, i, f"{cell['person_recall']:.3f}\n>= {cell['person_recall_lower_95']:.3f}"
+                    f"\nFA {'-' if raised is None else f'{raised:.0f}'}/1000", ha="center",
+                    va="center", fontsize=6.5,
                     fontweight="bold" if cell["target_met"] else "normal")
             if cell["target_met"]:
                 ax.add_patch(plt.Rectangle((j - 0.5, i - 0.5), 1, 1, fill=False, lw=2,
@@ -93,8 +96,8 @@ def grid_png(result: dict, target: float, path: Path) -> None:
     ax.set_xticks(range(len(columns)), [c for c, _ in columns], fontsize=8)
     ax.set_yticks(range(len(names)), names, fontsize=8)
     fig.colorbar(image, ax=ax, label="person recall, 95 % lower bound")
-    ax.set_title(f"Person alarm under camera conditions (test): recall and its lower bound;\n"
-                 f"framed, bold: lower bound >= target {target}", fontsize=9)
+    ax.set_title(f"Person alarm under camera conditions (test): recall, its lower bound, false "
+                 f"alarms per 1,000;\nframed, bold: lower bound >= target {target}", fontsize=9)
     fig.tight_layout()
     with atomic_file(path, "wb") as f:
         fig.savefig(f, format="png", dpi=110, metadata=PNG_META)
