@@ -160,6 +160,17 @@ def test_night_that_blinds_the_model_is_caught_by_the_bound():
     assert night["ce"] is None  # clean error 0: CE undefined, the errors say it
 
 
+def test_without_conditions_the_suite_gives_the_clean_figures_alone():
+    """What a site's acceptance test needs: crops, labels, a model and the point -> figures."""
+    labels = [PERSON, PERSON, 0, 1]
+    out = M.suite(banded(labels), list("abcd"), np.array(labels), CLASSES, POINT,
+                  band_classify, {}, 42)
+    assert out["conditions"] == {} and out["mce"] is None and out["mean_error"] is None
+    assert out["clean"] == M.alarm_under(band_classify(banded(labels)), np.array(labels),
+                                         CLASSES, POINT)
+    assert out["clean"]["persons"] == 2 and out["clean"]["person_recall"] == 1.0
+
+
 def test_pictures_are_counted_as_evaluate_counts_them():
     """Two person crops of one picture: one miss is one picture missed of one."""
     pixels = banded([PERSON, PERSON, 0])

@@ -118,7 +118,7 @@ def suite(pixels: np.ndarray, keys: list[str], targets: np.ndarray, classes: lis
             **{f"s{s}": f for s, f in by_severity.items()},
             "kept_target_to_severity": kept_to(by_severity),
             "ce": corruption_error(mean_error, clean["error"])}
-    mean = float(np.mean(errors))
-    out["mce"] = corruption_error(mean, clean["error"])
-    out["mean_error"] = round(mean, 4)
+    mean = float(np.mean(errors)) if errors else None  # no conditions: the clean figures only
+    out["mce"] = None if mean is None else corruption_error(mean, clean["error"])
+    out["mean_error"] = None if mean is None else round(mean, 4)
     return out
