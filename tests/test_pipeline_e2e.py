@@ -29,7 +29,6 @@ from stages.common.config.params import NO_OUTPUT
 from tests.tiny_project import copy_project
 
 QUEUE_TIMEOUT_S = 300
-TINY_ARCH = "resnet18"  # params.yaml's default, which TINY keeps
 # The arch experiment's: the cheapest arch after resnet18. Which stages rerun and what
 # `dvc metrics diff` lines up do not depend on the arch; the README's resnet50 trains and exports
 # slower for nothing more (resnet34's ONNX file is still about twice resnet18's: 85 MB vs 45).
@@ -70,6 +69,12 @@ def repo(tmp_path_factory):
 
 def dvc(repo, *args, check=True):
     return repo.run(sys.executable, "-m", "dvc", *args, check=check)
+
+
+def _arch(repo) -> str:
+    """The workspace's model.arch: TINY's resnet18, or EXP_ARCH once the arch experiment ran
+    (tests may run in any order)."""
+    return yaml.safe_load((repo.path / "params.yaml").read_text())["model"]["arch"]
 
 
 @pytest.mark.training
@@ -127,7 +132,7 @@ def test_the_model_card_matches_the_metrics_and_the_lock(repo):
     for stage in ["download", "extract_crops", "split"]:
         for out in lock[stage]["outs"]:
             assert f"| `{out['path']}` | `{out['md5']}` |" in card
-    assert "not a detector" in card and f"\n  arch: {TINY_ARCH}\n" in card
+    assert "not a detector" in card and f"\n  arch: {_arch(repo)}\n" in card
     op = metrics["operating_point"]
     assert "## Person alarm (operating point)" in card
     assert f"On test: person recall {op['test_person_recall']}" in card
@@ -215,7 +220,7 @@ def test_a_key_that_changes_no_output_reruns_nothing_and_the_arch_reruns_train_o
             assert json.loads(dvc(repo, "status", "--json").stdout) == {}, key
             assert _stages_that_would_run(repo) == set(), key
         params = yaml.safe_load(original)
-        params["model"]["arch"] = "resnet34"
+        params["model"]["arch"] = "resnet50"  # neither TINY's nor EXP_ARCH: a change in any order
         params_file.write_text(yaml.safe_dump(params, sort_keys=False))
         assert _stages_that_would_run(repo, "--force-downstream") == {
             "train", "calibrate", "evaluate", "export"}
@@ -315,7 +320,7 @@ def test_queued_sweep_runs_in_parallel_workers(repo):
     reruns calibrate onwards from the committed baseline's cached model instead of training
     (which its log shows: an experiment restores the cached outputs of the stages it skips)."""
     _commit_all(repo, "the sweep's baseline")
-    arch = yaml.safe_load((repo.path / "params.yaml").read_text())["model"]["arch"]
+    arch = _arch(repo)
     targets = ",".join(map(str, SWEEP_TARGETS))
     dvc(repo, "exp", "run", "--queue", "-S", f"calibrate.person_recall_target={targets}")
     assert _queue_states(repo).count("Queued") == 2
