@@ -27,7 +27,7 @@ from tests.tiny_project import COLOURS, write_colour_split
 pytestmark = pytest.mark.training  # CI reruns these under OMP_NUM_THREADS=1 (make test-threads)
 
 ROOT = Path(__file__).resolve().parents[1]
-EPOCHS, PATIENCE, KILL_AFTER = 5, 2, 2  # best epoch 1, early stop after epoch 3
+EPOCHS, PATIENCE, KILL_AFTER = 5, 2, 2  # the data makes the best epoch early: a stop before 5
 TIMING = {"train_seconds", "train_images_per_s"}
 RUN_TIMEOUT_S = 180
 
@@ -156,14 +156,18 @@ def test_killed_run_resumes_to_the_checkpoint_metrics_and_plots_of_an_uninterrup
     # the same checkpoint, byte for byte (torch.save of equal tensors and metadata is)
     assert (root / "data/model/best.pt").read_bytes() == (ref / "data/model/best.pt").read_bytes()
     assert _metrics(root) == _metrics(ref)
-    # what the data is built for: the checkpoint is the state's best epoch, and the counters
-    # restored from the state stop the run where they stopped the uninterrupted one
-    assert _metrics(ref)["best_epoch"] == 1 and _metrics(ref)["stopped_early"]
-    assert _metrics(ref)["epochs_run"] == 1 + PATIENCE
+    # What the data is built for, an assumption about what the model learns (val wears another
+    # class's colour, so its loss rises as training goes on; best epoch 1 on every run seen): the
+    # best epoch comes before the kill and early stopping ends the run after it, so the resumed
+    # run had to take the best weights and the early-stopping counters from the state.
+    ran = _metrics(ref)
+    assert ran["stopped_early"] and ran["best_epoch"] <= KILL_AFTER < ran["epochs_run"], \
+        f"the data no longer stops the run early after the kill, so this test checks less: {ran}"
+    assert ran["epochs_run"] == ran["best_epoch"] + PATIENCE  # early stopping's own rule
     assert _plots(root) == _plots(ref)
     # once the outputs are in place the state is a few-KB finished marker, as after the reference
     marker = _state(root)
-    assert marker["finished"] and "model" not in marker and marker["epoch"] == 1 + PATIENCE
+    assert marker["finished"] and "model" not in marker and marker["epoch"] == ran["epochs_run"]
     assert (root / TS.STATE_FILE).stat().st_size < 100_000
     assert marker["fingerprint"] == _state(ref)["fingerprint"]
 
@@ -210,10 +214,11 @@ def test_state_of_a_finished_training_gives_its_outputs_without_training(killed,
             "writing its outputs without training") in proc.stdout
     assert "] train: [" not in proc.stdout
     ckpt = torch.load(root / "data/model/best.pt", weights_only=True)
-    assert ckpt["epoch"] == state["best"]["best_epoch"] == 1
+    best = state["best"]["best_epoch"]  # whichever epoch it was: the outputs are the state's
+    assert 1 <= best <= KILL_AFTER and ckpt["epoch"] == best
     assert all(torch.equal(ckpt["model_state"][k], v) for k, v in state["best_model"].items())
     metrics = json.loads((root / "metrics/train.json").read_text())
-    assert metrics["epochs_run"] == KILL_AFTER and metrics["best_epoch"] == 1
+    assert metrics["epochs_run"] == KILL_AFTER and metrics["best_epoch"] == best
     assert len((root / "plots/train/plots/metrics/val/loss.tsv").read_text().splitlines()) == \
         1 + KILL_AFTER  # header + one row per epoch, rebuilt from the history
     assert _state(root)["finished"] and "model" not in _state(root)
