@@ -132,8 +132,8 @@ def set_rng_state(state: dict, device: torch.device) -> None:
 
 def save(state: dict, path: Path) -> None:
     """Atomically: a kill leaves the previous epoch's state or this one, never half a file.
-    A link there (the state was a DVC persist out before, checked out as a link into DVC's
-    cache with the symlink cache type) is replaced, never written through."""
+    A link there is replaced, never written through (DVC's symlink cache type checked the state
+    out as a link into its cache while it was a persist out)."""
     path.parent.mkdir(parents=True, exist_ok=True)
     with atomic_file(path, "wb", replace_link=True) as f:
         torch.save({"format": FORMAT, **state}, f)
@@ -199,9 +199,9 @@ def load(fp: dict, path: Path | None = None, warn: Callable[[str], Any] | None =
 def _newest_other(path: Path) -> Path | None:
     try:
         found = [p for p in path.parent.glob("*.pt") if p.is_file() and p != path]
-    except OSError:
+        return max(found, key=lambda p: p.stat().st_mtime, default=None)
+    except OSError:  # a state removed meanwhile (another run finished): nothing to explain
         return None
-    return max(found, key=lambda p: p.stat().st_mtime, default=None)
 
 
 def _why_not(other: Path, fp: dict) -> str:
