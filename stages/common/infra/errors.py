@@ -29,8 +29,8 @@ class Interrupted(Exception):
 
 
 INTERRUPTED_EXIT = 130
-RERUN = ("rerun the same command (dvc repro, or the same dvc exp run) to run the stage again; "
-         "nothing it left half-written is kept")
+RERUN = ("stopped by Ctrl-C; run the same command again (for a stage: dvc repro, or the same "
+         "dvc exp run)")
 
 
 class ArgumentParser(argparse.ArgumentParser):
