@@ -102,6 +102,22 @@ def test_main_guard_prints_one_line_and_exits_2(capsys):
     assert err == "error: data/raw: not found; run the download stage\n"
 
 
+@pytest.mark.parametrize("raised, line", [
+    (KeyboardInterrupt(), f"interrupted: {errors.RERUN}"),
+    (errors.Interrupted("train stopped; epoch 2 of 4 is saved in x.pt: rerun ..."),
+     "interrupted: train stopped; epoch 2 of 4 is saved in x.pt: rerun ..."),
+])
+def test_main_guard_turns_ctrl_c_into_one_line_and_exit_130(capsys, raised, line):
+    @errors.main_guard
+    def stage():
+        raise raised
+
+    with pytest.raises(SystemExit) as exc:
+        stage()
+    assert exc.value.code == errors.INTERRUPTED_EXIT == 130
+    assert capsys.readouterr() == ("", line + "\n")
+
+
 def test_params_yaml_is_a_mapping(tmp_path):
     bad = tmp_path / "params.yaml"
     bad.write_text("- just\n- a list\n")
