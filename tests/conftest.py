@@ -84,8 +84,11 @@ def pytest_runtest_call(item):
 @pytest.hookimpl(wrapper=True, tryfirst=True)
 def pytest_runtest_teardown(item, nextitem):
     result = yield
-    left = [f"{logger.name or 'root'}: {handler!r}" for logger, handler in stream_handlers()
-            if getattr(handler.stream, "closed", False)]
+    left = []
+    for logger, handler in stream_handlers():
+        if getattr(handler.stream, "closed", False):
+            left.append(f"{logger.name or 'root'}: {handler!r}")
+            handler.stream = CurrentStream("stderr")  # so that only this test fails for it
     if left:
         raise RuntimeError(f"log handlers left on a closed stream by this test: {left}; see "
                            "tests/conftest.py")
