@@ -5,9 +5,10 @@ configuration, so a user's remotes, cache settings or git hooks cannot change wh
 And in any order: DVC, DVCLive, FiftyOne and torch bind their log handlers to sys.stdout /
 sys.stderr as they are when first imported. Imported inside a test that captures output (capsys,
 capfd), they would keep that test's capture stream, closed once it ends, and a later test's log
-line would fail on it ("I/O operation on closed file"). Each handler bound to the test's stream is re-pointed to
-whatever sys.stdout / sys.stderr is at each write (what the library sees in its own process), and
-a handler still left on a closed stream fails the test that left it, naming it.
+line would fail on it ("I/O operation on closed file"). Each handler bound to the test's stream
+is re-pointed to whatever sys.stdout / sys.stderr is at each write (what the library sees in its
+own process), and a handler still left on a closed stream fails the test that left it, naming it
+(tests/test_log_handlers.py).
 """
 from __future__ import annotations
 
