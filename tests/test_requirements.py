@@ -1,12 +1,16 @@
 """Every third-party module that stages/, benchmarks/ and tests/ import is pinned with == in
 requirements.txt: a module that arrives only as a dependency of a dependency comes at whatever
 version that dependency allows, and the pipeline's results (or what the tests check) could drift
-with it."""
+with it. And what pip cannot install (.ci/prerequisites, run by `make` first) is named in one
+line with the package that brings it."""
 from __future__ import annotations
 
 import ast
 import importlib.metadata as metadata
+import os
 import re
+import shutil
+import subprocess
 import sys
 from functools import cache
 from pathlib import Path
@@ -116,3 +120,68 @@ def test_an_unpinned_import_is_named(tmp_path):
     (tmp_path / "stages" / "a.py").write_text("import no_such_module_anywhere\n")
     assert unpinned(tmp_path, ("stages",)) == [
         "no_such_module_anywhere (imported by stages/a.py): no installed distribution has it"]
+
+
+# What pip cannot install: .ci/prerequisites, which `make repro` / `make test` run first.
+FAKE_PYTHON = """#!/bin/sh
+case "$2" in *version_info*) echo {version};; *ensurepip*) exit {venv};; esac
+"""
+
+
+def prerequisites(tmp_path: Path, *args: str, path: str | None = None):
+    """.ci/prerequisites ARGS, copied into ``tmp_path`` (no .venv there) with ``fake/`` first on
+    PATH: fake/py312 is Python 3.12, fake/pynovenv a 3.11 without the venv module."""
+    fake = tmp_path / "fake"
+    if not fake.exists():
+        (tmp_path / ".ci").mkdir()
+        shutil.copy(ROOT / ".ci" / "prerequisites", tmp_path / ".ci" / "prerequisites")
+        shutil.copy(ROOT / "Makefile", tmp_path / "Makefile")
+        fake.mkdir()
+        for name, version, venv in [("py312", "3.12", 0), ("pynovenv", "3.11", 1),
+                                    ("py311", "3.11", 0)]:
+            (fake / name).write_text(FAKE_PYTHON.format(version=version, venv=venv))
+            (fake / name).chmod(0o755)
+    env = {**os.environ, "PATH": f"{fake}:{path or os.environ['PATH']}"}
+    return subprocess.run(["bash", ".ci/prerequisites", *args], cwd=tmp_path, env=env,
+                          capture_output=True, text=True)
+
+
+def test_a_missing_prerequisite_is_one_line_naming_its_package(tmp_path):
+    ok = prerequisites(tmp_path, "py311")
+    assert (ok.returncode, ok.stderr) == (0, "")
+    for python, line in [
+            ("py312", "error: py312 is Python 3.12, not 3.11 (requirements.txt pins for 3.11); "
+                      "install Python 3.11 (apt-get install python3.11) and run make "
+                      "PYTHON=python3.11"),
+            ("pynovenv", "error: pynovenv has no venv module (it creates .venv); install it "
+                         "(apt-get install python3.11-venv)"),
+            ("nosuch", "error: nosuch not found; install Python 3.11 (apt-get install "
+                       "python3.11), or name it: make PYTHON=/path/to/python3.11")]:
+        proc = prerequisites(tmp_path, python)
+        assert (proc.returncode, proc.stderr) == (2, line + "\n")
+    packages = prerequisites(tmp_path, "--packages", "pynovenv")
+    assert packages.returncode == 0 and "python3.11-venv" in packages.stdout.split()
+    # A PATH with the tools the script uses but not git.
+    tools = tmp_path / "tools"
+    tools.mkdir()
+    for tool in ("bash", "dirname", "tr", "grep", "awk", "sort", "head", "ldd", "ldconfig"):
+        if shutil.which(tool):
+            (tools / tool).symlink_to(shutil.which(tool))
+    proc = prerequisites(tmp_path, "py311", path=str(tools))
+    assert (proc.returncode, proc.stderr) == (
+        2, "error: git not found (DVC and the tests need it); install it (apt-get install git)\n")
+    assert "git" in prerequisites(tmp_path, "--packages", "py311", path=str(tools)).stdout.split()
+    # `make repro` stops there, before creating .venv.
+    proc = subprocess.run(["make", "repro", "PYTHON=py312"], cwd=tmp_path, capture_output=True,
+                          text=True, env={**os.environ, "PATH": f"{tmp_path / 'fake'}:"
+                                                                f"{os.environ['PATH']}"})
+    assert proc.returncode == 2 and proc.stderr.startswith("error: py312 is Python 3.12")
+    assert not (tmp_path / ".venv").exists()
+
+
+def test_mongods_libraries_are_found_here():
+    """The libraries FiftyOne's mongod links (else tests/test_review.py fails on a mongod that
+    does not start): named here in one line, as `make test` names them."""
+    proc = subprocess.run(["bash", ".ci/prerequisites", "--mongod"], cwd=ROOT,
+                          capture_output=True, text=True)
+    assert proc.returncode == 0, proc.stderr
