@@ -3,6 +3,8 @@
 # `make test`: set up .venv and run the test suite (CI runs exactly this).
 # `make test-threads`: the tests that train, again on one CPU thread: another thread count sums
 # floats in another order, as another CPU model does (CI runs it after `make test`).
+# Each first checks what pip cannot install (.ci/prerequisites: git, Python 3.11 and its venv
+# module; for `make test`, the libraries FiftyOne's mongod links) and stops in one line naming it.
 PYTHON ?= python3
 VENV   := .venv
 BIN    := $(VENV)/bin
@@ -10,11 +12,17 @@ STAMP  := $(VENV)/.installed
 # The stages' commands say `python`: put the venv's first on PATH.
 RUN    := PATH="$(CURDIR)/$(BIN):$$PATH"
 
-.PHONY: setup check repro test test-threads clean
+.PHONY: prerequisites mongod-libraries setup check repro test test-threads clean
 
-setup: $(STAMP)
+prerequisites:
+	@bash .ci/prerequisites $(PYTHON)
 
-$(STAMP): requirements.txt
+mongod-libraries: setup
+	@bash .ci/prerequisites --mongod
+
+setup: prerequisites $(STAMP)
+
+$(STAMP): requirements.txt | prerequisites
 	test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
 	$(BIN)/python -m pip install --upgrade pip
 	$(BIN)/python -m pip install -r requirements.txt
@@ -28,7 +36,7 @@ repro: check
 	$(RUN) dvc repro
 	$(RUN) dvc metrics show metrics/eval.json
 
-test: setup
+test: setup mongod-libraries
 	$(RUN) python -m pytest -q tests
 
 test-threads: setup
