@@ -12,10 +12,11 @@ Without ``--rev`` the page shows the workspace (`dvc plots show`, `dvc metrics s
 ``--rev`` (a git commit, branch or tag, a DVC experiment name, or ``workspace``) is a revision to
 compare, as `dvc plots diff` and `dvc metrics diff` do: every plot overlays the revisions, image
 plots stand side by side labelled by revision, and each metrics file is one table with a column
-per revision and, for numbers, the change from the first one. What a revision lacks (a plot or
-metrics file, a plot dvc.yaml did not define yet) is shown as missing and named on stderr; the
-rest still renders. A revision DVC cannot resolve, or an empty ``--rev ''``, is refused in one
-line, exit code 2, before anything is written.
+per revision and, for numbers, the change from the first one (the scores first, the timings of
+metrics/speed/ last). What a revision lacks (a plot or metrics file, a plot dvc.yaml did not
+define yet) is shown as missing and named on stderr; the rest still renders. A revision DVC
+cannot resolve, or an empty ``--rev ''``, is refused in one line, exit code 2, before anything is
+written.
 
 A plot that cannot be rendered, a metrics file DVC cannot parse ("unreadable: <why>", never
 "missing") and an operating point whose figures are not finite numbers in range (NaN, Infinity,
@@ -40,7 +41,7 @@ from pathlib import Path
 
 from stages.common.alarm.calibration import (bound_sentence, number_in, operator_sentence,
                                              target_sentence, threshold_text)
-from stages.common.config.paths import EVAL_METRICS
+from stages.common.config.paths import EVAL_METRICS, SPEED_FILES
 from stages.common.infra import dvc_internals
 from stages.common.infra.atomic import atomic_file, refuse_odd_destination
 from stages.common.infra.errors import ArgumentParser, ParamError, StageError, main_guard
@@ -280,6 +281,15 @@ def change(old, new) -> str:
     return "0" if new == old else f"{new - old:+.6g}"  # 6 digits: no float noise like 0.0499999
 
 
+TIMINGS = {path.as_posix() for path in SPEED_FILES}
+
+
+def scores_first(name: str) -> tuple[bool, str]:
+    """Sort key of the metrics files: the scores, then the timings (metrics/speed/), which swing
+    with the machine's load and must not lead a comparison; by name within each."""
+    return name in TIMINGS, name
+
+
 def compared_metrics_html(table: dict, unreadable: dict, revs: list[str], missing: list[str],
                           failed: list[str]) -> str:
     """One table per metrics file: a column per revision, a change column after each but the
@@ -288,7 +298,7 @@ def compared_metrics_html(table: dict, unreadable: dict, revs: list[str], missin
     header = "".join(f"<th>{html.escape(r)}</th>" + ("<th>change</th>" if i else "")
                      for i, r in enumerate(revs))
     parts = []
-    for name in sorted(set(table) | set(unreadable)):
+    for name in sorted(set(table) | set(unreadable), key=scores_first):
         rows, broken = table.get(name, {}), unreadable.get(name, {})
         absent = [rev for rev in revs if rev not in broken
                   and not any(rev in values for values in rows.values())]

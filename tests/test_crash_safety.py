@@ -14,7 +14,8 @@ What each stage writes, and how (audit):
                                                      renamed into place after the last epoch
                  plots/train/ (DVCLive)              IN PLACE: one .tsv per metric, appended
                                                      each epoch, and metrics.json rewritten
-                 metrics/train.json                  write_json, after data/model is in place
+                 metrics/speed/train.json,           write_json, after data/model is in place
+                 metrics/train.json                  (timings, then scores)
                  data/train_state/ (persist: true,   atomic_file per epoch; DVC keeps it over a
                  where dvc.yaml declares it)         rerun, so a killed train resumes from it
 

@@ -31,6 +31,9 @@ CHECKPOINT = MODEL_DIR / "best.pt"
 TRAIN_STATE = Path("data/train_state")
 TRAIN_PLOTS = Path("plots/train")  # DVCLive's folder
 TRAIN_METRICS = Path("metrics/train.json")
+# Timings live apart from the scores, one file per stage that measures: they swing with the
+# machine's load, and dvc.yaml lists them last so `dvc metrics diff` leads with quality.
+TRAIN_SPEED = Path("metrics/speed/train.json")
 
 # calibrate
 CALIBRATION_DIR = Path("data/calibration")
@@ -39,7 +42,11 @@ OPERATING_POINT = CALIBRATION_DIR / "operating_point.json"
 # evaluate
 EVAL_PLOTS = Path("plots/eval")
 EVAL_METRICS = Path("metrics/eval.json")
+EVAL_SPEED = Path("metrics/speed/eval.json")
 
 # export
 EXPORT_DIR = Path("data/export")
 EXPORT_METRICS = Path("metrics/export.json")
+EXPORT_SPEED = Path("metrics/speed/export.json")
+
+SPEED_FILES = (TRAIN_SPEED, EVAL_SPEED, EXPORT_SPEED)  # dvc.yaml's top-level metrics, in order
