@@ -140,7 +140,8 @@ def evaluated_project(tmp_path, monkeypatch):
     counts = {"animal": 2, "object": 2, "person": 2, "total": 6}
     write_json(tmp_path / "metrics/split.json",
                {"crops": {"train": counts, "val": counts, "test": counts}})
-    paramfile.write(tmp_path, {"evaluate": {"device": "cpu", "speed_runs": 2, "mistakes": 2},
+    paramfile.write(tmp_path, {"evaluate": {"device": "cpu", "speed_runs": 2, "mistakes": 2,
+                                            "batch_size": 16},
                                "export": {"speed_runs": 2, "batch_size": 2}})
     monkeypatch.chdir(tmp_path)
     evaluate.main()
@@ -159,7 +160,7 @@ def test_evaluate_and_export_write_their_timings_apart_from_their_scores(evaluat
     timed = json.loads(EVAL_SPEED.read_text())
     assert set(timed) == figures | {"arch", "device", "threads"}
     assert timed["arch"] == "resnet18" and timed["batch1_runs"] == 2 \
-        and timed["batch_size"] == 6  # evaluate.batch_size, at most the 6 test crops
+        and timed["batch_size"] == 6  # evaluate.batch_size 16, at most the 6 test crops
     assert timed["batch1_ms_q1"] <= timed["batch1_ms_per_image"] <= timed["batch1_ms_q3"]
 
     timed = json.loads(EXPORT_SPEED.read_text())
