@@ -12,11 +12,11 @@ Without ``--rev`` the page shows the workspace (`dvc plots show`, `dvc metrics s
 ``--rev`` (a git commit, branch or tag, a DVC experiment name, or ``workspace``) is a revision to
 compare, as `dvc plots diff` and `dvc metrics diff` do: every plot overlays the revisions, image
 plots stand side by side labelled by revision, and each metrics file is one table with a column
-per revision and, for numbers, the change from the first one (the scores first, the timings of
-metrics/speed/ last). What a revision lacks (a plot or metrics file, a plot dvc.yaml did not
-define yet) is shown as missing and named on stderr; the rest still renders. A revision DVC
-cannot resolve, or an empty ``--rev ''``, is refused in one line, exit code 2, before anything is
-written.
+per revision and, for numbers, the change from the first one: the scores (dvc.yaml's metrics)
+first, then the timings of metrics/speed/, which `dvc metrics diff` leaves out. What a revision
+lacks (a plot or metrics file, a plot dvc.yaml did not define yet) is shown as missing and named
+on stderr; the rest still renders. A revision DVC cannot resolve, or an empty ``--rev ''``, is
+refused in one line, exit code 2, before anything is written.
 
 A plot that cannot be rendered, a metrics file DVC cannot parse ("unreadable: <why>", never
 "missing") and an operating point whose figures are not finite numbers in range (NaN, Infinity,
@@ -241,14 +241,16 @@ def revision_metrics(repo: Path, rev: str) -> tuple[dict[str, dict[str, object]]
     revision (``workspace``: the files as they are now); a file it lacks is in neither.
 
     DVC's Python API, one revision a call: `dvc metrics diff --json` drops a file it cannot
-    parse (it would read as missing), and two names of one commit would be merged into one."""
+    parse (it would read as missing), and two names of one commit would be merged into one.
+    dvc.yaml's metrics (the scores), then the timings (paths.SPEED_FILES: outs, not metrics)."""
     shown = dvc_internals.metrics_of(repo, rev)
     if "error" in shown:
         raise StageError(f"--rev {rev}: DVC cannot read its metrics "
                          f"({unreadable_reason(shown['error'])}); check dvc.yaml in {rev}")
+    timed = dvc_internals.metrics_of(repo, rev, [path.as_posix() for path in SPEED_FILES])
     values: dict[str, dict[str, object]] = {}
     unreadable: dict[str, str] = {}
-    for name, content in (shown.get("data") or {}).items():
+    for name, content in {**(shown.get("data") or {}), **(timed.get("data") or {})}.items():
         if isinstance(content.get("error"), (FileNotFoundError, KeyError)):
             continue  # not in this revision (KeyError: DVC's index of outputs lacks it)
         if "error" in content:

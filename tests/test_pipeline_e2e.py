@@ -260,16 +260,18 @@ def test_exp_run_resnet50_reruns_only_train_and_evaluate(repo):
                 "per_class.animal.f1", "per_class.object.precision"]:
         assert {"old", "new"} <= set(scores[key]), key
         assert 0 <= scores[key]["old"] <= 1 and 0 <= scores[key]["new"] <= 1
-    # the size and speed cost of resnet50 against resnet18, ONNX Runtime and eager side by side;
-    # the timings after every score (they swing with the machine's load)
-    exported, speed = diff["metrics/export.json"], diff["metrics/speed/export.json"]
+    # the size cost of resnet50 against resnet18; the timings (they swing with the machine's
+    # load) are no metrics: asked for by name, ONNX Runtime and eager side by side
+    assert not [name for name in diff if name.startswith("metrics/speed/")], list(diff)
+    exported = diff["metrics/export.json"]
+    assert exported["onnx_mb"]["new"] > 1.5 * exported["onnx_mb"]["old"]  # 90 MB of weights vs 43
+    timed = json.loads(dvc(repo, "metrics", "diff", "--all", "--json", "--targets",
+                           "metrics/speed", "-R").stdout)
+    assert set(timed) == {"metrics/speed/train.json", "metrics/speed/eval.json",
+                          "metrics/speed/export.json"}
     for key in ["onnxruntime.batch1_ms_per_image", "pytorch_eager.batch1_ms_per_image",
                 "onnxruntime.batch1_ms_q3", "onnxruntime.batch_images_per_s"]:
-        assert {"old", "new"} <= set(speed[key]), key
-    assert exported["onnx_mb"]["new"] > 1.5 * exported["onnx_mb"]["old"]  # 90 MB of weights vs 43
-    files = list(diff)
-    assert set(files[-3:]) == {"metrics/speed/train.json", "metrics/speed/eval.json",
-                               "metrics/speed/export.json"}, files
+        assert {"old", "new"} <= set(timed["metrics/speed/export.json"][key]), key
 
     shown = json.loads(dvc(repo, "exp", "show", "--json").stdout)
     assert "resnet50" in json.dumps(shown)

@@ -1,8 +1,8 @@
 """Timings apart from the scores: evaluate, export and train write their timings to
-metrics/speed/, each a median over repeated passes with its quartiles, and `dvc metrics show` /
-`diff` and the offline report list the scores first. On a shared CPU one pass can take 100x
-another; a comparison of two experiments must lead with quality. Timings are never asserted
-here: the clock is replaced where a figure is checked."""
+metrics/speed/, each a median over repeated passes with its quartiles; `dvc metrics show` /
+`diff` show the scores alone, and the offline report the scores first. On a shared CPU one pass
+can take 100x another; a comparison of two experiments must lead with quality. Timings are never
+asserted here: the clock is replaced where a figure is checked."""
 from __future__ import annotations
 
 import json
@@ -76,12 +76,12 @@ def stage_of(pipeline: dict, path: Path) -> list[str]:
             if (entry if isinstance(entry, str) else next(iter(entry))) == path.as_posix()]
 
 
-def test_each_timings_file_is_an_out_of_the_stage_that_measures_and_a_top_level_metric():
-    """A stage's own ``metrics:`` come first in `dvc metrics show`; a file listed there too would
-    be shown in its stage's place. So each timings file is an uncached out of its stage and one
-    of the top-level metrics, which DVC lists after every stage's."""
+def test_each_timings_file_is_an_uncached_out_of_the_stage_that_measures_not_a_metric():
+    """`dvc metrics diff` lists its files in no fixed order (a set's): a timings file among the
+    metrics could lead a comparison of two experiments. So each is an uncached out of its stage
+    (git-tracked beside the scores, rewritten by every run), and no metric of dvc.yaml."""
     pipeline = yaml.safe_load((ROOT / "dvc.yaml").read_text())
-    assert pipeline["metrics"] == [path.as_posix() for path in SPEED_FILES]
+    assert "metrics" not in pipeline  # no top-level metrics
     for path, stage in zip(SPEED_FILES, ("train", "evaluate", "export")):
         assert stage_of(pipeline, path) == [stage], path
         outs = {next(iter(e)): e[next(iter(e))] for e in pipeline["stages"][stage]["outs"]
@@ -89,25 +89,32 @@ def test_each_timings_file_is_an_out_of_the_stage_that_measures_and_a_top_level_
         assert outs[path.as_posix()] == {"cache": False}, path
 
 
-def test_dvc_metrics_show_lists_the_scores_before_the_timings(tmp_path):
-    """This project's dvc.yaml in a bare DVC project with one small file per metric: the scores
-    of every stage come out before any timing."""
+def test_dvc_metrics_diff_shows_the_scores_and_its_targets_option_the_timings(tmp_path):
+    """This project's dvc.yaml in a git repository with one small file per score and timing, a
+    commit, then every file changed: `dvc metrics diff` holds the scores only, and
+    `dvc metrics diff --targets metrics/speed -R` (what the docs give) the timings."""
+    def run(*args: str) -> str:
+        return subprocess.run(args, cwd=tmp_path, capture_output=True, text=True,
+                              check=True).stdout
+
     shutil.copy(ROOT / "dvc.yaml", tmp_path / "dvc.yaml")
     paramfile.write(tmp_path)  # dvc.yaml reads ${data.mirror}
-    subprocess.run([sys.executable, "-m", "dvc", "init", "--no-scm", "-q"], cwd=tmp_path,
-                   check=True)
+    run("git", "init", "-q")
+    run(sys.executable, "-m", "dvc", "init", "-q")
     pipeline = yaml.safe_load((ROOT / "dvc.yaml").read_text())
-    scores = [next(iter(e)) if isinstance(e, dict) else e
-              for stage in pipeline["stages"].values() for e in stage.get("metrics", [])]
-    for i, name in enumerate(scores + [p.as_posix() for p in SPEED_FILES]):
-        write_json(tmp_path / name, {"figure": i})
-    shown = subprocess.run([sys.executable, "-m", "dvc", "metrics", "show", "--json"],
-                           cwd=tmp_path, capture_output=True, text=True, check=True)
-    (workspace,) = json.loads(shown.stdout).values()  # one revision, named "" by DVC
-    files = list(workspace["data"])
-    assert set(files) == set(scores) | {p.as_posix() for p in SPEED_FILES}
+    scores = {next(iter(e)) if isinstance(e, dict) else e
+              for stage in pipeline["stages"].values() for e in stage.get("metrics", [])}
     timings = {p.as_posix() for p in SPEED_FILES}
-    assert all(f not in timings for f in files[:len(scores)]), files
+    for figure in (1, 2):
+        for name in sorted(scores | timings):
+            write_json(tmp_path / name, {"figure": figure})
+        if figure == 1:
+            run("git", "add", "-A")
+            run("git", "-c", "user.name=t", "-c", "user.email=t@t", "-c", "commit.gpgsign=false",
+                "commit", "-qm", "run")
+    dvc = (sys.executable, "-m", "dvc", "metrics", "diff", "--json")
+    assert set(json.loads(run(*dvc))) == scores
+    assert set(json.loads(run(*dvc, "--targets", "metrics/speed", "-R"))) == timings
 
 
 def test_the_report_tables_put_the_timings_last():

@@ -4,8 +4,9 @@ with the quartiles of the passes as its spread.
 Shared by evaluate (PyTorch on the evaluation device) and export (PyTorch eager against ONNX
 Runtime on the CPU), so every speed figure in metrics/speed/ is measured the same way. The
 figures are measurements of this machine, reported, never asserted; they live apart from the
-scores (metrics/eval.json, metrics/export.json) so that `dvc metrics diff` of two experiments
-shows quality first and the timings, which swing with the machine's load, after it.
+scores (metrics/eval.json, metrics/export.json), as outs rather than DVC metrics, so that
+`dvc metrics diff` of two experiments shows quality, never led by timings that swing with the
+machine's load (`dvc metrics diff --targets metrics/speed -R` compares them).
 """
 from __future__ import annotations
 
