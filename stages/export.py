@@ -3,15 +3,17 @@
 Writes data/export/model.onnx (with the class names, size and normalisation in its metadata, so
 `python -m stages.predict --model data/export/model.onnx` needs nothing else),
 data/export/MODEL_CARD.md (what the model is for and not for, the data it came from with the
-dvc.lock hashes, the recipe, the test figures, the speed, how to rebuild it) and
-metrics/export.json. The model file carries calibrate's sealed operating point; the card's alarm
-figures are metrics/eval.json's only when evaluate scored that very point (its ``point_sha256``),
-and its threshold and temperature are read back from the model file:
+dvc.lock hashes, the recipe, the test figures, the speed, how to rebuild it),
+metrics/export.json (size, parity) and metrics/speed/export.json (the timings, apart from the
+scores because they swing with the machine's load). The model file carries calibrate's sealed
+operating point; the card's alarm figures are metrics/eval.json's only when evaluate scored that
+very point (its ``point_sha256``), and its threshold and temperature are read back from the model
+file:
   * parity on the test crops: max absolute logit difference and top-1 agreement between ONNX
     Runtime and PyTorch; the stage fails when the difference exceeds ``export.parity_atol``;
   * speed on the CPU, both runtimes on the same threads and the same inputs: ms per image at
-    batch 1 and images/s at ``export.batch_size`` (stages.common.inference.speed, as evaluate
-    measures).
+    batch 1 and images/s at ``export.batch_size``, medians with their quartiles
+    (stages.common.inference.speed, as evaluate measures).
 """
 from __future__ import annotations
 
@@ -26,8 +28,8 @@ from stages.common.alarm.calibration import (bound_sentence, embedded, operating
                                              operator_sentence, threshold_text)
 from stages.common.config import params
 from stages.common.config.paths import (CHECKPOINT, EVAL_METRICS, EXPORT_DIR, EXPORT_METRICS,
-                                        MODEL_DIR, OPERATING_POINT, SPLIT_METRICS, TEST_SPLIT,
-                                        VAL_SPLIT)
+                                        EXPORT_SPEED, MODEL_DIR, OPERATING_POINT, SPLIT_METRICS,
+                                        TEST_SPLIT, VAL_SPLIT)
 from stages.common.inference.batches import normalise
 from stages.common.inference.logits import checked_crops
 from stages.common.inference.speed import speed_figures
@@ -185,8 +187,9 @@ def card_recipe(cfg: params.Params) -> dict:
 
 
 def model_card(cfg: params.Params, meta: dict, scores: dict, split: dict, hashes: dict,
-               export_figures: dict) -> str:
-    """data/export/MODEL_CARD.md: what a reviewer reads before the model is deployed."""
+               export_figures: dict, speed: dict) -> str:
+    """data/export/MODEL_CARD.md: what a reviewer reads before the model is deployed.
+    ``export_figures``: metrics/export.json's; ``speed``: metrics/speed/export.json's."""
     classes = meta["classes"]
     counts = split.get("crops", {})
     rows = "\n".join(f"| {part} | " + " | ".join(str(counts[part].get(c, 0)) for c in classes)
@@ -199,7 +202,7 @@ def model_card(cfg: params.Params, meta: dict, scores: dict, split: dict, hashes
     provenance = "\n".join(f"| `{path}` | `{md5}` |" for path, md5 in hashes.items()) \
         or "| (not recorded: run the pipeline with `dvc repro`) | |"
     recipe = card_recipe(cfg)
-    e, o = export_figures["speed"]["pytorch_eager"], export_figures["speed"]["onnxruntime"]
+    e, o = speed["pytorch_eager"], speed["onnxruntime"]
     return f"""# Model card: {meta['arch']} person / animal / object classifier
 
 ## Intended use
@@ -247,9 +250,11 @@ Accuracy {scores['accuracy']:.4f}, macro F1 {scores['macro_f1']:.4f}, **person r
 
 {alarm_section(scores)}
 
-## Speed (CPU, {export_figures['speed']['threads']} threads, this run's machine)
+## Speed (CPU, {speed['threads']} threads, this run's machine)
 Batch 1: {o['batch1_ms_per_image']} ms/image in ONNX Runtime, {e['batch1_ms_per_image']} ms in
-PyTorch; batch {cfg.export.batch_size}: {o['batch_images_per_s']} images/s in ONNX Runtime. ONNX
+PyTorch; batch {cfg.export.batch_size}: {o['batch_images_per_s']} images/s in ONNX Runtime.
+Medians over {o['batch1_runs']} passes (ONNX Runtime's batch-1 quartiles:
+{o['batch1_ms_q1']} to {o['batch1_ms_q3']} ms); they vary with the machine's load. ONNX
 parity with PyTorch: max abs logit difference {export_figures['parity']['max_abs_logit_diff']}
 on {export_figures['parity']['test_crops']} test crops.
 
@@ -273,7 +278,7 @@ def main() -> None:
     one = images[:1]
     batch = np.resize(images, (n,) + images.shape[1:])  # repeats crops if the set is small
     threads = torch.get_num_threads()  # both runtimes on the same CPU threads
-    speed = {"device": "cpu", "threads": threads}
+    speed = {"arch": meta["arch"], "device": "cpu", "threads": threads}
     # PyTorch first, before ONNX Runtime's thread pool exists, so neither slows the other.
     eager = TorchClassifier(CHECKPOINT)
     reference = in_batches(eager.logits, images)
@@ -299,11 +304,12 @@ def main() -> None:
             / speed["onnxruntime"]["batch1_ms_per_image"], 2)
         size_mb = round((tmp / ONNX_FILE).stat().st_size / 2 ** 20, 1)
         figures = {"arch": meta["arch"], "opset": cfg.opset, "onnx_mb": size_mb,
-                   "parity": check, "speed": speed}
+                   "parity": check}
         (tmp / CARD_FILE).write_text(model_card(
             everything, meta, with_point(scores, onnx.operating_point),
-            read_metrics(SPLIT_METRICS), data_hashes(), figures))
+            read_metrics(SPLIT_METRICS), data_hashes(), figures, speed))
 
+    write_json(EXPORT_SPEED, speed)
     write_json(EXPORT_METRICS, figures)
     e, o = speed["pytorch_eager"], speed["onnxruntime"]
     print(f"{EXPORT_DIR / ONNX_FILE}: {meta['arch']}, {size_mb} MB, opset {cfg.opset}, "

@@ -12,10 +12,11 @@ Without ``--rev`` the page shows the workspace (`dvc plots show`, `dvc metrics s
 ``--rev`` (a git commit, branch or tag, a DVC experiment name, or ``workspace``) is a revision to
 compare, as `dvc plots diff` and `dvc metrics diff` do: every plot overlays the revisions, image
 plots stand side by side labelled by revision, and each metrics file is one table with a column
-per revision and, for numbers, the change from the first one. What a revision lacks (a plot or
-metrics file, a plot dvc.yaml did not define yet) is shown as missing and named on stderr; the
-rest still renders. A revision DVC cannot resolve, or an empty ``--rev ''``, is refused in one
-line, exit code 2, before anything is written.
+per revision and, for numbers, the change from the first one: the scores (dvc.yaml's metrics)
+first, then the timings of metrics/speed/, which `dvc metrics diff` leaves out. What a revision
+lacks (a plot or metrics file, a plot dvc.yaml did not define yet) is shown as missing and named
+on stderr; the rest still renders. A revision DVC cannot resolve, or an empty ``--rev ''``, is
+refused in one line, exit code 2, before anything is written.
 
 A plot that cannot be rendered, a metrics file DVC cannot parse ("unreadable: <why>", never
 "missing") and an operating point whose figures are not finite numbers in range (NaN, Infinity,
@@ -40,7 +41,7 @@ from pathlib import Path
 
 from stages.common.alarm.calibration import (bound_sentence, number_in, operator_sentence,
                                              target_sentence, threshold_text)
-from stages.common.config.paths import EVAL_METRICS
+from stages.common.config.paths import EVAL_METRICS, SPEED_FILES
 from stages.common.infra import dvc_internals
 from stages.common.infra.atomic import atomic_file, refuse_odd_destination
 from stages.common.infra.errors import ArgumentParser, ParamError, StageError, main_guard
@@ -240,14 +241,16 @@ def revision_metrics(repo: Path, rev: str) -> tuple[dict[str, dict[str, object]]
     revision (``workspace``: the files as they are now); a file it lacks is in neither.
 
     DVC's Python API, one revision a call: `dvc metrics diff --json` drops a file it cannot
-    parse (it would read as missing), and two names of one commit would be merged into one."""
+    parse (it would read as missing), and two names of one commit would be merged into one.
+    dvc.yaml's metrics (the scores), then the timings (paths.SPEED_FILES: outs, not metrics)."""
     shown = dvc_internals.metrics_of(repo, rev)
     if "error" in shown:
         raise StageError(f"--rev {rev}: DVC cannot read its metrics "
                          f"({unreadable_reason(shown['error'])}); check dvc.yaml in {rev}")
+    timed = dvc_internals.metrics_of(repo, rev, [path.as_posix() for path in SPEED_FILES])
     values: dict[str, dict[str, object]] = {}
     unreadable: dict[str, str] = {}
-    for name, content in (shown.get("data") or {}).items():
+    for name, content in {**(shown.get("data") or {}), **(timed.get("data") or {})}.items():
         if isinstance(content.get("error"), (FileNotFoundError, KeyError)):
             continue  # not in this revision (KeyError: DVC's index of outputs lacks it)
         if "error" in content:
@@ -280,6 +283,15 @@ def change(old, new) -> str:
     return "0" if new == old else f"{new - old:+.6g}"  # 6 digits: no float noise like 0.0499999
 
 
+TIMINGS = {path.as_posix() for path in SPEED_FILES}
+
+
+def scores_first(name: str) -> tuple[bool, str]:
+    """Sort key of the metrics files: the scores, then the timings (metrics/speed/), which swing
+    with the machine's load and must not lead a comparison; by name within each."""
+    return name in TIMINGS, name
+
+
 def compared_metrics_html(table: dict, unreadable: dict, revs: list[str], missing: list[str],
                           failed: list[str]) -> str:
     """One table per metrics file: a column per revision, a change column after each but the
@@ -288,7 +300,7 @@ def compared_metrics_html(table: dict, unreadable: dict, revs: list[str], missin
     header = "".join(f"<th>{html.escape(r)}</th>" + ("<th>change</th>" if i else "")
                      for i, r in enumerate(revs))
     parts = []
-    for name in sorted(set(table) | set(unreadable)):
+    for name in sorted(set(table) | set(unreadable), key=scores_first):
         rows, broken = table.get(name, {}), unreadable.get(name, {})
         absent = [rev for rev in revs if rev not in broken
                   and not any(rev in values for values in rows.values())]

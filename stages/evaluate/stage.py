@@ -1,15 +1,18 @@
 """Stage `evaluate`: score the best checkpoint on the held-out test split, once.
 
 Writes metrics/eval.json (accuracy, macro / weighted F1, per-class precision / recall / F1 /
-support, person recall, the report's goals as pass/fail, speed, and the person alarm at
-calibrate's operating point: ``operating_point.*`` with one-sided 95 % Clopper-Pearson bounds
-of test recall and false alarms, counted over source pictures (data/split/manifest.csv: crops
-of one picture are not independent; stages.common.alarm.guarantee says why pictures), and ``calibration.*``: ECE, NLL and Brier score before and after
-temperature scaling), plots/eval/confusion.csv (for DVC's confusion template), CSVs for DVC's
-linear template (precision-recall per class and the person ROC, thresholds as log-odds; the
-reliability diagram before and after calibration) and PNGs of the confusion matrix (counts and
-normalised by true class), the curves, the learning curves and the most confident mistakes (the
-gallery lives here because this stage already holds every prediction).
+support, person recall, the report's goals as pass/fail, and the person alarm at calibrate's
+operating point: ``operating_point.*`` with one-sided 95 % Clopper-Pearson bounds of test recall
+and false alarms, counted over source pictures (data/split/manifest.csv: crops of one picture
+are not independent; stages.common.alarm.guarantee says why pictures), and ``calibration.*``:
+ECE, NLL and Brier score before and after temperature scaling), metrics/speed/eval.json (ms / image at batch 1 and images / s at
+``evaluate.batch_size`` on the evaluation device: medians with their quartiles, apart from the
+scores because they swing with the machine's load), plots/eval/confusion.csv (for DVC's
+confusion template), CSVs for DVC's linear template (precision-recall per class and the person
+ROC, thresholds as log-odds; the reliability diagram before and after calibration) and PNGs of
+the confusion matrix (counts and normalised by true class), the curves, the learning curves and
+the most confident mistakes (the gallery lives here because this stage already holds every
+prediction).
 """
 from __future__ import annotations
 
@@ -28,8 +31,9 @@ from stages.common.alarm.calibration import (ALARM_LABEL, alarm_figures, bound_s
                                              unlisted_line)
 from stages.common.alarm.guarantee import alarm_bounds
 from stages.common.config import params
-from stages.common.config.paths import (CHECKPOINT, EVAL_METRICS, EVAL_PLOTS, OPERATING_POINT,
-                                        SPLIT_MANIFEST, TEST_SPLIT, TRAIN_METRICS, TRAIN_PLOTS)
+from stages.common.config.paths import (CHECKPOINT, EVAL_METRICS, EVAL_PLOTS, EVAL_SPEED,
+                                        OPERATING_POINT, SPLIT_MANIFEST, TEST_SPLIT,
+                                        TRAIN_METRICS, TRAIN_PLOTS)
 from stages.common.inference.batches import CropSet, normalise
 from stages.common.inference.logits import labelled_logits
 from stages.common.inference.speed import speed_figures
@@ -51,7 +55,8 @@ def _sync(device: torch.device) -> None:
 @torch.inference_mode()
 def measure_speed(model, crops: CropSet, meta: dict, device: torch.device, batch_size: int,
                   runs: int) -> dict:
-    """Median forward time at batch 1 (an operator's single picture) and at ``batch_size``."""
+    """Median forward time at batch 1 (an operator's single picture) and at ``batch_size``, with
+    the quartiles of the passes."""
     n = min(batch_size, len(crops))
     batch = normalise(crops.take(torch.arange(n), device), meta["mean"], meta["std"])
     one = batch[:1].contiguous(memory_format=torch.channels_last)
@@ -221,8 +226,10 @@ def main() -> None:
     metrics = score(targets, preds, classes)
     pictures, unlisted = crop_pictures(crops.paths, SPLIT_MANIFEST)
     metrics.update(alarm_metrics(logits, targets, classes, point, pictures))
-    metrics["speed"] = measure_speed(model, crops, meta, device, cfg.batch_size, cfg.speed_runs)
     metrics["arch"] = meta["arch"]
+    speed = {"arch": meta["arch"],
+             **measure_speed(model, crops, meta, device, cfg.batch_size, cfg.speed_runs)}
+    write_json(EVAL_SPEED, speed)
     write_json(EVAL_METRICS, metrics)
 
     EVAL_PLOTS.mkdir(parents=True, exist_ok=True)
@@ -242,7 +249,8 @@ def main() -> None:
                                 target_names=classes, digits=4, zero_division=0))
     print(f"accuracy {metrics['accuracy']:.4f}  macro F1 {metrics['macro_f1']:.4f}  "
           f"person recall {metrics.get('person_recall', float('nan')):.4f}  "
-          f"batch-1 {metrics['speed']['batch1_ms_per_image']} ms/image on {device.type}")
+          f"batch-1 {speed['batch1_ms_per_image']} ms/image on {device.type} (median; "
+          f"quartiles {speed['batch1_ms_q1']}-{speed['batch1_ms_q3']})")
     op = metrics["operating_point"]
     print(f"person alarm at {threshold_text(op['threshold'], op['threshold_log_odds'])} "
           f"(calibrated, temperature "
