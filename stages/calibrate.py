@@ -24,7 +24,6 @@ with it.
 from __future__ import annotations
 
 import sys
-from pathlib import Path
 
 import torch
 
@@ -32,8 +31,9 @@ from stages.common.alarm.calibration import (ALARM_LABEL, FORMAT, alarm_figures,
                                              fit_temperature, nll, person_log_odds,
                                              person_threshold, probability, seal,
                                              softmax, temperature_interval, temperature_warnings,
-                                             threshold_order, threshold_text)
+                                             threshold_order)
 from stages.common.alarm.guarantee import alarm_bounds, assurance, persons_needed
+from stages.common.alarm.statement import UNRESOLVED, point_facts, point_parts, threshold_text
 from stages.common.config import params
 from stages.common.config.paths import CALIBRATION_SPLIT, CHECKPOINT, OPERATING_POINT, VAL_SPLIT
 from stages.common.inference.logits import labelled_logits
@@ -74,15 +74,20 @@ def operating_point(logits, targets, classes: list[str], target: float,
     }
 
 
-def unresolved_line(point: dict, source: Path) -> str | None:
-    """One line when the rule could not be resolved on ``source``'s persons; None otherwise."""
-    val = point["val"]
-    if val["resolved"]:
-        return None
-    return (f"warning: {source} holds {val['persons']} persons; calibrate.guarantee "
-            f"{point['guarantee']} needs {val['persons_needed']} to resolve a recall target of "
-            f"{point['target_recall']}, so every one of them must raise the alarm (stricter than "
-            "the target asks); more data or a larger split share resolves it")
+def statement_lines(point: dict) -> tuple[list[str], list[str]]:
+    """(what the point gives new persons, for stdout; warnings, for stderr), from the alarm's
+    statement (stages.common.alarm.statement): too few persons for the rule, and the caveat
+    when val both picked the epoch and fitted the point."""
+    parts = point_parts(point_facts(point))
+    said, warned = [], []
+    if parts["resolution"].startswith(UNRESOLVED):
+        warned.append(f"warning: {parts['resolution'][len(UNRESOLVED):]} {parts['gives']} "
+                      "More data or a larger split.calibration resolves it.")
+    else:
+        said = [parts["resolution"], parts["gives"]]
+    if "caveat" in parts:
+        warned.append("warning: " + parts["caveat"][len("Caveat: "):])
+    return said, warned
 
 
 @main_guard
@@ -109,12 +114,11 @@ def main() -> None:
           f"for recall >= {cfg.person_recall_target} (guarantee {cfg.guarantee}): "
           f"recall {val['person_recall']} (95 % lower bound {val['person_recall_lower_95']}), "
           f"{val['false_alarms']} false alarms of {val['non_persons']} non-persons")
-    for line in temperature_warnings(point["temperature"], logits, targets):
+    said, warned = statement_lines(point)
+    if said:
+        print(" ".join(said))
+    for line in temperature_warnings(point["temperature"], logits, targets) + warned:
         print(line, file=sys.stderr)
-    line = unresolved_line(point, source)
-    if line:
-        print(line, file=sys.stderr)
-
 
 if __name__ == "__main__":
     main()

@@ -31,15 +31,14 @@ import base64
 import contextlib
 import html
 import json
-import math
 import os
 import subprocess
 import sys
 import tempfile
 from pathlib import Path
 
-from stages.common.alarm.calibration import (bound_sentence, number_in, operator_sentence,
-                                             target_sentence, threshold_text)
+from stages.common.alarm.statement import (InconsistentFigures, problem, statement,
+                                           threshold_text)
 from stages.common.config.paths import EVAL_METRICS
 from stages.common.infra import dvc_internals
 from stages.common.infra.atomic import atomic_file, refuse_odd_destination
@@ -170,53 +169,26 @@ def as_text(value) -> str:
     return value if isinstance(value, str) else json.dumps(value)
 
 
-# The figures of the operator's sentence, each with the range it must lie in. A revision's
-# eval.json is whatever that commit holds: NaN, Infinity or a string there is shown as invalid.
-POINT_FIGURES = {"threshold": (0.0, 1.0), "threshold_log_odds": (-math.inf, math.inf),
-                 "test_person_recall": (0.0, 1.0), "false_alarms_per_1000": (0.0, 1000.0)}
-
-
 def operating_point_problem(point: dict) -> str | None:
-    """Why ``point`` cannot be put into words (a figure that is no finite number in range), or
-    None; a figure it lacks is no problem (an older eval.json)."""
-    for key, (low, high) in POINT_FIGURES.items():
-        if key in point and not number_in(point[key], low, high):
-            return f"{key} {point[key]!r} is not a finite number" + (
-                f" from {low:g} to {high:g}" if math.isfinite(high) else "")
-    return None
+    """Why ``point`` (eval.json's ``operating_point`` in one revision) cannot be put into words:
+    a figure that is no finite number in range, or figures that contradict one another (a
+    ``target_met`` its own bound denies); None when it can. A figure it lacks is no problem (an
+    older eval.json)."""
+    return problem(point)
 
 
 def operating_point_sentence(point: dict) -> str | None:
-    """What eval.json's ``operating_point`` means at the perimeter, in words an operator uses;
-    None when it lacks the figures the sentence needs (an older eval.json)."""
+    """What eval.json's ``operating_point`` means at the perimeter: the alarm's statement
+    (stages.common.alarm.statement, as evaluate and the model card say it), after the threshold
+    as it can be copied into ``--person-threshold``; None when it holds nothing to state."""
     try:
-        threshold = float(point["threshold"])
-        recall = float(point["test_person_recall"])
-        others = float(point["false_alarms_per_1000"])
-    except (KeyError, TypeError, ValueError):
+        said = statement(point)
+    except InconsistentFigures:
         return None
-    shown = (threshold_text(threshold, float(point["threshold_log_odds"]))
-             if "threshold_log_odds" in point else f"{threshold:g}")
-    return " ".join(filter(None, [operator_sentence(recall, others, shown),
-                                  confidence_sentence(point)]))
-
-
-def confidence_sentence(point: dict) -> str | None:
-    """The one-sided 95 % bounds and whether they reach the target, in an operator's words;
-    None for an eval.json without them."""
-    try:
-        lower = float(point["test_person_recall_lower_95"])
-        upper = point.get("false_alarms_per_1000_upper_95")
-        upper = None if upper is None else float(upper)
-    except (KeyError, TypeError, ValueError):
+    if not said or "threshold" not in point:
         return None
-    if not (math.isfinite(lower) and (upper is None or math.isfinite(upper))):
-        return None
-    sentence = bound_sentence(lower, upper)
-    met = point.get("target_met")
-    if isinstance(met, bool) and "target_recall" in point:
-        sentence += " " + target_sentence(point["target_recall"], met)
-    return sentence
+    shown = threshold_text(point["threshold"], point.get("threshold_log_odds"))
+    return f"At threshold {shown}: " + " ".join(said)
 
 
 def operating_point_html(points: dict[str, dict]) -> str:

@@ -17,7 +17,7 @@ from types import SimpleNamespace
 import pytest
 import yaml
 
-from stages.common.alarm.calibration import threshold_text
+from stages.common.alarm.statement import threshold_text
 from stages.common.serving.classifiers import OnnxClassifier
 from stages.common.config.params import NO_OUTPUT
 from tests.tiny_project import copy_project
