@@ -173,12 +173,13 @@ def problem(facts: dict) -> str | None:
     def bad(key: str, why: str) -> str:
         return f"{key} {facts[key]!r} {why}"
 
-    for key in SHARES:
-        if key in facts and facts[key] is not None and not _number(facts[key], 0.0, 1.0):
-            return bad(key, "is not a number from 0 to 1")
+    for key in SHARES:  # None: a share of nothing (no persons on test, say); not a threshold
+        if key in facts and (facts[key] is not None or key == "threshold") \
+                and not _number(facts[key], 0.0, 1.0):
+            return bad(key, "is not a finite number from 0 to 1")
     for key in RATES:
         if key in facts and facts[key] is not None and not _number(facts[key], 0.0, 1000.0):
-            return bad(key, "is not a number from 0 to 1,000")
+            return bad(key, "is not a finite number from 0 to 1,000")
     for key in COUNTS:
         if key in facts and not _count(facts[key]):
             return bad(key, "is not a count")
@@ -187,7 +188,8 @@ def problem(facts: dict) -> str | None:
     if "target_recall" in facts and (not _number(facts["target_recall"], 0.0, 1.0)
                                      or facts["target_recall"] == 0):
         return bad("target_recall", "is not a number in (0, 1]")
-    if "delta" in facts and facts["delta"] is not None and not _number(facts["delta"], 0, 0.5):
+    if "delta" in facts and facts["delta"] is not None and not (
+            _number(facts["delta"], 0, 0.5) and facts["delta"] > 0):
         return bad("delta", "is not a number in (0, 0.5]")
     if "guarantee" in facts and facts["guarantee"] not in guarantee.RULES:
         return bad("guarantee", f"is not one of {', '.join(guarantee.RULES)}")
