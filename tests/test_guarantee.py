@@ -281,3 +281,23 @@ def test_the_model_card_states_what_the_point_gives_and_what_test_shows():
     with pytest.raises(StageError, match="operating point cannot be stated .test_person_recall_"
                                          "lower_95 5 is not a finite number from 0 to 1"):
         alarm_section({"operating_point": bad, "calibration": calibration})
+
+
+def test_the_model_cards_split_table_holds_the_calibration_split():
+    from stages.common.config import params as P
+    from stages.export import model_card
+
+    cfg = P.parse(paramfile.params({"split": {"calibration": 0.1}}))
+    crops = {part: {"animal": n, "object": n, "person": n, "total": 3 * n}
+             for part, n in (("train", 60), ("val", 10), ("calibration", 11), ("test", 20))}
+    scores = {"accuracy": 0.9, "macro_f1": 0.9, "person_recall": 1.0, "test_crops": 60,
+              "per_class": {}}
+    speed = {"batch1_ms_per_image": 1.0, "batch_images_per_s": 100.0}
+    card = model_card(cfg, {"arch": "resnet18", "classes": ["animal", "object", "person"],
+                            "image_size": 64}, scores, {"crops": crops}, {},
+                      {"speed": {"threads": 2, "pytorch_eager": speed, "onnxruntime": speed},
+                       "parity": {"max_abs_logit_diff": 0.0, "test_crops": 60}})
+    table = card.split("| split |", 1)[1].split("\n\n", 1)[0].splitlines()[2:]
+    assert [row.split(" | ")[0] for row in table] == ["| train", "| val", "| calibration",
+                                                      "| test"]
+    assert "| calibration | 11 | 11 | 11 | 33 |" in card
