@@ -158,7 +158,7 @@ recall >= {op['target_recall']} (`calibrate.person_recall_target`) with the fewe
 
 {ASSUMPTION}
 
-Test person recall {op['test_person_recall']}, precision {op['test_person_precision']},
+On test: person recall {op['test_person_recall']}, precision {op['test_person_precision']},
 {op['false_alarms_per_1000']} false alarms per 1,000 non-person crops. The ONNX file carries
 this operating point; `python -m stages.predict` reports `alarm` with it. How the point is chosen
 and what each rule promises: docs/stages.md, "The person alarm's operating point"."""

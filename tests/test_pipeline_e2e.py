@@ -86,7 +86,10 @@ def test_repro_runs_every_stage_and_writes_metrics_and_plots(repo):
         assert len((repo.path / "plots/eval" / csv).read_text().splitlines()) >= 2, csv
     assert set(metrics["per_class"]) == {"animal", "object", "person"}
     assert metrics["speed"]["batch1_ms_per_image"] > 0
-    for split in ["train", "val", "test"]:
+    assert point["fitted_on"] == "data/split/calibration"  # the default share
+    assert op["expected_recall"] == point["val"]["expected_recall"]
+    assert op["target_verdict"] in ("met", "not shown", "not met")
+    for split in ["train", "val", "calibration", "test"]:
         assert sorted(p.name for p in (repo.path / "data/split" / split).iterdir()) == \
             ["animal", "object", "person"]
     for png in ["confusion.png", "learning_curves.png", "mistakes.png", "alarm.png"]:
@@ -120,6 +123,13 @@ def test_the_model_card_matches_the_metrics_and_the_lock(repo):
     assert "## Person alarm (operating point)" in card
     assert f"On test: person recall {op['test_person_recall']}" in card
     assert f"{op['false_alarms_per_1000']} false alarms per 1,000" in card
+    said = " ".join(card.split())  # the statement, as evaluate recorded its figures
+    assert f"(expected recall {op['expected_recall']:g})" in said
+    assert f"{op['test_persons'] - op['test_persons_missed']} of {op['test_persons']} test " \
+           "persons raised the alarm" in said
+    calibration = split["crops"]["calibration"]
+    assert f"| calibration | {calibration['animal']} | {calibration['object']} | " \
+           f"{calibration['person']} | {calibration['total']} |" in card
     carried = OnnxClassifier(repo.path / "data/export/model.onnx").operating_point
     assert f">= **{threshold_text(carried['threshold'], carried['threshold_log_odds'])}**" in card
 
