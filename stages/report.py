@@ -6,7 +6,8 @@ plots (the Vega-Lite specs DVC fills from dvc.yaml's ``plots:``) to SVG here, wi
 bundled Vega, and writes ONE self-contained HTML file: every plot and PNG inlined as a data: URI,
 the metrics as tables, no script, and a Content-Security-Policy that forbids any fetch. Copy the
 file anywhere and open it in any browser. Where metrics/eval.json has an ``operating_point``
-(evaluate's chosen alarm threshold), the page says in one sentence what it means for an operator.
+(evaluate's chosen alarm threshold), the page states what it gives, in the words evaluate and the
+model card use (stages.common.alarm.statement).
 
 Without ``--rev`` the page shows the workspace (`dvc plots show`, `dvc metrics show`). Each
 ``--rev`` (a git commit, branch or tag, a DVC experiment name, or ``workspace``) is a revision to
@@ -18,8 +19,9 @@ rest still renders. A revision DVC cannot resolve, or an empty ``--rev ''``, is 
 line, exit code 2, before anything is written.
 
 A plot that cannot be rendered, a metrics file DVC cannot parse ("unreadable: <why>", never
-"missing") and an operating point whose figures are not finite numbers in range (NaN, Infinity,
-a string: "invalid") are named in the page and on stderr, the rest still comes out; the exit code
+"missing") and an operating point whose figures are not finite numbers in range or contradict
+one another (NaN, Infinity, a string, a bound of 5, a ``target_met`` its bound denies: "invalid")
+are named in the page and on stderr, the rest still comes out; the exit code
 is then 1. ``--out -`` writes the page to stdout (closed, or its reader gone: one line, exit code
 2); an ``--out`` that is a symbolic link or not a regular file (``/dev/stdout`` is a link) is
 refused in one line, exit code 2, because the atomic rename would replace the link or the device
