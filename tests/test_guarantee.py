@@ -244,7 +244,7 @@ def test_calibrate_reads_the_calibration_split_when_it_has_a_share(tmp_path, mon
 
 
 def test_the_model_card_states_what_the_point_gives_and_what_test_shows():
-    from stages.common.alarm.statement import ASSUMPTION, point_facts, test_facts
+    from stages.common.alarm.statement import ASSUMPTION, point_facts, tested_facts
     from stages.export import alarm_section
 
     point = {"threshold": 0.62566, "threshold_log_odds": cal.log_odds(0.62566),
@@ -254,7 +254,7 @@ def test_the_model_card_states_what_the_point_gives_and_what_test_shows():
                      "expected_recall": 0.9667, "chance_recall_below_target": 0.7472}}
     test = {"persons": 58, "persons_missed": 0, "non_persons": 137, "false_alarms": 1,
             "person_recall": 1.0, "person_precision": 0.9831, "false_alarms_per_1000": 7.3}
-    op = {**point_facts(point), **test_facts(test, 0.99)}
+    op = {**point_facts(point), **tested_facts(test, 0.99)}
     calibration = {"temperature": 1.2, "ece_before": 0.1, "ece_after": 0.05}
     card = " ".join(alarm_section({"operating_point": op, "calibration": calibration}).split())
     assert ">= **0.6256** (copied into `--person-threshold`, the same alarm)" in card
@@ -272,7 +272,7 @@ def test_the_model_card_states_what_the_point_gives_and_what_test_shows():
                         "expected_recall": 0.9953, "chance_recall_below_target": 0.0468}}
     caught = {**test, "persons": 1000, "persons_missed": 2, "person_recall": 0.998}
     card = " ".join(alarm_section({"operating_point": {**point_facts(resolved),
-                                                       **test_facts(caught, 0.99)},
+                                                       **tested_facts(caught, 0.99)},
                                    "calibration": calibration}).split())
     assert "Resolved: data/split/calibration holds 1,500 persons" in card
     assert "is 0.0468 (calibrate.delta 0.05)" in card and "Caveat" not in card

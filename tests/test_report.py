@@ -348,7 +348,7 @@ def test_operating_point_sentence():
 def test_the_report_states_what_a_constructed_point_gives_and_what_test_shows():
     """eval.json as evaluate writes it: the same statement as the card's, and a revision whose
     figures contradict (a target_met its bound denies) is named inconsistent in one line."""
-    from stages.common.alarm.statement import point_facts, test_facts
+    from stages.common.alarm.statement import point_facts, tested_facts
     from stages.report import operating_point_html, operating_point_problem
 
     point = {"threshold": 0.62566, "threshold_log_odds": 0.5136426172098687,
@@ -358,7 +358,7 @@ def test_the_report_states_what_a_constructed_point_gives_and_what_test_shows():
                      "expected_recall": 0.9667, "chance_recall_below_target": 0.7472}}
     test = {"persons": 58, "persons_missed": 0, "non_persons": 98, "false_alarms": 0,
             "person_recall": 1.0, "person_precision": 1.0, "false_alarms_per_1000": 0.0}
-    op = {**point_facts(point), **test_facts(test, 0.99)}
+    op = {**point_facts(point), **tested_facts(test, 0.99)}
     shown = html.unescape(operating_point_html({"workspace": op}))
     assert "At threshold 0.6256: Unresolved: data/split/val holds 29 persons" in shown
     assert "(expected recall 0.9667), and the chance that their recall falls below 0.99 is " \

@@ -27,7 +27,7 @@ def figures(persons: int, missed: int, non_persons: int = 98, false_alarms: int 
 
 def facts(p: dict, test: dict | None = None) -> dict:
     out = s.point_facts(p)
-    return {**out, **s.test_facts(test, p["target_recall"])} if test else out
+    return {**out, **s.tested_facts(test, p["target_recall"])} if test else out
 
 
 def test_an_unresolved_point_says_what_it_gives_and_never_that_it_is_stricter():

@@ -23,7 +23,7 @@ from stages.common.alarm.calibration import (ALARM_LABEL, alarm_figures, brier, 
                                              operating_point_for, person_log_odds, reliability,
                                              softmax)
 from stages.common.alarm.statement import (InconsistentFigures, point_facts, statement,
-                                           test_facts, threshold_text)
+                                           tested_facts, threshold_text)
 from stages.common.config import params
 from stages.common.config.paths import (CHECKPOINT, EVAL_METRICS, EVAL_PLOTS, OPERATING_POINT,
                                         TEST_SPLIT, TRAIN_METRICS, TRAIN_PLOTS)
@@ -99,7 +99,7 @@ def alarm_metrics(logits: np.ndarray, targets: np.ndarray, classes: list[str],
     person = classes.index(ALARM_LABEL)
     alarm = alarm_figures(person_log_odds(logits, temperature, person),
                           targets == person, point["threshold_log_odds"])
-    op = {**point_facts(point), **test_facts(alarm, point["target_recall"]),
+    op = {**point_facts(point), **tested_facts(alarm, point["target_recall"]),
           "point_sha256": point["point_sha256"]}  # export embeds only the point evaluated here
     stated(op)
     return {

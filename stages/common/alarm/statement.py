@@ -3,7 +3,7 @@ statement calibrate prints, evaluate prints and records in metrics/eval.json, th
 the report show (README and docs/stages.md explain it).
 
 Two steps, so every reader says the same from the same figures:
-  * :func:`point_facts` and :func:`test_facts`: the flat figures (what eval.json's
+  * :func:`point_facts` and :func:`tested_facts`: the flat figures (what eval.json's
     ``operating_point`` holds): from the point, the expected recall on new persons, the chance it
     falls below the target, the persons the rule needs and how many the calibration split had;
     from a labelled set (test), the counts, the one-sided 95 % Clopper-Pearson bounds and the
@@ -123,7 +123,7 @@ def point_facts(point: dict) -> dict:
     return facts
 
 
-def test_facts(figures: dict, target: float) -> dict:
+def tested_facts(figures: dict, target: float) -> dict:
     """A labelled set's part (stages.common.alarm.calibration.alarm_figures on test): counts,
     one-sided 95 % bounds and the verdict: ``met`` when the lower bound of recall reaches
     ``target``, ``not met`` when the upper bound lies below it, ``not shown`` otherwise."""
@@ -297,7 +297,7 @@ def long_run_sentence(target: float) -> str | None:
             f"{round(100 * chance):g} % of the time.")
 
 
-def test_sentences(f: dict) -> list[str]:
+def tested_sentences(f: dict) -> list[str]:
     """What the labelled set (test) showed, counts as counts; [] without its figures."""
     if "test_persons" not in f or "test_persons_missed" not in f:
         return []
@@ -354,7 +354,7 @@ def statement(facts: dict, *, long_run: bool = True) -> list[str]:
     why = problem(facts)
     if why:
         raise InconsistentFigures(why)
-    out = point_sentences(facts) + test_sentences(facts)
+    out = point_sentences(facts) + tested_sentences(facts)
     if long_run and out and _number(facts.get("target_recall"), 0, 1):
         line = long_run_sentence(facts["target_recall"])
         if line:
