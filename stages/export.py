@@ -151,8 +151,9 @@ def alarm_section(scores: dict) -> str:
 Scores are calibrated by temperature scaling (T = {cal['temperature']}, fitted on
 `{op.get('fitted_on') or VAL_SPLIT}`; test expected calibration error {cal['ece_before']}
 before, {cal['ece_after']} after). A crop raises the alarm when its calibrated person probability
-is >= **{shown}** (copied into `--person-threshold`, the same alarm), chosen{chosen}, for person
-recall >= {op['target_recall']} (`calibrate.person_recall_target`) with the fewest false alarms.
+is >= **{shown}** (rounded down: copied into `--person-threshold`, it raises the alarm for every
+picture this point does), chosen{chosen}, for person recall >= {op['target_recall']}
+(`calibrate.person_recall_target`) with the fewest false alarms.
 
 {said}
 

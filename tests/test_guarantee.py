@@ -257,7 +257,8 @@ def test_the_model_card_states_what_the_point_gives_and_what_test_shows():
     op = {**point_facts(point), **tested_facts(test, 0.99)}
     calibration = {"temperature": 1.2, "ece_before": 0.1, "ece_after": 0.05}
     card = " ".join(alarm_section({"operating_point": op, "calibration": calibration}).split())
-    assert ">= **0.6256** (copied into `--person-threshold`, the same alarm)" in card
+    assert ">= **0.6256** (rounded down: copied into `--person-threshold`, it raises the alarm " \
+           "for every picture this point does)" in card
     assert "holds 29 persons, but calibrate.guarantee probability needs 299" in card
     assert "(expected recall 0.9667), and the chance that their recall falls below 0.99 is " \
            "0.7472." in card

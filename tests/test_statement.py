@@ -1,6 +1,6 @@
 """The alarm's statement (stages.common.alarm.statement) on constructed points and test
 figures: resolved and unresolved points, the test verdicts met / not shown / not met, thresholds
-that copy back into the same alarm, and figures out of range or contradicting refused."""
+that copy back into an alarm never stricter, and figures out of range or contradicting refused."""
 import math
 
 import pytest
