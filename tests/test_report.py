@@ -354,22 +354,27 @@ def test_the_report_states_what_a_constructed_point_gives_and_what_test_shows():
     point = {"threshold": 0.62566, "threshold_log_odds": 0.5136426172098687,
              "target_recall": 0.99, "guarantee": "probability", "delta": 0.05,
              "fitted_on": "data/split/val",
-             "val": {"persons": 29, "persons_needed": 299, "resolved": False,
-                     "expected_recall": 0.9667, "chance_recall_below_target": 0.7472}}
+             "val": {"persons": 29, "person_pictures": 18, "persons_needed": 299,
+                     "resolved": False, "expected_recall": 0.9474,
+                     "chance_recall_below_target": 0.8346}}
     test = {"persons": 58, "persons_missed": 0, "non_persons": 98, "false_alarms": 0,
-            "person_recall": 1.0, "person_precision": 1.0, "false_alarms_per_1000": 0.0}
+            "person_recall": 1.0, "person_precision": 1.0, "false_alarms_per_1000": 0.0,
+            "person_pictures": 39, "person_pictures_missed": 0, "non_person_pictures": 60,
+            "false_alarm_pictures": 0}
     op = {**point_facts(point), **tested_facts(test, 0.99)}
     shown = html.unescape(operating_point_html({"workspace": op}))
-    assert "At threshold 0.6256: Unresolved: data/split/val holds 29 persons" in shown
-    assert "(expected recall 0.9667), and the chance that their recall falls below 0.99 is " \
-           "0.7472. Caveat: val picked the training epoch" in shown
-    assert "58 of 58 test persons raised the alarm, and 0 of 98 animals and objects did" in shown
-    assert "not shown: 58 test persons can show at most 0.9496 with 95 % confidence; showing " \
-           "0.99 needs 299 with none missed." in shown
+    assert "At threshold 0.6256: Unresolved: data/split/val holds 29 persons in 18 pictures" \
+        in shown
+    assert "(expected recall 0.9474), and the chance that their recall falls below 0.99 is " \
+           "0.8346. Caveat: val picked the training epoch" in shown
+    assert "58 of 58 test persons (in 39 pictures) raised the alarm, and 0 of 98 animals and " \
+           "objects did" in shown
+    assert "not shown: 39 test pictures with persons can show at most 0.926 with 95 % " \
+           "confidence; showing 0.99 needs 299 pictures with persons, none missed." in shown
     for wrong in ("of 100 people", "not met", "stricter", "0.6257"):
         assert wrong not in shown
     lie = {**op, "target_met": True}
-    assert operating_point_problem(lie) == ("target_met True contradicts its lower bound 0.9496 "
+    assert operating_point_problem(lie) == ("target_met True contradicts its lower bound 0.926 "
                                             "against the target 0.99")
     assert "invalid operating point: target_met True contradicts" in operating_point_html(
         {"w": lie})

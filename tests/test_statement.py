@@ -10,19 +10,28 @@ from stages.common.alarm import calibration as cal, guarantee as g, statement as
 
 
 def point(**val) -> dict:
-    """A point as calibrate writes it: the bundled sample's (29 val persons, unresolved)."""
+    """A point as calibrate writes it: the bundled sample's (29 persons in 18 pictures,
+    unresolved)."""
     return {"threshold": cal.probability(0.5), "threshold_log_odds": 0.5, "target_recall": 0.99,
             "guarantee": "probability", "delta": 0.05, "fitted_on": "data/split/calibration",
-            "val": {"persons": 29, "persons_needed": 299, "resolved": False,
+            "val": {"persons": 29, "person_pictures": 18, "persons_needed": 299,
+                    "resolved": False,
                     "expected_recall": 0.9667, "chance_recall_below_target": 0.7472, **val}}
 
 
-def figures(persons: int, missed: int, non_persons: int = 98, false_alarms: int = 0) -> dict:
-    return {"persons": persons, "persons_missed": missed, "non_persons": non_persons,
-            "false_alarms": false_alarms,
-            "person_recall": round((persons - missed) / persons, 4) if persons else None,
-            "person_precision": 1.0, "false_alarms_per_1000":
-                round(1000 * false_alarms / non_persons, 2)}
+def figures(persons: int, missed: int, non_persons: int = 98, false_alarms: int = 0,
+            pictures: int | None = None) -> dict:
+    """alarm_figures on test; ``pictures``: the pictures with persons, none with a miss (None:
+    figures without picture counts, as an older eval.json)."""
+    out = {"persons": persons, "persons_missed": missed, "non_persons": non_persons,
+           "false_alarms": false_alarms,
+           "person_recall": round((persons - missed) / persons, 4) if persons else None,
+           "person_precision": 1.0, "false_alarms_per_1000":
+               round(1000 * false_alarms / non_persons, 2)}
+    if pictures is not None:
+        out.update(person_pictures=pictures, person_pictures_missed=0, non_person_pictures=60,
+                   false_alarm_pictures=0)
+    return out
 
 
 def facts(p: dict, test: dict | None = None) -> dict:
@@ -32,10 +41,10 @@ def facts(p: dict, test: dict | None = None) -> dict:
 
 def test_an_unresolved_point_says_what_it_gives_and_never_that_it_is_stricter():
     said = " ".join(s.statement(facts(point())))
-    assert said.startswith("Unresolved: data/split/calibration holds 29 persons, but "
-                           "calibrate.guarantee probability needs 299 for a recall target of "
-                           "0.99, so every one of them raises the alarm, and that does not "
-                           "give the target.")
+    assert said.startswith("Unresolved: data/split/calibration holds 29 persons in 18 pictures, "
+                           "but calibrate.guarantee probability needs 299 pictures with persons "
+                           "for a recall target of 0.99, so every one of them raises the alarm, "
+                           "and that does not give the target.")
     assert ("New persons are caught 96.6 % of the time on average (expected recall 0.9667), "
             "and the chance that their recall falls below 0.99 is 0.7472.") in said
     assert "stricter" not in said and "calibrate.delta" not in said  # no promise it did not keep
@@ -43,17 +52,19 @@ def test_an_unresolved_point_says_what_it_gives_and_never_that_it_is_stricter():
 
 
 def test_a_resolved_point_states_its_chance_against_delta():
-    said = s.statement(facts(point(persons=1500, resolved=True, expected_recall=0.99534,
-                                   chance_recall_below_target=0.0468)))
-    assert said[0] == ("Resolved: data/split/calibration holds 1,500 persons; calibrate.guarantee "
-                       "probability needs 299 for a recall target of 0.99.")
+    said = s.statement(facts(point(persons=1500, person_pictures=900, resolved=True,
+                                   expected_recall=0.99534, chance_recall_below_target=0.0468)))
+    assert said[0] == ("Resolved: data/split/calibration holds 1,500 persons in 900 pictures; "
+                       "calibrate.guarantee probability needs 299 pictures with persons for a "
+                       "recall target of 0.99.")
     assert said[1] == ("New persons are caught 99.5 % of the time on average (expected recall "
                        "0.9953), and the chance that their recall falls below 0.99 is 0.0468 "
                        "(calibrate.delta 0.05).")
 
 
 def test_a_tiny_delta_is_never_printed_as_probability_1():
-    said = " ".join(s.statement(facts({**point(persons=400, persons_needed=161, resolved=True,
+    said = " ".join(s.statement(facts({**point(persons=400, person_pictures=400,
+                                               persons_needed=161, resolved=True,
                                                  expected_recall=0.998,
                                                  chance_recall_below_target=1e-7),
                                        "delta": 1e-7})))
@@ -62,7 +73,8 @@ def test_a_tiny_delta_is_never_printed_as_probability_1():
 
 
 def test_the_caveat_is_stated_whenever_val_fitted_the_point():
-    for p in (point(), point(persons=1500, resolved=True, chance_recall_below_target=0.04)):
+    for p in (point(), point(persons=1500, person_pictures=900, resolved=True,
+                             chance_recall_below_target=0.04)):
         on_val = facts({**p, "fitted_on": "data/split/val"})
         said = s.statement(on_val)
         assert any(line.startswith("Caveat: val picked the training epoch and then fitted") and
@@ -70,15 +82,21 @@ def test_the_caveat_is_stated_whenever_val_fitted_the_point():
 
 
 def test_58_of_58_test_persons_is_not_shown_not_not_met_and_stated_as_counts():
-    f = facts(point(), figures(58, 0))
-    assert (f["target_verdict"], f["target_met"], f["test_persons_to_show"]) == (
+    f = facts(point(), figures(58, 0, pictures=39))
+    assert (f["target_verdict"], f["target_met"], f["test_pictures_to_show"]) == (
         "not shown", False, 299)
     said = " ".join(s.statement(f))
-    assert "On test, 58 of 58 test persons raised the alarm, and 0 of 98 animals and objects " \
-           "did." in said
-    assert ("The target of 0.99 is not shown: 58 test persons can show at most 0.9496 with 95 % "
-            "confidence; showing 0.99 needs 299 with none missed.") in said
+    assert "On test, 58 of 58 test persons (in 39 pictures) raised the alarm, and 0 of 98 " \
+           "animals and objects did." in said
+    assert "With 95 % confidence (counted over pictures) the recall on new persons is at " \
+           f"least {math.floor(0.05 ** (1 / 39) * 1e4) / 1e4:g}" in said
+    assert ("The target of 0.99 is not shown: 39 test pictures with persons can show at most "
+            "0.926 with 95 % confidence; showing 0.99 needs 299 pictures with persons, none "
+            "missed.") in said
     assert "not met" not in said and "of 100 people" not in said
+    older = " ".join(s.statement(facts(point(), figures(58, 0))))  # no picture counts
+    assert ("The target of 0.99 is not shown: 58 test persons can show at most 0.9496 with 95 % "
+            "confidence; showing 0.99 needs 299, none missed.") in older
 
 
 def test_persons_to_show_is_the_fewest_whose_bound_reaches_the_target():
@@ -95,8 +113,15 @@ def test_not_met_only_when_the_upper_bound_is_below_the_target():
         in s.statement(missed)
     between = facts(point(), figures(400, 3))  # 0.9807 .. 0.9979: the sample cannot decide
     assert between["target_verdict"] == "not shown"
-    assert ("not shown: with 3 missed the lower bound 0.9807 is below it and the upper bound "
-            "above it") in " ".join(s.statement(between))
+    assert ("not shown: 3 of 400 test persons were missed, so the lower bound 0.9807 is below "
+            "it and the upper bound above it; more test persons decide.") in " ".join(
+        s.statement(between))
+    pictures = facts(point(), {**figures(400, 12), "person_pictures": 400,
+                               "person_pictures_missed": 1, "non_person_pictures": 60,
+                               "false_alarm_pictures": 0})
+    assert pictures["target_verdict"] == "not shown"  # 399 of 400 pictures: 0.9884 .. 1
+    assert ("not shown: 1 of 400 test pictures with persons had a person missed, so the lower "
+            "bound") in " ".join(s.statement(pictures))
     met = facts(point(), figures(1000, 2))
     assert (met["target_verdict"], met["target_met"]) == ("met", True)
     assert "The target of 0.99 is met with 95 % confidence." in s.statement(met)
@@ -148,7 +173,10 @@ def test_the_threshold_rounds_down_not_to_the_nearest():
                            "target 0.99"),
     ({"target_met": "yes"}, "target_met 'yes' is not true or false"),
     ({"target_verdict": "not met"}, "target_verdict 'not met' contradicts its upper bound 1.0"),
-    ({"resolved": True}, "resolved True contradicts 29 calibration persons against 299 needed"),
+    ({"resolved": True}, "resolved True contradicts calibration_person_pictures 18 against 299 "
+                         "needed"),
+    ({"calibration_person_pictures": 30}, "calibration_person_pictures 30 exceeds "
+                                          "calibration_persons 29"),
     ({"guarantee": "always"}, "guarantee 'always' is not one of none, average, probability"),
     ({"threshold": True}, "threshold True is not"),
 ])
@@ -165,7 +193,8 @@ def test_an_older_eval_json_states_what_it_holds():
     stated; without anything to state, nothing."""
     older = {k: v for k, v in facts(point(), figures(58, 0)).items()
              if k not in ("expected_recall", "chance_recall_below_target", "target_verdict",
-                          "test_person_recall_upper_95", "resolved", "persons_needed")}
+                          "test_person_recall_upper_95", "resolved", "persons_needed",
+                          "test_person_pictures")}
     said = " ".join(s.statement(older))
     assert said.startswith("On test, 58 of 58 test persons raised the alarm")
     assert "not shown" not in said and "not met" not in said  # target_met false alone: no verdict

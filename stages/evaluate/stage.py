@@ -3,7 +3,8 @@
 Writes metrics/eval.json (accuracy, macro / weighted F1, per-class precision / recall / F1 /
 support, person recall, the report's goals as pass/fail, speed, and the person alarm at
 calibrate's operating point: ``operating_point.*`` with one-sided 95 % Clopper-Pearson bounds
-of test recall and false alarms, and ``calibration.*``: ECE, NLL and Brier score before and after
+of test recall and false alarms, counted over source pictures (data/split/manifest.csv: crops
+of one picture are not independent; stages.common.alarm.guarantee says why pictures), and ``calibration.*``: ECE, NLL and Brier score before and after
 temperature scaling), plots/eval/confusion.csv (for DVC's confusion template), CSVs for DVC's
 linear template (precision-recall per class and the person ROC, thresholds as log-odds; the
 reliability diagram before and after calibration) and PNGs of the confusion matrix (counts and
@@ -12,6 +13,7 @@ gallery lives here because this stage already holds every prediction).
 """
 from __future__ import annotations
 
+import sys
 from pathlib import Path
 
 import numpy as np
@@ -19,14 +21,14 @@ import torch
 from sklearn.metrics import (classification_report, confusion_matrix,
                              precision_recall_curve, roc_curve)
 
-from stages.common.alarm.calibration import (ALARM_LABEL, alarm_figures, brier, ece, nll,
-                                             operating_point_for, person_log_odds, reliability,
-                                             softmax)
+from stages.common.alarm.calibration import (ALARM_LABEL, alarm_figures, brier, crop_pictures,
+                                             ece, nll, operating_point_for, person_log_odds,
+                                             reliability, softmax, unlisted_line)
 from stages.common.alarm.statement import (InconsistentFigures, point_facts, statement,
                                            tested_facts, threshold_text)
 from stages.common.config import params
 from stages.common.config.paths import (CHECKPOINT, EVAL_METRICS, EVAL_PLOTS, OPERATING_POINT,
-                                        TEST_SPLIT, TRAIN_METRICS, TRAIN_PLOTS)
+                                        SPLIT_MANIFEST, TEST_SPLIT, TRAIN_METRICS, TRAIN_PLOTS)
 from stages.common.inference.batches import CropSet, normalise
 from stages.common.inference.logits import labelled_logits
 from stages.common.inference.speed import speed_figures
@@ -89,16 +91,17 @@ def stated(facts: dict) -> list[str]:
 
 
 def alarm_metrics(logits: np.ndarray, targets: np.ndarray, classes: list[str],
-                  point: dict) -> dict:
+                  point: dict, pictures=None) -> dict:
     """The person alarm at calibrate's operating point, on test: the alarm's statement figures
     (stages.common.alarm.statement: what the point gives new persons, the test counts with
-    one-sided 95 % Clopper-Pearson bounds and the verdict met / not shown / not met), and the
+    one-sided 95 % Clopper-Pearson bounds over ``pictures`` (each crop's source picture; None:
+    every crop its own) and the verdict met / not shown / not met), and the
     calibration's effect (ECE, NLL, Brier before / after)."""
     temperature = point["temperature"]
     before, after = softmax(logits), softmax(logits, temperature)
     person = classes.index(ALARM_LABEL)
     alarm = alarm_figures(person_log_odds(logits, temperature, person),
-                          targets == person, point["threshold_log_odds"])
+                          targets == person, point["threshold_log_odds"], pictures)
     op = {**point_facts(point), **tested_facts(alarm, point["target_recall"]),
           "point_sha256": point["point_sha256"]}  # export embeds only the point evaluated here
     stated(op)
@@ -208,7 +211,8 @@ def main() -> None:
     classes = meta["classes"]
 
     metrics = score(targets, preds, classes)
-    metrics.update(alarm_metrics(logits, targets, classes, point))
+    pictures, unlisted = crop_pictures(crops.paths, SPLIT_MANIFEST)
+    metrics.update(alarm_metrics(logits, targets, classes, point, pictures))
     metrics["speed"] = measure_speed(model, crops, meta, device, cfg.batch_size, cfg.speed_runs)
     metrics["arch"] = meta["arch"]
     write_json(EVAL_METRICS, metrics)
@@ -235,3 +239,6 @@ def main() -> None:
     print(f"person alarm at {threshold_text(op['threshold'], op['threshold_log_odds'])} "
           f"(calibrated, temperature {metrics['calibration']['temperature']}): "
           + " ".join(statement(op)))
+    line = unlisted_line(unlisted, len(targets), SPLIT_MANIFEST)
+    if line:
+        print(line, file=sys.stderr)

@@ -98,8 +98,9 @@ def _percent(value: float) -> str:
 # ----- the figures -------------------------------------------------------------------------------
 
 def persons_to_show(target: float, confidence: float = guarantee.CONFIDENCE) -> int | None:
-    """The fewest persons, none missed, whose one-sided Clopper-Pearson lower bound reaches
-    ``target`` (299 for 0.99); None for a target of 1, which no sample shows."""
+    """The fewest trials, none failed (pictures with persons, none with a person missed: the
+    bounds count pictures), whose one-sided Clopper-Pearson lower bound reaches ``target`` (299
+    for 0.99); None for a target of 1, which no sample shows."""
     if target >= 1:
         return None
     n = max(1, math.ceil(math.log(1 - confidence) / math.log(target)) - 2)
@@ -115,6 +116,7 @@ def point_facts(point: dict) -> dict:
     facts = {key: point[key] for key in ("threshold", "threshold_log_odds", "target_recall",
                                          "guarantee", "delta", "fitted_on") if key in point}
     for key, name in (("resolved", "resolved"), ("persons", "calibration_persons"),
+                      ("person_pictures", "calibration_person_pictures"),
                       ("persons_needed", "persons_needed"),
                       ("expected_recall", "expected_recall"),
                       ("chance_recall_below_target", "chance_recall_below_target")):
@@ -124,12 +126,15 @@ def point_facts(point: dict) -> dict:
 
 
 def tested_facts(figures: dict, target: float) -> dict:
-    """A labelled set's part (stages.common.alarm.calibration.alarm_figures on test): counts,
-    one-sided 95 % bounds and the verdict: ``met`` when the lower bound of recall reaches
-    ``target``, ``not met`` when the upper bound lies below it, ``not shown`` otherwise."""
-    persons, missed = figures["persons"], figures["persons_missed"]
+    """A labelled set's part (stages.common.alarm.calibration.alarm_figures on test): counts of
+    crops and of source pictures, one-sided 95 % bounds (over pictures, as
+    guarantee.alarm_bounds counts them; figures without picture counts make every crop its own
+    picture) and the verdict: ``met`` when the lower bound of recall reaches ``target``, ``not
+    met`` when the upper bound lies below it, ``not shown`` otherwise."""
+    pictures = figures.get("person_pictures", figures["persons"])
+    pictures_missed = figures.get("person_pictures_missed", figures["persons_missed"])
     bounds = guarantee.alarm_bounds(figures, target)
-    upper = guarantee.upper_bound(persons - missed, persons)
+    upper = guarantee.upper_bound(pictures - pictures_missed, pictures)
     upper = None if upper is None else math.ceil(upper * 1e4 - guarantee.EPS) / 1e4
     if bounds["target_met"]:
         verdict = "met"
@@ -137,8 +142,12 @@ def tested_facts(figures: dict, target: float) -> dict:
         verdict = "not met"
     else:
         verdict = "not shown"
-    return {"test_persons": persons, "test_non_persons": figures["non_persons"],
-            "test_persons_missed": missed, "test_false_alarms": figures["false_alarms"],
+    by_picture = {f"test_{key}": figures[key] for key in (
+        "person_pictures", "person_pictures_missed", "non_person_pictures",
+        "false_alarm_pictures") if key in figures}
+    return {"test_persons": figures["persons"], "test_non_persons": figures["non_persons"],
+            "test_persons_missed": figures["persons_missed"],
+            "test_false_alarms": figures["false_alarms"], **by_picture,
             "test_person_recall": figures["person_recall"],
             "test_person_precision": figures["person_precision"],
             "false_alarms_per_1000": figures["false_alarms_per_1000"],
@@ -146,7 +155,7 @@ def tested_facts(figures: dict, target: float) -> dict:
             "test_person_recall_upper_95": upper,
             "false_alarms_per_1000_upper_95": bounds["false_alarms_per_1000_upper_95"],
             "target_met": bounds["target_met"], "target_verdict": verdict,
-            "test_persons_to_show": persons_to_show(target)}
+            "test_pictures_to_show": persons_to_show(target)}
 
 
 # ----- range checks ------------------------------------------------------------------------------
@@ -163,8 +172,9 @@ def _count(value) -> bool:
 SHARES = ("threshold", "expected_recall", "chance_recall_below_target", "test_person_recall",
           "test_person_precision", "test_person_recall_lower_95", "test_person_recall_upper_95")
 RATES = ("false_alarms_per_1000", "false_alarms_per_1000_upper_95")
-COUNTS = ("calibration_persons", "test_persons", "test_non_persons", "test_persons_missed",
-          "test_false_alarms")
+COUNTS = ("calibration_persons", "calibration_person_pictures", "test_persons",
+          "test_non_persons", "test_persons_missed", "test_false_alarms", "test_person_pictures",
+          "test_person_pictures_missed", "test_non_person_pictures", "test_false_alarm_pictures")
 
 
 def problem(facts: dict) -> str | None:
@@ -207,21 +217,33 @@ def problem(facts: dict) -> str | None:
 def _contradiction(facts: dict) -> str | None:
     """Figures that are each in range but cannot all be true."""
     f = facts
-    if all(isinstance(f.get(k), int) for k in ("calibration_persons", "persons_needed")) \
+    held = "calibration_person_pictures" if "calibration_person_pictures" in f \
+        else "calibration_persons"  # an older point counted persons
+    if all(isinstance(f.get(k), int) for k in (held, "persons_needed")) \
             and isinstance(f.get("resolved"), bool) \
-            and f["resolved"] != (f["calibration_persons"] >= f["persons_needed"]):
-        return (f"resolved {f['resolved']} contradicts {f['calibration_persons']} calibration "
-                f"persons against {f['persons_needed']} needed")
-    if _count(f.get("test_persons")) and _count(f.get("test_persons_missed")) \
-            and f["test_persons_missed"] > f["test_persons"]:
-        return (f"test_persons_missed {f['test_persons_missed']} exceeds test_persons "
-                f"{f['test_persons']}")
-    lower, upper, recall = (f.get("test_person_recall_lower_95"),
-                            f.get("test_person_recall_upper_95"), f.get("test_person_recall"))
-    if _number(lower, 0, 1) and _number(recall, 0, 1) and lower > recall:
-        return f"test_person_recall_lower_95 {lower!r} exceeds test_person_recall {recall!r}"
-    if _number(upper, 0, 1) and _number(recall, 0, 1) and upper < recall:
-        return f"test_person_recall_upper_95 {upper!r} is below test_person_recall {recall!r}"
+            and f["resolved"] != (f[held] >= f["persons_needed"]):
+        return (f"resolved {f['resolved']} contradicts {held} {f[held]} against "
+                f"{f['persons_needed']} needed")
+    for part, whole in (("test_persons_missed", "test_persons"),
+                        ("test_person_pictures_missed", "test_person_pictures"),
+                        ("test_person_pictures", "test_persons"),
+                        ("test_false_alarm_pictures", "test_non_person_pictures"),
+                        ("calibration_person_pictures", "calibration_persons")):
+        if _count(f.get(part)) and _count(f.get(whole)) and f[part] > f[whole]:
+            return f"{part} {f[part]} exceeds {whole} {f[whole]}"
+    lower, upper = f.get("test_person_recall_lower_95"), f.get("test_person_recall_upper_95")
+    # the bounds bracket the share they are computed from: pictures with every person caught
+    # (an older eval.json: persons caught)
+    trials, failed, seen = ("test_person_pictures", "test_person_pictures_missed",
+                            "pictures with every person caught") \
+        if "test_person_pictures" in f else ("test_persons", "test_persons_missed",
+                                             "test recall")
+    if _count(f.get(trials)) and _count(f.get(failed)) and f[trials]:
+        share = (f[trials] - f[failed]) / f[trials]
+        if _number(lower, 0, 1) and lower > share:
+            return f"test_person_recall_lower_95 {lower!r} exceeds the {seen}, {share:.4g}"
+        if _number(upper, 0, 1) and upper < share:
+            return f"test_person_recall_upper_95 {upper!r} is below the {seen}, {share:.4g}"
     target = f.get("target_recall")
     if isinstance(f.get("target_met"), bool) and _number(lower, 0, 1) and _number(target, 0, 1) \
             and f["target_met"] != (lower >= target):
@@ -248,6 +270,10 @@ def _persons(n: int) -> str:
     return f"{n:,} person" + ("" if n == 1 else "s")
 
 
+def _pictures(n: int) -> str:
+    return f"{n:,} picture" + ("" if n == 1 else "s")
+
+
 def point_parts(f: dict) -> dict[str, str]:
     """What the point gives new persons, by part: ``resolution`` (how many persons the split
     held against the rule's need; "Unresolved: ..." when too few), ``gives`` (expected recall,
@@ -257,8 +283,12 @@ def point_parts(f: dict) -> dict[str, str]:
     target, rule = f["target_recall"], f.get("guarantee", "?")
     where = f.get("fitted_on") or "the calibration split"
     had, needed = f.get("calibration_persons"), f.get("persons_needed")
+    pictures = f.get("calibration_person_pictures")
     held = f"{where} holds {_persons(had)}" if had is not None else where
-    need = (f"calibrate.guarantee {rule} needs {needed:,}" if needed is not None
+    if had is not None and pictures is not None:
+        held += f" in {_pictures(pictures)}"
+    counted = " pictures with persons" if pictures is not None else ""
+    need = (f"calibrate.guarantee {rule} needs {needed:,}{counted}" if needed is not None
             else f"calibrate.guarantee {rule} can never resolve it")
     if f.get("resolved") is False:
         resolution = (f"{UNRESOLVED}{held}, but {need} for a recall target of {target}, so "
@@ -302,22 +332,27 @@ def tested_sentences(f: dict) -> list[str]:
     if "test_persons" not in f or "test_persons_missed" not in f:
         return []
     persons, missed = f["test_persons"], f["test_persons_missed"]
-    out = [f"On test, {persons - missed:,} of {persons:,} test persons raised the alarm"]
+    out = f"On test, {persons - missed:,} of {persons:,} test persons"
+    if "test_person_pictures" in f:
+        out += f" (in {_pictures(f['test_person_pictures'])})"
+    out += " raised the alarm"
     if "test_false_alarms" in f and "test_non_persons" in f:
-        out[0] += (f", and {f['test_false_alarms']:,} of {f['test_non_persons']:,} animals and "
-                   "objects did")
-    out[0] += "."
+        out += (f", and {f['test_false_alarms']:,} of {f['test_non_persons']:,} animals and "
+                "objects did")
+    said = [out + "."]
     lower, upper_rate = f.get("test_person_recall_lower_95"), f.get(
         "false_alarms_per_1000_upper_95")
     if lower is not None:
-        bound = f"With 95 % confidence the recall on new persons is at least {_down(lower)}"
+        over = " (counted over pictures)" if "test_person_pictures" in f else ""
+        bound = (f"With 95 % confidence{over} the recall on new persons is at least "
+                 f"{_down(lower)}")
         if upper_rate is not None:
             bound += f" and false alarms at most {_up(upper_rate, 2)} per 1,000 animals and objects"
-        out.append(bound + ".")
+        said.append(bound + ".")
     verdict = _verdict(f)
     if verdict:
-        out.append(verdict)
-    return out
+        said.append(verdict)
+    return said
 
 
 def _verdict(f: dict) -> str | None:
@@ -333,18 +368,26 @@ def _verdict(f: dict) -> str | None:
         upper = f.get("test_person_recall_upper_95")
         return (f"The target of {target} is not met: with 95 % confidence the recall is at "
                 f"most {_up(upper)}.")
-    persons, missed = f["test_persons"], f["test_persons_missed"]
-    needed = f.get("test_persons_to_show")
-    if not persons:
+    # the bounds count pictures with persons (an older eval.json: persons)
+    by_picture = "test_person_pictures" in f
+    trials = f["test_person_pictures"] if by_picture else f["test_persons"]
+    failed = f["test_person_pictures_missed"] if by_picture else f["test_persons_missed"]
+    unit = "test pictures with persons" if by_picture else "test persons"
+    needed = f.get("test_pictures_to_show", f.get("test_persons_to_show"))
+    if not trials:
         return f"The target of {target} is not shown: test holds no persons."
-    if guarantee.lower_bound(persons, persons) < target:  # too few to show it, even all caught
-        best = _down(guarantee.lower_bound(persons, persons))
-        need = (f"showing {target} needs {needed:,} with none missed" if needed
-                else f"no sample shows {target}")
-        return (f"The target of {target} is not shown: {persons:,} test persons can show at "
-                f"most {best} with 95 % confidence; {need}.")
-    return (f"The target of {target} is not shown: with {missed:,} missed the lower bound "
-            f"{_down(lower)} is below it and the upper bound above it; more test persons decide.")
+    if guarantee.lower_bound(trials, trials) < target:  # too few to show it, even all caught
+        best = _down(guarantee.lower_bound(trials, trials))
+        need = (f"showing {target} needs {needed:,}" + (" pictures with persons" if by_picture
+                                                         else "") + ", none missed"
+                if needed else f"no sample shows {target}")
+        return (f"The target of {target} is not shown: {trials:,} {unit} can show at most "
+                f"{best} with 95 % confidence; {need}.")
+    missed = (f"{failed:,} of {trials:,} test pictures with persons had a person missed"
+              if by_picture else f"{failed:,} of {trials:,} test persons were missed")
+    more = "pictures" if by_picture else "persons"
+    return (f"The target of {target} is not shown: {missed}, so the lower bound {_down(lower)} "
+            f"is below it and the upper bound above it; more test {more} decide.")
 
 
 def statement(facts: dict, *, long_run: bool = True) -> list[str]:
