@@ -5,10 +5,11 @@ the report show (README and docs/stages.md explain it).
 Two steps, so every reader says the same from the same figures:
   * :func:`point_facts` and :func:`tested_facts`: the flat figures (what eval.json's
     ``operating_point`` holds): from the point, the expected recall on new persons, the chance it
-    falls below the target, the persons the rule needs and how many the calibration split had;
-    from a labelled set (test), the counts, the one-sided 95 % Clopper-Pearson bounds and the
-    verdict ``met`` / ``not shown`` (too few persons, or bounds on both sides of the target) /
-    ``not met`` (the upper bound is below it);
+    falls below the target, the pictures with persons the rule needs and how many persons (in
+    how many pictures) the calibration split had; from a labelled set (test), the counts, the
+    one-sided 95 % Clopper-Pearson bounds (over pictures, as stages.common.alarm.guarantee
+    counts them) and the verdict ``met`` / ``not shown`` (too few pictures, or bounds on both
+    sides of the target) / ``not met`` (the upper bound is below it);
   * :func:`statement`: those figures, range-checked first (:func:`problem`: a bound of 5, a
     ``target_met`` its bound contradicts), as sentences. A figure a reader lacks (an older
     eval.json) leaves its sentence out; a figure out of range is refused in one line.
