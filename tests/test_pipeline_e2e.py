@@ -126,7 +126,7 @@ def test_the_model_card_matches_the_metrics_and_the_lock(repo):
     said = " ".join(card.split())  # the statement, as evaluate recorded its figures
     assert f"(expected recall {op['expected_recall']:g})" in said
     assert f"{op['test_persons'] - op['test_persons_missed']} of {op['test_persons']} test " \
-           "persons raised the alarm" in said
+           f"persons (in {op['test_person_pictures']} picture" in said
     calibration = split["crops"]["calibration"]
     assert f"| calibration | {calibration['animal']} | {calibration['object']} | " \
            f"{calibration['person']} | {calibration['total']} |" in card
