@@ -24,8 +24,9 @@ import numpy as np
 import torch
 import yaml
 
-from stages.common.alarm.calibration import (bound_sentence, embedded, operating_point_for,
-                                             operator_sentence, threshold_text)
+from stages.common.alarm.calibration import embedded, operating_point_for
+from stages.common.alarm.statement import (ASSUMPTION, InconsistentFigures, statement,
+                                           threshold_text)
 from stages.common.config import params
 from stages.common.config.paths import (CHECKPOINT, EVAL_METRICS, EXPORT_DIR, EXPORT_METRICS,
                                         EXPORT_SPEED, MODEL_DIR, OPERATING_POINT, SPLIT_METRICS,
@@ -99,6 +100,7 @@ def evaluated(scores: dict, point: dict) -> dict:
         raise StageError(f"{EVAL_METRICS} evaluated another operating point (point_sha256 "
                          f"{str(seen)[:12]}) than {OPERATING_POINT} ({point['point_sha256'][:12]})"
                          "; run `dvc repro evaluate` before export")
+    alarm_section(scores)  # figures the card could not state stop here, not after the export
     return scores
 
 
@@ -123,54 +125,46 @@ def data_hashes(lock: Path = LOCK_FILE) -> dict[str, str]:
             for out in (stages.get(name) or {}).get("outs", [])}
 
 
-GUARANTEE_WORDS = {
-    "none": "reaches it on the calibration crops themselves, with no promise for new pictures",
-    "average": "reaches it on new pictures on average (split-conformal)",
-    "probability": "reaches it on new pictures with probability at least {confidence} "
-                   "(Neyman-Pearson order statistic)",
+RULE_WORDS = {
+    "none": "recall >= the target on the calibration persons themselves (no promise for new "
+            "pictures)",
+    "average": "recall >= the target on new pictures on average (split-conformal)",
+    "probability": "recall >= the target on new pictures with a chance of falling below it of "
+                   "at most `calibrate.delta` (Neyman-Pearson order statistic)",
 }
 
 
-def guarantee_text(op: dict) -> str:
-    """What the threshold rule promised, in words; what it could not, when unresolved."""
-    rule = op.get("guarantee")
-    if rule not in GUARANTEE_WORDS:
-        return ""
-    delta = op.get("delta") or 0.05
-    words = GUARANTEE_WORDS[rule].format(confidence=f"{1 - delta:g}")
-    if op.get("resolved") is False:
-        words += ("; but the calibration crops held too few persons for it, so every one of "
-                  "them raises the alarm instead")
-    return f" The rule (`calibrate.guarantee: {rule}`) {words}."
-
-
 def alarm_section(scores: dict) -> str:
+    """The card's person alarm: the threshold as it can be copied, the rule, and the alarm's
+    statement (stages.common.alarm.statement), the same words evaluate and the report use."""
     op, cal = scores.get("operating_point"), scores.get("calibration")
     if not op or not cal:
         return "## Person alarm\nNot calibrated: run `dvc repro` (calibrate, then evaluate)."
-    sentence = operator_sentence(op["test_person_recall"], op["false_alarms_per_1000"])
-    bounds = bound_sentence(op.get("test_person_recall_lower_95"),
-                            op.get("false_alarms_per_1000_upper_95"))
-    met = ("" if "target_met" not in op else
-           f" The target is **{'met' if op['target_met'] else 'not met'}** with 95 % "
-           f"confidence (lower bound of test person recall "
-           f"{op.get('test_person_recall_lower_95')}, target {op['target_recall']}).")
+    try:
+        said = " ".join(statement(op))
+    except InconsistentFigures as exc:
+        raise StageError(f"{EVAL_METRICS}: its operating point cannot be stated ({exc}); "
+                         "run `dvc repro evaluate`") from None
+    rule = op.get("guarantee")
+    chosen = (f" by `calibrate.guarantee: {rule}`, which aims at {RULE_WORDS[rule]}"
+              if rule in RULE_WORDS else "")
     shown = threshold_text(op["threshold"], op["threshold_log_odds"])
     return f"""## Person alarm (operating point)
 Scores are calibrated by temperature scaling (T = {cal['temperature']}, fitted on
 `{op.get('fitted_on') or VAL_SPLIT}`; test expected calibration error {cal['ece_before']}
 before, {cal['ece_after']} after). A crop raises the alarm when its calibrated person probability
-is >= **{shown}**, chosen for person recall >= {op['target_recall']}
-(`calibrate.person_recall_target`) with the fewest false alarms.{guarantee_text(op)}
+is >= **{shown}** (rounded down: copied into `--person-threshold`, it raises the alarm for every
+picture this point does), chosen{chosen}, for person recall >= {op['target_recall']}
+(`calibrate.person_recall_target`) with the fewest false alarms.
+
+{said}
+
+{ASSUMPTION}
 
 On test: person recall {op['test_person_recall']}, precision {op['test_person_precision']},
-{op['false_alarms_per_1000']} false alarms per 1,000 non-person crops
-({op['test_persons_missed']} of {op['test_persons']} persons missed, {op['test_false_alarms']}
-of {op['test_non_persons']} animals and objects raised). {sentence} {bounds or ""}{met}
-
-The ONNX file carries this operating point; `python -m stages.predict` reports `alarm` with it.
-How the point is chosen and what each rule promises: docs/stages.md, "The person alarm's
-operating point"."""
+{op['false_alarms_per_1000']} false alarms per 1,000 non-person crops. The ONNX file carries
+this operating point; `python -m stages.predict` reports `alarm` with it. How the point is chosen
+and what each rule promises: docs/stages.md, "The person alarm's operating point"."""
 
 
 def card_recipe(cfg: params.Params) -> dict:
@@ -193,7 +187,7 @@ def model_card(cfg: params.Params, meta: dict, scores: dict, split: dict, hashes
     classes = meta["classes"]
     counts = split.get("crops", {})
     rows = "\n".join(f"| {part} | " + " | ".join(str(counts[part].get(c, 0)) for c in classes)
-                     + f" | {counts[part].get('total', 0)} |" for part in ("train", "val", "test")
+                     + f" | {counts[part].get('total', 0)} |" for part in ("train", "val", "calibration", "test")
                      if part in counts)
     per_class = "\n".join(
         f"| {c} | {scores['per_class'][c]['precision']:.4f} | {scores['per_class'][c]['recall']:.4f}"
@@ -220,7 +214,8 @@ for perimeter-surveillance operators who must know whether what a camera caught 
 ## Data
 Source: `{cfg.data.source}`, seed {cfg.seed}; labels from Open Images classes
 ({'; '.join(f'{k}: {len(v)} classes' for k, v in cfg.data.labels.items())}, listed under Recipe). Crops per split (a source
-picture's crops are all in one split; test was never seen in training):
+picture's crops are all in one split; test was never seen in training; calibration, when there
+is one, only fitted the person alarm):
 
 | split | {' | '.join(classes)} | total |
 |---|{'---|' * len(classes)}---|

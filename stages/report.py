@@ -6,7 +6,8 @@ plots (the Vega-Lite specs DVC fills from dvc.yaml's ``plots:``) to SVG here, wi
 bundled Vega, and writes ONE self-contained HTML file: every plot and PNG inlined as a data: URI,
 the metrics as tables, no script, and a Content-Security-Policy that forbids any fetch. Copy the
 file anywhere and open it in any browser. Where metrics/eval.json has an ``operating_point``
-(evaluate's chosen alarm threshold), the page says in one sentence what it means for an operator.
+(evaluate's chosen alarm threshold), the page states what it gives, in the words evaluate and the
+model card use (stages.common.alarm.statement).
 
 Without ``--rev`` the page shows the workspace (`dvc plots show`, `dvc metrics show`). Each
 ``--rev`` (a git commit, branch or tag, a DVC experiment name, or ``workspace``) is a revision to
@@ -19,8 +20,9 @@ on stderr; the rest still renders. A revision DVC cannot resolve, or an empty ``
 refused in one line, exit code 2, before anything is written.
 
 A plot that cannot be rendered, a metrics file DVC cannot parse ("unreadable: <why>", never
-"missing") and an operating point whose figures are not finite numbers in range (NaN, Infinity,
-a string: "invalid") are named in the page and on stderr, the rest still comes out; the exit code
+"missing") and an operating point whose figures are not finite numbers in range or contradict
+one another (NaN, Infinity, a string, a bound of 5, a ``target_met`` its bound denies: "invalid")
+are named in the page and on stderr, the rest still comes out; the exit code
 is then 1. ``--out -`` writes the page to stdout (closed, or its reader gone: one line, exit code
 2); an ``--out`` that is a symbolic link or not a regular file (``/dev/stdout`` is a link) is
 refused in one line, exit code 2, because the atomic rename would replace the link or the device
@@ -32,15 +34,14 @@ import base64
 import contextlib
 import html
 import json
-import math
 import os
 import subprocess
 import sys
 import tempfile
 from pathlib import Path
 
-from stages.common.alarm.calibration import (bound_sentence, number_in, operator_sentence,
-                                             target_sentence, threshold_text)
+from stages.common.alarm.statement import (InconsistentFigures, problem, statement,
+                                           threshold_text)
 from stages.common.config.paths import EVAL_METRICS, SPEED_FILES
 from stages.common.infra import dvc_internals
 from stages.common.infra.atomic import atomic_file, refuse_odd_destination
@@ -171,53 +172,26 @@ def as_text(value) -> str:
     return value if isinstance(value, str) else json.dumps(value)
 
 
-# The figures of the operator's sentence, each with the range it must lie in. A revision's
-# eval.json is whatever that commit holds: NaN, Infinity or a string there is shown as invalid.
-POINT_FIGURES = {"threshold": (0.0, 1.0), "threshold_log_odds": (-math.inf, math.inf),
-                 "test_person_recall": (0.0, 1.0), "false_alarms_per_1000": (0.0, 1000.0)}
-
-
 def operating_point_problem(point: dict) -> str | None:
-    """Why ``point`` cannot be put into words (a figure that is no finite number in range), or
-    None; a figure it lacks is no problem (an older eval.json)."""
-    for key, (low, high) in POINT_FIGURES.items():
-        if key in point and not number_in(point[key], low, high):
-            return f"{key} {point[key]!r} is not a finite number" + (
-                f" from {low:g} to {high:g}" if math.isfinite(high) else "")
-    return None
+    """Why ``point`` (eval.json's ``operating_point`` in one revision) cannot be put into words:
+    a figure that is no finite number in range, or figures that contradict one another (a
+    ``target_met`` its own bound denies); None when it can. A figure it lacks is no problem (an
+    older eval.json)."""
+    return problem(point)
 
 
 def operating_point_sentence(point: dict) -> str | None:
-    """What eval.json's ``operating_point`` means at the perimeter, in words an operator uses;
-    None when it lacks the figures the sentence needs (an older eval.json)."""
+    """What eval.json's ``operating_point`` means at the perimeter: the alarm's statement
+    (stages.common.alarm.statement, as evaluate and the model card say it), after the threshold
+    as it can be copied into ``--person-threshold``; None when it holds nothing to state."""
     try:
-        threshold = float(point["threshold"])
-        recall = float(point["test_person_recall"])
-        others = float(point["false_alarms_per_1000"])
-    except (KeyError, TypeError, ValueError):
+        said = statement(point)
+    except InconsistentFigures:
         return None
-    shown = (threshold_text(threshold, float(point["threshold_log_odds"]))
-             if "threshold_log_odds" in point else f"{threshold:g}")
-    return " ".join(filter(None, [operator_sentence(recall, others, shown),
-                                  confidence_sentence(point)]))
-
-
-def confidence_sentence(point: dict) -> str | None:
-    """The one-sided 95 % bounds and whether they reach the target, in an operator's words;
-    None for an eval.json without them."""
-    try:
-        lower = float(point["test_person_recall_lower_95"])
-        upper = point.get("false_alarms_per_1000_upper_95")
-        upper = None if upper is None else float(upper)
-    except (KeyError, TypeError, ValueError):
+    if not said or "threshold" not in point:
         return None
-    if not (math.isfinite(lower) and (upper is None or math.isfinite(upper))):
-        return None
-    sentence = bound_sentence(lower, upper)
-    met = point.get("target_met")
-    if isinstance(met, bool) and "target_recall" in point:
-        sentence += " " + target_sentence(point["target_recall"], met)
-    return sentence
+    shown = threshold_text(point["threshold"], point.get("threshold_log_odds"))
+    return f"At threshold {shown}: " + " ".join(said)
 
 
 def operating_point_html(points: dict[str, dict]) -> str:

@@ -17,7 +17,7 @@ from types import SimpleNamespace
 import pytest
 import yaml
 
-from stages.common.alarm.calibration import threshold_text
+from stages.common.alarm.statement import threshold_text
 from stages.common.serving.classifiers import OnnxClassifier
 from stages.common.config.params import NO_OUTPUT
 from tests.tiny_project import copy_project
@@ -93,7 +93,10 @@ def test_repro_runs_every_stage_and_writes_metrics_and_plots(repo):
     assert speed["eval"]["batch1_ms_q1"] <= speed["eval"]["batch1_ms_per_image"] \
         <= speed["eval"]["batch1_ms_q3"]
     assert speed["train"]["train_seconds"] > 0 and speed["export"]["onnxruntime"]["batch1_runs"]
-    for split in ["train", "val", "test"]:
+    assert point["fitted_on"] == "data/split/calibration"  # the default share
+    assert op["expected_recall"] == point["val"]["expected_recall"]
+    assert op["target_verdict"] in ("met", "not shown", "not met")
+    for split in ["train", "val", "calibration", "test"]:
         assert sorted(p.name for p in (repo.path / "data/split" / split).iterdir()) == \
             ["animal", "object", "person"]
     for png in ["confusion.png", "learning_curves.png", "mistakes.png", "alarm.png"]:
@@ -128,6 +131,13 @@ def test_the_model_card_matches_the_metrics_and_the_lock(repo):
     assert "## Person alarm (operating point)" in card
     assert f"On test: person recall {op['test_person_recall']}" in card
     assert f"{op['false_alarms_per_1000']} false alarms per 1,000" in card
+    said = " ".join(card.split())  # the statement, as evaluate recorded its figures
+    assert f"(expected recall {op['expected_recall']:g})" in said
+    assert f"{op['test_persons'] - op['test_persons_missed']} of {op['test_persons']} test " \
+           f"persons (in {op['test_person_pictures']} picture" in said
+    calibration = split["crops"]["calibration"]
+    assert f"| calibration | {calibration['animal']} | {calibration['object']} | " \
+           f"{calibration['person']} | {calibration['total']} |" in card
     carried = OnnxClassifier(repo.path / "data/export/model.onnx").operating_point
     assert f">= **{threshold_text(carried['threshold'], carried['threshold_log_odds'])}**" in card
 
