@@ -3,7 +3,7 @@
 Not a DVC stage: the operator's command. PATH is a picture or a folder, walked recursively and
 sorted, links followed (each real folder once, under its own name when it has one, so loops and
 links fanning out cost one walk per folder). In a folder a file is a picture when its name has a
-picture suffix (``PICTURE_SUFFIXES``: .jpg .jpeg .jpe .jfif .png ... .heic) or its first bytes
+picture suffix (``PICTURE_SUFFIXES``: .jpg .jpeg .jpe .jfif .png ... .sr) or its first bytes
 are a picture format's signature (``picture_format``), whatever its name; every other file, and
 each link to a folder already walked, is named on stderr (``note: ...``), so no picture is passed
 over in silence. A link to nothing, or a file or folder that cannot be read, gets its own
@@ -37,13 +37,16 @@ Exit code:
   0  every input was classified;
   1  some inputs failed (each has its ``error:``; the count is on stderr);
   2  nothing more could be answered: an unusable model (missing, damaged, not ours, NaN or
-     infinite logits), option or output (stdout closed or full); one line on stderr.
+     infinite logits), option or output (stdout closed or full); one line on stderr;
+  3  an internal error (an exception nothing above explains: a bug, not the inputs); one line
+     on stderr, the answers already given kept.
 """
 from __future__ import annotations
 
 import argparse
 import contextlib
 import csv
+import functools
 import io
 import json
 import math
@@ -67,14 +70,18 @@ from stages.common.serving.classifiers import load_classifier
 from stages.common.serving.predictor import Prediction, Skipped, expand, predict_paths
 
 DEFAULT_MODEL = CHECKPOINT
+INTERNAL_ERROR = 3  # not 1, which says that some inputs failed and the rest were answered
+EXIT_HELP = ("Exit code: 0 every input classified; 1 some failed (each its own error: line); 2 an "
+             "unusable model, option or output (one line); 3 an internal error (one line).")
 
 
 PATHS_HELP = ("picture files or folders. A folder is walked recursively, links followed (each "
               "folder once, so loops end); in it a file is a picture when its name ends in "
               + " ".join(PICTURE_SUFFIXES) + " or its first bytes are those of a JPEG, PNG, "
-              "BMP, WebP, TIFF, GIF, JPEG 2000, Sun raster, HEIF or AVIF file; other files and "
-              "links to a folder already walked are named on stderr (note: ...), never answered "
-              "in silence")
+              "BMP, WebP, TIFF, GIF, JPEG 2000, Sun raster or AVIF file (a HEIF .heic file is "
+              "found too, and named with its own error: nothing here decodes HEIF); other files "
+              "and links to a folder already walked are named on stderr (note: ...), never "
+              "answered in silence")
 NAMES_HELP = ("File names: a byte that is not UTF-8 is written \\xNN and a backslash \\\\ in "
               "every format; the table also escapes control characters; the CSV quotes fields "
               "holding a comma, quote, CR or LF and puts one ' before a name or error that "
@@ -84,7 +91,7 @@ NAMES_HELP = ("File names: a byte that is not UTF-8 is written \\xNN and a backs
 
 def parse_args(argv: list[str] | None) -> argparse.Namespace:
     parser = ArgumentParser(prog="python -m stages.predict", description=__doc__.split("\n")[0],
-                            epilog=NAMES_HELP)
+                            epilog=f"{EXIT_HELP} {NAMES_HELP}")
     parser.add_argument("paths", nargs="+", metavar="PATH", help=PATHS_HELP)
     parser.add_argument("--model", type=Path, default=DEFAULT_MODEL,
                         help=f"checkpoint (.pt) or exported .onnx file (default {DEFAULT_MODEL})")
@@ -323,6 +330,23 @@ def say_skipped(skipped: list[Skipped]) -> None:
                   "once, under that name", file=sys.stderr)
 
 
+def internal_errors(fn):
+    """An exception main_guard does not turn into its one line is a bug of ours, not a bad input:
+    one line and INTERNAL_ERROR, never Python's traceback and its exit code 1."""
+    @functools.wraps(fn)
+    def wrapper(*args, **kwargs):
+        try:
+            return fn(*args, **kwargs)
+        except Exception as exc:  # main_guard has already handled every expected one
+            what = " ".join(str(exc).split())
+            print(f"error: internal error ({type(exc).__name__}{': ' if what else ''}{what}); "
+                  "not caused by the inputs: please report it with the command that was run",
+                  file=sys.stderr)
+            raise SystemExit(INTERNAL_ERROR) from None
+    return wrapper
+
+
+@internal_errors
 @main_guard
 def main(argv: list[str] | None = None) -> int:
     if sys.stdout is None:  # started with stdout closed (`>&-`)

@@ -10,6 +10,7 @@ from stages.common.alarm import calibration as cal, guarantee
 from stages.common.config.paths import OPERATING_POINT
 from stages.common.infra.errors import StageError
 from stages.evaluate.stage import alarm_metrics
+from tests import reference
 
 
 def sampled(n: int, temperature: float, seed: int = 0):
@@ -104,7 +105,7 @@ def test_with_no_non_person_below_the_threshold_is_the_highest():
 
 def test_person_log_odds_is_the_log_odds_of_the_calibrated_probability():
     logits, _ = sampled(300, 1.0, seed=9)
-    p = cal.softmax(logits, 1.7)[:, 2]
+    p = reference.softmax(logits, 1.7)[:, 2]
     np.testing.assert_allclose(cal.person_log_odds(logits, 1.7, 2), np.log(p / (1 - p)),
                                rtol=1e-9, atol=1e-9)
     assert cal.log_odds(0.5) == 0 and cal.log_odds(0.0) == -math.inf
@@ -143,6 +144,45 @@ def test_ece_of_a_perfectly_calibrated_set_is_zero():
     assert cal.ece(cal.softmax(logits), sampled_targets) < 0.01
 
 
+def test_softmax_nll_and_ece_agree_with_independent_references():
+    """scipy's softmax / log_softmax, scikit-learn's log_loss, an ECE written as a loop over bins
+    (tests/reference.py); large gaps included, where a naive exp overflows."""
+    rng = np.random.default_rng(11)
+    logits = rng.normal(0, 3, (600, 3))
+    logits[:50] += 400.0 * np.eye(3)[rng.integers(0, 3, 50)]
+    targets = rng.integers(0, 3, 600)
+    for t in (0.3, 1.0, 2.5):
+        probs = cal.softmax(logits, t)
+        np.testing.assert_allclose(probs, reference.softmax(logits, t), rtol=1e-12, atol=1e-300)
+        assert cal.nll(logits, targets, t) == \
+            pytest.approx(reference.nll(logits, targets, t), rel=1e-12)
+        assert cal.ece(probs, targets) == pytest.approx(reference.ece(probs, targets), abs=1e-12)
+        np.testing.assert_allclose(cal.person_log_odds(logits, t, 2),
+                                   reference.log_odds(logits, t, 2), rtol=1e-9, atol=1e-9)
+    # scikit-learn's log_loss, where no target probability falls below its clip (2.2e-16)
+    assert cal.nll(logits[50:], targets[50:], 2.5) == \
+        pytest.approx(reference.log_loss_nll(logits[50:], targets[50:], 2.5), rel=1e-12)
+    # NLL by hand: logits [0, 0, ln 2] give p = [1/4, 1/4, 1/2]; targets 2 and 0: (ln 2 + ln 4) / 2
+    two = np.array([[0.0, 0.0, math.log(2)]] * 2)
+    assert cal.nll(two, np.array([2, 0]), 1.0) == pytest.approx(1.5 * math.log(2), rel=1e-12)
+    # a gap of 1000 logits: the target's probability underflows, its log-likelihood does not
+    assert cal.nll(np.array([[1000.0, 0.0, 0.0]]), np.array([1]), 1.0) == pytest.approx(1000.0)
+
+
+def test_ece_by_hand_over_four_bins():
+    # top-class confidence (15 bins of width 1/15), answers right, gap |accuracy - confidence|:
+    #   0.34 x 1 (bin 6), 0 right: 0.34 x 1 = 0.34    0.5 x 4 (bin 8), 1 right: 0.25 x 4 = 1.0
+    #   0.8 x 3 (bin 12), 3 right: 0.2 x 3 = 0.6      0.94 and 1.0 (bin 15), 1 right:
+    #   |0.5 - 0.97| x 2 = 0.94;  ECE = (0.34 + 1.0 + 0.6 + 0.94) / 10 = 0.288
+    def row(top):
+        return [top, (1 - top) / 2, (1 - top) / 2]
+
+    probs = np.array([row(0.34)] + [row(0.5)] * 4 + [row(0.8)] * 3 + [row(0.94), row(1.0)])
+    targets = np.array([1] + [0, 1, 1, 1] + [0, 0, 0] + [0, 2])
+    assert cal.ece(probs, targets) == pytest.approx(0.288, abs=1e-12)
+    assert [n for _, _, n in cal.reliability(probs, targets)] == [1, 4, 3, 2]
+
+
 def test_ece_of_an_overconfident_set_is_the_gap():
     probs = np.array([[0.9, 0.05, 0.05]] * 10)
     targets = np.array([0] * 6 + [1] * 4)  # 60 % right at 90 % confidence
@@ -163,7 +203,8 @@ def test_calibrated_overconfident_logits_lower_the_ece():
     point = calibrate.operating_point(logits, targets, ["animal", "object", "person"], 0.95)
     val = point["val"]
     assert point["temperature"] == pytest.approx(3.0, rel=0.05)
-    assert val["ece_after"] < val["ece_before"] and val["nll_after"] < val["nll_before"]
+    assert val["in_sample_ece_after"] < val["in_sample_ece_before"]
+    assert val["in_sample_nll_after"] < val["in_sample_nll_before"]
     assert val["person_recall"] >= 0.95 and val["resolved"]
 
 
@@ -191,7 +232,9 @@ def test_alarm_figures_by_hand():
     got = cal.alarm_figures(scores, is_person, 0.75)
     assert got == {"persons": 3, "non_persons": 4, "persons_missed": 1, "false_alarms": 1,
                    "person_recall": 0.6667, "person_precision": 0.6667,
-                   "false_alarms_per_1000": 250.0}
+                   "false_alarms_per_1000": 250.0,  # without pictures: each crop its own
+                   "person_pictures": 3, "person_pictures_missed": 1,
+                   "non_person_pictures": 4, "false_alarm_pictures": 1}
 
 
 def test_evaluate_writes_the_keys_dvc_metrics_diff_lines_up():
@@ -203,18 +246,37 @@ def test_evaluate_writes_the_keys_dvc_metrics_diff_lines_up():
             "false_alarms_per_1000"} <= set(m["operating_point"])
     assert set(m["calibration"]) == {"ece_before", "ece_after", "temperature", "nll_before",
                                      "nll_after", "brier_before", "brier_after"}
-    assert m["calibration"]["nll_after"] == round(cal.nll(logits, targets, 2.0), 4)
-    probs = cal.softmax(logits, 2.0)
+    calibration = m["calibration"]  # rounded to 4 places: within 5e-5 of the reference
+    assert calibration["nll_after"] == pytest.approx(reference.nll(logits, targets, 2.0), abs=6e-5)
+    assert calibration["nll_before"] == pytest.approx(reference.nll(logits, targets, 1.0), abs=6e-5)
+    probs = reference.softmax(logits, 2.0)
+    assert calibration["ece_after"] == pytest.approx(reference.ece(probs, targets), abs=6e-5)
+    assert calibration["ece_before"] == \
+        pytest.approx(reference.ece(reference.softmax(logits), targets), abs=6e-5)
     persons = targets == 2
     assert m["operating_point"]["test_person_recall"] == \
         round(float((probs[persons, 2] >= 0.4).mean()), 4)
 
 
-def test_the_operator_sentence():
-    assert cal.operator_sentence(0.99, 7.3) == \
-        "At this threshold, 99 of 100 people raise an alarm; 7 of 1,000 animals and objects do too."
-    assert cal.operator_sentence(1.0, 1000.0).startswith("At this threshold, 100 of 100")
-    assert "1,000 of 1,000" in cal.operator_sentence(1.0, 1000.0)
+def test_evaluate_records_the_statement_figures_and_refuses_a_point_it_cannot_state():
+    logits, targets = sampled(500, 2.0, seed=8)
+    val = {"persons": 29, "persons_needed": 299, "resolved": False, "expected_recall": 0.9667,
+           "chance_recall_below_target": 0.7472}
+    point = cal.seal({"temperature": 2.0, "threshold": 0.4, "threshold_log_odds": cal.log_odds(0.4),
+                      "target_recall": 0.99, "guarantee": "probability", "delta": 0.05,
+                      "fitted_on": "data/split/calibration", "val": val})
+    op = alarm_metrics(logits, targets, ["animal", "object", "person"], point)["operating_point"]
+    assert {"expected_recall": 0.9667, "chance_recall_below_target": 0.7472,
+            "persons_needed": 299, "calibration_persons": 29, "resolved": False,
+            "fitted_on": "data/split/calibration"}.items() <= op.items()
+    assert op["threshold_log_odds"] == cal.log_odds(0.4)  # unrounded: the alarm itself
+    assert op["target_verdict"] in ("met", "not shown", "not met")
+    assert op["test_pictures_to_show"] == 299
+    assert op["test_person_pictures"] == op["test_persons"]  # no pictures: each crop its own
+    broken = cal.seal({**point, "val": {**val, "resolved": True}})  # 29 persons cannot resolve it
+    with pytest.raises(StageError, match="its figures cannot be stated .resolved True "
+                                         "contradicts calibration_persons 29 against 299"):
+        alarm_metrics(logits, targets, ["animal", "object", "person"], broken)
 
 
 def write_point(path, **change):
@@ -260,3 +322,157 @@ def test_the_point_beside_a_checkpoint_is_used_only_for_that_checkpoint(tmp_path
     with pytest.raises(StageError, match="fitted for another checkpoint"):
         cal.operating_point_for(ckpt, tmp_path / "other.json")
     assert cal.operating_point_for(ckpt, ckpt.parent / "operating_point.json")["threshold"] == 0.2
+
+
+def test_alarm_figures_count_pictures_by_hand():
+    scores = np.array([0.9, 0.8, 0.3, 0.7, 0.2, 0.1, 0.95, 0.99])
+    is_person = np.array([True, True, True, False, False, False, False, False])
+    # picture a: persons 0.9, 0.3 (one missed) and non-person 0.7; b: person 0.8, non-person
+    # 0.2; c: non-persons 0.1, 0.95 and 0.99 (two false alarms, one picture)
+    pictures = ["a", "b", "a", "a", "b", "c", "c", "c"]
+    got = cal.alarm_figures(scores, is_person, 0.75, pictures)
+    assert (got["persons_missed"], got["false_alarms"]) == (1, 2)
+    assert (got["person_pictures"], got["person_pictures_missed"]) == (2, 1)
+    assert (got["non_person_pictures"], got["false_alarm_pictures"]) == (3, 1)
+    # the crops' order does not matter, only which picture each belongs to
+    order = np.array([7, 2, 5, 0, 3, 6, 1, 4])
+    assert cal.alarm_figures(scores[order], is_person[order], 0.75,
+                             np.array(pictures)[order]) == got
+    with pytest.raises(ValueError, match="3 picture ids for 8 crops"):
+        cal.alarm_figures(scores, is_person, 0.75, pictures[:3])
+
+
+# ----- persons come in pictures: which picture each crop is from, T's bootstrap by picture -----
+
+def test_crop_pictures_reads_the_split_manifest_and_makes_an_unlisted_crop_its_own(tmp_path):
+    manifest = tmp_path / "manifest.csv"
+    manifest.write_text("crop,split,label,image_id,source\n"
+                        "val/person/a_0.jpg,val,person,a,person/a_0.jpg\n"
+                        "val/person/a_1.jpg,val,person,a,person/a_1.jpg\n"
+                        "val/animal/b_0.jpg,val,animal,b,animal/b_0.jpg\n"
+                        "val/object/c_0.jpg,val,object,,object/c_0.jpg\n")
+    paths = ["data/split/val/person/a_0.jpg", "/abs/data/split/val/animal/b_0.jpg",
+             "data/split/val/person/a_1.jpg", "data/split/val/object/c_0.jpg",
+             "data/split/val/person/z_0.jpg"]
+    ids, unlisted = cal.crop_pictures(paths, manifest)
+    assert ids[:3] == ["a", "b", "a"] and unlisted == 2
+    # no ImageID, or not listed: a picture of its own, never one shared with another crop
+    assert len(set(ids)) == 4 and ids[3] != ids[4]
+    line = cal.unlisted_line(unlisted, 5, manifest)
+    assert "does not list 2 of the 5 crops" in line and "\n" not in line
+    assert cal.unlisted_line(0, 5, manifest) is None
+    # without a manifest (a split made by hand) every crop is its own picture, and it is said
+    ids, unlisted = cal.crop_pictures(paths, tmp_path / "none.csv")
+    assert len(set(ids)) == 5 and unlisted == 5
+
+
+def test_an_unreadable_split_manifest_is_one_line(tmp_path):
+    manifest = tmp_path / "manifest.csv"
+    for text in ("crop,label\nval/person/a_0.jpg,person\n", "", "\x00\xff\xfe"):
+        manifest.write_bytes(text.encode("latin-1"))
+        with pytest.raises(StageError, match="dvc repro split") as err:
+            cal.crop_pictures(["data/split/val/person/a_0.jpg"], manifest)
+        assert "\n" not in str(err.value)
+
+
+def test_the_temperature_bootstrap_resamples_pictures():
+    logits, targets = sampled(60, 1.5, seed=11)
+    single = cal.temperature_interval(logits, targets, seed=3, draws=60)
+    # every picture is three copies of one crop: a picture bootstrap draws the same pictures
+    # as the crop bootstrap of the singles, so the same interval; resampling the copies one by
+    # one pretends to three times the data and narrows it
+    copies = np.repeat(np.arange(60), 3)
+    by_picture = cal.temperature_interval(logits[copies], targets[copies], seed=3, draws=60,
+                                          pictures=copies)
+    assert by_picture["resampled"] == "pictures" and by_picture["pictures"] == 60
+    assert (by_picture["low"], by_picture["high"]) == pytest.approx(
+        (single["low"], single["high"]), abs=2e-4)
+    by_crop = cal.temperature_interval(logits[copies], targets[copies], seed=3, draws=60)
+    assert by_crop["pictures"] == 180
+    assert by_crop["high"] - by_crop["low"] < 0.8 * (by_picture["high"] - by_picture["low"])
+
+
+def test_an_interval_reaching_a_search_bound_warns():
+    assert cal.interval_warnings({"low": 0.2, "high": 5.0}) == []
+    for low, high in [(cal.T_MIN, 0.4192), (0.3, cal.T_MAX), (0.054, 1.0)]:
+        (line,) = cal.interval_warnings({"low": low, "high": high})
+        assert "reaches an end of its search range" in line and "\n" not in line
+    # one wrong crop among 30: the resamples that leave it out (about 36 %) have no error, so
+    # T runs towards its lower end there, and the interval's low end is one of them
+    logits = np.tile([[0.0, 0.0, 3.0]], (30, 1))
+    targets = np.full(30, 2)
+    targets[0] = 0
+    interval = cal.temperature_interval(logits, targets, seed=0, draws=100)
+    assert 20 <= interval["draws_without_error"] <= 50
+    (line,) = cal.interval_warnings(interval)
+    assert f"on {interval['draws_without_error']}% of the resampled" in line
+    targets[1] = 1  # two wrong, far apart: only 13 % of resamples miss both; still too many
+    assert cal.interval_warnings(cal.temperature_interval(logits, targets, seed=0, draws=100))
+    # the share that decides: at or above the 2.5 % the lower end sits on
+    steady = {"low": 0.3, "high": 5.0, "draws": 200, "confidence": 0.95}
+    assert cal.interval_warnings({**steady, "draws_without_error": 4}) == []
+    assert cal.interval_warnings({**steady, "draws_without_error": 5})
+
+
+def test_calibrate_counts_the_pictures_the_split_manifest_names(tmp_path, monkeypatch, capsys):
+    from types import SimpleNamespace
+
+    from tests import paramfile
+
+    logits, targets = sampled(120, 1.0, seed=12)
+    labels = ["animal", "object", "person"]
+    crops = [f"val/{labels[t]}/p{i // 2}_{i % 2}.jpg" for i, t in enumerate(targets)]
+    monkeypatch.chdir(tmp_path)
+    (tmp_path / "data" / "model").mkdir(parents=True)
+    (tmp_path / "data" / "model" / "best.pt").write_bytes(b"weights")
+    monkeypatch.setattr(calibrate, "load_checkpoint",
+                        lambda path: (FakeModel(), {"classes": labels}))
+    monkeypatch.setattr(calibrate, "labelled_logits", lambda *args: (
+        SimpleNamespace(paths=[f"data/split/{c}" for c in crops]), logits, targets))
+    paramfile.write(tmp_path, {"calibrate": {"device": "cpu"}})
+    rows = [f"{c},val,x,p{i // 2},src" for i, c in enumerate(crops)]  # two crops a picture
+    manifest = tmp_path / "data" / "split" / "manifest.csv"
+    manifest.parent.mkdir(parents=True)
+    for listed, unlisted in [(rows, 0), (rows[1:], 1)]:
+        manifest.write_text("\n".join(["crop,split,label,image_id,source", *listed]) + "\n")
+        calibrate.main()
+        val = json.loads((tmp_path / OPERATING_POINT).read_text())["val"]
+        person_pictures = len({i // 2 for i, t in enumerate(targets) if t == 2})
+        assert (val["crops"], val["pictures"]) == (120, 60 + unlisted)
+        assert val["person_pictures"] == person_pictures + (unlisted and targets[0] == 2)
+        assert val["order_statistic"] == val["person_pictures"]  # unresolved: all of them
+        err = capsys.readouterr().err
+        assert ("does not list 1 of the 120 crops" in err) == bool(unlisted)
+        assert f"in {val['person_pictures']} pictures" in err
+
+
+class FakeModel:
+    def to(self, *args, **kwargs):
+        return self
+
+
+def test_evaluate_bounds_the_alarm_by_picture():
+    logits, targets = sampled(400, 2.0, seed=13)
+    point = cal.seal({"temperature": 2.0, "threshold": 0.4,
+                      "threshold_log_odds": cal.log_odds(0.4), "target_recall": 0.9})
+    pictures = np.arange(400) // 4  # four crops a picture
+    op = alarm_metrics(logits, targets, ["animal", "object", "person"], point,
+                       pictures)["operating_point"]
+    persons = targets == 2
+    alarm = cal.person_log_odds(logits, 2.0, 2) >= cal.log_odds(0.4)
+    with_persons = np.unique(pictures[persons])
+    missed = np.unique(pictures[persons & ~alarm])
+    raised = np.unique(pictures[~persons & alarm])
+    assert (op["test_persons"], op["test_person_pictures"]) == (persons.sum(), len(with_persons))
+    assert op["test_person_pictures_missed"] == len(missed) > 0
+    assert op["test_non_person_pictures"] == len(np.unique(pictures[~persons]))
+    assert op["test_false_alarm_pictures"] == len(raised)
+    # the bounds count pictures: fewer of them than crops, so a wider (honest) bound
+    low = guarantee.lower_bound(len(with_persons) - len(missed), len(with_persons))
+    assert op["test_person_recall_lower_95"] == math.floor(low * 1e4 + 1e-9) / 1e4
+    alone = alarm_metrics(logits, targets, ["animal", "object", "person"], point)
+    assert alone["operating_point"]["test_person_pictures"] == persons.sum()
+    assert op["test_person_recall_lower_95"] < alone["operating_point"][
+        "test_person_recall_lower_95"]
+    assert op["false_alarms_per_1000_upper_95"] > alone["operating_point"][
+        "false_alarms_per_1000_upper_95"]

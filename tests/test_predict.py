@@ -224,8 +224,10 @@ def test_export_params_are_checked():
 def test_speed_figures_shape():
     calls = []
     s = speed_figures(calls.append, "one", "batch", 8, runs=5)
-    assert set(s) == {"batch1_ms_per_image", "batch1_images_per_s", "batch_size",
-                      "batch_images_per_s"} and s["batch_size"] == 8
+    assert set(s) == {"batch1_ms_per_image", "batch1_ms_q1", "batch1_ms_q3", "batch1_runs",
+                      "batch1_images_per_s", "batch_size", "batch_images_per_s",
+                      "batch_images_per_s_q1", "batch_images_per_s_q3", "batch_runs"}
+    assert s["batch_size"] == 8 and s["batch1_runs"] == 5 and s["batch_runs"] == 3
     assert calls.count("one") == 3 + 5 and calls.count("batch") == 3 + 3  # warm-up + timed
 
 
@@ -514,6 +516,44 @@ def test_exit_codes_0_1_2(run_predict, models, pictures, tmp_path):
     junk = tmp_path / "junk.pt"
     junk.write_bytes(b"not a checkpoint")
     assert run_predict(pictures / "crop.jpg", "--model", junk).returncode == 2
+
+
+@pytest.mark.parametrize("fmt", ["table", "json"])
+def test_an_internal_error_is_one_line_exit_3_not_1(run_predict, models, pictures, monkeypatch,
+                                                     fmt):
+    """A bug inside the model call (not a bad input, not an unusable model) exited 1, which
+    says "some inputs failed, the rest answered", with a traceback: now one line, exit code 3,
+    also when an input has failed before it; the answers already given stay whole."""
+    calls = []
+    real = TorchClassifier.logits
+
+    def logits(self, batch):
+        calls.append(len(batch))
+        if len(calls) == 2:
+            raise RuntimeError("mat1 and mat2 shapes cannot be multiplied\n(1x512 and 256x3)")
+        return real(self, batch)
+
+    monkeypatch.setattr(TorchClassifier, "logits", logits)
+    proc = run_predict(pictures / "broken.jpg", pictures / "crop.jpg", pictures / "wide.jpg",
+                       "--model", models[0], "--batch-size", "1", "--format", fmt)
+    assert proc.returncode == predict.INTERNAL_ERROR == 3
+    assert proc.stderr.splitlines() == [
+        "error: internal error (RuntimeError: mat1 and mat2 shapes cannot be multiplied "
+        "(1x512 and 256x3)); not caused by the inputs: please report it with the command that "
+        "was run"]
+    if fmt == "json":
+        answers = json.loads(proc.stdout)["predictions"]
+    else:
+        answers = [{"path": r.split()[0]} for r in rows_of(proc.stdout)]
+    assert [Path(a["path"]).name for a in answers] == ["broken.jpg", "crop.jpg"]
+
+
+def test_predict_help_states_every_exit_code(capsys):
+    with pytest.raises(SystemExit):
+        predict.parse_args(["--help"])
+    text = " ".join(capsys.readouterr().out.split())
+    assert "Exit code: 0 every input classified; 1 some failed" in text
+    assert "2 an unusable model" in text and "3 an internal error" in text
 
 
 # ---------------------------------------------------------------------------------------------

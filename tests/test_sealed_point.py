@@ -12,7 +12,7 @@ import pytest
 import torch
 
 from stages import export as export_stage, predict
-from stages.common.alarm import calibration as cal
+from stages.common.alarm import calibration as cal, statement
 from stages.common.infra.atomic import write_json
 from stages.common.infra.digest import file_sha256
 from stages.common.infra.errors import StageError
@@ -21,7 +21,7 @@ from stages.common.model.checkpoint import save_checkpoint
 from stages.common.model.onnx import POINT_KEY, export, seal
 from stages.common.serving.classifiers import OnnxClassifier
 from stages.evaluate import stage as evaluate
-from tests import paramfile
+from tests import paramfile, reference
 from tests.tiny_project import write_noise_test_split
 
 SIZE = 32
@@ -230,7 +230,7 @@ def person_log_odds(project, paths) -> np.ndarray:
 
     plain = TorchClassifier(project.root / CHECKPOINT)
     logits = np.stack([p.logits for p in predict_paths(plain, expand(paths))])
-    return cal.person_log_odds(logits, TEMPERATURE, 2)
+    return reference.log_odds(logits, TEMPERATURE, 2)  # scipy's, not the code under test
 
 
 @pytest.mark.parametrize("model", [CHECKPOINT, Path("model.onnx")])
@@ -300,6 +300,6 @@ def test_the_card_states_the_point_the_onnx_file_carries(inside, capsys):
     carried = OnnxClassifier("data/export/model.onnx").operating_point
     assert cal.embedded(inside.point) == {k: v for k, v in carried.items() if k != "source"}
     card = Path("data/export/MODEL_CARD.md").read_text()
-    shown = cal.threshold_text(carried["threshold"], carried["threshold_log_odds"])
+    shown = statement.threshold_text(carried["threshold"], carried["threshold_log_odds"])
     assert f">= **{shown}**" in card and f"T = {round(carried['temperature'], 4)}" in card
     assert "0.9**" not in card and "T = 3.0" not in card
