@@ -23,7 +23,9 @@ import yaml
 from stages.common.config.paths import TRAIN_METRICS, TRAIN_PLOTS, TRAIN_RESUME
 from tests.tiny_project import copy_project
 
-pytestmark = pytest.mark.training  # the fixture trains (2 epochs on a few dozen 32 px crops)
+# Not marked `training`: the fixture trains (2 epochs on a few dozen 32 px crops), but the tests
+# check DVC's and the CLI's behaviour, and _env pins OMP_NUM_THREADS=1, so make test-threads
+# would rerun them as they ran.
 
 TINY = {
     "data": {"sample": {"images": 48, "max_side": 160}},
