@@ -33,6 +33,7 @@ from stages.common.inference.logits import checked_crops
 from stages.common.inference.speed import speed_figures
 from stages.common.infra.atomic import atomic_dir, write_json
 from stages.common.infra.errors import StageError, main_guard
+from stages.common.infra.jsonfile import JsonProblem, read_json
 from stages.common.model.build import load_checkpoint
 from stages.common.model.checkpoint import check_logits
 from stages.common.model.onnx import export
@@ -83,10 +84,15 @@ def in_batches(forward, x: np.ndarray, size: int = 64) -> np.ndarray:
 
 def read_metrics(path: Path) -> dict:
     try:
-        return json.loads(path.read_text())
-    except (OSError, ValueError) as exc:
-        raise StageError(f"{path}: cannot read it ({exc}); run `dvc repro` (evaluate and "
+        scores = read_json(path)
+    except (OSError, JsonProblem) as exc:
+        why = exc.strerror if isinstance(exc, OSError) and exc.strerror else exc
+        raise StageError(f"{path}: cannot read it ({why}); run `dvc repro` (evaluate and "
                          "split write it)") from None
+    if not isinstance(scores, dict):
+        raise StageError(f"{path}: not a JSON object; run `dvc repro` (evaluate and split "
+                         "write it)")
+    return scores
 
 
 def evaluated(scores: dict, point: dict) -> dict:

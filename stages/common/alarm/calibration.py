@@ -23,7 +23,6 @@ carries, and every reader checks the seal (:func:`point_problem`).
 """
 from __future__ import annotations
 
-import json
 import math
 from pathlib import Path
 
@@ -32,6 +31,7 @@ import numpy as np
 from stages.common.alarm import guarantee
 from stages.common.infra.digest import file_sha256
 from stages.common.infra.errors import StageError
+from stages.common.infra.jsonfile import JsonProblem, read_json
 
 ALARM_LABEL = "person"
 ECE_BINS = 15
@@ -281,10 +281,13 @@ def seal(point: dict) -> dict:
 def read_operating_point(path: Path) -> dict:
     """The file calibrate wrote, its seal and keys checked; one line naming it otherwise."""
     try:
-        point = json.loads(Path(path).read_text())
+        point = read_json(path)
     except FileNotFoundError:
         raise StageError(f"{path}: not found; run `dvc repro calibrate` first") from None
-    except (OSError, ValueError) as exc:
+    except OSError as exc:
+        raise StageError(f"{path}: cannot read it ({exc.strerror or exc}); {RECALIBRATE}") \
+            from None
+    except JsonProblem as exc:
         raise StageError(f"{path}: cannot read it ({exc}); {RECALIBRATE}") from None
     problem = point_problem(point)
     if problem:
@@ -378,7 +381,7 @@ def beside(checkpoint: Path, pipeline_point: Path) -> dict | None:
     fits; a damaged one is refused."""
     digest = None
     for path in dict.fromkeys([Path(checkpoint).parent / pipeline_point.name, pipeline_point]):
-        if path.is_file():
+        if path.exists():  # a FIFO or a folder by that name is refused, not passed over
             point = read_operating_point(path)
             digest = digest or file_sha256(checkpoint)
             if point["model_sha256"] == digest:

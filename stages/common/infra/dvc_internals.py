@@ -66,9 +66,17 @@ def revision_resolver(repo: Path) -> Callable[[str], str]:
 
     def resolve(rev: str) -> str:
         try:
-            return resolve_rev(scm, rev)
+            sha = resolve_rev(scm, rev)
         except RevError as exc:
             raise UnknownRevision(str(exc)) from None
+        # git also resolves trees and blobs (HEAD^{tree}, HEAD:params.yaml); DVC then answers
+        # with its help text, so such a name is refused here.
+        try:
+            scm.resolve_commit(sha)
+        except Exception:  # pygit2 or dulwich, each its own way (AttributeError, KeyError...)
+            raise UnknownRevision(f"'{rev}' names a git object that is not a commit "
+                                  f"({sha[:12]})") from None
+        return sha
 
     return resolve
 

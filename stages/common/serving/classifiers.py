@@ -7,7 +7,6 @@ Both take uint8 RGB N x 3 x S x S pixels (``classify``) and normalise them as ev
 """
 from __future__ import annotations
 
-import json
 from pathlib import Path
 
 import numpy as np
@@ -17,6 +16,7 @@ from stages.common.alarm.calibration import beside, point_problem
 from stages.common.config.paths import OPERATING_POINT
 from stages.common.inference.batches import normalise
 from stages.common.infra.errors import StageError
+from stages.common.infra.jsonfile import JsonProblem, parse_json
 from stages.common.model.build import load_checkpoint
 from stages.common.model.checkpoint import check_meta
 from stages.common.model.onnx import (EXPORT_AGAIN, INPUT, META_KEYS, OUTPUT, POINT_KEY,
@@ -87,10 +87,10 @@ class OnnxClassifier:
         self.meta = {}
         for key in META_KEYS:
             try:
-                self.meta[key] = json.loads(stored[key])
-            except ValueError:
-                raise StageError(f"{path}: ONNX metadata {key} is not valid JSON; the file is "
-                                 f"damaged or not one this project wrote; {EXPORT_AGAIN}") \
+                self.meta[key] = parse_json(stored[key])
+            except JsonProblem as exc:
+                raise StageError(f"{path}: ONNX metadata {key} is not usable ({exc}); the file "
+                                 f"is damaged or not one this project wrote; {EXPORT_AGAIN}") \
                     from None
         check_meta(path, self.meta, META_KEYS)
         self.operating_point = self._operating_point(stored)
@@ -106,10 +106,10 @@ class OnnxClassifier:
         if POINT_KEY not in stored:
             return None
         try:
-            point = json.loads(stored[POINT_KEY])
-        except ValueError:
-            point = None
-        problem = point_problem(point, embedded=True)
+            point = parse_json(stored[POINT_KEY])
+            problem = point_problem(point, embedded=True)
+        except JsonProblem as exc:
+            problem = str(exc)
         if problem:
             raise StageError(f"{self.path}: ONNX metadata {POINT_KEY} is not usable ({problem}); "
                              f"{EXPORT_AGAIN}")
