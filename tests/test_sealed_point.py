@@ -298,7 +298,8 @@ def test_the_card_states_the_point_the_onnx_file_carries(inside, capsys):
     write_json(Path("metrics/eval.json"), scores)
     export_stage.main()
     carried = OnnxClassifier("data/export/model.onnx").operating_point
-    assert cal.embedded(inside.point) == {k: v for k, v in carried.items() if k != "source"}
+    assert cal.embedded(inside.point, carried[cal.GRAPH_KEY]) == \
+        {k: v for k, v in carried.items() if k != "source"}
     card = Path("data/export/MODEL_CARD.md").read_text()
     shown = cal.threshold_text(carried["threshold"], carried["threshold_log_odds"])
     assert f">= **{shown}**" in card and f"T = {round(carried['temperature'], 4)}" in card

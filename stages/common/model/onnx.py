@@ -2,7 +2,8 @@
 
 The exported file carries the checkpoint's arch, class names, image size and normalisation in its
 metadata, and calibrate's temperature and person threshold (``operating_point``, under its own
-seal, checked on load: stages.common.alarm.calibration), so
+seal and bound to the SHA-256 of the file's graph and weights, checked on load:
+stages.common.alarm.calibration), so
 ``stages.predict --model model.onnx`` needs nothing but that one file. It also
 carries ``weights_sha256``: the SHA-256 of the file's model (deterministic protobuf
 serialisation) without that entry, written by :func:`export` and checked by
@@ -21,6 +22,7 @@ from pathlib import Path
 import torch
 from torch import nn
 
+from stages.common.alarm.calibration import embedded
 from stages.common.infra.errors import StageError
 from stages.common.model.checkpoint import DIGEST_KEY
 
@@ -55,13 +57,16 @@ def export(model: nn.Module, meta: dict, path: Path, opset: int) -> None:
                          "try another export.opset") from None
     for key in META_KEYS:
         program.model.metadata_props[key] = json.dumps(meta[key])
-    if meta.get(POINT_KEY) is not None:
-        program.model.metadata_props[POINT_KEY] = json.dumps(meta[POINT_KEY])
     strip_paths(program.model)
     program.save(str(path), external_data=False)
     import onnx
 
     proto = onnx.load(str(path))
+    if meta.get(POINT_KEY) is not None:
+        # bound to this graph and these weights: a point carried into another model file is
+        # refused even when that file's own digest is recomputed around it
+        point = embedded(meta[POINT_KEY], graph_digest(proto))
+        proto.metadata_props.add(key=POINT_KEY, value=json.dumps(point))
     path.write_bytes(seal(proto))
 
 
@@ -69,6 +74,15 @@ def model_digest(proto) -> str:
     """SHA-256 of ``proto`` (an onnx.ModelProto without a digest entry), serialised
     deterministically."""
     return hashlib.sha256(proto.SerializeToString(deterministic=True)).hexdigest()
+
+
+def graph_digest(proto) -> str:
+    """SHA-256 of ``proto`` without any metadata: its graph and weights alone, what the
+    embedded operating point is bound to (calibration.GRAPH_KEY)."""
+    bare = type(proto)()
+    bare.CopyFrom(proto)
+    del bare.metadata_props[:]
+    return model_digest(bare)
 
 
 def _take_digests(proto) -> list[str]:
@@ -89,8 +103,9 @@ def seal(proto) -> bytes:
     return proto.SerializeToString(deterministic=True)
 
 
-def verified_bytes(path: Path) -> tuple[bytes, dict[str, str]]:
-    """The file's bytes and metadata, once its content matches its digest; else one line."""
+def verified_bytes(path: Path) -> tuple[bytes, dict[str, str], str]:
+    """The file's bytes, metadata and :func:`graph_digest`, once its content matches its
+    digest; else one line."""
     import onnx
     from google.protobuf.message import DecodeError
 
@@ -111,7 +126,7 @@ def verified_bytes(path: Path) -> tuple[bytes, dict[str, str]]:
         raise StageError(f"{path}: its content does not match its weights digest: the file is "
                          f"damaged (a flipped bit, a bad copy) or was altered; restore it, or "
                          f"{EXPORT_AGAIN}")
-    return data, metadata
+    return data, metadata, graph_digest(proto)
 
 
 # Debug metadata torch's exporter puts on each node: the Python stack that produced it, with the

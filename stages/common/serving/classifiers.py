@@ -80,7 +80,7 @@ class OnnxClassifier:
             options.intra_op_num_threads = threads
             options.inter_op_num_threads = 1
         # ONNX Runtime gets the very bytes that were verified, not the file a second time.
-        data, stored = verified_bytes(path)
+        data, stored, graph_sha256 = verified_bytes(path)
         missing = [k for k in META_KEYS if k not in stored]
         if missing:
             raise StageError(f"{path}: ONNX metadata lacks {', '.join(missing)}; {EXPORT_AGAIN}")
@@ -93,7 +93,7 @@ class OnnxClassifier:
                                  f"is damaged or not one this project wrote; {EXPORT_AGAIN}") \
                     from None
         check_meta(path, self.meta, META_KEYS)
-        self.operating_point = self._operating_point(stored)
+        self.operating_point = self._operating_point(stored, graph_sha256)
         try:
             self.session = ort.InferenceSession(data, options,
                                                 providers=["CPUExecutionProvider"])
@@ -101,13 +101,14 @@ class OnnxClassifier:
             raise StageError(f"{path}: not a loadable ONNX model ({type(exc).__name__}); "
                              f"{EXPORT_AGAIN}") from None
 
-    def _operating_point(self, stored: dict[str, str]) -> dict | None:
-        """The operating point export embedded (None in a file exported without one)."""
+    def _operating_point(self, stored: dict[str, str], graph_sha256: str) -> dict | None:
+        """The operating point export embedded for this very graph (None in a file exported
+        without one)."""
         if POINT_KEY not in stored:
             return None
         try:
             point = parse_json(stored[POINT_KEY])
-            problem = point_problem(point, embedded=True)
+            problem = point_problem(point, embedded=True, graph_sha256=graph_sha256)
         except JsonProblem as exc:
             problem = str(exc)
         if problem:
