@@ -31,9 +31,9 @@ or anything its decode raises) gets its own ``error: ...`` and the rest go on.
 File names are written so that no two files share one and none fakes a row: in every format a
 byte that is not UTF-8 is ``\\xNN`` and a backslash ``\\\\``; the table and the CSV also escape
 control and other non-printable characters (``\\n``, ``\\x1b``); the CSV quotes every field
-holding a comma or a quote, and puts one ``'`` before a name or error that begins with ``= + - @``,
-tab, CR or ``'``, so a spreadsheet shows it and never runs it (drop that ``'`` to get the name);
-JSON writes the name without it.
+holding a comma or a quote, and puts one ``'`` before a name or error that begins with
+``= + - @`` or ``'``, so a spreadsheet shows it and never runs it (drop that ``'`` to get the
+name); JSON writes the name without it.
 
 Exit code:
   0  every input was classified;
@@ -79,9 +79,9 @@ PATHS_HELP = ("picture files or folders. A folder is walked recursively, links f
               "in silence")
 NAMES_HELP = ("File names: a byte that is not UTF-8 is written \\xNN and a backslash \\\\ in "
               "every format; the table and the CSV also escape control characters (\\n, "
-              "\\x1b); the CSV quotes fields holding a comma or quote and puts one ' before a name or error that "
-              "begins with = + - @ tab CR or ' (a spreadsheet shows it, never runs it); JSON "
-              "writes the name without it.")
+              "\\x1b); the CSV quotes fields holding a comma or quote and puts one ' before a "
+              "name or error that begins with = + - @ or ' (a spreadsheet shows it, never runs "
+              "it); JSON writes the name without it.")
 
 
 def parse_args(argv: list[str] | None) -> argparse.Namespace:
