@@ -291,7 +291,8 @@ def main() -> None:
     del eager
 
     with atomic_dir(EXPORT_DIR) as tmp:
-        export(model, {**meta, "operating_point": point}, tmp / ONNX_FILE, cfg.opset)
+        export(model, meta, tmp / ONNX_FILE, cfg.opset,
+               point_for=lambda graph_sha256: embedded(point, graph_sha256))
         onnx = OnnxClassifier(tmp / ONNX_FILE, threads=threads)
         answered = in_batches(onnx.logits, images)
         check_logits(answered, len(images), len(meta["classes"]), EXPORT_DIR / ONNX_FILE)

@@ -124,9 +124,9 @@ def load_with(tmp_path: Path, seed_text: str):
 
 
 def dvc_reads(path: Path):
-    from dvc.utils.serialize import load_yaml
+    from stages.common.infra.dvc_internals import params_as_dvc_reads
 
-    return load_yaml(str(path))
+    return params_as_dvc_reads(path.read_text())
 
 
 def test_a_leading_zero_is_decimal_as_dvc_reads_it(tmp_path):
@@ -290,7 +290,7 @@ def onnx_model(tmp_path_factory):
     point = cal.seal({"format": cal.FORMAT, "label": "person", "temperature": 1.5,
                       "threshold": 0.5, "threshold_log_odds": 0.0, "target_recall": 0.9,
                       "val": {}, "model": "best.pt", "model_sha256": "0" * 64})
-    export(model, {**meta, "operating_point": point}, d / "model.onnx", 18)
+    export(model, meta, d / "model.onnx", 18, point_for=lambda g: cal.embedded(point, g))
     return d / "model.onnx"
 
 

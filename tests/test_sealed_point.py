@@ -65,7 +65,7 @@ def project(tmp_path_factory):
     write_noise_test_split(root, CLASSES, SIZE)
     paramfile.write(root, {"evaluate": {"device": "cpu", "speed_runs": 1, "mistakes": 2},
                            "export": {"speed_runs": 1, "batch_size": 2}})
-    export(model, {**meta, POINT_KEY: cal.embedded(point)}, root / "model.onnx", 18)
+    export(model, meta, root / "model.onnx", 18, point_for=lambda g: cal.embedded(point, g))
     return SimpleNamespace(root=root, point=point, text=(root / FILE).read_text(),
                            pics=root / "data/split/test/person")
 

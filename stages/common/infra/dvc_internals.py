@@ -8,6 +8,8 @@ DVC's public Python API (``dvc.api``) and DVCLive's (``dvclive.Live``) lack two 
 - **Reading one revision's metrics with each file's parse error kept**: ``dvc metrics diff
   --json`` drops a file it cannot parse (it would read as missing); ``dvc.repo.Repo``
   (``Repo.metrics.show``) keeps the error beside the file.
+- **Reading a YAML text as DVC reads params.yaml** (``dvc.utils.serialize.parse_yaml``), so
+  the tests can hold params.load's values (ruamel.yaml, YAML 1.2) to DVC's own.
 - **Opening DVCLive in a git repository with no commit yet**: DVCLive 3.49 asks git for HEAD
   before it checks whether there is one, and fails ("Empty git repo"). The train stage saves no
   experiment, so it opens DVCLive as DVCLive runs where DVC is not installed (no repository),
@@ -33,6 +35,7 @@ DVC = Library(
         Private("dvc.scm", "SCMError", subclass_of=Exception),
         Private("dvc.scm", "RevError", subclass_of=Exception),
         Private("dvc.repo", "Repo", subclass_of=object),
+        Private("dvc.utils.serialize", "parse_yaml", params=("text", "path", "typ")),
     ),
     instead="run without --rev for the workspace alone")
 DVCLIVE = Library(
@@ -107,3 +110,11 @@ def open_live(make: Callable[[], T]) -> T:
             return make()
         finally:
             dvclive.live.get_dvc_repo = original
+
+
+def params_as_dvc_reads(text: str):
+    """The values of a params.yaml text exactly as DVC reads them to track params."""
+    require(DVC, "parse_yaml")
+    from dvc.utils.serialize import parse_yaml
+
+    return parse_yaml(text, "params.yaml", typ="safe")

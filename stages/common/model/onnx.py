@@ -18,11 +18,11 @@ import hashlib
 import io
 import json
 from pathlib import Path
+from typing import Callable
 
 import torch
 from torch import nn
 
-from stages.common.alarm.calibration import embedded
 from stages.common.infra.errors import StageError
 from stages.common.model.checkpoint import DIGEST_KEY
 
@@ -35,8 +35,14 @@ POINT_KEY = "operating_point"  # calibrate's temperature and person threshold, a
 EXPORT_AGAIN = "export it again with `dvc repro export` (or python -m stages.export)"
 
 
-def export(model: nn.Module, meta: dict, path: Path, opset: int) -> None:
+def export(model: nn.Module, meta: dict, path: Path, opset: int,
+           point_for: Callable[[str], dict] | None = None) -> None:
     """Write ``model`` (eval mode) to ``path`` as one self-contained ONNX file, batch axis dynamic.
+
+    ``point_for(graph_sha256)``: the operating point to embed, bound to the file's graph and
+    weights (:func:`graph_digest`; stages.common.alarm.calibration.embedded), so a point carried
+    into another model file is refused even when that file's own digest is recomputed around
+    it. A callable: that digest exists only once the graph is written.
 
     torch's export-based exporter (``dynamo=True``, torch's default; the TorchScript one is
     deprecated). Same model and opset give the same bytes wherever the project and its
@@ -62,11 +68,8 @@ def export(model: nn.Module, meta: dict, path: Path, opset: int) -> None:
     import onnx
 
     proto = onnx.load(str(path))
-    if meta.get(POINT_KEY) is not None:
-        # bound to this graph and these weights: a point carried into another model file is
-        # refused even when that file's own digest is recomputed around it
-        point = embedded(meta[POINT_KEY], graph_digest(proto))
-        proto.metadata_props.add(key=POINT_KEY, value=json.dumps(point))
+    if point_for is not None:
+        proto.metadata_props.add(key=POINT_KEY, value=json.dumps(point_for(graph_digest(proto))))
     path.write_bytes(seal(proto))
 
 
