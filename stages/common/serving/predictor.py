@@ -79,7 +79,8 @@ PSEUDO_ROOTS = ("/proc", "/sys", "/dev")
 
 def pseudo_devices() -> frozenset[int]:
     """``st_dev`` of every mounted pseudo-filesystem (Linux's mountinfo), and of /proc, /sys
-    and /dev themselves wherever they exist."""
+    and /dev themselves wherever they are mounts of their own (never the root's: in a chroot
+    /dev may be a plain folder, and every folder beside it would look like a device's)."""
     devices = set()
     try:
         with open("/proc/self/mountinfo", encoding="utf-8", errors="replace") as f:
@@ -93,12 +94,18 @@ def pseudo_devices() -> frozenset[int]:
                     devices.add(os.makedev(int(major), int(minor)))
     except (OSError, ValueError):
         pass
+    try:
+        top = os.stat("/").st_dev
+    except OSError:
+        top = None
     for root in PSEUDO_ROOTS:
         try:
-            devices.add(os.stat(root).st_dev)
+            device = os.stat(root).st_dev
         except OSError:
-            pass
-    return frozenset(devices)
+            continue
+        if device != top:
+            devices.add(device)
+    return frozenset(devices - {top})
 
 
 @dataclass
