@@ -163,7 +163,8 @@ def test_calibrated_overconfident_logits_lower_the_ece():
     point = calibrate.operating_point(logits, targets, ["animal", "object", "person"], 0.95)
     val = point["val"]
     assert point["temperature"] == pytest.approx(3.0, rel=0.05)
-    assert val["ece_after"] < val["ece_before"] and val["nll_after"] < val["nll_before"]
+    assert val["in_sample_ece_after"] < val["in_sample_ece_before"]
+    assert val["in_sample_nll_after"] < val["in_sample_nll_before"]
     assert val["person_recall"] >= 0.95 and val["resolved"]
 
 
@@ -191,7 +192,9 @@ def test_alarm_figures_by_hand():
     got = cal.alarm_figures(scores, is_person, 0.75)
     assert got == {"persons": 3, "non_persons": 4, "persons_missed": 1, "false_alarms": 1,
                    "person_recall": 0.6667, "person_precision": 0.6667,
-                   "false_alarms_per_1000": 250.0}
+                   "false_alarms_per_1000": 250.0,  # without pictures: each crop its own
+                   "person_pictures": 3, "person_pictures_missed": 1,
+                   "non_person_pictures": 4, "false_alarm_pictures": 1}
 
 
 def test_evaluate_writes_the_keys_dvc_metrics_diff_lines_up():
@@ -260,3 +263,157 @@ def test_the_point_beside_a_checkpoint_is_used_only_for_that_checkpoint(tmp_path
     with pytest.raises(StageError, match="fitted for another checkpoint"):
         cal.operating_point_for(ckpt, tmp_path / "other.json")
     assert cal.operating_point_for(ckpt, ckpt.parent / "operating_point.json")["threshold"] == 0.2
+
+
+def test_alarm_figures_count_pictures_by_hand():
+    scores = np.array([0.9, 0.8, 0.3, 0.7, 0.2, 0.1, 0.95, 0.99])
+    is_person = np.array([True, True, True, False, False, False, False, False])
+    # picture a: persons 0.9, 0.3 (one missed) and non-person 0.7; b: person 0.8, non-person
+    # 0.2; c: non-persons 0.1, 0.95 and 0.99 (two false alarms, one picture)
+    pictures = ["a", "b", "a", "a", "b", "c", "c", "c"]
+    got = cal.alarm_figures(scores, is_person, 0.75, pictures)
+    assert (got["persons_missed"], got["false_alarms"]) == (1, 2)
+    assert (got["person_pictures"], got["person_pictures_missed"]) == (2, 1)
+    assert (got["non_person_pictures"], got["false_alarm_pictures"]) == (3, 1)
+    # the crops' order does not matter, only which picture each belongs to
+    order = np.array([7, 2, 5, 0, 3, 6, 1, 4])
+    assert cal.alarm_figures(scores[order], is_person[order], 0.75,
+                             np.array(pictures)[order]) == got
+    with pytest.raises(ValueError, match="3 picture ids for 8 crops"):
+        cal.alarm_figures(scores, is_person, 0.75, pictures[:3])
+
+
+# ----- persons come in pictures: which picture each crop is from, T's bootstrap by picture -----
+
+def test_crop_pictures_reads_the_split_manifest_and_makes_an_unlisted_crop_its_own(tmp_path):
+    manifest = tmp_path / "manifest.csv"
+    manifest.write_text("crop,split,label,image_id,source\n"
+                        "val/person/a_0.jpg,val,person,a,person/a_0.jpg\n"
+                        "val/person/a_1.jpg,val,person,a,person/a_1.jpg\n"
+                        "val/animal/b_0.jpg,val,animal,b,animal/b_0.jpg\n"
+                        "val/object/c_0.jpg,val,object,,object/c_0.jpg\n")
+    paths = ["data/split/val/person/a_0.jpg", "/abs/data/split/val/animal/b_0.jpg",
+             "data/split/val/person/a_1.jpg", "data/split/val/object/c_0.jpg",
+             "data/split/val/person/z_0.jpg"]
+    ids, unlisted = cal.crop_pictures(paths, manifest)
+    assert ids[:3] == ["a", "b", "a"] and unlisted == 2
+    # no ImageID, or not listed: a picture of its own, never one shared with another crop
+    assert len(set(ids)) == 4 and ids[3] != ids[4]
+    line = cal.unlisted_line(unlisted, 5, manifest)
+    assert "does not list 2 of the 5 crops" in line and "\n" not in line
+    assert cal.unlisted_line(0, 5, manifest) is None
+    # without a manifest (a split made by hand) every crop is its own picture, and it is said
+    ids, unlisted = cal.crop_pictures(paths, tmp_path / "none.csv")
+    assert len(set(ids)) == 5 and unlisted == 5
+
+
+def test_an_unreadable_split_manifest_is_one_line(tmp_path):
+    manifest = tmp_path / "manifest.csv"
+    for text in ("crop,label\nval/person/a_0.jpg,person\n", "", "\x00\xff\xfe"):
+        manifest.write_bytes(text.encode("latin-1"))
+        with pytest.raises(StageError, match="dvc repro split") as err:
+            cal.crop_pictures(["data/split/val/person/a_0.jpg"], manifest)
+        assert "\n" not in str(err.value)
+
+
+def test_the_temperature_bootstrap_resamples_pictures():
+    logits, targets = sampled(60, 1.5, seed=11)
+    single = cal.temperature_interval(logits, targets, seed=3, draws=60)
+    # every picture is three copies of one crop: a picture bootstrap draws the same pictures
+    # as the crop bootstrap of the singles, so the same interval; resampling the copies one by
+    # one pretends to three times the data and narrows it
+    copies = np.repeat(np.arange(60), 3)
+    by_picture = cal.temperature_interval(logits[copies], targets[copies], seed=3, draws=60,
+                                          pictures=copies)
+    assert by_picture["resampled"] == "pictures" and by_picture["pictures"] == 60
+    assert (by_picture["low"], by_picture["high"]) == pytest.approx(
+        (single["low"], single["high"]), abs=2e-4)
+    by_crop = cal.temperature_interval(logits[copies], targets[copies], seed=3, draws=60)
+    assert by_crop["pictures"] == 180
+    assert by_crop["high"] - by_crop["low"] < 0.8 * (by_picture["high"] - by_picture["low"])
+
+
+def test_an_interval_reaching_a_search_bound_warns():
+    assert cal.interval_warnings({"low": 0.2, "high": 5.0}) == []
+    for low, high in [(cal.T_MIN, 0.4192), (0.3, cal.T_MAX), (0.054, 1.0)]:
+        (line,) = cal.interval_warnings({"low": low, "high": high})
+        assert "reaches an end of its search range" in line and "\n" not in line
+    # one wrong crop among 30: the resamples that leave it out (about 36 %) have no error, so
+    # T runs towards its lower end there, and the interval's low end is one of them
+    logits = np.tile([[0.0, 0.0, 3.0]], (30, 1))
+    targets = np.full(30, 2)
+    targets[0] = 0
+    interval = cal.temperature_interval(logits, targets, seed=0, draws=100)
+    assert 20 <= interval["draws_without_error"] <= 50
+    (line,) = cal.interval_warnings(interval)
+    assert f"on {interval['draws_without_error']}% of the resampled" in line
+    targets[1] = 1  # two wrong, far apart: only 13 % of resamples miss both; still too many
+    assert cal.interval_warnings(cal.temperature_interval(logits, targets, seed=0, draws=100))
+    # the share that decides: at or above the 2.5 % the lower end sits on
+    steady = {"low": 0.3, "high": 5.0, "draws": 200, "confidence": 0.95}
+    assert cal.interval_warnings({**steady, "draws_without_error": 4}) == []
+    assert cal.interval_warnings({**steady, "draws_without_error": 5})
+
+
+def test_calibrate_counts_the_pictures_the_split_manifest_names(tmp_path, monkeypatch, capsys):
+    from types import SimpleNamespace
+
+    from tests import paramfile
+
+    logits, targets = sampled(120, 1.0, seed=12)
+    labels = ["animal", "object", "person"]
+    crops = [f"val/{labels[t]}/p{i // 2}_{i % 2}.jpg" for i, t in enumerate(targets)]
+    monkeypatch.chdir(tmp_path)
+    (tmp_path / "data" / "model").mkdir(parents=True)
+    (tmp_path / "data" / "model" / "best.pt").write_bytes(b"weights")
+    monkeypatch.setattr(calibrate, "load_checkpoint",
+                        lambda path: (FakeModel(), {"classes": labels}))
+    monkeypatch.setattr(calibrate, "labelled_logits", lambda *args: (
+        SimpleNamespace(paths=[f"data/split/{c}" for c in crops]), logits, targets))
+    paramfile.write(tmp_path, {"calibrate": {"device": "cpu"}})
+    rows = [f"{c},val,x,p{i // 2},src" for i, c in enumerate(crops)]  # two crops a picture
+    manifest = tmp_path / "data" / "split" / "manifest.csv"
+    manifest.parent.mkdir(parents=True)
+    for listed, unlisted in [(rows, 0), (rows[1:], 1)]:
+        manifest.write_text("\n".join(["crop,split,label,image_id,source", *listed]) + "\n")
+        calibrate.main()
+        val = json.loads((tmp_path / OPERATING_POINT).read_text())["val"]
+        person_pictures = len({i // 2 for i, t in enumerate(targets) if t == 2})
+        assert (val["crops"], val["pictures"]) == (120, 60 + unlisted)
+        assert val["person_pictures"] == person_pictures + (unlisted and targets[0] == 2)
+        assert val["order_statistic"] == val["person_pictures"]  # unresolved: all of them
+        err = capsys.readouterr().err
+        assert ("does not list 1 of the 120 crops" in err) == bool(unlisted)
+        assert f"in {val['person_pictures']} pictures" in err
+
+
+class FakeModel:
+    def to(self, *args, **kwargs):
+        return self
+
+
+def test_evaluate_bounds_the_alarm_by_picture():
+    logits, targets = sampled(400, 2.0, seed=13)
+    point = cal.seal({"temperature": 2.0, "threshold": 0.4,
+                      "threshold_log_odds": cal.log_odds(0.4), "target_recall": 0.9})
+    pictures = np.arange(400) // 4  # four crops a picture
+    op = alarm_metrics(logits, targets, ["animal", "object", "person"], point,
+                       pictures)["operating_point"]
+    persons = targets == 2
+    alarm = cal.person_log_odds(logits, 2.0, 2) >= cal.log_odds(0.4)
+    with_persons = np.unique(pictures[persons])
+    missed = np.unique(pictures[persons & ~alarm])
+    raised = np.unique(pictures[~persons & alarm])
+    assert (op["test_persons"], op["test_person_pictures"]) == (persons.sum(), len(with_persons))
+    assert op["test_person_pictures_missed"] == len(missed) > 0
+    assert op["test_non_person_pictures"] == len(np.unique(pictures[~persons]))
+    assert op["test_false_alarm_pictures"] == len(raised)
+    # the bounds count pictures: fewer of them than crops, so a wider (honest) bound
+    low = guarantee.lower_bound(len(with_persons) - len(missed), len(with_persons))
+    assert op["test_person_recall_lower_95"] == math.floor(low * 1e4 + 1e-9) / 1e4
+    alone = alarm_metrics(logits, targets, ["animal", "object", "person"], point)
+    assert alone["operating_point"]["test_person_pictures"] == persons.sum()
+    assert op["test_person_recall_lower_95"] < alone["operating_point"][
+        "test_person_recall_lower_95"]
+    assert op["false_alarms_per_1000_upper_95"] > alone["operating_point"][
+        "false_alarms_per_1000_upper_95"]

@@ -2,10 +2,11 @@
 order statistics, and (in seeded simulation) that each rule keeps its promise on new persons."""
 import json
 import math
+from types import SimpleNamespace
 
 import numpy as np
 import pytest
-from scipy.stats import binom, norm
+from scipy.stats import beta, binom, norm
 
 from stages import calibrate
 from stages.common.alarm import calibration as cal, guarantee as g
@@ -216,7 +217,7 @@ def test_calibrate_reads_the_calibration_split_when_it_has_a_share(tmp_path, mon
 
     def fake_logits(model, meta, folder, *args):
         read.append(folder)
-        return None, logits, targets
+        return SimpleNamespace(paths=[f"{folder}/x/{i}.jpg" for i in range(120)]), logits, targets
 
     monkeypatch.chdir(tmp_path)
     (tmp_path / "data" / "model").mkdir(parents=True)
@@ -253,3 +254,95 @@ def test_the_model_card_states_the_rule_the_bounds_and_whether_the_target_is_met
                               "calibration": {"temperature": 1.2, "ece_before": 0.1,
                                               "ece_after": 0.05}})
     assert "too few persons" not in resolved and "The target is **met**" in resolved
+
+
+# ----- persons come in pictures: correlated crops ----------------------------------------------
+# Each simulated picture holds 1 to 5 persons; a person's score is a picture effect plus its own
+# noise, N(0, 1) in all, with a correlation of RHO between two persons of one picture.
+
+RHO = 0.6
+MOST = 5  # persons in a picture: 1 ... MOST, equally likely
+PICTURE_DRAWS = 4000
+
+
+def correlated_pictures(rng: np.random.Generator, draws: int, pictures: int):
+    """(scores, present): draws x pictures x MOST person scores, and which of them exist."""
+    sizes = rng.integers(1, MOST + 1, size=(draws, pictures))
+    scores = (math.sqrt(RHO) * rng.normal(size=(draws, pictures, 1))
+              + math.sqrt(1 - RHO) * rng.normal(size=(draws, pictures, MOST)))
+    return scores, np.arange(MOST) < sizes[..., None]
+
+
+def picture_miss(threshold) -> np.ndarray:
+    """The chance a new picture has at least one person below ``threshold`` (its lowest is),
+    exactly: Gauss-Hermite over the picture effect, then the mean over picture sizes."""
+    nodes, weights = np.polynomial.hermite_e.hermegauss(80)
+    caught = norm.sf((np.asarray(threshold)[..., None] - math.sqrt(RHO) * nodes)
+                     / math.sqrt(1 - RHO))
+    return 1 - np.mean([(caught ** c) @ (weights / weights.sum())
+                        for c in range(1, MOST + 1)], axis=0)
+
+
+def test_the_rule_by_picture_keeps_its_promise_when_crops_of_a_picture_are_correlated():
+    pictures, target, delta = 100, 0.95, 0.05
+    rng = np.random.default_rng([pictures, 24])
+    scores, present = correlated_pictures(rng, PICTURE_DRAWS, pictures)
+    tolerance = Z * math.sqrt(delta * (1 - delta) / PICTURE_DRAWS)
+    # the rule on each picture's lowest person score, over the pictures
+    lowest = np.where(present, scores, np.inf).min(axis=2)
+    k = g.order_from_top("probability", pictures, target, delta)
+    threshold = -np.sort(-lowest, axis=1)[:, k - 1]
+    assert (picture_miss(threshold) > 1 - target).mean() <= delta + tolerance
+    # so a new person's recall (scores are N(0, 1) whatever the picture) too
+    assert (norm.cdf(threshold) > 1 - target).mean() <= delta + tolerance
+    # the check can fail: the same rule over the crops as if independent misses far more often
+    crops = -np.sort(-np.where(present, scores, -np.inf).reshape(PICTURE_DRAWS, -1), axis=1)
+    persons = present.sum(axis=(1, 2))
+    order = {n: g.order_from_top("probability", int(n), target, delta)
+             for n in np.unique(persons)}
+    per_crop = crops[np.arange(PICTURE_DRAWS), [order[n] - 1 for n in persons]]
+    assert (norm.cdf(per_crop) > 1 - target).mean() > delta + tolerance
+
+
+def test_the_shipped_threshold_by_picture_keeps_the_promise_on_correlated_pictures():
+    pictures, target, delta, draws = 80, 0.95, 0.05, 1000
+    rng = np.random.default_rng([pictures, 25])
+    scores, present = correlated_pictures(rng, draws, pictures)
+    picture_of = np.broadcast_to(np.arange(pictures)[:, None], present.shape[1:])
+    thresholds = []
+    for d in range(draws):
+        # the persons, and as many non-persons from N(-2, 1), in pictures of their own
+        persons = scores[d][present[d]]
+        others = rng.normal(-2, 1, size=len(persons))
+        ids = np.concatenate([picture_of[present[d]], pictures + np.arange(len(others))])
+        is_person = np.arange(len(ids)) < len(persons)
+        thresholds.append(cal.person_threshold(np.concatenate([persons, others]), is_person,
+                                               target, "probability", delta, ids))
+    tolerance = Z * math.sqrt(delta * (1 - delta) / draws)
+    assert (picture_miss(np.array(thresholds)) > 1 - target).mean() <= delta + tolerance
+
+
+def test_bounds_by_picture_cover_where_bounds_by_crop_do_not():
+    pictures, draws = 40, 2000
+    rng = np.random.default_rng([pictures, 26])
+    scores, present = correlated_pictures(rng, draws, pictures)
+    threshold = norm.ppf(0.1)  # a new person is caught with probability 0.9
+    missed = (scores < threshold) & present
+    persons, caught = present.sum(axis=(1, 2)), (present & ~missed).sum(axis=(1, 2))
+    pictures_missed = missed.any(axis=2).sum(axis=1)
+    # the bound by picture, from alarm_bounds: one per count of pictures missed
+    by_picture = {x: g.alarm_bounds({"persons": 0, "persons_missed": 0, "non_persons": 0,
+                                     "false_alarms": 0, "person_pictures": pictures,
+                                     "person_pictures_missed": int(x),
+                                     "non_person_pictures": 0, "false_alarm_pictures": 0}
+                                    )["person_recall_lower_95"]
+                  for x in np.unique(pictures_missed)}
+    # by crop, as alarm_bounds counted before (the Clopper-Pearson bound, here vectorised)
+    by_crop = beta.ppf(0.05, caught, persons - caught + 1)
+    covered = {"crop": by_crop <= 0.9,
+               # by picture it bounds the chance a new picture has every person caught
+               "picture": np.array([by_picture[x] for x in pictures_missed])
+               <= 1 - picture_miss(threshold)}
+    tolerance = Z * math.sqrt(0.05 * 0.95 / draws)
+    assert np.mean(covered["picture"]) >= 0.95 - tolerance
+    assert np.mean(covered["crop"]) < 0.95 - tolerance  # the check can fail: crops are too sure

@@ -3,7 +3,8 @@
 Writes metrics/eval.json (accuracy, macro / weighted F1, per-class precision / recall / F1 /
 support, person recall, the report's goals as pass/fail, speed, and the person alarm at
 calibrate's operating point: ``operating_point.*`` with one-sided 95 % Clopper-Pearson bounds
-of test recall and false alarms, and ``calibration.*``: ECE, NLL and Brier score before and after
+of test recall and false alarms, counted over source pictures (data/split/manifest.csv: crops
+of one picture are not independent; stages.common.alarm.guarantee says why pictures), and ``calibration.*``: ECE, NLL and Brier score before and after
 temperature scaling), plots/eval/confusion.csv (for DVC's confusion template), CSVs for DVC's
 linear template (precision-recall per class and the person ROC, thresholds as log-odds; the
 reliability diagram before and after calibration) and PNGs of the confusion matrix (counts and
@@ -12,6 +13,7 @@ gallery lives here because this stage already holds every prediction).
 """
 from __future__ import annotations
 
+import sys
 from pathlib import Path
 
 import numpy as np
@@ -20,13 +22,14 @@ from sklearn.metrics import (classification_report, confusion_matrix,
                              precision_recall_curve, roc_curve)
 
 from stages.common.alarm.calibration import (ALARM_LABEL, alarm_figures, bound_sentence, brier,
-                                             ece, nll, operating_point_for, operator_sentence,
-                                             person_log_odds, reliability, softmax,
-                                             target_sentence, threshold_text)
+                                             crop_pictures, ece, nll, operating_point_for,
+                                             operator_sentence, person_log_odds, reliability,
+                                             softmax, target_sentence, threshold_text,
+                                             unlisted_line)
 from stages.common.alarm.guarantee import alarm_bounds
 from stages.common.config import params
 from stages.common.config.paths import (CHECKPOINT, EVAL_METRICS, EVAL_PLOTS, OPERATING_POINT,
-                                        TEST_SPLIT, TRAIN_METRICS, TRAIN_PLOTS)
+                                        SPLIT_MANIFEST, TEST_SPLIT, TRAIN_METRICS, TRAIN_PLOTS)
 from stages.common.inference.batches import CropSet, normalise
 from stages.common.inference.logits import labelled_logits
 from stages.common.inference.speed import speed_figures
@@ -79,15 +82,16 @@ def score(targets: np.ndarray, preds: np.ndarray, classes: list[str]) -> dict:
 
 
 def alarm_metrics(logits: np.ndarray, targets: np.ndarray, classes: list[str],
-                  point: dict) -> dict:
+                  point: dict, pictures=None) -> dict:
     """The person alarm at calibrate's operating point, on test, with its one-sided 95 %
-    Clopper-Pearson bounds (``target_met`` only when the lower bound of recall reaches the
-    target), and the calibration's effect (ECE, NLL, Brier before / after)."""
+    Clopper-Pearson bounds over ``pictures`` (each crop's source picture; None: every crop its
+    own), ``target_met`` only when the lower bound of recall reaches the target, and the
+    calibration's effect (ECE, NLL, Brier before / after)."""
     temperature = point["temperature"]
     before, after = softmax(logits), softmax(logits, temperature)
     person = classes.index(ALARM_LABEL)
     alarm = alarm_figures(person_log_odds(logits, temperature, person),
-                          targets == person, point["threshold_log_odds"])
+                          targets == person, point["threshold_log_odds"], pictures)
     bounds = alarm_bounds(alarm, point["target_recall"])
     val = point.get("val") or {}
     return {
@@ -106,7 +110,12 @@ def alarm_metrics(logits: np.ndarray, targets: np.ndarray, classes: list[str],
             "false_alarms_per_1000_upper_95": bounds["false_alarms_per_1000_upper_95"],
             "test_persons": alarm["persons"], "test_non_persons": alarm["non_persons"],
             "test_persons_missed": alarm["persons_missed"],
-            "test_false_alarms": alarm["false_alarms"]},
+            "test_false_alarms": alarm["false_alarms"],
+            # the bounds count these: pictures are independent, their crops are not
+            "test_person_pictures": alarm["person_pictures"],
+            "test_person_pictures_missed": alarm["person_pictures_missed"],
+            "test_non_person_pictures": alarm["non_person_pictures"],
+            "test_false_alarm_pictures": alarm["false_alarm_pictures"]},
         "calibration": {"temperature": round(temperature, 4),
                         "ece_before": round(ece(before, targets), 4),
                         "ece_after": round(ece(after, targets), 4),
@@ -210,7 +219,8 @@ def main() -> None:
     classes = meta["classes"]
 
     metrics = score(targets, preds, classes)
-    metrics.update(alarm_metrics(logits, targets, classes, point))
+    pictures, unlisted = crop_pictures(crops.paths, SPLIT_MANIFEST)
+    metrics.update(alarm_metrics(logits, targets, classes, point, pictures))
     metrics["speed"] = measure_speed(model, crops, meta, device, cfg.batch_size, cfg.speed_runs)
     metrics["arch"] = meta["arch"]
     write_json(EVAL_METRICS, metrics)
@@ -241,3 +251,6 @@ def main() -> None:
           + (bound_sentence(op["test_person_recall_lower_95"],
                             op["false_alarms_per_1000_upper_95"]) or "")
           + " " + target_sentence(op["target_recall"], op["target_met"]))
+    line = unlisted_line(unlisted, len(targets), SPLIT_MANIFEST)
+    if line:
+        print(line, file=sys.stderr)

@@ -5,7 +5,9 @@ Pure numpy / scipy, no torch: the rules work on val person scores (any scores wh
 statistic of the val person scores: the k-th highest (k = 1 is the highest). A picture raises the
 alarm at score >= threshold, so a threshold on the k-th highest catches at least those k val
 persons. Write n for the val persons, r = n + 1 - k for the same score counted from the lowest,
-and a = 1 - target for the miss rate the operator accepts.
+and a = 1 - target for the miss rate the operator accepts. (The rules run on one score per val
+picture that holds persons, its lowest person score, and n counts those pictures: see "Persons
+come in pictures" below; with one person per picture, as written here.)
 
 The fact every rule rests on: if the person scores of val and of a new person are independent
 draws of one continuous distribution F, the miss rate of the threshold S_(r) (the r-th lowest
@@ -24,7 +26,8 @@ The rules (``calibrate.guarantee``):
 
 ``none``
     Reach the target on val itself: k = ceil(target * n), the highest threshold with val
-    recall >= target. No statement about new pictures: its expected recall k / (n + 1) can fall
+    recall >= target (by picture: at least that share of val's pictures with persons have
+    every person caught). No statement about new pictures: its expected recall k / (n + 1) can fall
     below the target (n = 25, target 0.9: 23 / 26 = 0.885). Resolved from 1 / (1 - target) val
     persons (with fewer, one miss already breaks the target).
 
@@ -48,9 +51,39 @@ error is our miss rate, their class-0 scores our person scores negated)
 Where a rule is unresolvable, every val person must raise the alarm (k = n), and the point
 says ``resolved: false``.
 
-Clopper-Pearson bounds: exact one-sided binomial bounds (scipy.stats.beta quantiles), for a
-recall (x caught of n persons) and a false-alarm rate (x raised of n non-persons): at the stated
-confidence the true rate is >= the lower bound, <= the upper bound.
+Persons come in pictures. The crops of one source picture share its light, camera and scene, so
+their scores are correlated, and the n person crops are not n independent draws: with a
+picture-level correlation of 0.6 the ``probability`` rule, run on crops, misses its target in
+0.07 to 0.095 of draws at delta 0.05 (tests/test_guarantee.py simulates 1 to 5 persons a
+picture). What is independent is the pictures (split.py keeps each whole in one split). So every
+rule runs on one score per val picture that holds persons: the **lowest** person score in it
+(calibration.picture_minima), and n above is the number of such pictures (``persons_needed``
+counts pictures with persons). Why that is valid: with pictures i.i.d., the pictures' minima are
+i.i.d. draws of one distribution G, and everything above holds for G: with probability at least
+1 - delta, a new picture has **every** person in it raise the alarm with probability >= target
+(the alarm catches all its persons exactly when it catches the lowest). That is at least the
+recall of a person picked in a new picture in any way (a person is missed only where the
+picture's lowest is), so it is the promise for a new person, and it holds whatever the
+correlation inside a picture. It is conservative (pictures with several persons make G lower
+than a single person's score) but needs no randomness, so the same val set gives the same
+threshold; drawing one person per picture at random would be exact for "a random person of a new
+picture" (the subsampling method of Dunn, Wasserman & Ramdas 2022, "Distribution-free prediction
+sets for two-layer hierarchical models") but would make the threshold depend on the draw.
+Counted over all persons rather than pictures (a crowded picture weighing more), the promise
+still holds when a person's chance of being missed does not grow with the number of persons in
+the picture. A crop whose picture is not known counts as its own picture (taken as independent).
+With one person per picture all this is the rule above exactly.
+
+Clopper-Pearson bounds: exact one-sided binomial bounds (scipy.stats.beta quantiles) over
+pictures, for the same reason: of the n pictures with persons, x have every person caught (a
+lower bound of the chance a new picture has all its persons caught, so of a new person's
+recall); of the n pictures with non-persons, x have at least one false alarm (an upper bound of
+the chance a new picture raises any, so of the false-alarm rate of a non-person in it). Why not
+the alternatives: a design-effect correction needs the within-picture correlation, estimated
+from the same few dozen pictures, and a cluster bootstrap collapses to [1, 1] when every person
+is caught; counting pictures is exact with no estimate, at the price of treating a picture with
+one miss like a picture with all missed. With one crop per picture these are the per-crop
+bounds. At the stated confidence the true rate is >= the lower bound, <= the upper bound.
 """
 from __future__ import annotations
 
@@ -87,8 +120,9 @@ def upper_bound(successes: int, trials: int, confidence: float = CONFIDENCE) -> 
 
 
 def order_from_top(rule: str, persons: int, target: float, delta: float) -> int | None:
-    """k: the threshold sits on the k-th highest of ``persons`` val person scores; None when
-    ``rule`` cannot be resolved with that many persons (see the module docstring)."""
+    """k: the threshold sits on the k-th highest of ``persons`` val scores, one per picture
+    with persons (its lowest person score); None when ``rule`` cannot be resolved with that
+    many (see the module docstring)."""
     from scipy.stats import binom
 
     n = int(persons)
@@ -116,8 +150,9 @@ def _none_needed(target: float) -> int:
 
 
 def persons_needed(rule: str, target: float, delta: float) -> int | None:
-    """The fewest val persons with which ``rule`` resolves ``target``; None when no number does
-    (a recall of 1 is never guaranteed on new persons)."""
+    """The fewest val pictures with persons with which ``rule`` resolves ``target`` (with one
+    person per picture, persons); None when no number does (a recall of 1 is never guaranteed
+    on new persons)."""
     if rule == "none":
         return _none_needed(target)
     if target >= 1:
@@ -136,9 +171,10 @@ def persons_needed(rule: str, target: float, delta: float) -> int | None:
 
 
 def assurance(persons: int, k: int, target: float) -> dict:
-    """What a threshold on the k-th highest of ``persons`` val person scores promises on new
-    persons, whatever rule chose k: the expected recall and the chance the recall is below
-    ``target`` (both bounds when the threshold sits lower than that score)."""
+    """What a threshold on the k-th highest of ``persons`` val scores (one per picture with
+    persons, its lowest) promises on new persons, whatever rule chose k: the expected recall and
+    the chance the recall is below ``target`` (both bounds when the threshold sits lower than
+    that score, and bounds again because they speak of a new picture's every person)."""
     from scipy.stats import binom
 
     n, r = int(persons), int(persons) + 1 - int(k)
@@ -149,12 +185,17 @@ def assurance(persons: int, k: int, target: float) -> dict:
 
 def alarm_bounds(figures: dict, target: float | None = None) -> dict:
     """One-sided 95 % Clopper-Pearson bounds of an alarm's figures
-    (stages.common.alarm.calibration.alarm_figures): the lowest person recall and the most false
-    alarms per 1,000 non-persons; with ``target``, whether the lowest recall reaches it. Rounded
-    outwards, so a shown bound never promises more than the exact one."""
-    persons, others = figures["persons"], figures["non_persons"]
-    recall = lower_bound(persons - figures["persons_missed"], persons)
-    false_rate = upper_bound(figures["false_alarms"], others)
+    (stages.common.alarm.calibration.alarm_figures), counted over pictures (see the module
+    docstring; figures without picture counts make every crop its own picture): the lowest
+    person recall and the most false alarms per 1,000 non-persons; with ``target``, whether the
+    lowest recall reaches it. Rounded outwards, so a shown bound never promises more than the
+    exact one."""
+    persons = figures.get("person_pictures", figures["persons"])
+    missed = figures.get("person_pictures_missed", figures["persons_missed"])
+    others = figures.get("non_person_pictures", figures["non_persons"])
+    raised = figures.get("false_alarm_pictures", figures["false_alarms"])
+    recall = lower_bound(persons - missed, persons)
+    false_rate = upper_bound(raised, others)
     out = {"person_recall_lower_95": None if recall is None else _down(recall, 4),
            "false_alarms_per_1000_upper_95":
                None if false_rate is None else _up(1000 * false_rate, 2)}

@@ -23,6 +23,7 @@ TRAIN_SPLIT = SPLIT_DIR / "train"
 VAL_SPLIT = SPLIT_DIR / "val"
 TEST_SPLIT = SPLIT_DIR / "test"
 CALIBRATION_SPLIT = SPLIT_DIR / "calibration"  # only when split.calibration > 0
+SPLIT_MANIFEST = SPLIT_DIR / "manifest.csv"  # each crop's split, label and source ImageID
 SPLIT_METRICS = Path("metrics/split.json")
 
 # train
