@@ -441,3 +441,15 @@ def test_make_repro_removes_dead_runs_temporaries_first(tmp_path):
     subprocess.run(["sh", "-c", command], cwd=tmp_path, check=True,
                    env={**os.environ, "PYTHONPATH": str(ROOT)})
     assert not dead.exists()
+
+
+def test_evaluate_refuses_a_fifo_as_train_metrics(tmp_path, monkeypatch):
+    from stages.evaluate import stage as evaluate_stage
+
+    monkeypatch.chdir(tmp_path)
+    (tmp_path / "metrics").mkdir()
+    os.mkfifo(tmp_path / "metrics" / "train.json")
+    box = in_thread(evaluate_stage.best_epoch)
+    assert isinstance(box.get("error"), StageError)
+    assert str(box["error"]) == ("metrics/train.json: cannot read it (not a regular file (a "
+                                 "FIFO)); run `dvc repro train`")
