@@ -351,9 +351,10 @@ def _load_yaml(text: str, path: Path) -> Any:
 
     PyYAML checks the shape (its nodes, before anything is built); the values are built by
     ruamel.yaml exactly as DVC builds them (``YAML(typ="safe")``, YAML 1.2; tests/test_readers.py
-    holds the two equal through dvc_internals). PyYAML's own values follow YAML 1.1, where ``seed: 052`` is the octal 42 and
-    ``seed: 1:10`` the base-60 70 while DVC records 52 and '1:10', and ``1e-3`` is a string
-    while DVC reads 0.001: a stage would run with other values than the ones DVC tracks."""
+    holds the two equal through dvc_internals). PyYAML's own values follow YAML 1.1, where
+    ``seed: 052`` is the octal 42 and ``seed: 1:10`` the base-60 70 while DVC records 52 and
+    '1:10', and ``1e-3`` is a string while DVC reads 0.001: a stage would run with other values
+    than the ones DVC tracks."""
     loader = _BoundedLoader(text, path)
     try:
         node = loader.get_single_node()
