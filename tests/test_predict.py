@@ -586,13 +586,22 @@ def test_infinite_logits_stop_predict_evaluate_and_export_in_one_line(tmp_path, 
                                "export": {"speed_runs": 1, "batch_size": 2}})
     monkeypatch.chdir(tmp_path)
     for stage in (evaluate, export_stage):  # both stopped before writing anything
+        if stage is export_stage:  # export checks the metrics it needs first: give it them
+            point = json.loads(Path("data/calibration/operating_point.json").read_text())
+            Path("metrics").mkdir()
+            Path("metrics/eval.json").write_text(json.dumps(
+                {"operating_point": {"point_sha256": point["point_sha256"]}}))
+            Path("metrics/split.json").write_text("{}")
         with pytest.raises(SystemExit) as exc:
             stage.main()
         assert exc.value.code == 2
         assert capsys.readouterr().err.splitlines() == [
             "error: data/model/best.pt: the model answers NaN or infinite logits; its weights "
             "are damaged or diverged: retrain (dvc repro) or export it again"]
-    assert not (tmp_path / "metrics").exists() and not (tmp_path / "data/export").exists()
+        if stage is evaluate:
+            assert not (tmp_path / "metrics").exists()
+    assert sorted(p.name for p in (tmp_path / "metrics").iterdir()) == ["eval.json", "split.json"]
+    assert not (tmp_path / "data/export").exists()
 
 
 def test_the_model_card_outside_dvc_repro_and_without_metrics(tmp_path):
