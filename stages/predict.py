@@ -7,8 +7,10 @@ picture suffix (``PICTURE_SUFFIXES``: .jpg .jpeg .jpe .jfif .png ... .heic) or i
 are a picture format's signature (``picture_format``), whatever its name; every other file, and
 each link to a folder already walked, is named on stderr (``note: ...``), so no picture is passed
 over in silence. A link to nothing, or a file or folder that cannot be read, gets its own
-``error:``. Each picture is prepared as training crops are (aspect kept, padded with
-the corner colour), centred, so the answer never changes between runs. The model is a train-stage
+``error:``; a folder on a pseudo-filesystem (/proc, /sys, /dev) is not walked, a device or FIFO
+is "not a regular file", and an empty PATH is refused. Each picture is prepared as training
+crops are (aspect kept, padded with the corner colour), centred, so the answer never changes
+between runs. The model is a train-stage
 checkpoint (PyTorch) or an exported ``.onnx`` file (ONNX Runtime); either carries its own arch,
 class names, image size and normalisation, and a digest of its weights that is checked before it
 answers anything. No network is touched. ``--device auto|cpu|cuda|mps`` (default auto: CUDA when
@@ -76,7 +78,7 @@ PATHS_HELP = ("picture files or folders. A folder is walked recursively, links f
               + " ".join(PICTURE_SUFFIXES) + " or its first bytes are those of a JPEG, PNG, "
               "BMP, WebP, TIFF, GIF, JPEG 2000, Sun raster, HEIF or AVIF file; other files and "
               "links to a folder already walked are named on stderr (note: ...), never answered "
-              "in silence")
+              "in silence; a folder of /proc, /sys or /dev is not walked")
 NAMES_HELP = ("File names: a byte that is not UTF-8 is written \\xNN and a backslash \\\\ in "
               "every format; the table and the CSV also escape control characters (\\n, "
               "\\x1b); the CSV quotes fields holding a comma or quote and puts one ' before a "
