@@ -214,7 +214,8 @@ def read_for_crops(task: ImageTask) -> tuple[np.ndarray | None, str, Header | No
                 header = pictures.read_header(data)  # stops here (a 768 MB file was read whole)
                 if header is not None and header.width * header.height > task.max_image_pixels:
                     return None, "too_many_pixels", header, 1
-                data += f.read()
+                f.seek(0)  # the whole file once: head + rest would hold it twice
+                data = f.read()
     except OSError:
         return None, "decode_failed", None, 1
     header, problem = pictures.examine(data, task.max_image_pixels)
