@@ -32,7 +32,7 @@ ROOT = Path(__file__).resolve().parents[1]
 
 
 def run_stage(tree: Path, work: Path, threads: int | None) -> float:
-    for out in ("data/model", "data/train_state", "plots", "metrics"):
+    for out in ("data/model", "data/train_resume", "plots", "metrics"):
         shutil.rmtree(work / out, ignore_errors=True)
     env = {**os.environ, "PYTHONPATH": str(tree), "DVC_NO_ANALYTICS": "1"}
     if threads:

@@ -41,13 +41,16 @@ Exit code:
   0  every input was classified;
   1  some inputs failed (each has its ``error:``; the count is on stderr);
   2  nothing more could be answered: an unusable model (missing, damaged, not ours, NaN or
-     infinite logits), option or output (stdout closed or full); one line on stderr.
+     infinite logits), option or output (stdout closed or full); one line on stderr;
+  3  an internal error (an exception nothing above explains: a bug, not the inputs); one line
+     on stderr, the answers already given kept.
 """
 from __future__ import annotations
 
 import argparse
 import contextlib
 import csv
+import functools
 import io
 import json
 import math
@@ -71,6 +74,9 @@ from stages.common.serving.classifiers import load_classifier
 from stages.common.serving.predictor import Prediction, Skipped, expand, predict_paths
 
 DEFAULT_MODEL = CHECKPOINT
+INTERNAL_ERROR = 3  # not 1, which says that some inputs failed and the rest were answered
+EXIT_HELP = ("Exit code: 0 every input classified; 1 some failed (each its own error: line); 2 an "
+             "unusable model, option or output (one line); 3 an internal error (one line).")
 
 
 PATHS_HELP = ("picture files or folders. A folder is walked recursively, links followed (each "
@@ -88,7 +94,7 @@ NAMES_HELP = ("File names: a byte that is not UTF-8 is written \\xNN and a backs
 
 def parse_args(argv: list[str] | None) -> argparse.Namespace:
     parser = ArgumentParser(prog="python -m stages.predict", description=__doc__.split("\n")[0],
-                            epilog=NAMES_HELP)
+                            epilog=f"{EXIT_HELP} {NAMES_HELP}")
     parser.add_argument("paths", nargs="+", metavar="PATH", help=PATHS_HELP)
     parser.add_argument("--model", type=Path, default=DEFAULT_MODEL,
                         help=f"checkpoint (.pt) or exported .onnx file (default {DEFAULT_MODEL})")
@@ -353,6 +359,23 @@ def say_skipped(skipped: list[Skipped]) -> None:
                   "once, under that name", file=sys.stderr)
 
 
+def internal_errors(fn):
+    """An exception main_guard does not turn into its one line is a bug of ours, not a bad input:
+    one line and INTERNAL_ERROR, never Python's traceback and its exit code 1."""
+    @functools.wraps(fn)
+    def wrapper(*args, **kwargs):
+        try:
+            return fn(*args, **kwargs)
+        except Exception as exc:  # main_guard has already handled every expected one
+            what = " ".join(str(exc).split())
+            print(f"error: internal error ({type(exc).__name__}{': ' if what else ''}{what}); "
+                  "not caused by the inputs: please report it with the command that was run",
+                  file=sys.stderr)
+            raise SystemExit(INTERNAL_ERROR) from None
+    return wrapper
+
+
+@internal_errors
 @main_guard
 def main(argv: list[str] | None = None) -> int:
     if sys.stdout is None:  # started with stdout closed (`>&-`)

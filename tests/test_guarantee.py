@@ -28,11 +28,29 @@ def test_bounds_at_the_ends_have_closed_forms(n):
     assert g.lower_bound(0, 0) is None and g.upper_bound(0, 0) is None
 
 
-def test_bounds_agree_with_published_values_and_their_definition():
-    # R: binom.test(7, 10, alternative = "greater")$conf.int[1] = 0.3933758;
-    #    binom.test(3, 10, alternative = "less")$conf.int[2] = 0.6066242
-    assert g.lower_bound(7, 10) == pytest.approx(0.3933758, abs=1e-7)
-    assert g.upper_bound(3, 10) == pytest.approx(0.6066242, abs=1e-7)
+# (x, n, lower, upper) from statsmodels 0.15.0, proportion_confint(x, n, alpha=0.10,
+# method="beta"): the exact two-sided 90 % interval, whose ends are the one-sided 95 % bounds
+# (beta.ppf(0.05, x, n - x + 1) and beta.ppf(0.95, x + 1, n - x); 0 and 1 at the ends). R agrees:
+# binom.test(7, 10, alternative = "greater")$conf.int[1] = 0.3933758,
+# binom.test(3, 10, alternative = "less")$conf.int[2] = 0.6066242.
+CLOPPER_PEARSON = [
+    (0, 1, 0.0, 0.95), (1, 1, 0.05, 1.0), (0, 10, 0.0, 0.2588655509),
+    (10, 10, 0.7411344491, 1.0), (3, 10, 0.0872644339, 0.6066242161),
+    (7, 10, 0.3933757839, 0.9127355661), (1, 2, 0.0253205655, 0.9746794345),
+    (5, 20, 0.1040808359, 0.4555824040), (1, 137, 0.0003743335, 0.0341571972),
+    (57, 58, 0.9208021895, 0.9991160238), (58, 58, 0.9496606617, 1.0),
+    (95, 100, 0.8977466224, 0.9800944363), (0, 299, 0.0, 0.0099691468),
+    (296, 299, 0.9742735326, 0.9972598177), (299, 299, 0.9900308532, 1.0),
+    (990, 1000, 0.9830968249, 0.9945648599)]
+
+
+@pytest.mark.parametrize("x, n, lower, upper", CLOPPER_PEARSON)
+def test_bounds_agree_with_statsmodels_and_r(x, n, lower, upper):
+    assert g.lower_bound(x, n) == pytest.approx(lower, abs=1e-9)
+    assert g.upper_bound(x, n) == pytest.approx(upper, abs=1e-9)
+
+
+def test_bounds_agree_with_their_definition():
     for x, n in [(1, 5), (57, 58), (95, 100), (990, 1000)]:
         low, high = g.lower_bound(x, n), g.upper_bound(x, n)
         # the bound is the p at which seeing x or more (x or fewer) has probability exactly 5 %
@@ -45,9 +63,10 @@ def test_shown_bounds_round_outwards_and_target_met_needs_the_lower_bound():
     # 58 of 58 persons: recall 1.0, but the lower bound 0.9497 is below 0.99: not met
     figures = {"persons": 58, "persons_missed": 0, "non_persons": 137, "false_alarms": 1}
     bounds = g.alarm_bounds(figures, 0.99)
-    assert bounds == {"person_recall_lower_95": math.floor(0.05 ** (1 / 58) * 1e4) / 1e4,
-                      "false_alarms_per_1000_upper_95":
-                          math.ceil(g.upper_bound(1, 137) * 1e5) / 100, "target_met": False}
+    # 0.9496606617 rounded down; 1 of 137: upper bound 0.0341571972 (CLOPPER_PEARSON above),
+    # 34.1571972 per 1000 rounded up
+    assert bounds == {"person_recall_lower_95": 0.9496, "false_alarms_per_1000_upper_95": 34.16,
+                      "target_met": False}
     assert bounds["person_recall_lower_95"] <= g.lower_bound(58, 58)
     assert g.alarm_bounds(figures, 0.94)["target_met"] is True
     assert g.alarm_bounds({**figures, "persons": 0}, 0.9)["target_met"] is False
@@ -93,11 +112,12 @@ def test_the_umbrella_takes_the_highest_admissible_order_statistic(n, target, de
 
 # ----- the guarantees in simulation -----------------------------------------------------------
 
-def order_statistic_recalls(rule: str, n: int, target: float, delta: float) -> np.ndarray:
-    """New-person recall of the rule's order statistic on DRAWS val sets of n person scores
+def order_statistic_recalls(rule: str, n: int, target: float, delta: float,
+                            draws: int = DRAWS) -> np.ndarray:
+    """New-person recall of the rule's order statistic on ``draws`` val sets of n person scores
     drawn from N(0, 1): exactly norm.sf(threshold), no new draws needed."""
     rng = np.random.default_rng([n, int(target * 1000)])
-    scores = -np.sort(-rng.normal(size=(DRAWS, n)), axis=1)  # highest first
+    scores = -np.sort(-rng.normal(size=(draws, n)), axis=1)  # highest first
     k = g.order_from_top(rule, n, target, delta)
     return norm.sf(scores[:, k - 1])
 
@@ -143,6 +163,24 @@ def test_the_umbrella_rule_misses_the_target_in_at_most_delta_of_draws():
     # the check can fail: the conformal rule, right on average, misses far more often
     average = order_statistic_recalls("average", n, target, delta)
     assert (average < target).mean() > delta + tolerance
+
+
+def test_the_shipped_default_misses_the_target_in_at_most_delta_of_draws():
+    """params.yaml's setting: target 0.99, delta 0.05 (rule probability), with the 299 val
+    persons it needs; at exactly 299 every val person must raise the alarm."""
+    n, target, delta, draws = 299, 0.99, 0.05, 20_000
+    assert g.persons_needed("probability", target, delta) == n
+    assert g.order_from_top("probability", n, target, delta) == n  # the lowest person score
+    exact = target ** n  # the chance that all 299 fall in the top 99 % of persons: 0.0495
+    assert binom.cdf(0, n, 1 - target) == pytest.approx(exact) and exact <= delta
+    tolerance = Z * math.sqrt(exact * (1 - exact) / draws)
+    missed = (order_statistic_recalls("probability", n, target, delta, draws) < target).mean()
+    assert missed == pytest.approx(exact, abs=tolerance)
+    shipped = (shipped_rule_recalls("probability", n, target, delta) < target).mean()
+    assert shipped <= delta + Z * math.sqrt(delta * (1 - delta) / DRAWS)
+    # the check can fail: reaching 0.99 on val alone misses on new persons about half the time
+    plain = (order_statistic_recalls("none", n, target, delta, draws) < target).mean()
+    assert plain > delta + tolerance
 
 
 # ----- the stage: too few persons, the point's keys, the split it reads ----------------------

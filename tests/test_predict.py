@@ -522,6 +522,44 @@ def test_exit_codes_0_1_2(run_predict, models, pictures, tmp_path):
     assert run_predict(pictures / "crop.jpg", "--model", junk).returncode == 2
 
 
+@pytest.mark.parametrize("fmt", ["table", "json"])
+def test_an_internal_error_is_one_line_exit_3_not_1(run_predict, models, pictures, monkeypatch,
+                                                     fmt):
+    """A bug inside the model call (not a bad input, not an unusable model) exited 1, which
+    says "some inputs failed, the rest answered", with a traceback: now one line, exit code 3,
+    also when an input has failed before it; the answers already given stay whole."""
+    calls = []
+    real = TorchClassifier.logits
+
+    def logits(self, batch):
+        calls.append(len(batch))
+        if len(calls) == 2:
+            raise RuntimeError("mat1 and mat2 shapes cannot be multiplied\n(1x512 and 256x3)")
+        return real(self, batch)
+
+    monkeypatch.setattr(TorchClassifier, "logits", logits)
+    proc = run_predict(pictures / "broken.jpg", pictures / "crop.jpg", pictures / "wide.jpg",
+                       "--model", models[0], "--batch-size", "1", "--format", fmt)
+    assert proc.returncode == predict.INTERNAL_ERROR == 3
+    assert proc.stderr.splitlines() == [
+        "error: internal error (RuntimeError: mat1 and mat2 shapes cannot be multiplied "
+        "(1x512 and 256x3)); not caused by the inputs: please report it with the command that "
+        "was run"]
+    if fmt == "json":
+        answers = json.loads(proc.stdout)["predictions"]
+    else:
+        answers = [{"path": r.split()[0]} for r in rows_of(proc.stdout)]
+    assert [Path(a["path"]).name for a in answers] == ["broken.jpg", "crop.jpg"]
+
+
+def test_predict_help_states_every_exit_code(capsys):
+    with pytest.raises(SystemExit):
+        predict.parse_args(["--help"])
+    text = " ".join(capsys.readouterr().out.split())
+    assert "Exit code: 0 every input classified; 1 some failed" in text
+    assert "2 an unusable model" in text and "3 an internal error" in text
+
+
 # ---------------------------------------------------------------------------------------------
 # The ONNX file's integrity, and NaN / infinite logits in every user of a model
 

@@ -3,7 +3,8 @@ Chromium with the network off (proxy to a dead port, every host unresolvable).
 
 The plot files are written here (by the project's own figure code where it has one), so the test
 needs no pipeline run. Chromium is Debian's `chromium` package; CI installs it (.ci/run). Without
-it the browser test is skipped with the reason, so `make test` still runs for a user who lacks it.
+it the browser tests are skipped with the reason, so `make test` still runs for a user who lacks
+it; under CI (CI=true) they fail instead, so CI cannot go green while checking less.
 """
 import base64
 import html
@@ -25,6 +26,7 @@ from stages.evaluate import figures
 
 ROOT = Path(__file__).resolve().parents[1]
 CHROMIUM = shutil.which("chromium") or shutil.which("chromium-browser")
+NO_CHROMIUM = "chromium not installed (Debian: apt-get install chromium; CI's .ci/run installs it)"
 OFFLINE_FLAGS = [
     "--headless", "--no-sandbox", "--disable-gpu", "--disable-quic", "--no-first-run",
     "--disable-background-networking", "--disable-component-update", "--disable-sync",
@@ -197,6 +199,32 @@ def test_report_is_deterministic(project, tmp_path):
     assert (tmp_path / "again.html").read_bytes() == (repo / "report.html").read_bytes()
 
 
+def require_chromium(path: str | None, env=os.environ) -> str:
+    """The browser's path; without one a skip that says why, or under CI (CI=true, as CI services
+    set it) a failure: a CI that lost its browser must not stay green checking less."""
+    if path is None:
+        if env.get("CI", "").strip().lower() in ("1", "true", "yes"):
+            pytest.fail(f"{NO_CHROMIUM}; CI=true, so the browser test fails instead of skipping",
+                        pytrace=False)
+        pytest.skip(NO_CHROMIUM)
+    return path
+
+
+@pytest.fixture
+def chromium() -> str:
+    return require_chromium(CHROMIUM)
+
+
+def test_a_missing_browser_skips_for_a_user_and_fails_under_ci():
+    assert require_chromium("/usr/bin/chromium", {"CI": "true"}) == "/usr/bin/chromium"
+    for env in ({}, {"CI": "false"}, {"CI": ""}):
+        with pytest.raises(pytest.skip.Exception, match="chromium not installed"):
+            require_chromium(None, env)
+    for env in ({"CI": "true"}, {"CI": "1"}):
+        with pytest.raises(pytest.fail.Exception, match="CI=true, so the browser test fails"):
+            require_chromium(None, env)
+
+
 def chromium_evaluate(urls: list[str], expression: str, requests: list | None = None) -> list:
     """Open each URL in headless Chromium (network off) and evaluate ``expression`` there;
     ``requests``, when given, gets the URL of every request each page made (its own included).
@@ -273,9 +301,7 @@ def chromium_evaluate(urls: list[str], expression: str, requests: list | None = 
     return results
 
 
-@pytest.mark.skipif(CHROMIUM is None, reason="chromium not installed (Debian: apt-get install "
-                    "chromium; CI's .ci/run installs it)")
-def test_every_plot_renders_in_offline_chromium(project, tmp_path):
+def test_every_plot_renders_in_offline_chromium(chromium, project, tmp_path):
     repo, plot_ids = project
     # Controls: a broken image must be caught, and a page that needs the network (DVC's own
     # `dvc plots show` page, Vega from a CDN) must come out blank in this browser.
@@ -499,9 +525,7 @@ def test_report_compares_revisions(history):
            for rev in REVS[1:]] + [f"missing: metrics/train.json in {rev}" for rev in REVS[1:]])
 
 
-@pytest.mark.skipif(CHROMIUM is None, reason="chromium not installed (Debian: apt-get install "
-                    "chromium; CI's .ci/run installs it)")
-def test_compared_revisions_render_in_offline_chromium(history, tmp_path):
+def test_compared_revisions_render_in_offline_chromium(chromium, history, tmp_path):
     _, _, _, out, proc = history
     assert proc.returncode == 0, proc.stderr
     # Control: a page that fetches something is seen doing so.

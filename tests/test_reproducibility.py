@@ -98,7 +98,7 @@ def test_training_twice_gives_the_same_checkpoint_bytes(tmp_path):
 def _written_by_train(root: Path) -> dict:
     """Every byte train writes, timing figures aside (they measure the machine)."""
     files = {p.relative_to(root).as_posix(): p.read_bytes()
-             for out in ("data/model", "plots/train", "data/train_state")
+             for out in ("data/model", "plots/train")
              for p in sorted((root / out).rglob("*")) if p.is_file()}
     metrics = json.loads((root / "metrics/train.json").read_text())
     return {**files, "metrics/train.json": {k: v for k, v in metrics.items()

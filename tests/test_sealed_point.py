@@ -21,7 +21,7 @@ from stages.common.model.checkpoint import save_checkpoint
 from stages.common.model.onnx import POINT_KEY, export, seal
 from stages.common.serving.classifiers import OnnxClassifier
 from stages.evaluate import stage as evaluate
-from tests import paramfile
+from tests import paramfile, reference
 from tests.tiny_project import write_noise_test_split
 
 SIZE = 32
@@ -230,7 +230,7 @@ def person_log_odds(project, paths) -> np.ndarray:
 
     plain = TorchClassifier(project.root / CHECKPOINT)
     logits = np.stack([p.logits for p in predict_paths(plain, expand(paths))])
-    return cal.person_log_odds(logits, TEMPERATURE, 2)
+    return reference.log_odds(logits, TEMPERATURE, 2)  # scipy's, not the code under test
 
 
 @pytest.mark.parametrize("model", [CHECKPOINT, Path("model.onnx")])

@@ -2,7 +2,9 @@
 
 Every stage and command raises :class:`ParamError` (a bad param or option) or :class:`StageError`
 (missing or unusable input) with a message that names the thing and what to do, and wraps its
-``main`` in :func:`main_guard`, which prints ``error: <message>`` and exits 2.
+``main`` in :func:`main_guard`, which prints ``error: <message>`` and exits 2. Ctrl-C (SIGINT)
+is one line too, ``interrupted: <what a rerun does>``, and exit code 130 (128 + SIGINT, as a
+shell reports it).
 """
 from __future__ import annotations
 
@@ -20,6 +22,15 @@ class ParamError(ValueError):
 
 class StageError(RuntimeError):
     """Input data or a file the stage needs is missing or unusable."""
+
+
+class Interrupted(Exception):
+    """Ctrl-C stopped the stage; the message says what rerunning it does (train: resume)."""
+
+
+INTERRUPTED_EXIT = 130
+RERUN = ("stopped by Ctrl-C; run the same command again (for a stage: dvc repro, or the same "
+         "dvc exp run)")
 
 
 class ArgumentParser(argparse.ArgumentParser):
@@ -53,7 +64,8 @@ def stderr_or_nothing() -> None:
 
 
 def main_guard(fn: Callable[..., Any]) -> Callable[..., Any]:
-    """Turn a ParamError / StageError, or a full disk, into one line on stderr and exit code 2.
+    """Turn a ParamError / StageError, or a full disk, into one line on stderr and exit code 2;
+    Ctrl-C into one line and exit code 130.
 
     The disk-full line names the file being written when the writer said which
     (stages.common.infra.atomic names its outputs). First, a closed stderr is made /dev/null
@@ -67,6 +79,10 @@ def main_guard(fn: Callable[..., Any]) -> Callable[..., Any]:
         except (ParamError, StageError) as exc:
             print(f"error: {exc}", file=sys.stderr)
             raise SystemExit(2) from None
+        except (KeyboardInterrupt, Interrupted) as exc:
+            print(f"interrupted: {exc if isinstance(exc, Interrupted) else RERUN}",
+                  file=sys.stderr, flush=True)
+            raise SystemExit(INTERRUPTED_EXIT) from None
         except OSError as exc:
             if exc.errno not in DISK_FULL:
                 raise
