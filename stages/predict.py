@@ -3,7 +3,7 @@
 Not a DVC stage: the operator's command. PATH is a picture or a folder, walked recursively and
 sorted, links followed (each real folder once, under its own name when it has one, so loops and
 links fanning out cost one walk per folder). In a folder a file is a picture when its name has a
-picture suffix (``PICTURE_SUFFIXES``: .jpg .jpeg .jpe .jfif .png ... .heic) or its first bytes
+picture suffix (``PICTURE_SUFFIXES``: .jpg .jpeg .jpe .jfif .png ... .sr) or its first bytes
 are a picture format's signature (``picture_format``), whatever its name; every other file, and
 each link to a folder already walked, is named on stderr (``note: ...``), so no picture is passed
 over in silence. A link to nothing, or a file or folder that cannot be read, gets its own
@@ -82,9 +82,10 @@ EXIT_HELP = ("Exit code: 0 every input classified; 1 some failed (each its own e
 PATHS_HELP = ("picture files or folders. A folder is walked recursively, links followed (each "
               "folder once, so loops end); in it a file is a picture when its name ends in "
               + " ".join(PICTURE_SUFFIXES) + " or its first bytes are those of a JPEG, PNG, "
-              "BMP, WebP, TIFF, GIF, JPEG 2000, Sun raster, HEIF or AVIF file; other files and "
-              "links to a folder already walked are named on stderr (note: ...), never answered "
-              "in silence; a folder of /proc, /sys or /dev is not walked")
+              "BMP, WebP, TIFF, GIF, JPEG 2000, Sun raster or AVIF file (a HEIF .heic file is "
+              "found too, and named with its own error: nothing here decodes HEIF); other files "
+              "and links to a folder already walked are named on stderr (note: ...), never "
+              "answered in silence; a folder of /proc, /sys or /dev is not walked")
 NAMES_HELP = ("File names: a byte that is not UTF-8 is written \\xNN and a backslash \\\\ in "
               "every format; the table and the CSV also escape control characters (\\n, "
               "\\x1b); the CSV quotes fields holding a comma or quote and puts one ' before a "

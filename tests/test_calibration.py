@@ -258,11 +258,25 @@ def test_evaluate_writes_the_keys_dvc_metrics_diff_lines_up():
         round(float((probs[persons, 2] >= 0.4).mean()), 4)
 
 
-def test_the_operator_sentence():
-    assert cal.operator_sentence(0.99, 7.3) == \
-        "At this threshold, 99 of 100 people raise an alarm; 7 of 1,000 animals and objects do too."
-    assert cal.operator_sentence(1.0, 1000.0).startswith("At this threshold, 100 of 100")
-    assert "1,000 of 1,000" in cal.operator_sentence(1.0, 1000.0)
+def test_evaluate_records_the_statement_figures_and_refuses_a_point_it_cannot_state():
+    logits, targets = sampled(500, 2.0, seed=8)
+    val = {"persons": 29, "persons_needed": 299, "resolved": False, "expected_recall": 0.9667,
+           "chance_recall_below_target": 0.7472}
+    point = cal.seal({"temperature": 2.0, "threshold": 0.4, "threshold_log_odds": cal.log_odds(0.4),
+                      "target_recall": 0.99, "guarantee": "probability", "delta": 0.05,
+                      "fitted_on": "data/split/calibration", "val": val})
+    op = alarm_metrics(logits, targets, ["animal", "object", "person"], point)["operating_point"]
+    assert {"expected_recall": 0.9667, "chance_recall_below_target": 0.7472,
+            "persons_needed": 299, "calibration_persons": 29, "resolved": False,
+            "fitted_on": "data/split/calibration"}.items() <= op.items()
+    assert op["threshold_log_odds"] == cal.log_odds(0.4)  # unrounded: the alarm itself
+    assert op["target_verdict"] in ("met", "not shown", "not met")
+    assert op["test_pictures_to_show"] == 299
+    assert op["test_person_pictures"] == op["test_persons"]  # no pictures: each crop its own
+    broken = cal.seal({**point, "val": {**val, "resolved": True}})  # 29 persons cannot resolve it
+    with pytest.raises(StageError, match="its figures cannot be stated .resolved True "
+                                         "contradicts calibration_persons 29 against 299"):
+        alarm_metrics(logits, targets, ["animal", "object", "person"], broken)
 
 
 def write_point(path, **change):

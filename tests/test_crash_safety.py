@@ -14,7 +14,8 @@ What each stage writes, and how (audit):
                                                      renamed into place after the last epoch
                  plots/train/ (DVCLive)              IN PLACE: one .tsv per metric, appended
                                                      each epoch, and metrics.json rewritten
-                 metrics/train.json                  write_json, after data/model is in place
+                 metrics/speed/train.json,           write_json, after data/model is in place
+                 metrics/train.json                  (timings, then scores)
                  data/train_resume/<key>.pt          atomic_file per epoch; no DVC out, so DVC
                                                      neither deletes it nor checks another
                                                      one out over it: a killed train resumes

@@ -224,8 +224,10 @@ def test_export_params_are_checked():
 def test_speed_figures_shape():
     calls = []
     s = speed_figures(calls.append, "one", "batch", 8, runs=5)
-    assert set(s) == {"batch1_ms_per_image", "batch1_images_per_s", "batch_size",
-                      "batch_images_per_s"} and s["batch_size"] == 8
+    assert set(s) == {"batch1_ms_per_image", "batch1_ms_q1", "batch1_ms_q3", "batch1_runs",
+                      "batch1_images_per_s", "batch_size", "batch_images_per_s",
+                      "batch_images_per_s_q1", "batch_images_per_s_q3", "batch_runs"}
+    assert s["batch_size"] == 8 and s["batch1_runs"] == 5 and s["batch_runs"] == 3
     assert calls.count("one") == 3 + 5 and calls.count("batch") == 3 + 3  # warm-up + timed
 
 

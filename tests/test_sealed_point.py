@@ -12,7 +12,7 @@ import pytest
 import torch
 
 from stages import export as export_stage, predict
-from stages.common.alarm import calibration as cal
+from stages.common.alarm import calibration as cal, statement
 from stages.common.infra.atomic import write_json
 from stages.common.infra.digest import file_sha256
 from stages.common.infra.errors import StageError
@@ -301,6 +301,6 @@ def test_the_card_states_the_point_the_onnx_file_carries(inside, capsys):
     assert cal.embedded(inside.point, carried[cal.GRAPH_KEY]) == \
         {k: v for k, v in carried.items() if k != "source"}
     card = Path("data/export/MODEL_CARD.md").read_text()
-    shown = cal.threshold_text(carried["threshold"], carried["threshold_log_odds"])
+    shown = statement.threshold_text(carried["threshold"], carried["threshold_log_odds"])
     assert f">= **{shown}**" in card and f"T = {round(carried['temperature'], 4)}" in card
     assert "0.9**" not in card and "T = 3.0" not in card

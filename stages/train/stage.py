@@ -6,7 +6,8 @@ Reads   data/split/train, data/split/val (ImageFolder), data/train_resume/ (a ki
 Writes  data/model/best.pt      the best val-loss epoch's weights, with arch, classes, crop size,
                                 normalisation and recipe (loads with torch.load(weights_only=True))
         plots/train/            per-epoch history (DVCLive)
-        metrics/train.json      the best epoch's figures, epochs run, speed, processes, precision
+        metrics/train.json      the best epoch's figures, epochs run, processes, precision
+        metrics/speed/train.json  train time and images/s (timings apart from the scores)
         data/train_resume/      what a killed run resumes from, no DVC output (state.py)
 Params  seed, model.*, train.* but train.num_workers and train.pin_memory (they change no byte)
 
@@ -37,7 +38,7 @@ from torch.nn.parallel import DistributedDataParallel
 from stages.common.config import params
 from stages.common.config.params import Params
 from stages.common.config.paths import (CHECKPOINT, MODEL_DIR, SPLIT_DIR, TRAIN_METRICS,
-                                        TRAIN_PLOTS, TRAIN_SPLIT, VAL_SPLIT)
+                                        TRAIN_PLOTS, TRAIN_SPEED, TRAIN_SPLIT, VAL_SPLIT)
 from stages.common.inference.batches import CropSet, batch_len, batches
 from stages.common.inference.logits import predict
 from stages.common.infra import dvc_internals
@@ -505,10 +506,13 @@ def finish(fp: dict, n_train: int, parts: Parts, standing: Standing, world: Worl
     seconds = time.perf_counter() - standing.started
     live.end()
     best, amp = standing.best, parts.learner.amp
-    write_json(TRAIN_METRICS, {
-        **best, "epochs_run": standing.done, "stopped_early": parts.stopper.should_stop,
+    # the timings apart from the scores: they swing with the machine's load (paths.SPEED_FILES)
+    write_json(TRAIN_SPEED, {
         "train_seconds": round(seconds, 1),
         "train_images_per_s": round(n_train * standing.done / seconds, 1),
+        "device": device.type, "processes": world.size})
+    write_json(TRAIN_METRICS, {
+        **best, "epochs_run": standing.done, "stopped_early": parts.stopper.should_stop,
         "device": device.type, "processes": world.size,
         "amp": str(amp).replace("torch.", "") if amp else "off",
     })

@@ -337,43 +337,6 @@ def unlisted_line(unlisted: int, crops: int, manifest: Path) -> str | None:
             "rerun `dvc repro split` to have it list them")
 
 
-def threshold_text(threshold: float, threshold_log_odds: float) -> str:
-    """A threshold as people read it; near 1 the probability alone would print as 1."""
-    if threshold < 0.999:
-        return f"{threshold:.4g}"
-    return f"{threshold:.12g} (log-odds {threshold_log_odds:.2f})"
-
-
-def operator_sentence(recall: float, false_alarms_per_1000: float,
-                      threshold: str | None = None) -> str:
-    """The operating point as an operator reads it (halves round up: 7.5 false alarms reads 8)."""
-    people, others = int(recall * 100 + 0.5), int(false_alarms_per_1000 + 0.5)
-    at = f"At this threshold ({threshold})" if threshold else "At this threshold"
-    return (f"{at}, {people} of 100 people {'raises' if people == 1 else 'raise'} an alarm; "
-            f"{others:,} of 1,000 animals and objects {'does' if others == 1 else 'do'} too.")
-
-
-def bound_sentence(recall_lower: float | None, false_alarms_upper_per_1000: float | None
-                   ) -> str | None:
-    """The Clopper-Pearson bounds as an operator reads them; people round down and false alarms
-    up, so the sentence never promises more than the bound. None without persons."""
-    if recall_lower is None:
-        return None
-    people = math.floor(recall_lower * 100 + 1e-9)
-    sentence = (f"With 95 % confidence at least {people} of 100 people "
-                f"{'raises' if people == 1 else 'raise'} an alarm")
-    if false_alarms_upper_per_1000 is not None:
-        others = math.ceil(false_alarms_upper_per_1000 - 1e-9)
-        sentence += (f", and at most {others:,} of 1,000 animals and objects "
-                     f"{'does' if others == 1 else 'do'}")
-    return sentence + "."
-
-
-def target_sentence(target: float, met: bool) -> str:
-    """Whether the lower bound of recall reaches the target, as an operator reads it."""
-    return f"The target of {target} is {'met' if met else 'not met'} with 95 % confidence."
-
-
 # ----- the operating point file ----------------------------------------------------------------
 # Sealed as best.pt and model.onnx are: ``point_sha256`` is the SHA-256 of every other key as
 # canonical JSON (sorted keys, no spaces), so damage and careless edits (a flipped digit in the

@@ -35,6 +35,9 @@ TRAIN_METRICS = Path("metrics/train.json")
 # dvc.yaml, so that `dvc exp run`, which checks the committed outputs out first, keeps it.
 TRAIN_RESUME = Path("data/train_resume")
 NOT_OUTPUTS = {TRAIN_RESUME}
+# Timings live apart from the scores, one file per stage that measures: they swing with the
+# machine's load; dvc.yaml makes them outs, not metrics, so `dvc metrics diff` shows quality.
+TRAIN_SPEED = Path("metrics/speed/train.json")
 
 # calibrate
 CALIBRATION_DIR = Path("data/calibration")
@@ -43,7 +46,11 @@ OPERATING_POINT = CALIBRATION_DIR / "operating_point.json"
 # evaluate
 EVAL_PLOTS = Path("plots/eval")
 EVAL_METRICS = Path("metrics/eval.json")
+EVAL_SPEED = Path("metrics/speed/eval.json")
 
 # export
 EXPORT_DIR = Path("data/export")
 EXPORT_METRICS = Path("metrics/export.json")
+EXPORT_SPEED = Path("metrics/speed/export.json")
+
+SPEED_FILES = (TRAIN_SPEED, EVAL_SPEED, EXPORT_SPEED)  # the timings, in pipeline order

@@ -84,14 +84,16 @@ def revision_resolver(repo: Path) -> Callable[[str], str]:
     return resolve
 
 
-def metrics_of(repo: Path, rev: str) -> dict:
+def metrics_of(repo: Path, rev: str, targets: list[str] | None = None) -> dict:
     """DVC's ``metrics show`` result for one revision (``workspace`` included): ``{"data":
-    {file: {"data": ...} or {"error": exception}}}``, or ``{"error": exception}``."""
+    {file: {"data": ...} or {"error": exception}}}``, or ``{"error": exception}``. ``targets``:
+    these files (repository-relative) instead of dvc.yaml's metrics, as `--targets` reads them."""
     require(DVC)
     from dvc.repo import Repo
 
     with Repo(str(repo)) as dvc_repo:
-        return dvc_repo.metrics.show(revs=[rev], hide_workspace=False).get(rev) or {}
+        return dvc_repo.metrics.show(targets=targets, revs=[rev],
+                                     hide_workspace=False).get(rev) or {}
 
 
 def open_live(make: Callable[[], T]) -> T:

@@ -36,6 +36,11 @@ def read_image(path: Path, max_pixels: int = DEFAULT_MAX_IMAGE_PIXELS) -> np.nda
         raise ValueError(problem)
     data = path.read_bytes()
     header, problem = pictures.examine(data, max_pixels)
+    kind = picture_format(data[:SIGNATURE_BYTES]) if problem == "not_an_image" else None
+    if kind in ("HEIF", "HEIF/AVIF"):  # AVIF decodes here: a HEIF, or a damaged AVIF
+        raise ValueError(f"a {'HEIF picture' if kind == 'HEIF' else 'HEIF or damaged AVIF'} "
+                         "(a phone's .heic is HEIF), which no library here decodes; convert it "
+                         "to JPEG or PNG (the phone's 'most compatible' setting)")
     if problem:
         raise ValueError(pictures.describe(problem, header, max_pixels))
     try:
