@@ -32,7 +32,10 @@ $(STAMP): requirements.txt | prerequisites
 check: setup
 	$(RUN) python -m stages.check
 
+# What killed runs left (.<name>.tmp-<pid> of dead processes) goes first: a stage restored from
+# DVC's cache never runs, so never reaches its own start-up cleanup.
 repro: check
+	$(RUN) python -c "from stages.common.infra.atomic import clean_dead_leftovers as c; c()"
 	$(RUN) dvc repro
 	$(RUN) dvc metrics show metrics/eval.json
 

@@ -36,6 +36,7 @@ from stages.common.inference.logits import checked_crops
 from stages.common.inference.speed import speed_figures
 from stages.common.infra.atomic import atomic_dir, write_json
 from stages.common.infra.errors import StageError, main_guard
+from stages.common.infra.jsonfile import JsonProblem, read_json
 from stages.common.model.build import load_checkpoint
 from stages.common.model.checkpoint import check_logits
 from stages.common.model.onnx import export
@@ -86,10 +87,15 @@ def in_batches(forward, x: np.ndarray, size: int = 64) -> np.ndarray:
 
 def read_metrics(path: Path) -> dict:
     try:
-        return json.loads(path.read_text())
-    except (OSError, ValueError) as exc:
-        raise StageError(f"{path}: cannot read it ({exc}); run `dvc repro` (evaluate and "
+        scores = read_json(path)
+    except (OSError, JsonProblem) as exc:
+        why = exc.strerror if isinstance(exc, OSError) and exc.strerror else exc
+        raise StageError(f"{path}: cannot read it ({why}); run `dvc repro` (evaluate and "
                          "split write it)") from None
+    if not isinstance(scores, dict):
+        raise StageError(f"{path}: not a JSON object; run `dvc repro` (evaluate and split "
+                         "write it)")
+    return scores
 
 
 def evaluated(scores: dict, point: dict) -> dict:
@@ -267,6 +273,9 @@ def main() -> None:
     cfg = everything.export
     model, meta = load_checkpoint(CHECKPOINT)
     point = operating_point_for(CHECKPOINT, OPERATING_POINT)  # predict answers with it
+    # The metrics the card needs, checked before the minutes of timing and export, not after.
+    scores = evaluated(read_metrics(EVAL_METRICS), point)
+    split = read_metrics(SPLIT_METRICS)
     images = test_arrays(meta)
 
     n = cfg.batch_size
@@ -280,10 +289,10 @@ def main() -> None:
     check_logits(reference, len(images), len(meta["classes"]), CHECKPOINT)
     speed["pytorch_eager"] = speed_figures(eager.logits, one, batch, n, cfg.speed_runs)
     del eager
-    scores = evaluated(read_metrics(EVAL_METRICS), point)
 
     with atomic_dir(EXPORT_DIR) as tmp:
-        export(model, {**meta, "operating_point": embedded(point)}, tmp / ONNX_FILE, cfg.opset)
+        export(model, meta, tmp / ONNX_FILE, cfg.opset,
+               point_for=lambda graph_sha256: embedded(point, graph_sha256))
         onnx = OnnxClassifier(tmp / ONNX_FILE, threads=threads)
         answered = in_batches(onnx.logits, images)
         check_logits(answered, len(images), len(meta["classes"]), EXPORT_DIR / ONNX_FILE)
@@ -302,7 +311,7 @@ def main() -> None:
                    "parity": check}
         (tmp / CARD_FILE).write_text(model_card(
             everything, meta, with_point(scores, onnx.operating_point),
-            read_metrics(SPLIT_METRICS), data_hashes(), figures, speed))
+            split, data_hashes(), figures, speed))
 
     write_json(EXPORT_SPEED, speed)
     write_json(EXPORT_METRICS, figures)

@@ -46,6 +46,7 @@ from stages.common.config.paths import EVAL_METRICS, SPEED_FILES
 from stages.common.infra import dvc_internals
 from stages.common.infra.atomic import atomic_file, refuse_odd_destination
 from stages.common.infra.errors import ArgumentParser, ParamError, StageError, main_guard
+from stages.common.infra.jsonfile import JsonProblem, parse_json
 
 DEFAULT_OUT = Path("dvc_plots/report.html")  # beside dvc plots show's index.html, git-ignored
 IMAGE_TYPES = {".png": "image/png", ".jpg": "image/jpeg", ".jpeg": "image/jpeg",
@@ -77,7 +78,11 @@ def dvc_json(*args: str, cwd: Path, revs: tuple[str, ...] | list[str] = ()) -> d
         last = (proc.stderr.strip().splitlines() or ["no message"])[-1]
         raise StageError(f"`dvc {' '.join([*args, *revs])}` failed in {cwd} ({last}); run it "
                          "from the repository root after `dvc repro`")
-    return json.loads(proc.stdout or "{}")
+    try:
+        return parse_json(proc.stdout or "{}")
+    except JsonProblem as exc:  # e.g. a revision's metrics file holding a 400-digit integer
+        raise StageError(f"`dvc {' '.join([*args, *revs])}` in {cwd} answered what cannot be "
+                         f"used ({exc}); fix the metrics files of those revisions") from None
 
 
 def data_uri(mime: str, payload: bytes) -> str:

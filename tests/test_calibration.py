@@ -292,7 +292,7 @@ def write_point(path, **change):
 
 @pytest.mark.parametrize("change, needle", [
     ({"temperature": -1}, "temperature -1"), ({"threshold": 1.5}, "threshold 1.5"),
-    ({"threshold": math.nan}, "threshold nan"), ({"format": 9}, "format 9"),
+    ({"threshold": math.nan}, "NaN is not a finite number"), ({"format": 9}, "format 9"),
     ({"label": "cat"}, "label 'cat'"), ({"model_sha256": None}, "model_sha256")])
 def test_a_damaged_operating_point_file_is_one_line(tmp_path, change, needle):
     path = tmp_path / "operating_point.json"

@@ -375,12 +375,13 @@ def test_table_escapes_names_so_one_picture_is_one_row(run_predict, models, pict
     assert rows[0].startswith(str(pictures / "a\\nb.jpg   person"))
     assert rows[1].startswith(str(pictures / "c\\x1b[2K\\x1b[1Ad.jpg"))
     assert rows[2].startswith(str(pictures / "e\\xff.jpg"))
-    for fmt in ("csv", "json"):  # these quote: the name comes back whole (bytes not UTF-8 as \xff)
-        out = run_predict(fake, odd, "--model", models[0], "--format", fmt)
-        assert out.returncode == 0
+    for fmt in ("csv", "json"):  # JSON quotes: the name comes back whole (bytes not UTF-8 as
+        out = run_predict(fake, odd, "--model", models[0], "--format", fmt)  # \xff); the CSV
+        assert out.returncode == 0  # escapes control characters as the table does
         names = ([r["path"] for r in json.loads(out.stdout)["predictions"]] if fmt == "json"
                  else [r[0] for r in list(__import__("csv").reader(io.StringIO(out.stdout)))[1:]])
-        assert names == [str(fake), str(pictures / "e\\xff.jpg")]
+        first = str(fake) if fmt == "json" else predict.printable(str(fake))
+        assert names == [first, str(pictures / "e\\xff.jpg")]
 
 
 def csv_rows(stdout: str) -> list[list[str]]:
@@ -406,15 +407,16 @@ def unescaped(name: str) -> bytes:
 
 def test_a_carriage_return_in_a_name_stays_inside_its_csv_row(run_predict, models, pictures):
     """csv.writer with "\\n" left a lone CR unquoted: a reader split the row there and the
-    alarm landed on a file named `cam1.jpg`."""
+    alarm landed on a file named `cam1.jpg`. The CSV now writes it escaped, as the table does."""
     crop = (pictures / "crop.jpg").read_bytes()
     odd = pictures / "x\rcam1.jpg"
     odd.write_bytes(crop)
     out = run_predict(odd, pictures / "wide.jpg", "--model", models[0], "--format", "csv")
     assert out.returncode == 0
     rows = csv_rows(out.stdout)
-    assert [r[0] for r in rows] == ["path", str(odd), str(pictures / "wide.jpg")]
-    assert f'"{odd}",' in out.stdout  # quoted, so a reader that splits at CR does not
+    assert [r[0] for r in rows] == ["path", str(pictures / "x\\rcam1.jpg"),
+                                    str(pictures / "wide.jpg")]
+    assert "\r" not in out.stdout  # escaped, so a reader that splits at CR does not
 
 
 def test_names_are_escaped_one_way_so_no_two_files_share_a_name(run_predict, models, pictures):
@@ -450,12 +452,16 @@ def test_a_name_a_spreadsheet_would_run_is_written_as_text(run_predict, models, 
     monkeypatch.chdir(pictures)
     as_csv = run_predict("--model", models[0], "--format", "csv", "--", *FORMULAS, "plain.jpg")
     rows = csv_rows(as_csv.stdout)[1:]
-    assert [r[0] for r in rows] == ["'" + n for n in FORMULAS] + ["plain.jpg"]
+    # a tab or CR is escaped (\t, \r) as in the table, so those names no longer need the '
+    assert [r[0] for r in rows] == [predict.csv_cell(predict.printable(n)) for n in FORMULAS] + [
+        "plain.jpg"]
+    assert [r[0] for r in rows][4:6] == ["\\tx.jpg", "\\rcam.jpg"]
     assert rows[-1][-1] == "file not found"
     as_json = run_predict("--model", models[0], "--format", "json", "--", *FORMULAS)
     assert [r["path"] for r in json.loads(as_json.stdout)["predictions"]] == FORMULAS
     walked = run_predict(".", "--model", models[0], "--format", "csv")  # names from a folder
-    assert {"'" + n for n in FORMULAS} <= {r[0] for r in csv_rows(walked.stdout)[1:]}
+    assert {predict.csv_cell(predict.printable(n)) for n in FORMULAS} <= {
+        r[0] for r in csv_rows(walked.stdout)[1:]}
 
 
 @pytest.mark.parametrize("args,needle", [
@@ -583,8 +589,9 @@ def test_onnx_metadata_that_is_not_json_is_one_line(models, tmp_path):
     broken.write_bytes(seal(proto))  # a valid digest: the file was written so
     with pytest.raises(StageError) as err:
         OnnxClassifier(broken)
-    assert str(err.value) == (f"{broken}: ONNX metadata classes is not valid JSON; the file is "
-                              "damaged or not one this project wrote; export it again with "
+    assert str(err.value) == (f"{broken}: ONNX metadata classes is not usable (not valid JSON "
+                              "(Expecting ',' delimiter: line 1 column 30 (char 29))); the file "
+                              "is damaged or not one this project wrote; export it again with "
                               "`dvc repro export` (or python -m stages.export)")
 
 
@@ -619,13 +626,22 @@ def test_infinite_logits_stop_predict_evaluate_and_export_in_one_line(tmp_path, 
                                "export": {"speed_runs": 1, "batch_size": 2}})
     monkeypatch.chdir(tmp_path)
     for stage in (evaluate, export_stage):  # both stopped before writing anything
+        if stage is export_stage:  # export checks the metrics it needs first: give it them
+            point = json.loads(Path("data/calibration/operating_point.json").read_text())
+            Path("metrics").mkdir()
+            Path("metrics/eval.json").write_text(json.dumps(
+                {"operating_point": {"point_sha256": point["point_sha256"]}}))
+            Path("metrics/split.json").write_text("{}")
         with pytest.raises(SystemExit) as exc:
             stage.main()
         assert exc.value.code == 2
         assert capsys.readouterr().err.splitlines() == [
             "error: data/model/best.pt: the model answers NaN or infinite logits; its weights "
             "are damaged or diverged: retrain (dvc repro) or export it again"]
-    assert not (tmp_path / "metrics").exists() and not (tmp_path / "data/export").exists()
+        if stage is evaluate:
+            assert not (tmp_path / "metrics").exists()
+    assert sorted(p.name for p in (tmp_path / "metrics").iterdir()) == ["eval.json", "split.json"]
+    assert not (tmp_path / "data/export").exists()
 
 
 def test_the_model_card_outside_dvc_repro_and_without_metrics(tmp_path):

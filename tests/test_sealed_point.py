@@ -65,7 +65,7 @@ def project(tmp_path_factory):
     write_noise_test_split(root, CLASSES, SIZE)
     paramfile.write(root, {"evaluate": {"device": "cpu", "speed_runs": 1, "mistakes": 2},
                            "export": {"speed_runs": 1, "batch_size": 2}})
-    export(model, {**meta, POINT_KEY: cal.embedded(point)}, root / "model.onnx", 18)
+    export(model, meta, root / "model.onnx", 18, point_for=lambda g: cal.embedded(point, g))
     return SimpleNamespace(root=root, point=point, text=(root / FILE).read_text(),
                            pics=root / "data/split/test/person")
 
@@ -298,7 +298,8 @@ def test_the_card_states_the_point_the_onnx_file_carries(inside, capsys):
     write_json(Path("metrics/eval.json"), scores)
     export_stage.main()
     carried = OnnxClassifier("data/export/model.onnx").operating_point
-    assert cal.embedded(inside.point) == {k: v for k, v in carried.items() if k != "source"}
+    assert cal.embedded(inside.point, carried[cal.GRAPH_KEY]) == \
+        {k: v for k, v in carried.items() if k != "source"}
     card = Path("data/export/MODEL_CARD.md").read_text()
     shown = statement.threshold_text(carried["threshold"], carried["threshold_log_odds"])
     assert f">= **{shown}**" in card and f"T = {round(carried['temperature'], 4)}" in card

@@ -194,11 +194,17 @@ def mistakes_gallery(crops: CropSet, probs: np.ndarray, targets: np.ndarray, k: 
 
 
 def best_epoch() -> int | None:
-    import json
+    from stages.common.infra.jsonfile import JsonProblem, read_json
 
-    if TRAIN_METRICS.is_file():
-        return json.loads(TRAIN_METRICS.read_text()).get("best_epoch")
-    return None
+    if not TRAIN_METRICS.exists():
+        return None
+    try:
+        scores = read_json(TRAIN_METRICS)
+    except (OSError, JsonProblem) as exc:
+        why = exc.strerror if isinstance(exc, OSError) and exc.strerror else exc
+        raise StageError(f"{TRAIN_METRICS}: cannot read it ({why}); run `dvc repro train`") \
+            from None
+    return scores.get("best_epoch") if isinstance(scores, dict) else None
 
 
 @main_guard
