@@ -193,8 +193,8 @@ def model_card(cfg: params.Params, meta: dict, scores: dict, split: dict, hashes
     classes = meta["classes"]
     counts = split.get("crops", {})
     rows = "\n".join(f"| {part} | " + " | ".join(str(counts[part].get(c, 0)) for c in classes)
-                     + f" | {counts[part].get('total', 0)} |" for part in ("train", "val", "calibration", "test")
-                     if part in counts)
+                     + f" | {counts[part].get('total', 0)} |"
+                     for part in ("train", "val", "calibration", "test") if part in counts)
     per_class = "\n".join(
         f"| {c} | {scores['per_class'][c]['precision']:.4f} | {scores['per_class'][c]['recall']:.4f}"
         f" | {scores['per_class'][c]['f1']:.4f} | {scores['per_class'][c]['support']} |"

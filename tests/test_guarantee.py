@@ -340,11 +340,12 @@ def test_the_model_cards_split_table_holds_the_calibration_split():
              for part, n in (("train", 60), ("val", 10), ("calibration", 11), ("test", 20))}
     scores = {"accuracy": 0.9, "macro_f1": 0.9, "person_recall": 1.0, "test_crops": 60,
               "per_class": {}}
-    speed = {"batch1_ms_per_image": 1.0, "batch_images_per_s": 100.0}
+    speed = {"batch1_ms_per_image": 1.0, "batch1_ms_q1": 1.0, "batch1_ms_q3": 1.0,
+             "batch1_runs": 3, "batch_images_per_s": 100.0, "batch_size": 4}
     card = model_card(cfg, {"arch": "resnet18", "classes": ["animal", "object", "person"],
                             "image_size": 64}, scores, {"crops": crops}, {},
-                      {"speed": {"threads": 2, "pytorch_eager": speed, "onnxruntime": speed},
-                       "parity": {"max_abs_logit_diff": 0.0, "test_crops": 60}})
+                      {"parity": {"max_abs_logit_diff": 0.0, "test_crops": 60}},
+                      {"threads": 2, "pytorch_eager": speed, "onnxruntime": speed})
     table = card.split("| split |", 1)[1].split("\n\n", 1)[0].splitlines()[2:]
     assert [row.split(" | ")[0] for row in table] == ["| train", "| val", "| calibration",
                                                       "| test"]
