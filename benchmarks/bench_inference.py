@@ -8,6 +8,9 @@ PyTorch eager fp32 NCHW, eager channels_last (what evaluate and predict use), an
 Same weights and inputs for every runtime (outputs compared, must agree to 1e-3). Timings are
 medians after warm-up (stages.common.inference.speed, the timer of evaluate and export), models in
 eval mode under torch.inference_mode. Untrained weights: speed does not depend on their values.
+The model takes the stages' own path: a checkpoint saved as train saves one, loaded as export
+loads it, exported and opened as export and predict do, so every metadata check runs here too
+(tests/test_benchmarks.py runs this script at a tiny size).
 """
 from __future__ import annotations
 
@@ -19,37 +22,50 @@ import numpy as np
 import torch
 
 from stages.common.inference.speed import speed_figures
-from stages.common.model.build import IMAGENET_MEAN, IMAGENET_STD, build_model
+from stages.common.model.build import IMAGENET_MEAN, IMAGENET_STD, build_model, load_checkpoint
+from stages.common.model.checkpoint import save_checkpoint
 from stages.common.model.onnx import export
 from stages.common.serving.classifiers import OnnxClassifier
 
+CLASSES = ["animal", "object", "person"]
+OPSET = 18  # params.yaml's export.opset
+DROPOUT = 0.3
 
-def runtimes(model, size: int, device: torch.device, tmp: Path):
+
+def checkpoint(arch: str, size: int, tmp: Path) -> tuple[torch.nn.Module, dict]:
+    """An untrained ``arch`` saved with the metadata train writes and loaded back as export
+    loads it: (model in eval mode, metadata)."""
+    torch.manual_seed(0)
+    path = tmp / "best.pt"
+    save_checkpoint(path, build_model(arch, len(CLASSES), DROPOUT, "none"), {
+        "arch": arch, "classes": CLASSES, "image_size": size, "mean": IMAGENET_MEAN,
+        "std": IMAGENET_STD, "dropout": DROPOUT})
+    return load_checkpoint(path)
+
+
+def runtimes(model, meta: dict, device: torch.device, tmp: Path):
     """(name, forward(NCHW float tensor) -> logits as ndarray) for each runtime measured."""
     def eager(fmt):
-        m = model.to(memory_format=fmt)
+        m = model.to(device, memory_format=fmt)
         return lambda x: m(x.to(device, memory_format=fmt)).float().cpu().numpy()
 
     yield "eager NCHW", eager(torch.contiguous_format)
     yield "eager channels_last", eager(torch.channels_last)
     if device.type == "cpu":
-        meta = {"arch": "bench", "classes": ["animal", "object", "person"], "image_size": size,
-                "mean": IMAGENET_MEAN, "std": IMAGENET_STD}
         path = tmp / "model.onnx"
-        export(model.cpu(), meta, path, opset=18)
+        export(model.cpu(), meta, path, OPSET)
         ort = OnnxClassifier(path, threads=torch.get_num_threads())
         yield "ONNX Runtime", lambda x: ort.logits(x.numpy())
 
 
 @torch.inference_mode()
 def measure(arch: str, size: int, runs: int, device: torch.device) -> None:
-    torch.manual_seed(0)
-    model = build_model(arch, 3, 0.3, "none").eval().to(device)
-    one, batch = torch.randn(1, 3, size, size), torch.randn(32, 3, size, size)
     sync = torch.cuda.synchronize if device.type == "cuda" else (lambda: None)
     rows, reference = [], None
     with tempfile.TemporaryDirectory(prefix="bench-onnx-") as tmp:
-        for name, forward in runtimes(model, size, device, Path(tmp)):
+        model, meta = checkpoint(arch, size, Path(tmp))
+        one, batch = torch.randn(1, 3, size, size), torch.randn(32, 3, size, size)
+        for name, forward in runtimes(model, meta, device, Path(tmp)):
             out = forward(batch)
             reference = out if reference is None else reference
             assert np.allclose(out, reference, atol=1e-3), f"{name} disagrees with eager NCHW"
@@ -62,13 +78,13 @@ def measure(arch: str, size: int, runs: int, device: torch.device) -> None:
               f"({fig['batch_images_per_s'] / base['batch_images_per_s']:.2f}x)")
 
 
-def main() -> None:
+def main(argv: list[str] | None = None) -> None:
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     ap.add_argument("--archs", nargs="+", default=["resnet18", "resnet50"])
     ap.add_argument("--size", type=int, default=224)
     ap.add_argument("--runs", type=int, default=30, help="timed batch-1 passes (batch 32: / 5)")
     ap.add_argument("--device", default="cpu")
-    args = ap.parse_args()
+    args = ap.parse_args(argv)
     device = torch.device(args.device)
     print(f"{args.size} px, fp32, device {device}, torch {torch.__version__}, "
           f"threads {torch.get_num_threads()}; ratios against eager NCHW")

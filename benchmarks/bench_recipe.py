@@ -30,7 +30,7 @@ from tests.paramfile import merge
 from tests.tiny_project import copy_project
 
 DATA_STAGES = ["download", "extract_crops", "split"]
-TRAIN_OUTPUTS = ["data/model", "data/train_state", "plots/train", "plots/eval"]
+TRAIN_OUTPUTS = ["data/model", "data/train_resume", "plots/train", "plots/eval"]
 
 
 def parse_override(text: str) -> dict:

@@ -7,9 +7,10 @@
 Writes a train and a val split of generated JPEG crops (photo-like, as extract_crops writes
 them), checks out ``--baseline`` beside this tree (``git worktree``, removed afterwards), and
 runs ``python -m stages.train`` of each tree on that split with the same params.yaml,
-alternating, ``--runs`` times each. Prints each run's ``train_images_per_s`` (metrics/train.json:
-every crop of every epoch over the stage's whole training time, validation included) and the
-medians' ratio. Both trees must accept the same params.yaml (the keys of this one).
+alternating, ``--runs`` times each. Prints each run's ``train_images_per_s``
+(metrics/speed/train.json, metrics/train.json in a tree before that file: every crop of every
+epoch over the stage's whole training time, validation included) and the medians' ratio. Both
+trees must accept the same params.yaml (the keys of this one).
 """
 from __future__ import annotations
 
@@ -32,7 +33,7 @@ ROOT = Path(__file__).resolve().parents[1]
 
 
 def run_stage(tree: Path, work: Path, threads: int | None) -> float:
-    for out in ("data/model", "data/train_state", "plots", "metrics"):
+    for out in ("data/model", "data/train_resume", "plots", "metrics"):
         shutil.rmtree(work / out, ignore_errors=True)
     env = {**os.environ, "PYTHONPATH": str(tree), "DVC_NO_ANALYTICS": "1"}
     if threads:
@@ -41,7 +42,11 @@ def run_stage(tree: Path, work: Path, threads: int | None) -> float:
                           capture_output=True, text=True)
     if proc.returncode != 0:
         raise SystemExit(f"train of {tree} failed:\n{proc.stderr[-3000:]}")
-    return json.loads((work / "metrics/train.json").read_text())["train_images_per_s"]
+    # metrics/speed/train.json since the timings left the scores; a baseline from before that
+    # writes it into metrics/train.json (metrics/ is removed before each run: never a stale one)
+    timings = work / "metrics/speed/train.json"
+    return json.loads((timings if timings.is_file() else work / "metrics/train.json")
+                      .read_text())["train_images_per_s"]
 
 
 def main(argv: list[str] | None = None) -> int:

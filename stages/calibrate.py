@@ -28,7 +28,6 @@ with it.
 from __future__ import annotations
 
 import sys
-from pathlib import Path
 
 import numpy as np
 import torch
@@ -38,8 +37,9 @@ from stages.common.alarm.calibration import (ALARM_LABEL, FORMAT, alarm_figures,
                                              person_log_odds, person_threshold, picture_codes,
                                              probability, seal, softmax, temperature_interval,
                                              temperature_warnings, threshold_order,
-                                             threshold_text, unlisted_line)
+                                             unlisted_line)
 from stages.common.alarm.guarantee import alarm_bounds, assurance, persons_needed
+from stages.common.alarm.statement import UNRESOLVED, point_facts, point_parts, threshold_text
 from stages.common.config import params
 from stages.common.config.paths import (CALIBRATION_SPLIT, CHECKPOINT, OPERATING_POINT,
                                         SPLIT_MANIFEST, VAL_SPLIT)
@@ -87,16 +87,20 @@ def operating_point(logits, targets, classes: list[str], target: float,
     }
 
 
-def unresolved_line(point: dict, source: Path) -> str | None:
-    """One line when the rule could not be resolved on ``source``'s persons; None otherwise."""
-    val = point["val"]
-    if val["resolved"]:
-        return None
-    return (f"warning: {source} holds {val['persons']} persons in {val['person_pictures']} "
-            f"pictures; calibrate.guarantee {point['guarantee']} needs {val['persons_needed']} "
-            f"pictures with persons to resolve a recall target of "
-            f"{point['target_recall']}, so every one of them must raise the alarm (stricter than "
-            "the target asks); more data or a larger split share resolves it")
+def statement_lines(point: dict) -> tuple[list[str], list[str]]:
+    """(what the point gives new persons, for stdout; warnings, for stderr), from the alarm's
+    statement (stages.common.alarm.statement): too few pictures with persons for the rule, and
+    the caveat when val both picked the epoch and fitted the point."""
+    parts = point_parts(point_facts(point))
+    said, warned = [], []
+    if parts["resolution"].startswith(UNRESOLVED):
+        warned.append(f"warning: {parts['resolution'][len(UNRESOLVED):]} {parts['gives']} "
+                      "More data or a larger split.calibration resolves it.")
+    else:
+        said = [parts["resolution"], parts["gives"]]
+    if "caveat" in parts:
+        warned.append("warning: " + parts["caveat"][len("Caveat: "):])
+    return said, warned
 
 
 @main_guard
@@ -125,13 +129,15 @@ def main() -> None:
           f"for recall >= {cfg.person_recall_target} (guarantee {cfg.guarantee}): "
           f"recall {val['person_recall']} (95 % lower bound {val['person_recall_lower_95']}), "
           f"{val['false_alarms']} false alarms of {val['non_persons']} non-persons")
+    said, warned = statement_lines(point)
+    if said:
+        print(" ".join(said))
     for line in (temperature_warnings(point["temperature"], logits, targets)
                  + interval_warnings(interval)):
         print(line, file=sys.stderr)
-    for line in (unlisted_line(unlisted, len(targets), SPLIT_MANIFEST),
-                 unresolved_line(point, source)):
-        if line:
-            print(line, file=sys.stderr)
+    note = unlisted_line(unlisted, len(targets), SPLIT_MANIFEST)
+    for line in ([note] if note else []) + warned:
+        print(line, file=sys.stderr)
 
 
 if __name__ == "__main__":

@@ -3,16 +3,17 @@
 Writes data/export/model.onnx (with the class names, size and normalisation in its metadata, so
 `python -m stages.predict --model data/export/model.onnx` needs nothing else),
 data/export/MODEL_CARD.md (what the model is for and not for, the data it came from with the
-dvc.lock hashes, the recipe, the test figures, the speed, how to rebuild it) and
-metrics/export.json. The model file carries calibrate's sealed operating point; the card's alarm
-figures are metrics/eval.json's only when evaluate scored that very point (its ``point_sha256``),
-as are its camera conditions metrics/conditions.json's (stage conditions), and its threshold and
-temperature are read back from the model file:
+dvc.lock hashes, the recipe, the test figures, the speed, how to rebuild it),
+metrics/export.json (size, parity) and metrics/speed/export.json (the timings, apart from the
+scores because they swing with the machine's load). The model file carries calibrate's sealed
+operating point; the card's alarm figures are metrics/eval.json's only when evaluate scored that
+very point (its ``point_sha256``), as are its camera conditions metrics/conditions.json's (stage
+conditions), and its threshold and temperature are read back from the model file:
   * parity on the test crops: max absolute logit difference and top-1 agreement between ONNX
     Runtime and PyTorch; the stage fails when the difference exceeds ``export.parity_atol``;
   * speed on the CPU, both runtimes on the same threads and the same inputs: ms per image at
-    batch 1 and images/s at ``export.batch_size`` (stages.common.inference.speed, as evaluate
-    measures).
+    batch 1 and images/s at ``export.batch_size``, medians with their quartiles
+    (stages.common.inference.speed, as evaluate measures).
 """
 from __future__ import annotations
 
@@ -23,18 +24,19 @@ import numpy as np
 import torch
 import yaml
 
-from stages.common.alarm.calibration import (bound_sentence, embedded, operating_point_for,
-                                             operator_sentence, threshold_text)
+from stages.common.alarm.calibration import embedded, operating_point_for
+from stages.common.alarm.statement import (ASSUMPTION, InconsistentFigures, statement,
+                                           threshold_text)
 from stages.common.config import params
 from stages.common.config.paths import (CHECKPOINT, CONDITIONS_METRICS, EVAL_METRICS,
-                                        EXPORT_DIR, EXPORT_METRICS,
-                                        MODEL_DIR, OPERATING_POINT, SPLIT_METRICS, TEST_SPLIT,
-                                        VAL_SPLIT)
+                                        EXPORT_DIR, EXPORT_METRICS, EXPORT_SPEED, MODEL_DIR, OPERATING_POINT, SPLIT_METRICS,
+                                        TEST_SPLIT, VAL_SPLIT)
 from stages.common.inference.batches import normalise
 from stages.common.inference.logits import checked_crops
 from stages.common.inference.speed import speed_figures
 from stages.common.infra.atomic import atomic_dir, write_json
 from stages.common.infra.errors import StageError, main_guard
+from stages.common.infra.jsonfile import JsonProblem, read_json
 from stages.common.model.build import load_checkpoint
 from stages.common.model.checkpoint import check_logits
 from stages.common.model.onnx import export
@@ -85,24 +87,37 @@ def in_batches(forward, x: np.ndarray, size: int = 64) -> np.ndarray:
 
 def read_metrics(path: Path) -> dict:
     try:
-        return json.loads(path.read_text())
-    except (OSError, ValueError) as exc:
-        raise StageError(f"{path}: cannot read it ({exc}); run `dvc repro` (evaluate and "
-                         "split write it)") from None
-
-
-def evaluated(scores: dict, point: dict, path: Path = EVAL_METRICS, stage: str = "evaluate"
-              ) -> dict:
-    """``path``'s figures (eval.json's, or conditions.json's from stage conditions), once they
-    are of ``point`` (the operating point export embeds): a card must never describe another
-    alarm than the one the model file carries."""
-    seen = (scores.get("operating_point") or scores).get("point_sha256")
-    if seen != point["point_sha256"]:
-        raise StageError(f"{path} {'evaluated' if stage == 'evaluate' else 'measured'} another "
-                         f"operating point (point_sha256 "
-                         f"{str(seen)[:12]}) than {OPERATING_POINT} ({point['point_sha256'][:12]})"
-                         f"; run `dvc repro {stage}` before export")
+        scores = read_json(path)
+    except (OSError, JsonProblem) as exc:
+        why = exc.strerror if isinstance(exc, OSError) and exc.strerror else exc
+        raise StageError(f"{path}: cannot read it ({why}); run `dvc repro` (evaluate, "
+                         "conditions and split write it)") from None
+    if not isinstance(scores, dict):
+        raise StageError(f"{path}: not a JSON object; run `dvc repro` (evaluate, conditions "
+                         "and split write it)")
     return scores
+
+
+def evaluated(scores: dict, point: dict) -> dict:
+    """eval.json's figures, once they are of ``point`` (the operating point export embeds):
+    a card must never describe another alarm than the one the model file carries."""
+    seen = (scores.get("operating_point") or {}).get("point_sha256")
+    if seen != point["point_sha256"]:
+        raise StageError(f"{EVAL_METRICS} evaluated another operating point (point_sha256 "
+                         f"{str(seen)[:12]}) than {OPERATING_POINT} ({point['point_sha256'][:12]})"
+                         "; run `dvc repro evaluate` before export")
+    alarm_section(scores)  # figures the card could not state stop here, not after the export
+    return scores
+
+
+def measured(conditions: dict, point: dict) -> dict:
+    """conditions.json's figures, once they are of ``point``, as :func:`evaluated`."""
+    seen = conditions.get("point_sha256")
+    if seen != point["point_sha256"]:
+        raise StageError(f"{CONDITIONS_METRICS} measured another operating point (point_sha256 "
+                         f"{str(seen)[:12]}) than {OPERATING_POINT} ({point['point_sha256'][:12]})"
+                         "; run `dvc repro conditions` before export")
+    return conditions
 
 
 def with_point(scores: dict, point: dict) -> dict:
@@ -126,54 +141,46 @@ def data_hashes(lock: Path = LOCK_FILE) -> dict[str, str]:
             for out in (stages.get(name) or {}).get("outs", [])}
 
 
-GUARANTEE_WORDS = {
-    "none": "reaches it on the calibration crops themselves, with no promise for new pictures",
-    "average": "reaches it on new pictures on average (split-conformal)",
-    "probability": "reaches it on new pictures with probability at least {confidence} "
-                   "(Neyman-Pearson order statistic)",
+RULE_WORDS = {
+    "none": "recall >= the target on the calibration persons themselves (no promise for new "
+            "pictures)",
+    "average": "recall >= the target on new pictures on average (split-conformal)",
+    "probability": "recall >= the target on new pictures with a chance of falling below it of "
+                   "at most `calibrate.delta` (Neyman-Pearson order statistic)",
 }
 
 
-def guarantee_text(op: dict) -> str:
-    """What the threshold rule promised, in words; what it could not, when unresolved."""
-    rule = op.get("guarantee")
-    if rule not in GUARANTEE_WORDS:
-        return ""
-    delta = op.get("delta") or 0.05
-    words = GUARANTEE_WORDS[rule].format(confidence=f"{1 - delta:g}")
-    if op.get("resolved") is False:
-        words += ("; but the calibration crops held too few persons for it, so every one of "
-                  "them raises the alarm instead")
-    return f" The rule (`calibrate.guarantee: {rule}`) {words}."
-
-
 def alarm_section(scores: dict) -> str:
+    """The card's person alarm: the threshold as it can be copied, the rule, and the alarm's
+    statement (stages.common.alarm.statement), the same words evaluate and the report use."""
     op, cal = scores.get("operating_point"), scores.get("calibration")
     if not op or not cal:
         return "## Person alarm\nNot calibrated: run `dvc repro` (calibrate, then evaluate)."
-    sentence = operator_sentence(op["test_person_recall"], op["false_alarms_per_1000"])
-    bounds = bound_sentence(op.get("test_person_recall_lower_95"),
-                            op.get("false_alarms_per_1000_upper_95"))
-    met = ("" if "target_met" not in op else
-           f" The target is **{'met' if op['target_met'] else 'not met'}** with 95 % "
-           f"confidence (lower bound of test person recall "
-           f"{op.get('test_person_recall_lower_95')}, target {op['target_recall']}).")
+    try:
+        said = " ".join(statement(op))
+    except InconsistentFigures as exc:
+        raise StageError(f"{EVAL_METRICS}: its operating point cannot be stated ({exc}); "
+                         "run `dvc repro evaluate`") from None
+    rule = op.get("guarantee")
+    chosen = (f" by `calibrate.guarantee: {rule}`, which aims at {RULE_WORDS[rule]}"
+              if rule in RULE_WORDS else "")
     shown = threshold_text(op["threshold"], op["threshold_log_odds"])
     return f"""## Person alarm (operating point)
 Scores are calibrated by temperature scaling (T = {cal['temperature']}, fitted on
 `{op.get('fitted_on') or VAL_SPLIT}`; test expected calibration error {cal['ece_before']}
 before, {cal['ece_after']} after). A crop raises the alarm when its calibrated person probability
-is >= **{shown}**, chosen for person recall >= {op['target_recall']}
-(`calibrate.person_recall_target`) with the fewest false alarms.{guarantee_text(op)}
+is >= **{shown}** (rounded down: copied into `--person-threshold`, it raises the alarm for every
+picture this point does), chosen{chosen}, for person recall >= {op['target_recall']}
+(`calibrate.person_recall_target`) with the fewest false alarms.
+
+{said}
+
+{ASSUMPTION}
 
 On test: person recall {op['test_person_recall']}, precision {op['test_person_precision']},
-{op['false_alarms_per_1000']} false alarms per 1,000 non-person crops
-({op['test_persons_missed']} of {op['test_persons']} persons missed, {op['test_false_alarms']}
-of {op['test_non_persons']} animals and objects raised). {sentence} {bounds or ""}{met}
-
-The ONNX file carries this operating point; `python -m stages.predict` reports `alarm` with it.
-How the point is chosen and what each rule promises: docs/stages.md, "The person alarm's
-operating point"."""
+{op['false_alarms_per_1000']} false alarms per 1,000 non-person crops. The ONNX file carries
+this operating point; `python -m stages.predict` reports `alarm` with it. How the point is chosen
+and what each rule promises: docs/stages.md, "The person alarm's operating point"."""
 
 
 def conditions_section(conditions: dict) -> str:
@@ -193,8 +200,13 @@ def conditions_section(conditions: dict) -> str:
     if not rows:
         return ""
     clean = conditions["clean"]
-    caveat = ("" if clean["target_met"] else
-              " The clean test crops do not show the target either, so no condition can.")
+    caveat = ""
+    if clean.get("target_verdict") == "not shown":
+        caveat = (f" The clean test crops do not show the target either ({clean['person_pictures']}"
+                  f" pictures with persons; {clean.get('pictures_to_show')} with none missed would"
+                  "), so no condition can.")
+    elif not clean["target_met"]:
+        caveat = " The clean test crops do not meet the target either, so no condition can."
     return f"""## Under camera conditions
 The alarm on the test crops under simulated camera conditions, severities 1-5
 (`conditions.measure`, after ImageNet-C; docs/conditions.md): up to which severity it keeps its
@@ -223,13 +235,14 @@ def card_recipe(cfg: params.Params) -> dict:
 
 
 def model_card(cfg: params.Params, meta: dict, scores: dict, split: dict, hashes: dict,
-               export_figures: dict, conditions: dict | None = None) -> str:
-    """data/export/MODEL_CARD.md: what a reviewer reads before the model is deployed."""
+               export_figures: dict, speed: dict, conditions: dict | None = None) -> str:
+    """data/export/MODEL_CARD.md: what a reviewer reads before the model is deployed.
+    ``export_figures``: metrics/export.json's; ``speed``: metrics/speed/export.json's."""
     classes = meta["classes"]
     counts = split.get("crops", {})
     rows = "\n".join(f"| {part} | " + " | ".join(str(counts[part].get(c, 0)) for c in classes)
-                     + f" | {counts[part].get('total', 0)} |" for part in ("train", "val", "test")
-                     if part in counts)
+                     + f" | {counts[part].get('total', 0)} |"
+                     for part in ("train", "val", "calibration", "test") if part in counts)
     per_class = "\n".join(
         f"| {c} | {scores['per_class'][c]['precision']:.4f} | {scores['per_class'][c]['recall']:.4f}"
         f" | {scores['per_class'][c]['f1']:.4f} | {scores['per_class'][c]['support']} |"
@@ -237,7 +250,7 @@ def model_card(cfg: params.Params, meta: dict, scores: dict, split: dict, hashes
     provenance = "\n".join(f"| `{path}` | `{md5}` |" for path, md5 in hashes.items()) \
         or "| (not recorded: run the pipeline with `dvc repro`) | |"
     recipe = card_recipe(cfg)
-    e, o = export_figures["speed"]["pytorch_eager"], export_figures["speed"]["onnxruntime"]
+    e, o = speed["pytorch_eager"], speed["onnxruntime"]
     return f"""# Model card: {meta['arch']} person / animal / object classifier
 
 ## Intended use
@@ -255,7 +268,8 @@ for perimeter-surveillance operators who must know whether what a camera caught 
 ## Data
 Source: `{cfg.data.source}`, seed {cfg.seed}; labels from Open Images classes
 ({'; '.join(f'{k}: {len(v)} classes' for k, v in cfg.data.labels.items())}, listed under Recipe). Crops per split (a source
-picture's crops are all in one split; test was never seen in training):
+picture's crops are all in one split; test was never seen in training; calibration, when there
+is one, only fitted the person alarm):
 
 | split | {' | '.join(classes)} | total |
 |---|{'---|' * len(classes)}---|
@@ -286,9 +300,11 @@ Accuracy {scores['accuracy']:.4f}, macro F1 {scores['macro_f1']:.4f}, **person r
 {alarm_section(scores)}
 
 {conditions_section(conditions or {})}
-## Speed (CPU, {export_figures['speed']['threads']} threads, this run's machine)
+## Speed (CPU, {speed['threads']} threads, this run's machine)
 Batch 1: {o['batch1_ms_per_image']} ms/image in ONNX Runtime, {e['batch1_ms_per_image']} ms in
-PyTorch; batch {cfg.export.batch_size}: {o['batch_images_per_s']} images/s in ONNX Runtime. ONNX
+PyTorch; batch {cfg.export.batch_size}: {o['batch_images_per_s']} images/s in ONNX Runtime.
+Medians over {o['batch1_runs']} passes (ONNX Runtime's batch-1 quartiles:
+{o['batch1_ms_q1']} to {o['batch1_ms_q3']} ms); they vary with the machine's load. ONNX
 parity with PyTorch: max abs logit difference {export_figures['parity']['max_abs_logit_diff']}
 on {export_figures['parity']['test_crops']} test crops.
 
@@ -306,25 +322,27 @@ def main() -> None:
     cfg = everything.export
     model, meta = load_checkpoint(CHECKPOINT)
     point = operating_point_for(CHECKPOINT, OPERATING_POINT)  # predict answers with it
+    # The metrics the card needs, checked before the minutes of timing and export, not after.
+    scores = evaluated(read_metrics(EVAL_METRICS), point)
+    split = read_metrics(SPLIT_METRICS)
+    conditions = measured(read_metrics(CONDITIONS_METRICS), point)
     images = test_arrays(meta)
 
     n = cfg.batch_size
     one = images[:1]
     batch = np.resize(images, (n,) + images.shape[1:])  # repeats crops if the set is small
     threads = torch.get_num_threads()  # both runtimes on the same CPU threads
-    speed = {"device": "cpu", "threads": threads}
+    speed = {"arch": meta["arch"], "device": "cpu", "threads": threads}
     # PyTorch first, before ONNX Runtime's thread pool exists, so neither slows the other.
     eager = TorchClassifier(CHECKPOINT)
     reference = in_batches(eager.logits, images)
     check_logits(reference, len(images), len(meta["classes"]), CHECKPOINT)
     speed["pytorch_eager"] = speed_figures(eager.logits, one, batch, n, cfg.speed_runs)
     del eager
-    scores = evaluated(read_metrics(EVAL_METRICS), point)
-    conditions = read_metrics(CONDITIONS_METRICS)
-    evaluated(conditions, point, CONDITIONS_METRICS, "conditions")
 
     with atomic_dir(EXPORT_DIR) as tmp:
-        export(model, {**meta, "operating_point": embedded(point)}, tmp / ONNX_FILE, cfg.opset)
+        export(model, meta, tmp / ONNX_FILE, cfg.opset,
+               point_for=lambda graph_sha256: embedded(point, graph_sha256))
         onnx = OnnxClassifier(tmp / ONNX_FILE, threads=threads)
         answered = in_batches(onnx.logits, images)
         check_logits(answered, len(images), len(meta["classes"]), EXPORT_DIR / ONNX_FILE)
@@ -340,11 +358,12 @@ def main() -> None:
             / speed["onnxruntime"]["batch1_ms_per_image"], 2)
         size_mb = round((tmp / ONNX_FILE).stat().st_size / 2 ** 20, 1)
         figures = {"arch": meta["arch"], "opset": cfg.opset, "onnx_mb": size_mb,
-                   "parity": check, "speed": speed}
+                   "parity": check}
         (tmp / CARD_FILE).write_text(model_card(
             everything, meta, with_point(scores, onnx.operating_point),
-            read_metrics(SPLIT_METRICS), data_hashes(), figures, conditions))
+            split, data_hashes(), figures, speed, conditions))
 
+    write_json(EXPORT_SPEED, speed)
     write_json(EXPORT_METRICS, figures)
     e, o = speed["pytorch_eager"], speed["onnxruntime"]
     print(f"{EXPORT_DIR / ONNX_FILE}: {meta['arch']}, {size_mb} MB, opset {cfg.opset}, "

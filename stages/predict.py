@@ -3,12 +3,14 @@
 Not a DVC stage: the operator's command. PATH is a picture or a folder, walked recursively and
 sorted, links followed (each real folder once, under its own name when it has one, so loops and
 links fanning out cost one walk per folder). In a folder a file is a picture when its name has a
-picture suffix (``PICTURE_SUFFIXES``: .jpg .jpeg .jpe .jfif .png ... .heic) or its first bytes
+picture suffix (``PICTURE_SUFFIXES``: .jpg .jpeg .jpe .jfif .png ... .sr) or its first bytes
 are a picture format's signature (``picture_format``), whatever its name; every other file, and
 each link to a folder already walked, is named on stderr (``note: ...``), so no picture is passed
 over in silence. A link to nothing, or a file or folder that cannot be read, gets its own
-``error:``. Each picture is prepared as training crops are (aspect kept, padded with
-the corner colour), centred, so the answer never changes between runs. The model is a train-stage
+``error:``; a folder on a pseudo-filesystem (/proc, /sys, /dev) is not walked, a device or FIFO
+is "not a regular file", and an empty PATH is refused. Each picture is prepared as training
+crops are (aspect kept, padded with the corner colour), centred, so the answer never changes
+between runs. The model is a train-stage
 checkpoint (PyTorch) or an exported ``.onnx`` file (ONNX Runtime); either carries its own arch,
 class names, image size and normalisation, and a digest of its weights that is checked before it
 answers anything. No network is touched. ``--device auto|cpu|cuda|mps`` (default auto: CUDA when
@@ -18,8 +20,10 @@ Probabilities are calibrated (calibrate's temperature) and each picture gets ``a
 probability is at or above the operating point's threshold (``--person-threshold X`` overrides it
 for one run). A checkpoint's operating point is ``operating_point.json`` beside it, else
 data/calibration/operating_point.json, used only when fitted for that very checkpoint; an ONNX
-file carries its own. With none, stderr says so, probabilities are uncalibrated and the alarm is
-"person is the top label".
+file carries its own. With none, stderr says so (with ``--person-threshold`` too): probabilities
+are uncalibrated, and the alarm, "person is the top label" without X, is not the operating
+point's. ``--require-point`` refuses to answer without a valid point instead (exit code 2), for
+unattended use where nobody reads stderr.
 
 Answers are written as each batch is classified (``--format json`` opens the document first and
 closes it last), so a failure later in the run loses nothing already answered. A file that
@@ -27,23 +31,26 @@ cannot be used (missing, empty, not a picture, more pixels than ``--max-image-pi
 or anything its decode raises) gets its own ``error: ...`` and the rest go on.
 
 File names are written so that no two files share one and none fakes a row: in every format a
-byte that is not UTF-8 is ``\\xNN`` and a backslash ``\\\\``; the table also escapes control
-and other non-printable characters (``\\n``, ``\\x1b``); the CSV quotes every field holding a
-comma, a quote, CR or LF, and puts one ``'`` before a name or error that begins with ``= + - @``,
-tab, CR or ``'``, so a spreadsheet shows it and never runs it (drop that ``'`` to get the name);
-JSON writes the name without it.
+byte that is not UTF-8 is ``\\xNN`` and a backslash ``\\\\``; the table and the CSV also escape
+control and other non-printable characters (``\\n``, ``\\x1b``); the CSV quotes every field
+holding a comma or a quote, and puts one ``'`` before a name or error that begins with
+``= + - @`` or ``'``, so a spreadsheet shows it and never runs it (drop that ``'`` to get the
+name); JSON writes the name without it.
 
 Exit code:
   0  every input was classified;
   1  some inputs failed (each has its ``error:``; the count is on stderr);
   2  nothing more could be answered: an unusable model (missing, damaged, not ours, NaN or
-     infinite logits), option or output (stdout closed or full); one line on stderr.
+     infinite logits), option or output (stdout closed or full); one line on stderr;
+  3  an internal error (an exception nothing above explains: a bug, not the inputs); one line
+     on stderr, the answers already given kept.
 """
 from __future__ import annotations
 
 import argparse
 import contextlib
 import csv
+import functools
 import io
 import json
 import math
@@ -67,24 +74,28 @@ from stages.common.serving.classifiers import load_classifier
 from stages.common.serving.predictor import Prediction, Skipped, expand, predict_paths
 
 DEFAULT_MODEL = CHECKPOINT
+INTERNAL_ERROR = 3  # not 1, which says that some inputs failed and the rest were answered
+EXIT_HELP = ("Exit code: 0 every input classified; 1 some failed (each its own error: line); 2 an "
+             "unusable model, option or output (one line); 3 an internal error (one line).")
 
 
 PATHS_HELP = ("picture files or folders. A folder is walked recursively, links followed (each "
               "folder once, so loops end); in it a file is a picture when its name ends in "
               + " ".join(PICTURE_SUFFIXES) + " or its first bytes are those of a JPEG, PNG, "
-              "BMP, WebP, TIFF, GIF, JPEG 2000, Sun raster, HEIF or AVIF file; other files and "
-              "links to a folder already walked are named on stderr (note: ...), never answered "
-              "in silence")
+              "BMP, WebP, TIFF, GIF, JPEG 2000, Sun raster or AVIF file (a HEIF .heic file is "
+              "found too, and named with its own error: nothing here decodes HEIF); other files "
+              "and links to a folder already walked are named on stderr (note: ...), never "
+              "answered in silence; a folder of /proc, /sys or /dev is not walked")
 NAMES_HELP = ("File names: a byte that is not UTF-8 is written \\xNN and a backslash \\\\ in "
-              "every format; the table also escapes control characters; the CSV quotes fields "
-              "holding a comma, quote, CR or LF and puts one ' before a name or error that "
-              "begins with = + - @ tab CR or ' (a spreadsheet shows it, never runs it); JSON "
-              "writes the name without it.")
+              "every format; the table and the CSV also escape control characters (\\n, "
+              "\\x1b); the CSV quotes fields holding a comma or quote and puts one ' before a "
+              "name or error that begins with = + - @ or ' (a spreadsheet shows it, never runs "
+              "it); JSON writes the name without it.")
 
 
 def parse_args(argv: list[str] | None) -> argparse.Namespace:
     parser = ArgumentParser(prog="python -m stages.predict", description=__doc__.split("\n")[0],
-                            epilog=NAMES_HELP)
+                            epilog=f"{EXIT_HELP} {NAMES_HELP}")
     parser.add_argument("paths", nargs="+", metavar="PATH", help=PATHS_HELP)
     parser.add_argument("--model", type=Path, default=DEFAULT_MODEL,
                         help=f"checkpoint (.pt) or exported .onnx file (default {DEFAULT_MODEL})")
@@ -105,6 +116,11 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     parser.add_argument("--person-threshold", type=float, default=None, metavar="X",
                         help="raise the alarm when the person probability is >= X (0 to 1), "
                              "instead of the model's operating point")
+    parser.add_argument("--require-point", action="store_true",
+                        help="refuse (one line, exit code 2) to answer when the model has no "
+                             "valid operating point, instead of warning and answering with "
+                             "uncalibrated probabilities: for unattended use, where a stderr "
+                             "warning goes unread")
     parser.add_argument("--device", choices=["auto", "cpu", "cuda", "mps"], default="auto",
                         help="where a .pt checkpoint runs (auto: cuda, then mps, then cpu, "
                              "whichever there is); an .onnx model runs on the CPU")
@@ -215,7 +231,10 @@ class TableWriter:
 
 
 class CsvWriter:
-    """One row per picture. Names and errors are :func:`csv_cell` s of :func:`shown` text."""
+    """One row per picture. Names and errors are :func:`csv_cell` s of :func:`printable` text:
+    control characters escaped as in the table, so a name can neither split a row for a reader
+    that breaks lines at CR nor drive a terminal the CSV is shown on (ESC [2K erased the row
+    before it)."""
 
     def __init__(self, out: TextIO, classes: list[str], k: int, paths: list[Path], alarm: Alarm):
         self.out, self.classes, self.alarm = out, classes, alarm
@@ -232,9 +251,9 @@ class CsvWriter:
         self.row(["path", "label", "probability", "alarm", *self.classes, "error"])
 
     def write(self, p: Prediction) -> None:
-        name = csv_cell(shown(p.path))
+        name = csv_cell(printable(str(p.path)))
         if p.error:
-            self.row([name, "", "", "", *[""] * len(self.classes), csv_cell(p.error)])
+            self.row([name, "", "", "", *[""] * len(self.classes), csv_cell(printable(p.error))])
         else:
             best = int(p.probs.argmax())
             self.row([name, self.classes[best], f"{p.probs[best]:.6f}", yes_no(self.alarm(p)),
@@ -288,20 +307,35 @@ def threshold_for(args: argparse.Namespace, classifier
                   ) -> tuple[tuple[float, float] | None, str | None]:
     """((probability, log-odds), where it comes from): --person-threshold X (its own log-odds,
     whatever the point holds), else the model's operating point (whose log-odds is the alarm and
-    was checked against its probability); with neither, stderr says why."""
+    was checked against its probability). Without a point, --require-point stops here (one
+    line, exit 2); else stderr says, with or without X, that the probabilities are uncalibrated
+    and the alarm is not the operating point's."""
+    point = classifier.operating_point
+    where = None
+    if point is None:
+        where = ("exported without one: export it again with `dvc repro export`"
+                 if args.model.suffix.lower() == ".onnx" else
+                 f"no {OPERATING_POINT.name} fitted for it beside it or at {OPERATING_POINT}: "
+                 "run `dvc repro calibrate`")
+        if args.require_point:
+            raise StageError(f"{args.model} has no operating point ({where}); --require-point "
+                             "answers only with one")
     if args.person_threshold is not None:
         x = args.person_threshold
+        if where:
+            # The same X on the same picture gave "no" here and "yes" where the point was
+            # found: without the point's temperature, X meets other probabilities.
+            print(f"warning: {args.model} has no operating point ({where}); probabilities are "
+                  f"uncalibrated (temperature 1), so --person-threshold {x} is compared with "
+                  "other probabilities than where the point is found; --require-point refuses "
+                  "to answer without it", file=sys.stderr)
         return (x, log_odds(x)), "--person-threshold"
-    point = classifier.operating_point
     if point is not None:
         return (point["threshold"], point["threshold_log_odds"]), point["source"]
-    where = ("exported without one: export it again with `dvc repro export`"
-             if args.model.suffix.lower() == ".onnx" else
-             f"no {OPERATING_POINT.name} fitted for it beside it or at {OPERATING_POINT}: run "
-             "`dvc repro calibrate`")
-    print(f"warning: {args.model} has no operating point ({where}); probabilities are "
-          "uncalibrated and the alarm is raised when person is the top label; "
-          "--person-threshold X sets one", file=sys.stderr)
+    print(f"warning: {args.model} has no operating point ({where}); the alarm is NOT the "
+          "operating point's: probabilities are uncalibrated and the alarm is raised when "
+          "person is the top label; --person-threshold X sets one, --require-point refuses to "
+          "answer without a point", file=sys.stderr)
     return None, None
 
 
@@ -310,25 +344,48 @@ NAMES_SHOWN = 5  # skipped files named on stderr; the rest are counted
 
 def say_skipped(skipped: list[Skipped]) -> None:
     """What a folder held that gets no answer, on stderr: nothing is passed over in silence."""
-    others = [s.path for s in skipped if s.walked_as is None]
+    others = [s.path for s in skipped if s.walked_as is None and not s.pseudo]
     if others:
         names = ", ".join(printable(str(p)) for p in others[:NAMES_SHOWN])
         more = f" and {len(others) - NAMES_SHOWN} more" if len(others) > NAMES_SHOWN else ""
         print(f"note: {len(others)} file{'s are' if len(others) > 1 else ' is'} not a picture "
               f"by name or content, not classified: {names}{more}", file=sys.stderr)
     for s in skipped:
+        if s.pseudo:
+            print(f"note: {printable(str(s.path))} leads to a pseudo-filesystem (/proc, /sys, "
+                  "/dev): the machine's state, not pictures; not walked", file=sys.stderr)
         if s.walked_as is not None:
             print(f"note: {printable(str(s.path))} leads to the folder "
                   f"{printable(str(s.walked_as))}, already walked; its pictures are answered "
                   "once, under that name", file=sys.stderr)
 
 
+def internal_errors(fn):
+    """An exception main_guard does not turn into its one line is a bug of ours, not a bad input:
+    one line and INTERNAL_ERROR, never Python's traceback and its exit code 1."""
+    @functools.wraps(fn)
+    def wrapper(*args, **kwargs):
+        try:
+            return fn(*args, **kwargs)
+        except Exception as exc:  # main_guard has already handled every expected one
+            what = " ".join(str(exc).split())
+            print(f"error: internal error ({type(exc).__name__}{': ' if what else ''}{what}); "
+                  "not caused by the inputs: please report it with the command that was run",
+                  file=sys.stderr)
+            raise SystemExit(INTERNAL_ERROR) from None
+    return wrapper
+
+
+@internal_errors
 @main_guard
 def main(argv: list[str] | None = None) -> int:
     if sys.stdout is None:  # started with stdout closed (`>&-`)
         raise StageError("stdout is closed, so no answer could be written; run with stdout "
                          "open or redirected to a file")
     args = parse_args(argv)
+    if any(not path for path in args.paths):
+        raise ParamError("PATH '' is empty (it would walk the current folder); give a picture "
+                         "or a folder, . for the current one")
     if not 1 <= args.batch_size <= MAX_BATCH:
         raise ParamError(f"--batch-size={args.batch_size} is not allowed; expected 1 to "
                          f"{MAX_BATCH}")

@@ -6,20 +6,23 @@ plots (the Vega-Lite specs DVC fills from dvc.yaml's ``plots:``) to SVG here, wi
 bundled Vega, and writes ONE self-contained HTML file: every plot and PNG inlined as a data: URI,
 the metrics as tables, no script, and a Content-Security-Policy that forbids any fetch. Copy the
 file anywhere and open it in any browser. Where metrics/eval.json has an ``operating_point``
-(evaluate's chosen alarm threshold), the page says in one sentence what it means for an operator.
+(evaluate's chosen alarm threshold), the page states what it gives, in the words evaluate and the
+model card use (stages.common.alarm.statement).
 
 Without ``--rev`` the page shows the workspace (`dvc plots show`, `dvc metrics show`). Each
 ``--rev`` (a git commit, branch or tag, a DVC experiment name, or ``workspace``) is a revision to
 compare, as `dvc plots diff` and `dvc metrics diff` do: every plot overlays the revisions, image
 plots stand side by side labelled by revision, and each metrics file is one table with a column
-per revision and, for numbers, the change from the first one. What a revision lacks (a plot or
-metrics file, a plot dvc.yaml did not define yet) is shown as missing and named on stderr; the
-rest still renders. A revision DVC cannot resolve, or an empty ``--rev ''``, is refused in one
-line, exit code 2, before anything is written.
+per revision and, for numbers, the change from the first one: the scores (dvc.yaml's metrics)
+first, then the timings of metrics/speed/, which `dvc metrics diff` leaves out. What a revision
+lacks (a plot or metrics file, a plot dvc.yaml did not define yet) is shown as missing and named
+on stderr; the rest still renders. A revision DVC cannot resolve, or an empty ``--rev ''``, is
+refused in one line, exit code 2, before anything is written.
 
 A plot that cannot be rendered, a metrics file DVC cannot parse ("unreadable: <why>", never
-"missing") and an operating point whose figures are not finite numbers in range (NaN, Infinity,
-a string: "invalid") are named in the page and on stderr, the rest still comes out; the exit code
+"missing") and an operating point whose figures are not finite numbers in range or contradict
+one another (NaN, Infinity, a string, a bound of 5, a ``target_met`` its bound denies: "invalid")
+are named in the page and on stderr, the rest still comes out; the exit code
 is then 1. ``--out -`` writes the page to stdout (closed, or its reader gone: one line, exit code
 2); an ``--out`` that is a symbolic link or not a regular file (``/dev/stdout`` is a link) is
 refused in one line, exit code 2, because the atomic rename would replace the link or the device
@@ -31,19 +34,19 @@ import base64
 import contextlib
 import html
 import json
-import math
 import os
 import subprocess
 import sys
 import tempfile
 from pathlib import Path
 
-from stages.common.alarm.calibration import (bound_sentence, number_in, operator_sentence,
-                                             target_sentence, threshold_text)
-from stages.common.config.paths import EVAL_METRICS
+from stages.common.alarm.statement import (InconsistentFigures, problem, statement,
+                                           threshold_text)
+from stages.common.config.paths import EVAL_METRICS, SPEED_FILES
 from stages.common.infra import dvc_internals
 from stages.common.infra.atomic import atomic_file, refuse_odd_destination
 from stages.common.infra.errors import ArgumentParser, ParamError, StageError, main_guard
+from stages.common.infra.jsonfile import JsonProblem, parse_json
 
 DEFAULT_OUT = Path("dvc_plots/report.html")  # beside dvc plots show's index.html, git-ignored
 IMAGE_TYPES = {".png": "image/png", ".jpg": "image/jpeg", ".jpeg": "image/jpeg",
@@ -75,7 +78,11 @@ def dvc_json(*args: str, cwd: Path, revs: tuple[str, ...] | list[str] = ()) -> d
         last = (proc.stderr.strip().splitlines() or ["no message"])[-1]
         raise StageError(f"`dvc {' '.join([*args, *revs])}` failed in {cwd} ({last}); run it "
                          "from the repository root after `dvc repro`")
-    return json.loads(proc.stdout or "{}")
+    try:
+        return parse_json(proc.stdout or "{}")
+    except JsonProblem as exc:  # e.g. a revision's metrics file holding a 400-digit integer
+        raise StageError(f"`dvc {' '.join([*args, *revs])}` in {cwd} answered what cannot be "
+                         f"used ({exc}); fix the metrics files of those revisions") from None
 
 
 def data_uri(mime: str, payload: bytes) -> str:
@@ -170,53 +177,26 @@ def as_text(value) -> str:
     return value if isinstance(value, str) else json.dumps(value)
 
 
-# The figures of the operator's sentence, each with the range it must lie in. A revision's
-# eval.json is whatever that commit holds: NaN, Infinity or a string there is shown as invalid.
-POINT_FIGURES = {"threshold": (0.0, 1.0), "threshold_log_odds": (-math.inf, math.inf),
-                 "test_person_recall": (0.0, 1.0), "false_alarms_per_1000": (0.0, 1000.0)}
-
-
 def operating_point_problem(point: dict) -> str | None:
-    """Why ``point`` cannot be put into words (a figure that is no finite number in range), or
-    None; a figure it lacks is no problem (an older eval.json)."""
-    for key, (low, high) in POINT_FIGURES.items():
-        if key in point and not number_in(point[key], low, high):
-            return f"{key} {point[key]!r} is not a finite number" + (
-                f" from {low:g} to {high:g}" if math.isfinite(high) else "")
-    return None
+    """Why ``point`` (eval.json's ``operating_point`` in one revision) cannot be put into words:
+    a figure that is no finite number in range, or figures that contradict one another (a
+    ``target_met`` its own bound denies); None when it can. A figure it lacks is no problem (an
+    older eval.json)."""
+    return problem(point)
 
 
 def operating_point_sentence(point: dict) -> str | None:
-    """What eval.json's ``operating_point`` means at the perimeter, in words an operator uses;
-    None when it lacks the figures the sentence needs (an older eval.json)."""
+    """What eval.json's ``operating_point`` means at the perimeter: the alarm's statement
+    (stages.common.alarm.statement, as evaluate and the model card say it), after the threshold
+    as it can be copied into ``--person-threshold``; None when it holds nothing to state."""
     try:
-        threshold = float(point["threshold"])
-        recall = float(point["test_person_recall"])
-        others = float(point["false_alarms_per_1000"])
-    except (KeyError, TypeError, ValueError):
+        said = statement(point)
+    except InconsistentFigures:
         return None
-    shown = (threshold_text(threshold, float(point["threshold_log_odds"]))
-             if "threshold_log_odds" in point else f"{threshold:g}")
-    return " ".join(filter(None, [operator_sentence(recall, others, shown),
-                                  confidence_sentence(point)]))
-
-
-def confidence_sentence(point: dict) -> str | None:
-    """The one-sided 95 % bounds and whether they reach the target, in an operator's words;
-    None for an eval.json without them."""
-    try:
-        lower = float(point["test_person_recall_lower_95"])
-        upper = point.get("false_alarms_per_1000_upper_95")
-        upper = None if upper is None else float(upper)
-    except (KeyError, TypeError, ValueError):
+    if not said or "threshold" not in point:
         return None
-    if not (math.isfinite(lower) and (upper is None or math.isfinite(upper))):
-        return None
-    sentence = bound_sentence(lower, upper)
-    met = point.get("target_met")
-    if isinstance(met, bool) and "target_recall" in point:
-        sentence += " " + target_sentence(point["target_recall"], met)
-    return sentence
+    shown = threshold_text(point["threshold"], point.get("threshold_log_odds"))
+    return f"At threshold {shown}: " + " ".join(said)
 
 
 def operating_point_html(points: dict[str, dict]) -> str:
@@ -240,14 +220,16 @@ def revision_metrics(repo: Path, rev: str) -> tuple[dict[str, dict[str, object]]
     revision (``workspace``: the files as they are now); a file it lacks is in neither.
 
     DVC's Python API, one revision a call: `dvc metrics diff --json` drops a file it cannot
-    parse (it would read as missing), and two names of one commit would be merged into one."""
+    parse (it would read as missing), and two names of one commit would be merged into one.
+    dvc.yaml's metrics (the scores), then the timings (paths.SPEED_FILES: outs, not metrics)."""
     shown = dvc_internals.metrics_of(repo, rev)
     if "error" in shown:
         raise StageError(f"--rev {rev}: DVC cannot read its metrics "
                          f"({unreadable_reason(shown['error'])}); check dvc.yaml in {rev}")
+    timed = dvc_internals.metrics_of(repo, rev, [path.as_posix() for path in SPEED_FILES])
     values: dict[str, dict[str, object]] = {}
     unreadable: dict[str, str] = {}
-    for name, content in (shown.get("data") or {}).items():
+    for name, content in {**(shown.get("data") or {}), **(timed.get("data") or {})}.items():
         if isinstance(content.get("error"), (FileNotFoundError, KeyError)):
             continue  # not in this revision (KeyError: DVC's index of outputs lacks it)
         if "error" in content:
@@ -280,6 +262,15 @@ def change(old, new) -> str:
     return "0" if new == old else f"{new - old:+.6g}"  # 6 digits: no float noise like 0.0499999
 
 
+TIMINGS = {path.as_posix() for path in SPEED_FILES}
+
+
+def scores_first(name: str) -> tuple[bool, str]:
+    """Sort key of the metrics files: the scores, then the timings (metrics/speed/), which swing
+    with the machine's load and must not lead a comparison; by name within each."""
+    return name in TIMINGS, name
+
+
 def compared_metrics_html(table: dict, unreadable: dict, revs: list[str], missing: list[str],
                           failed: list[str]) -> str:
     """One table per metrics file: a column per revision, a change column after each but the
@@ -288,7 +279,7 @@ def compared_metrics_html(table: dict, unreadable: dict, revs: list[str], missin
     header = "".join(f"<th>{html.escape(r)}</th>" + ("<th>change</th>" if i else "")
                      for i, r in enumerate(revs))
     parts = []
-    for name in sorted(set(table) | set(unreadable)):
+    for name in sorted(set(table) | set(unreadable), key=scores_first):
         rows, broken = table.get(name, {}), unreadable.get(name, {})
         absent = [rev for rev in revs if rev not in broken
                   and not any(rev in values for values in rows.values())]

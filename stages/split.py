@@ -7,8 +7,9 @@ Writes  data/split/{train,val,test}/<label>/<crop>.jpg   (torchvision ImageFolde
                                                          calibration/ too if split.calibration > 0)
         data/split/manifest.csv                          crop, split, label, image_id, source
         metrics/split.json                               crops per split and label, images per split
-Params  seed, split.test, split.val, split.calibration (fractions of ALL crops: 0.2 / 0.1 / 0 ->
-        70 / 10 / 20; a calibration share comes out of train)
+Params  seed, split.test, split.val, split.calibration (fractions of ALL crops: 0.2 / 0.1 / 0.1
+        -> train / val / calibration / test 60 / 10 / 10 / 20; the calibration share comes out
+        of train)
 
 Why by image: crops of one picture share lighting, background and often the same object boxed
 twice; if they straddle train and test, the test score measures memory, not generalisation.

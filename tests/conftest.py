@@ -1,12 +1,25 @@
 """The suite runs the same on any user's machine: every git and DVC command it starts (the tests'
 own and the stages' subprocesses, which inherit this environment) reads no global or system
 configuration, so a user's remotes, cache settings or git hooks cannot change what a test sees.
+
+And in any order: DVC, DVCLive, FiftyOne and torch bind their log handlers to sys.stdout /
+sys.stderr as they are when first imported. Imported inside a test that captures output (capsys,
+capfd), they would keep that test's capture stream, closed once it ends, and a later test's log
+line would fail on it ("I/O operation on closed file"). Each handler bound to the test's stream
+is re-pointed to whatever sys.stdout / sys.stderr is at each write (what the library sees in its
+own process), and a handler still left on a closed stream fails the test that left it, naming it
+(tests/test_log_handlers.py).
 """
 from __future__ import annotations
 
+import logging
 import os
+import sys
 import tempfile
 from pathlib import Path
+
+import pytest
+from hypothesis import settings
 
 # Set at import, before any test or fixture starts a process.
 _HOME = Path(tempfile.mkdtemp(prefix="pcls-test-config-"))
@@ -19,6 +32,74 @@ ISOLATED_ENV = {
     "GIT_CONFIG_NOSYSTEM": "1",
 }
 os.environ.update(ISOLATED_ENV)
+
+
+# Every Hypothesis test draws the same examples on every run and machine (derandomize, seeded from
+# the test's name): a failure in CI reproduces here. Settings a test gives itself inherit this.
+settings.register_profile("derandomized", derandomize=True)
+settings.load_profile("derandomized")
+
+class CurrentStream:
+    """sys.stdout or sys.stderr as it is at each write, for a log handler to hold."""
+
+    def __init__(self, name: str) -> None:
+        self.name = name
+
+    def __getattr__(self, attr: str):
+        return getattr(getattr(sys, self.name), attr)
+
+    def __repr__(self) -> str:
+        return f"<sys.{self.name} at each write>"
+
+
+def stream_handlers():
+    loggers = [logging.getLogger(), *logging.Logger.manager.loggerDict.values()]
+    for logger in loggers:
+        for handler in getattr(logger, "handlers", ()):  # a PlaceHolder has none
+            # logging.lastResort's stream is a property that reads sys.stderr already
+            if isinstance(handler, logging.StreamHandler) and not isinstance(
+                    getattr(type(handler), "stream", None), property):
+                yield logger, handler
+
+
+def follow_current_streams() -> None:
+    """Re-points each log handler that holds this moment's sys.stdout / sys.stderr."""
+    for _, handler in stream_handlers():
+        for name in ("stdout", "stderr"):
+            if handler.stream is getattr(sys, name):
+                handler.stream = CurrentStream(name)  # not setStream: it would flush the old one
+
+
+# trylast: inside the capture plugin's wrapper, so sys.stdout is still the test's capture stream.
+@pytest.hookimpl(wrapper=True, trylast=True)
+def pytest_runtest_setup(item):
+    try:
+        return (yield)
+    finally:
+        follow_current_streams()
+
+
+@pytest.hookimpl(wrapper=True, trylast=True)
+def pytest_runtest_call(item):
+    try:
+        return (yield)
+    finally:
+        follow_current_streams()
+
+
+# tryfirst: outside the capture plugin's wrapper, after the test's capture streams are closed.
+@pytest.hookimpl(wrapper=True, tryfirst=True)
+def pytest_runtest_teardown(item, nextitem):
+    result = yield
+    left = []
+    for logger, handler in stream_handlers():
+        if getattr(handler.stream, "closed", False):
+            left.append(f"{logger.name or 'root'}: {handler!r}")
+            handler.stream = CurrentStream("stderr")  # so that only this test fails for it
+    if left:
+        raise RuntimeError(f"log handlers left on a closed stream by this test: {left}; see "
+                           "tests/conftest.py")
+    return result
 
 
 def pytest_unconfigure(config) -> None:

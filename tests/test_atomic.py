@@ -10,6 +10,7 @@ from pathlib import Path
 import pytest
 import yaml
 
+from stages.common.config.paths import TRAIN_RESUME
 from stages.common.infra.atomic import atomic_dir, atomic_file, clean_dead_leftovers, write_json
 from stages.common.infra.errors import StageError
 
@@ -157,17 +158,17 @@ def test_a_full_disk_names_the_output_in_one_line(tmp_path, capsys):
 
 
 def test_the_train_state_replaces_a_link_into_dvcs_cache(tmp_path):
-    """DVC's symlink cache type checks a persist out (data/train_state) out as a link into the
-    cache: the next epoch's state replaces the link and never writes through it."""
+    """DVC's symlink cache type checked the state out as a link into the cache when it was a
+    persist out: the next epoch's state replaces the link and never writes through it."""
     from stages.train import state as TS
 
     cached = tmp_path / "cache" / "ab" / "cdef"
     cached.parent.mkdir(parents=True)
     cached.write_bytes(b"the cached state")
-    state = tmp_path / "data" / "train_state" / "state.pt"
+    state = tmp_path / "data" / "train_resume" / "0123456789abcdef.pt"
     state.parent.mkdir(parents=True)
     state.symlink_to(cached)
-    TS.save_finished({"params": {}}, 3, state)
+    TS.save({"fingerprint": {"params": {}}, "epoch": 3}, state)
     assert not state.is_symlink() and state.stat().st_size > 0
     assert cached.read_bytes() == b"the cached state"
 
@@ -235,14 +236,15 @@ def test_without_a_pipeline_here_nothing_is_touched(tmp_path, monkeypatch):
 
 
 def test_make_clean_removes_every_data_output_and_leftovers(tmp_path):
-    """`make clean`: every data/ output dvc.yaml declares and what killed runs left, gone; the
-    committed data/mirror/README.md, a mirror there, metrics and plots kept."""
+    """`make clean`: every data/ output dvc.yaml declares, the resume states and what killed runs
+    left, gone; the committed data/mirror/README.md, a mirror there, metrics and plots kept."""
     shutil.copy(ROOT / "dvc.yaml", tmp_path / "dvc.yaml")
     shutil.copy(ROOT / "Makefile", tmp_path / "Makefile")
     stages = yaml.safe_load((ROOT / "dvc.yaml").read_text())["stages"].values()
     outs = {e if isinstance(e, str) else next(iter(e)) for s in stages for e in s.get("outs", [])}
     data_outs = sorted(o for o in outs if o.startswith("data/"))
-    assert len(data_outs) >= 7, data_outs
+    assert len(data_outs) >= 6, data_outs
+    data_outs.append(str(TRAIN_RESUME))  # interrupted trainings' states: no DVC out, removed too
     for out in data_outs:
         (tmp_path / out).mkdir(parents=True)
         (tmp_path / out / "f").write_text("x")

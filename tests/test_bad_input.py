@@ -2,13 +2,17 @@
 metrics/crops.json, never a crash; what cannot be worked around stops with one line.
 
 Each case is a real file or row laid out as the download leaves data/raw/, run through the real
-stage (extract_crops.main).
+stage (extract_crops.main). And a bad param stops each of the 7 stages before it starts work.
 """
 from __future__ import annotations
 
 import io
+import os
 import struct
+import subprocess
+import sys
 import zlib
+from pathlib import Path
 
 import cv2
 import numpy as np
@@ -264,16 +268,41 @@ def test_a_label_with_no_usable_picture_stops_at_this_stage(tmp_path, monkeypatc
     assert not (tmp_path / "data/crops").exists()
 
 
-def test_unknown_or_bad_params_stop_every_stage_before_work(tmp_path, monkeypatch, capsys):
+BAD_PARAM = [  # each stage, a bad value of one of its own params, the line it must print
+    ("download", {"data": {"sample": {"images": 0}}},
+     "data.sample.images=0 is not allowed; expected an integer >= 1 and <= 1000000"),
+    ("extract_crops", {"crops": {"size": 0}},
+     "crops.size=0 is not allowed; expected an integer >= 8 and <= 1024"),
+    ("split", {"split": {"test": 1.5}},
+     "split.test=1.5 is not allowed; expected a number > 0 and < 1"),
+    ("train", {"train": {"lr": -1.0}}, "train.lr=-1.0 is not allowed; expected a number > 0"),
+    ("calibrate", {"calibrate": {"delta": 0.9}},
+     "calibrate.delta=0.9 is not allowed; expected a number > 0 and <= 0.5"),
+    ("evaluate", {"evaluate": {"speed_runs": 0}},
+     "evaluate.speed_runs=0 is not allowed; expected an integer >= 1 and <= 10000"),
+    ("export", {"export": {"opset": 99}},
+     "export.opset=99 is not allowed; expected an integer >= 17 and <= 23"),
+]
+
+
+def _tree(root: Path) -> dict:
+    return {str(p.relative_to(root)): (p.is_dir(), p.stat().st_size, p.stat().st_mtime_ns)
+            for p in root.rglob("*")}
+
+
+@pytest.mark.parametrize("stage, over, line", BAD_PARAM, ids=[c[0] for c in BAD_PARAM])
+def test_a_bad_param_stops_each_stage_before_work(tmp_path, stage, over, line):
+    """Each stage as dvc.yaml runs it: one line, exit 2, nothing written or removed (the raw
+    download is in place, so extract_crops had work it could have started)."""
     images, boxes = basic_dataset()
     write_raw(tmp_path, images, boxes)
-    paramfile.write(tmp_path, {"train": {"lr": -1.0}})
-    monkeypatch.chdir(tmp_path)
-    with pytest.raises(SystemExit):
-        extract_crops.main()
-    err = capsys.readouterr().err.strip().splitlines()
-    assert err == ["error: params.yaml: train.lr=-1.0 is not allowed; expected a number > 0"]
-    assert not (tmp_path / "data/crops").exists()
+    paramfile.write(tmp_path, over)
+    before = _tree(tmp_path)
+    done = subprocess.run([sys.executable, "-m", f"stages.{stage}"], cwd=tmp_path,
+                          capture_output=True, text=True, timeout=300,
+                          env={**os.environ, "PYTHONPATH": str(paramfile.ROOT)})
+    assert (done.returncode, done.stderr, done.stdout) == (2, f"error: params.yaml: {line}\n", "")
+    assert _tree(tmp_path) == before
 
 
 def test_truncation_check_is_not_fooled_by_an_embedded_thumbnail():

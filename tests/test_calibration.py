@@ -10,6 +10,7 @@ from stages.common.alarm import calibration as cal, guarantee
 from stages.common.config.paths import OPERATING_POINT
 from stages.common.infra.errors import StageError
 from stages.evaluate.stage import alarm_metrics
+from tests import reference
 
 
 def sampled(n: int, temperature: float, seed: int = 0):
@@ -104,7 +105,7 @@ def test_with_no_non_person_below_the_threshold_is_the_highest():
 
 def test_person_log_odds_is_the_log_odds_of_the_calibrated_probability():
     logits, _ = sampled(300, 1.0, seed=9)
-    p = cal.softmax(logits, 1.7)[:, 2]
+    p = reference.softmax(logits, 1.7)[:, 2]
     np.testing.assert_allclose(cal.person_log_odds(logits, 1.7, 2), np.log(p / (1 - p)),
                                rtol=1e-9, atol=1e-9)
     assert cal.log_odds(0.5) == 0 and cal.log_odds(0.0) == -math.inf
@@ -141,6 +142,45 @@ def test_ece_of_a_perfectly_calibrated_set_is_zero():
     # a sampled calibrated set: near 0 too
     logits, sampled_targets = sampled(50_000, 1.0, seed=5)
     assert cal.ece(cal.softmax(logits), sampled_targets) < 0.01
+
+
+def test_softmax_nll_and_ece_agree_with_independent_references():
+    """scipy's softmax / log_softmax, scikit-learn's log_loss, an ECE written as a loop over bins
+    (tests/reference.py); large gaps included, where a naive exp overflows."""
+    rng = np.random.default_rng(11)
+    logits = rng.normal(0, 3, (600, 3))
+    logits[:50] += 400.0 * np.eye(3)[rng.integers(0, 3, 50)]
+    targets = rng.integers(0, 3, 600)
+    for t in (0.3, 1.0, 2.5):
+        probs = cal.softmax(logits, t)
+        np.testing.assert_allclose(probs, reference.softmax(logits, t), rtol=1e-12, atol=1e-300)
+        assert cal.nll(logits, targets, t) == \
+            pytest.approx(reference.nll(logits, targets, t), rel=1e-12)
+        assert cal.ece(probs, targets) == pytest.approx(reference.ece(probs, targets), abs=1e-12)
+        np.testing.assert_allclose(cal.person_log_odds(logits, t, 2),
+                                   reference.log_odds(logits, t, 2), rtol=1e-9, atol=1e-9)
+    # scikit-learn's log_loss, where no target probability falls below its clip (2.2e-16)
+    assert cal.nll(logits[50:], targets[50:], 2.5) == \
+        pytest.approx(reference.log_loss_nll(logits[50:], targets[50:], 2.5), rel=1e-12)
+    # NLL by hand: logits [0, 0, ln 2] give p = [1/4, 1/4, 1/2]; targets 2 and 0: (ln 2 + ln 4) / 2
+    two = np.array([[0.0, 0.0, math.log(2)]] * 2)
+    assert cal.nll(two, np.array([2, 0]), 1.0) == pytest.approx(1.5 * math.log(2), rel=1e-12)
+    # a gap of 1000 logits: the target's probability underflows, its log-likelihood does not
+    assert cal.nll(np.array([[1000.0, 0.0, 0.0]]), np.array([1]), 1.0) == pytest.approx(1000.0)
+
+
+def test_ece_by_hand_over_four_bins():
+    # top-class confidence (15 bins of width 1/15), answers right, gap |accuracy - confidence|:
+    #   0.34 x 1 (bin 6), 0 right: 0.34 x 1 = 0.34    0.5 x 4 (bin 8), 1 right: 0.25 x 4 = 1.0
+    #   0.8 x 3 (bin 12), 3 right: 0.2 x 3 = 0.6      0.94 and 1.0 (bin 15), 1 right:
+    #   |0.5 - 0.97| x 2 = 0.94;  ECE = (0.34 + 1.0 + 0.6 + 0.94) / 10 = 0.288
+    def row(top):
+        return [top, (1 - top) / 2, (1 - top) / 2]
+
+    probs = np.array([row(0.34)] + [row(0.5)] * 4 + [row(0.8)] * 3 + [row(0.94), row(1.0)])
+    targets = np.array([1] + [0, 1, 1, 1] + [0, 0, 0] + [0, 2])
+    assert cal.ece(probs, targets) == pytest.approx(0.288, abs=1e-12)
+    assert [n for _, _, n in cal.reliability(probs, targets)] == [1, 4, 3, 2]
 
 
 def test_ece_of_an_overconfident_set_is_the_gap():
@@ -206,18 +246,37 @@ def test_evaluate_writes_the_keys_dvc_metrics_diff_lines_up():
             "false_alarms_per_1000"} <= set(m["operating_point"])
     assert set(m["calibration"]) == {"ece_before", "ece_after", "temperature", "nll_before",
                                      "nll_after", "brier_before", "brier_after"}
-    assert m["calibration"]["nll_after"] == round(cal.nll(logits, targets, 2.0), 4)
-    probs = cal.softmax(logits, 2.0)
+    calibration = m["calibration"]  # rounded to 4 places: within 5e-5 of the reference
+    assert calibration["nll_after"] == pytest.approx(reference.nll(logits, targets, 2.0), abs=6e-5)
+    assert calibration["nll_before"] == pytest.approx(reference.nll(logits, targets, 1.0), abs=6e-5)
+    probs = reference.softmax(logits, 2.0)
+    assert calibration["ece_after"] == pytest.approx(reference.ece(probs, targets), abs=6e-5)
+    assert calibration["ece_before"] == \
+        pytest.approx(reference.ece(reference.softmax(logits), targets), abs=6e-5)
     persons = targets == 2
     assert m["operating_point"]["test_person_recall"] == \
         round(float((probs[persons, 2] >= 0.4).mean()), 4)
 
 
-def test_the_operator_sentence():
-    assert cal.operator_sentence(0.99, 7.3) == \
-        "At this threshold, 99 of 100 people raise an alarm; 7 of 1,000 animals and objects do too."
-    assert cal.operator_sentence(1.0, 1000.0).startswith("At this threshold, 100 of 100")
-    assert "1,000 of 1,000" in cal.operator_sentence(1.0, 1000.0)
+def test_evaluate_records_the_statement_figures_and_refuses_a_point_it_cannot_state():
+    logits, targets = sampled(500, 2.0, seed=8)
+    val = {"persons": 29, "persons_needed": 299, "resolved": False, "expected_recall": 0.9667,
+           "chance_recall_below_target": 0.7472}
+    point = cal.seal({"temperature": 2.0, "threshold": 0.4, "threshold_log_odds": cal.log_odds(0.4),
+                      "target_recall": 0.99, "guarantee": "probability", "delta": 0.05,
+                      "fitted_on": "data/split/calibration", "val": val})
+    op = alarm_metrics(logits, targets, ["animal", "object", "person"], point)["operating_point"]
+    assert {"expected_recall": 0.9667, "chance_recall_below_target": 0.7472,
+            "persons_needed": 299, "calibration_persons": 29, "resolved": False,
+            "fitted_on": "data/split/calibration"}.items() <= op.items()
+    assert op["threshold_log_odds"] == cal.log_odds(0.4)  # unrounded: the alarm itself
+    assert op["target_verdict"] in ("met", "not shown", "not met")
+    assert op["test_pictures_to_show"] == 299
+    assert op["test_person_pictures"] == op["test_persons"]  # no pictures: each crop its own
+    broken = cal.seal({**point, "val": {**val, "resolved": True}})  # 29 persons cannot resolve it
+    with pytest.raises(StageError, match="its figures cannot be stated .resolved True "
+                                         "contradicts calibration_persons 29 against 299"):
+        alarm_metrics(logits, targets, ["animal", "object", "person"], broken)
 
 
 def write_point(path, **change):
@@ -233,7 +292,7 @@ def write_point(path, **change):
 
 @pytest.mark.parametrize("change, needle", [
     ({"temperature": -1}, "temperature -1"), ({"threshold": 1.5}, "threshold 1.5"),
-    ({"threshold": math.nan}, "threshold nan"), ({"format": 9}, "format 9"),
+    ({"threshold": math.nan}, "NaN is not a finite number"), ({"format": 9}, "format 9"),
     ({"label": "cat"}, "label 'cat'"), ({"model_sha256": None}, "model_sha256")])
 def test_a_damaged_operating_point_file_is_one_line(tmp_path, change, needle):
     path = tmp_path / "operating_point.json"

@@ -206,7 +206,11 @@ def test_the_model_card_says_per_condition_up_to_which_severity():
     assert "| night | not at severity 2 | 0.5 (>= 0.4) | None |" in card
     assert "do not show the target either" not in card
     measured["clean"] = cell(False)
-    assert "The clean test crops do not show the target either" in conditions_section(measured)
+    assert "The clean test crops do not meet the target either" in conditions_section(measured)
+    measured["clean"].update(target_verdict="not shown", person_pictures=39,
+                             pictures_to_show=299)
+    assert ("The clean test crops do not show the target either (39 pictures with persons; 299 "
+            "with none missed would), so no condition can.") in conditions_section(measured)
     assert conditions_section({}) == ""
 
 

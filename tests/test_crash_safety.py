@@ -14,9 +14,11 @@ What each stage writes, and how (audit):
                                                      renamed into place after the last epoch
                  plots/train/ (DVCLive)              IN PLACE: one .tsv per metric, appended
                                                      each epoch, and metrics.json rewritten
-                 metrics/train.json                  write_json, after data/model is in place
-                 data/train_state/ (persist: true,   atomic_file per epoch; DVC keeps it over a
-                 where dvc.yaml declares it)         rerun, so a killed train resumes from it
+                 metrics/speed/train.json,           write_json, after data/model is in place
+                 metrics/train.json                  (timings, then scores)
+                 data/train_resume/<key>.pt          atomic_file per epoch; no DVC out, so DVC
+                                                     neither deletes it nor checks another
+                                                     one out over it: a killed train resumes
 
 A kill leaves, at worst, a temporary sibling (data/.crops.tmp-<pid>, metrics/.crops.json.tmp-
 <pid>): never inside a non-persist output, and removed by the next run (atomic.clean_stale;
@@ -66,6 +68,7 @@ import psutil
 import pytest
 import yaml
 
+from stages.common.config.paths import TRAIN_RESUME
 from tests import paramfile
 from tests.tiny_project import copy_project
 
@@ -429,6 +432,9 @@ def _check_after_kill(ref, repo: Path, stage: str) -> dict:
         if got[out] is None or out == "plots/train":  # absent; or DVCLive's in-place history
             continue
         assert got[out] == ref.expected[stage][out], f"{out}: present but not complete"
+    if stage == "train":  # its resume state, no DVC out: whole files only, or none
+        for pt in (repo / TRAIN_RESUME).glob("*.pt"):
+            assert zipfile.ZipFile(pt).testzip() is None, f"{pt}: damaged"
     status = json.loads(_dvc(repo, ref.env, "status", "--json").stdout or "{}")
     assert stage in status, f"dvc status calls the killed {stage} up to date: {status}"
     return got
@@ -483,14 +489,12 @@ INSIDE = [  # stage, point, arg
     pytest.param("train", "json", "plots/train/metrics.json",
                  id="train-half-dvclive-summary-in-place"),
     pytest.param("train", "renamed", "model", id="train-model-renamed-no-metrics"),
-    pytest.param("train", "torch_save", "state.pt", id="train-half-a-resume-state"),
+    pytest.param("train", "torch_save", "train_resume", id="train-half-a-resume-state"),
 ]
 
 
 @pytest.mark.parametrize("stage, point, arg", INSIDE)
 def test_sigkill_at_an_exact_point(ref, tmp_path, stage, point, arg):
-    if arg == "state.pt" and "data/train_state" not in ref.outputs["train"]:
-        pytest.skip("dvc.yaml declares no data/train_state")
     repo = _copy(ref.before[stage], tmp_path / "repo")
     _kill_from_inside(repo, ref.env, stage, point, arg)
     got = _check_after_kill(ref, repo, stage)

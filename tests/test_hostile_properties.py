@@ -214,3 +214,19 @@ def test_fast_jpeg_decode_gives_opencvs_pixels_or_declines(h, w, mode, subsampli
         assert fast.shape == opencv.shape and np.array_equal(fast, opencv)
     assert np.array_equal(pictures.decode(data), opencv)
     assert np.array_equal(pictures.decode(data, colours=pictures.RGB), opencv[..., ::-1])
+
+
+def test_every_hypothesis_test_draws_the_same_examples_on_every_run():
+    """tests/conftest.py loads a derandomized profile: a failure in CI reproduces here. A test
+    whose own settings turned it off would draw new examples each run."""
+    import importlib
+
+    found = []
+    for path in sorted(Path(__file__).parent.glob("test_*.py")):
+        if "from hypothesis import" not in path.read_text():
+            continue
+        module = importlib.import_module(f"tests.{path.stem}")
+        for name, test in vars(module).items():
+            if name.startswith("test_") and hasattr(test, "hypothesis"):
+                found.append((name, test._hypothesis_internal_use_settings.derandomize))
+    assert len(found) >= 8 and all(derandomized for _, derandomized in found), found

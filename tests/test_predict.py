@@ -224,8 +224,10 @@ def test_export_params_are_checked():
 def test_speed_figures_shape():
     calls = []
     s = speed_figures(calls.append, "one", "batch", 8, runs=5)
-    assert set(s) == {"batch1_ms_per_image", "batch1_images_per_s", "batch_size",
-                      "batch_images_per_s"} and s["batch_size"] == 8
+    assert set(s) == {"batch1_ms_per_image", "batch1_ms_q1", "batch1_ms_q3", "batch1_runs",
+                      "batch1_images_per_s", "batch_size", "batch_images_per_s",
+                      "batch_images_per_s_q1", "batch_images_per_s_q3", "batch_runs"}
+    assert s["batch_size"] == 8 and s["batch1_runs"] == 5 and s["batch_runs"] == 3
     assert calls.count("one") == 3 + 5 and calls.count("batch") == 3 + 3  # warm-up + timed
 
 
@@ -373,12 +375,13 @@ def test_table_escapes_names_so_one_picture_is_one_row(run_predict, models, pict
     assert rows[0].startswith(str(pictures / "a\\nb.jpg   person"))
     assert rows[1].startswith(str(pictures / "c\\x1b[2K\\x1b[1Ad.jpg"))
     assert rows[2].startswith(str(pictures / "e\\xff.jpg"))
-    for fmt in ("csv", "json"):  # these quote: the name comes back whole (bytes not UTF-8 as \xff)
-        out = run_predict(fake, odd, "--model", models[0], "--format", fmt)
-        assert out.returncode == 0
+    for fmt in ("csv", "json"):  # JSON quotes: the name comes back whole (bytes not UTF-8 as
+        out = run_predict(fake, odd, "--model", models[0], "--format", fmt)  # \xff); the CSV
+        assert out.returncode == 0  # escapes control characters as the table does
         names = ([r["path"] for r in json.loads(out.stdout)["predictions"]] if fmt == "json"
                  else [r[0] for r in list(__import__("csv").reader(io.StringIO(out.stdout)))[1:]])
-        assert names == [str(fake), str(pictures / "e\\xff.jpg")]
+        first = str(fake) if fmt == "json" else predict.printable(str(fake))
+        assert names == [first, str(pictures / "e\\xff.jpg")]
 
 
 def csv_rows(stdout: str) -> list[list[str]]:
@@ -404,15 +407,16 @@ def unescaped(name: str) -> bytes:
 
 def test_a_carriage_return_in_a_name_stays_inside_its_csv_row(run_predict, models, pictures):
     """csv.writer with "\\n" left a lone CR unquoted: a reader split the row there and the
-    alarm landed on a file named `cam1.jpg`."""
+    alarm landed on a file named `cam1.jpg`. The CSV now writes it escaped, as the table does."""
     crop = (pictures / "crop.jpg").read_bytes()
     odd = pictures / "x\rcam1.jpg"
     odd.write_bytes(crop)
     out = run_predict(odd, pictures / "wide.jpg", "--model", models[0], "--format", "csv")
     assert out.returncode == 0
     rows = csv_rows(out.stdout)
-    assert [r[0] for r in rows] == ["path", str(odd), str(pictures / "wide.jpg")]
-    assert f'"{odd}",' in out.stdout  # quoted, so a reader that splits at CR does not
+    assert [r[0] for r in rows] == ["path", str(pictures / "x\\rcam1.jpg"),
+                                    str(pictures / "wide.jpg")]
+    assert "\r" not in out.stdout  # escaped, so a reader that splits at CR does not
 
 
 def test_names_are_escaped_one_way_so_no_two_files_share_a_name(run_predict, models, pictures):
@@ -448,12 +452,16 @@ def test_a_name_a_spreadsheet_would_run_is_written_as_text(run_predict, models, 
     monkeypatch.chdir(pictures)
     as_csv = run_predict("--model", models[0], "--format", "csv", "--", *FORMULAS, "plain.jpg")
     rows = csv_rows(as_csv.stdout)[1:]
-    assert [r[0] for r in rows] == ["'" + n for n in FORMULAS] + ["plain.jpg"]
+    # a tab or CR is escaped (\t, \r) as in the table, so those names no longer need the '
+    assert [r[0] for r in rows] == [predict.csv_cell(predict.printable(n)) for n in FORMULAS] + [
+        "plain.jpg"]
+    assert [r[0] for r in rows][4:6] == ["\\tx.jpg", "\\rcam.jpg"]
     assert rows[-1][-1] == "file not found"
     as_json = run_predict("--model", models[0], "--format", "json", "--", *FORMULAS)
     assert [r["path"] for r in json.loads(as_json.stdout)["predictions"]] == FORMULAS
     walked = run_predict(".", "--model", models[0], "--format", "csv")  # names from a folder
-    assert {"'" + n for n in FORMULAS} <= {r[0] for r in csv_rows(walked.stdout)[1:]}
+    assert {predict.csv_cell(predict.printable(n)) for n in FORMULAS} <= {
+        r[0] for r in csv_rows(walked.stdout)[1:]}
 
 
 @pytest.mark.parametrize("args,needle", [
@@ -516,6 +524,44 @@ def test_exit_codes_0_1_2(run_predict, models, pictures, tmp_path):
     assert run_predict(pictures / "crop.jpg", "--model", junk).returncode == 2
 
 
+@pytest.mark.parametrize("fmt", ["table", "json"])
+def test_an_internal_error_is_one_line_exit_3_not_1(run_predict, models, pictures, monkeypatch,
+                                                     fmt):
+    """A bug inside the model call (not a bad input, not an unusable model) exited 1, which
+    says "some inputs failed, the rest answered", with a traceback: now one line, exit code 3,
+    also when an input has failed before it; the answers already given stay whole."""
+    calls = []
+    real = TorchClassifier.logits
+
+    def logits(self, batch):
+        calls.append(len(batch))
+        if len(calls) == 2:
+            raise RuntimeError("mat1 and mat2 shapes cannot be multiplied\n(1x512 and 256x3)")
+        return real(self, batch)
+
+    monkeypatch.setattr(TorchClassifier, "logits", logits)
+    proc = run_predict(pictures / "broken.jpg", pictures / "crop.jpg", pictures / "wide.jpg",
+                       "--model", models[0], "--batch-size", "1", "--format", fmt)
+    assert proc.returncode == predict.INTERNAL_ERROR == 3
+    assert proc.stderr.splitlines() == [
+        "error: internal error (RuntimeError: mat1 and mat2 shapes cannot be multiplied "
+        "(1x512 and 256x3)); not caused by the inputs: please report it with the command that "
+        "was run"]
+    if fmt == "json":
+        answers = json.loads(proc.stdout)["predictions"]
+    else:
+        answers = [{"path": r.split()[0]} for r in rows_of(proc.stdout)]
+    assert [Path(a["path"]).name for a in answers] == ["broken.jpg", "crop.jpg"]
+
+
+def test_predict_help_states_every_exit_code(capsys):
+    with pytest.raises(SystemExit):
+        predict.parse_args(["--help"])
+    text = " ".join(capsys.readouterr().out.split())
+    assert "Exit code: 0 every input classified; 1 some failed" in text
+    assert "2 an unusable model" in text and "3 an internal error" in text
+
+
 # ---------------------------------------------------------------------------------------------
 # The ONNX file's integrity, and NaN / infinite logits in every user of a model
 
@@ -543,8 +589,9 @@ def test_onnx_metadata_that_is_not_json_is_one_line(models, tmp_path):
     broken.write_bytes(seal(proto))  # a valid digest: the file was written so
     with pytest.raises(StageError) as err:
         OnnxClassifier(broken)
-    assert str(err.value) == (f"{broken}: ONNX metadata classes is not valid JSON; the file is "
-                              "damaged or not one this project wrote; export it again with "
+    assert str(err.value) == (f"{broken}: ONNX metadata classes is not usable (not valid JSON "
+                              "(Expecting ',' delimiter: line 1 column 30 (char 29))); the file "
+                              "is damaged or not one this project wrote; export it again with "
                               "`dvc repro export` (or python -m stages.export)")
 
 
@@ -579,13 +626,22 @@ def test_infinite_logits_stop_predict_evaluate_and_export_in_one_line(tmp_path, 
                                "export": {"speed_runs": 1, "batch_size": 2}})
     monkeypatch.chdir(tmp_path)
     for stage in (evaluate, export_stage):  # both stopped before writing anything
+        if stage is export_stage:  # export checks the metrics it needs first: give it them
+            point = json.loads(Path("data/calibration/operating_point.json").read_text())
+            Path("metrics").mkdir()
+            Path("metrics/eval.json").write_text(json.dumps(
+                {"operating_point": {"point_sha256": point["point_sha256"]}}))
+            Path("metrics/split.json").write_text("{}")
         with pytest.raises(SystemExit) as exc:
             stage.main()
         assert exc.value.code == 2
         assert capsys.readouterr().err.splitlines() == [
             "error: data/model/best.pt: the model answers NaN or infinite logits; its weights "
             "are damaged or diverged: retrain (dvc repro) or export it again"]
-    assert not (tmp_path / "metrics").exists() and not (tmp_path / "data/export").exists()
+        if stage is evaluate:
+            assert not (tmp_path / "metrics").exists()
+    assert sorted(p.name for p in (tmp_path / "metrics").iterdir()) == ["eval.json", "split.json"]
+    assert not (tmp_path / "data/export").exists()
 
 
 def test_the_model_card_outside_dvc_repro_and_without_metrics(tmp_path):

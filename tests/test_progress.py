@@ -49,8 +49,9 @@ def test_durations_and_a_line_without_a_rate():
     assert progress.line("evaluate", 0, 10, "images", 0.0) == "evaluate: 0/10 images (0%), 0 images/s"
 
 
-@pytest.mark.training
 def test_the_train_stage_shows_progress_inside_each_epoch_when_not_on_a_terminal(tmp_path):
+    """A progress line after each batch but an epoch's last, with rate and ETA, on a stderr that
+    is a pipe. Not marked `training`: the lines count batches, whatever floats training sums."""
     write_colour_split(tmp_path, np.random.default_rng(0), {"train": 8, "val": 2}, 40)
     paramfile.write(tmp_path, {"model": {"arch": "resnet18", "weights": "none"},
                                "train": {"epochs": 2, "batch_size": 4, "num_workers": 1,

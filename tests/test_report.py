@@ -3,7 +3,8 @@ Chromium with the network off (proxy to a dead port, every host unresolvable).
 
 The plot files are written here (by the project's own figure code where it has one), so the test
 needs no pipeline run. Chromium is Debian's `chromium` package; CI installs it (.ci/run). Without
-it the browser test is skipped with the reason, so `make test` still runs for a user who lacks it.
+it the browser tests are skipped with the reason, so `make test` still runs for a user who lacks
+it; under CI (CI=true) they fail instead, so CI cannot go green while checking less.
 """
 import base64
 import html
@@ -25,6 +26,7 @@ from stages.evaluate import figures
 
 ROOT = Path(__file__).resolve().parents[1]
 CHROMIUM = shutil.which("chromium") or shutil.which("chromium-browser")
+NO_CHROMIUM = "chromium not installed (Debian: apt-get install chromium; CI's .ci/run installs it)"
 OFFLINE_FLAGS = [
     "--headless", "--no-sandbox", "--disable-gpu", "--disable-quic", "--no-first-run",
     "--disable-background-networking", "--disable-component-update", "--disable-sync",
@@ -168,7 +170,8 @@ def project(tmp_path_factory):
     (repo / "metrics/eval.json").write_text(json.dumps({
         "accuracy": 0.9, "person_recall": 1.0,
         "operating_point": {"threshold": 0.1234, "test_person_recall": 0.9828,
-                            "false_alarms_per_1000": 7.3}}))
+                            "false_alarms_per_1000": 7.3, "test_persons": 58,
+                            "test_persons_missed": 1}}))
     proc = subprocess.run([sys.executable, "-m", "stages.report", "--repo", str(repo),
                            "--out", str(repo / "report.html")], cwd=ROOT, capture_output=True,
                           text=True, env={**os.environ, "PYTHONPATH": str(ROOT)})
@@ -187,7 +190,7 @@ def test_report_holds_every_plot_and_needs_no_network(project):
     assert refs and all(r.startswith("data:") for r in refs), [r[:40] for r in refs]
     assert "<script" not in page and "default-src 'none'" in page
     assert "person_recall" in page  # metrics tables
-    assert "98 of 100 people raise an alarm; 7 of 1,000" in page  # eval.json's operating point
+    assert "At threshold 0.1234: On test, 57 of 58 test persons raised the alarm." in page
 
 
 def test_report_is_deterministic(project, tmp_path):
@@ -195,6 +198,32 @@ def test_report_is_deterministic(project, tmp_path):
     subprocess.run([sys.executable, "-m", "stages.report", "--repo", str(repo), "--out",
                     str(tmp_path / "again.html")], cwd=ROOT, check=True, capture_output=True)
     assert (tmp_path / "again.html").read_bytes() == (repo / "report.html").read_bytes()
+
+
+def require_chromium(path: str | None, env=os.environ) -> str:
+    """The browser's path; without one a skip that says why, or under CI (CI=true, as CI services
+    set it) a failure: a CI that lost its browser must not stay green checking less."""
+    if path is None:
+        if env.get("CI", "").strip().lower() in ("1", "true", "yes"):
+            pytest.fail(f"{NO_CHROMIUM}; CI=true, so the browser test fails instead of skipping",
+                        pytrace=False)
+        pytest.skip(NO_CHROMIUM)
+    return path
+
+
+@pytest.fixture
+def chromium() -> str:
+    return require_chromium(CHROMIUM)
+
+
+def test_a_missing_browser_skips_for_a_user_and_fails_under_ci():
+    assert require_chromium("/usr/bin/chromium", {"CI": "true"}) == "/usr/bin/chromium"
+    for env in ({}, {"CI": "false"}, {"CI": ""}):
+        with pytest.raises(pytest.skip.Exception, match="chromium not installed"):
+            require_chromium(None, env)
+    for env in ({"CI": "true"}, {"CI": "1"}):
+        with pytest.raises(pytest.fail.Exception, match="CI=true, so the browser test fails"):
+            require_chromium(None, env)
 
 
 def chromium_evaluate(urls: list[str], expression: str, requests: list | None = None) -> list:
@@ -273,9 +302,7 @@ def chromium_evaluate(urls: list[str], expression: str, requests: list | None = 
     return results
 
 
-@pytest.mark.skipif(CHROMIUM is None, reason="chromium not installed (Debian: apt-get install "
-                    "chromium; CI's .ci/run installs it)")
-def test_every_plot_renders_in_offline_chromium(project, tmp_path):
+def test_every_plot_renders_in_offline_chromium(chromium, project, tmp_path):
     repo, plot_ids = project
     # Controls: a broken image must be caught, and a page that needs the network (DVC's own
     # `dvc plots show` page, Vega from a CDN) must come out blank in this browser.
@@ -330,42 +357,55 @@ def test_operating_point_sentence():
 
     point = {"threshold": 0.1234, "target_recall": 0.99, "test_person_recall": 0.9828,
              "test_person_precision": 0.95, "false_alarms_per_1000": 7.3, "test_persons": 58,
-             "test_non_persons": 98}
+             "test_non_persons": 137, "test_persons_missed": 1, "test_false_alarms": 1}
     assert operating_point_sentence(point) == (
-        "At this threshold (0.1234), 98 of 100 people raise an alarm; 7 of 1,000 animals and "
-        "objects do too.")
-    assert operating_point_sentence({**point, "test_person_recall": 0.995,
-                                     "false_alarms_per_1000": 0.5}) == (
-        "At this threshold (0.1234), 100 of 100 people raise an alarm; 1 of 1,000 animals and "
-        "objects does too.")  # halves round up
+        "At threshold 0.1234: On test, 57 of 58 test persons raised the alarm, and 1 of 137 "
+        "animals and objects did. A recall of 0.99 is a long-run rate, not a count per batch: "
+        "at exactly 0.99, a batch of 100 new persons misses 2 or more about 26 % of the time.")
     assert operating_point_sentence({"threshold": 0.5}) is None  # an eval.json without them
     assert operating_point_sentence({**point, "threshold": None}) is None
     assert operating_point_html({"workspace": {"threshold": 0.5}}) == ""
     one = operating_point_html({"workspace": point})
-    assert "98 of 100 people" in one and "<b>" not in one  # one revision: no label
+    assert "57 of 58 test persons" in one and "<b>" not in one  # one revision: no label
     both = operating_point_html({"HEAD~1": {}, "<exp>": point})
-    assert "<b>&lt;exp&gt;</b>: At this threshold" in both and "HEAD~1" not in both
+    assert "<b>&lt;exp&gt;</b>: At threshold" in both and "HEAD~1" not in both
 
 
-def test_the_operating_point_sentence_states_the_bounds_and_the_target():
-    from stages.report import operating_point_html, operating_point_sentence
+def test_the_report_states_what_a_constructed_point_gives_and_what_test_shows():
+    """eval.json as evaluate writes it: the same statement as the card's, and a revision whose
+    figures contradict (a target_met its bound denies) is named inconsistent in one line."""
+    from stages.common.alarm.statement import point_facts, tested_facts
+    from stages.report import operating_point_html, operating_point_problem
 
-    point = {"threshold": 0.1234, "target_recall": 0.99, "test_person_recall": 0.9828,
-             "false_alarms_per_1000": 7.3, "test_person_recall_lower_95": 0.9213,
-             "false_alarms_per_1000_upper_95": 21.41, "target_met": False}
-    assert operating_point_sentence(point) == (
-        "At this threshold (0.1234), 98 of 100 people raise an alarm; 7 of 1,000 animals and "
-        "objects do too. With 95 % confidence at least 92 of 100 people raise an alarm, and at "
-        "most 22 of 1,000 animals and objects do. The target of 0.99 is not met with 95 % "
-        "confidence.")  # people round down, false alarms up: never more than the bound
-    met = operating_point_sentence({**point, "test_person_recall_lower_95": 0.9951,
-                                    "target_met": True})
-    assert met.endswith("at least 99 of 100 people raise an alarm, and at most 22 of 1,000 "
-                        "animals and objects do. The target of 0.99 is met with 95 % confidence.")
-    for bad in (None, "x", float("nan")):  # an unusable bound drops the second sentence only
-        assert operating_point_sentence({**point, "test_person_recall_lower_95": bad}) \
-            .endswith("objects do too.")
-    assert "at least 92 of 100" in operating_point_html({"workspace": point})
+    point = {"threshold": 0.62566, "threshold_log_odds": 0.5136426172098687,
+             "target_recall": 0.99, "guarantee": "probability", "delta": 0.05,
+             "fitted_on": "data/split/val",
+             "val": {"persons": 29, "person_pictures": 18, "persons_needed": 299,
+                     "resolved": False, "expected_recall": 0.9474,
+                     "chance_recall_below_target": 0.8346}}
+    test = {"persons": 58, "persons_missed": 0, "non_persons": 98, "false_alarms": 0,
+            "person_recall": 1.0, "person_precision": 1.0, "false_alarms_per_1000": 0.0,
+            "person_pictures": 39, "person_pictures_missed": 0, "non_person_pictures": 60,
+            "false_alarm_pictures": 0}
+    op = {**point_facts(point), **tested_facts(test, 0.99)}
+    shown = html.unescape(operating_point_html({"workspace": op}))
+    assert "At threshold 0.6256: Unresolved: data/split/val holds 29 persons in 18 pictures" \
+        in shown
+    assert "(expected recall 0.9474), and the chance that their recall falls below 0.99 is " \
+           "0.8346. Caveat: val picked the training epoch" in shown
+    assert "58 of 58 test persons (in 39 pictures) raised the alarm, and 0 of 98 animals and " \
+           "objects did" in shown
+    assert "not shown: 39 test pictures with persons can show at most 0.926 with 95 % " \
+           "confidence; showing 0.99 needs 299 pictures with persons, none missed." in shown
+    for wrong in ("of 100 people", "not met", "stricter", "0.6257"):
+        assert wrong not in shown
+    lie = {**op, "target_met": True}
+    assert operating_point_problem(lie) == ("target_met True contradicts its lower bound 0.926 "
+                                            "against the target 0.99")
+    assert "invalid operating point: target_met True contradicts" in operating_point_html(
+        {"w": lie})
+    assert ("invalid operating point: test_person_recall_lower_95 5 is not a finite number from 0 "
+            "to 1") in operating_point_html({"w": {**op, "test_person_recall_lower_95": 5}})
 
 
 # Plots another branch is adding to dvc.yaml (precision-recall, ROC, reliability, a PNG): the
@@ -383,7 +423,7 @@ EXTRA_PLOTS = [
 REVS = ["HEAD~1", "HEAD", "tuned", "workspace"]  # two commits, a DVC experiment, the files
 POINT = {"threshold": 0.1234, "target_recall": 0.99, "test_person_recall": 0.9828,
          "test_person_precision": 0.95, "false_alarms_per_1000": 7.3, "test_persons": 58,
-         "test_non_persons": 98}
+         "test_non_persons": 137, "test_persons_missed": 1, "test_false_alarms": 1}
 
 
 @pytest.fixture(scope="module")
@@ -425,7 +465,8 @@ def history(tmp_path_factory):
         run("git", "commit", "-qm", f"shift {shift}")
     (repo / "metrics/eval.json").write_text(json.dumps({
         "accuracy": 0.97, "arch": "resnet34", "person_recall": 0.99,
-        "operating_point": {**POINT, "threshold": 0.05, "test_person_recall": 1.0}}))
+        "operating_point": {**POINT, "threshold": 0.05, "test_person_recall": 1.0,
+                            "test_persons_missed": 0}}))
     write_plot_files(repo, 0.1)
     (repo / "plots/eval/mistakes.png").unlink()  # `exp save` would take it, untracked as it is
     run(sys.executable, "-m", "dvc", "exp", "save", "-q", "-n", "tuned")
@@ -487,10 +528,10 @@ def test_report_compares_revisions(history):
         "epochs": ["12", "missing", "", "missing", "", "missing", ""]}
     assert "missing in HEAD, tuned, workspace" in page
     # The operating point per revision that has one.
-    assert ("<b>HEAD</b>: At this threshold (0.1234), 98 of 100 people raise an alarm; 7 of "
-            "1,000 animals and objects do too.") in page
+    assert ("<b>HEAD</b>: At threshold 0.1234: On test, 57 of 58 test persons raised the alarm, "
+            "and 1 of 137 animals and objects did.") in page
     for rev in ("tuned", "workspace"):
-        assert f"<b>{rev}</b>: At this threshold (0.05), 100 of 100 people" in page
+        assert f"<b>{rev}</b>: At threshold 0.05: On test, 58 of 58 test persons" in page
     assert "<b>HEAD~1</b>" not in page
     named = [line for line in proc.stderr.splitlines() if line.startswith(("missing", "error"))]
     assert sorted(named) == sorted(
@@ -499,9 +540,7 @@ def test_report_compares_revisions(history):
            for rev in REVS[1:]] + [f"missing: metrics/train.json in {rev}" for rev in REVS[1:]])
 
 
-@pytest.mark.skipif(CHROMIUM is None, reason="chromium not installed (Debian: apt-get install "
-                    "chromium; CI's .ci/run installs it)")
-def test_compared_revisions_render_in_offline_chromium(history, tmp_path):
+def test_compared_revisions_render_in_offline_chromium(chromium, history, tmp_path):
     _, _, _, out, proc = history
     assert proc.returncode == 0, proc.stderr
     # Control: a page that fetches something is seen doing so.
@@ -591,7 +630,7 @@ def test_hostile_metrics_are_named_never_a_traceback_nor_missing(hostile, tmp_pa
     assert code == 1, err
     assert ("<b>HEAD~1</b>: invalid operating point: threshold nan is not a finite number from "
             "0 to 1") in page
-    assert "<b>HEAD</b>: At this threshold (0.1234), 98 of 100 people" in page
+    assert "<b>HEAD</b>: At threshold 0.1234: On test, 57 of 58 test persons" in page
     train = metric_rows(page, "metrics/train.json")["epochs"]
     assert train[0].startswith("unreadable: JSONDecodeError: Expecting") and train[1:] == [
         "12", ""]

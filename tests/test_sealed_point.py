@@ -13,7 +13,7 @@ import pytest
 import torch
 
 from stages import export as export_stage, predict
-from stages.common.alarm import calibration as cal
+from stages.common.alarm import calibration as cal, statement
 from stages.common.infra.atomic import write_json
 from stages.common.infra.digest import file_sha256
 from stages.common.infra.errors import StageError
@@ -23,7 +23,7 @@ from stages.common.model.onnx import POINT_KEY, export, seal
 from stages.common.serving.classifiers import OnnxClassifier
 from stages.conditions import stage as conditions
 from stages.evaluate import stage as evaluate
-from tests import paramfile
+from tests import paramfile, reference
 from tests.tiny_project import write_noise_test_split
 
 SIZE = 32
@@ -66,9 +66,10 @@ def project(tmp_path_factory):
     write_json(root / FILE, point)
     write_noise_test_split(root, CLASSES, SIZE)
     paramfile.write(root, {"evaluate": {"device": "cpu", "speed_runs": 1, "mistakes": 2},
-                           "conditions": {"device": "cpu"},
+                           "conditions": {"device": "cpu",
+                                          "measure": {"night": [1, 3], "glare": [2]}},
                            "export": {"speed_runs": 1, "batch_size": 2}})
-    export(model, {**meta, POINT_KEY: cal.embedded(point)}, root / "model.onnx", 18)
+    export(model, meta, root / "model.onnx", 18, point_for=lambda g: cal.embedded(point, g))
     return SimpleNamespace(root=root, point=point, text=(root / FILE).read_text(),
                            pics=root / "data/split/test/person")
 
@@ -236,7 +237,7 @@ def person_log_odds(project, paths) -> np.ndarray:
 
     plain = TorchClassifier(project.root / CHECKPOINT)
     logits = np.stack([p.logits for p in predict_paths(plain, expand(paths))])
-    return cal.person_log_odds(logits, TEMPERATURE, 2)
+    return reference.log_odds(logits, TEMPERATURE, 2)  # scipy's, not the code under test
 
 
 @pytest.mark.parametrize("model", [CHECKPOINT, Path("model.onnx")])
@@ -320,15 +321,17 @@ def test_the_card_states_the_point_the_onnx_file_carries(inside, capsys):
     write_json(Path("metrics/eval.json"), scores)
     export_stage.main()
     carried = OnnxClassifier("data/export/model.onnx").operating_point
-    assert cal.embedded(inside.point) == {k: v for k, v in carried.items() if k != "source"}
+    assert cal.embedded(inside.point, carried[cal.GRAPH_KEY]) == \
+        {k: v for k, v in carried.items() if k != "source"}
     card = Path("data/export/MODEL_CARD.md").read_text()
-    shown = cal.threshold_text(carried["threshold"], carried["threshold_log_odds"])
+    shown = statement.threshold_text(carried["threshold"], carried["threshold_log_odds"])
     assert f">= **{shown}**" in card and f"T = {round(carried['temperature'], 4)}" in card
     assert "0.9**" not in card and "T = 3.0" not in card
     measured = json.loads(Path("metrics/conditions.json").read_text())
     assert measured["point_sha256"] == inside.point["point_sha256"]
-    assert set(measured["conditions"]) == set(paramfile.params()["conditions"]["measure"])
+    assert set(measured["conditions"]) == {"night", "glare"}
     for name, figures in measured["conditions"].items():
         kept = figures["kept_target_to_severity"]
-        said = f"up to severity {kept}" if kept else "not at severity 1"
+        lowest = min(int(k[1:]) for k in figures if k[0] == "s" and k[1:].isdigit())
+        said = f"up to severity {kept}" if kept else f"not at severity {lowest}"
         assert f"| {name} | {said} | " in card

@@ -1,6 +1,6 @@
 """The person alarm on labelled crops, clean and under each camera condition, at a sealed
 operating point: the figures and bounds evaluate gives (one bound function,
-stages.common.alarm.guarantee.alarm_bounds, counted over source pictures), per condition and
+stages.common.alarm.statement.tested_facts, counted over source pictures), per condition and
 severity, and ImageNet-C's corruption error.
 
 :func:`suite` takes crops as pixels, their labels and picture ids, a ``classify`` function
@@ -22,7 +22,7 @@ from typing import Callable
 import numpy as np
 
 from stages.common.alarm.calibration import ALARM_LABEL, alarm_figures, person_log_odds
-from stages.common.alarm.guarantee import alarm_bounds
+from stages.common.alarm.statement import tested_facts
 from stages.conditions.corrupt import corrupt
 
 Classify = Callable[[np.ndarray], np.ndarray]  # uint8 N x H x W x 3 -> logits N x classes
@@ -30,22 +30,25 @@ Classify = Callable[[np.ndarray], np.ndarray]  # uint8 N x H x W x 3 -> logits N
 
 def alarm_under(logits: np.ndarray, targets: np.ndarray, classes: list[str], point: dict,
                 pictures=None) -> dict:
-    """Accuracy and the alarm at ``point`` on one labelled set: person recall with its one-sided
-    95 % Clopper-Pearson lower bound, false alarms per 1,000 with the upper bound (both over
-    ``pictures``, each crop's source picture; None: every crop its own), and whether the lower
-    bound reaches the point's target."""
+    """Accuracy and the alarm at ``point`` on one labelled set, as evaluate states it on test
+    (stages.common.alarm.statement.tested_facts, one place): person recall with its one-sided
+    95 % Clopper-Pearson bounds, false alarms per 1,000 with the upper bound (over ``pictures``,
+    each crop's source picture; None: every crop its own), ``target_met`` (the lower bound
+    reaches the point's target) and the verdict met / not shown / not met."""
     targets = np.asarray(targets)
     person = classes.index(ALARM_LABEL)
     alarm = alarm_figures(person_log_odds(logits, point["temperature"], person),
                           targets == person, point["threshold_log_odds"], pictures)
-    bounds = alarm_bounds(alarm, point["target_recall"])
+    facts = tested_facts(alarm, point["target_recall"])
     accuracy = float((np.asarray(logits).argmax(1) == targets).mean())
     return {"accuracy": round(accuracy, 4), "error": round(1 - accuracy, 4),
-            "person_recall": alarm["person_recall"],
-            "person_recall_lower_95": bounds["person_recall_lower_95"],
-            "false_alarms_per_1000": alarm["false_alarms_per_1000"],
-            "false_alarms_per_1000_upper_95": bounds["false_alarms_per_1000_upper_95"],
-            "target_met": bounds["target_met"],
+            "person_recall": facts["test_person_recall"],
+            "person_recall_lower_95": facts["test_person_recall_lower_95"],
+            "person_recall_upper_95": facts["test_person_recall_upper_95"],
+            "false_alarms_per_1000": facts["false_alarms_per_1000"],
+            "false_alarms_per_1000_upper_95": facts["false_alarms_per_1000_upper_95"],
+            "target_met": facts["target_met"], "target_verdict": facts["target_verdict"],
+            "pictures_to_show": facts["test_pictures_to_show"],
             "persons": alarm["persons"], "persons_missed": alarm["persons_missed"],
             "non_persons": alarm["non_persons"], "false_alarms": alarm["false_alarms"],
             "person_pictures": alarm["person_pictures"],

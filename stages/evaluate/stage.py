@@ -1,15 +1,18 @@
 """Stage `evaluate`: score the best checkpoint on the held-out test split, once.
 
 Writes metrics/eval.json (accuracy, macro / weighted F1, per-class precision / recall / F1 /
-support, person recall, the report's goals as pass/fail, speed, and the person alarm at
-calibrate's operating point: ``operating_point.*`` with one-sided 95 % Clopper-Pearson bounds
-of test recall and false alarms, counted over source pictures (data/split/manifest.csv: crops
-of one picture are not independent; stages.common.alarm.guarantee says why pictures), and ``calibration.*``: ECE, NLL and Brier score before and after
-temperature scaling), plots/eval/confusion.csv (for DVC's confusion template), CSVs for DVC's
-linear template (precision-recall per class and the person ROC, thresholds as log-odds; the
-reliability diagram before and after calibration) and PNGs of the confusion matrix (counts and
-normalised by true class), the curves, the learning curves and the most confident mistakes (the
-gallery lives here because this stage already holds every prediction).
+support, person recall, the report's goals as pass/fail, and the person alarm at calibrate's
+operating point: ``operating_point.*`` with one-sided 95 % Clopper-Pearson bounds of test recall
+and false alarms, counted over source pictures (data/split/manifest.csv: crops of one picture
+are not independent; stages.common.alarm.guarantee says why pictures), and ``calibration.*``:
+ECE, NLL and Brier score before and after temperature scaling), metrics/speed/eval.json (ms / image at batch 1 and images / s at
+``evaluate.batch_size`` on the evaluation device: medians with their quartiles, apart from the
+scores because they swing with the machine's load), plots/eval/confusion.csv (for DVC's
+confusion template), CSVs for DVC's linear template (precision-recall per class and the person
+ROC, thresholds as log-odds; the reliability diagram before and after calibration) and PNGs of
+the confusion matrix (counts and normalised by true class), the curves, the learning curves and
+the most confident mistakes (the gallery lives here because this stage already holds every
+prediction).
 """
 from __future__ import annotations
 
@@ -21,20 +24,20 @@ import torch
 from sklearn.metrics import (classification_report, confusion_matrix,
                              precision_recall_curve, roc_curve)
 
-from stages.common.alarm.calibration import (ALARM_LABEL, alarm_figures, bound_sentence, brier,
-                                             crop_pictures, ece, nll, operating_point_for,
-                                             operator_sentence, person_log_odds, reliability,
-                                             softmax, target_sentence, threshold_text,
-                                             unlisted_line)
-from stages.common.alarm.guarantee import alarm_bounds
+from stages.common.alarm.calibration import (ALARM_LABEL, alarm_figures, brier, crop_pictures,
+                                             ece, nll, operating_point_for, person_log_odds,
+                                             reliability, softmax, unlisted_line)
+from stages.common.alarm.statement import (InconsistentFigures, point_facts, statement,
+                                           tested_facts, threshold_text)
 from stages.common.config import params
-from stages.common.config.paths import (CHECKPOINT, EVAL_METRICS, EVAL_PLOTS, OPERATING_POINT,
-                                        SPLIT_MANIFEST, TEST_SPLIT, TRAIN_METRICS, TRAIN_PLOTS)
+from stages.common.config.paths import (CHECKPOINT, EVAL_METRICS, EVAL_PLOTS, EVAL_SPEED,
+                                        OPERATING_POINT, SPLIT_MANIFEST, TEST_SPLIT,
+                                        TRAIN_METRICS, TRAIN_PLOTS)
 from stages.common.inference.batches import CropSet, normalise
 from stages.common.inference.logits import labelled_logits
 from stages.common.inference.speed import speed_figures
 from stages.common.infra.atomic import atomic_file, write_json
-from stages.common.infra.errors import main_guard
+from stages.common.infra.errors import StageError, main_guard
 from stages.common.model.build import load_checkpoint
 from stages.common.model.device import pick_device
 from stages.common.pictures import decode as pictures
@@ -51,7 +54,8 @@ def _sync(device: torch.device) -> None:
 @torch.inference_mode()
 def measure_speed(model, crops: CropSet, meta: dict, device: torch.device, batch_size: int,
                   runs: int) -> dict:
-    """Median forward time at batch 1 (an operator's single picture) and at ``batch_size``."""
+    """Median forward time at batch 1 (an operator's single picture) and at ``batch_size``, with
+    the quartiles of the passes."""
     n = min(batch_size, len(crops))
     batch = normalise(crops.take(torch.arange(n), device), meta["mean"], meta["std"])
     one = batch[:1].contiguous(memory_format=torch.channels_last)
@@ -81,41 +85,33 @@ def score(targets: np.ndarray, preds: np.ndarray, classes: list[str]) -> dict:
     return result
 
 
+def stated(facts: dict) -> list[str]:
+    """The alarm's statement of ``facts``; figures no reader could put into words stop the
+    stage in one line (the point is sealed, so only a bad calibrate writes them)."""
+    try:
+        return statement(facts)
+    except InconsistentFigures as exc:
+        raise StageError(f"{OPERATING_POINT}: its figures cannot be stated ({exc}); "
+                         "run `dvc repro calibrate` again") from None
+
+
 def alarm_metrics(logits: np.ndarray, targets: np.ndarray, classes: list[str],
                   point: dict, pictures=None) -> dict:
-    """The person alarm at calibrate's operating point, on test, with its one-sided 95 %
-    Clopper-Pearson bounds over ``pictures`` (each crop's source picture; None: every crop its
-    own), ``target_met`` only when the lower bound of recall reaches the target, and the
+    """The person alarm at calibrate's operating point, on test: the alarm's statement figures
+    (stages.common.alarm.statement: what the point gives new persons, the test counts with
+    one-sided 95 % Clopper-Pearson bounds over ``pictures`` (each crop's source picture; None:
+    every crop its own) and the verdict met / not shown / not met), and the
     calibration's effect (ECE, NLL, Brier before / after)."""
     temperature = point["temperature"]
     before, after = softmax(logits), softmax(logits, temperature)
     person = classes.index(ALARM_LABEL)
     alarm = alarm_figures(person_log_odds(logits, temperature, person),
                           targets == person, point["threshold_log_odds"], pictures)
-    bounds = alarm_bounds(alarm, point["target_recall"])
-    val = point.get("val") or {}
+    op = {**point_facts(point), **tested_facts(alarm, point["target_recall"]),
+          "point_sha256": point["point_sha256"]}  # export embeds only the point evaluated here
+    stated(op)
     return {
-        "operating_point": {
-            "threshold": point["threshold"],
-            "threshold_log_odds": round(point["threshold_log_odds"], 4),
-            "target_recall": point["target_recall"],
-            "point_sha256": point["point_sha256"],  # export embeds only the point evaluated here
-            "guarantee": point.get("guarantee"), "delta": point.get("delta"),
-            "resolved": val.get("resolved"),
-            "test_person_recall": alarm["person_recall"],
-            "test_person_recall_lower_95": bounds["person_recall_lower_95"],
-            "target_met": bounds["target_met"],
-            "test_person_precision": alarm["person_precision"],
-            "false_alarms_per_1000": alarm["false_alarms_per_1000"],
-            "false_alarms_per_1000_upper_95": bounds["false_alarms_per_1000_upper_95"],
-            "test_persons": alarm["persons"], "test_non_persons": alarm["non_persons"],
-            "test_persons_missed": alarm["persons_missed"],
-            "test_false_alarms": alarm["false_alarms"],
-            # the bounds count these: pictures are independent, their crops are not
-            "test_person_pictures": alarm["person_pictures"],
-            "test_person_pictures_missed": alarm["person_pictures_missed"],
-            "test_non_person_pictures": alarm["non_person_pictures"],
-            "test_false_alarm_pictures": alarm["false_alarm_pictures"]},
+        "operating_point": op,
         "calibration": {"temperature": round(temperature, 4),
                         "ece_before": round(ece(before, targets), 4),
                         "ece_after": round(ece(after, targets), 4),
@@ -198,11 +194,17 @@ def mistakes_gallery(crops: CropSet, probs: np.ndarray, targets: np.ndarray, k: 
 
 
 def best_epoch() -> int | None:
-    import json
+    from stages.common.infra.jsonfile import JsonProblem, read_json
 
-    if TRAIN_METRICS.is_file():
-        return json.loads(TRAIN_METRICS.read_text()).get("best_epoch")
-    return None
+    if not TRAIN_METRICS.exists():
+        return None
+    try:
+        scores = read_json(TRAIN_METRICS)
+    except (OSError, JsonProblem) as exc:
+        why = exc.strerror if isinstance(exc, OSError) and exc.strerror else exc
+        raise StageError(f"{TRAIN_METRICS}: cannot read it ({why}); run `dvc repro train`") \
+            from None
+    return scores.get("best_epoch") if isinstance(scores, dict) else None
 
 
 @main_guard
@@ -211,6 +213,7 @@ def main() -> None:
     device = pick_device(cfg.device)
     model, meta = load_checkpoint(CHECKPOINT)
     point = operating_point_for(CHECKPOINT, OPERATING_POINT)  # before the minutes of inference
+    stated(point_facts(point))
     model = model.to(device, memory_format=torch.channels_last)
     crops, logits, targets = labelled_logits(model, meta, TEST_SPLIT, CHECKPOINT, device,
                                              cfg.batch_size, "evaluate")
@@ -221,8 +224,10 @@ def main() -> None:
     metrics = score(targets, preds, classes)
     pictures, unlisted = crop_pictures(crops.paths, SPLIT_MANIFEST)
     metrics.update(alarm_metrics(logits, targets, classes, point, pictures))
-    metrics["speed"] = measure_speed(model, crops, meta, device, cfg.batch_size, cfg.speed_runs)
     metrics["arch"] = meta["arch"]
+    speed = {"arch": meta["arch"],
+             **measure_speed(model, crops, meta, device, cfg.batch_size, cfg.speed_runs)}
+    write_json(EVAL_SPEED, speed)
     write_json(EVAL_METRICS, metrics)
 
     EVAL_PLOTS.mkdir(parents=True, exist_ok=True)
@@ -242,15 +247,12 @@ def main() -> None:
                                 target_names=classes, digits=4, zero_division=0))
     print(f"accuracy {metrics['accuracy']:.4f}  macro F1 {metrics['macro_f1']:.4f}  "
           f"person recall {metrics.get('person_recall', float('nan')):.4f}  "
-          f"batch-1 {metrics['speed']['batch1_ms_per_image']} ms/image on {device.type}")
+          f"batch-1 {speed['batch1_ms_per_image']} ms/image on {device.type} (median; "
+          f"quartiles {speed['batch1_ms_q1']}-{speed['batch1_ms_q3']})")
     op = metrics["operating_point"]
     print(f"person alarm at {threshold_text(op['threshold'], op['threshold_log_odds'])} "
-          f"(calibrated, temperature "
-          f"{metrics['calibration']['temperature']}): "
-          + operator_sentence(op["test_person_recall"], op["false_alarms_per_1000"]) + " "
-          + (bound_sentence(op["test_person_recall_lower_95"],
-                            op["false_alarms_per_1000_upper_95"]) or "")
-          + " " + target_sentence(op["target_recall"], op["target_met"]))
+          f"(calibrated, temperature {metrics['calibration']['temperature']}): "
+          + " ".join(statement(op)))
     line = unlisted_line(unlisted, len(targets), SPLIT_MANIFEST)
     if line:
         print(line, file=sys.stderr)

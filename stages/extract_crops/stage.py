@@ -195,6 +195,11 @@ def decode(data: bytes, factor: int = 1) -> np.ndarray | None:
         return None
 
 
+# Bytes read before the rest of a picture file: every header the decoders read lies in them
+# (a JPEG's EXIF and ICC segments before its size run to tens of kB).
+HEAD_BYTES = 2**20
+
+
 def read_for_crops(task: ImageTask) -> tuple[np.ndarray | None, str, Header | None, int]:
     """(picture, problem, header, factor): decoded at 1/factor when every box allows it.
 
@@ -203,7 +208,14 @@ def read_for_crops(task: ImageTask) -> tuple[np.ndarray | None, str, Header | No
     decode is used instead: boxes are always placed on the true full-size geometry.
     """
     try:
-        data = Path(task.path).read_bytes()
+        with open(task.path, "rb") as f:
+            data = f.read(HEAD_BYTES)
+            if len(data) == HEAD_BYTES:  # more follows: a header that says too many pixels
+                header = pictures.read_header(data)  # stops here (a 768 MB file was read whole)
+                if header is not None and header.width * header.height > task.max_image_pixels:
+                    return None, "too_many_pixels", header, 1
+                f.seek(0)  # the whole file once: head + rest would hold it twice
+                data = f.read()
     except OSError:
         return None, "decode_failed", None, 1
     header, problem = pictures.examine(data, task.max_image_pixels)

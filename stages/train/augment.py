@@ -7,7 +7,7 @@ a hue shift uniform in [-0.1, 0.1]; the four adjustments in a uniformly random o
 drawn for every crop of the split at once from a generator seeded by (seed, epoch), so a crop's
 augmentation is a function of (seed, epoch, crop) alone: not of the batch it falls in, the
 number of processes or threads, or what ran before, and a resumed run draws what an
-uninterrupted one would (data/train_state).
+uninterrupted one would (state.py).
 
 The adjustments are torchvision's tensor ones (``transforms.v2.functional.adjust_*`` on float
 images in [0, 1], clamped after each), in two implementations with the same results (tested

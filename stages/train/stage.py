@@ -2,12 +2,13 @@
 
     python -m stages.train
 
-Reads   data/split/train, data/split/val (ImageFolder), data/train_state/ (a killed run's state)
+Reads   data/split/train, data/split/val (ImageFolder), data/train_resume/ (a killed run's state)
 Writes  data/model/best.pt      the best val-loss epoch's weights, with arch, classes, crop size,
                                 normalisation and recipe (loads with torch.load(weights_only=True))
         plots/train/            per-epoch history (DVCLive)
-        metrics/train.json      the best epoch's figures, epochs run, speed, processes, precision
-        data/train_state/       what a killed run resumes from (state.py; docs/reliability.md)
+        metrics/train.json      the best epoch's figures, epochs run, processes, precision
+        metrics/speed/train.json  train time and images/s (timings apart from the scores)
+        data/train_resume/      what a killed run resumes from, no DVC output (state.py)
 Params  seed, model.*, train.* but train.num_workers and train.pin_memory (they change no byte)
 
 Focal loss, AdamW, CosineAnnealingLR stepped per epoch, early stopping on val loss (recipe.py).
@@ -37,12 +38,13 @@ from torch.nn.parallel import DistributedDataParallel
 from stages.common.config import params
 from stages.common.config.params import Params
 from stages.common.config.paths import (CHECKPOINT, MODEL_DIR, SPLIT_DIR, TRAIN_METRICS,
-                                        TRAIN_PLOTS, TRAIN_SPLIT, VAL_SPLIT)
+                                        TRAIN_PLOTS, TRAIN_SPEED, TRAIN_SPLIT, VAL_SPLIT)
 from stages.common.inference.batches import CropSet, batch_len, batches
 from stages.common.inference.logits import predict
 from stages.common.infra import dvc_internals
 from stages.common.infra.atomic import atomic_dir, write_json
-from stages.common.infra.errors import StageError, main_guard
+from stages.common.infra.errors import (INTERRUPTED_EXIT, Interrupted, StageError,
+                                         main_guard)
 from stages.common.infra.progress import tracked
 from stages.common.model.build import (IMAGENET_MEAN, IMAGENET_STD, build_model, forward, freeze,
                                        frozen_prefix, set_train_mode)
@@ -235,17 +237,18 @@ def load_state(fp: dict, world: World, device: torch.device, log) -> dict | None
     quiet = None if world.is_main else (lambda m: None)
     saved = state.load(fp, warn=quiet, note=quiet, clean=world.is_main)
     if not distributed.all_equal(saved["epoch"] if saved else 0, world, device):
-        log(f"train: ignoring {state.STATE_FILE}: the processes do not all see the same state "
+        log(f"train: ignoring {state.state_file(fp)}: the processes do not all see the same state "
             "(not on a shared disk?); training from scratch", file=sys.stderr, flush=True)
         saved = None
     return saved
 
 
 def resume(epochs: int, parts: Parts, saved: dict | None, world: World, device: torch.device,
-           log, started: float) -> Standing:
+           log, started: float, path: Path) -> Standing:
     """The standing to continue from: a fresh one, or the saved state's (optimizer, schedule,
     early stopping, best epoch, history, RNG states restored). ``started``: when this run began
-    (its time, decoding the crops included, adds to the resumed run's)."""
+    (its time, decoding the crops included, adds to the resumed run's); ``path``: the state's
+    file, for the log."""
     if saved is None:
         return Standing(done=0, last=epochs, started=started)
     parts.learner.optimizer.load_state_dict(saved["optimizer"])
@@ -258,10 +261,10 @@ def resume(epochs: int, parts: Parts, saved: dict | None, world: World, device: 
     best_weights = saved["best_model"] or {
         k: v.clone(memory_format=torch.contiguous_format) for k, v in saved["model"].items()}
     if saved["finished"]:
-        log(f"train: {state.STATE_FILE}: this run finished training after epoch {done}; "
+        log(f"train: {path}: this run finished training after epoch {done}; "
             "writing its outputs without training", flush=True)
     else:
-        log(f"train: resuming from {state.STATE_FILE} after epoch {done} of {epochs}", flush=True)
+        log(f"train: resuming from {path} after epoch {done} of {epochs}", flush=True)
     state.set_rng_state(saved["rng"][world.rank], device)  # last: nothing may draw after it
     return Standing(done=done, last=done if saved["finished"] else epochs, best=saved["best"],
                     best_weights=best_weights, history=saved["history"],
@@ -373,7 +376,7 @@ def snapshot(model: nn.Module) -> dict[str, torch.Tensor]:
 
 def save_state(fp: dict, n: int, parts: Parts, standing: Standing, world: World,
                device: torch.device) -> None:
-    """Epoch ``n``'s end, safe in data/train_state (rank 0 writes every rank's RNG states)."""
+    """Epoch ``n``'s end, safe in its state file (rank 0 writes every rank's RNG states)."""
     rngs = distributed.gather_to_main(state.rng_state(device), world)
     if not world.is_main:
         return
@@ -388,7 +391,7 @@ def save_state(fp: dict, n: int, parts: Parts, standing: Standing, world: World,
         # the best epoch's weights, unless they are this epoch's ("model")
         "best_model": None if best.get("best_epoch") == n else standing.best_weights,
         "seconds": time.perf_counter() - standing.started,
-    })
+    }, state.state_file(fp))
 
 
 def open_live(history: list[dict]):
@@ -434,29 +437,46 @@ def run(cfg: Params, world: World, device: torch.device) -> None:
     started = time.perf_counter()
     splits = load_splits(cfg.train, cfg.seed, world, device)
     fp = run_fingerprint(cfg, world, device)
+    path = state.state_file(fp)
     saved = load_state(fp, world, device, log)
-    parts = build(cfg.model, cfg.train, len(splits.classes), world, device, saved)
-    announce(cfg, splits, world, device, log)
-    standing = resume(cfg.train.epochs, parts, saved, world, device, log, started)
-    # Only rank 0 writes; every rank sees the same reduced val loss, so all stop together.
-    live = open_live(standing.history) if world.is_main else None
-    with atomic_dir(MODEL_DIR) if world.is_main else contextlib.nullcontext() as out:
-        for n in range(standing.done + 1, standing.last + 1):
-            record = epoch(n, standing.last, splits, parts.learner, world, device)
-            check_finite(n, record, cfg.train.lr)
-            log_epoch(live, record)
-            advance(n, record, parts, standing, world)
-            save_state(fp, n, parts, standing, world, device)
-            # printed once the epoch is safe in data/train_state: a kill after it loses nothing
-            log(epoch_line(n, record), flush=True)
-            if parts.stopper.should_stop:
-                log(f"early stop: no val-loss improvement in {cfg.train.patience} epochs",
-                    flush=True)
-                break
+    kept = saved["epoch"] if saved else 0  # the last epoch safe on disk
+    try:
+        parts = build(cfg.model, cfg.train, len(splits.classes), world, device, saved)
+        announce(cfg, splits, world, device, log)
+        standing = resume(cfg.train.epochs, parts, saved, world, device, log, started, path)
+        # Only rank 0 writes; every rank sees the same reduced val loss, so all stop together.
+        live = open_live(standing.history) if world.is_main else None
+        with atomic_dir(MODEL_DIR) if world.is_main else contextlib.nullcontext() as out:
+            for n in range(standing.done + 1, standing.last + 1):
+                record = epoch(n, standing.last, splits, parts.learner, world, device)
+                check_finite(n, record, cfg.train.lr)
+                log_epoch(live, record)
+                advance(n, record, parts, standing, world)
+                save_state(fp, n, parts, standing, world, device)
+                kept = n
+                # printed once the epoch is safe in its state file: a kill after it loses nothing
+                log(epoch_line(n, record), flush=True)
+                if parts.stopper.should_stop:
+                    log(f"early stop: no val-loss improvement in {cfg.train.patience} epochs",
+                        flush=True)
+                    break
+            if world.is_main:
+                save_best(out / CHECKPOINT.name, cfg, splits, standing)
         if world.is_main:
-            save_best(out / CHECKPOINT.name, cfg, splits, standing)
-    if world.is_main:
-        finish(fp, len(splits.train), parts, standing, world, device, live)
+            finish(fp, len(splits.train), parts, standing, world, device, live)
+    except KeyboardInterrupt:
+        if not world.is_main:  # rank 0 says it once
+            raise SystemExit(INTERRUPTED_EXIT) from None
+        raise Interrupted(interrupted_line(kept, cfg.train.epochs, path)) from None
+
+
+def interrupted_line(kept: int, epochs: int, path: Path) -> str:
+    """What Ctrl-C left and what the same command does next (main_guard prints it)."""
+    if kept == 0:
+        return ("train stopped before its first epoch was saved; rerun the same command "
+                "(dvc repro, or the same dvc exp run) to start it again")
+    return (f"train stopped; epoch {kept} of {epochs} is saved in {path}: rerun the same command "
+            "(dvc repro, or the same dvc exp run) and train resumes from it")
 
 
 def announce(cfg: Params, splits: Splits, world: World, device: torch.device, log) -> None:
@@ -481,19 +501,23 @@ def save_best(path: Path, cfg: Params, splits: Splits, standing: Standing) -> No
 
 def finish(fp: dict, n_train: int, parts: Parts, standing: Standing, world: World,
            device: torch.device, live) -> None:
-    """metrics/train.json, the end of DVCLive's log, and the state shrunk to a marker.
+    """metrics/train.json, the end of DVCLive's log, and the state removed.
     ``n_train``: train crops per epoch, for the speed."""
     seconds = time.perf_counter() - standing.started
     live.end()
     best, amp = standing.best, parts.learner.amp
-    write_json(TRAIN_METRICS, {
-        **best, "epochs_run": standing.done, "stopped_early": parts.stopper.should_stop,
+    # the timings apart from the scores: they swing with the machine's load (paths.SPEED_FILES)
+    write_json(TRAIN_SPEED, {
         "train_seconds": round(seconds, 1),
         "train_images_per_s": round(n_train * standing.done / seconds, 1),
+        "device": device.type, "processes": world.size})
+    write_json(TRAIN_METRICS, {
+        **best, "epochs_run": standing.done, "stopped_early": parts.stopper.should_stop,
         "device": device.type, "processes": world.size,
         "amp": str(amp).replace("torch.", "") if amp else "off",
     })
-    # The outputs are in place: keep only a marker (DVC caches this out; kilobytes, not weights).
-    state.save_finished(fp, standing.done)
+    # The outputs are in place (DVC caches them, and its run cache brings them back for these
+    # params): the state, hundreds of MB for a large arch, has nothing left to resume.
+    state.remove(state.state_file(fp))
     print(f"best epoch {best['best_epoch']}: val loss {best['best_val_loss']:.4f}, "
           f"val acc {best['best_val_acc']:.4f} -> {CHECKPOINT}")

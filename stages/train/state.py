@@ -1,4 +1,4 @@
-"""The train stage's resumable state: ``data/train_state/state.pt``, rewritten after every epoch.
+"""The train stage's resumable state: ``data/train_resume/<key>.pt``, rewritten after every epoch.
 
 It holds what the next epoch starts from: model, optimizer, scheduler and (fp16) GradScaler
 states, the early-stopping counters, the best epoch's weights and figures, every rank's torch /
@@ -7,14 +7,19 @@ types and tensors only, so it loads with ``torch.load(weights_only=True)``.
 
 It also holds a fingerprint of the run: the params train depends on, the processes and device, the
 torch version, digests of the train stage's code and of every file in data/split/{train,val}.
-A state whose fingerprint differs from the run's, or that does not load, is ignored with one line
-on stderr, and training starts from scratch. Once a run's outputs are in place the state shrinks
-to a finished marker (fingerprint only, a few KB) so DVC caches it for next to nothing.
-What an operator sees of it: docs/stages.md (train, "Resuming").
+The file's name is a digest of that fingerprint (:func:`state_file`): one state per recipe, so
+an interrupted `dvc exp run -S model.arch=resnet50` finds its own state again and the
+workspace's run never overwrites it. The folder is no DVC output (DVC would check the
+committed state out over it before `dvc exp run`) and git ignores it (data/). A state that does
+not load is ignored with one line on stderr, and training starts from scratch; a run that
+finds no state of its fingerprint says why the newest other one does not fit. Once a run's
+outputs are in place its state is removed. What an operator sees of it: docs/stages.md
+(train, "Resuming").
 """
 from __future__ import annotations
 
 import hashlib
+import json
 import random
 import sys
 from pathlib import Path
@@ -24,11 +29,10 @@ import numpy as np
 import torch
 import yaml
 
-from stages.common.config.paths import SPLIT_DIR, TRAIN_STATE
+from stages.common.config.paths import SPLIT_DIR, TRAIN_RESUME
 from stages.common.infra.atomic import atomic_file, clean_stale
 from stages.common.infra.digest import file_md5
 
-STATE_FILE = TRAIN_STATE / "state.pt"
 FORMAT = 1
 ROOT = Path(__file__).resolve().parents[2]
 
@@ -65,6 +69,12 @@ def fingerprint(params: dict, folders: dict[str, Path], processes: int,
         "code": {f: file_md5(ROOT / f) for f in code_files()},
         "data": {name: folder_digest(path) for name, path in folders.items()},
     }
+
+
+def state_file(fp: dict, folder: Path = TRAIN_RESUME) -> Path:
+    """Where the state of a run of fingerprint ``fp`` lies: a name no other recipe shares."""
+    text = json.dumps(fp, sort_keys=True, default=str)
+    return folder / f"{hashlib.sha256(text.encode()).hexdigest()[:16]}.pt"
 
 
 def mismatch(old: dict, new: dict) -> str | None:
@@ -120,17 +130,23 @@ def set_rng_state(state: dict, device: torch.device) -> None:
 
 # ----- saving and loading -------------------------------------------------------------------
 
-def save(state: dict, path: Path = STATE_FILE) -> None:
+def save(state: dict, path: Path) -> None:
     """Atomically: a kill leaves the previous epoch's state or this one, never half a file.
-    The state is a persist out: with DVC's symlink cache type it is checked out as a link into
-    the cache, which is replaced, never written through."""
+    A link there is replaced, never written through (DVC's symlink cache type checked the state
+    out as a link into its cache while it was a persist out)."""
+    path.parent.mkdir(parents=True, exist_ok=True)
     with atomic_file(path, "wb", replace_link=True) as f:
         torch.save({"format": FORMAT, **state}, f)
 
 
-def save_finished(fp: dict, epochs_run: int, path: Path = STATE_FILE) -> None:
-    """Replace the full state by a marker once the run's outputs are in place."""
-    save({"fingerprint": fp, "finished": True, "epoch": epochs_run}, path)
+def remove(path: Path) -> None:
+    """The run's outputs are in place: its state has nothing left to resume (nor its folder,
+    when no other run's state is there)."""
+    path.unlink(missing_ok=True)
+    try:
+        path.parent.rmdir()
+    except OSError:  # other states, or a leftover of a killed save: kept
+        pass
 
 
 def _one_line(exc: BaseException) -> str:
@@ -143,16 +159,22 @@ NEEDED = ["fingerprint", "finished", "epoch", "model", "optimizer", "scheduler",
           "stopper", "best", "best_model", "history", "seconds", "rng"]
 
 
-def load(fp: dict, path: Path = STATE_FILE, warn: Callable[[str], Any] | None = None,
+def load(fp: dict, path: Path | None = None, warn: Callable[[str], Any] | None = None,
          note: Callable[[str], Any] | None = None, clean: bool = True) -> dict | None:
-    """The state to resume from, or None (a fresh start). Every reason a state present on disk is
-    not used is one line: on stderr (``warn``) when it is unusable or stale, on stdout (``note``)
-    when it only marks a finished run. ``clean``: remove what a kill mid-save left beside it."""
+    """The state to resume from (``path``, by default the fingerprint's :func:`state_file`), or
+    None (a fresh start). A state there that cannot be used is one line on stderr (``warn``);
+    when there is none, one line on stdout (``note``) says why the newest other state of the
+    folder does not fit, if there is one. ``clean``: remove what a kill mid-save left beside it."""
     warn = warn or (lambda m: print(m, file=sys.stderr, flush=True))
     note = note or (lambda m: print(m, flush=True))
+    path = state_file(fp) if path is None else path
     if clean:
         clean_stale(path)
     if not path.is_file():
+        other = _newest_other(path)
+        if other is not None:
+            note(f"train: no state of this run in {path.parent}; the newest there ({other.name}) "
+                 f"does not fit: {_why_not(other, fp)}; training from scratch")
         return None
     prefix = f"train: ignoring {path}:"
     try:
@@ -167,11 +189,25 @@ def load(fp: dict, path: Path = STATE_FILE, warn: Callable[[str], Any] | None = 
     if why is not None:
         warn(f"{prefix} {why}; training from scratch")
         return None
-    if state.get("finished") and "model" not in state:
-        note(f"train: {path} marks a finished run of these params and data; training again")
-        return None
     missing = [k for k in NEEDED if k not in state]
     if missing:
         warn(f"{prefix} it lacks {', '.join(missing)}; training from scratch")
         return None
     return state
+
+
+def _newest_other(path: Path) -> Path | None:
+    try:
+        found = [p for p in path.parent.glob("*.pt") if p.is_file() and p != path]
+        return max(found, key=lambda p: p.stat().st_mtime, default=None)
+    except OSError:  # a state removed meanwhile (another run finished): nothing to explain
+        return None
+
+
+def _why_not(other: Path, fp: dict) -> str:
+    try:
+        # mmap: only the fingerprint is read, not the weights
+        old = torch.load(other, map_location="cpu", weights_only=True, mmap=True)["fingerprint"]
+    except Exception as exc:  # noqa: BLE001 - only explained, never used
+        return f"it cannot be read ({_one_line(exc)})"
+    return mismatch(old, fp) or "it was written by this run's recipe under another name"

@@ -27,7 +27,6 @@ carries, and every reader checks the seal (:func:`point_problem`).
 from __future__ import annotations
 
 import csv
-import json
 import math
 from pathlib import Path
 
@@ -36,6 +35,7 @@ import numpy as np
 from stages.common.alarm import guarantee
 from stages.common.infra.digest import file_sha256
 from stages.common.infra.errors import StageError
+from stages.common.infra.jsonfile import JsonProblem, read_json
 
 ALARM_LABEL = "person"
 ECE_BINS = 15
@@ -337,51 +337,18 @@ def unlisted_line(unlisted: int, crops: int, manifest: Path) -> str | None:
             "rerun `dvc repro split` to have it list them")
 
 
-def threshold_text(threshold: float, threshold_log_odds: float) -> str:
-    """A threshold as people read it; near 1 the probability alone would print as 1."""
-    if threshold < 0.999:
-        return f"{threshold:.4g}"
-    return f"{threshold:.12g} (log-odds {threshold_log_odds:.2f})"
-
-
-def operator_sentence(recall: float, false_alarms_per_1000: float,
-                      threshold: str | None = None) -> str:
-    """The operating point as an operator reads it (halves round up: 7.5 false alarms reads 8)."""
-    people, others = int(recall * 100 + 0.5), int(false_alarms_per_1000 + 0.5)
-    at = f"At this threshold ({threshold})" if threshold else "At this threshold"
-    return (f"{at}, {people} of 100 people {'raises' if people == 1 else 'raise'} an alarm; "
-            f"{others:,} of 1,000 animals and objects {'does' if others == 1 else 'do'} too.")
-
-
-def bound_sentence(recall_lower: float | None, false_alarms_upper_per_1000: float | None
-                   ) -> str | None:
-    """The Clopper-Pearson bounds as an operator reads them; people round down and false alarms
-    up, so the sentence never promises more than the bound. None without persons."""
-    if recall_lower is None:
-        return None
-    people = math.floor(recall_lower * 100 + 1e-9)
-    sentence = (f"With 95 % confidence at least {people} of 100 people "
-                f"{'raises' if people == 1 else 'raise'} an alarm")
-    if false_alarms_upper_per_1000 is not None:
-        others = math.ceil(false_alarms_upper_per_1000 - 1e-9)
-        sentence += (f", and at most {others:,} of 1,000 animals and objects "
-                     f"{'does' if others == 1 else 'do'}")
-    return sentence + "."
-
-
-def target_sentence(target: float, met: bool) -> str:
-    """Whether the lower bound of recall reaches the target, as an operator reads it."""
-    return f"The target of {target} is {'met' if met else 'not met'} with 95 % confidence."
-
-
 # ----- the operating point file ----------------------------------------------------------------
 # Sealed as best.pt and model.onnx are: ``point_sha256`` is the SHA-256 of every other key as
-# canonical JSON (sorted keys, no spaces), so any edit (a flipped digit in the log-odds, a
-# temperature typed in) is refused in one line instead of moving the alarm in silence. One
+# canonical JSON (sorted keys, no spaces), so damage and careless edits (a flipped digit in the
+# log-odds, a temperature typed in) are refused in one line instead of moving the alarm in
+# silence, and model_sha256 (and, for the copy inside an ONNX file, GRAPH_KEY) refuses a point
+# mixed up with another model. It is a checksum, not a signature: anyone who edits the point
+# and re-seals it with seal() is believed; against a forger, protect the files themselves. One
 # writer function (seal) for the file and for the copy inside an ONNX file; one check
 # (point_problem) for every reader. Whatever keys a point holds, the seal covers them all.
 
 SEAL_KEY = "point_sha256"
+GRAPH_KEY = "onnx_graph_sha256"  # the embedded copy's model: stages.common.model.onnx
 RECALIBRATE = "run `dvc repro calibrate` again"
 # Keys that name other files: kept out of the copy inside a model file.
 FILE_KEYS = ("model", "model_sha256", "source", SEAL_KEY)
@@ -407,10 +374,13 @@ def seal(point: dict) -> dict:
 def read_operating_point(path: Path) -> dict:
     """The file calibrate wrote, its seal and keys checked; one line naming it otherwise."""
     try:
-        point = json.loads(Path(path).read_text())
+        point = read_json(path)
     except FileNotFoundError:
         raise StageError(f"{path}: not found; run `dvc repro calibrate` first") from None
-    except (OSError, ValueError) as exc:
+    except OSError as exc:
+        raise StageError(f"{path}: cannot read it ({exc.strerror or exc}); {RECALIBRATE}") \
+            from None
+    except JsonProblem as exc:
         raise StageError(f"{path}: cannot read it ({exc}); {RECALIBRATE}") from None
     problem = point_problem(point)
     if problem:
@@ -463,9 +433,10 @@ def _threshold_problem(point: dict) -> str | None:
     return None
 
 
-def point_problem(point, embedded: bool = False) -> str | None:
+def point_problem(point, embedded: bool = False, graph_sha256: str | None = None) -> str | None:
     """What makes ``point`` unusable, or None: its seal first, then every key a reader uses.
-    ``embedded``: inside a model file (ONNX metadata), so it names no other file's digest."""
+    ``embedded``: inside a model file (ONNX metadata), so it names no other file's digest;
+    ``graph_sha256``: that file's graph and weights, which the copy must name."""
     if not isinstance(point, dict):
         return "not a JSON object"
     problem = _seal_problem(point)
@@ -485,16 +456,22 @@ def point_problem(point, embedded: bool = False) -> str | None:
         return f"target_recall {target!r} is not a number in (0, 1]"
     if not isinstance(point.get("val"), dict):
         return f"val {point.get('val')!r} is not the val figures (a JSON object)"
+    if graph_sha256 is not None and point.get(GRAPH_KEY) != graph_sha256:
+        return (f"{GRAPH_KEY} {str(point.get(GRAPH_KEY))[:12]!r} is not this model's "
+                f"({graph_sha256[:12]}): the point was embedded in another model")
     if not embedded and not (isinstance(point.get("model_sha256"), str)
                              and len(point["model_sha256"]) == 64):
         return f"model_sha256 {point.get('model_sha256')!r} is not a SHA-256"
     return None
 
 
-def embedded(point: dict) -> dict:
+def embedded(point: dict, graph_sha256: str | None = None) -> dict:
     """The copy of an operating point a model file carries: every key but those naming other
-    files, under its own seal (the file's would name a checkpoint the model file has not)."""
-    return seal({k: v for k, v in point.items() if k not in FILE_KEYS})
+    files, with ``graph_sha256`` (the SHA-256 of the model file's graph and weights,
+    stages.common.model.onnx.graph_digest) under :data:`GRAPH_KEY`, under its own seal (the
+    file's would name a checkpoint the model file has not)."""
+    kept = {k: v for k, v in point.items() if k not in FILE_KEYS and k != GRAPH_KEY}
+    return seal({**kept, GRAPH_KEY: graph_sha256} if graph_sha256 else kept)
 
 
 def beside(checkpoint: Path, pipeline_point: Path) -> dict | None:
@@ -504,7 +481,7 @@ def beside(checkpoint: Path, pipeline_point: Path) -> dict | None:
     fits; a damaged one is refused."""
     digest = None
     for path in dict.fromkeys([Path(checkpoint).parent / pipeline_point.name, pipeline_point]):
-        if path.is_file():
+        if path.exists():  # a FIFO or a folder by that name is refused, not passed over
             point = read_operating_point(path)
             digest = digest or file_sha256(checkpoint)
             if point["model_sha256"] == digest:

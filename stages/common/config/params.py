@@ -380,21 +380,36 @@ class _BoundedLoader(yaml.SafeLoader):
 
 
 def _load_yaml(text: str, path: Path) -> Any:
-    """``yaml.safe_load``, within the bounds above, and a key given twice in one mapping is an
-    error: PyYAML keeps the last value silently, while DVC refuses the file, so the stages and
-    DVC would disagree."""
+    """The file's values as DVC reads them, once its shape is within the bounds above and no
+    key is given twice in one mapping (PyYAML keeps the last value silently, while DVC refuses
+    the file).
+
+    PyYAML checks the shape (its nodes, before anything is built); the values are built by
+    ruamel.yaml exactly as DVC builds them (``YAML(typ="safe")``, YAML 1.2; tests/test_readers.py
+    holds the two equal through dvc_internals). PyYAML's own values follow YAML 1.1, where
+    ``seed: 052`` is the octal 42 and ``seed: 1:10`` the base-60 70 while DVC records 52 and
+    '1:10', and ``1e-3`` is a string while DVC reads 0.001: a stage would run with other values
+    than the ones DVC tracks."""
     loader = _BoundedLoader(text, path)
     try:
         node = loader.get_single_node()
         if node is None:
             return None
         _measure(node, path, 1, {})
-        try:
-            return loader.construct_document(node)
-        except (ValueError, TypeError, OverflowError) as exc:  # e.g. a date 2026-13-45
-            raise ParamError(f"{path}: a value YAML cannot read ({exc}); fix it") from None
     finally:
         loader.dispose()
+    from ruamel.yaml import YAML
+    from ruamel.yaml import YAMLError as RuamelError
+
+    try:
+        return YAML(typ="safe").load(text)
+    except RuamelError as exc:
+        where = getattr(exc, "problem_mark", None)
+        line = f" at line {where.line + 1}" if where is not None else ""
+        problem = getattr(exc, "problem", None) or str(exc).splitlines()[0]
+        raise ParamError(f"{path}: DVC cannot read it{line} ({problem}); fix it") from None
+    except (ValueError, TypeError, OverflowError) as exc:  # e.g. a date 2026-13-45
+        raise ParamError(f"{path}: a value YAML cannot read ({exc}); fix it") from None
 
 
 def _measure(node: yaml.Node, path: Path, depth: int, seen: dict[int, tuple[int, int] | None],

@@ -2,8 +2,8 @@
 
 The one place a stage, a command or a test learns where an output lies: a folder renamed here
 and in dvc.yaml moves it everywhere. tests/test_layout.py checks that every path here is one of
-dvc.yaml's outs, metrics or plots (or lies inside one), that every output of dvc.yaml is named
-here, and that no other module of stages/ spells one.
+dvc.yaml's outs, metrics or plots (or lies inside one) but those in NOT_OUTPUTS, that every
+output of dvc.yaml is named here, and that no other module of stages/ spells one.
 """
 from __future__ import annotations
 
@@ -29,9 +29,15 @@ SPLIT_METRICS = Path("metrics/split.json")
 # train
 MODEL_DIR = Path("data/model")
 CHECKPOINT = MODEL_DIR / "best.pt"
-TRAIN_STATE = Path("data/train_state")
 TRAIN_PLOTS = Path("plots/train")  # DVCLive's folder
 TRAIN_METRICS = Path("metrics/train.json")
+# What an interrupted train resumes from (stages/train/state.py): on purpose no output of
+# dvc.yaml, so that `dvc exp run`, which checks the committed outputs out first, keeps it.
+TRAIN_RESUME = Path("data/train_resume")
+NOT_OUTPUTS = {TRAIN_RESUME}
+# Timings live apart from the scores, one file per stage that measures: they swing with the
+# machine's load; dvc.yaml makes them outs, not metrics, so `dvc metrics diff` shows quality.
+TRAIN_SPEED = Path("metrics/speed/train.json")
 
 # calibrate
 CALIBRATION_DIR = Path("data/calibration")
@@ -40,6 +46,7 @@ OPERATING_POINT = CALIBRATION_DIR / "operating_point.json"
 # evaluate
 EVAL_PLOTS = Path("plots/eval")
 EVAL_METRICS = Path("metrics/eval.json")
+EVAL_SPEED = Path("metrics/speed/eval.json")
 
 # conditions
 CONDITIONS_PLOTS = Path("plots/conditions")  # one CSV per condition, the grid PNG
@@ -48,3 +55,6 @@ CONDITIONS_METRICS = Path("metrics/conditions.json")
 # export
 EXPORT_DIR = Path("data/export")
 EXPORT_METRICS = Path("metrics/export.json")
+EXPORT_SPEED = Path("metrics/speed/export.json")
+
+SPEED_FILES = (TRAIN_SPEED, EVAL_SPEED, EXPORT_SPEED)  # the timings, in pipeline order

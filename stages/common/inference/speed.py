@@ -1,8 +1,12 @@
-"""Timing a forward pass: median wall time at batch 1 (one operator's picture) and at batch N.
+"""Timing a forward pass: median wall time at batch 1 (one operator's picture) and at batch N,
+with the quartiles of the passes as its spread.
 
 Shared by evaluate (PyTorch on the evaluation device) and export (PyTorch eager against ONNX
-Runtime on the CPU), so every speed figure in metrics/ is measured the same way. The figures are
-measurements of this machine, reported, never asserted.
+Runtime on the CPU), so every speed figure in metrics/speed/ is measured the same way. The
+figures are measurements of this machine, reported, never asserted; they live apart from the
+scores (metrics/eval.json, metrics/export.json), as outs rather than DVC metrics, so that
+`dvc metrics diff` of two experiments shows quality, never led by timings that swing with the
+machine's load (`dvc metrics diff --targets metrics/speed -R` compares them).
 """
 from __future__ import annotations
 
@@ -13,9 +17,9 @@ from typing import Any, Callable
 WARMUP = 3  # untimed passes first: allocator, oneDNN / cuDNN kernel choice, ORT's arena
 
 
-def median_seconds(run: Callable[[], Any], repeats: int, sync: Callable[[], None] = lambda: None
-                   ) -> float:
-    """Median wall time of ``run()`` over ``repeats`` calls, after :data:`WARMUP` untimed ones."""
+def timed_seconds(run: Callable[[], Any], repeats: int,
+                  sync: Callable[[], None] = lambda: None) -> list[float]:
+    """Wall time of each of ``repeats`` calls of ``run()``, after :data:`WARMUP` untimed ones."""
     for _ in range(WARMUP):
         run()
     times = []
@@ -25,18 +29,38 @@ def median_seconds(run: Callable[[], Any], repeats: int, sync: Callable[[], None
         run()
         sync()
         times.append(time.perf_counter() - t0)
-    return statistics.median(times)
+    return times
+
+
+def quartiles(values: list[float]) -> tuple[float, float, float]:
+    """(first quartile, median, third quartile) of ``values``; one value is all three."""
+    if len(values) == 1:
+        return values[0], values[0], values[0]
+    q1, q2, q3 = statistics.quantiles(values, n=4, method="inclusive")
+    return q1, q2, q3
 
 
 def speed_figures(forward: Callable[[Any], Any], one: Any, batch: Any, batch_size: int, runs: int,
                   sync: Callable[[], None] = lambda: None) -> dict:
-    """ms / image at batch 1 (``runs`` passes) and images / s at ``batch_size`` (runs // 5, >= 3).
+    """ms / image at batch 1 (``runs`` passes) and images / s at ``batch_size`` (runs // 5, >= 3):
+    each the median over its passes, with the first and third quartiles (``_q1``, ``_q3``) as
+    its spread. On a shared CPU one pass can take 100x another: the median and the quartiles
+    are what a comparison of two runs should read, and they are figures, never asserted.
 
     ``forward`` takes an input batch; ``one`` holds one image and ``batch`` holds ``batch_size``.
     """
-    t1 = median_seconds(lambda: forward(one), runs, sync)
-    tb = median_seconds(lambda: forward(batch), max(3, runs // 5), sync)
+    q1, t1, q3 = quartiles(timed_seconds(lambda: forward(one), runs, sync))
+    batch_runs = max(3, runs // 5)
+    # images/s of each pass: its quartiles are the time's, the other way round
+    rq1, rate, rq3 = quartiles([batch_size / t for t in
+                                timed_seconds(lambda: forward(batch), batch_runs, sync)])
     return {"batch1_ms_per_image": round(t1 * 1000, 2),
+            "batch1_ms_q1": round(q1 * 1000, 2),
+            "batch1_ms_q3": round(q3 * 1000, 2),
+            "batch1_runs": runs,
             "batch1_images_per_s": round(1 / t1, 1),
             "batch_size": batch_size,
-            "batch_images_per_s": round(batch_size / tb, 1)}
+            "batch_images_per_s": round(rate, 1),
+            "batch_images_per_s_q1": round(rq1, 1),
+            "batch_images_per_s_q3": round(rq3, 1),
+            "batch_runs": batch_runs}

@@ -8,6 +8,8 @@ DVC's public Python API (``dvc.api``) and DVCLive's (``dvclive.Live``) lack two 
 - **Reading one revision's metrics with each file's parse error kept**: ``dvc metrics diff
   --json`` drops a file it cannot parse (it would read as missing); ``dvc.repo.Repo``
   (``Repo.metrics.show``) keeps the error beside the file.
+- **Reading a YAML text as DVC reads params.yaml** (``dvc.utils.serialize.parse_yaml``), so
+  the tests can hold params.load's values (ruamel.yaml, YAML 1.2) to DVC's own.
 - **Opening DVCLive in a git repository with no commit yet**: DVCLive 3.49 asks git for HEAD
   before it checks whether there is one, and fails ("Empty git repo"). The train stage saves no
   experiment, so it opens DVCLive as DVCLive runs where DVC is not installed (no repository),
@@ -33,6 +35,7 @@ DVC = Library(
         Private("dvc.scm", "SCMError", subclass_of=Exception),
         Private("dvc.scm", "RevError", subclass_of=Exception),
         Private("dvc.repo", "Repo", subclass_of=object),
+        Private("dvc.utils.serialize", "parse_yaml", params=("text", "path", "typ")),
     ),
     instead="run without --rev for the workspace alone")
 DVCLIVE = Library(
@@ -66,21 +69,31 @@ def revision_resolver(repo: Path) -> Callable[[str], str]:
 
     def resolve(rev: str) -> str:
         try:
-            return resolve_rev(scm, rev)
+            sha = resolve_rev(scm, rev)
         except RevError as exc:
             raise UnknownRevision(str(exc)) from None
+        # git also resolves trees and blobs (HEAD^{tree}, HEAD:params.yaml); DVC then answers
+        # with its help text, so such a name is refused here.
+        try:
+            scm.resolve_commit(sha)
+        except Exception:  # pygit2 or dulwich, each its own way (AttributeError, KeyError...)
+            raise UnknownRevision(f"'{rev}' names a git object that is not a commit "
+                                  f"({sha[:12]})") from None
+        return sha
 
     return resolve
 
 
-def metrics_of(repo: Path, rev: str) -> dict:
+def metrics_of(repo: Path, rev: str, targets: list[str] | None = None) -> dict:
     """DVC's ``metrics show`` result for one revision (``workspace`` included): ``{"data":
-    {file: {"data": ...} or {"error": exception}}}``, or ``{"error": exception}``."""
+    {file: {"data": ...} or {"error": exception}}}``, or ``{"error": exception}``. ``targets``:
+    these files (repository-relative) instead of dvc.yaml's metrics, as `--targets` reads them."""
     require(DVC)
     from dvc.repo import Repo
 
     with Repo(str(repo)) as dvc_repo:
-        return dvc_repo.metrics.show(revs=[rev], hide_workspace=False).get(rev) or {}
+        return dvc_repo.metrics.show(targets=targets, revs=[rev],
+                                     hide_workspace=False).get(rev) or {}
 
 
 def open_live(make: Callable[[], T]) -> T:
@@ -99,3 +112,11 @@ def open_live(make: Callable[[], T]) -> T:
             return make()
         finally:
             dvclive.live.get_dvc_repo = original
+
+
+def params_as_dvc_reads(text: str):
+    """The values of a params.yaml text exactly as DVC reads them to track params."""
+    require(DVC, "parse_yaml")
+    from dvc.utils.serialize import parse_yaml
+
+    return parse_yaml(text, "params.yaml", typ="safe")

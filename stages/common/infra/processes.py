@@ -4,7 +4,7 @@ A stage killed with SIGKILL (``kill -9``, the out-of-memory killer, a lost termi
 cleanup, so its helpers must notice by themselves: extract_crops' crop workers would otherwise
 wait for tasks for ever and hold the stage's stdout open (``dvc repro`` waits for that too), and
 torchrun's training workers, each in a session of its own, would go on training and writing the
-outputs and data/train_state under a resumed run's feet.
+outputs and the resume state (data/train_resume) under a resumed run's feet.
 """
 from __future__ import annotations
 

@@ -164,6 +164,14 @@ def forward(model: nn.Module, x: torch.Tensor, n_frozen: int = 0) -> torch.Tenso
     return x
 
 
+def out_of_memory(exc: BaseException) -> bool:
+    """Whether ``exc`` is the machine running out of memory (Python's MemoryError, or torch's
+    allocator failing, a RuntimeError), not a fault of the file being read."""
+    return isinstance(exc, MemoryError) or (
+        isinstance(exc, RuntimeError) and any(words in str(exc) for words in (
+            "can't allocate memory", "out of memory", "Cannot allocate memory")))
+
+
 def load_checkpoint(path: str | Path) -> tuple[nn.Module, dict[str, Any]]:
     """Rebuild the model a checkpoint describes, once verified (:func:`verify_checkpoint`);
     returns (model in eval mode, metadata)."""
@@ -173,6 +181,10 @@ def load_checkpoint(path: str | Path) -> tuple[nn.Module, dict[str, Any]]:
     try:
         ckpt = torch.load(path, map_location="cpu", weights_only=True)
     except Exception as exc:  # weights_only refuses pickled objects; a bad file fails too
+        if out_of_memory(exc):  # the file may be fine: the machine is short, not the file
+            raise StageError(f"{path}: out of memory while loading it ({path.stat().st_size:,} "
+                             "bytes); free memory (or use a machine with more) and rerun") \
+                from None
         raise StageError(f"{path}: not a loadable checkpoint ({type(exc).__name__}); "
                          "only weights-only checkpoints written by the train stage are accepted") \
             from None

@@ -2,7 +2,8 @@
 
 The exported file carries the checkpoint's arch, class names, image size and normalisation in its
 metadata, and calibrate's temperature and person threshold (``operating_point``, under its own
-seal, checked on load: stages.common.alarm.calibration), so
+seal and bound to the SHA-256 of the file's graph and weights, checked on load:
+stages.common.alarm.calibration), so
 ``stages.predict --model model.onnx`` needs nothing but that one file. It also
 carries ``weights_sha256``: the SHA-256 of the file's model (deterministic protobuf
 serialisation) without that entry, written by :func:`export` and checked by
@@ -17,6 +18,7 @@ import hashlib
 import io
 import json
 from pathlib import Path
+from typing import Callable
 
 import torch
 from torch import nn
@@ -33,8 +35,14 @@ POINT_KEY = "operating_point"  # calibrate's temperature and person threshold, a
 EXPORT_AGAIN = "export it again with `dvc repro export` (or python -m stages.export)"
 
 
-def export(model: nn.Module, meta: dict, path: Path, opset: int) -> None:
+def export(model: nn.Module, meta: dict, path: Path, opset: int,
+           point_for: Callable[[str], dict] | None = None) -> None:
     """Write ``model`` (eval mode) to ``path`` as one self-contained ONNX file, batch axis dynamic.
+
+    ``point_for(graph_sha256)``: the operating point to embed, bound to the file's graph and
+    weights (:func:`graph_digest`; stages.common.alarm.calibration.embedded), so a point carried
+    into another model file is refused even when that file's own digest is recomputed around
+    it. A callable: that digest exists only once the graph is written.
 
     torch's export-based exporter (``dynamo=True``, torch's default; the TorchScript one is
     deprecated). Same model and opset give the same bytes wherever the project and its
@@ -55,13 +63,13 @@ def export(model: nn.Module, meta: dict, path: Path, opset: int) -> None:
                          "try another export.opset") from None
     for key in META_KEYS:
         program.model.metadata_props[key] = json.dumps(meta[key])
-    if meta.get(POINT_KEY) is not None:
-        program.model.metadata_props[POINT_KEY] = json.dumps(meta[POINT_KEY])
     strip_paths(program.model)
     program.save(str(path), external_data=False)
     import onnx
 
     proto = onnx.load(str(path))
+    if point_for is not None:
+        proto.metadata_props.add(key=POINT_KEY, value=json.dumps(point_for(graph_digest(proto))))
     path.write_bytes(seal(proto))
 
 
@@ -69,6 +77,15 @@ def model_digest(proto) -> str:
     """SHA-256 of ``proto`` (an onnx.ModelProto without a digest entry), serialised
     deterministically."""
     return hashlib.sha256(proto.SerializeToString(deterministic=True)).hexdigest()
+
+
+def graph_digest(proto) -> str:
+    """SHA-256 of ``proto`` without any metadata: its graph and weights alone, what the
+    embedded operating point is bound to (calibration.GRAPH_KEY)."""
+    bare = type(proto)()
+    bare.CopyFrom(proto)
+    del bare.metadata_props[:]
+    return model_digest(bare)
 
 
 def _take_digests(proto) -> list[str]:
@@ -89,8 +106,9 @@ def seal(proto) -> bytes:
     return proto.SerializeToString(deterministic=True)
 
 
-def verified_bytes(path: Path) -> tuple[bytes, dict[str, str]]:
-    """The file's bytes and metadata, once its content matches its digest; else one line."""
+def verified_bytes(path: Path) -> tuple[bytes, dict[str, str], str]:
+    """The file's bytes, metadata and :func:`graph_digest`, once its content matches its
+    digest; else one line."""
     import onnx
     from google.protobuf.message import DecodeError
 
@@ -111,7 +129,7 @@ def verified_bytes(path: Path) -> tuple[bytes, dict[str, str]]:
         raise StageError(f"{path}: its content does not match its weights digest: the file is "
                          f"damaged (a flipped bit, a bad copy) or was altered; restore it, or "
                          f"{EXPORT_AGAIN}")
-    return data, metadata
+    return data, metadata, graph_digest(proto)
 
 
 # Debug metadata torch's exporter puts on each node: the Python stack that produced it, with the

@@ -46,21 +46,27 @@ _OPENCV_SCALE = {1: cv2.IMREAD_COLOR, 2: cv2.IMREAD_REDUCED_COLOR_2,
                  4: cv2.IMREAD_REDUCED_COLOR_4, 8: cv2.IMREAD_REDUCED_COLOR_8}
 
 
-# Names that say "picture": the formats predict reads (OpenCV and PIL both: JPEG, PNG, BMP, WebP,
-# TIFF, GIF, JPEG 2000, AVIF, PNM, Sun raster) and HEIF, which it cannot read but must not pass
-# over in silence. A file so named is always an input: answered, or its own error.
+# Names that say "picture": the formats predict decodes (PIL reads the header, OpenCV or
+# libjpeg-turbo the pixels: JPEG, PNG, BMP, WebP, TIFF, GIF, JPEG 2000, AVIF, PNM, Sun raster),
+# each checked on a real file of its kind (tests/test_picture_suffixes.py). A file so named is
+# always an input: answered, or its own error. Not .heic / .heif: neither the pinned Pillow nor
+# OpenCV decodes HEIF (pillow-heif would: a new dependency bundling libheif and its HEVC
+# decoder); a HEIF file is still found by its first bytes (PICTURE_BRANDS) and named with its
+# own error, never passed over.
 PICTURE_SUFFIXES = (".jpg", ".jpeg", ".jpe", ".jfif", ".jif", ".png", ".bmp", ".dib", ".webp",
-                    ".tif", ".tiff", ".gif", ".jp2", ".j2k", ".avif", ".heic", ".heif", ".pbm",
-                    ".pgm", ".ppm", ".pnm", ".ras", ".sr")
+                    ".tif", ".tiff", ".gif", ".jp2", ".j2k", ".avif", ".pbm", ".pgm", ".ppm",
+                    ".pnm", ".ras", ".sr")
 SIGNATURE_BYTES = 32  # enough for every signature below
 # The first bytes of each format (its "magic number"), for a file whose name says nothing.
 SIGNATURES = ((b"\xff\xd8\xff", "JPEG"), (b"\x89PNG\r\n\x1a\n", "PNG"), (b"GIF87a", "GIF"),
               (b"GIF89a", "GIF"), (b"II*\x00", "TIFF"), (b"MM\x00*", "TIFF"),
               (b"\x00\x00\x00\x0cjP  \r\n\x87\n", "JPEG 2000"),
               (b"\xff\x4f\xff\x51", "JPEG 2000"), (b"\x59\xa6\x6a\x95", "Sun raster"))
-# ISO base media files (HEIF, AVIF) name their kind in the "ftyp" box at byte 4.
-PICTURE_BRANDS = {b"heic", b"heix", b"heim", b"heis", b"hevc", b"hevx", b"hevm", b"hevs",
-                  b"mif1", b"msf1", b"avif", b"avis"}
+# ISO base media files (HEIF, AVIF) name their kind in the "ftyp" box at byte 4: HEVC-coded
+# HEIF (a phone's .heic), AVIF, and the brands either may lead with.
+HEIF_BRANDS = {b"heic", b"heix", b"heim", b"heis", b"hevc", b"hevx", b"hevm", b"hevs"}
+PICTURE_BRANDS = {**dict.fromkeys(HEIF_BRANDS, "HEIF"), b"avif": "AVIF", b"avis": "AVIF",
+                  b"mif1": "HEIF/AVIF", b"msf1": "HEIF/AVIF"}
 BMP_HEADER_SIZES = {12, 40, 52, 56, 64, 108, 124}  # the DIB header versions
 
 
@@ -74,8 +80,8 @@ def picture_format(head: bytes) -> str | None:
         return "WebP"
     if head[:2] == b"BM" and int.from_bytes(head[14:18], "little") in BMP_HEADER_SIZES:
         return "BMP"
-    if head[4:8] == b"ftyp" and head[8:12] in PICTURE_BRANDS:
-        return "HEIF/AVIF"
+    if head[4:8] == b"ftyp":
+        return PICTURE_BRANDS.get(head[8:12])
     return None
 
 

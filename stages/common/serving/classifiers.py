@@ -7,7 +7,6 @@ Both take uint8 RGB N x 3 x S x S pixels (``classify``) and normalise them as ev
 """
 from __future__ import annotations
 
-import json
 from pathlib import Path
 
 import numpy as np
@@ -17,6 +16,7 @@ from stages.common.alarm.calibration import beside, point_problem
 from stages.common.config.paths import OPERATING_POINT
 from stages.common.inference.batches import normalise
 from stages.common.infra.errors import StageError
+from stages.common.infra.jsonfile import JsonProblem, parse_json
 from stages.common.model.build import load_checkpoint
 from stages.common.model.checkpoint import check_meta
 from stages.common.model.onnx import (EXPORT_AGAIN, INPUT, META_KEYS, OUTPUT, POINT_KEY,
@@ -80,20 +80,20 @@ class OnnxClassifier:
             options.intra_op_num_threads = threads
             options.inter_op_num_threads = 1
         # ONNX Runtime gets the very bytes that were verified, not the file a second time.
-        data, stored = verified_bytes(path)
+        data, stored, graph_sha256 = verified_bytes(path)
         missing = [k for k in META_KEYS if k not in stored]
         if missing:
             raise StageError(f"{path}: ONNX metadata lacks {', '.join(missing)}; {EXPORT_AGAIN}")
         self.meta = {}
         for key in META_KEYS:
             try:
-                self.meta[key] = json.loads(stored[key])
-            except ValueError:
-                raise StageError(f"{path}: ONNX metadata {key} is not valid JSON; the file is "
-                                 f"damaged or not one this project wrote; {EXPORT_AGAIN}") \
+                self.meta[key] = parse_json(stored[key])
+            except JsonProblem as exc:
+                raise StageError(f"{path}: ONNX metadata {key} is not usable ({exc}); the file "
+                                 f"is damaged or not one this project wrote; {EXPORT_AGAIN}") \
                     from None
         check_meta(path, self.meta, META_KEYS)
-        self.operating_point = self._operating_point(stored)
+        self.operating_point = self._operating_point(stored, graph_sha256)
         try:
             self.session = ort.InferenceSession(data, options,
                                                 providers=["CPUExecutionProvider"])
@@ -101,15 +101,16 @@ class OnnxClassifier:
             raise StageError(f"{path}: not a loadable ONNX model ({type(exc).__name__}); "
                              f"{EXPORT_AGAIN}") from None
 
-    def _operating_point(self, stored: dict[str, str]) -> dict | None:
-        """The operating point export embedded (None in a file exported without one)."""
+    def _operating_point(self, stored: dict[str, str], graph_sha256: str) -> dict | None:
+        """The operating point export embedded for this very graph (None in a file exported
+        without one)."""
         if POINT_KEY not in stored:
             return None
         try:
-            point = json.loads(stored[POINT_KEY])
-        except ValueError:
-            point = None
-        problem = point_problem(point, embedded=True)
+            point = parse_json(stored[POINT_KEY])
+            problem = point_problem(point, embedded=True, graph_sha256=graph_sha256)
+        except JsonProblem as exc:
+            problem = str(exc)
         if problem:
             raise StageError(f"{self.path}: ONNX metadata {POINT_KEY} is not usable ({problem}); "
                              f"{EXPORT_AGAIN}")

@@ -31,10 +31,16 @@ def read_image(path: Path, max_pixels: int = DEFAULT_MAX_IMAGE_PIXELS) -> np.nda
     """BGR uint8 pixels, EXIF orientation applied (an operator's photo as taken). The file is
     refused before any decode, as extract_crops refuses its pictures, when its header says it
     is empty, not a picture, above ``max_pixels`` or cut off."""
-    if not path.is_file():
-        raise ValueError("file not found")
+    problem = not_a_file(path)
+    if problem:
+        raise ValueError(problem)
     data = path.read_bytes()
     header, problem = pictures.examine(data, max_pixels)
+    kind = picture_format(data[:SIGNATURE_BYTES]) if problem == "not_an_image" else None
+    if kind in ("HEIF", "HEIF/AVIF"):  # AVIF decodes here: a HEIF, or a damaged AVIF
+        raise ValueError(f"a {'HEIF picture' if kind == 'HEIF' else 'HEIF or damaged AVIF'} "
+                         "(a phone's .heic is HEIF), which no library here decodes; convert it "
+                         "to JPEG or PNG (the phone's 'most compatible' setting)")
     if problem:
         raise ValueError(pictures.describe(problem, header, max_pixels))
     try:
@@ -50,12 +56,71 @@ def prepare(image_bgr: np.ndarray, meta: dict) -> torch.Tensor:
     return torch.from_numpy(rgb).permute(2, 0, 1)
 
 
+def not_a_file(path: Path) -> str | None:
+    """Why ``path`` cannot be a picture file (missing, or a device, FIFO, folder...), or None."""
+    try:
+        mode = path.stat().st_mode
+    except FileNotFoundError:
+        return "file not found"
+    except OSError as exc:
+        return f"cannot read it ({exc.strerror or exc})"
+    if stat.S_ISREG(mode):
+        return None
+    kind = ("a folder" if stat.S_ISDIR(mode) else "a FIFO" if stat.S_ISFIFO(mode) else
+            "a character device" if stat.S_ISCHR(mode) else
+            "a block device" if stat.S_ISBLK(mode) else
+            "a socket" if stat.S_ISSOCK(mode) else "a special file")
+    return f"not a regular file ({kind})"
+
+
+# File systems that hold the machine's state, not files: /proc, /sys, /dev and their kin. A link
+# to /proc inside a walked folder walked the whole machine (every process's open files, as root).
+PSEUDO_FS = frozenset({"proc", "sysfs", "devtmpfs", "devpts", "cgroup", "cgroup2", "debugfs",
+                       "tracefs", "securityfs", "pstore", "bpf", "configfs", "fusectl",
+                       "mqueue", "hugetlbfs", "binfmt_misc", "efivarfs", "rpc_pipefs", "nsfs",
+                       "autofs"})
+PSEUDO_ROOTS = ("/proc", "/sys", "/dev")
+
+
+def pseudo_devices() -> frozenset[int]:
+    """``st_dev`` of every mounted pseudo-filesystem (Linux's mountinfo), and of /proc, /sys
+    and /dev themselves wherever they are mounts of their own (never the root's: in a chroot
+    /dev may be a plain folder, and every folder beside it would look like a device's)."""
+    devices = set()
+    try:
+        with open("/proc/self/mountinfo", encoding="utf-8", errors="replace") as f:
+            for row in f:
+                fields = row.split()
+                if " - " not in row or len(fields) < 3:
+                    continue
+                fstype = row.split(" - ", 1)[1].split()[0]
+                if fstype in PSEUDO_FS:
+                    major, minor = fields[2].split(":")
+                    devices.add(os.makedev(int(major), int(minor)))
+    except (OSError, ValueError):
+        pass
+    try:
+        top = os.stat("/").st_dev
+    except OSError:
+        top = None
+    for root in PSEUDO_ROOTS:
+        try:
+            device = os.stat(root).st_dev
+        except OSError:
+            continue
+        if device != top:
+            devices.add(device)
+    return frozenset(devices - {top})
+
+
 @dataclass
 class Skipped:
     """A thing inside a given folder that gets no answer, and why: a file that is not a picture
-    by name or content, or a link to a folder already walked (``walked_as``)."""
+    by name or content, a link to a folder already walked (``walked_as``), or a folder on a
+    pseudo-filesystem such as /proc (``pseudo``)."""
     path: Path
     walked_as: Path | None = None
+    pseudo: bool = False
 
 
 def expand(inputs: Iterable[str | Path], skipped: list[Skipped] | None = None
@@ -70,14 +135,16 @@ def expand(inputs: Iterable[str | Path], skipped: list[Skipped] | None = None
     for item in inputs:
         path = Path(item)
         if path.is_dir():
+            if path.stat().st_dev in pseudo_devices():
+                out.append((path, "a folder of a pseudo-filesystem (/proc, /sys, /dev), not "
+                                  "pictures; not walked"))
+                continue
             found = _walk(path, skipped)
             if not found:
                 found.append((path, "folder holds no pictures (by name or content)"))
             out.extend(found)
-        elif path.exists():
-            out.append((path, None))
         else:
-            out.append((path, "file not found"))
+            out.append((path, not_a_file(path)))
     return out
 
 
@@ -87,6 +154,7 @@ def _walk(folder: Path, skipped: list[Skipped]) -> list[tuple[Path, str | None]]
     has one there: the folders themselves first, then those reached only through links."""
     st = folder.stat()
     walked = {(st.st_dev, st.st_ino): folder}
+    pseudo = pseudo_devices()
     found: list[tuple[Path, str | None]] = []
     todo: list[Path] = [folder]  # not recursion: a tree thousands of folders deep is walked
     links: list[tuple[Path, tuple[int, int]]] = []
@@ -110,6 +178,9 @@ def _walk(folder: Path, skipped: list[Skipped]) -> list[tuple[Path, str | None]]
                 found.append((entry, why))
                 continue
             if stat.S_ISDIR(st.st_mode):
+                if st.st_dev in pseudo:  # a link to /proc, or /dev bind-mounted in
+                    skipped.append(Skipped(entry, pseudo=True))
+                    continue
                 key = (st.st_dev, st.st_ino)
                 if entry.is_symlink():
                     links.append((entry, key))
