@@ -105,7 +105,9 @@ def grid_png(result: dict, target: float, path: Path) -> None:
 
 
 def summary_lines(result: dict, target: float) -> list[str]:
-    lines = []
+    clean = result["clean"]
+    lines = [f"clean: recall {clean['person_recall']} (>= {clean['person_recall_lower_95']}); "
+             f"target {target}: {clean['target_verdict']}"]
     for name, figures in result["conditions"].items():
         kept = figures["kept_target_to_severity"]
         measured = [k for k in figures if k.startswith("s") and k[1:].isdigit()]
