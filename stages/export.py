@@ -7,8 +7,8 @@ dvc.lock hashes, the recipe, the test figures, the speed, how to rebuild it),
 metrics/export.json (size, parity) and metrics/speed/export.json (the timings, apart from the
 scores because they swing with the machine's load). The model file carries calibrate's sealed
 operating point; the card's alarm figures are metrics/eval.json's only when evaluate scored that
-very point (its ``point_sha256``), and its threshold and temperature are read back from the model
-file:
+very point (its ``point_sha256``), as are its camera conditions metrics/conditions.json's (stage
+conditions), and its threshold and temperature are read back from the model file:
   * parity on the test crops: max absolute logit difference and top-1 agreement between ONNX
     Runtime and PyTorch; the stage fails when the difference exceeds ``export.parity_atol``;
   * speed on the CPU, both runtimes on the same threads and the same inputs: ms per image at
@@ -28,8 +28,8 @@ from stages.common.alarm.calibration import embedded, operating_point_for
 from stages.common.alarm.statement import (ASSUMPTION, InconsistentFigures, statement,
                                            threshold_text)
 from stages.common.config import params
-from stages.common.config.paths import (CHECKPOINT, EVAL_METRICS, EXPORT_DIR, EXPORT_METRICS,
-                                        EXPORT_SPEED, MODEL_DIR, OPERATING_POINT, SPLIT_METRICS,
+from stages.common.config.paths import (CHECKPOINT, CONDITIONS_METRICS, EVAL_METRICS,
+                                        EXPORT_DIR, EXPORT_METRICS, EXPORT_SPEED, MODEL_DIR, OPERATING_POINT, SPLIT_METRICS,
                                         TEST_SPLIT, VAL_SPLIT)
 from stages.common.inference.batches import normalise
 from stages.common.inference.logits import checked_crops
@@ -90,11 +90,11 @@ def read_metrics(path: Path) -> dict:
         scores = read_json(path)
     except (OSError, JsonProblem) as exc:
         why = exc.strerror if isinstance(exc, OSError) and exc.strerror else exc
-        raise StageError(f"{path}: cannot read it ({why}); run `dvc repro` (evaluate and "
-                         "split write it)") from None
+        raise StageError(f"{path}: cannot read it ({why}); run `dvc repro` (evaluate, "
+                         "conditions and split write it)") from None
     if not isinstance(scores, dict):
-        raise StageError(f"{path}: not a JSON object; run `dvc repro` (evaluate and split "
-                         "write it)")
+        raise StageError(f"{path}: not a JSON object; run `dvc repro` (evaluate, conditions "
+                         "and split write it)")
     return scores
 
 
@@ -108,6 +108,16 @@ def evaluated(scores: dict, point: dict) -> dict:
                          "; run `dvc repro evaluate` before export")
     alarm_section(scores)  # figures the card could not state stop here, not after the export
     return scores
+
+
+def measured(conditions: dict, point: dict) -> dict:
+    """conditions.json's figures, once they are of ``point``, as :func:`evaluated`."""
+    seen = conditions.get("point_sha256")
+    if seen != point["point_sha256"]:
+        raise StageError(f"{CONDITIONS_METRICS} measured another operating point (point_sha256 "
+                         f"{str(seen)[:12]}) than {OPERATING_POINT} ({point['point_sha256'][:12]})"
+                         "; run `dvc repro conditions` before export")
+    return conditions
 
 
 def with_point(scores: dict, point: dict) -> dict:
@@ -173,6 +183,44 @@ this operating point; `python -m stages.predict` reports `alarm` with it. How th
 and what each rule promises: docs/stages.md, "The person alarm's operating point"."""
 
 
+def conditions_section(conditions: dict) -> str:
+    """Per camera condition, up to which severity the alarm keeps its target (stage
+    conditions: the lower bound of test person recall >= the target at every severity up to
+    it)."""
+    rows = []
+    for name, figures in (conditions.get("conditions") or {}).items():
+        measured = sorted(int(k[1:]) for k in figures if k.startswith("s") and k[1:].isdigit())
+        if not measured:
+            continue
+        kept = figures["kept_target_to_severity"]
+        worst = figures[f"s{measured[-1]}"]
+        said = (f"up to severity {kept}" if kept else f"not at severity {measured[0]}")
+        rows.append(f"| {name} | {said} | {worst['person_recall']} "
+                    f"(>= {worst['person_recall_lower_95']}) | {figures['ce']} |")
+    if not rows:
+        return ""
+    clean = conditions["clean"]
+    caveat = ""
+    if clean.get("target_verdict") == "not shown":
+        caveat = (f" The clean test crops do not show the target either ({clean['person_pictures']}"
+                  f" pictures with persons; {clean.get('pictures_to_show')} with none missed would"
+                  "), so no condition can.")
+    elif not clean["target_met"]:
+        caveat = " The clean test crops do not meet the target either, so no condition can."
+    return f"""## Under camera conditions
+The alarm on the test crops under simulated camera conditions, severities 1-5
+(`conditions.measure`, after ImageNet-C; docs/conditions.md): up to which severity it keeps its
+target {conditions.get('target_recall')}, i.e. the 95 % lower bound of person recall reaches it
+(clean: recall {clean['person_recall']}, >= {clean['person_recall_lower_95']}).{caveat} CE:
+ImageNet-C's corruption error, mean error over the severities / clean error (None when the clean
+error is 0).
+
+| condition | keeps the target | recall at the highest severity | CE |
+|---|---|---|---|
+{chr(10).join(rows)}
+"""
+
+
 def card_recipe(cfg: params.Params) -> dict:
     """The values of CARD_PARAMS, nested as params.yaml holds them."""
     recipe: dict = {}
@@ -187,7 +235,7 @@ def card_recipe(cfg: params.Params) -> dict:
 
 
 def model_card(cfg: params.Params, meta: dict, scores: dict, split: dict, hashes: dict,
-               export_figures: dict, speed: dict) -> str:
+               export_figures: dict, speed: dict, conditions: dict | None = None) -> str:
     """data/export/MODEL_CARD.md: what a reviewer reads before the model is deployed.
     ``export_figures``: metrics/export.json's; ``speed``: metrics/speed/export.json's."""
     classes = meta["classes"]
@@ -251,6 +299,7 @@ Accuracy {scores['accuracy']:.4f}, macro F1 {scores['macro_f1']:.4f}, **person r
 
 {alarm_section(scores)}
 
+{conditions_section(conditions or {})}
 ## Speed (CPU, {speed['threads']} threads, this run's machine)
 Batch 1: {o['batch1_ms_per_image']} ms/image in ONNX Runtime, {e['batch1_ms_per_image']} ms in
 PyTorch; batch {cfg.export.batch_size}: {o['batch_images_per_s']} images/s in ONNX Runtime.
@@ -276,6 +325,7 @@ def main() -> None:
     # The metrics the card needs, checked before the minutes of timing and export, not after.
     scores = evaluated(read_metrics(EVAL_METRICS), point)
     split = read_metrics(SPLIT_METRICS)
+    conditions = measured(read_metrics(CONDITIONS_METRICS), point)
     images = test_arrays(meta)
 
     n = cfg.batch_size
@@ -311,7 +361,7 @@ def main() -> None:
                    "parity": check}
         (tmp / CARD_FILE).write_text(model_card(
             everything, meta, with_point(scores, onnx.operating_point),
-            split, data_hashes(), figures, speed))
+            split, data_hashes(), figures, speed, conditions))
 
     write_json(EXPORT_SPEED, speed)
     write_json(EXPORT_METRICS, figures)

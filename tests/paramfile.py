@@ -15,9 +15,11 @@ _PROJECT = yaml.safe_load((ROOT / "params.yaml").read_text())
 
 
 def merge(base: dict, over: dict) -> dict:
-    """``over`` merged into ``base`` in place; nested sections merge, data.labels is replaced."""
+    """``over`` merged into ``base`` in place; nested sections merge, data.labels and
+    conditions.measure (maps of free keys) are replaced."""
     for key, value in over.items():
-        if isinstance(value, dict) and isinstance(base.get(key), dict) and key != "labels":
+        if isinstance(value, dict) and isinstance(base.get(key), dict) \
+                and key not in ("labels", "measure"):
             merge(base[key], value)
         else:
             base[key] = value

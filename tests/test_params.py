@@ -22,8 +22,9 @@ def _keys(tree: dict, prefix: str = "") -> set[str]:
     out = set()
     for key, value in tree.items():
         path = f"{prefix}{key}"
-        # data.labels is a free-form map (label -> class names), not a fixed schema
-        if isinstance(value, dict) and path != "data.labels":
+        # data.labels and conditions.measure are free-form maps (label -> class names,
+        # condition -> severities), not a fixed schema
+        if isinstance(value, dict) and path not in ("data.labels", "conditions.measure"):
             out |= _keys(value, path + ".")
         else:
             out.add(path)

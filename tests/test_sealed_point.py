@@ -4,6 +4,7 @@ reader (predict on a checkpoint and on an ONNX file, evaluate, export); a missin
 the threshold shown is the one that answers; the model card states the point the ONNX file
 carries, and export embeds only the point evaluate scored."""
 import json
+import shutil
 from pathlib import Path
 from types import SimpleNamespace
 
@@ -20,6 +21,7 @@ from stages.common.model.build import IMAGENET_MEAN, IMAGENET_STD, build_model
 from stages.common.model.checkpoint import save_checkpoint
 from stages.common.model.onnx import POINT_KEY, export, seal
 from stages.common.serving.classifiers import OnnxClassifier
+from stages.conditions import stage as conditions
 from stages.evaluate import stage as evaluate
 from tests import paramfile, reference
 from tests.tiny_project import write_noise_test_split
@@ -64,6 +66,8 @@ def project(tmp_path_factory):
     write_json(root / FILE, point)
     write_noise_test_split(root, CLASSES, SIZE)
     paramfile.write(root, {"evaluate": {"device": "cpu", "speed_runs": 1, "mistakes": 2},
+                           "conditions": {"device": "cpu",
+                                          "measure": {"night": [1, 3], "glare": [2]}},
                            "export": {"speed_runs": 1, "batch_size": 2}})
     export(model, meta, root / "model.onnx", 18, point_for=lambda g: cal.embedded(point, g))
     return SimpleNamespace(root=root, point=point, text=(root / FILE).read_text(),
@@ -72,10 +76,13 @@ def project(tmp_path_factory):
 
 @pytest.fixture
 def inside(project, monkeypatch):
-    """Run from the project folder; its point file is as calibrate wrote it before and after."""
+    """Run from the project folder; its point file is as calibrate wrote it before and after,
+    and what a test's stages wrote is gone after it (tests run in random order)."""
     monkeypatch.chdir(project.root)
     yield project
     (project.root / FILE).write_text(project.text)
+    for written in ("metrics", "plots", "data/export"):
+        shutil.rmtree(project.root / written, ignore_errors=True)
 
 
 def edited(text: str, edit: str) -> str:
@@ -288,8 +295,24 @@ def test_export_refuses_an_evaluation_of_another_point(inside, capsys):
     assert not Path("data/export").exists()
 
 
+def test_export_refuses_conditions_measured_at_another_point(inside, capsys):
+    evaluate.main()
+    conditions.main()
+    write_split_metrics()
+    measured = json.loads(Path("metrics/conditions.json").read_text())
+    write_json(Path("metrics/conditions.json"), {**measured, "point_sha256": "0" * 64})
+    capsys.readouterr()
+    line = stage_error(capsys, export_stage.main)
+    assert line == (f"error: metrics/conditions.json measured another operating point "
+                    f"(point_sha256 000000000000) than {FILE} "
+                    f"({inside.point['point_sha256'][:12]}); run `dvc repro conditions` before "
+                    "export")
+    assert not Path("data/export").exists()
+
+
 def test_the_card_states_the_point_the_onnx_file_carries(inside, capsys):
     evaluate.main()
+    conditions.main()
     write_split_metrics()
     scores = json.loads(Path("metrics/eval.json").read_text())
     # What the card must not take from eval.json: shown figures that could drift from the point.
@@ -304,3 +327,11 @@ def test_the_card_states_the_point_the_onnx_file_carries(inside, capsys):
     shown = statement.threshold_text(carried["threshold"], carried["threshold_log_odds"])
     assert f">= **{shown}**" in card and f"T = {round(carried['temperature'], 4)}" in card
     assert "0.9**" not in card and "T = 3.0" not in card
+    measured = json.loads(Path("metrics/conditions.json").read_text())
+    assert measured["point_sha256"] == inside.point["point_sha256"]
+    assert set(measured["conditions"]) == {"night", "glare"}
+    for name, figures in measured["conditions"].items():
+        kept = figures["kept_target_to_severity"]
+        lowest = min(int(k[1:]) for k in figures if k[0] == "s" and k[1:].isdigit())
+        said = f"up to severity {kept}" if kept else f"not at severity {lowest}"
+        assert f"| {name} | {said} | " in card

@@ -25,6 +25,7 @@ from stages.common.infra.atomic import write_json
 from stages.common.infra.digest import file_sha256
 from stages.common.model.build import IMAGENET_MEAN, IMAGENET_STD, build_model
 from stages.common.model.checkpoint import save_checkpoint
+from stages.conditions import stage as conditions
 from stages.evaluate import stage as evaluate
 from tests import paramfile
 from tests.tiny_project import write_noise_test_split
@@ -131,7 +132,8 @@ def test_the_report_tables_put_the_timings_last():
 @pytest.fixture
 def evaluated_project(tmp_path, monkeypatch):
     """A project after calibrate (a random checkpoint, its sealed point, 2 test crops per
-    label, metrics/split.json), params for seconds, evaluate and export run in it."""
+    label, metrics/split.json), params for seconds, evaluate, conditions and export run in
+    it."""
     torch.manual_seed(0)
     checkpoint = tmp_path / "data/model/best.pt"
     checkpoint.parent.mkdir(parents=True)
@@ -149,9 +151,11 @@ def evaluated_project(tmp_path, monkeypatch):
                {"crops": {"train": counts, "val": counts, "test": counts}})
     paramfile.write(tmp_path, {"evaluate": {"device": "cpu", "speed_runs": 2, "mistakes": 2,
                                             "batch_size": 16},
+                               "conditions": {"device": "cpu", "measure": {"jpeg": [1]}},
                                "export": {"speed_runs": 2, "batch_size": 2}})
     monkeypatch.chdir(tmp_path)
     evaluate.main()
+    conditions.main()
     export_stage.main()
     return tmp_path
 

@@ -257,6 +257,40 @@ class Evaluate(Section):
     mistakes: int = Field(ge=1, le=MAX_MISTAKES)
 
 
+# The camera conditions stages.conditions measures the alarm under (docs/conditions.md defines
+# each); stages/conditions/corrupt.py implements exactly these (tests/test_conditions.py).
+CONDITIONS = ("night", "infrared", "motion_blur", "defocus", "fog", "rain", "snow", "jpeg",
+              "low_resolution", "glare")
+SEVERITIES = (1, 2, 3, 4, 5)
+
+
+class Conditions(Section):
+    # condition -> severities (1-5) measured, each on every test crop
+    measure: dict[str, list[int]] = Field(json_schema_extra=_expect(
+        "a non-empty mapping of condition -> non-empty list of severities 1-5"))
+    batch_size: int = Field(ge=1, le=MAX_BATCH)
+    device: Literal["auto", "cpu", "cuda", "mps"]
+
+    @field_validator("measure", mode="before")
+    @classmethod
+    def _measure(cls, value: Any) -> dict[str, list[int]]:
+        if not isinstance(value, dict) or not value:
+            raise ParamError(f"params.yaml: conditions.measure={value!r} is not allowed; "
+                             "expected a non-empty mapping of condition -> severities, e.g. "
+                             "night: [1, 2, 3, 4, 5]")
+        for name, severities in value.items():
+            if name not in CONDITIONS:
+                raise ParamError(f"params.yaml: conditions.measure.{name} is not a condition; "
+                                 f"expected one of {', '.join(CONDITIONS)}")
+            if not (isinstance(severities, list) and severities
+                    and all(type(s) is int and s in SEVERITIES for s in severities)
+                    and len(set(severities)) == len(severities)):
+                raise ParamError(f"params.yaml: conditions.measure.{name}={severities!r} is not "
+                                 "allowed; expected a non-empty list of distinct severities "
+                                 "from 1 to 5")
+        return {name: sorted(value[name]) for name in value}
+
+
 class Export(Section):
     opset: int = Field(ge=17, le=23)
     batch_size: int = Field(ge=1, le=MAX_BATCH)
@@ -273,6 +307,7 @@ class Params(Section):
     train: Train
     calibrate: Calibrate
     evaluate: Evaluate
+    conditions: Conditions
     export: Export
 
 

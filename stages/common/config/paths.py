@@ -48,6 +48,10 @@ EVAL_PLOTS = Path("plots/eval")
 EVAL_METRICS = Path("metrics/eval.json")
 EVAL_SPEED = Path("metrics/speed/eval.json")
 
+# conditions
+CONDITIONS_PLOTS = Path("plots/conditions")  # one CSV per condition, the grid PNG
+CONDITIONS_METRICS = Path("metrics/conditions.json")
+
 # export
 EXPORT_DIR = Path("data/export")
 EXPORT_METRICS = Path("metrics/export.json")

@@ -1,0 +1,3 @@
+from stages.conditions.stage import main
+
+main()

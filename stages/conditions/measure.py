@@ -1,0 +1,127 @@
+"""The person alarm on labelled crops, clean and under each camera condition, at a sealed
+operating point: the figures and bounds evaluate gives (one bound function,
+stages.common.alarm.statement.tested_facts, counted over source pictures), per condition and
+severity, and ImageNet-C's corruption error.
+
+:func:`suite` takes crops as pixels, their labels and picture ids, a ``classify`` function
+(uint8 pixels -> logits) and the point, so any labelled set can be measured the same way: the
+test split here, a site's own ImageFolder later.
+
+Corruption error (Hendrycks & Dietterich 2019): ImageNet-C divides a model's top-1 error under a
+corruption by a baseline's (AlexNet's); here the baseline is the same model on the clean crops,
+CE = error under the condition / clean error, per severity, and per condition the mean over its
+severities' errors divided by the clean error. A clean error of 0 leaves CE undefined (any error
+under the condition is infinitely worse, none is as good): it is written as null, and the errors
+themselves are always there.
+"""
+from __future__ import annotations
+
+from concurrent.futures import ThreadPoolExecutor
+from typing import Callable
+
+import numpy as np
+
+from stages.common.alarm.calibration import ALARM_LABEL, alarm_figures, person_log_odds
+from stages.common.alarm.statement import tested_facts
+from stages.conditions.corrupt import corrupt
+
+Classify = Callable[[np.ndarray], np.ndarray]  # uint8 N x H x W x 3 -> logits N x classes
+
+
+def alarm_under(logits: np.ndarray, targets: np.ndarray, classes: list[str], point: dict,
+                pictures=None) -> dict:
+    """Accuracy and the alarm at ``point`` on one labelled set, as evaluate states it on test
+    (stages.common.alarm.statement.tested_facts, one place): person recall with its one-sided
+    95 % Clopper-Pearson bounds, false alarms per 1,000 with the upper bound (over ``pictures``,
+    each crop's source picture; None: every crop its own), ``target_met`` (the lower bound
+    reaches the point's target) and the verdict met / not shown / not met."""
+    targets = np.asarray(targets)
+    person = classes.index(ALARM_LABEL)
+    alarm = alarm_figures(person_log_odds(logits, point["temperature"], person),
+                          targets == person, point["threshold_log_odds"], pictures)
+    facts = tested_facts(alarm, point["target_recall"])
+    accuracy = float((np.asarray(logits).argmax(1) == targets).mean())
+    return {"accuracy": round(accuracy, 4), "error": round(1 - accuracy, 4),
+            "person_recall": facts["test_person_recall"],
+            "person_recall_lower_95": facts["test_person_recall_lower_95"],
+            "person_recall_upper_95": facts["test_person_recall_upper_95"],
+            "false_alarms_per_1000": facts["false_alarms_per_1000"],
+            "false_alarms_per_1000_upper_95": facts["false_alarms_per_1000_upper_95"],
+            "target_met": facts["target_met"], "target_verdict": facts["target_verdict"],
+            "pictures_to_show": facts["test_pictures_to_show"],
+            "persons": alarm["persons"], "persons_missed": alarm["persons_missed"],
+            "non_persons": alarm["non_persons"], "false_alarms": alarm["false_alarms"],
+            "person_pictures": alarm["person_pictures"],
+            "person_pictures_missed": alarm["person_pictures_missed"]}
+
+
+def corruption_error(error: float, clean_error: float) -> float | None:
+    """ImageNet-C's CE against the clean model; None when the clean error is 0."""
+    return round(error / clean_error, 4) if clean_error > 0 else None
+
+
+def kept_to(by_severity: dict[int, dict]) -> int:
+    """The highest severity up to which every measured severity meets the target; 0 when the
+    lowest measured one does not."""
+    kept = 0
+    for severity in sorted(by_severity):
+        if not by_severity[severity]["target_met"]:
+            break
+        kept = severity
+    return kept
+
+
+def corrupted_logits(pixels: np.ndarray, keys: list[str], jobs: list[tuple[str, int]],
+                     seed: int, classify: Classify, batch_size: int, threads: int
+                     ) -> list[np.ndarray]:
+    """The logits of every crop under each (condition, severity) of ``jobs``: each corrupted
+    crop computed once (in ``threads``: OpenCV and numpy release the GIL; each crop's draws are
+    its own, so the count changes nothing) and classified in batches of ``batch_size`` that run
+    across jobs, so no job's short last batch is paid for and memory holds one batch."""
+    n = len(keys)
+    out: list[list[np.ndarray]] = [[] for _ in jobs]
+    with ThreadPoolExecutor(max(1, threads)) as pool:
+        for start in range(0, n * len(jobs), batch_size):
+            flat = range(start, min(start + batch_size, n * len(jobs)))
+            batch = np.stack(list(pool.map(
+                lambda k: corrupt(pixels[k % n], *jobs[k // n], seed, keys[k % n]), flat)))
+            logits = classify(batch)
+            for k, row in zip(flat, logits):
+                out[k // n].append(row)
+    return [np.stack(rows) for rows in out]
+
+
+def suite(pixels: np.ndarray, keys: list[str], targets: np.ndarray, classes: list[str],
+          point: dict, classify: Classify, measure: dict[str, list[int]], seed: int,
+          pictures=None, batch_size: int = 256, threads: int = 1) -> dict:
+    """The figures clean and for each condition and severity in ``measure``.
+
+    ``pixels``: uint8 N x H x W x 3 RGB crops; ``keys``: each crop's name inside its set (its
+    corruptions' seed, so a crop keeps them whatever else is in the set); ``targets``: class
+    indices into ``classes``; ``classify``: one batch of at most ``batch_size`` crops -> logits."""
+    clean_logits = np.concatenate([classify(pixels[i:i + batch_size])
+                                   for i in range(0, len(pixels), batch_size)])
+    clean = alarm_under(clean_logits, targets, classes, point, pictures)
+    jobs = [(condition, severity) for condition, severities in measure.items()
+            for severity in severities]
+    logits = dict(zip(jobs, corrupted_logits(pixels, keys, jobs, seed, classify, batch_size,
+                                             threads)))
+    out = {"clean": clean, "conditions": {}}
+    errors = []
+    for condition, severities in measure.items():
+        by_severity = {}
+        for severity in severities:
+            figures = alarm_under(logits[condition, severity], targets, classes, point,
+                                  pictures)
+            figures["ce"] = corruption_error(figures["error"], clean["error"])
+            by_severity[severity] = figures
+        mean_error = float(np.mean([f["error"] for f in by_severity.values()]))
+        errors.append(mean_error)
+        out["conditions"][condition] = {
+            **{f"s{s}": f for s, f in by_severity.items()},
+            "kept_target_to_severity": kept_to(by_severity),
+            "ce": corruption_error(mean_error, clean["error"])}
+    mean = float(np.mean(errors)) if errors else None  # no conditions: the clean figures only
+    out["mce"] = None if mean is None else corruption_error(mean, clean["error"])
+    out["mean_error"] = None if mean is None else round(mean, 4)
+    return out
