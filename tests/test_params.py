@@ -83,7 +83,7 @@ def test_missing_key_is_named():
 def test_params_are_typed_and_read_once():
     cfg = P.load(ROOT / "params.yaml")
     assert isinstance(cfg.train.lr, float) and isinstance(cfg.crops.size, int)
-    assert cfg.model.trainable == list(P.RESNET_CHILDREN)  # 'all', resolved
+    assert cfg.model.trainable == list(P.family_of(cfg.model.arch).groups)  # 'all', resolved
     assert list(cfg.data.labels) == sorted(cfg.data.labels)
     lr = cfg.train.lr
     with pytest.raises(ValidationError, match="frozen"):  # a stage cannot change what it says

@@ -68,7 +68,7 @@ def check_tensors(path: Path, state: Any) -> None:
     if not isinstance(state, dict) or not all(
             isinstance(k, str) and isinstance(v, torch.Tensor) for k, v in state.items()):
         raise StageError(f"{path}: not a mapping of weight names to tensors (a "
-                         f"{type(state).__name__}); not a weights file of a ResNet")
+                         f"{type(state).__name__}); not a weights file of a torchvision model")
     for name, tensor in state.items():
         if tensor.is_floating_point() and not bool(torch.isfinite(tensor).all()):
             raise StageError(f"{path}: weight {name} holds NaN or infinite values; the file is "
