@@ -146,6 +146,9 @@ def test_default_and_report_run_one_process():
      "model.arch='resnet51' is not allowed; expected one of resnet18, resnet34, resnet50,"),
     (lambda p: p["model"].update(trainable=["layer5"]),
      "model.trainable=['layer5'] is not allowed; expected 'all' or a non-empty list of conv1,"),
+    (lambda p: p["model"].update(arch="mobilenet_v3_large", trainable=["layer4", "fc"]),
+     "model.trainable=['layer4', 'fc'] is not allowed; expected 'all' or a non-empty list of "
+     "features, avgpool, classifier (mobilenet_v3_large's modules)"),
     (lambda p: p["crops"].update(max_image_pixels=0), "crops.max_image_pixels=0 is not allowed"),
     (lambda p: p["data"]["zoo"].update(splits=["train", "train"]), "data.zoo.splits="),
     (lambda p: p["export"].update(opset="18"), "export.opset='18' is not allowed"),
