@@ -13,7 +13,7 @@ from stages.common.infra.digest import file_sha256
 from stages.common.infra.errors import StageError
 from stages.common.model import build as M
 from stages.common.model.archs import ARCH_NAMES, FAMILIES, family_of
-from stages.common.model.checkpoint import DIGEST_KEY, save_checkpoint
+from stages.common.model.checkpoint import DIGEST_KEY, ModelMeta, save_checkpoint
 from stages.train.recipe import EarlyStopping, FocalLoss, cosine_scheduler
 
 
@@ -40,7 +40,8 @@ def test_report_freezing_leaves_exactly_layer4_and_fc_trainable():
     names = {n for n, p in model.named_parameters() if p.requires_grad}
     assert names and all(n.startswith(("layer4.", "fc.")) for n in names)
     assert names == {n for n, _ in model.named_parameters() if n.startswith(("layer4.", "fc."))}
-    assert M.frozen_prefix("resnet18", trainable) == 7  # conv1 bn1 relu maxpool layer1 layer2 layer3
+    # conv1 bn1 relu maxpool layer1 layer2 layer3
+    assert M.frozen_prefix("resnet18", trainable) == 7
 
 
 def test_frozen_trunk_keeps_weights_and_batchnorm_statistics():
@@ -131,10 +132,10 @@ def test_checkpoint_round_trip_keeps_classes_and_outputs(tmp_path):
     meta = {"arch": "resnet34", "classes": ["animal", "object", "person"], "image_size": 64,
             "mean": M.IMAGENET_MEAN, "std": M.IMAGENET_STD, "dropout": 0.3,
             "params": {"train": {"lr": 1e-5}}, "epoch": 4}
-    save_checkpoint(tmp_path / "best.pt", model, meta)
+    save_checkpoint(tmp_path / "best.pt", model, ModelMeta(**meta))
     loaded, got = M.load_checkpoint(tmp_path / "best.pt")
-    assert got["classes"] == meta["classes"] and got["arch"] == "resnet34"
-    assert got["image_size"] == 64 and got["epoch"] == 4
+    assert got.classes == meta["classes"] and got.arch == "resnet34"
+    assert got.image_size == 64 and got.epoch == 4 and got.params == meta["params"]
     x = torch.randn(1, 3, 64, 64)
     assert torch.equal(loaded(x), model(x))
     # weights_only: the file must load without unpickling any code
@@ -210,7 +211,7 @@ def saved(tmp_path, name="best.pt", meta=None, edit=None, arch="resnet18", class
     if edit:
         edit(model)
     path = tmp_path / name
-    save_checkpoint(path, model, meta or META)
+    save_checkpoint(path, model, ModelMeta(**(meta or META)))
     return path
 
 
@@ -401,7 +402,7 @@ def test_each_family_builds_trains_one_step_and_exports(arch, tmp_path):
     meta = {"arch": arch, "classes": ["animal", "object", "person"], "image_size": 32,
             "mean": mean, "std": std}
     model.eval()
-    O.export(model, meta, tmp_path / "model.onnx", opset=18)
+    O.export(model, ModelMeta(**meta), tmp_path / "model.onnx", opset=18)
     data, stored = O.verified_bytes(tmp_path / "model.onnx")
     assert stored["arch"] == f'"{arch}"'
     session = ort.InferenceSession(data, providers=["CPUExecutionProvider"])

@@ -49,7 +49,7 @@ from stages.common.infra.progress import tracked
 from stages.common.model.archs import family_of
 from stages.common.model.build import (build_model, forward, freeze, frozen_prefix, normalisation,
                                        set_train_mode)
-from stages.common.model.checkpoint import save_checkpoint
+from stages.common.model.checkpoint import ModelMeta, save_checkpoint
 from stages.common.model.device import pick_device
 from stages.train import distributed, state
 from stages.train.augment import Augment
@@ -501,11 +501,11 @@ def save_best(path: Path, cfg: Params, splits: Splits, standing: Standing) -> No
     """The best epoch's weights with what a loader needs to use them (arch, classes, crop size,
     normalisation) and the recipe that made them: the checkpoint is read without params.yaml."""
     best = standing.best
-    save_checkpoint(path, standing.best_weights, {
-        "arch": cfg.model.arch, "classes": splits.classes, "image_size": splits.size,
-        "mean": splits.norm[0], "std": splits.norm[1], "dropout": cfg.model.dropout,
-        "params": recipe(cfg), "epoch": best["best_epoch"], "val_loss": best["best_val_loss"],
-        "val_acc": best["best_val_acc"]})
+    save_checkpoint(path, standing.best_weights, ModelMeta(
+        arch=cfg.model.arch, classes=splits.classes, image_size=splits.size,
+        mean=splits.norm[0], std=splits.norm[1], dropout=cfg.model.dropout,
+        params=recipe(cfg), epoch=best["best_epoch"], val_loss=best["best_val_loss"],
+        val_acc=best["best_val_acc"]))
 
 
 def finish(fp: dict, n_train: int, parts: Parts, standing: Standing, world: World,

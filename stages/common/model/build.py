@@ -21,7 +21,7 @@ from torchvision import models
 from stages.common.infra.digest import file_sha256
 from stages.common.infra.errors import StageError
 from stages.common.model.archs import ARCH_NAMES, family_of
-from stages.common.model.checkpoint import (DIGEST_KEY, REGENERATE, check_meta, check_tensors,
+from stages.common.model.checkpoint import (REGENERATE, ModelMeta, check_tensors,
                                             verify_checkpoint)
 
 # ImageNet's normalisation: every family's weights use it today (their transforms say so);
@@ -210,9 +210,9 @@ def out_of_memory(exc: BaseException) -> bool:
             "can't allocate memory", "out of memory", "Cannot allocate memory")))
 
 
-def load_checkpoint(path: str | Path) -> tuple[nn.Module, dict[str, Any]]:
+def load_checkpoint(path: str | Path) -> tuple[nn.Module, ModelMeta]:
     """Rebuild the model a checkpoint describes, once verified (:func:`verify_checkpoint`);
-    returns (model in eval mode, metadata)."""
+    returns (model in eval mode, its metadata)."""
     path = Path(path)
     if not path.is_file():
         raise StageError(f"{path}: checkpoint not found; run the train stage first")
@@ -227,16 +227,15 @@ def load_checkpoint(path: str | Path) -> tuple[nn.Module, dict[str, Any]]:
                          "only weights-only checkpoints written by the train stage are accepted") \
             from None
     verify_checkpoint(path, ckpt)
-    check_meta(path, ckpt)
-    model = build_model(ckpt["arch"], len(ckpt["classes"]), ckpt["dropout"], "none")
+    meta = ModelMeta.read(path, ckpt)
+    model = build_model(meta.arch, len(meta.classes), meta.dropout, "none")
     try:
         model.load_state_dict(ckpt["model_state"])
     except RuntimeError as exc:  # names or shapes of another arch or class count
         first = str(exc).strip().splitlines()
         detail = first[1].strip() if len(first) > 1 else first[0] if first else ""
-        raise StageError(f"{path}: its weights do not fit a {ckpt['arch']} with "
-                         f"{len(ckpt['classes'])} classes ({detail[:120]}); the file is not one "
+        raise StageError(f"{path}: its weights do not fit a {meta.arch} with "
+                         f"{len(meta.classes)} classes ({detail[:120]}); the file is not one "
                          f"the train stage wrote; {REGENERATE}") from None
     model.eval()
-    meta = {k: v for k, v in ckpt.items() if k not in ("model_state", DIGEST_KEY)}
     return model, meta
