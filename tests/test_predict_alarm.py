@@ -61,7 +61,8 @@ def models(elsewhere, tmp_path_factory):
                       "threshold_log_odds": cal.log_odds(threshold), "target_recall": 0.99,
                       "val": {}, "model_sha256": file_sha256(d / "best.pt")})
     (d / "operating_point.json").write_text(json.dumps(point))
-    export(model, ModelMeta(**meta), d / "model.onnx", 18, point_for=lambda g: cal.embedded(point, g))
+    export(model, ModelMeta(**meta), d / "model.onnx", 18,
+           point_for=lambda g: cal.embedded(point, g))
     return SimpleNamespace(pt=d / "best.pt", onnx=d / "model.onnx", pics=pics, point=point,
                            logits=logits)
 

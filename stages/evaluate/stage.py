@@ -39,6 +39,7 @@ from stages.common.inference.speed import speed_figures
 from stages.common.infra.atomic import atomic_file, write_json
 from stages.common.infra.errors import StageError, main_guard
 from stages.common.model.build import load_checkpoint
+from stages.common.model.checkpoint import ModelMeta
 from stages.common.model.device import pick_device
 from stages.common.pictures import decode as pictures
 from stages.evaluate import figures
@@ -52,7 +53,7 @@ def _sync(device: torch.device) -> None:
 
 
 @torch.inference_mode()
-def measure_speed(model, crops: CropSet, meta: dict, device: torch.device, batch_size: int,
+def measure_speed(model, crops: CropSet, meta: ModelMeta, device: torch.device, batch_size: int,
                   runs: int) -> dict:
     """Median forward time at batch 1 (an operator's single picture) and at ``batch_size``, with
     the quartiles of the passes."""
