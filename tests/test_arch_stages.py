@@ -23,7 +23,7 @@ from tests import paramfile
 from tests.tiny_project import COLOURS, ROOT, write_colour_split
 
 ARCH = "mobilenet_v3_small"
-COUNTS = {"train": 8, "val": 6, "test": 4}
+COUNTS = {"train": 8, "val": 4, "calibration": 6, "test": 4}
 
 
 def run_stage(root: Path, stage: str) -> str:
@@ -45,6 +45,7 @@ def test_a_mobilenet_runs_train_calibrate_evaluate_and_export(tmp_path):
                   "dropout": 0.3, "trainable": "all"},
         "train": {"epochs": 1, "batch_size": 8, "num_workers": 1, "device": "cpu", "nproc": 1,
                   "amp": "off", "compile": False},
+        "split": {"calibration": 0.2},  # calibrate fits on data/split/calibration
         "calibrate": {"device": "cpu", "batch_size": 8},
         "evaluate": {"device": "cpu", "batch_size": 8, "speed_runs": 1, "mistakes": 2},
         "export": {"speed_runs": 1, "batch_size": 2}})
@@ -52,13 +53,13 @@ def test_a_mobilenet_runs_train_calibrate_evaluate_and_export(tmp_path):
     log = run_stage(tmp_path, "train")
     assert f"model.zero_init_residual applies to resnet only; {ARCH} starts" in log
     model, meta = load_checkpoint(tmp_path / "data/model/best.pt")
-    assert meta["arch"] == ARCH and (meta["mean"], meta["std"]) == normalisation(ARCH)
+    assert meta.arch == ARCH and (meta.mean, meta.std) == normalisation(ARCH)
     assert model.classifier[-1][1].out_features == len(COLOURS)
     for stage in ("calibrate", "evaluate", "export"):
         run_stage(tmp_path, stage)  # export fails if ONNX and PyTorch logits differ
 
     assert json.loads((tmp_path / "metrics/eval.json").read_text())["arch"] == ARCH
     assert json.loads((tmp_path / "metrics/export.json").read_text())["arch"] == ARCH
-    _, stored = verified_bytes(tmp_path / "data/export/model.onnx")
-    assert json.loads(stored["arch"]) == ARCH and json.loads(stored["mean"]) == meta["mean"]
+    _, stored, _ = verified_bytes(tmp_path / "data/export/model.onnx")
+    assert json.loads(stored["arch"]) == ARCH and json.loads(stored["mean"]) == meta.mean
     assert torch.isfinite(next(model.parameters())).all()

@@ -403,7 +403,7 @@ def test_each_family_builds_trains_one_step_and_exports(arch, tmp_path):
             "mean": mean, "std": std}
     model.eval()
     O.export(model, ModelMeta(**meta), tmp_path / "model.onnx", opset=18)
-    data, stored = O.verified_bytes(tmp_path / "model.onnx")
+    data, stored, _ = O.verified_bytes(tmp_path / "model.onnx")
     assert stored["arch"] == f'"{arch}"'
     session = ort.InferenceSession(data, providers=["CPUExecutionProvider"])
     answered = session.run(None, {O.INPUT: x.numpy()})[0]
