@@ -1,5 +1,5 @@
-"""An arch that is not a ResNet through the stages after split: train, calibrate, evaluate and
-export run on a tiny colour split, each in its own process as `dvc repro` runs them, and the
+"""An arch that is not a ResNet through the stages after split: train, calibrate, evaluate,
+conditions and export run on a tiny colour split, each in its own process as `dvc repro` runs them, and the
 arch, its normalisation and its head reach the checkpoint, the metrics and the ONNX file.
 
 No `training` marker: it checks that the stages run and agree, never what the model learnt.
@@ -48,6 +48,7 @@ def test_a_mobilenet_runs_train_calibrate_evaluate_and_export(tmp_path):
         "split": {"calibration": 0.2},  # calibrate fits on data/split/calibration
         "calibrate": {"device": "cpu", "batch_size": 8},
         "evaluate": {"device": "cpu", "batch_size": 8, "speed_runs": 1, "mistakes": 2},
+        "conditions": {"device": "cpu", "measure": {"night": [3], "fog": [3]}},
         "export": {"speed_runs": 1, "batch_size": 2}})
 
     log = run_stage(tmp_path, "train")
@@ -55,7 +56,7 @@ def test_a_mobilenet_runs_train_calibrate_evaluate_and_export(tmp_path):
     model, meta = load_checkpoint(tmp_path / "data/model/best.pt")
     assert meta.arch == ARCH and (meta.mean, meta.std) == normalisation(ARCH)
     assert model.classifier[-1][1].out_features == len(COLOURS)
-    for stage in ("calibrate", "evaluate", "export"):
+    for stage in ("calibrate", "evaluate", "conditions", "export"):
         run_stage(tmp_path, stage)  # export fails if ONNX and PyTorch logits differ
 
     assert json.loads((tmp_path / "metrics/eval.json").read_text())["arch"] == ARCH
