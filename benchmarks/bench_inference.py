@@ -22,8 +22,8 @@ import numpy as np
 import torch
 
 from stages.common.inference.speed import speed_figures
-from stages.common.model.build import IMAGENET_MEAN, IMAGENET_STD, build_model, load_checkpoint
-from stages.common.model.checkpoint import save_checkpoint
+from stages.common.model.build import build_model, load_checkpoint, normalisation
+from stages.common.model.checkpoint import ModelMeta, save_checkpoint
 from stages.common.model.onnx import export
 from stages.common.serving.classifiers import OnnxClassifier
 
@@ -32,18 +32,18 @@ OPSET = 18  # params.yaml's export.opset
 DROPOUT = 0.3
 
 
-def checkpoint(arch: str, size: int, tmp: Path) -> tuple[torch.nn.Module, dict]:
+def checkpoint(arch: str, size: int, tmp: Path) -> tuple[torch.nn.Module, ModelMeta]:
     """An untrained ``arch`` saved with the metadata train writes and loaded back as export
     loads it: (model in eval mode, metadata)."""
     torch.manual_seed(0)
     path = tmp / "best.pt"
-    save_checkpoint(path, build_model(arch, len(CLASSES), DROPOUT, "none"), {
-        "arch": arch, "classes": CLASSES, "image_size": size, "mean": IMAGENET_MEAN,
-        "std": IMAGENET_STD, "dropout": DROPOUT})
+    mean, std = normalisation(arch)
+    save_checkpoint(path, build_model(arch, len(CLASSES), DROPOUT, "none"), ModelMeta(
+        arch=arch, classes=CLASSES, image_size=size, mean=mean, std=std, dropout=DROPOUT))
     return load_checkpoint(path)
 
 
-def runtimes(model, meta: dict, device: torch.device, tmp: Path):
+def runtimes(model, meta: ModelMeta, device: torch.device, tmp: Path):
     """(name, forward(NCHW float tensor) -> logits as ndarray) for each runtime measured."""
     def eager(fmt):
         m = model.to(device, memory_format=fmt)

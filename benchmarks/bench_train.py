@@ -134,10 +134,10 @@ def stage_loader_rate(folder: Path, batch: int, workers: int, device: torch.devi
     return seen / (time.perf_counter() - started), decoded
 
 
-def compile_figures(stage, n_frozen, device, batches, run_eager_rate, loss_fn, opt, trainable
+def compile_figures(stage, arch, n_frozen, device, batches, run_eager_rate, loss_fn, opt, trainable
                     ) -> str:
     """The stage step compiled: compile seconds, compiled rate, break-even run length."""
-    step = train.make_step(stage, n_frozen, World(), device, True)
+    step = train.make_step(stage, arch, n_frozen, World(), device, True)
     learner = train.Learner(stage, step, opt, loss_fn, trainable)
     started = time.perf_counter()
     train.train_one_epoch(learner, batches[:1], World(), device)
@@ -166,7 +166,7 @@ def main() -> None:
     args = ap.parse_args()
     device = torch.device(args.device)
     torch.manual_seed(0)
-    trainable = trainable_modules(args.trainable)
+    trainable = trainable_modules(args.trainable, args.arch)
 
     base = build_model(args.arch, 3, 0.3, "none")
     freeze(base, trainable)
@@ -183,8 +183,8 @@ def main() -> None:
                          ).contiguous(memory_format=torch.channels_last),
              torch.randint(0, 3, (args.batch,), device=device))
     batches = [batch] * args.steps
-    n_frozen = frozen_prefix(trainable)
-    stage_step = train.make_step(stage, n_frozen, World(), device, False)
+    n_frozen = frozen_prefix(args.arch, trainable)
+    stage_step = train.make_step(stage, args.arch, n_frozen, World(), device, False)
     learner = train.Learner(stage, stage_step, opt[stage], loss_fn, trainable)
     bn_before = frozen_bn_stats(stage, trainable)
 
@@ -218,7 +218,7 @@ def main() -> None:
           f"naive, {rate['stage'] / rate['requires_grad']:.2f}x requires_grad; frozen BatchNorm "
           "statistics unchanged")
     if args.compile and device.type == "cuda":
-        print(compile_figures(stage, n_frozen, device, batches, rate["stage"], loss_fn,
+        print(compile_figures(stage, args.arch, n_frozen, device, batches, rate["stage"], loss_fn,
                               opt[stage], trainable))
     if args.loader_workers >= 0:
         with tempfile.TemporaryDirectory(prefix="bench-loader-") as tmp:

@@ -114,7 +114,7 @@ def main() -> None:
     crops, logits, targets = labelled_logits(model, meta, source, CHECKPOINT, device,
                                              cfg.batch_size, "calibrate")
     pictures, unlisted = crop_pictures(crops.paths, SPLIT_MANIFEST)
-    point = operating_point(logits, targets, meta["classes"], cfg.person_recall_target,
+    point = operating_point(logits, targets, meta.classes, cfg.person_recall_target,
                             cfg.guarantee, cfg.delta, everything.seed, pictures)
     point = seal({**point, "fitted_on": str(source), "model": str(CHECKPOINT),
                   "model_sha256": file_sha256(CHECKPOINT)})

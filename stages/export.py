@@ -38,7 +38,7 @@ from stages.common.infra.atomic import atomic_dir, write_json
 from stages.common.infra.errors import StageError, main_guard
 from stages.common.infra.jsonfile import JsonProblem, read_json
 from stages.common.model.build import load_checkpoint
-from stages.common.model.checkpoint import check_logits
+from stages.common.model.checkpoint import ModelMeta, check_logits
 from stages.common.model.onnx import export
 from stages.common.serving.classifiers import OnnxClassifier, TorchClassifier
 
@@ -65,10 +65,10 @@ CARD_PARAMS = (
 PARAMS = CARD_PARAMS + ("export",)
 
 
-def test_arrays(meta: dict) -> np.ndarray:
+def test_arrays(meta: ModelMeta) -> np.ndarray:
     """Every test crop, normalised as evaluate sees it: N x 3 x S x S float32."""
     crops = checked_crops(TEST_SPLIT, meta, CHECKPOINT, torch.device("cpu"))
-    return normalise(crops.pixels, meta["mean"], meta["std"]).contiguous().numpy()
+    return normalise(crops.pixels, meta.mean, meta.std).contiguous().numpy()
 
 
 def parity(reference: np.ndarray, candidate: np.ndarray) -> dict:
@@ -234,11 +234,11 @@ def card_recipe(cfg: params.Params) -> dict:
     return recipe
 
 
-def model_card(cfg: params.Params, meta: dict, scores: dict, split: dict, hashes: dict,
+def model_card(cfg: params.Params, meta: ModelMeta, scores: dict, split: dict, hashes: dict,
                export_figures: dict, speed: dict, conditions: dict | None = None) -> str:
     """data/export/MODEL_CARD.md: what a reviewer reads before the model is deployed.
     ``export_figures``: metrics/export.json's; ``speed``: metrics/speed/export.json's."""
-    classes = meta["classes"]
+    classes = meta.classes
     counts = split.get("crops", {})
     rows = "\n".join(f"| {part} | " + " | ".join(str(counts[part].get(c, 0)) for c in classes)
                      + f" | {counts[part].get('total', 0)} |"
@@ -251,7 +251,7 @@ def model_card(cfg: params.Params, meta: dict, scores: dict, split: dict, hashes
         or "| (not recorded: run the pipeline with `dvc repro`) | |"
     recipe = card_recipe(cfg)
     e, o = speed["pytorch_eager"], speed["onnxruntime"]
-    return f"""# Model card: {meta['arch']} person / animal / object classifier
+    return f"""# Model card: {meta.arch} person / animal / object classifier
 
 ## Intended use
 Classifies a **crop** of a camera picture (one object, centred, padded to a square as
@@ -262,7 +262,7 @@ for perimeter-surveillance operators who must know whether what a camera caught 
 - Whole frames: it is not a detector and does not find or count objects; give it crops.
 - Any label but these {len(classes)}: everything else is forced into one of them.
 - Identifying or recognising individuals, or any decision about a person beyond "a person is there".
-- Pictures unlike its data (source `{cfg.data.source}`; {meta['image_size']} px crops): check its
+- Pictures unlike its data (source `{cfg.data.source}`; {meta.image_size} px crops): check its
   figures on your own cameras first.
 
 ## Data
@@ -282,7 +282,7 @@ Outputs of the data stages as `dvc.lock` recorded them:
 {provenance}
 
 ## Recipe
-{meta['arch']}, {meta['image_size']} px, the params of this run that define the data and the
+{meta.arch}, {meta.image_size} px, the params of this run that define the data and the
 model (params.yaml; worker counts and the like change no result and are not shown):
 
 ```yaml
@@ -332,11 +332,11 @@ def main() -> None:
     one = images[:1]
     batch = np.resize(images, (n,) + images.shape[1:])  # repeats crops if the set is small
     threads = torch.get_num_threads()  # both runtimes on the same CPU threads
-    speed = {"arch": meta["arch"], "device": "cpu", "threads": threads}
+    speed = {"arch": meta.arch, "device": "cpu", "threads": threads}
     # PyTorch first, before ONNX Runtime's thread pool exists, so neither slows the other.
     eager = TorchClassifier(CHECKPOINT)
     reference = in_batches(eager.logits, images)
-    check_logits(reference, len(images), len(meta["classes"]), CHECKPOINT)
+    check_logits(reference, len(images), len(meta.classes), CHECKPOINT)
     speed["pytorch_eager"] = speed_figures(eager.logits, one, batch, n, cfg.speed_runs)
     del eager
 
@@ -345,7 +345,7 @@ def main() -> None:
                point_for=lambda graph_sha256: embedded(point, graph_sha256))
         onnx = OnnxClassifier(tmp / ONNX_FILE, threads=threads)
         answered = in_batches(onnx.logits, images)
-        check_logits(answered, len(images), len(meta["classes"]), EXPORT_DIR / ONNX_FILE)
+        check_logits(answered, len(images), len(meta.classes), EXPORT_DIR / ONNX_FILE)
         check = parity(reference, answered)
         if check["max_abs_logit_diff"] > cfg.parity_atol:
             raise StageError(f"ONNX parity failed: max abs logit difference "
@@ -357,7 +357,7 @@ def main() -> None:
             speed["pytorch_eager"]["batch1_ms_per_image"]
             / speed["onnxruntime"]["batch1_ms_per_image"], 2)
         size_mb = round((tmp / ONNX_FILE).stat().st_size / 2 ** 20, 1)
-        figures = {"arch": meta["arch"], "opset": cfg.opset, "onnx_mb": size_mb,
+        figures = {"arch": meta.arch, "opset": cfg.opset, "onnx_mb": size_mb,
                    "parity": check}
         (tmp / CARD_FILE).write_text(model_card(
             everything, meta, with_point(scores, onnx.operating_point),
@@ -366,7 +366,7 @@ def main() -> None:
     write_json(EXPORT_SPEED, speed)
     write_json(EXPORT_METRICS, figures)
     e, o = speed["pytorch_eager"], speed["onnxruntime"]
-    print(f"{EXPORT_DIR / ONNX_FILE}: {meta['arch']}, {size_mb} MB, opset {cfg.opset}, "
+    print(f"{EXPORT_DIR / ONNX_FILE}: {meta.arch}, {size_mb} MB, opset {cfg.opset}, "
           f"dynamic batch\n"
           f"parity on {check['test_crops']} test crops: max abs logit diff "
           f"{check['max_abs_logit_diff']}, top-1 agreement {check['top1_agreement']}\n"

@@ -399,7 +399,7 @@ def main(argv: list[str] | None = None) -> int:
     if args.model.suffix.lower() == ".onnx" and args.device == "auto":
         device = torch.device("cpu")  # ONNX Runtime's CPU build runs it
     classifier = load_classifier(args.model, device=device)
-    classes = classifier.meta["classes"]
+    classes = classifier.meta.classes
     if args.top_k is not None and args.top_k < 1:
         raise ParamError(f"--top-k={args.top_k} is not allowed; expected 1 to {len(classes)}")
     k = min(args.top_k or len(classes), len(classes))
@@ -411,7 +411,7 @@ def main(argv: list[str] | None = None) -> int:
     out = WRITERS[args.format](sys.stdout, classes, k, [path for path, _ in items], alarm)
     answered = failed = 0
     with output_errors():
-        out.begin(args.model, classifier.meta["arch"])
+        out.begin(args.model, classifier.meta.arch)
         try:
             answers = predict_paths(classifier, items, args.batch_size, args.max_image_pixels)
             # On a terminal the answers themselves show progress; redirected, stderr does.

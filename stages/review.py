@@ -48,7 +48,7 @@ def build_dataset(model: Path, split: Path, name: str):
     import fiftyone as fo
 
     classifier = load_classifier(model)
-    classes = classifier.meta["classes"]
+    classes = classifier.meta.classes
     # listed only (stream: nothing decoded here); predict_paths reads each picture itself
     folder = checked_crops(split, classifier.meta, model, torch.device("cpu"), keep="stream")
     items = [(Path(path).resolve(), None) for path in folder.paths]  # sorted by ImageFolder
@@ -72,7 +72,7 @@ def build_dataset(model: Path, split: Path, name: str):
         raise StageError(f"{split}: no readable pictures; run the split stage first")
 
     dataset = fo.Dataset(name, overwrite=True, persistent=True)
-    dataset.info = {"model": str(model), "arch": classifier.meta["arch"], "classes": classes,
+    dataset.info = {"model": str(model), "arch": classifier.meta.arch, "classes": classes,
                     "split": str(split)}
     dataset.default_classes = classes
     dataset.add_samples(samples, progress=False)

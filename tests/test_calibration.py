@@ -9,6 +9,7 @@ from stages import calibrate
 from stages.common.alarm import calibration as cal, guarantee
 from stages.common.config.paths import OPERATING_POINT
 from stages.common.infra.errors import StageError
+from stages.common.model.checkpoint import ModelMeta
 from stages.evaluate.stage import alarm_metrics
 from tests import reference
 
@@ -426,7 +427,8 @@ def test_calibrate_counts_the_pictures_the_split_manifest_names(tmp_path, monkey
     (tmp_path / "data" / "model").mkdir(parents=True)
     (tmp_path / "data" / "model" / "best.pt").write_bytes(b"weights")
     monkeypatch.setattr(calibrate, "load_checkpoint",
-                        lambda path: (FakeModel(), {"classes": labels}))
+                        lambda path: (FakeModel(), ModelMeta("resnet18", labels, 64, [0.5] * 3,
+                                                             [0.25] * 3)))
     monkeypatch.setattr(calibrate, "labelled_logits", lambda *args: (
         SimpleNamespace(paths=[f"data/split/{c}" for c in crops]), logits, targets))
     paramfile.write(tmp_path, {"calibrate": {"device": "cpu"}})

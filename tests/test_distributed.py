@@ -87,8 +87,8 @@ def _score_alone(checkpoint: Path, val_dir: Path) -> tuple[float, float]:
     model, meta = load_checkpoint(checkpoint)
     crops = CropSet.load(val_dir, torch.device("cpu"))
     cpu = torch.device("cpu")  # another batching than training's (5), on purpose
-    loader = batches(crops, torch.arange(len(crops)), 5, cpu, meta["mean"], meta["std"])
-    params = meta["params"]
+    loader = batches(crops, torch.arange(len(crops)), 5, cpu, meta.mean, meta.std)
+    params = meta.params
     return train.validate(model, loader, FocalLoss(params["focal_alpha"], params["focal_gamma"]),
                           cpu)
 

@@ -12,6 +12,7 @@ from stages import calibrate
 from stages.common.alarm import calibration as cal, guarantee as g
 from stages.common.config.paths import OPERATING_POINT
 from stages.common.infra.errors import StageError
+from stages.common.model.checkpoint import ModelMeta
 from tests import paramfile
 
 DRAWS = 2000
@@ -269,7 +270,8 @@ def test_calibrate_reads_the_calibration_split_when_it_has_a_share(tmp_path, mon
     (tmp_path / "data" / "model").mkdir(parents=True)
     (tmp_path / "data" / "model" / "best.pt").write_bytes(b"weights")
     monkeypatch.setattr(calibrate, "load_checkpoint",
-                        lambda path: (FakeModel(), {"classes": ["animal", "object", "person"]}))
+                        lambda path: (FakeModel(), ModelMeta(
+                            "resnet18", ["animal", "object", "person"], 64, [0.5] * 3, [0.25] * 3)))
     monkeypatch.setattr(calibrate, "labelled_logits", fake_logits)
     for share, folder in [(0, calibrate.VAL_SPLIT), (0.1, calibrate.CALIBRATION_SPLIT)]:
         paramfile.write(tmp_path, {"split": {"calibration": share},
@@ -342,8 +344,8 @@ def test_the_model_cards_split_table_holds_the_calibration_split():
               "per_class": {}}
     speed = {"batch1_ms_per_image": 1.0, "batch1_ms_q1": 1.0, "batch1_ms_q3": 1.0,
              "batch1_runs": 3, "batch_images_per_s": 100.0, "batch_size": 4}
-    card = model_card(cfg, {"arch": "resnet18", "classes": ["animal", "object", "person"],
-                            "image_size": 64}, scores, {"crops": crops}, {},
+    meta = ModelMeta("resnet18", ["animal", "object", "person"], 64, [0.5] * 3, [0.25] * 3)
+    card = model_card(cfg, meta, scores, {"crops": crops}, {},
                       {"parity": {"max_abs_logit_diff": 0.0, "test_crops": 60}},
                       {"threads": 2, "pytorch_eager": speed, "onnxruntime": speed})
     table = card.split("| split |", 1)[1].split("\n\n", 1)[0].splitlines()[2:]

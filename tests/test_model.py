@@ -5,14 +5,15 @@ import urllib.error
 
 import pytest
 import torch
+import torchvision
 from torch import nn
 
 from stages.common.config.params import trainable_modules
 from stages.common.infra.digest import file_sha256
 from stages.common.infra.errors import StageError
 from stages.common.model import build as M
-from stages.common.model.archs import RESNET_CHILDREN
-from stages.common.model.checkpoint import DIGEST_KEY, save_checkpoint
+from stages.common.model.archs import ARCH_NAMES, FAMILIES, family_of
+from stages.common.model.checkpoint import DIGEST_KEY, ModelMeta, save_checkpoint
 from stages.train.recipe import EarlyStopping, FocalLoss, cosine_scheduler
 
 
@@ -34,24 +35,26 @@ def test_focal_loss_hand_computed_value():
 
 def test_report_freezing_leaves_exactly_layer4_and_fc_trainable():
     model = M.build_model("resnet18", 3, 0.3)
-    trainable = trainable_modules(["layer4", "fc"])
+    trainable = trainable_modules(["layer4", "fc"], "resnet18")
     M.freeze(model, trainable)
     names = {n for n, p in model.named_parameters() if p.requires_grad}
     assert names and all(n.startswith(("layer4.", "fc.")) for n in names)
     assert names == {n for n, _ in model.named_parameters() if n.startswith(("layer4.", "fc."))}
-    assert M.frozen_prefix(trainable) == 7  # conv1 bn1 relu maxpool layer1 layer2 layer3
+    # conv1 bn1 relu maxpool layer1 layer2 layer3
+    assert M.frozen_prefix("resnet18", trainable) == 7
 
 
 def test_frozen_trunk_keeps_weights_and_batchnorm_statistics():
     torch.manual_seed(0)
     model = M.build_model("resnet18", 3, 0.0)
-    trainable = trainable_modules(["layer4", "fc"])
+    trainable = trainable_modules(["layer4", "fc"], "resnet18")
     M.freeze(model, trainable)
     before = {k: v.clone() for k, v in model.state_dict().items()}
     opt = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=1e-2)
     M.set_train_mode(model, trainable)
     assert not model.layer3.training and model.layer4.training
-    loss = M.forward(model, torch.randn(4, 3, 32, 32), M.frozen_prefix(trainable)).sum()
+    loss = M.forward(model, torch.randn(4, 3, 32, 32), M.frozen_prefix("resnet18", trainable),
+                     arch="resnet18").sum()
     loss.backward()
     opt.step()
     after = model.state_dict()
@@ -63,14 +66,17 @@ def test_split_forward_matches_plain_forward():
     torch.manual_seed(0)
     model = M.build_model("resnet18", 3, 0.3).eval()
     x = torch.randn(2, 3, 64, 64)
-    assert torch.allclose(M.forward(model, x, 7), model(x), atol=1e-5)
-    assert torch.allclose(M.forward(model, x, 0), model(x), atol=1e-5)
+    assert torch.allclose(M.forward(model, x, 7, arch="resnet18"), model(x), atol=1e-5)
+    assert torch.allclose(M.forward(model, x, 0, arch="resnet18"), model(x), atol=1e-5)
 
 
 def test_trainable_rejects_unknown_module():
     with pytest.raises(ValueError):
-        trainable_modules(["layer5", "fc"])
-    assert trainable_modules(["all"]) == trainable_modules("all") == list(RESNET_CHILDREN)
+        trainable_modules(["layer5", "fc"], "resnet18")
+    with pytest.raises(ValueError):  # a group of another family
+        trainable_modules(["layer4"], "mobilenet_v3_large")
+    assert trainable_modules(["all"], "resnet18") == trainable_modules("all", "resnet18") \
+        == list(FAMILIES["resnet"].groups)
 
 
 def test_scheduler_is_cosine_over_half_the_epochs():
@@ -126,10 +132,10 @@ def test_checkpoint_round_trip_keeps_classes_and_outputs(tmp_path):
     meta = {"arch": "resnet34", "classes": ["animal", "object", "person"], "image_size": 64,
             "mean": M.IMAGENET_MEAN, "std": M.IMAGENET_STD, "dropout": 0.3,
             "params": {"train": {"lr": 1e-5}}, "epoch": 4}
-    save_checkpoint(tmp_path / "best.pt", model, meta)
+    save_checkpoint(tmp_path / "best.pt", model, ModelMeta(**meta))
     loaded, got = M.load_checkpoint(tmp_path / "best.pt")
-    assert got["classes"] == meta["classes"] and got["arch"] == "resnet34"
-    assert got["image_size"] == 64 and got["epoch"] == 4
+    assert got.classes == meta["classes"] and got.arch == "resnet34"
+    assert got.image_size == 64 and got.epoch == 4 and got.params == meta["params"]
     x = torch.randn(1, 3, 64, 64)
     assert torch.equal(loaded(x), model(x))
     # weights_only: the file must load without unpickling any code
@@ -169,7 +175,7 @@ def test_imagenet_weights_load_from_torch_cache(tmp_path, monkeypatch):
     monkeypatch.setattr(torch.hub, "load_state_dict_from_url",
                         lambda *a, **k: pytest.fail("must not download when cached"))
     torch.manual_seed(1)
-    reference = M.ARCHS["resnet18"][0](weights=None)
+    reference = torchvision.models.resnet18(weights=None)
     real_name = M.imagenet_weights_file("resnet18")
     real_name.parent.mkdir(parents=True)
     torch.save(reference.state_dict(), real_name)
@@ -187,7 +193,7 @@ def test_imagenet_weights_load_from_torch_cache(tmp_path, monkeypatch):
 
 def test_weights_file_of_another_arch_is_refused(tmp_path):
     path = tmp_path / "r50.pth"
-    torch.save(M.ARCHS["resnet50"][0](weights=None).state_dict(), path)
+    torch.save(torchvision.models.resnet50(weights=None).state_dict(), path)
     with pytest.raises(StageError, match="does not fit resnet18"):
         M.build_model("resnet18", 3, 0.3, str(path))
 
@@ -205,7 +211,7 @@ def saved(tmp_path, name="best.pt", meta=None, edit=None, arch="resnet18", class
     if edit:
         edit(model)
     path = tmp_path / name
-    save_checkpoint(path, model, meta or META)
+    save_checkpoint(path, model, ModelMeta(**(meta or META)))
     return path
 
 
@@ -318,7 +324,7 @@ def test_model_weights_is_verified_like_a_checkpoint(tmp_path):
         M.build_model("resnet18", 3, 0.3, str(text))
     assert str(err.value).startswith(f"model.weights: {text} is not a loadable weights file")
     nan = tmp_path / "nan.pth"
-    state = M.ARCHS["resnet18"][0](weights=None).state_dict()
+    state = torchvision.models.resnet18(weights=None).state_dict()
     state["layer1.0.conv1.weight"].fill_(float("inf"))
     torch.save(state, nan)
     with pytest.raises(StageError, match="weight layer1.0.conv1.weight holds NaN or infinite"):
@@ -337,3 +343,119 @@ def test_a_device_asked_for_by_name_that_is_not_there_is_one_line(name, monkeypa
     with pytest.raises(StageError, match=f"device={name} but no .* use auto or cpu"):
         device.pick_device(name)
     assert device.pick_device("auto").type == "cpu"
+
+
+# ---------------------------------------------------------------------------------------------
+# Families: every one builds, trains a step and exports; the table is the only list of archs
+
+# One arch per family (the smallest): adding a family to stages.common.model.archs adds its case.
+ONE_PER_FAMILY = {name: family.archs[0] for name, family in FAMILIES.items()}
+
+
+def test_every_family_has_a_case_and_every_arch_is_a_torchvision_classifier():
+    assert set(ONE_PER_FAMILY) == set(FAMILIES)
+    classifiers = set(torchvision.models.list_models(module=torchvision.models))
+    assert set(ARCH_NAMES) <= classifiers, set(ARCH_NAMES) - classifiers
+    assert len(set(ARCH_NAMES)) == len(ARCH_NAMES)
+
+
+@pytest.mark.parametrize("arch", ONE_PER_FAMILY.values())
+def test_each_family_builds_trains_one_step_and_exports(arch, tmp_path):
+    """Its groups are the model's top-level modules in forward order (the split forward equals
+    the model's own), its head is dropout + a 3-way linear, a step with a frozen trunk changes
+    only the trainable groups, and the ONNX file answers as the model does."""
+    import onnxruntime as ort
+
+    from stages.common.model import onnx as O
+
+    family = family_of(arch)
+    torch.manual_seed(0)
+    model = M.build_model(arch, 3, 0.3)
+    assert tuple(name for name, _ in model.named_children()) == family.groups
+    head = model.get_submodule(family.head.replace("-1", str(len(model.classifier) - 1))
+                               if "." in family.head else family.head)
+    assert isinstance(head[0], nn.Dropout) and head[0].p == 0.3
+    assert isinstance(head[1], nn.Linear) and head[1].out_features == 3
+    # the family's own dropout is off: model.dropout is the only one before the head
+    assert [m.p for m in model.modules() if isinstance(m, nn.Dropout) and m.p > 0] == [0.3]
+    x = torch.randn(4, 3, 32, 32)
+    model.eval()
+    with torch.no_grad():
+        for n_frozen in (0, len(family.groups) - 1):
+            assert torch.allclose(M.forward(model, x, n_frozen, arch=arch), model(x), atol=1e-5)
+
+    trainable = list(family.groups[-1:])  # the head's group only
+    M.freeze(model, trainable)
+    before = {k: v.clone() for k, v in model.state_dict().items()}
+    opt = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=1e-2)
+    M.set_train_mode(model, trainable)
+    n_frozen = M.frozen_prefix(arch, trainable)
+    assert n_frozen == len(family.groups) - 1
+    loss = nn.functional.cross_entropy(M.forward(model, x, n_frozen, arch=arch),
+                                       torch.tensor([0, 1, 2, 0]))
+    loss.backward()
+    opt.step()
+    changed = {k for k, v in model.state_dict().items() if not torch.equal(before[k], v)}
+    assert changed and all(k.startswith(f"{trainable[0]}.") for k in changed)
+
+    mean, std = M.normalisation(arch)
+    meta = {"arch": arch, "classes": ["animal", "object", "person"], "image_size": 32,
+            "mean": mean, "std": std}
+    model.eval()
+    O.export(model, ModelMeta(**meta), tmp_path / "model.onnx", opset=18)
+    data, stored, _ = O.verified_bytes(tmp_path / "model.onnx")
+    assert stored["arch"] == f'"{arch}"'
+    session = ort.InferenceSession(data, providers=["CPUExecutionProvider"])
+    answered = session.run(None, {O.INPUT: x.numpy()})[0]
+    with torch.no_grad():
+        assert abs(answered - model(x).numpy()).max() < 1e-3
+
+
+@pytest.mark.parametrize("arch", ONE_PER_FAMILY.values())
+def test_each_family_loads_imagenet_weights_from_a_file_laid_out_as_the_download(
+        arch, tmp_path, monkeypatch):
+    """model.weights: imagenet reads torch's cache at the name torchvision downloads to (the
+    last part of the weights' URL); a file there that is not torchvision's (its SHA-256 is not
+    the one its name begins) is refused; one whose name matches its bytes loads into the
+    trunk, the head new."""
+    monkeypatch.setenv("TORCH_HOME", str(tmp_path))
+    monkeypatch.setattr(torch.hub, "load_state_dict_from_url",
+                        lambda *a, **k: pytest.fail("must not download when cached"))
+    url = torchvision.models.get_model_weights(arch).DEFAULT.url
+    real_name = M.imagenet_weights_file(arch)
+    assert real_name == tmp_path / "hub" / "checkpoints" / url.rsplit("/", 1)[1]
+    torch.manual_seed(1)
+    reference = torchvision.models.get_model(arch, weights=None)
+    real_name.parent.mkdir(parents=True)
+    torch.save(reference.state_dict(), real_name)
+    with pytest.raises(StageError, match=f"{real_name}: its SHA-256 begins "):
+        M.build_model(arch, 3, 0.3, "imagenet")
+    digits = torch.hub.HASH_REGEX.search(real_name.name).group(1)
+    named = real_name.with_name(real_name.name.replace(digits, file_sha256(real_name)[:8]))
+    real_name.rename(named)
+    monkeypatch.setattr(M, "imagenet_weights_file", lambda a: named)
+    model = M.build_model(arch, 3, 0.3, "imagenet")
+    trunk = family_of(arch).groups[0]
+    got, want = model.get_submodule(trunk).state_dict(), reference.get_submodule(trunk).state_dict()
+    assert got.keys() == want.keys() and all(torch.equal(got[k], want[k]) for k in got)
+    assert [m.out_features for m in model.modules() if isinstance(m, nn.Linear)][-1] == 3
+
+
+def test_the_family_table_is_the_only_list_of_archs():
+    """A second list of arch names in the stages (a Literal, a dict, a help text) would drift
+    from the table: no module but archs.py spells two of them."""
+    import ast
+    from pathlib import Path
+
+    root = Path(__file__).resolve().parents[1] / "stages"
+    offenders = []
+    for path in root.rglob("*.py"):
+        if path == root / "common" / "model" / "archs.py":
+            continue
+        named = {node.value for node in ast.walk(ast.parse(path.read_text()))
+                 if isinstance(node, ast.Constant) and isinstance(node.value, str)
+                 for arch in ARCH_NAMES if arch in node.value.split()
+                 or node.value == arch}
+        if len(named) > 1:
+            offenders.append(f"{path.relative_to(root)}: {sorted(named)}")
+    assert not offenders, offenders

@@ -83,7 +83,7 @@ def test_missing_key_is_named():
 def test_params_are_typed_and_read_once():
     cfg = P.load(ROOT / "params.yaml")
     assert isinstance(cfg.train.lr, float) and isinstance(cfg.crops.size, int)
-    assert cfg.model.trainable == list(P.RESNET_CHILDREN)  # 'all', resolved
+    assert cfg.model.trainable == list(P.family_of(cfg.model.arch).groups)  # 'all', resolved
     assert list(cfg.data.labels) == sorted(cfg.data.labels)
     lr = cfg.train.lr
     with pytest.raises(ValidationError, match="frozen"):  # a stage cannot change what it says
@@ -146,6 +146,9 @@ def test_default_and_report_run_one_process():
      "model.arch='resnet51' is not allowed; expected one of resnet18, resnet34, resnet50,"),
     (lambda p: p["model"].update(trainable=["layer5"]),
      "model.trainable=['layer5'] is not allowed; expected 'all' or a non-empty list of conv1,"),
+    (lambda p: p["model"].update(arch="mobilenet_v3_large", trainable=["layer4", "fc"]),
+     "model.trainable=['layer4', 'fc'] is not allowed; expected 'all' or a non-empty list of "
+     "features, avgpool, classifier (mobilenet_v3_large's modules)"),
     (lambda p: p["crops"].update(max_image_pixels=0), "crops.max_image_pixels=0 is not allowed"),
     (lambda p: p["data"]["zoo"].update(splits=["train", "train"]), "data.zoo.splits="),
     (lambda p: p["export"].update(opset="18"), "export.opset='18' is not allowed"),

@@ -19,8 +19,8 @@ from stages.common.inference.batches import normalise
 from stages.common.inference.speed import speed_figures
 from stages.common.infra.errors import ParamError, StageError
 from stages.common.model.build import IMAGENET_MEAN, IMAGENET_STD, build_model, load_checkpoint
-from stages.common.model.checkpoint import save_checkpoint
-from stages.common.model.onnx import export, seal
+from stages.common.model.checkpoint import ModelMeta, save_checkpoint
+from stages.common.model.onnx import META_KEYS, export, seal
 from stages.common.pictures.crops import corner_colour
 from stages.common.serving.classifiers import OnnxClassifier, TorchClassifier, load_classifier
 from stages.common.serving.predictor import prepare
@@ -42,9 +42,9 @@ def models(tmp_path_factory):
     model = build_model("resnet18", 3, 0.3).eval()
     meta = {"arch": "resnet18", "classes": CLASSES, "image_size": SIZE, "mean": IMAGENET_MEAN,
             "std": IMAGENET_STD, "dropout": 0.3}
-    save_checkpoint(d / "best.pt", model, meta)
+    save_checkpoint(d / "best.pt", model, ModelMeta(**meta))
     give_point(d / "best.pt", d)
-    export(model, meta, d / "model.onnx", 18)
+    export(model, ModelMeta(**meta), d / "model.onnx", 18)
     return d / "best.pt", d / "model.onnx"
 
 
@@ -88,18 +88,18 @@ def run_predict(capsys):
 
 
 def test_a_crop_of_the_right_size_passes_through_unchanged():
-    meta = {"image_size": SIZE, "mean": IMAGENET_MEAN, "std": IMAGENET_STD}
+    meta = ModelMeta("resnet18", CLASSES, SIZE, IMAGENET_MEAN, IMAGENET_STD)
     crop = np.random.default_rng(2).integers(0, 255, (SIZE, SIZE, 3), dtype=np.uint8)
     pixels = prepare(crop, meta)
     np.testing.assert_array_equal(pixels.permute(1, 2, 0).numpy(), crop[..., ::-1])  # RGB
-    x = normalise(pixels[None], meta["mean"], meta["std"])[0].numpy()
+    x = normalise(pixels[None], meta.mean, meta.std)[0].numpy()
     rgb = crop[..., ::-1].astype(np.float32) / 255
     expected = (rgb - np.array(IMAGENET_MEAN, np.float32)) / np.array(IMAGENET_STD, np.float32)
     np.testing.assert_array_equal(x, expected.transpose(2, 0, 1))  # torchvision's, bit for bit
 
 
 def test_a_wide_picture_is_centred_on_its_corner_colour():
-    meta = {"image_size": SIZE, "mean": [0, 0, 0], "std": [1, 1, 1]}
+    meta = ModelMeta("resnet18", CLASSES, SIZE, [0, 0, 0], [1, 1, 1])
     picture = np.full((20, 80, 3), (10, 200, 60), np.uint8)  # BGR; scales to 32 x 8
     picture[:, :, 0] = np.arange(80, dtype=np.uint8)[None, :]
     x = prepare(picture, meta)
@@ -154,7 +154,7 @@ def test_predict_bad_option_or_model_is_one_line_exit_2(run_predict, models, pic
 def test_onnx_matches_pytorch_with_a_dynamic_batch(models):
     pt, onnx_file = models
     eager, onnx = TorchClassifier(pt), OnnxClassifier(onnx_file)
-    assert onnx.meta == eager.meta
+    assert all(getattr(onnx.meta, key) == getattr(eager.meta, key) for key in META_KEYS)
     x = np.random.default_rng(3).standard_normal((5, 3, SIZE, SIZE)).astype(np.float32)
     for batch in (x[:1], x):
         np.testing.assert_allclose(onnx.logits(batch), eager.logits(batch), atol=1e-4)
@@ -605,7 +605,7 @@ def overflowing_checkpoint(folder: Path) -> Path:
             "std": IMAGENET_STD, "dropout": 0.3}
     path = folder / "data/model/best.pt"
     path.parent.mkdir(parents=True)
-    save_checkpoint(path, model, meta)
+    save_checkpoint(path, model, ModelMeta(**meta))
     give_point(path, path.parent, folder / "data/calibration")  # predict's, and evaluate's
     return path
 

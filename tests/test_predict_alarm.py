@@ -15,7 +15,7 @@ from stages import predict
 from stages.common.alarm import calibration as cal
 from stages.common.infra.digest import file_sha256
 from stages.common.model.build import IMAGENET_MEAN, IMAGENET_STD, build_model
-from stages.common.model.checkpoint import save_checkpoint
+from stages.common.model.checkpoint import ModelMeta, save_checkpoint
 from stages.common.model.onnx import export
 from stages.common.serving.classifiers import OnnxClassifier, TorchClassifier
 from stages.common.serving.predictor import expand, predict_paths
@@ -45,7 +45,7 @@ def models(elsewhere, tmp_path_factory):
     model = build_model("resnet18", 3, 0.3).eval()
     meta = {"arch": "resnet18", "classes": CLASSES, "image_size": SIZE, "mean": IMAGENET_MEAN,
             "std": IMAGENET_STD, "dropout": 0.3}
-    save_checkpoint(d / "best.pt", model, meta)
+    save_checkpoint(d / "best.pt", model, ModelMeta(**meta))
     pics = d / "pics"
     pics.mkdir()
     rng = np.random.default_rng(1)
@@ -61,7 +61,8 @@ def models(elsewhere, tmp_path_factory):
                       "threshold_log_odds": cal.log_odds(threshold), "target_recall": 0.99,
                       "val": {}, "model_sha256": file_sha256(d / "best.pt")})
     (d / "operating_point.json").write_text(json.dumps(point))
-    export(model, meta, d / "model.onnx", 18, point_for=lambda g: cal.embedded(point, g))
+    export(model, ModelMeta(**meta), d / "model.onnx", 18,
+           point_for=lambda g: cal.embedded(point, g))
     return SimpleNamespace(pt=d / "best.pt", onnx=d / "model.onnx", pics=pics, point=point,
                            logits=logits)
 
@@ -159,7 +160,7 @@ def test_a_point_fitted_for_another_checkpoint_is_not_used(run, models, tmp_path
     torch.manual_seed(1)
     meta = {"arch": "resnet18", "classes": CLASSES, "image_size": SIZE, "mean": IMAGENET_MEAN,
             "std": IMAGENET_STD, "dropout": 0.3}
-    save_checkpoint(other, build_model("resnet18", 3, 0.3).eval(), meta)
+    save_checkpoint(other, build_model("resnet18", 3, 0.3).eval(), ModelMeta(**meta))
     (tmp_path / "operating_point.json").write_text((models.pt.parent / "operating_point.json")
                                                    .read_text())
     assert TorchClassifier(other).operating_point is None

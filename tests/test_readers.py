@@ -25,7 +25,7 @@ from stages.common.config import params
 from stages.common.infra.errors import ParamError, StageError
 from stages.common.infra.jsonfile import MAX_DEPTH, JsonProblem, parse_json, read_json
 from stages.common.model.build import build_model
-from stages.common.model.checkpoint import save_checkpoint
+from stages.common.model.checkpoint import ModelMeta, save_checkpoint
 from stages.common.serving import predictor
 from tests import paramfile
 
@@ -173,7 +173,7 @@ def bare_model(tmp_path_factory) -> Path:
     torch.manual_seed(0)
     meta = {"arch": "resnet18", "classes": CLASSES, "image_size": SIZE, "mean": MEAN,
             "std": STD, "dropout": 0.3}
-    save_checkpoint(d / "best.pt", build_model("resnet18", 3, 0.3).eval(), meta)
+    save_checkpoint(d / "best.pt", build_model("resnet18", 3, 0.3).eval(), ModelMeta(**meta))
     cv2.imwrite(str(d / "pic.jpg"), np.random.default_rng(1).integers(0, 255, (40, 50, 3),
                                                                        dtype=np.uint8))
     return d / "best.pt"
@@ -286,11 +286,12 @@ def onnx_model(tmp_path_factory):
     model = build_model("resnet18", 3, 0.3).eval()
     meta = {"arch": "resnet18", "classes": CLASSES, "image_size": SIZE, "mean": MEAN,
             "std": STD, "dropout": 0.3}
-    save_checkpoint(d / "best.pt", model, meta)
+    save_checkpoint(d / "best.pt", model, ModelMeta(**meta))
     point = cal.seal({"format": cal.FORMAT, "label": "person", "temperature": 1.5,
                       "threshold": 0.5, "threshold_log_odds": 0.0, "target_recall": 0.9,
                       "val": {}, "model": "best.pt", "model_sha256": "0" * 64})
-    export(model, meta, d / "model.onnx", 18, point_for=lambda g: cal.embedded(point, g))
+    export(model, ModelMeta(**meta), d / "model.onnx", 18,
+           point_for=lambda g: cal.embedded(point, g))
     return d / "model.onnx"
 
 

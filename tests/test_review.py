@@ -18,7 +18,7 @@ import pytest
 import torch
 
 from stages.common.model.build import IMAGENET_MEAN, IMAGENET_STD, build_model
-from stages.common.model.checkpoint import save_checkpoint
+from stages.common.model.checkpoint import ModelMeta, save_checkpoint
 
 ROOT = Path(__file__).resolve().parents[1]
 CLASSES = ["animal", "object", "person"]
@@ -70,7 +70,7 @@ def test_split(tmp_path):
     torch.manual_seed(0)
     meta = {"arch": "resnet18", "classes": CLASSES, "image_size": 32, "mean": IMAGENET_MEAN,
             "std": IMAGENET_STD, "dropout": 0.3}
-    save_checkpoint(tmp_path / "best.pt", build_model("resnet18", 3, 0.3), meta)
+    save_checkpoint(tmp_path / "best.pt", build_model("resnet18", 3, 0.3), ModelMeta(**meta))
     return tmp_path
 
 

@@ -18,7 +18,7 @@ from stages.common.infra.atomic import write_json
 from stages.common.infra.digest import file_sha256
 from stages.common.infra.errors import StageError
 from stages.common.model.build import IMAGENET_MEAN, IMAGENET_STD, build_model
-from stages.common.model.checkpoint import save_checkpoint
+from stages.common.model.checkpoint import ModelMeta, save_checkpoint
 from stages.common.model.onnx import POINT_KEY, export, seal
 from stages.common.serving.classifiers import OnnxClassifier
 from stages.conditions import stage as conditions
@@ -60,7 +60,7 @@ def project(tmp_path_factory):
     meta = {"arch": "resnet18", "classes": CLASSES, "image_size": SIZE, "mean": IMAGENET_MEAN,
             "std": IMAGENET_STD, "dropout": 0.3}
     (root / CHECKPOINT).parent.mkdir(parents=True)
-    save_checkpoint(root / CHECKPOINT, model, meta)
+    save_checkpoint(root / CHECKPOINT, model, ModelMeta(**meta))
     point = fitted_point(root / CHECKPOINT)
     (root / FILE).parent.mkdir(parents=True)
     write_json(root / FILE, point)
@@ -69,7 +69,8 @@ def project(tmp_path_factory):
                            "conditions": {"device": "cpu",
                                           "measure": {"night": [1, 3], "glare": [2]}},
                            "export": {"speed_runs": 1, "batch_size": 2}})
-    export(model, meta, root / "model.onnx", 18, point_for=lambda g: cal.embedded(point, g))
+    export(model, ModelMeta(**meta), root / "model.onnx", 18,
+           point_for=lambda g: cal.embedded(point, g))
     return SimpleNamespace(root=root, point=point, text=(root / FILE).read_text(),
                            pics=root / "data/split/test/person")
 

@@ -24,7 +24,7 @@ from stages.common.inference import speed
 from stages.common.infra.atomic import write_json
 from stages.common.infra.digest import file_sha256
 from stages.common.model.build import IMAGENET_MEAN, IMAGENET_STD, build_model
-from stages.common.model.checkpoint import save_checkpoint
+from stages.common.model.checkpoint import ModelMeta, save_checkpoint
 from stages.conditions import stage as conditions
 from stages.evaluate import stage as evaluate
 from tests import paramfile
@@ -137,9 +137,9 @@ def evaluated_project(tmp_path, monkeypatch):
     torch.manual_seed(0)
     checkpoint = tmp_path / "data/model/best.pt"
     checkpoint.parent.mkdir(parents=True)
-    save_checkpoint(checkpoint, build_model("resnet18", 3, 0.3).eval(), {
-        "arch": "resnet18", "classes": CLASSES, "image_size": SIZE, "mean": IMAGENET_MEAN,
-        "std": IMAGENET_STD, "dropout": 0.3})
+    save_checkpoint(checkpoint, build_model("resnet18", 3, 0.3).eval(), ModelMeta(
+        arch="resnet18", classes=CLASSES, image_size=SIZE, mean=IMAGENET_MEAN,
+        std=IMAGENET_STD, dropout=0.3))
     write_json(tmp_path / "data/calibration/operating_point.json", cal.seal({
         "format": 1, "label": "person", "temperature": 1.5, "threshold": cal.probability(1.0),
         "threshold_log_odds": 1.0, "target_recall": 0.99,

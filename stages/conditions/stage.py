@@ -33,7 +33,7 @@ from stages.common.inference.logits import checked_crops, to_device  # noqa: E40
 from stages.common.infra.atomic import atomic_file, write_json  # noqa: E402
 from stages.common.infra.errors import main_guard  # noqa: E402
 from stages.common.model.build import load_checkpoint  # noqa: E402
-from stages.common.model.checkpoint import check_logits  # noqa: E402
+from stages.common.model.checkpoint import ModelMeta, check_logits  # noqa: E402
 from stages.common.model.device import pick_device  # noqa: E402
 from stages.conditions.measure import suite  # noqa: E402
 
@@ -42,15 +42,15 @@ CSV_COLUMNS = ("person_recall", "person_recall_lower_95", "false_alarms_per_1000
                "false_alarms_per_1000_upper_95", "accuracy")
 
 
-def classifier(model: torch.nn.Module, meta: dict, device: torch.device, checkpoint: Path):
+def classifier(model: torch.nn.Module, meta: ModelMeta, device: torch.device, checkpoint: Path):
     """One batch of uint8 N x H x W x 3 crops -> the model's logits (float64 numpy), checked."""
     @torch.inference_mode()
     def classify(pixels: np.ndarray) -> np.ndarray:
         model.eval()
         batch = torch.from_numpy(np.ascontiguousarray(pixels)).permute(0, 3, 1, 2)
-        logits = model(normalise(to_device(batch, device), meta["mean"], meta["std"]))
+        logits = model(normalise(to_device(batch, device), meta.mean, meta.std))
         logits = logits.float().cpu()
-        check_logits(logits, len(pixels), len(meta["classes"]), checkpoint)
+        check_logits(logits, len(pixels), len(meta.classes), checkpoint)
         return logits.numpy().astype(np.float64)
     return classify
 
@@ -134,7 +134,7 @@ def main() -> None:
     jobs = sum(len(s) for s in cfg.measure.values())
     print(f"conditions: {len(keys)} test crops x {jobs} conditions and severities, batches of "
           f"{cfg.batch_size} on {device.type}", flush=True)
-    result = suite(pixels, keys, crops.targets.numpy(), meta["classes"], point, classify,
+    result = suite(pixels, keys, crops.targets.numpy(), meta.classes, point, classify,
                    cfg.measure, everything.seed, pictures, cfg.batch_size,
                    threads=os.cpu_count() or 1)
     result.update({"point_sha256": point["point_sha256"], "target_recall": point["target_recall"],

@@ -39,6 +39,7 @@ from stages.common.inference.speed import speed_figures
 from stages.common.infra.atomic import atomic_file, write_json
 from stages.common.infra.errors import StageError, main_guard
 from stages.common.model.build import load_checkpoint
+from stages.common.model.checkpoint import ModelMeta
 from stages.common.model.device import pick_device
 from stages.common.pictures import decode as pictures
 from stages.evaluate import figures
@@ -52,12 +53,12 @@ def _sync(device: torch.device) -> None:
 
 
 @torch.inference_mode()
-def measure_speed(model, crops: CropSet, meta: dict, device: torch.device, batch_size: int,
+def measure_speed(model, crops: CropSet, meta: ModelMeta, device: torch.device, batch_size: int,
                   runs: int) -> dict:
     """Median forward time at batch 1 (an operator's single picture) and at ``batch_size``, with
     the quartiles of the passes."""
     n = min(batch_size, len(crops))
-    batch = normalise(crops.take(torch.arange(n), device), meta["mean"], meta["std"])
+    batch = normalise(crops.take(torch.arange(n), device), meta.mean, meta.std)
     one = batch[:1].contiguous(memory_format=torch.channels_last)
     timing = speed_figures(model, one, batch, n, runs, sync=lambda: _sync(device))
     return {"device": device.type, "threads": torch.get_num_threads(), **timing}
@@ -219,13 +220,13 @@ def main() -> None:
                                              cfg.batch_size, "evaluate")
     preds = logits.argmax(1)
     probs = softmax(logits, point["temperature"])  # argmax unchanged; what predict shows
-    classes = meta["classes"]
+    classes = meta.classes
 
     metrics = score(targets, preds, classes)
     pictures, unlisted = crop_pictures(crops.paths, SPLIT_MANIFEST)
     metrics.update(alarm_metrics(logits, targets, classes, point, pictures))
-    metrics["arch"] = meta["arch"]
-    speed = {"arch": meta["arch"],
+    metrics["arch"] = meta.arch
+    speed = {"arch": meta.arch,
              **measure_speed(model, crops, meta, device, cfg.batch_size, cfg.speed_runs)}
     write_json(EVAL_SPEED, speed)
     write_json(EVAL_METRICS, metrics)
@@ -234,14 +235,14 @@ def main() -> None:
     write_confusion_csv(EVAL_PLOTS / "confusion.csv", targets, preds, classes)
     matrix = confusion_matrix(targets, preds, labels=list(range(len(classes))))
     figures.confusion_png(matrix, classes, EVAL_PLOTS / "confusion.png",
-                          f"{meta['arch']} test (n={len(targets)})")
+                          f"{meta.arch} test (n={len(targets)})")
     curves = write_curves(class_log_odds(logits, point["temperature"]), targets, classes)
     bins = write_reliability(softmax(logits), probs, targets)
     figures.alarm_png(curves, bins, metrics, EVAL_PLOTS / "alarm.png")
     figures.learning_curves_png(figures.read_history(TRAIN_PLOTS),
                                 EVAL_PLOTS / "learning_curves.png", best_epoch())
     mistakes_gallery(crops, probs, targets, cfg.mistakes,
-                     f"{meta['arch']}: most confident test mistakes")
+                     f"{meta.arch}: most confident test mistakes")
 
     print(classification_report(targets, preds, labels=list(range(len(classes))),
                                 target_names=classes, digits=4, zero_division=0))

@@ -1,4 +1,4 @@
-"""Stage `train`: fine-tune a ResNet on data/split/{train,val} with the report's recipe.
+"""Stage `train`: fine-tune model.arch on data/split/{train,val} with the report's recipe.
 
     python -m stages.train
 
@@ -46,9 +46,10 @@ from stages.common.infra.atomic import atomic_dir, write_json
 from stages.common.infra.errors import (INTERRUPTED_EXIT, Interrupted, StageError,
                                          main_guard)
 from stages.common.infra.progress import tracked
-from stages.common.model.build import (IMAGENET_MEAN, IMAGENET_STD, build_model, forward, freeze,
-                                       frozen_prefix, set_train_mode)
-from stages.common.model.checkpoint import save_checkpoint
+from stages.common.model.archs import family_of
+from stages.common.model.build import (build_model, forward, freeze, frozen_prefix, normalisation,
+                                       set_train_mode)
+from stages.common.model.checkpoint import ModelMeta, save_checkpoint
 from stages.common.model.device import pick_device
 from stages.train import distributed, state
 from stages.train.augment import Augment
@@ -101,6 +102,7 @@ class Splits:
     augment: Augment       # each epoch's flip and colour jitter, per crop
     val_indices: torch.Tensor  # this rank's share of val
     batch_size: int
+    norm: tuple[list[float], list[float]]  # (mean, std) the arch's weights expect
 
     @property
     def classes(self) -> list[str]:
@@ -115,7 +117,7 @@ class Splits:
         self.order.set_epoch(epoch)  # a new shuffle each epoch, the same on every rank
         self.augment.set_epoch(epoch)
         items = batches(self.train, self.order.indices(), self.batch_size, device,
-                        IMAGENET_MEAN, IMAGENET_STD, self.augment)
+                        *self.norm, self.augment)
         return prefetched(items) if device.type == "cpu" else items
 
     @property
@@ -124,12 +126,13 @@ class Splits:
         return len(self.order.sampler)
 
     def val_batches(self, device: torch.device):
-        return batches(self.val, self.val_indices, self.batch_size, device, IMAGENET_MEAN,
-                       IMAGENET_STD)
+        return batches(self.val, self.val_indices, self.batch_size, device, *self.norm)
 
 
-def load_splits(train: params.Train, seed: int, world: World, device: torch.device) -> Splits:
-    """Both splits decoded once. One process is a world of one: the same seeded order."""
+def load_splits(train: params.Train, seed: int, world: World, device: torch.device,
+                arch: str) -> Splits:
+    """Both splits decoded once, normalised as ``arch``'s weights expect. One process is a world
+    of one: the same seeded order."""
     workers = train.num_workers
     train_crops = CropSet.load(TRAIN_SPLIT, device, workers, pin=train.pin_memory)
     val_crops = CropSet.load(VAL_SPLIT, device, workers, pin=train.pin_memory)
@@ -141,31 +144,33 @@ def load_splits(train: params.Train, seed: int, world: World, device: torch.devi
                          f"{val_crops.size} px; rerun extract_crops and split")
     val_indices = torch.tensor(distributed.shard_indices(len(val_crops), world), dtype=torch.long)
     order = EpochOrder(len(train_crops), seed, world.rank, world.size)
-    augment = Augment(seed, len(train_crops), device, workers, IMAGENET_MEAN, IMAGENET_STD)
-    return Splits(train_crops, val_crops, order, augment, val_indices, train.batch_size)
+    norm = normalisation(arch)
+    augment = Augment(seed, len(train_crops), device, workers, *norm)
+    return Splits(train_crops, val_crops, order, augment, val_indices, train.batch_size, norm)
 
 
 class FrozenPrefixNet(nn.Module):
     """The model's forward (frozen prefix under no_grad) as a module, so DDP can wrap it: DDP
     syncs gradients only for calls through its own forward."""
 
-    def __init__(self, model: nn.Module, n_frozen: int) -> None:
+    def __init__(self, model: nn.Module, n_frozen: int, arch: str) -> None:
         super().__init__()
         self.model = model
         self.n_frozen = n_frozen
+        self.arch = arch
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return forward(self.model, x, self.n_frozen)
+        return forward(self.model, x, self.n_frozen, arch=self.arch)
 
 
-def make_step(model, n_frozen, world, device, compile_: bool):
+def make_step(model, arch: str, n_frozen, world, device, compile_: bool):
     """The training forward: plain for one process (the default, unchanged), DDP-wrapped for
     several, compiled on CUDA when asked."""
     if not world.distributed:
-        step = partial(forward, model, n_frozen=n_frozen)
+        step = partial(forward, model, n_frozen=n_frozen, arch=arch)
     else:
         ids = [device.index] if device.type == "cuda" else None
-        step = DistributedDataParallel(FrozenPrefixNet(model, n_frozen), device_ids=ids)
+        step = DistributedDataParallel(FrozenPrefixNet(model, n_frozen, arch), device_ids=ids)
     if compile_ and device.type == "cuda":
         step = torch.compile(step)
     return step
@@ -202,7 +207,8 @@ def build(model_cfg: params.Model, train: params.Train, n_classes: int, world: W
     model = model.to(device, memory_format=torch.channels_last)
     if saved is not None:
         model.load_state_dict(saved["model"])
-    step = make_step(model, frozen_prefix(model_cfg.trainable), world, device, train.compile)
+    step = make_step(model, model_cfg.arch, frozen_prefix(model_cfg.arch, model_cfg.trainable),
+                     world, device, train.compile)
     amp = amp_dtype(train.amp, device)
     optimizer = torch.optim.AdamW([q for q in model.parameters() if q.requires_grad],
                                   lr=train.lr, weight_decay=train.weight_decay)
@@ -435,7 +441,7 @@ def run(cfg: Params, world: World, device: torch.device) -> None:
     seed_everything(cfg.seed + world.rank)
     log = print if world.is_main else (lambda *a, **k: None)
     started = time.perf_counter()
-    splits = load_splits(cfg.train, cfg.seed, world, device)
+    splits = load_splits(cfg.train, cfg.seed, world, device, cfg.model.arch)
     fp = run_fingerprint(cfg, world, device)
     path = state.state_file(fp)
     saved = load_state(fp, world, device, log)
@@ -483,6 +489,9 @@ def announce(cfg: Params, splits: Splits, world: World, device: torch.device, lo
     """What is about to train, on what: the first lines of the stage's log."""
     if device.type != "cuda" and (cfg.train.amp != "off" or cfg.train.compile):
         log(f"train: amp and compile apply on CUDA only; running fp32, eager on {device.type}")
+    if cfg.model.zero_init_residual and not family_of(cfg.model.arch).zero_init:
+        log(f"train: model.zero_init_residual applies to resnet only; {cfg.model.arch} starts "
+            "from torchvision's own initialisation")
     log(f"train: {cfg.model.arch} on {device}, {len(splits.train)} train / {len(splits.val)} val "
         f"crops, {splits.size} px, classes {splits.classes}, trainable {cfg.model.trainable}"
         + (f", {world.size} processes" if world.distributed else ""), flush=True)
@@ -492,11 +501,11 @@ def save_best(path: Path, cfg: Params, splits: Splits, standing: Standing) -> No
     """The best epoch's weights with what a loader needs to use them (arch, classes, crop size,
     normalisation) and the recipe that made them: the checkpoint is read without params.yaml."""
     best = standing.best
-    save_checkpoint(path, standing.best_weights, {
-        "arch": cfg.model.arch, "classes": splits.classes, "image_size": splits.size,
-        "mean": IMAGENET_MEAN, "std": IMAGENET_STD, "dropout": cfg.model.dropout,
-        "params": recipe(cfg), "epoch": best["best_epoch"], "val_loss": best["best_val_loss"],
-        "val_acc": best["best_val_acc"]})
+    save_checkpoint(path, standing.best_weights, ModelMeta(
+        arch=cfg.model.arch, classes=splits.classes, image_size=splits.size,
+        mean=splits.norm[0], std=splits.norm[1], dropout=cfg.model.dropout,
+        params=recipe(cfg), epoch=best["best_epoch"], val_loss=best["best_val_loss"],
+        val_acc=best["best_val_acc"]))
 
 
 def finish(fp: dict, n_train: int, parts: Parts, standing: Standing, world: World,

@@ -24,7 +24,7 @@ from pydantic import (BaseModel, ConfigDict, Field, ValidationError, field_valid
 from stages.common.alarm.calibration import ALARM_LABEL
 from stages.common.infra.atomic import clean_dead_leftovers
 from stages.common.infra.errors import ParamError
-from stages.common.model.archs import ARCH_NAMES, MAX_CROP_SIZE, RESNET_CHILDREN
+from stages.common.model.archs import ARCH_NAMES, MAX_CROP_SIZE, family_of
 from stages.common.pictures.decode import MAX_IMAGE_PIXELS
 
 PARAMS_FILE = Path("params.yaml")
@@ -193,22 +193,36 @@ class Model(Section):
         "imagenet, none or a path to a .pth file"))
     zero_init_residual: bool
     dropout: float = Field(ge=0, le=0.99)
+    # 'all' or a list of the arch's groups (stages.common.model.archs), resolved to the list
     trainable: list[str] = Field(json_schema_extra=_expect(
-        "'all' or a non-empty list of " + ", ".join(RESNET_CHILDREN)))
+        "'all' or a non-empty list of the arch's modules (stages/common/model/archs.py)"))
 
     @field_validator("trainable", mode="before")
     @classmethod
-    def _trainable(cls, value: Any) -> list[str]:
-        return trainable_modules(value)
+    def _trainable_shape(cls, value: Any) -> Any:
+        return ["all"] if value == "all" else value
+
+    @model_validator(mode="after")
+    def _trainable(self) -> "Model":
+        try:
+            groups = trainable_modules(self.trainable, self.arch)
+        except ValueError:
+            allowed = ", ".join(family_of(self.arch).groups)
+            raise ParamError(f"params.yaml: model.trainable={self.trainable!r} is not allowed; "
+                             f"expected 'all' or a non-empty list of {allowed} ({self.arch}'s "
+                             "modules)") from None
+        object.__setattr__(self, "trainable", groups)  # a frozen model: resolved once, here
+        return self
 
 
-def trainable_modules(value: Any) -> list[str]:
-    """``model.trainable``: ``all`` or a non-empty list of top-level ResNet modules, resolved to
-    the list (``["all"]``, as a command line gives it, too)."""
+def trainable_modules(value: Any, arch: str) -> list[str]:
+    """``model.trainable``: ``all`` or a non-empty list of ``arch``'s top-level modules (its
+    family's groups), resolved to the list (``["all"]``, as a command line gives it, too)."""
+    groups = family_of(arch).groups
     if value in ("all", ["all"]):
-        return list(RESNET_CHILDREN)
+        return list(groups)
     if not (isinstance(value, list) and value
-            and all(isinstance(m, str) and m in RESNET_CHILDREN for m in value)):
+            and all(isinstance(m, str) and m in groups for m in value)):
         raise ValueError("not a module list")
     return list(value)
 

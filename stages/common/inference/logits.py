@@ -12,7 +12,7 @@ from torch import nn
 from stages.common.inference.batches import CropSet, batch_len, batches
 from stages.common.infra.errors import StageError
 from stages.common.infra.progress import tracked
-from stages.common.model.checkpoint import check_logits
+from stages.common.model.checkpoint import ModelMeta, check_logits
 
 
 def to_device(x: torch.Tensor, device: torch.device) -> torch.Tensor:
@@ -34,22 +34,22 @@ def predict(model: nn.Module, batches: Iterable[tuple[torch.Tensor, torch.Tensor
     return torch.cat(all_logits).cpu(), torch.cat(all_targets).cpu()
 
 
-def checked_crops(folder: Path, meta: dict, checkpoint: Path, device: torch.device,
+def checked_crops(folder: Path, meta: ModelMeta, checkpoint: Path, device: torch.device,
                   workers: int = 0, keep: str | None = None) -> CropSet:
     """A labelled split (``<label>/<crop>``) decoded once, whose class names and crop size must
     be the checkpoint's."""
     crops = CropSet.load(folder, device, workers, keep=keep)
-    if crops.classes != meta["classes"]:
-        raise StageError(f"{checkpoint} was trained on classes {meta['classes']} but {folder} "
+    if crops.classes != meta.classes:
+        raise StageError(f"{checkpoint} was trained on classes {meta.classes} but {folder} "
                          f"holds {crops.classes}; retrain or re-split")
-    if crops.size != meta["image_size"]:
-        raise StageError(f"{checkpoint} was trained on {meta['image_size']}x{meta['image_size']} "
+    if crops.size != meta.image_size:
+        raise StageError(f"{checkpoint} was trained on {meta.image_size}x{meta.image_size} "
                          f"crops but {crops.paths[0]} is {crops.size}x{crops.size}; retrain or "
                          "rerun extract_crops with the same crops.size")
     return crops
 
 
-def labelled_logits(model: torch.nn.Module, meta: dict, folder: Path, checkpoint: Path,
+def labelled_logits(model: torch.nn.Module, meta: ModelMeta, folder: Path, checkpoint: Path,
                     device: torch.device, batch_size: int, what: str
                     ) -> tuple[CropSet, np.ndarray, np.ndarray]:
     """(the crops, logits, targets) of a labelled split under ``model`` (already on ``device``),
@@ -57,7 +57,7 @@ def labelled_logits(model: torch.nn.Module, meta: dict, folder: Path, checkpoint
     crops = checked_crops(folder, meta, checkpoint, device)
     order = torch.arange(len(crops))
     logits, targets = predict(model, tracked(batches(crops, order, batch_size, device,
-                                                     meta["mean"], meta["std"]),
+                                                     meta.mean, meta.std),
                                              what, len(crops), size=batch_len), device)
-    check_logits(logits, len(crops), len(meta["classes"]), checkpoint)
+    check_logits(logits, len(crops), len(meta.classes), checkpoint)
     return crops, logits.numpy(), targets.numpy()

@@ -14,9 +14,11 @@ main_guard).
 """
 from __future__ import annotations
 
+import dataclasses
 import hashlib
 import json
 import math
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -52,11 +54,11 @@ def _content(ckpt: dict) -> tuple[dict, dict]:
 
 
 def save_checkpoint(path: str | Path, model: nn.Module | dict[str, torch.Tensor],
-                    meta: dict[str, Any]) -> None:
+                    meta: ModelMeta) -> None:
     """``model``: the module, or a state dict of it (the train stage keeps its best epoch's)."""
     weights = model if isinstance(model, dict) else model.state_dict()
     state = {k: v.detach().cpu().contiguous() for k, v in weights.items()}
-    ckpt = {"format": CHECKPOINT_FORMAT, **meta, "model_state": state}
+    ckpt = {"format": CHECKPOINT_FORMAT, **meta.as_dict(), "model_state": state}
     ckpt[DIGEST_KEY] = weights_digest(*_content(ckpt))
     with atomic_file(path, "wb") as f:
         torch.save(ckpt, f)
@@ -68,7 +70,7 @@ def check_tensors(path: Path, state: Any) -> None:
     if not isinstance(state, dict) or not all(
             isinstance(k, str) and isinstance(v, torch.Tensor) for k, v in state.items()):
         raise StageError(f"{path}: not a mapping of weight names to tensors (a "
-                         f"{type(state).__name__}); not a weights file of a ResNet")
+                         f"{type(state).__name__}); not a weights file of a torchvision model")
     for name, tensor in state.items():
         if tensor.is_floating_point() and not bool(torch.isfinite(tensor).all()):
             raise StageError(f"{path}: weight {name} holds NaN or infinite values; the file is "
@@ -134,6 +136,38 @@ def check_meta(path: Path, meta: dict, keys=tuple(META_RULES)) -> None:
             raise StageError(f"{path}: metadata {key}={_short(meta.get(key))} is not usable "
                              f"(expected {expected}); the file is damaged or not one this "
                              "project wrote")
+
+
+@dataclass(frozen=True)
+class ModelMeta:
+    """What a model file carries besides its weights, read and checked here only
+    (:meth:`read`): what a loader needs to use the model (arch, class names in ImageFolder
+    order, crop side, normalisation), and in a checkpoint its head's dropout and the run that
+    made it (the recipe, best epoch and its val figures). An ONNX file carries the first five.
+
+    :meth:`as_dict` is the checkpoint's order of keys (its bytes and digest follow it), the
+    fields left unset omitted."""
+    arch: str
+    classes: list[str]
+    image_size: int
+    mean: list[float]
+    std: list[float]
+    dropout: float | None = None
+    params: dict | None = None  # the recipe: stages.train.stage.recipe
+    epoch: int | None = None
+    val_loss: float | None = None
+    val_acc: float | None = None
+
+    @classmethod
+    def read(cls, path: str | Path, stored: dict, keys=tuple(META_RULES)) -> "ModelMeta":
+        """The record ``stored`` (a checkpoint, or an ONNX file's parsed metadata) holds, once
+        ``keys`` pass META_RULES; else one line naming ``path``. Other entries are ignored."""
+        check_meta(Path(path), stored, keys)
+        names = [f.name for f in dataclasses.fields(cls)]
+        return cls(**{k: stored[k] for k in names if stored.get(k) is not None})
+
+    def as_dict(self) -> dict[str, Any]:
+        return {k: v for k, v in dataclasses.asdict(self).items() if v is not None}
 
 
 def check_logits(logits, rows: int, classes: int, model_path: str | Path) -> None:

@@ -24,7 +24,7 @@ import torch
 from torch import nn
 
 from stages.common.infra.errors import StageError
-from stages.common.model.checkpoint import DIGEST_KEY
+from stages.common.model.checkpoint import DIGEST_KEY, ModelMeta
 
 # onnx and onnx_ir are imported where used, not here: over a second of start-up that predict
 # with a .pt checkpoint (which imports this module through its classifiers) never needs.
@@ -35,7 +35,7 @@ POINT_KEY = "operating_point"  # calibrate's temperature and person threshold, a
 EXPORT_AGAIN = "export it again with `dvc repro export` (or python -m stages.export)"
 
 
-def export(model: nn.Module, meta: dict, path: Path, opset: int,
+def export(model: nn.Module, meta: ModelMeta, path: Path, opset: int,
            point_for: Callable[[str], dict] | None = None) -> None:
     """Write ``model`` (eval mode) to ``path`` as one self-contained ONNX file, batch axis dynamic.
 
@@ -48,7 +48,7 @@ def export(model: nn.Module, meta: dict, path: Path, opset: int,
     deprecated). Same model and opset give the same bytes wherever the project and its
     virtual environment live: no paths or times in the file (see :func:`strip_paths`).
     """
-    size = int(meta["image_size"])
+    size = meta.image_size
     example = torch.zeros(2, 3, size, size)  # 2, not 1: a batch of 1 would be specialised away
     log = io.StringIO()
     try:
@@ -58,11 +58,11 @@ def export(model: nn.Module, meta: dict, path: Path, opset: int,
                 input_names=[INPUT], output_names=[OUTPUT],
                 dynamic_shapes=({0: torch.export.Dim("batch")},), verbose=False)
     except Exception as exc:
-        raise StageError(f"ONNX export of {meta['arch']} at opset {opset} failed "
+        raise StageError(f"ONNX export of {meta.arch} at opset {opset} failed "
                          f"({type(exc).__name__}: {str(exc).splitlines()[0] if str(exc) else ''}); "
                          "try another export.opset") from None
     for key in META_KEYS:
-        program.model.metadata_props[key] = json.dumps(meta[key])
+        program.model.metadata_props[key] = json.dumps(getattr(meta, key))
     strip_paths(program.model)
     program.save(str(path), external_data=False)
     import onnx

@@ -18,7 +18,7 @@ from stages.common.inference.batches import normalise
 from stages.common.infra.errors import StageError
 from stages.common.infra.jsonfile import JsonProblem, parse_json
 from stages.common.model.build import load_checkpoint
-from stages.common.model.checkpoint import check_meta
+from stages.common.model.checkpoint import ModelMeta
 from stages.common.model.onnx import (EXPORT_AGAIN, INPUT, META_KEYS, OUTPUT, POINT_KEY,
                                       verified_bytes)
 
@@ -31,7 +31,7 @@ class TorchClassifier:
         self.device = device
         self.model, meta = load_checkpoint(path)
         self.model = self.model.to(device, memory_format=torch.channels_last)
-        self.meta = {k: meta[k] for k in ("arch", "classes", "image_size", "mean", "std")}
+        self.meta = meta
         self.operating_point = beside(self.path, OPERATING_POINT)
 
     @torch.inference_mode()
@@ -44,7 +44,7 @@ class TorchClassifier:
 
     def classify(self, pixels: torch.Tensor) -> np.ndarray:
         """uint8 RGB N x 3 x S x S -> logits, normalised on the model's device."""
-        return self.logits(normalise(pixels.to(self.device), self.meta["mean"], self.meta["std"]))
+        return self.logits(normalise(pixels.to(self.device), self.meta.mean, self.meta.std))
 
 
 def load_classifier(path: str | Path, threads: int | None = None,
@@ -84,15 +84,15 @@ class OnnxClassifier:
         missing = [k for k in META_KEYS if k not in stored]
         if missing:
             raise StageError(f"{path}: ONNX metadata lacks {', '.join(missing)}; {EXPORT_AGAIN}")
-        self.meta = {}
+        values = {}
         for key in META_KEYS:
             try:
-                self.meta[key] = parse_json(stored[key])
+                values[key] = parse_json(stored[key])
             except JsonProblem as exc:
                 raise StageError(f"{path}: ONNX metadata {key} is not usable ({exc}); the file "
                                  f"is damaged or not one this project wrote; {EXPORT_AGAIN}") \
                     from None
-        check_meta(path, self.meta, META_KEYS)
+        self.meta = ModelMeta.read(path, values, META_KEYS)
         self.operating_point = self._operating_point(stored, graph_sha256)
         try:
             self.session = ort.InferenceSession(data, options,
@@ -121,5 +121,5 @@ class OnnxClassifier:
 
     def classify(self, pixels) -> np.ndarray:
         """uint8 RGB N x 3 x S x S (a torch tensor) -> logits, normalised as every crop is."""
-        x = normalise(pixels, self.meta["mean"], self.meta["std"])
+        x = normalise(pixels, self.meta.mean, self.meta.std)
         return self.logits(x.contiguous().numpy())

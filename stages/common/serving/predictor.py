@@ -20,7 +20,7 @@ import numpy as np
 import torch
 
 from stages.common.alarm.calibration import softmax
-from stages.common.model.checkpoint import check_logits
+from stages.common.model.checkpoint import ModelMeta, check_logits
 from stages.common.pictures import decode as pictures
 from stages.common.pictures.crops import letterbox
 from stages.common.pictures.decode import (DEFAULT_MAX_IMAGE_PIXELS, PICTURE_SUFFIXES,
@@ -49,9 +49,9 @@ def read_image(path: Path, max_pixels: int = DEFAULT_MAX_IMAGE_PIXELS) -> np.nda
         raise ValueError(pictures.describe("decode_failed", header, max_pixels)) from None
 
 
-def prepare(image_bgr: np.ndarray, meta: dict) -> torch.Tensor:
+def prepare(image_bgr: np.ndarray, meta: ModelMeta) -> torch.Tensor:
     """A centred letterbox of the checkpoint's size: uint8 RGB, 3 x S x S."""
-    canvas = letterbox(image_bgr, int(meta["image_size"]), rng=None)
+    canvas = letterbox(image_bgr, meta.image_size, rng=None)
     rgb = cv2.cvtColor(canvas, cv2.COLOR_BGR2RGB)
     return torch.from_numpy(rgb).permute(2, 0, 1)
 
@@ -252,7 +252,7 @@ def predict_paths(classifier, items: list[tuple[Path, str | None]], batch_size: 
     def flush() -> Iterator[Prediction]:
         if arrays:
             logits = classifier.classify(torch.stack(arrays))
-            check_logits(logits, len(arrays), len(classifier.meta["classes"]), classifier.path)
+            check_logits(logits, len(arrays), len(classifier.meta.classes), classifier.path)
             probs = softmax(logits, temperature)
             k = 0
             for p in pending:
