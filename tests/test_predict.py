@@ -632,6 +632,8 @@ def test_infinite_logits_stop_predict_evaluate_and_export_in_one_line(tmp_path, 
             Path("metrics/eval.json").write_text(json.dumps(
                 {"operating_point": {"point_sha256": point["point_sha256"]}}))
             Path("metrics/split.json").write_text("{}")
+            Path("metrics/conditions.json").write_text(json.dumps(
+                {"point_sha256": point["point_sha256"]}))
         with pytest.raises(SystemExit) as exc:
             stage.main()
         assert exc.value.code == 2
@@ -640,7 +642,8 @@ def test_infinite_logits_stop_predict_evaluate_and_export_in_one_line(tmp_path, 
             "are damaged or diverged: retrain (dvc repro) or export it again"]
         if stage is evaluate:
             assert not (tmp_path / "metrics").exists()
-    assert sorted(p.name for p in (tmp_path / "metrics").iterdir()) == ["eval.json", "split.json"]
+    assert sorted(p.name for p in (tmp_path / "metrics").iterdir()) == [
+        "conditions.json", "eval.json", "split.json"]
     assert not (tmp_path / "data/export").exists()
 
 
