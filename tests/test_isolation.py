@@ -55,3 +55,20 @@ def test_git_and_dvc_read_no_global_or_system_config(tmp_path):
     for level in ("--global", "--system"):
         shown = _run(tmp_path, sys.executable, "-m", "dvc", "config", level, "--list")
         assert shown.stdout.strip() == "", f"dvc config {level}: {shown.stdout}"
+
+
+def test_a_workspace_left_changed_by_an_experiment_changes_no_tests_params(tmp_path):
+    """The README's quick start runs `dvc exp run -S model.arch=resnet50`, which leaves
+    params.yaml changed: the tests' params come from the commit, not from that workspace. A
+    workspace whose keys differ (a new param, not committed yet) is the tests' params."""
+    from tests.paramfile import project_defaults
+
+    committed = "seed: 42\nmodel:\n  arch: resnet18\n"
+    (tmp_path / "params.yaml").write_text(committed)
+    for args in (["init", "-q"], ["add", "params.yaml"],
+                 ["-c", "user.name=t", "-c", "user.email=t@t", "commit", "-qm", "params"]):
+        assert _run(tmp_path, "git", *args).returncode == 0
+    (tmp_path / "params.yaml").write_text("seed: 7\nmodel:\n  arch: resnet50\n")
+    assert project_defaults(tmp_path) == {"seed": 42, "model": {"arch": "resnet18"}}
+    (tmp_path / "params.yaml").write_text("seed: 7\nmodel:\n  arch: resnet50\n  new_key: 1\n")
+    assert project_defaults(tmp_path)["model"] == {"arch": "resnet50", "new_key": 1}
