@@ -149,7 +149,7 @@ def interval_warnings(interval: dict) -> list[str]:
         return []
     return [f"warning: the temperature's 95 % bootstrap interval {interval['low']} to "
             f"{interval['high']} reaches an end of its search range ({T_MIN} to {T_MAX}): on "
-            f"{flawless / max(draws, 1):.0%} of the resampled val sets the model makes no "
+            f"{flawless / max(draws, 1):.0%} of the resampled sets the model makes no "
             "error and T is not pinned down, so T is less certain than the interval reads; a "
             "larger val (split.val) or calibration split (split.calibration) narrows it"]
 
