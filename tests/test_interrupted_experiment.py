@@ -32,6 +32,7 @@ TINY = {
     "crops": {"size": 32, "min_box_px": 12, "workers": 1},
     "train": {"epochs": 2, "batch_size": 16, "num_workers": 0},
     "evaluate": {"batch_size": 16, "speed_runs": 3},
+    "conditions": {"measure": {"night": [1]}},  # the stage runs; its ten are test_conditions'
     "export": {"batch_size": 8, "speed_runs": 3},
 }
 WAIT_S = 300
