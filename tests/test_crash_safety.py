@@ -298,10 +298,17 @@ def _workers(main: psutil.Process) -> list[psutil.Process]:
     """The stage's worker processes: its leaf descendants (forked from it, or from a
     forkserver), not multiprocessing's resource tracker."""
     try:
-        return [p for p in main.children(recursive=True)
-                if not p.children() and "resource_tracker" not in " ".join(p.cmdline())]
+        descendants = main.children(recursive=True)
     except psutil.Error:
         return []
+    leaves = []
+    for p in descendants:  # one that ends while we look is skipped, not the whole list lost
+        try:
+            if not p.children() and "resource_tracker" not in " ".join(p.cmdline()):
+                leaves.append(p)
+        except psutil.Error:
+            continue
+    return leaves
 
 
 def _wait_for(what: str, cond, proc: subprocess.Popen, timeout: float = WAIT_S):
@@ -358,7 +365,9 @@ def _kill_from_outside(repo: Path, env: dict, stage: str, when: str, whom: str,
         elif when == "first_crop":
             _wait_for("crop in data/.crops.tmp-*", lambda: _first_crop(repo), proc)
             if whom == "worker":
-                _wait_for("2 worker processes", lambda: len(_workers(target)) >= 2, proc)
+                workers = _wait_for("2 worker processes",
+                                    lambda: (lambda w: w if len(w) >= 2 else None)(
+                                        _workers(target)), proc)
         elif when == "epoch1":
             for line in proc.stdout:
                 out.append(line)
@@ -373,7 +382,7 @@ def _kill_from_outside(repo: Path, env: dict, stage: str, when: str, whom: str,
         elif whom == "stage":
             target.send_signal(signal.SIGKILL)
         else:
-            _workers(target)[0].send_signal(signal.SIGKILL)
+            workers[0].send_signal(signal.SIGKILL)  # the ones seen alive above
         try:  # until dvc ends and every process holding its output pipe is gone
             out.append(proc.communicate(timeout=HANG_S)[0] or "")
         except subprocess.TimeoutExpired:
