@@ -124,12 +124,13 @@ def test_params_yaml_is_a_mapping(tmp_path):
     bad.write_text("- just\n- a list\n")
     with pytest.raises(errors.ParamError, match="expected a mapping"):
         P.load(bad)
-    assert raw()["model"]["arch"] == "resnet18"
+    assert paramfile.project_defaults()["model"]["arch"] == "resnet18"  # the committed default
 
 
 def test_default_and_report_run_one_process():
-    for path in ["params.yaml", "configs/report-resnet18.yaml"]:
-        t = P.load(ROOT / path).train
+    # the committed defaults (paramfile), not a workspace an experiment left changed
+    for t in [P.parse(paramfile.params()).train,
+              P.load(ROOT / "configs/report-resnet18.yaml").train]:
         assert (t.nproc, t.amp, t.compile, t.pin_memory) == (1, "auto", False, True)
 
 
