@@ -102,6 +102,23 @@ def pytest_runtest_teardown(item, nextitem):
     return result
 
 
+@pytest.fixture
+def predict_in_process(capsys):
+    """``python -m stages.predict ARGS`` run in this process: exit code, stdout and stderr."""
+    from types import SimpleNamespace
+
+    from stages import predict
+
+    def run(*args):
+        try:
+            code = predict.main([str(a) for a in args])
+        except SystemExit as exc:
+            code = exc.code
+        out = capsys.readouterr()
+        return SimpleNamespace(returncode=code, stdout=out.out, stderr=out.err)
+    return run
+
+
 def pytest_unconfigure(config) -> None:
     import shutil
 

@@ -11,7 +11,6 @@ import numpy as np
 import pytest
 import torch
 
-from stages import predict
 from stages.common.alarm import calibration as cal
 from stages.common.infra.digest import file_sha256
 from stages.common.model.build import IMAGENET_MEAN, IMAGENET_STD, build_model
@@ -68,15 +67,8 @@ def models(elsewhere, tmp_path_factory):
 
 
 @pytest.fixture
-def run(capsys):
-    def go(*args):
-        try:
-            code = predict.main([str(a) for a in args])
-        except SystemExit as exc:
-            code = exc.code
-        out = capsys.readouterr()
-        return SimpleNamespace(returncode=code, stdout=out.out, stderr=out.err)
-    return go
+def run(predict_in_process):
+    return predict_in_process
 
 
 def expected_alarms(models, threshold):

@@ -12,7 +12,6 @@ import subprocess
 import sys
 import threading
 from pathlib import Path
-from types import SimpleNamespace
 
 import cv2
 import numpy as np
@@ -180,17 +179,9 @@ def bare_model(tmp_path_factory) -> Path:
 
 
 @pytest.fixture
-def run_predict(capsys, tmp_path, monkeypatch):
+def run_predict(predict_in_process, tmp_path, monkeypatch):
     monkeypatch.chdir(tmp_path)  # no data/calibration/operating_point.json here
-
-    def run(*args):
-        try:
-            code = predict.main([str(a) for a in args])
-        except SystemExit as exc:
-            code = exc.code
-        out = capsys.readouterr()
-        return SimpleNamespace(returncode=code, stdout=out.out, stderr=out.err)
-    return run
+    return predict_in_process
 
 
 def test_a_threshold_without_a_point_is_warned_of(run_predict, bare_model):
