@@ -6,7 +6,6 @@ import shlex
 import subprocess
 import sys
 from pathlib import Path
-from types import SimpleNamespace
 
 import cv2
 import numpy as np
@@ -75,16 +74,8 @@ def pictures(tmp_path):
 
 
 @pytest.fixture
-def run_predict(capsys):
-    """`python -m stages.predict ARGS` in this process: (exit code, stdout, stderr)."""
-    def run(*args):
-        try:
-            code = predict.main([str(a) for a in args])
-        except SystemExit as exc:
-            code = exc.code
-        out = capsys.readouterr()
-        return SimpleNamespace(returncode=code, stdout=out.out, stderr=out.err)
-    return run
+def run_predict(predict_in_process):
+    return predict_in_process
 
 
 def test_a_crop_of_the_right_size_passes_through_unchanged():
