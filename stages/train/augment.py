@@ -265,7 +265,7 @@ def augmix(image: torch.Tensor, seed: int) -> torch.Tensor:
     generator seeded with ``seed`` for this crop, then given back its state: the crop's result
     is a function of ``seed`` alone, and the training's own draws (dropout) are the ones it
     would make without AugMix. That generator is the whole process's, so only the training
-    thread may call this (Augment.threaded)."""
+    thread may call this (Augment.ahead)."""
     with torch.random.fork_rng(devices=[]):
         torch.default_generator.manual_seed(seed)  # the CPU's alone: not a GPU's dropout
         return AUGMIX(image)
@@ -327,10 +327,10 @@ class Augment:
         self.augment, self.conditions = augment, tuple(conditions)
         # AugMix draws from the process's generator: its batches are made in the training
         # thread, not ahead of the step in another (stages/train/stage.py, Splits)
-        self.threaded = augment != "augmix"
+        self.ahead = augment != "augmix"
         self.backend = backend or ("opencv" if device.type == "cpu" else "torch")
-        threaded = self.backend == "opencv" or augment != "report"
-        self.pool = ThreadPoolExecutor(max(1, threads)) if threaded else None
+        pooled = self.backend == "opencv" or augment != "report"
+        self.pool = ThreadPoolExecutor(max(1, threads)) if pooled else None
         self.set_epoch(0)
 
     def set_epoch(self, epoch: int) -> None:

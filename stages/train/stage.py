@@ -130,7 +130,7 @@ class Splits:
         self.augment.set_epoch(epoch)
         items = batches(self.train, self.order.indices(), self.batch_size, device,
                         *self.norm, self.augment)
-        return prefetched(items) if device.type == "cpu" and self.augment.threaded else items
+        return prefetched(items) if device.type == "cpu" and self.augment.ahead else items
 
     @property
     def train_share(self) -> int:
