@@ -17,8 +17,9 @@ from torchvision.transforms.v2 import functional as F
 from stages.common.inference.batches import normalise
 from stages.common.model.build import IMAGENET_MEAN as MEAN, IMAGENET_STD as STD
 from stages.conditions.corrupt import corrupt
-from stages.train.augment import (BRIGHTNESS, CONTRAST, SATURATION, Augment, Draws, augmix,
-                                  draw, draw_conditions, jitter_opencv, jitter_torch)
+from stages.train.augment import (AUGMIX_STREAM, BRIGHTNESS, CONTRAST, SATURATION, Augment,
+                                  Draws, augmix, before_jitter, draw, draw_conditions,
+                                  jitter_opencv, jitter_torch)
 from stages.train.data import derived_seed
 
 N = 20_000
@@ -151,6 +152,14 @@ def test_augmix_is_torchvisions_and_leaves_the_training_draws_alone():
             torch.manual_seed(seed)
             assert got.dtype == torch.uint8 and torch.equal(got, AugMix()(x)), seed
     assert torch.equal(torch.rand(3), after)
+    # in a batch (one intra-op thread): each crop AugMix's for its own seed of (seed, epoch, crop)
+    pixels, idx = pictures(3, 32), torch.tensor([7, 0, 4])
+    with ThreadPoolExecutor(1) as pool:
+        batch = before_jitter(pixels, idx, "augmix", 5, 2, pool)
+    for k, crop in enumerate(idx.tolist()):
+        with torch.random.fork_rng(devices=[]):
+            torch.manual_seed(derived_seed(5, 2, AUGMIX_STREAM, crop))
+            assert torch.equal(batch[k], AugMix()(pixels[k])), crop
 
 
 def augmented(augment: str, seed: int, threads: int, chunks: int = 1, n: int = 12

@@ -298,8 +298,18 @@ def before_jitter(pixels: torch.Tensor, idx: torch.Tensor, augment: str, seed: i
     planes = pixels.cpu()
     crops = idx.tolist()
     if augment == "augmix":
-        return torch.stack([augmix(planes[k], derived_seed(seed, epoch, AUGMIX_STREAM, crop))
-                            for k, crop in enumerate(crops)]).to(pixels.device)
+        # One crop's AugMix operations are too small to share out: torch's intra-op threads only
+        # wait on each other (30x the time on 2 busy cores, BENCHMARKS.md section 9). Nothing
+        # else runs torch on the CPU meanwhile (AugMix's batches are made in the training
+        # thread), and the count changes no result.
+        threads = torch.get_num_threads()
+        torch.set_num_threads(1)
+        try:
+            mixed = [augmix(planes[k], derived_seed(seed, epoch, AUGMIX_STREAM, crop))
+                     for k, crop in enumerate(crops)]
+        finally:
+            torch.set_num_threads(threads)
+        return torch.stack(mixed).to(pixels.device)
 
     def conditioned(k: int) -> torch.Tensor:
         which = int(drawn.condition[crops[k]])
