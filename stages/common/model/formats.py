@@ -4,8 +4,9 @@ one, stages.common.serving.classifiers.load_classifier loads each by its file's 
 
 Every format is converted from the sealed fp32 ONNX file export writes (stages.common.model.onnx)
 and carries what that file carries: arch, classes, crop size, normalisation, and the operating
-point, re-embedded under its own seal and bound to the new artifact's own graph digest (a point
-carried into another artifact is refused), and the artifact's own digest, checked on load:
+point (``point_for``: export passes stages.common.alarm.calibration.embedded), under its own seal
+and bound to the new artifact's own graph digest (a point carried into another artifact is
+refused), and the artifact's own digest, checked on load:
 
 ``onnx``           the fp32 ONNX file itself (export's, as before).
 ``onnx_int8``      ONNX Runtime static quantization: QDQ, int8 weights per output channel, uint8
@@ -36,14 +37,13 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Callable, Sequence
 
-import numpy as np
-
 from stages.common.infra.errors import StageError
 from stages.common.infra.jsonfile import JsonProblem, parse_json
-from stages.common.model.checkpoint import DIGEST_KEY
-from stages.common.model.onnx import (EXPORT_AGAIN, INPUT, META_KEYS, POINT_KEY, graph_digest,
-                                      seal, verified_bytes)
 
+# numpy, torch (through stages.common.model.onnx and .checkpoint) and the runtimes are imported
+# where used: params.py reads FORMATS to check export.formats, and checking params imports no
+# torch.
+ONNX_FP32 = "onnx"  # the format export writes first; every other is converted from it
 FORMAT_KEY = "export_format"  # which row of FORMATS an artifact is (ONNX metadata / sidecar)
 IR_KEY = "ir_sha256"
 
@@ -56,7 +56,7 @@ class Format:
     calibrated: bool  # quantized: its builder needs calibration crops
     # (fp32 ONNX file, out path, calibration crops) -> the bare artifact (no metadata yet);
     # None: the fp32 ONNX file itself, which export writes
-    convert: Callable[[Path, Path, list[np.ndarray]], None] | None
+    convert: Callable[[Path, Path, list], None] | None
 
     def paths(self, path: Path) -> list[Path]:
         """Every file of the artifact whose main file is ``path``."""
@@ -71,10 +71,12 @@ def sidecar(xml: Path) -> Path:
 
 # ----- the builders ---------------------------------------------------------------------------
 
-def _onnx_int8(source: Path, out: Path, crops: list[np.ndarray]) -> None:
+def _onnx_int8(source: Path, out: Path, crops: list) -> None:
     from onnxruntime.quantization import (CalibrationDataReader, CalibrationMethod,
                                           QuantFormat, QuantType, quantize_static)
     from onnxruntime.quantization.shape_inference import quant_pre_process
+
+    from stages.common.model.onnx import INPUT
 
     class Reader(CalibrationDataReader):
         def __init__(self):
@@ -97,7 +99,7 @@ def _onnx_int8(source: Path, out: Path, crops: list[np.ndarray]) -> None:
         prepared.unlink(missing_ok=True)
 
 
-def _openvino(source: Path, out: Path, crops: list[np.ndarray] | None) -> None:
+def _openvino(source: Path, out: Path, crops: list | None) -> None:
     import openvino as ov
 
     model = ov.convert_model(str(source))
@@ -119,7 +121,7 @@ def _openvino(source: Path, out: Path, crops: list[np.ndarray] | None) -> None:
 
 
 FORMATS: dict[str, Format] = {f.name: f for f in (
-    Format("onnx", "model.onnx", "onnxruntime", False, None),
+    Format(ONNX_FP32, "model.onnx", "onnxruntime", False, None),
     Format("onnx_int8", "model.int8.onnx", "onnxruntime", True, _onnx_int8),
     Format("openvino_fp16", "model.fp16.xml", "openvino", False,
            lambda source, out, crops: _openvino(source, out, None)),
@@ -134,20 +136,23 @@ def fmt(name: str) -> Format:
     return FORMATS[name]
 
 
-def single_crops(batches: Sequence[np.ndarray]) -> list[np.ndarray]:
+def single_crops(batches: Sequence) -> list:
     """Calibration batches (normalised float32 N x 3 x S x S) as batches of one crop: NNCF's
     statistics want batch 1, and ONNX Runtime's MinMax gives the same ranges either way."""
+    import numpy as np
+
     return [np.ascontiguousarray(b[i:i + 1], np.float32) for b in batches for i in range(len(b))]
 
 
-def build(name: str, onnx_fp32_path: Path, out_path: Path,
-          calibration_batches: Sequence[np.ndarray] = (), point: dict | None = None) -> None:
+def build(name: str, onnx_fp32_path: Path, out_path: Path, calibration_batches: Sequence = (),
+          point_for: Callable[[str], dict] | None = None) -> None:
     """Write format ``name`` at ``out_path`` from the sealed fp32 ONNX file ``onnx_fp32_path``,
     with its metadata; ``calibration_batches``: normalised float32 N x 3 x S x S crops (never
-    test's) for a quantized format. ``point``: the operating point to embed instead of the fp32
-    file's (a point refitted for this artifact: export.refit_threshold); either is bound to the
-    artifact's own digest. A graph that fails to convert or quantize: one line naming it."""
-    from stages.common.alarm.calibration import embedded
+    test's) for a quantized format. ``point_for(digest)``: the operating point to embed, bound
+    to the artifact's own digest (stages.common.alarm.calibration.embedded, as
+    stages.common.model.onnx.export takes it; this room does not import the alarm's); None:
+    none. A graph that fails to convert or quantize: one line naming it."""
+    from stages.common.model.onnx import META_KEYS, verified_bytes
 
     row = fmt(name)
     onnx_fp32_path, out_path = Path(onnx_fp32_path), Path(out_path)
@@ -155,8 +160,6 @@ def build(name: str, onnx_fp32_path: Path, out_path: Path,
         raise StageError(f"export format {name!r} is the fp32 ONNX file export writes itself; "
                          "build converts from it")
     _, stored, _ = verified_bytes(onnx_fp32_path)
-    if point is None:
-        point = parse_json(stored[POINT_KEY]) if POINT_KEY in stored else None
     crops = single_crops(calibration_batches) if row.calibrated else []
     if row.calibrated and not crops:
         raise StageError(f"export format {name} is quantized and needs calibration crops; "
@@ -174,24 +177,50 @@ def build(name: str, onnx_fp32_path: Path, out_path: Path,
             from None
     metadata = {k: stored[k] for k in META_KEYS}
     metadata[FORMAT_KEY] = json.dumps(name)
+    _write_metadata(row, out_path, metadata, point_for)
+
+
+def reseal(name: str, path: Path, point_for: Callable[[str], dict]) -> None:
+    """Embed ``point_for(digest)`` (an operating point fitted for this very artifact) in the
+    artifact of format ``name`` at ``path``, in place of the one it carries."""
+    from stages.common.model.onnx import POINT_KEY, verified_bytes
+
+    row = fmt(name)
+    if row.runtime == "onnxruntime":
+        _, stored, _ = verified_bytes(Path(path))
+    else:
+        _, _, stored, _ = verified_ir(Path(path))
+    _write_metadata(row, Path(path), {k: v for k, v in stored.items() if k != POINT_KEY},
+                    point_for)
+
+
+def _write_metadata(row: Format, path: Path, metadata: dict[str, str],
+                    point_for: Callable[[str], dict] | None) -> None:
+    """The artifact at ``path`` with ``metadata`` (JSON text per key) and the point
+    ``point_for`` gives for its graph's digest, sealed: ONNX metadata_props and digest, or an
+    IR's sidecar."""
+    from stages.common.model.checkpoint import DIGEST_KEY
+    from stages.common.model.onnx import POINT_KEY, graph_digest, seal
+
+    metadata = {k: v for k, v in metadata.items() if k != POINT_KEY}
     if row.runtime == "onnxruntime":
         import onnx
 
-        proto = onnx.load(str(out_path))
+        proto = onnx.load(str(path))
         del proto.metadata_props[:]
         for key, value in metadata.items():
             proto.metadata_props.add(key=key, value=value)
-        if point is not None:
+        if point_for is not None:
             proto.metadata_props.add(key=POINT_KEY,
-                                     value=json.dumps(embedded(point, graph_digest(proto))))
-        out_path.write_bytes(seal(proto))
-    else:
-        graph = ir_digest(out_path.read_bytes(), out_path.with_suffix(".bin").read_bytes())
-        if point is not None:
-            metadata[POINT_KEY] = json.dumps(embedded(point, graph))
-        content = {"metadata": metadata, IR_KEY: graph}
-        sidecar(out_path).write_text(json.dumps({**content, DIGEST_KEY: _content_digest(content)},
-                                                indent=1) + "\n")
+                                     value=json.dumps(point_for(graph_digest(proto))))
+        path.write_bytes(seal(proto))
+        return
+    graph = ir_digest(path.read_bytes(), path.with_suffix(".bin").read_bytes())
+    if point_for is not None:
+        metadata[POINT_KEY] = json.dumps(point_for(graph))
+    content = {"metadata": metadata, IR_KEY: graph}
+    sidecar(path).write_text(json.dumps({**content, DIGEST_KEY: _content_digest(content)},
+                                        indent=1) + "\n")
 
 
 # ----- reading an IR back ---------------------------------------------------------------------
@@ -211,12 +240,16 @@ def verified_ir(xml: Path) -> tuple[bytes, bytes, dict[str, str], str]:
     """The IR's ``.xml`` and ``.bin`` bytes, its metadata (JSON text per key, as an ONNX file's)
     and :func:`ir_digest`, once the sidecar matches its digest and the files match the
     sidecar; else one line."""
+    from stages.common.model.checkpoint import DIGEST_KEY
+    from stages.common.model.onnx import EXPORT_AGAIN
+
     xml = Path(xml)
     files = [xml, xml.with_suffix(".bin"), sidecar(xml)]
     for path in files:
         if not path.is_file():
-            raise StageError(f"{path}: not found (an OpenVINO model is {', '.join(p.name for p in files)}"
-                             f" together); {EXPORT_AGAIN}")
+            names = ", ".join(p.name for p in files)
+            raise StageError(f"{path}: not found (an OpenVINO model is {names} together); "
+                             f"{EXPORT_AGAIN}")
     try:
         card = parse_json(sidecar(xml).read_text())
     except (JsonProblem, UnicodeDecodeError) as exc:
