@@ -66,15 +66,17 @@ def crops(seed: int, n: int) -> np.ndarray:
     return ((pixels - mean) / std).astype(np.float32)
 
 
+CALIBRATION = [crops(1, 16), crops(2, 16)]
+
+
 @pytest.fixture(scope="module")
 def artifacts(tmp_path_factory):
     """The fp32 ONNX file with its point, and every other format built from it with 32
     calibration crops (others than the inputs compared)."""
     d = tmp_path_factory.mktemp("formats")
     export(small_net(), META, d / "model.onnx", 18, point_for=lambda g: cal.embedded(point(), g))
-    calibration = [crops(1, 16), crops(2, 16)]
     for name in BUILT:
-        build(name, d / "model.onnx", d / FORMATS[name].file, calibration,
+        build(name, d / "model.onnx", d / FORMATS[name].file, CALIBRATION,
               point_for=lambda g: cal.embedded(point(), g))
     return d
 
@@ -213,28 +215,28 @@ def pipeline_point(log_odds: float, rule: str = "none") -> dict:
 
 
 @pytest.fixture(scope="module")
-def losing(tmp_path_factory):
-    """An fp32 ONNX file standing in for the PyTorch model, 32 test crops all persons, and a
+def losing(artifacts):
+    """The fp32 ONNX file standing in for the PyTorch model, 32 test crops all persons, and a
     threshold between one crop's fp32 and int8 person scores: that crop's alarm, raised by the
-    fp32 model, is lost by int8's drift (the quantization is deterministic: same crops, same
-    int8 graph)."""
-    d = tmp_path_factory.mktemp("losing")
-    export(small_net(), META, d / "model.onnx", 18)
-    calibration = [crops(1, 16), crops(2, 16)]
-    build("onnx_int8", d / "model.onnx", d / "probe.int8.onnx", calibration)
-    x = crops(3, 32)
-    reference = OnnxClassifier(d / "model.onnx").logits(x)
+    fp32 model, is lost by int8's drift (the quantization is deterministic: the int8 file export
+    builds from the same file and calibration crops is :func:`artifacts`' own). The test crops
+    are the calibration crops themselves, so a threshold refitted on the calibration crops sees
+    every test score."""
+    x = np.concatenate(CALIBRATION)
+    reference = OnnxClassifier(artifacts / "model.onnx").logits(x)
     ours = cal.person_log_odds(reference, 1.0, PERSON)
-    int8 = cal.person_log_odds(OnnxClassifier(d / "probe.int8.onnx").logits(x), 1.0, PERSON)
+    int8 = cal.person_log_odds(OnnxClassifier(artifacts / "model.int8.onnx").logits(x), 1.0,
+                               PERSON)
     worst = int(np.argmax(ours - int8))
     assert ours[worst] - int8[worst] > 1e-3  # the drift the construction needs
     threshold = float((ours[worst] + int8[worst]) / 2)
     lost = int(((ours >= threshold) & (int8 < threshold)).sum())
-    return d, x, reference, threshold, lost, np.concatenate(calibration)
+    differ = int(((ours >= threshold) != (int8 >= threshold)).sum())
+    return artifacts, x, reference, threshold, lost, np.concatenate(CALIBRATION), differ
 
 
 def run_other_format(losing, tmp_path, **export):
-    d, x, reference, threshold, _, calibration = losing
+    d, x, reference, threshold, _, calibration, _ = losing
     shutil.copy(d / "model.onnx", tmp_path / "model.onnx")
     persons = np.full(len(x), PERSON)
     pictures = [f"p{i}" for i in range(len(x))]
@@ -257,7 +259,7 @@ def test_an_int8_artifact_that_loses_a_test_person_is_not_written(losing, tmp_pa
         f"person{'s' if lost != 1 else ''} that the PyTorch model's catches, more than "
         "export.max_persons_lost 0; set export.refit_threshold: true to fit it its own "
         "threshold, or leave onnx_int8 out of export.formats"]
-    assert figures["alarm_agreement"] == round(1 - lost / 32, 4)
+    assert figures["alarm_agreement"] == round(1 - losing[6] / 32, 4)
     # a looser bound lets the same artifact through
     loose = tmp_path / "loose"
     loose.mkdir()
@@ -266,15 +268,15 @@ def test_an_int8_artifact_that_loses_a_test_person_is_not_written(losing, tmp_pa
 
 
 def test_a_refitted_threshold_is_sealed_for_the_artifact_and_then_certified(losing, tmp_path):
-    """The refit runs on the calibration crops (here all persons): its threshold is rule
-    none's, the lowest calibration person's int8 score, and the file carries it bound to its
-    own digest."""
+    """The refit runs on the calibration crops, here the test crops themselves (all persons),
+    so its threshold, rule none's, the lowest calibration person's int8 score, catches every
+    test person by construction; the file carries it bound to its own digest."""
+    calibration = losing[5]
     figures, refused = run_other_format(losing, tmp_path, refit_threshold=True)
     assert figures["refitted"] and figures["written"] and not refused
     assert figures["persons_lost"] == 0
     carried = OnnxClassifier(tmp_path / "model.int8.onnx")
     op = carried.operating_point
-    calibration = losing[5]
     lowest = cal.person_log_odds(carried.logits(calibration), 1.0, PERSON).min()
     assert op["refitted_for"] == "onnx_int8" and op["threshold_log_odds"] == pytest.approx(lowest)
     assert op["threshold"] == cal.probability(op["threshold_log_odds"])
