@@ -90,8 +90,9 @@ def _onnx_int8(source: Path, out: Path, crops: list) -> None:
     prepared = out.with_name(out.name + ".pre")
     try:
         quant_pre_process(str(source), str(prepared))
-        # U8S8 (uint8 activations, int8 weights): the fast path of VNNI; per-channel weights
-        # keep the small convolutions of the last blocks from losing their range
+        # U8S8 (uint8 activations, int8 weights): VNNI's instruction multiplies u8 by s8;
+        # per-channel weights: each output channel its own scale, so a channel of small weights
+        # is not rounded to a few levels by its layer's largest one
         quantize_static(str(prepared), str(out), Reader(), quant_format=QuantFormat.QDQ,
                         per_channel=True, activation_type=QuantType.QUInt8,
                         weight_type=QuantType.QInt8, calibrate_method=CalibrationMethod.MinMax)
