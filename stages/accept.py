@@ -313,7 +313,7 @@ def stage() -> int:
 
 @main_guard
 def main(argv: list[str] | None = None) -> int:
-    argv = sys.argv[1:] if argv is None else argv
+    """``argv`` empty or None: the DVC stage; else the operator's command."""
     if not argv:
         return stage()
     args = parse_args(argv)
@@ -324,4 +324,4 @@ def main(argv: list[str] | None = None) -> int:
 
 
 if __name__ == "__main__":
-    sys.exit(main())
+    sys.exit(main(sys.argv[1:]))
