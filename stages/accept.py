@@ -148,10 +148,11 @@ def survey(folder: Path, classes: list[str]) -> tuple[SiteSet | None, list[str]]
     return (None if problems else found), problems
 
 
-def names(paths: list[str]) -> str:
+def names(paths: list[str], listed: str = "--json FILE lists all") -> str:
+    """The first NAMES_SHOWN names, then a count and where every one is (``listed``)."""
     shown = ", ".join(paths[:NAMES_SHOWN])
     more = len(paths) - NAMES_SHOWN
-    return shown + (f" and {more} more (all in the JSON)" if more > 0 else "")
+    return shown + (f" and {more} more ({listed})" if more > 0 else "")
 
 
 def plural(n: int, word: str) -> str:
@@ -159,13 +160,13 @@ def plural(n: int, word: str) -> str:
 
 
 def verdict_line(name: str, figures: dict, target: float, missed: list[str],
-                 unreadable: list[str]) -> str:
+                 unreadable: list[str], listed: str) -> str:
     """The site set's verdict in one line: persons, recall and its lower bound, the target's
     verdict, the persons missed by name, the false alarms, the pictures not read."""
     line = (f"site set {name}: {plural(figures['persons'], 'person')}, recall "
             f"{figures['person_recall']} (>= {figures['person_recall_lower_95']} with 95 % "
             f"confidence): target {target} {figures['target_verdict']}; ")
-    line += (f"{plural(len(missed), 'person')} missed: {names(missed)}" if missed else
+    line += (f"{plural(len(missed), 'person')} missed: {names(missed, listed)}" if missed else
              "no person missed")
     if figures["non_persons"]:
         line += (f"; {figures['false_alarms']:,} of {figures['non_persons']:,} animals and "
@@ -175,11 +176,12 @@ def verdict_line(name: str, figures: dict, target: float, missed: list[str],
         line += "; no animals or objects, so no false-alarm figure"
     if unreadable:
         line += (f"; {plural(len(unreadable), 'picture')} could not be read, not counted: "
-                 f"{names(unreadable)}")
+                 f"{names(unreadable, listed)}")
     return line
 
 
-def measure(classifier, site: SiteSet, point: dict, batch_size: int) -> tuple[dict, str]:
+def measure(classifier, site: SiteSet, point: dict, batch_size: int, listed: str
+            ) -> tuple[dict, str]:
     """The site set's figures (the JSON's record) and its verdict line; a record with
     ``unmeasured`` when none of its person pictures could be read."""
     from stages.common.serving.predictor import predict_paths, printable, shown
@@ -203,7 +205,7 @@ def measure(classifier, site: SiteSet, point: dict, batch_size: int) -> tuple[di
     if person not in labels:
         record["unmeasured"] = "none of its person pictures could be read"
         return record, (f"site set {name}: none of its person pictures could be read, so no "
-                        f"verdict: {names(unread)}")
+                        f"verdict: {names(unread, listed)}")
     logits = np.stack([p.logits for p in read])
     targets = np.array(labels)
     figures = alarm_under(logits, targets, classes, point)
@@ -214,7 +216,7 @@ def measure(classifier, site: SiteSet, point: dict, batch_size: int) -> tuple[di
     record["persons_missed_files"] = [shown(p) for p in missed]
     record["false_alarm_files"] = [shown(p) for p in false]
     line = verdict_line(name, figures, point["target_recall"],
-                        [printable(str(p)) for p in missed], unread)
+                        [printable(str(p)) for p in missed], unread, listed)
     record["verdict"] = line
     return record, line
 
@@ -254,9 +256,11 @@ def header(model: Path, classifier, point: dict) -> dict:
             "counted_as": "each picture its own (one-sided 95 % Clopper-Pearson bounds)"}
 
 
-def run(folders: list[Path], model: Path, batch_size: int, device: str) -> tuple[dict, int]:
+def run(folders: list[Path], model: Path, batch_size: int, device: str,
+        listed: str = "--json FILE lists all") -> tuple[dict, int]:
     """Every site set measured: the JSON document and the exit code. Stops with one line per
-    site set that cannot be measured (exit 2) before any picture is classified."""
+    site set that cannot be measured (exit 2) before any picture is classified. ``listed``:
+    where a line whose names are cut short sends the reader for all of them."""
     seen: dict[Path, Path] = {}
     for folder in folders:
         first = seen.setdefault(folder.resolve(), folder)
@@ -279,8 +283,9 @@ def run(folders: list[Path], model: Path, batch_size: int, device: str) -> tuple
             print(f"note: {plural(len(site.ignored), 'file')} in site set "
                   f"{printable(str(site.folder))} not counted (not a picture by name or "
                   f"content, or beside the class folders): "
-                  f"{names([printable(str(p)) for p in site.ignored])}", file=sys.stderr)
-        record, line = measure(classifier, site, point, batch_size)
+                  f"{names([printable(str(p)) for p in site.ignored], listed)}",
+                  file=sys.stderr)
+        record, line = measure(classifier, site, point, batch_size, listed)
         document["site_sets"][str(site.folder)] = record
         if "unmeasured" in record:
             print(f"error: {line}", file=sys.stderr)
@@ -306,7 +311,7 @@ def stage() -> int:
     print("note: DVC does not track the pictures of accept.folders; after changing them, "
           "`dvc repro -f -s accept` measures them again", file=sys.stderr)
     document, code = run([Path(f) for f in cfg.folders], CHECKPOINT, cfg.batch_size,
-                         cfg.device)
+                         cfg.device, f"{ACCEPT_METRICS} lists all")
     write_json(ACCEPT_METRICS, document)
     return code
 
@@ -317,7 +322,11 @@ def main(argv: list[str] | None = None) -> int:
     if not argv:
         return stage()
     args = parse_args(argv)
-    document, code = run(args.folders, args.model, args.batch_size, args.device)
+    from stages.common.serving.predictor import printable  # torch: not for the stage without sets
+
+    document, code = run(args.folders, args.model, args.batch_size, args.device,
+                         f"{printable(str(args.json))} lists all" if args.json else
+                         "--json FILE lists all")
     if args.json is not None:
         write_json(args.json, document)
     return code

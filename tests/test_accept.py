@@ -166,8 +166,8 @@ def test_many_missed_persons_are_capped_with_a_count(run, models, monkeypatch):
     assert len(want.missed) == 5
     monkeypatch.setattr(accept, "NAMES_SHOWN", 2)
     result = run(models.site, "--model", models.dirs["one_caught"])
-    assert (f"; 5 persons missed: {want.missed[0]}, {want.missed[1]} and 3 more (all in the "
-            "JSON); ") in result.stdout
+    assert (f"; 5 persons missed: {want.missed[0]}, {want.missed[1]} and 3 more (--json FILE "
+            "lists all); ") in result.stdout
 
 
 @pytest.mark.parametrize("case, needle", [
