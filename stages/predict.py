@@ -72,7 +72,8 @@ from stages.common.model.device import pick_device
 from stages.common.pictures.decode import (DEFAULT_MAX_IMAGE_PIXELS, MAX_IMAGE_PIXELS,
                                            PICTURE_SUFFIXES)
 from stages.common.serving.classifiers import EXPORTED, load_classifier
-from stages.common.serving.predictor import Prediction, Skipped, expand, predict_paths
+from stages.common.serving.predictor import (Prediction, Skipped, expand, predict_paths,
+                                               printable, shown)
 
 DEFAULT_MODEL = CHECKPOINT
 INTERNAL_ERROR = 3  # not 1, which says that some inputs failed and the rest were answered
@@ -127,28 +128,6 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
                         help="where a .pt checkpoint runs (auto: cuda, then mps, then cpu, "
                              "whichever there is); an exported .onnx or .xml model runs on the CPU")
     return parser.parse_args(argv)
-
-
-def shown(path: Path | str) -> str:
-    """A path as text that can always be written and read back: a byte that is not UTF-8 (a
-    file name from another system) is written ``\\xNN`` and a backslash ``\\\\``, so no name
-    is mistaken for another (``e\\xff.jpg``: an e and the byte 0xff; ``e\\\\xff.jpg``: an e, a
-    backslash and the letters xff). The CSV and JSON outputs carry it."""
-    return "".join(_escape(ch, controls=False) for ch in str(path))
-
-
-def printable(text: str) -> str:
-    """:func:`shown`, and control and other non-printable characters (newline, ESC, bidi
-    overrides) escaped too, so a name can neither fake a row nor drive the terminal."""
-    return "".join(_escape(ch) for ch in text)
-
-
-def _escape(ch: str, controls: bool = True) -> str:
-    if ch == "\\":
-        return "\\\\"
-    if "\udc80" <= ch <= "\udcff":  # how Python holds a file name's undecodable byte
-        return f"\\x{ord(ch) - 0xdc00:02x}"
-    return ascii(ch)[1:-1] if controls and not ch.isprintable() else ch
 
 
 # What a spreadsheet runs as a formula (OWASP, CSV injection), and the quote that shields it.

@@ -12,6 +12,7 @@ list of keys. Checking costs milliseconds and imports no torch.
 """
 from __future__ import annotations
 
+import os
 import re
 from pathlib import Path
 from typing import Any, Literal, get_args, get_origin
@@ -306,6 +307,30 @@ class Conditions(Section):
         return {name: sorted(value[name]) for name in value}
 
 
+class Accept(Section):
+    # Site sets: ImageFolder-style folders (<class>/<pictures>) that stages.accept measures the
+    # alarm on, each with its verdict (docs/acceptance.md); [] measures none
+    folders: list[str] = Field(json_schema_extra=_expect(
+        "a list of distinct folder paths (possibly empty)"))
+    batch_size: int = Field(ge=1, le=MAX_BATCH)
+    device: Literal["auto", "cpu", "cuda", "mps"]
+
+    @field_validator("folders", mode="before")
+    @classmethod
+    def _folders(cls, value: Any) -> list[str]:
+        if not isinstance(value, list) or not all(isinstance(f, str) and f.strip()
+                                                  for f in value):
+            raise ParamError(f"params.yaml: accept.folders={value!r} is not allowed; expected a "
+                             "list of folder paths, e.g. [sites/north-gate], or [] for none")
+        seen: dict[str, str] = {}
+        for folder in value:
+            first = seen.setdefault(os.path.normpath(folder), folder)
+            if first is not folder:
+                raise ParamError(f"params.yaml: accept.folders lists {folder!r} twice (as "
+                                 f"{first!r} too); list each site set once")
+        return value
+
+
 class Export(Section):
     opset: int = Field(ge=17, le=23)
     batch_size: int = Field(ge=1, le=MAX_BATCH)
@@ -346,6 +371,7 @@ class Params(Section):
     calibrate: Calibrate
     evaluate: Evaluate
     conditions: Conditions
+    accept: Accept
     export: Export
 
 
