@@ -11,7 +11,8 @@ over in silence. A link to nothing, or a file or folder that cannot be read, get
 is "not a regular file", and an empty PATH is refused. Each picture is prepared as training
 crops are (aspect kept, padded with the corner colour), centred, so the answer never changes
 between runs. The model is a train-stage
-checkpoint (PyTorch) or an exported ``.onnx`` file (ONNX Runtime); either carries its own arch,
+checkpoint (PyTorch) or an exported ``.onnx`` file (ONNX Runtime, fp32 or int8) or ``.xml``
+OpenVINO IR (stages.common.model.formats); each carries its own arch,
 class names, image size and normalisation, and a digest of its weights that is checked before it
 answers anything. No network is touched. ``--device auto|cpu|cuda|mps`` (default auto: CUDA when
 there is one) is where a checkpoint runs, batched; an ONNX file runs on the CPU.
@@ -70,7 +71,7 @@ from stages.common.infra.progress import is_terminal, tracked
 from stages.common.model.device import pick_device
 from stages.common.pictures.decode import (DEFAULT_MAX_IMAGE_PIXELS, MAX_IMAGE_PIXELS,
                                            PICTURE_SUFFIXES)
-from stages.common.serving.classifiers import load_classifier
+from stages.common.serving.classifiers import EXPORTED, load_classifier
 from stages.common.serving.predictor import (Prediction, Skipped, expand, predict_paths,
                                                printable, shown)
 
@@ -99,7 +100,8 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
                             epilog=f"{EXIT_HELP} {NAMES_HELP}")
     parser.add_argument("paths", nargs="+", metavar="PATH", help=PATHS_HELP)
     parser.add_argument("--model", type=Path, default=DEFAULT_MODEL,
-                        help=f"checkpoint (.pt) or exported .onnx file (default {DEFAULT_MODEL})")
+                        help=f"checkpoint (.pt), exported .onnx or OpenVINO .xml file "
+                             f"(default {DEFAULT_MODEL})")
     parser.add_argument("--format", choices=["table", "json", "csv"], default="table",
                         help="table: aligned columns for people (default); csv: one row per "
                              "picture with every class's probability; json: one document, a "
@@ -124,7 +126,7 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
                              "warning goes unread")
     parser.add_argument("--device", choices=["auto", "cpu", "cuda", "mps"], default="auto",
                         help="where a .pt checkpoint runs (auto: cuda, then mps, then cpu, "
-                             "whichever there is); an .onnx model runs on the CPU")
+                             "whichever there is); an exported .onnx or .xml model runs on the CPU")
     return parser.parse_args(argv)
 
 
@@ -293,7 +295,7 @@ def threshold_for(args: argparse.Namespace, classifier
     where = None
     if point is None:
         where = ("exported without one: export it again with `dvc repro export`"
-                 if args.model.suffix.lower() == ".onnx" else
+                 if args.model.suffix.lower() in EXPORTED else
                  f"no {OPERATING_POINT.name} fitted for it beside it or at {OPERATING_POINT}: "
                  "run `dvc repro calibrate`")
         if args.require_point:
@@ -375,8 +377,8 @@ def main(argv: list[str] | None = None) -> int:
         raise ParamError(f"--max-image-pixels={args.max_image_pixels} is not allowed; expected "
                          f"1 to {MAX_IMAGE_PIXELS:,}")
     device = pick_device(args.device)
-    if args.model.suffix.lower() == ".onnx" and args.device == "auto":
-        device = torch.device("cpu")  # ONNX Runtime's CPU build runs it
+    if args.model.suffix.lower() in EXPORTED and args.device == "auto":
+        device = torch.device("cpu")  # ONNX Runtime's or OpenVINO's CPU build runs it
     classifier = load_classifier(args.model, device=device)
     classes = classifier.meta.classes
     if args.top_k is not None and args.top_k < 1:

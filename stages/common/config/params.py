@@ -26,6 +26,7 @@ from stages.common.alarm.calibration import ALARM_LABEL
 from stages.common.infra.atomic import clean_dead_leftovers
 from stages.common.infra.errors import ParamError
 from stages.common.model.archs import ARCH_NAMES, MAX_CROP_SIZE, family_of
+from stages.common.model.formats import FORMATS, ONNX_FP32
 from stages.common.pictures.decode import MAX_IMAGE_PIXELS
 
 PARAMS_FILE = Path("params.yaml")
@@ -335,6 +336,29 @@ class Export(Section):
     batch_size: int = Field(ge=1, le=MAX_BATCH)
     speed_runs: int = Field(ge=1, le=MAX_SPEED_RUNS)
     parity_atol: float = Field(gt=0)
+    # stages.common.model.formats.FORMATS: every other format is converted from the fp32 ONNX
+    formats: list[str] = Field(json_schema_extra=_expect(
+        f"a list of distinct formats from {', '.join(FORMATS)}, holding {ONNX_FP32}"))
+    calibration_min_crops: int = Field(ge=1, le=MAX_BATCH * 100)
+    max_persons_lost: int = Field(ge=0)
+    refit_threshold: bool
+
+    @field_validator("formats", mode="before")
+    @classmethod
+    def _formats(cls, value: Any) -> list[str]:
+        expected = (f"expected a list of distinct formats from {', '.join(FORMATS)}, holding "
+                    f"{ONNX_FP32} (every other one is converted from it)")
+        if not (isinstance(value, list) and all(isinstance(v, str) for v in value)
+                and len(set(value)) == len(value)):
+            raise ParamError(f"params.yaml: export.formats={value!r} is not allowed; {expected}")
+        unknown = [v for v in value if v not in FORMATS]
+        if unknown:
+            raise ParamError(f"params.yaml: export.formats: {', '.join(map(repr, unknown))} is "
+                             f"not a format; {expected}")
+        if ONNX_FP32 not in value:
+            raise ParamError(f"params.yaml: export.formats={value!r} lacks {ONNX_FP32}; "
+                             f"{expected}")
+        return value
 
 
 class Params(Section):
