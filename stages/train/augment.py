@@ -299,7 +299,7 @@ def before_jitter(pixels: torch.Tensor, idx: torch.Tensor, augment: str, seed: i
     crops = idx.tolist()
     if augment == "augmix":
         # One crop's AugMix operations are too small to share out: torch's intra-op threads only
-        # wait on each other (30x the time on 2 busy cores, BENCHMARKS.md section 9). Nothing
+        # wait on each other (30x the time on 2 busy cores, BENCHMARKS.md section 10). Nothing
         # else runs torch on the CPU meanwhile (AugMix's batches are made in the training
         # thread), and the count changes no result.
         threads = torch.get_num_threads()
