@@ -158,11 +158,18 @@ def main() -> None:
     pictures, unlisted = crop_pictures(crops.paths, SPLIT_MANIFEST)
     classify = classifier(model, meta, device, CHECKPOINT)
     jobs = sum(len(s) for s in cfg.measure.values())
+    # one worker per core, each corrupting a batch and running its forward pass on one
+    # thread: no core waits at a barrier inside a layer (BENCHMARKS.md section 8)
+    threads = torch.get_num_threads()
+    workers = threads if device.type == "cpu" else os.cpu_count() or 1
     print(f"conditions: {len(keys)} test crops x {jobs} conditions and severities, batches of "
-          f"{cfg.batch_size} on {device.type}", flush=True)
-    result = suite(pixels, keys, crops.targets.numpy(), meta.classes, point, classify,
-                   cfg.measure, everything.seed, pictures, cfg.batch_size,
-                   threads=os.cpu_count() or 1)
+          f"{cfg.batch_size} on {device.type} in {workers} workers", flush=True)
+    torch.set_num_threads(1 if device.type == "cpu" else threads)
+    try:
+        result = suite(pixels, keys, crops.targets.numpy(), meta.classes, point, classify,
+                       cfg.measure, everything.seed, pictures, cfg.batch_size, threads=workers)
+    finally:  # a caller in the same process (the tests) keeps its threads
+        torch.set_num_threads(threads)
     result.update({"point_sha256": point["point_sha256"], "target_recall": point["target_recall"],
                    "test_crops": len(keys), "seed": everything.seed})
     mark_training(result, meta.params)
