@@ -34,7 +34,7 @@ from stages.common.config.paths import (CHECKPOINT, CONDITIONS_METRICS, EVAL_MET
 from stages.common.inference.batches import normalise
 from stages.common.inference.logits import checked_crops
 from stages.common.inference.speed import speed_figures
-from stages.common.infra.atomic import atomic_dir, write_json
+from stages.common.infra.atomic import atomic_dir, clean_dead_leftovers, write_json
 from stages.common.infra.errors import StageError, main_guard
 from stages.common.infra.jsonfile import JsonProblem, read_json
 from stages.common.model.build import load_checkpoint
@@ -318,6 +318,7 @@ thread count (docs/reproducibility.md).
 
 @main_guard
 def main() -> None:
+    clean_dead_leftovers()
     everything = params.load()
     cfg = everything.export
     model, meta = load_checkpoint(CHECKPOINT)

@@ -21,8 +21,9 @@ from typing import Callable
 
 import numpy as np
 
-from stages.common.alarm.calibration import ALARM_LABEL, alarm_figures, person_log_odds
+from stages.common.alarm.calibration import alarm_figures, person_log_odds
 from stages.common.alarm.statement import tested_facts
+from stages.common.config.labels import ALARM_LABEL
 from stages.conditions.corrupt import corrupt
 
 Classify = Callable[[np.ndarray], np.ndarray]  # uint8 N x H x W x 3 -> logits N x classes
