@@ -34,12 +34,12 @@ COMMON = STAGES / "common"
 ROOMS = {
     "infra": "Running a stage: one-line errors, atomic writes, progress, processes, digests, "
              "adapters.",
-    "config": "What a run is told: params.yaml's schema and loader, arch families, alarm label, "
-              "paths.",
+    "config": "What a run is told: params.yaml's schema and loader, arch families, formats, "
+              "alarm label.",
     "pictures": "Picture files: one decoder, crop geometry and letterbox, the Open Images file "
                 "layout.",
-    "model": "The classifier: built from config's arch families, checkpoint format, device, ONNX "
-             "export.",
+    "model": "The classifier: built from config's arch families, checkpoint, device, ONNX and "
+             "other formats.",
     "alarm": "The person alarm: temperature, threshold, sealed operating point, what the "
              "threshold promises.",
     "inference": "A model over labelled crops: crops decoded once and batched, checked logits, "

@@ -1,1 +1,1 @@
-"""What a run is told: params.yaml's schema and loader, arch families, alarm label, paths."""
+"""What a run is told: params.yaml's schema and loader, arch families, formats, alarm label."""

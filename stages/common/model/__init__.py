@@ -1,1 +1,1 @@
-"""The classifier: built from config's arch families, checkpoint format, device, ONNX export."""
+"""The classifier: built from config's arch families, checkpoint, device, ONNX and other formats."""
