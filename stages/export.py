@@ -77,7 +77,7 @@ CARD_PARAMS = (
     "model",
     "train.epochs", "train.batch_size", "train.lr", "train.t_max_ratio", "train.weight_decay",
     "train.focal_alpha", "train.focal_gamma", "train.patience", "train.device", "train.nproc",
-    "train.amp", "train.compile",
+    "train.amp", "train.compile", "train.augment", "train.augment_conditions",
 )
 PARAMS = CARD_PARAMS + ("export",)
 
@@ -325,6 +325,7 @@ def conditions_section(conditions: dict) -> str:
         kept = figures["kept_target_to_severity"]
         worst = figures[f"s{measured[-1]}"]
         said = (f"up to severity {kept}" if kept else f"not at severity {measured[0]}")
+        name = f"{name} (trained on)" if figures.get("trained_on") else name
         rows.append(f"| {name} | {said} | {worst['person_recall']} "
                     f"(>= {worst['person_recall_lower_95']}) | {figures['ce']} |")
     if not rows:

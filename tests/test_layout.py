@@ -6,7 +6,8 @@
   and docs/stages.md opens with that map;
 - no import cycle among the project's modules;
 - a stage's code deps in dvc.yaml are exactly its module or package plus the stages/common
-  modules it imports (transitively), but the few that never change what a stage writes;
+  modules it imports (transitively), but the few that never change what a stage writes, and
+  any module of another stage it imports;
 - every artifact path is named once, in stages/common/config/paths.py, and agrees with dvc.yaml;
 - only the adapters (stages/download/fiftyone_internals.py, stages/common/infra/dvc_internals.py)
   touch FiftyOne's, DVC's or DVCLive's internals;
@@ -160,7 +161,8 @@ def test_no_import_cycle():
 
 def shared_deps(name: str) -> set[str]:
     """The stages.common modules stage ``name`` imports, directly or through a shared module
-    that can change an output (a NOT_DEPS module's own imports are not followed)."""
+    that can change an output (a NOT_DEPS module's own imports are not followed), and another
+    stage's modules it imports (train applies stages/conditions/corrupt.py's conditions)."""
     modules = project_modules()
     package = STAGES / name
     own = sorted(package.glob("*.py")) if package.is_dir() else [STAGES / f"{name}.py"]
@@ -168,12 +170,13 @@ def shared_deps(name: str) -> set[str]:
     shared: set[str] = set()
     while todo:
         dep = todo.pop()
-        if not dep.startswith("stages.common.") or dep in shared or dep not in modules:
+        if dep in shared or dep not in modules or owner(dep) == name:
             continue
         shared.add(dep)
-        if common_name(dep) not in NOT_DEPS:
+        if not dep.startswith("stages.common.") or common_name(dep) not in NOT_DEPS:
             todo |= imported(modules[dep])
-    return {d for d in shared if common_name(d) not in NOT_DEPS}
+    return {d for d in shared if not (d.startswith("stages.common.")
+                                      and common_name(d) in NOT_DEPS)}
 
 
 def test_dvc_code_deps_are_the_stage_and_the_shared_modules_it_imports():

@@ -8,6 +8,11 @@ the clean crops. Writes metrics/conditions.json, plots/conditions/<condition>.cs
 bound by severity, severity 0 the clean crops; dvc.yaml's plots) and plots/conditions/grid.png
 (condition x severity, coloured by the recall's lower bound). Each corrupted crop is computed
 once, from (seed, condition, severity, crop) alone, and the model sees them in batches.
+
+Which conditions the model was trained on is read from its checkpoint's recipe (train.augment:
+conditions and train.augment_conditions), not from params.yaml: each condition's ``trained_on``
+says it, and ``train_augment`` the recipe's augmentation; the others are held out (measured,
+never trained on).
 """
 from __future__ import annotations
 
@@ -55,6 +60,26 @@ def classifier(model: torch.nn.Module, meta: ModelMeta, device: torch.device, ch
     return classify
 
 
+def trained_on(recipe: dict | None) -> list[str]:
+    """The conditions a checkpoint's recipe (stages.train.stage.recipe) trained on: those of
+    augment_conditions under augment: conditions; none under the report's recipe or AugMix."""
+    recipe = recipe or {}
+    return list(recipe.get("augment_conditions", [])) if recipe.get("augment") == "conditions" \
+        else []
+
+
+def mark_training(result: dict, recipe: dict | None) -> None:
+    """``train_augment`` and each condition's ``trained_on`` into ``result``."""
+    trained = trained_on(recipe)
+    result["train_augment"] = (recipe or {}).get("augment", "report")
+    for name, figures in result["conditions"].items():
+        figures["trained_on"] = name in trained
+
+
+def condition_label(name: str, figures: dict) -> str:
+    return f"{name} (trained on)" if figures.get("trained_on") else name
+
+
 def write_csvs(result: dict, folder: Path) -> None:
     """One CSV per condition for DVC's linear template: a row per severity, 0 the clean crops."""
     for condition, figures in result["conditions"].items():
@@ -94,7 +119,8 @@ def grid_png(result: dict, target: float, path: Path) -> None:
                                            ec="black"))
     image = ax.imshow(bounds, cmap="RdYlGn", vmin=0, vmax=1, aspect="auto")
     ax.set_xticks(range(len(columns)), [c for c, _ in columns], fontsize=8)
-    ax.set_yticks(range(len(names)), names, fontsize=8)
+    ax.set_yticks(range(len(names)),
+                  [condition_label(n, result["conditions"][n]) for n in names], fontsize=8)
     fig.colorbar(image, ax=ax, label="person recall, 95 % lower bound")
     ax.set_title(f"Person alarm under camera conditions (test): recall, its lower bound, false "
                  f"alarms per 1,000;\nframed, bold: lower bound >= target {target}", fontsize=9)
@@ -114,7 +140,7 @@ def summary_lines(result: dict, target: float) -> list[str]:
         lowest = min(int(k[1:]) for k in measured)
         said = (f"keeps its target {target} up to severity {kept}" if kept else
                 f"does not keep its target {target} at severity {lowest}")
-        lines.append(f"{name}: the alarm {said}; CE {figures['ce']}")
+        lines.append(f"{condition_label(name, figures)}: the alarm {said}; CE {figures['ce']}")
     return lines
 
 
@@ -140,6 +166,7 @@ def main() -> None:
                    threads=os.cpu_count() or 1)
     result.update({"point_sha256": point["point_sha256"], "target_recall": point["target_recall"],
                    "test_crops": len(keys), "seed": everything.seed})
+    mark_training(result, meta.params)
     write_json(CONDITIONS_METRICS, result)
     CONDITIONS_PLOTS.mkdir(parents=True, exist_ok=True)
     write_csvs(result, CONDITIONS_PLOTS)

@@ -230,6 +230,10 @@ def trainable_modules(value: Any, arch: str) -> list[str]:
     return list(value)
 
 
+# train.augment: what train adds before the report's flip and colour jitter.
+AUGMENTS = ("report", "augmix", "conditions")
+
+
 class Train(Section):
     epochs: int = Field(ge=1, le=MAX_EPOCHS)
     batch_size: int = Field(ge=1, le=MAX_BATCH)
@@ -245,6 +249,24 @@ class Train(Section):
     amp: Literal["auto", "off", "bf16", "fp16"]
     compile: bool
     pin_memory: bool
+    # report: the report's flip and colour jitter alone; augmix: AugMix before them; conditions:
+    # a camera condition of augment_conditions before them (stages/train/augment.py)
+    augment: Literal[AUGMENTS]  # type: ignore[valid-type]
+    # the conditions trained on under augment: conditions (read only then); the others of
+    # CONDITIONS stay held out, measured by stage conditions but never trained on
+    augment_conditions: list[str] = Field(json_schema_extra=_expect(
+        "a non-empty list of distinct camera conditions (docs/conditions.md)"))
+
+    @field_validator("augment_conditions", mode="before")
+    @classmethod
+    def _augment_conditions(cls, value: Any) -> list[str]:
+        if not (isinstance(value, list) and value
+                and all(isinstance(c, str) and c in CONDITIONS for c in value)
+                and len(set(value)) == len(value)):
+            raise ParamError(f"params.yaml: train.augment_conditions={value!r} is not allowed; "
+                             "expected a non-empty list of distinct conditions from "
+                             + ", ".join(CONDITIONS))
+        return list(value)
 
 
 class Calibrate(Section):
