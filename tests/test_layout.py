@@ -35,28 +35,28 @@ COMMON = STAGES / "common"
 ROOMS = {
     "infra": "Running a stage: one-line errors, atomic writes, progress, processes, digests, "
              "adapters.",
+    "config": "What a run is told: params.yaml's schema and loader, arch families, formats, "
+              "alarm label.",
     "pictures": "Picture files: one decoder, crop geometry and letterbox, the Open Images file "
                 "layout.",
-    "model": "The classifier: arch facts without torch, building, checkpoint format, device, ONNX "
-             "export.",
+    "model": "The classifier: built from config's arch families, checkpoint, device, ONNX and "
+             "other formats.",
     "alarm": "The person alarm: temperature, threshold, sealed operating point, what the "
              "threshold promises.",
-    "config": "What a run is told: params.yaml's schema and loader, every artifact path of the "
-              "pipeline.",
     "inference": "A model over labelled crops: crops decoded once and batched, checked logits, "
                  "speed.",
     "serving": "Answering for picture files: PyTorch and ONNX Runtime classifiers, folder walks, "
                "batches.",
 }
 # The rooms a room's modules may import besides its own: a graph without cycles. config sits
-# above the facts it checks params against (picture limits, arch names, the alarm's label);
-# only its paths module is imported from above it.
+# at the ground with infra: the facts it checks params against (arch families, the alarm's
+# label, limits) are its own, so checking params.yaml loads no model, picture or alarm code.
 ALLOWED = {
     "infra": set(),
+    "config": {"infra"},
     "pictures": {"infra"},
-    "model": {"infra"},
-    "alarm": {"infra", "model"},
-    "config": {"infra", "pictures", "model", "alarm"},
+    "model": {"infra", "config"},
+    "alarm": {"infra", "model", "config"},
     "inference": {"infra", "pictures", "model"},
     "serving": {"infra", "config", "pictures", "model", "alarm", "inference"},
 }
@@ -230,11 +230,16 @@ def test_rooms_import_only_the_rooms_below_them():
     assert not offences, "\n".join(offences)
 
 
-def test_params_and_the_arch_facts_import_no_torch():
+def test_params_import_no_torch_image_library_or_code_above_config():
     """Every stage checks params.yaml first, in milliseconds: the schema and the facts it checks
-    against (model.archs, the alarm's label, picture limits) must not pull in torch."""
-    code = ("import sys, stages.common.config.params, stages.common.model.archs; "
-            "print(sorted(m for m in ('torch', 'torchvision') if m in sys.modules))")
+    against (config's arch families, the alarm's label, limits) pull in no torch, no image
+    library and no module of the rooms above config."""
+    heavy = ("torch", "torchvision", "cv2", "PIL", "simplejpeg")
+    rooms = tuple(f"stages.common.{room}" for room in ("pictures", "model", "alarm", "inference",
+                                                        "serving"))
+    code = ("import sys, stages.common.config.params; "
+            f"print(sorted(m for m in sys.modules if m.split('.')[0] in {heavy!r} "
+            f"or m.startswith({rooms!r})))")
     out = subprocess.run([sys.executable, "-c", code], cwd=ROOT, capture_output=True, text=True,
                          check=True).stdout
     assert out.strip() == "[]"

@@ -35,7 +35,7 @@ from stages.common.config.paths import (CHECKPOINT, CONDITIONS_METRICS,  # noqa:
                                         TEST_SPLIT)
 from stages.common.inference.batches import normalise  # noqa: E402
 from stages.common.inference.logits import checked_crops, to_device  # noqa: E402
-from stages.common.infra.atomic import atomic_file, write_json  # noqa: E402
+from stages.common.infra.atomic import atomic_file, clean_dead_leftovers, write_json  # noqa: E402
 from stages.common.infra.errors import main_guard  # noqa: E402
 from stages.common.model.build import load_checkpoint  # noqa: E402
 from stages.common.model.checkpoint import ModelMeta, check_logits  # noqa: E402
@@ -146,6 +146,7 @@ def summary_lines(result: dict, target: float) -> list[str]:
 
 @main_guard
 def main() -> None:
+    clean_dead_leftovers()
     everything = params.load()
     cfg = everything.conditions
     device = pick_device(cfg.device)

@@ -36,17 +36,17 @@ from torch import nn
 from torch.nn.parallel import DistributedDataParallel
 
 from stages.common.config import params
+from stages.common.config.archs import family_of
 from stages.common.config.params import Params
 from stages.common.config.paths import (CHECKPOINT, MODEL_DIR, SPLIT_DIR, TRAIN_METRICS,
                                         TRAIN_PLOTS, TRAIN_SPEED, TRAIN_SPLIT, VAL_SPLIT)
 from stages.common.inference.batches import CropSet, batch_len, batches
 from stages.common.inference.logits import predict
 from stages.common.infra import dvc_internals
-from stages.common.infra.atomic import atomic_dir, write_json
+from stages.common.infra.atomic import atomic_dir, clean_dead_leftovers, write_json
 from stages.common.infra.errors import (INTERRUPTED_EXIT, Interrupted, StageError,
                                          main_guard)
 from stages.common.infra.progress import tracked
-from stages.common.model.archs import family_of
 from stages.common.model.build import (build_model, forward, freeze, frozen_prefix, normalisation,
                                        set_train_mode)
 from stages.common.model.checkpoint import ModelMeta, save_checkpoint
@@ -437,6 +437,7 @@ def log_epoch(live, record: dict) -> None:
 
 @main_guard
 def main() -> None:
+    clean_dead_leftovers()
     cfg = params.load()
     if cfg.train.nproc > 1 and not distributed.under_torchrun():
         raise SystemExit(distributed.relaunch_with_torchrun("stages.train", cfg.train.nproc))
