@@ -20,7 +20,7 @@ picture, and writes data/calibration/operating_point.json:
     independent; fewer: every person there must raise the alarm, ``resolved: false``, and the
     stage says so in one line); NLL and ECE before / after T as ``in_sample_*``: measured on
     the crops T was fitted on (evaluate's ``calibration.*`` are the out-of-sample figures).
-  * ``point_sha256``: the seal over all of the above (stages.common.alarm.calibration.seal); every
+  * ``point_sha256``: the seal over all of the above (stages.common.alarm.point.seal); every
     reader refuses a file whose content no longer matches it.
 evaluate scores the operating point on test; export embeds it in the ONNX file; predict answers
 with it.
@@ -32,13 +32,14 @@ import sys
 import numpy as np
 import torch
 
-from stages.common.alarm.calibration import (ALARM_LABEL, FORMAT, alarm_figures, crop_pictures,
-                                             ece, fit_temperature, interval_warnings, nll,
+from stages.common.alarm.calibration import (ALARM_LABEL, alarm_figures, crop_pictures, ece,
+                                             fit_temperature, interval_warnings, nll,
                                              person_log_odds, person_threshold, picture_codes,
-                                             probability, seal, softmax, temperature_interval,
+                                             probability, softmax, temperature_interval,
                                              temperature_warnings, threshold_order,
                                              unlisted_line)
 from stages.common.alarm.guarantee import alarm_bounds, assurance, persons_needed
+from stages.common.alarm.point import FORMAT, OperatingPoint, seal
 from stages.common.alarm.statement import UNRESOLVED, point_facts, point_parts, threshold_text
 from stages.common.config import params
 from stages.common.config.paths import (CALIBRATION_SPLIT, CHECKPOINT, OPERATING_POINT,
@@ -87,7 +88,7 @@ def operating_point(logits, targets, classes: list[str], target: float,
     }
 
 
-def statement_lines(point: dict) -> tuple[list[str], list[str]]:
+def statement_lines(point: OperatingPoint) -> tuple[list[str], list[str]]:
     """(what the point gives new persons, for stdout; warnings, for stderr), from the alarm's
     statement (stages.common.alarm.statement): too few pictures with persons for the rule, and
     the caveat when val both picked the epoch and fitted the point."""
@@ -116,23 +117,25 @@ def main() -> None:
     pictures, unlisted = crop_pictures(crops.paths, SPLIT_MANIFEST)
     point = operating_point(logits, targets, meta.classes, cfg.person_recall_target,
                             cfg.guarantee, cfg.delta, everything.seed, pictures)
-    point = seal({**point, "fitted_on": str(source), "model": str(CHECKPOINT),
-                  "model_sha256": file_sha256(CHECKPOINT)})
-    write_json(OPERATING_POINT, point)
+    written = seal({**point, "fitted_on": str(source), "model": str(CHECKPOINT),
+                    "model_sha256": file_sha256(CHECKPOINT)})
+    # read back as every reader will: a point calibrate writes must pass the readers' check
+    point = OperatingPoint.parse(written, source=str(OPERATING_POINT))
+    write_json(OPERATING_POINT, written)
 
-    val, interval = point["val"], point["temperature_interval"]
-    print(f"calibrate on {source}: temperature {point['temperature']:.4f} (95 % bootstrap "
+    val, interval = point.val, written["temperature_interval"]
+    print(f"calibrate on {source}: temperature {point.temperature:.4f} (95 % bootstrap "
           f"{interval['low']} to {interval['high']}; in-sample NLL "
           f"{val['in_sample_nll_before']} -> {val['in_sample_nll_after']}, ECE "
           f"{val['in_sample_ece_before']} -> {val['in_sample_ece_after']})\n"
-          f"person threshold {threshold_text(point['threshold'], point['threshold_log_odds'])} "
+          f"person threshold {threshold_text(point.threshold, point.threshold_log_odds)} "
           f"for recall >= {cfg.person_recall_target} (guarantee {cfg.guarantee}): "
           f"recall {val['person_recall']} (95 % lower bound {val['person_recall_lower_95']}), "
           f"{val['false_alarms']} false alarms of {val['non_persons']} non-persons")
     said, warned = statement_lines(point)
     if said:
         print(" ".join(said))
-    for line in (temperature_warnings(point["temperature"], logits, targets)
+    for line in (temperature_warnings(point.temperature, logits, targets)
                  + interval_warnings(interval)):
         print(line, file=sys.stderr)
     note = unlisted_line(unlisted, len(targets), SPLIT_MANIFEST)

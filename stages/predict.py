@@ -64,6 +64,7 @@ from typing import Iterator, TextIO
 import torch
 
 from stages.common.alarm.calibration import ALARM_LABEL, log_odds, person_log_odds
+from stages.common.alarm.point import OperatingPoint
 from stages.common.config.params import MAX_BATCH
 from stages.common.config.paths import CHECKPOINT, OPERATING_POINT
 from stages.common.infra.errors import DISK_FULL, ArgumentParser, ParamError, StageError, main_guard
@@ -152,10 +153,10 @@ class Alarm:
     no threshold, person as the top label."""
 
     def __init__(self, classes: list[str], threshold: tuple[float, float] | None,
-                 source: str | None, point: dict | None):
+                 source: str | None, point: OperatingPoint | None):
         """``threshold``: (probability, log-odds), the log-odds being the one compared."""
         self.person = classes.index(ALARM_LABEL) if ALARM_LABEL in classes else None
-        self.temperature = point["temperature"] if point else 1.0
+        self.temperature = point.temperature if point else 1.0
         shown, self.log_odds = threshold or (None, None)
         # Near 1 the probability prints as 1: the log-odds says which threshold answered. 0 and 1
         # have none that JSON can hold (-inf, inf: always, never); the probability says it.
@@ -312,7 +313,7 @@ def threshold_for(args: argparse.Namespace, classifier
                   "to answer without it", file=sys.stderr)
         return (x, log_odds(x)), "--person-threshold"
     if point is not None:
-        return (point["threshold"], point["threshold_log_odds"]), point["source"]
+        return (point.threshold, point.threshold_log_odds), point.source
     print(f"warning: {args.model} has no operating point ({where}); the alarm is NOT the "
           "operating point's: probabilities are uncalibrated and the alarm is raised when "
           "person is the top label; --person-threshold X sets one, --require-point refuses to "

@@ -10,6 +10,7 @@ import numpy as np
 import pytest
 import yaml
 
+from stages.common.alarm.point import OperatingPoint
 from stages.common.config import params as P
 from stages.common.infra import errors
 from stages.conditions import corrupt as C
@@ -94,7 +95,8 @@ def test_the_draws_differ_by_seed_and_crop_and_not_by_thread_count():
 
 # ----- the figures ------------------------------------------------------------------------------
 
-POINT = {"temperature": 1.0, "threshold_log_odds": 0.0, "target_recall": 0.99}
+POINT = OperatingPoint(temperature=1.0, threshold=0.5, threshold_log_odds=0.0,
+                       target_recall=0.99)
 
 
 def banded(labels: list[int], side: int = 24) -> np.ndarray:

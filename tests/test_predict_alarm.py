@@ -11,7 +11,7 @@ import numpy as np
 import pytest
 import torch
 
-from stages.common.alarm import calibration as cal
+from stages.common.alarm import calibration as cal, point as pt
 from stages.common.infra.digest import file_sha256
 from stages.common.model.build import IMAGENET_MEAN, IMAGENET_STD, build_model
 from stages.common.model.checkpoint import ModelMeta, save_checkpoint
@@ -55,13 +55,13 @@ def models(elsewhere, tmp_path_factory):
     logits = np.stack([p.logits for p in predict_paths(plain, expand([pics])) if not p.error])
     person = cal.softmax(logits, TEMPERATURE)[:, 2]
     threshold = float(np.median(person))
-    point = cal.seal({"format": 1, "label": "person", "temperature": TEMPERATURE,
+    point = pt.seal({"format": 1, "label": "person", "temperature": TEMPERATURE,
                       "threshold": cal.probability(cal.log_odds(threshold)),
                       "threshold_log_odds": cal.log_odds(threshold), "target_recall": 0.99,
                       "val": {}, "model_sha256": file_sha256(d / "best.pt")})
     (d / "operating_point.json").write_text(json.dumps(point))
     export(model, ModelMeta(**meta), d / "model.onnx", 18,
-           point_for=lambda g: cal.embedded(point, g))
+           point_for=lambda g: pt.embedded(pt.OperatingPoint.parse(point), g))
     return SimpleNamespace(pt=d / "best.pt", onnx=d / "model.onnx", pics=pics, point=point,
                            logits=logits)
 
@@ -156,11 +156,12 @@ def test_a_point_fitted_for_another_checkpoint_is_not_used(run, models, tmp_path
     (tmp_path / "operating_point.json").write_text((models.pt.parent / "operating_point.json")
                                                    .read_text())
     assert TorchClassifier(other).operating_point is None
-    assert TorchClassifier(models.pt).operating_point["threshold"] == models.point["threshold"]
+    assert TorchClassifier(models.pt).operating_point.threshold == models.point["threshold"]
 
 
 def test_the_onnx_file_carries_the_point_under_its_digest(models):
     loaded = OnnxClassifier(models.onnx).operating_point
-    bound = cal.embedded(models.point, loaded[cal.GRAPH_KEY])  # bound to the file's graph
-    assert {k: v for k, v in loaded.items() if k != "source"} == bound
-    assert "model_sha256" not in loaded  # a file inside a model names no other file
+    bound = pt.embedded(pt.OperatingPoint.parse(models.point), loaded.graph_sha256)
+    assert loaded.content == bound  # bound to the file's graph
+    assert "model_sha256" not in loaded.content  # a file inside a model names no other file
+    assert loaded.model_sha256 is None

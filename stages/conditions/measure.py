@@ -22,6 +22,7 @@ from typing import Callable
 import numpy as np
 
 from stages.common.alarm.labelled import alarm_under
+from stages.common.alarm.point import OperatingPoint
 from stages.conditions.corrupt import corrupt
 
 Classify = Callable[[np.ndarray], np.ndarray]  # uint8 N x H x W x 3 -> logits N x classes
@@ -64,7 +65,7 @@ def corrupted_logits(pixels: np.ndarray, keys: list[str], jobs: list[tuple[str, 
 
 
 def suite(pixels: np.ndarray, keys: list[str], targets: np.ndarray, classes: list[str],
-          point: dict, classify: Classify, measure: dict[str, list[int]], seed: int,
+          point: OperatingPoint, classify: Classify, measure: dict[str, list[int]], seed: int,
           pictures=None, batch_size: int = 256, threads: int = 1) -> dict:
     """The figures clean and for each condition and severity in ``measure``.
 

@@ -27,8 +27,8 @@ import matplotlib.pyplot as plt  # noqa: E402
 import numpy as np  # noqa: E402
 import torch  # noqa: E402
 
-from stages.common.alarm.calibration import (crop_pictures, operating_point_for,  # noqa: E402
-                                             unlisted_line)
+from stages.common.alarm.calibration import crop_pictures, unlisted_line  # noqa: E402
+from stages.common.alarm.point import operating_point_for  # noqa: E402
 from stages.common.config import params  # noqa: E402
 from stages.common.config.paths import (CHECKPOINT, CONDITIONS_METRICS,  # noqa: E402
                                         CONDITIONS_PLOTS, OPERATING_POINT, SPLIT_MANIFEST,
@@ -163,14 +163,14 @@ def main() -> None:
     result = suite(pixels, keys, crops.targets.numpy(), meta.classes, point, classify,
                    cfg.measure, everything.seed, pictures, cfg.batch_size,
                    threads=os.cpu_count() or 1)
-    result.update({"point_sha256": point["point_sha256"], "target_recall": point["target_recall"],
+    result.update({"point_sha256": point.point_sha256, "target_recall": point.target_recall,
                    "test_crops": len(keys), "seed": everything.seed})
     mark_training(result, meta.params)
     write_json(CONDITIONS_METRICS, result)
     CONDITIONS_PLOTS.mkdir(parents=True, exist_ok=True)
     write_csvs(result, CONDITIONS_PLOTS)
-    grid_png(result, point["target_recall"], CONDITIONS_PLOTS / "grid.png")
-    print("\n".join(summary_lines(result, point["target_recall"])))
+    grid_png(result, point.target_recall, CONDITIONS_PLOTS / "grid.png")
+    print("\n".join(summary_lines(result, point.target_recall)))
     line = unlisted_line(unlisted, len(keys), SPLIT_MANIFEST)
     if line:
         print(line, file=sys.stderr)

@@ -267,7 +267,7 @@ def predict_paths(classifier, items: list[tuple[Path, str | None]], batch_size: 
     or decode raises (OpenCV's errors, MemoryError, OSError), comes back with ``error`` set and
     the others go on."""
     point = getattr(classifier, "operating_point", None)
-    temperature = point["temperature"] if point else 1.0
+    temperature = point.temperature if point else 1.0
     pending: list[Prediction] = []
     arrays: list[torch.Tensor] = []
 
