@@ -284,6 +284,37 @@ RULE_WORDS = {
 }
 
 
+def modes_section(point: OperatingPoint | None) -> str:
+    """The camera modes' thresholds (calibrate.modes), each with its calibration figures; empty
+    without modes, so such a card is as before modes existed."""
+    if point is None or not point.modes:
+        return ""
+    rows = []
+    for mode in point.modes:
+        val = mode.val
+        seen = (f"{' + '.join(mode.conditions)} at severities "
+                f"{', '.join(map(str, mode.severities))}" if mode.conditions else "clean")
+        rows.append(f"| {mode.name} | {seen} | "
+                    f"{threshold_text(mode.threshold, mode.threshold_log_odds)} | "
+                    f"{val['persons'] - val['persons_missed']} of {val['persons']} "
+                    f"({val['person_pictures']} pictures) | {val['person_recall_lower_95']} | "
+                    f"{val['false_alarms']} of {val['non_persons']} | "
+                    f"{'yes' if val['resolved'] else 'no: every person there raises it'} |")
+    table = "\n".join(rows)
+    return f"""
+### Camera modes (one threshold each)
+`calibrate.modes`: each mode's threshold is fitted by the same rule on the calibration crops as
+that mode sees them (its conditions applied to them; its copies of a picture count as that one
+picture), so each has its own guarantee; `python -m stages.predict --mode NAME` answers with
+one, `--mode auto` with the infrared mode for a grey picture and the clean one for a colour one.
+The test figures above are the clean threshold's; these are on calibration crops.
+
+| mode | crops | threshold | persons caught | recall lower bound (95 %) | false alarms | resolved |
+|---|---|---|---|---|---|---|
+{table}
+"""
+
+
 def alarm_section(scores: dict) -> str:
     """The card's person alarm: the threshold as it can be copied, the rule, and the alarm's
     statement (stages.common.alarm.statement), the same words evaluate and the report use."""
@@ -371,9 +402,11 @@ def card_recipe(cfg: params.Params) -> dict:
 
 def model_card(cfg: params.Params, meta: ModelMeta, scores: dict, split: dict, hashes: dict,
                export_figures: dict, speed: dict, conditions: dict | None = None,
-               formats: dict | None = None) -> str:
+               formats: dict | None = None,
+               point: OperatingPoint | None = None) -> str:
     """data/export/MODEL_CARD.md: what a reviewer reads before the model is deployed.
-    ``export_figures``: metrics/export.json's; ``speed``: metrics/speed/export.json's."""
+    ``export_figures``: metrics/export.json's; ``speed``: metrics/speed/export.json's;
+    ``point``: the one the model file carries (its camera modes, when it has any)."""
     classes = meta.classes
     counts = split.get("crops", {})
     rows = "\n".join(f"| {part} | " + " | ".join(str(counts[part].get(c, 0)) for c in classes)
@@ -435,7 +468,7 @@ Accuracy {scores['accuracy']:.4f}, macro F1 {scores['macro_f1']:.4f}, **person r
 {per_class}
 
 {alarm_section(scores)}
-
+{modes_section(point)}
 {conditions_section(conditions or {})}
 {beyond_onnx}## Speed (CPU, {speed['threads']} threads, this run's machine)
 Batch 1: {o['batch1_ms_per_image']} ms/image in ONNX Runtime, {e['batch1_ms_per_image']} ms in
@@ -511,7 +544,7 @@ def main() -> None:
         (tmp / CARD_FILE).write_text(model_card(
             everything, meta, with_point(scores, onnx.operating_point),
             split, data_hashes(), figures, speed, conditions,
-            certified if len(certified) > 1 else None))
+            certified if len(certified) > 1 else None, onnx.operating_point))
 
     write_json(EXPORT_SPEED, speed)
     write_json(EXPORT_METRICS, figures)

@@ -16,16 +16,11 @@ themselves are always there.
 """
 from __future__ import annotations
 
-from concurrent.futures import ThreadPoolExecutor
-from typing import Callable
-
 import numpy as np
 
 from stages.common.alarm.labelled import alarm_under
 from stages.common.alarm.point import OperatingPoint
-from stages.conditions.corrupt import corrupt
-
-Classify = Callable[[np.ndarray], np.ndarray]  # uint8 N x H x W x 3 -> logits N x classes
+from stages.common.inference.corrupted import Classify, corrupted_logits
 
 
 def corruption_error(error: float, clean_error: float) -> float | None:
@@ -42,26 +37,6 @@ def kept_to(by_severity: dict[int, dict]) -> int:
             break
         kept = severity
     return kept
-
-
-def corrupted_logits(pixels: np.ndarray, keys: list[str], jobs: list[tuple[str, int]],
-                     seed: int, classify: Classify, batch_size: int, threads: int
-                     ) -> list[np.ndarray]:
-    """The logits of every crop under each (condition, severity) of ``jobs``: each corrupted
-    crop computed once (in ``threads``: OpenCV and numpy release the GIL; each crop's draws are
-    its own, so the count changes nothing) and classified in batches of ``batch_size`` that run
-    across jobs, so no job's short last batch is paid for and memory holds one batch."""
-    n = len(keys)
-    out: list[list[np.ndarray]] = [[] for _ in jobs]
-    with ThreadPoolExecutor(max(1, threads)) as pool:
-        for start in range(0, n * len(jobs), batch_size):
-            flat = range(start, min(start + batch_size, n * len(jobs)))
-            batch = np.stack(list(pool.map(
-                lambda k: corrupt(pixels[k % n], *jobs[k // n], seed, keys[k % n]), flat)))
-            logits = classify(batch)
-            for k, row in zip(flat, logits):
-                out[k // n].append(row)
-    return [np.stack(rows) for rows in out]
 
 
 def suite(pixels: np.ndarray, keys: list[str], targets: np.ndarray, classes: list[str],
