@@ -47,6 +47,7 @@ from pathlib import Path
 import numpy as np
 
 from stages.common.alarm.labelled import alarm_under, raised
+from stages.common.alarm.point import OperatingPoint
 from stages.common.config import params
 from stages.common.config.labels import ALARM_LABEL
 from stages.common.config.paths import ACCEPT_METRICS, CHECKPOINT
@@ -180,7 +181,7 @@ def verdict_line(name: str, figures: dict, target: float, missed: list[str],
     return line
 
 
-def measure(classifier, site: SiteSet, point: dict, batch_size: int, listed: str
+def measure(classifier, site: SiteSet, point: OperatingPoint, batch_size: int, listed: str
             ) -> tuple[dict, str]:
     """The site set's figures (the JSON's record) and its verdict line; a record with
     ``unmeasured`` when none of its person pictures could be read."""
@@ -215,7 +216,7 @@ def measure(classifier, site: SiteSet, point: dict, batch_size: int, listed: str
     record.update(figures)
     record["persons_missed_files"] = [shown(p) for p in missed]
     record["false_alarm_files"] = [shown(p) for p in false]
-    line = verdict_line(name, figures, point["target_recall"],
+    line = verdict_line(name, figures, point.target_recall,
                         [printable(str(p)) for p in missed], unread, listed)
     record["verdict"] = line
     return record, line
@@ -245,14 +246,16 @@ def load(model: Path, device_name: str):
     return classifier, classifier.operating_point
 
 
-def header(model: Path, classifier, point: dict) -> dict:
+def header(model: Path, classifier, point: OperatingPoint) -> dict:
     from stages.common.serving.predictor import shown
 
-    keys = ("threshold", "threshold_log_odds", "temperature", "target_recall", "point_sha256")
     return {"model": shown(model), "arch": classifier.meta.arch,
             "classes": classifier.meta.classes,
-            "operating_point": {"source": shown(point["source"]),
-                                **{k: point[k] for k in keys if k in point}},
+            "operating_point": {"source": shown(point.source), "threshold": point.threshold,
+                                "threshold_log_odds": point.threshold_log_odds,
+                                "temperature": point.temperature,
+                                "target_recall": point.target_recall,
+                                "point_sha256": point.point_sha256},
             "counted_as": "each picture its own (one-sided 95 % Clopper-Pearson bounds)"}
 
 

@@ -35,10 +35,11 @@ import numpy as np
 import torch
 import yaml
 
-from stages.common.alarm.calibration import (alarm_figures, crop_pictures, embedded,
-                                             operating_point_for, person_log_odds,
-                                             person_threshold, probability, threshold_order)
+from stages.common.alarm.calibration import (alarm_figures, crop_pictures, person_log_odds,
+                                             person_threshold, probability,
+                                             threshold_order)
 from stages.common.alarm.guarantee import alarm_bounds, assurance, persons_needed
+from stages.common.alarm.point import OperatingPoint, embedded, operating_point_for, seal
 from stages.common.alarm.statement import (ASSUMPTION, InconsistentFigures, statement,
                                            threshold_text)
 from stages.common.config import params
@@ -120,21 +121,22 @@ def calibration_set(cfg: params.Params, meta: ModelMeta):
     return arrays, targets, pictures
 
 
-def certify(reference: np.ndarray, logits: np.ndarray, pipeline_point: dict, point: dict,
-            targets: np.ndarray, pictures: list[str], person: int) -> dict:
+def certify(reference: np.ndarray, logits: np.ndarray, pipeline_point: OperatingPoint,
+            point: OperatingPoint, targets: np.ndarray, pictures: list[str], person: int
+            ) -> dict:
     """An artifact's answers on the test crops against PyTorch's (``reference``), each alarm at
     its own point (``pipeline_point``: calibrate's; ``point``: the one the artifact carries):
     top-1 and alarm agreement (share of crops with the same yes / no), the test persons
     PyTorch's alarm catches and the artifact's misses (``persons_lost``), and the artifact's
     alarm figures with their one-sided 95 % bounds (stages.common.alarm.guarantee, as evaluate
     states them)."""
-    ours = person_log_odds(logits, point["temperature"], person)
-    theirs = person_log_odds(reference, pipeline_point["temperature"], person)
-    alarm, reference_alarm = (ours >= point["threshold_log_odds"],
-                              theirs >= pipeline_point["threshold_log_odds"])
+    ours = person_log_odds(logits, point.temperature, person)
+    theirs = person_log_odds(reference, pipeline_point.temperature, person)
+    alarm, reference_alarm = (ours >= point.threshold_log_odds,
+                              theirs >= pipeline_point.threshold_log_odds)
     is_person = targets == person
-    figures = alarm_figures(ours, is_person, point["threshold_log_odds"], pictures)
-    bounds = alarm_bounds(figures, point["target_recall"])
+    figures = alarm_figures(ours, is_person, point.threshold_log_odds, pictures)
+    bounds = alarm_bounds(figures, point.target_recall)
     return {**parity(reference, logits),
             "alarm_agreement": round(float((alarm == reference_alarm).mean()), 4),
             "persons_lost": int((is_person & reference_alarm & ~alarm).sum()),
@@ -143,18 +145,19 @@ def certify(reference: np.ndarray, logits: np.ndarray, pipeline_point: dict, poi
             "person_recall_lower_95": bounds["person_recall_lower_95"],
             "false_alarms_per_1000": figures["false_alarms_per_1000"],
             "false_alarms_per_1000_upper_95": bounds["false_alarms_per_1000_upper_95"],
-            "threshold": point["threshold"], "threshold_log_odds": point["threshold_log_odds"],
-            "temperature": round(point["temperature"], 4)}
+            "threshold": point.threshold, "threshold_log_odds": point.threshold_log_odds,
+            "temperature": round(point.temperature, 4)}
 
 
-def refitted_point(point: dict, logits: np.ndarray, targets: np.ndarray, pictures: list[str],
-                   person: int, name: str, source: Path) -> dict:
+def refitted_point(point: OperatingPoint, logits: np.ndarray, targets: np.ndarray,
+                   pictures: list[str], person: int, name: str, source: Path
+                   ) -> OperatingPoint:
     """``point`` with its threshold chosen again by its own rule, target and delta
     (calibration.person_threshold, as calibrate chooses it) on the artifact's own logits of the
     calibration crops; the temperature kept. Sealed: the artifact embeds it for its digest."""
-    rule, target, delta = point.get("guarantee", "none"), point["target_recall"], \
-        point.get("delta", 0.05)
-    scores = person_log_odds(logits, point["temperature"], person)
+    rule, target = point.guarantee or "none", point.target_recall
+    delta = 0.05 if point.delta is None else point.delta
+    scores = person_log_odds(logits, point.temperature, person)
     is_person = targets == person
     threshold = person_threshold(scores, is_person, target, rule, delta, pictures)
     _, k, resolved = threshold_order(scores, is_person, target, rule, delta, pictures)
@@ -162,9 +165,11 @@ def refitted_point(point: dict, logits: np.ndarray, targets: np.ndarray, picture
     val = {"crops": int(len(targets)), **figures, **alarm_bounds(figures, target),
            **assurance(figures["person_pictures"], k, target),
            "persons_needed": persons_needed(rule, target, delta), "resolved": resolved}
-    # sealed, for this artifact's digest, as the artifact embeds it (formats.reseal)
-    return {**point, "threshold": probability(threshold), "threshold_log_odds": threshold,
-            "val": val, "fitted_on": str(source), "refitted_for": name}
+    # the artifact embeds it under its own digest (formats.reseal, embedded)
+    return OperatingPoint.parse(seal({**point.content, "threshold": probability(threshold),
+                                      "threshold_log_odds": threshold, "val": val,
+                                      "fitted_on": str(source), "refitted_for": name}),
+                                embedded=True, source=point.source)
 
 
 def refused_line(name: str, figures: dict, bound: int, refit: bool) -> str:
@@ -228,36 +233,36 @@ def read_metrics(path: Path) -> dict:
     return scores
 
 
-def evaluated(scores: dict, point: dict) -> dict:
+def evaluated(scores: dict, point: OperatingPoint) -> dict:
     """eval.json's figures, once they are of ``point`` (the operating point export embeds):
     a card must never describe another alarm than the one the model file carries."""
     seen = (scores.get("operating_point") or {}).get("point_sha256")
-    if seen != point["point_sha256"]:
+    if seen != point.point_sha256:
         raise StageError(f"{EVAL_METRICS} evaluated another operating point (point_sha256 "
-                         f"{str(seen)[:12]}) than {OPERATING_POINT} ({point['point_sha256'][:12]})"
+                         f"{str(seen)[:12]}) than {OPERATING_POINT} ({point.point_sha256[:12]})"
                          "; run `dvc repro evaluate` before export")
     alarm_section(scores)  # figures the card could not state stop here, not after the export
     return scores
 
 
-def measured(conditions: dict, point: dict) -> dict:
+def measured(conditions: dict, point: OperatingPoint) -> dict:
     """conditions.json's figures, once they are of ``point``, as :func:`evaluated`."""
     seen = conditions.get("point_sha256")
-    if seen != point["point_sha256"]:
+    if seen != point.point_sha256:
         raise StageError(f"{CONDITIONS_METRICS} measured another operating point (point_sha256 "
-                         f"{str(seen)[:12]}) than {OPERATING_POINT} ({point['point_sha256'][:12]})"
+                         f"{str(seen)[:12]}) than {OPERATING_POINT} ({point.point_sha256[:12]})"
                          "; run `dvc repro conditions` before export")
     return conditions
 
 
-def with_point(scores: dict, point: dict) -> dict:
+def with_point(scores: dict, point: OperatingPoint) -> dict:
     """``scores`` whose alarm settings are those of ``point``, the copy read back from the ONNX
     file: the card states the threshold and temperature the model answers with."""
-    op = {**scores["operating_point"], "threshold": point["threshold"],
-          "threshold_log_odds": point["threshold_log_odds"],
-          "target_recall": point["target_recall"], "fitted_on": point.get("fitted_on")}
+    op = {**scores["operating_point"], "threshold": point.threshold,
+          "threshold_log_odds": point.threshold_log_odds,
+          "target_recall": point.target_recall, "fitted_on": point.fitted_on}
     cal = scores.get("calibration")  # without it the card says "not calibrated"
-    cal = cal and {**cal, "temperature": round(point["temperature"], 4)}
+    cal = cal and {**cal, "temperature": round(point.temperature, 4)}
     return {**scores, "operating_point": op, "calibration": cal}
 
 
@@ -278,6 +283,37 @@ RULE_WORDS = {
     "probability": "recall >= the target on new pictures with a chance of falling below it of "
                    "at most `calibrate.delta` (Neyman-Pearson order statistic)",
 }
+
+
+def modes_section(point: OperatingPoint | None) -> str:
+    """The camera modes' thresholds (calibrate.modes), each with its calibration figures; empty
+    without modes, so such a card is as before modes existed."""
+    if point is None or not point.modes:
+        return ""
+    rows = []
+    for mode in point.modes:
+        val = mode.val
+        seen = (f"{' + '.join(mode.conditions)} at severities "
+                f"{', '.join(map(str, mode.severities))}" if mode.conditions else "clean")
+        rows.append(f"| {mode.name} | {seen} | "
+                    f"{threshold_text(mode.threshold, mode.threshold_log_odds)} | "
+                    f"{val['persons'] - val['persons_missed']} of {val['persons']} "
+                    f"({val['person_pictures']} pictures) | {val['person_recall_lower_95']} | "
+                    f"{val['false_alarms']} of {val['non_persons']} | "
+                    f"{'yes' if val['resolved'] else 'no: every person there raises it'} |")
+    table = "\n".join(rows)
+    return f"""
+### Camera modes (one threshold each)
+`calibrate.modes`: each mode's threshold is fitted by the same rule on the calibration crops as
+that mode sees them (its conditions applied to them; its copies of a picture count as that one
+picture), so each has its own guarantee; `python -m stages.predict --mode NAME` answers with
+one, `--mode auto` with the infrared mode for a grey picture and the clean one for a colour one.
+The test figures above are the clean threshold's; these are on calibration crops.
+
+| mode | crops | threshold | persons caught | recall lower bound (95 %) | false alarms | resolved |
+|---|---|---|---|---|---|---|
+{table}
+"""
 
 
 def alarm_section(scores: dict) -> str:
@@ -367,9 +403,11 @@ def card_recipe(cfg: params.Params) -> dict:
 
 def model_card(cfg: params.Params, meta: ModelMeta, scores: dict, split: dict, hashes: dict,
                export_figures: dict, speed: dict, conditions: dict | None = None,
-               formats: dict | None = None) -> str:
+               formats: dict | None = None,
+               point: OperatingPoint | None = None) -> str:
     """data/export/MODEL_CARD.md: what a reviewer reads before the model is deployed.
-    ``export_figures``: metrics/export.json's; ``speed``: metrics/speed/export.json's."""
+    ``export_figures``: metrics/export.json's; ``speed``: metrics/speed/export.json's;
+    ``point``: the one the model file carries (its camera modes, when it has any)."""
     classes = meta.classes
     counts = split.get("crops", {})
     rows = "\n".join(f"| {part} | " + " | ".join(str(counts[part].get(c, 0)) for c in classes)
@@ -431,7 +469,7 @@ Accuracy {scores['accuracy']:.4f}, macro F1 {scores['macro_f1']:.4f}, **person r
 {per_class}
 
 {alarm_section(scores)}
-
+{modes_section(point)}
 {conditions_section(conditions or {})}
 {beyond_onnx}## Speed (CPU, {speed['threads']} threads, this run's machine)
 Batch 1: {o['batch1_ms_per_image']} ms/image in ONNX Runtime, {e['batch1_ms_per_image']} ms in
@@ -508,7 +546,7 @@ def main() -> None:
         (tmp / CARD_FILE).write_text(model_card(
             everything, meta, with_point(scores, onnx.operating_point),
             split, data_hashes(), figures, speed, conditions,
-            certified if len(certified) > 1 else None))
+            certified if len(certified) > 1 else None, onnx.operating_point))
 
     write_json(EXPORT_SPEED, speed)
     write_json(EXPORT_METRICS, figures)
@@ -532,7 +570,7 @@ def main() -> None:
 
 
 def other_format(name: str, tmp: Path, everything: params.Params, calibration, reference,
-                 images, targets, pictures, point: dict, person: int, threads: int,
+                 images, targets, pictures, point: OperatingPoint, person: int, threads: int,
                  refused: list[str]) -> dict:
     """Build format ``name`` beside the fp32 file in ``tmp``, re-certify it on test (refit its
     threshold if asked and needed), and remove it when it loses more test persons than

@@ -24,7 +24,11 @@ data/calibration/operating_point.json, used only when fitted for that very check
 file carries its own. With none, stderr says so (with ``--person-threshold`` too): probabilities
 are uncalibrated, and the alarm, "person is the top label" without X, is not the operating
 point's. ``--require-point`` refuses to answer without a valid point instead (exit code 2), for
-unattended use where nobody reads stderr.
+unattended use where nobody reads stderr. A point fitted with camera modes (calibrate.modes) holds
+one threshold per mode: ``--mode NAME`` answers with that mode's, ``--mode auto`` with the mode
+fitted under the infrared condition for a grey picture (serving.predictor.is_grey: a near-IR
+camera's) and the mode fitted on clean crops for a colour one; JSON then names the mode in its
+header and in every answer.
 
 Answers are written as each batch is classified (``--format json`` opens the document first and
 closes it last), so a failure later in the run loses nothing already answered. A file that
@@ -58,13 +62,15 @@ import math
 import os
 import signal
 import sys
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Iterator, TextIO
 
 import torch
 
 from stages.common.alarm.calibration import log_odds, person_log_odds
-from stages.common.config.labels import ALARM_LABEL
+from stages.common.alarm.point import ModeThreshold, OperatingPoint
+from stages.common.config.labels import ALARM_LABEL, AUTO_MODE
 from stages.common.config.params import MAX_BATCH, MAX_IMAGE_PIXELS
 from stages.common.config.paths import CHECKPOINT, OPERATING_POINT
 from stages.common.infra.errors import DISK_FULL, ArgumentParser, ParamError, StageError, main_guard
@@ -119,6 +125,13 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     parser.add_argument("--person-threshold", type=float, default=None, metavar="X",
                         help="raise the alarm when the person probability is >= X (0 to 1), "
                              "instead of the model's operating point")
+    parser.add_argument("--mode", default=None, metavar="MODE",
+                        help="answer with the threshold of the operating point's camera mode "
+                             "MODE (calibrate.modes, e.g. infrared), or auto: a grey picture "
+                             "(its channels equal within a tolerance, a near-infrared "
+                             "camera's) takes the mode fitted under the infrared condition, a "
+                             "colour one the mode fitted on clean crops; JSON names the mode "
+                             "of each answer (default: the point's own threshold)")
     parser.add_argument("--require-point", action="store_true",
                         help="refuse (one line, exit code 2) to answer when the model has no "
                              "valid operating point, instead of warning and answering with "
@@ -146,41 +159,99 @@ def ranked(pred: Prediction, classes: list[str], k: int) -> list[tuple[str, floa
     return [(classes[i], float(pred.probs[i])) for i in order[:k]]
 
 
+GREY_CONDITION = "infrared"  # the condition whose crops are grey (stages.common.pictures.corrupt)
+
+
+@dataclass(frozen=True)
+class ModeChoice:
+    """``--mode``: the camera mode that answers a colour picture and the one that answers a grey
+    one (the same mode when it is named)."""
+    asked: str
+    colour: ModeThreshold
+    grey: ModeThreshold
+
+    def of(self, pred: Prediction) -> ModeThreshold:
+        return self.grey if pred.grey else self.colour
+
+
+def mode_choice(args: argparse.Namespace, point: OperatingPoint | None) -> ModeChoice | None:
+    """The modes ``--mode`` asks for, checked against the point's (one line, exit 2, before
+    any picture is answered); None without ``--mode``."""
+    if args.mode is None:
+        return None
+    if point is None:
+        raise StageError(f"--mode {args.mode}: {args.model} has no operating point, so no "
+                         "camera modes; give it one fitted with calibrate.modes, or leave "
+                         "--mode out")
+    if args.mode != AUTO_MODE:
+        mode = point.mode(args.mode)
+        return ModeChoice(args.mode, mode, mode)
+    clean = [m for m in point.modes if not m.conditions]
+    grey = [m for m in point.modes if GREY_CONDITION in m.conditions]
+    if len(clean) != 1 or len(grey) != 1:
+        held = ", ".join(f"{m.name} ({' + '.join(m.conditions) or 'clean'})"
+                         for m in point.modes) or "no camera modes (calibrate.modes is empty)"
+        raise StageError(f"--mode auto needs exactly one camera mode fitted on clean crops and "
+                         f"one fitted under the {GREY_CONDITION} condition, and "
+                         f"{point.source} holds {held}; name a mode (--mode NAME), or set "
+                         "calibrate.modes, e.g. [{name: day}, {name: infrared, conditions: "
+                         "[infrared]}], and run `dvc repro calibrate`")
+    return ModeChoice(AUTO_MODE, clean[0], grey[0])
+
+
+def _shown_log_odds(value: float | None) -> float | None:
+    # Near 1 the probability prints as 1: the log-odds says which threshold answered. 0 and 1
+    # have none that JSON can hold (-inf, inf: always, never); the probability says it.
+    return value if value is not None and math.isfinite(value) else None
+
+
 class Alarm:
     """When a picture raises the alarm: its calibrated person probability >= the threshold,
     compared as log-odds from the logits (stages.common.alarm.calibration: no rounding to 1.0); with
-    no threshold, person as the top label."""
+    no threshold, person as the top label; with ``--mode``, the threshold of the picture's
+    camera mode (:class:`ModeChoice`)."""
 
     def __init__(self, classes: list[str], threshold: tuple[float, float] | None,
-                 source: str | None, point: dict | None):
+                 source: str | None, point: OperatingPoint | None,
+                 choice: ModeChoice | None = None):
         """``threshold``: (probability, log-odds), the log-odds being the one compared."""
         self.person = classes.index(ALARM_LABEL) if ALARM_LABEL in classes else None
-        self.temperature = point["temperature"] if point else 1.0
+        self.temperature = point.temperature if point else 1.0
+        self.choice = choice
         shown, self.log_odds = threshold or (None, None)
-        # Near 1 the probability prints as 1: the log-odds says which threshold answered. 0 and 1
-        # have none that JSON can hold (-inf, inf: always, never); the probability says it.
-        finite = self.log_odds is not None and math.isfinite(self.log_odds)
-        self.header = {"threshold": shown,
-                       "threshold_log_odds": self.log_odds if finite else None,
+        self.header = {"threshold": shown, "threshold_log_odds": _shown_log_odds(self.log_odds),
                        "source": source, "temperature": self.temperature}
+        if choice:
+            self.header["mode"] = choice.asked
+            self.header["modes"] = {m.name: {"threshold": m.threshold, "threshold_log_odds":
+                                             _shown_log_odds(m.threshold_log_odds)}
+                                    for m in (choice.colour, choice.grey)}
+
+    def mode(self, pred: Prediction) -> str | None:
+        """The camera mode whose threshold answers ``pred`` (None without ``--mode``)."""
+        return self.choice.of(pred).name if self.choice and not pred.error else None
 
     def __call__(self, pred: Prediction) -> bool | None:
         if pred.error or self.person is None:
             return None
-        if self.log_odds is None:
+        log_odds = self.choice.of(pred).threshold_log_odds if self.choice else self.log_odds
+        if log_odds is None:
             return int(pred.probs.argmax()) == self.person
         score = person_log_odds(pred.logits[None], self.temperature, self.person)[0]
-        return bool(score >= self.log_odds)
+        return bool(score >= log_odds)
 
 
 def as_record(pred: Prediction, classes: list[str], k: int, alarm: Alarm) -> dict:
     if pred.error:
         return {"path": shown(pred.path), "error": pred.error}
     top = ranked(pred, classes, k)
-    return {"path": shown(pred.path), "label": top[0][0], "probability": round(top[0][1], 6),
-            "alarm": alarm(pred),
-            "probabilities": {c: round(float(p), 6) for c, p in zip(classes, pred.probs)},
-            "top_k": [{"label": c, "probability": round(p, 6)} for c, p in top]}
+    record = {"path": shown(pred.path), "label": top[0][0], "probability": round(top[0][1], 6),
+              "alarm": alarm(pred),
+              "probabilities": {c: round(float(p), 6) for c, p in zip(classes, pred.probs)},
+              "top_k": [{"label": c, "probability": round(p, 6)} for c, p in top]}
+    if alarm.choice:
+        record["mode"] = alarm.mode(pred)
+    return record
 
 
 def yes_no(value: bool | None) -> str:
@@ -284,7 +355,7 @@ def output_errors() -> Iterator[None]:
                          "check where stdout goes, or redirect it to a file") from None
 
 
-def threshold_for(args: argparse.Namespace, classifier
+def threshold_for(args: argparse.Namespace, classifier, choice: ModeChoice | None = None
                   ) -> tuple[tuple[float, float] | None, str | None]:
     """((probability, log-odds), where it comes from): --person-threshold X (its own log-odds,
     whatever the point holds), else the model's operating point (whose log-odds is the alarm and
@@ -311,8 +382,10 @@ def threshold_for(args: argparse.Namespace, classifier
                   "other probabilities than where the point is found; --require-point refuses "
                   "to answer without it", file=sys.stderr)
         return (x, log_odds(x)), "--person-threshold"
+    if choice is not None:  # a colour picture's mode (with a named mode, every picture's)
+        return (choice.colour.threshold, choice.colour.threshold_log_odds), point.source
     if point is not None:
-        return (point["threshold"], point["threshold_log_odds"]), point["source"]
+        return (point.threshold, point.threshold_log_odds), point.source
     print(f"warning: {args.model} has no operating point ({where}); the alarm is NOT the "
           "operating point's: probabilities are uncalibrated and the alarm is raised when "
           "person is the top label; --person-threshold X sets one, --require-point refuses to "
@@ -370,6 +443,9 @@ def main(argv: list[str] | None = None) -> int:
     if not 1 <= args.batch_size <= MAX_BATCH:
         raise ParamError(f"--batch-size={args.batch_size} is not allowed; expected 1 to "
                          f"{MAX_BATCH}")
+    if args.mode is not None and args.person_threshold is not None:
+        raise ParamError(f"--mode {args.mode} and --person-threshold both choose the threshold; "
+                         "give one of them")
     if args.person_threshold is not None and not 0 <= args.person_threshold <= 1:
         raise ParamError(f"--person-threshold={args.person_threshold} is not allowed; expected "
                          "a number from 0 to 1")
@@ -384,7 +460,9 @@ def main(argv: list[str] | None = None) -> int:
     if args.top_k is not None and args.top_k < 1:
         raise ParamError(f"--top-k={args.top_k} is not allowed; expected 1 to {len(classes)}")
     k = min(args.top_k or len(classes), len(classes))
-    alarm = Alarm(classes, *threshold_for(args, classifier), classifier.operating_point)
+    choice = mode_choice(args, classifier.operating_point)
+    alarm = Alarm(classes, *threshold_for(args, classifier, choice), classifier.operating_point,
+                  choice)
 
     skipped: list[Skipped] = []
     items = expand(args.paths, skipped)

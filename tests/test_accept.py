@@ -18,7 +18,7 @@ import yaml
 from scipy.stats import beta
 
 from stages import accept
-from stages.common.alarm import calibration as cal
+from stages.common.alarm import calibration as cal, point as pt
 from stages.common.infra.digest import file_sha256
 from stages.common.model.build import IMAGENET_MEAN, IMAGENET_STD, build_model
 from stages.common.model.checkpoint import ModelMeta, save_checkpoint
@@ -54,10 +54,10 @@ def write_site(root, counts=COUNTS, seed=1):
 
 
 def seal_point(checkpoint, threshold_log_odds, target):
-    return cal.seal({"format": 1, "label": "person", "temperature": TEMPERATURE,
-                     "threshold": cal.probability(threshold_log_odds),
-                     "threshold_log_odds": threshold_log_odds, "target_recall": target,
-                     "val": {}, "model_sha256": file_sha256(checkpoint)})
+    return pt.seal({"format": 1, "label": "person", "temperature": TEMPERATURE,
+                    "threshold": cal.probability(threshold_log_odds),
+                    "threshold_log_odds": threshold_log_odds, "target_recall": target,
+                    "val": {}, "model_sha256": file_sha256(checkpoint)})
 
 
 @pytest.fixture(scope="module")

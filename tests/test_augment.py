@@ -16,7 +16,7 @@ from torchvision.transforms.v2 import functional as F
 
 from stages.common.inference.batches import normalise
 from stages.common.model.build import IMAGENET_MEAN as MEAN, IMAGENET_STD as STD
-from stages.conditions.corrupt import corrupt
+from stages.common.pictures.corrupt import corrupt
 from stages.train.augment import (AUGMIX_STREAM, BRIGHTNESS, CONTRAST, SATURATION, Augment,
                                   Draws, augmix, before_jitter, draw, draw_conditions,
                                   jitter_opencv, jitter_torch)

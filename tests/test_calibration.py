@@ -1,4 +1,5 @@
 """The person alarm's math on constructed logits: temperature, threshold, ECE, the point file."""
+import dataclasses
 import json
 import math
 
@@ -6,7 +7,7 @@ import numpy as np
 import pytest
 
 from stages import calibrate
-from stages.common.alarm import calibration as cal, guarantee
+from stages.common.alarm import calibration as cal, guarantee, point as pt
 from stages.common.config.paths import OPERATING_POINT
 from stages.common.infra.errors import StageError
 from stages.common.model.checkpoint import ModelMeta
@@ -240,8 +241,8 @@ def test_alarm_figures_by_hand():
 
 def test_evaluate_writes_the_keys_dvc_metrics_diff_lines_up():
     logits, targets = sampled(500, 2.0, seed=8)
-    point = cal.seal({"temperature": 2.0, "threshold": 0.4,
-                      "threshold_log_odds": cal.log_odds(0.4), "target_recall": 0.99})
+    point = pt.OperatingPoint(temperature=2.0, threshold=0.4,
+                              threshold_log_odds=cal.log_odds(0.4), target_recall=0.99)
     m = alarm_metrics(logits, targets, ["animal", "object", "person"], point)
     assert {"threshold", "target_recall", "test_person_recall", "test_person_precision",
             "false_alarms_per_1000"} <= set(m["operating_point"])
@@ -263,9 +264,10 @@ def test_evaluate_records_the_statement_figures_and_refuses_a_point_it_cannot_st
     logits, targets = sampled(500, 2.0, seed=8)
     val = {"persons": 29, "persons_needed": 299, "resolved": False, "expected_recall": 0.9667,
            "chance_recall_below_target": 0.7472}
-    point = cal.seal({"temperature": 2.0, "threshold": 0.4, "threshold_log_odds": cal.log_odds(0.4),
-                      "target_recall": 0.99, "guarantee": "probability", "delta": 0.05,
-                      "fitted_on": "data/split/calibration", "val": val})
+    point = pt.OperatingPoint(temperature=2.0, threshold=0.4,
+                              threshold_log_odds=cal.log_odds(0.4), target_recall=0.99,
+                              guarantee="probability", delta=0.05,
+                              fitted_on="data/split/calibration", val=val)
     op = alarm_metrics(logits, targets, ["animal", "object", "person"], point)["operating_point"]
     assert {"expected_recall": 0.9667, "chance_recall_below_target": 0.7472,
             "persons_needed": 299, "calibration_persons": 29, "resolved": False,
@@ -274,7 +276,7 @@ def test_evaluate_records_the_statement_figures_and_refuses_a_point_it_cannot_st
     assert op["target_verdict"] in ("met", "not shown", "not met")
     assert op["test_pictures_to_show"] == 299
     assert op["test_person_pictures"] == op["test_persons"]  # no pictures: each crop its own
-    broken = cal.seal({**point, "val": {**val, "resolved": True}})  # 29 persons cannot resolve it
+    broken = dataclasses.replace(point, val={**val, "resolved": True})  # 29 cannot resolve it
     with pytest.raises(StageError, match="its figures cannot be stated .resolved True "
                                          "contradicts calibration_persons 29 against 299"):
         alarm_metrics(logits, targets, ["animal", "object", "person"], broken)
@@ -282,7 +284,7 @@ def test_evaluate_records_the_statement_figures_and_refuses_a_point_it_cannot_st
 
 def write_point(path, **change):
     """A point as calibrate seals it, with ``change`` made before the seal."""
-    point = cal.seal({"format": 1, "label": "person", "temperature": 1.5,
+    point = pt.seal({"format": 1, "label": "person", "temperature": 1.5,
                       "threshold": cal.probability(cal.log_odds(0.2)),
                       "threshold_log_odds": cal.log_odds(0.2), "target_recall": 0.99,
                       "val": {"persons": 29}, "model_sha256": "0" * 64, **change})
@@ -299,11 +301,11 @@ def test_a_damaged_operating_point_file_is_one_line(tmp_path, change, needle):
     path = tmp_path / "operating_point.json"
     write_point(path, **change)
     with pytest.raises(StageError, match="dvc repro calibrate") as err:
-        cal.read_operating_point(path)
+        pt.read_operating_point(path)
     assert needle in str(err.value) and "\n" not in str(err.value)
     path.write_text("{not json")
     with pytest.raises(StageError, match="cannot read it"):
-        cal.read_operating_point(path)
+        pt.read_operating_point(path)
 
 
 def test_the_point_beside_a_checkpoint_is_used_only_for_that_checkpoint(tmp_path, monkeypatch):
@@ -313,16 +315,16 @@ def test_the_point_beside_a_checkpoint_is_used_only_for_that_checkpoint(tmp_path
     ckpt = tmp_path / "m" / "best.pt"
     ckpt.parent.mkdir()
     ckpt.write_bytes(b"weights")
-    assert cal.beside(ckpt, OPERATING_POINT) is None
+    assert pt.beside(ckpt, OPERATING_POINT) is None
     write_point(ckpt.parent / "operating_point.json")  # fitted for other bytes
-    assert cal.beside(ckpt, OPERATING_POINT) is None
+    assert pt.beside(ckpt, OPERATING_POINT) is None
     write_point(ckpt.parent / "operating_point.json", model_sha256=file_sha256(ckpt))
-    point = cal.beside(ckpt, OPERATING_POINT)
-    assert point["threshold"] == 0.2 and point["source"] == str(ckpt.parent / "operating_point.json")
+    point = pt.beside(ckpt, OPERATING_POINT)
+    assert point.threshold == 0.2 and point.source == str(ckpt.parent / "operating_point.json")
     write_point(tmp_path / "other.json")
     with pytest.raises(StageError, match="fitted for another checkpoint"):
-        cal.operating_point_for(ckpt, tmp_path / "other.json")
-    assert cal.operating_point_for(ckpt, ckpt.parent / "operating_point.json")["threshold"] == 0.2
+        pt.operating_point_for(ckpt, tmp_path / "other.json")
+    assert pt.operating_point_for(ckpt, ckpt.parent / "operating_point.json").threshold == 0.2
 
 
 def test_alarm_figures_count_pictures_by_hand():
@@ -455,8 +457,8 @@ class FakeModel:
 
 def test_evaluate_bounds_the_alarm_by_picture():
     logits, targets = sampled(400, 2.0, seed=13)
-    point = cal.seal({"temperature": 2.0, "threshold": 0.4,
-                      "threshold_log_odds": cal.log_odds(0.4), "target_recall": 0.9})
+    point = pt.OperatingPoint(temperature=2.0, threshold=0.4,
+                              threshold_log_odds=cal.log_odds(0.4), target_recall=0.9)
     pictures = np.arange(400) // 4  # four crops a picture
     op = alarm_metrics(logits, targets, ["animal", "object", "person"], point,
                        pictures)["operating_point"]

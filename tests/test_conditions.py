@@ -3,16 +3,16 @@ severity, crop), pinned byte for byte; the figures under a condition are the ala
 the condition does not touch keeps them; one that darkness blinds loses its target, and the
 bound says so); every bad param stops the run in one line before any work."""
 import hashlib
-import json
-from pathlib import Path
 
 import numpy as np
 import pytest
 import yaml
 
+from stages.common.alarm.point import OperatingPoint
 from stages.common.config import params as P
+from stages.common.inference.corrupted import corrupted_logits
 from stages.common.infra import errors
-from stages.conditions import corrupt as C
+from stages.common.pictures import corrupt as C
 from stages.conditions import measure as M
 from tests import paramfile
 
@@ -87,14 +87,15 @@ def test_the_draws_differ_by_seed_and_crop_and_not_by_thread_count():
     def means(batch):  # a classify that shows every pixel
         return batch.reshape(len(batch), -1, 3).mean(1).astype(np.float64)
 
-    one = M.corrupted_logits(pixels, keys, jobs, 42, means, batch_size=2, threads=1)
-    many = M.corrupted_logits(pixels, keys, jobs, 42, means, batch_size=5, threads=4)
+    one = corrupted_logits(pixels, keys, jobs, 42, means, batch_size=2, threads=1)
+    many = corrupted_logits(pixels, keys, jobs, 42, means, batch_size=5, threads=4)
     assert all(np.array_equal(a, b) for a, b in zip(one, many))
 
 
 # ----- the figures ------------------------------------------------------------------------------
 
-POINT = {"temperature": 1.0, "threshold_log_odds": 0.0, "target_recall": 0.99}
+POINT = OperatingPoint(temperature=1.0, threshold=0.5, threshold_log_odds=0.0,
+                       target_recall=0.99)
 
 
 def banded(labels: list[int], side: int = 24) -> np.ndarray:

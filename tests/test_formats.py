@@ -12,7 +12,7 @@ import torch
 from torch import nn
 
 from stages import export as export_stage
-from stages.common.alarm import calibration as cal
+from stages.common.alarm import calibration as cal, point as pt
 from stages.common.config.params import parse
 from stages.common.infra.errors import ParamError, StageError
 from stages.common.model.build import IMAGENET_MEAN, IMAGENET_STD
@@ -49,11 +49,11 @@ def small_net() -> nn.Module:
     return net.eval()
 
 
-def point() -> dict:
-    return cal.seal({"format": 1, "label": "person", "temperature": 1.5,
-                     "threshold": cal.probability(0.3), "threshold_log_odds": 0.3,
-                     "target_recall": 0.99, "val": {"persons": 29, "resolved": False},
-                     "model_sha256": "0" * 64})
+def point() -> pt.OperatingPoint:
+    return pt.OperatingPoint.parse(pt.seal({
+        "format": 1, "label": "person", "temperature": 1.5, "threshold": cal.probability(0.3),
+        "threshold_log_odds": 0.3, "target_recall": 0.99,
+        "val": {"persons": 29, "resolved": False}, "model_sha256": "0" * 64}))
 
 
 def crops(seed: int, n: int) -> np.ndarray:
@@ -74,10 +74,10 @@ def artifacts(tmp_path_factory):
     """The fp32 ONNX file with its point, and every other format built from it with 32
     calibration crops (others than the inputs compared)."""
     d = tmp_path_factory.mktemp("formats")
-    export(small_net(), META, d / "model.onnx", 18, point_for=lambda g: cal.embedded(point(), g))
+    export(small_net(), META, d / "model.onnx", 18, point_for=lambda g: pt.embedded(point(), g))
     for name in BUILT:
         build(name, d / "model.onnx", d / FORMATS[name].file, CALIBRATION,
-              point_for=lambda g: cal.embedded(point(), g))
+              point_for=lambda g: pt.embedded(point(), g))
     return d
 
 
@@ -106,9 +106,9 @@ def test_each_format_carries_the_metadata_and_the_point_bound_to_its_own_digest(
     assert loaded.meta == fp32.meta == META
     op, original = loaded.operating_point, fp32.operating_point
     for key in ("threshold", "threshold_log_odds", "temperature", "target_recall"):
-        assert op[key] == original[key]
-    assert op[cal.GRAPH_KEY] != original[cal.GRAPH_KEY]  # bound to this artifact, not the fp32
-    assert op["source"] == f"{artifacts / FORMATS[name].file} (embedded)"
+        assert getattr(op, key) == getattr(original, key)
+    assert op.graph_sha256 != original.graph_sha256  # bound to this artifact, not the fp32
+    assert op.source == f"{artifacts / FORMATS[name].file} (embedded)"
 
 
 def test_a_point_carried_into_another_ir_is_refused(artifacts, tmp_path):
@@ -185,8 +185,8 @@ def test_each_format_round_trips_through_predict_with_the_same_alarm(artifacts, 
     pixels = torch.stack([prepare(cv2.imread(str(p)), META)
                           for p in sorted(tmp_path.glob("*.png"))])
     op = fp32.operating_point
-    margin = np.abs(cal.person_log_odds(fp32.classify(pixels), op["temperature"], PERSON)
-                    - op["threshold_log_odds"])
+    margin = np.abs(cal.person_log_odds(fp32.classify(pixels), op.temperature, PERSON)
+                    - op.threshold_log_odds)
     clear = margin > 0.5
 
     def alarms(model: Path) -> list[bool]:
@@ -207,11 +207,12 @@ def stage_params(**export):
     return parse(paramfile.params({"export": export}))
 
 
-def pipeline_point(log_odds: float, rule: str = "none") -> dict:
-    return cal.seal({"format": 1, "label": "person", "temperature": 1.0,
-                     "threshold": cal.probability(log_odds), "threshold_log_odds": log_odds,
-                     "target_recall": 0.99, "guarantee": rule, "delta": 0.05,
-                     "val": {"persons": 29, "resolved": False}, "model_sha256": "0" * 64})
+def pipeline_point(log_odds: float, rule: str = "none") -> pt.OperatingPoint:
+    return pt.OperatingPoint.parse(pt.seal({
+        "format": 1, "label": "person", "temperature": 1.0,
+        "threshold": cal.probability(log_odds), "threshold_log_odds": log_odds,
+        "target_recall": 0.99, "guarantee": rule, "delta": 0.05,
+        "val": {"persons": 29, "resolved": False}, "model_sha256": "0" * 64}))
 
 
 @pytest.fixture(scope="module")
@@ -278,9 +279,10 @@ def test_a_refitted_threshold_is_sealed_for_the_artifact_and_then_certified(losi
     carried = OnnxClassifier(tmp_path / "model.int8.onnx")
     op = carried.operating_point
     lowest = cal.person_log_odds(carried.logits(calibration), 1.0, PERSON).min()
-    assert op["refitted_for"] == "onnx_int8" and op["threshold_log_odds"] == pytest.approx(lowest)
-    assert op["threshold"] == cal.probability(op["threshold_log_odds"])
-    assert figures["threshold_log_odds"] == op["threshold_log_odds"]
+    assert op.content["refitted_for"] == "onnx_int8"
+    assert op.threshold_log_odds == pytest.approx(lowest)
+    assert op.threshold == cal.probability(op.threshold_log_odds)
+    assert figures["threshold_log_odds"] == op.threshold_log_odds
 
 
 # ----- params and calibration crops -----------------------------------------------------------

@@ -10,6 +10,7 @@ from scipy.stats import beta, binom, norm
 
 from stages import calibrate
 from stages.common.alarm import calibration as cal, guarantee as g
+from stages.common.alarm.point import OperatingPoint, seal
 from stages.common.config.paths import OPERATING_POINT
 from stages.common.infra.errors import StageError
 from stages.common.model.checkpoint import ModelMeta
@@ -17,6 +18,12 @@ from tests import paramfile
 
 DRAWS = 2000
 Z = 3.29  # two-sided 0.1 %: the Monte-Carlo tolerance below is Z standard errors
+
+
+def as_read(point: dict) -> OperatingPoint:
+    """calibrate.operating_point's point as its readers get it: sealed, then read."""
+    return OperatingPoint.parse(seal({**point, "fitted_on": "data/split/calibration"}),
+                                embedded=True)
 
 
 # ----- Clopper-Pearson -------------------------------------------------------------------------
@@ -203,7 +210,7 @@ def test_too_few_persons_for_the_rule_is_one_line_and_recorded(rule, needed):
     val = point["val"]
     assert (point["guarantee"], val["persons_needed"], val["resolved"]) == (rule, needed, False)
     assert val["persons_missed"] == 0 and val["order_statistic"] == persons  # every one alarms
-    said, warned = calibrate.statement_lines({**point, "fitted_on": "data/split/calibration"})
+    said, warned = calibrate.statement_lines(as_read(point))
     (line,) = warned
     assert said == [] and line.startswith(
         f"warning: data/split/calibration holds {persons} persons in {persons} pictures, but "
@@ -218,7 +225,7 @@ def test_a_resolved_point_records_bounds_assurance_and_the_temperature_interval(
     point = calibrate.operating_point(logits * 2.0, targets, ["animal", "object", "person"],
                                       0.95, "probability", 0.05, seed=3)
     val = point["val"]
-    said, warned = calibrate.statement_lines({**point, "fitted_on": "data/split/calibration"})
+    said, warned = calibrate.statement_lines(as_read(point))
     assert val["resolved"] and warned == [] and said[0].startswith("Resolved: ")
     assert f"(expected recall {val['expected_recall']:g})" in said[1]
     assert val["chance_recall_below_target"] <= 0.05
@@ -299,7 +306,7 @@ def test_the_model_card_states_what_the_point_gives_and_what_test_shows():
             "person_recall": 1.0, "person_precision": 0.9831, "false_alarms_per_1000": 7.3,
             "person_pictures": 39, "person_pictures_missed": 0, "non_person_pictures": 80,
             "false_alarm_pictures": 1}
-    op = {**point_facts(point), **tested_facts(test, 0.99)}
+    op = {**point_facts(OperatingPoint(temperature=1.2, **point)), **tested_facts(test, 0.99)}
     calibration = {"temperature": 1.2, "ece_before": 0.1, "ece_after": 0.05}
     card = " ".join(alarm_section({"operating_point": op, "calibration": calibration}).split())
     assert ">= **0.6256** (rounded down: copied into `--person-threshold`, it raises the alarm " \
@@ -321,7 +328,8 @@ def test_the_model_card_states_what_the_point_gives_and_what_test_shows():
                         "expected_recall": 0.9953, "chance_recall_below_target": 0.0468}}
     caught = {**test, "persons": 1000, "persons_missed": 2, "person_recall": 0.998,
               "person_pictures": 700, "person_pictures_missed": 1}
-    card = " ".join(alarm_section({"operating_point": {**point_facts(resolved),
+    card = " ".join(alarm_section({"operating_point": {**point_facts(
+                                       OperatingPoint(temperature=1.2, **resolved)),
                                                        **tested_facts(caught, 0.99)},
                                    "calibration": calibration}).split())
     assert "Resolved: data/split/calibration holds 1,500 persons in 900 pictures" in card

@@ -37,8 +37,8 @@ ROOMS = {
              "adapters.",
     "config": "What a run is told: params.yaml's schema and loader, arch families, formats, "
               "alarm label.",
-    "pictures": "Picture files: one decoder, crop geometry and letterbox, the Open Images file "
-                "layout.",
+    "pictures": "Picture files: one decoder, crop geometry, letterbox, Open Images layout, "
+                "camera conditions.",
     "model": "The classifier: built from config's arch families, checkpoint, device, ONNX and "
              "other formats.",
     "alarm": "The person alarm: temperature, threshold, sealed operating point, what the "
@@ -162,7 +162,7 @@ def test_no_import_cycle():
 def shared_deps(name: str) -> set[str]:
     """The stages.common modules stage ``name`` imports, directly or through a shared module
     that can change an output (a NOT_DEPS module's own imports are not followed), and another
-    stage's modules it imports (train applies stages/conditions/corrupt.py's conditions)."""
+    stage's modules it imports (a module of another stage's package)."""
     modules = project_modules()
     package = STAGES / name
     own = sorted(package.glob("*.py")) if package.is_dir() else [STAGES / f"{name}.py"]

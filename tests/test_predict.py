@@ -49,7 +49,8 @@ def models(tmp_path_factory):
 
 def give_point(checkpoint: Path, *folders: Path) -> None:
     """An operating point fitted for ``checkpoint``, as calibrate writes it, in each folder."""
-    from stages.common.alarm.calibration import log_odds, seal
+    from stages.common.alarm.calibration import log_odds
+    from stages.common.alarm.point import seal
     from stages.common.infra.digest import file_sha256
 
     point = seal({"format": 1, "label": "person", "temperature": 1.0, "threshold": 0.5,

@@ -11,7 +11,7 @@ import numpy as np
 import pytest
 import torch
 
-from stages.common.alarm import calibration as cal
+from stages.common.alarm import calibration as cal, point as pt
 from stages.common.infra.digest import file_sha256
 from stages.common.model.build import IMAGENET_MEAN, IMAGENET_STD, build_model
 from stages.common.model.checkpoint import ModelMeta, save_checkpoint
@@ -55,13 +55,13 @@ def models(elsewhere, tmp_path_factory):
     logits = np.stack([p.logits for p in predict_paths(plain, expand([pics])) if not p.error])
     person = cal.softmax(logits, TEMPERATURE)[:, 2]
     threshold = float(np.median(person))
-    point = cal.seal({"format": 1, "label": "person", "temperature": TEMPERATURE,
+    point = pt.seal({"format": 1, "label": "person", "temperature": TEMPERATURE,
                       "threshold": cal.probability(cal.log_odds(threshold)),
                       "threshold_log_odds": cal.log_odds(threshold), "target_recall": 0.99,
                       "val": {}, "model_sha256": file_sha256(d / "best.pt")})
     (d / "operating_point.json").write_text(json.dumps(point))
     export(model, ModelMeta(**meta), d / "model.onnx", 18,
-           point_for=lambda g: cal.embedded(point, g))
+           point_for=lambda g: pt.embedded(pt.OperatingPoint.parse(point), g))
     return SimpleNamespace(pt=d / "best.pt", onnx=d / "model.onnx", pics=pics, point=point,
                            logits=logits)
 
@@ -156,11 +156,86 @@ def test_a_point_fitted_for_another_checkpoint_is_not_used(run, models, tmp_path
     (tmp_path / "operating_point.json").write_text((models.pt.parent / "operating_point.json")
                                                    .read_text())
     assert TorchClassifier(other).operating_point is None
-    assert TorchClassifier(models.pt).operating_point["threshold"] == models.point["threshold"]
+    assert TorchClassifier(models.pt).operating_point.threshold == models.point["threshold"]
 
 
 def test_the_onnx_file_carries_the_point_under_its_digest(models):
     loaded = OnnxClassifier(models.onnx).operating_point
-    bound = cal.embedded(models.point, loaded[cal.GRAPH_KEY])  # bound to the file's graph
-    assert {k: v for k, v in loaded.items() if k != "source"} == bound
-    assert "model_sha256" not in loaded  # a file inside a model names no other file
+    bound = pt.embedded(pt.OperatingPoint.parse(models.point), loaded.graph_sha256)
+    assert loaded.content == bound  # bound to the file's graph
+    assert "model_sha256" not in loaded.content  # a file inside a model names no other file
+    assert loaded.model_sha256 is None
+
+
+# ----- camera modes (calibrate.modes): --mode NAME | auto ---------------------------------------
+
+NEVER, ALWAYS = 50.0, -50.0  # log-odds no random model's person score reaches / falls below
+
+
+def mode_entry(name: str, log_odds: float, conditions=()) -> dict:
+    return {"name": name, "conditions": list(conditions),
+            "severities": [1, 2, 3, 4, 5] if conditions else [],
+            "threshold": cal.probability(log_odds), "threshold_log_odds": log_odds,
+            "val": {"persons": 29, "resolved": False}}
+
+
+@pytest.fixture(scope="module")
+def moded(models, tmp_path_factory):
+    """The checkpoint with a point of two camera modes beside it: day never raises the alarm,
+    infrared always does; and a colour and a grey picture."""
+    d = tmp_path_factory.mktemp("modes")
+    (d / "best.pt").write_bytes(models.pt.read_bytes())
+    point = pt.seal({**{k: v for k, v in models.point.items() if k != pt.SEAL_KEY},
+                     "modes": [mode_entry("day", NEVER),
+                               mode_entry("infrared", ALWAYS, ["infrared"])]})
+    (d / "operating_point.json").write_text(json.dumps(point))
+    pics = d / "pics"
+    pics.mkdir()
+    rng = np.random.default_rng(2)
+    cv2.imwrite(str(pics / "colour.png"), rng.integers(0, 255, (SIZE, SIZE, 3), np.uint8))
+    grey = rng.integers(0, 255, (SIZE, SIZE), np.uint8)
+    cv2.imwrite(str(pics / "grey.jpg"), np.repeat(grey[..., None], 3, axis=2))  # as IR cameras
+    return SimpleNamespace(pt=d / "best.pt", pics=pics, point=point)
+
+
+def test_mode_infrared_answers_with_its_own_threshold_and_says_so(run, moded):
+    proc = run(moded.pics, "--model", moded.pt, "--format", "json", "--mode", "infrared")
+    assert proc.returncode == 0 and proc.stderr == ""
+    doc = json.loads(proc.stdout)
+    head = doc["operating_point"]
+    assert (head["mode"], head["threshold_log_odds"]) == ("infrared", ALWAYS)
+    assert head["modes"] == {"infrared": {"threshold": cal.probability(ALWAYS),
+                                          "threshold_log_odds": ALWAYS}}
+    assert [(p["mode"], p["alarm"]) for p in doc["predictions"]] == [("infrared", True)] * 2
+
+
+def test_mode_auto_takes_the_infrared_threshold_for_a_grey_picture(run, moded):
+    doc = json.loads(run(moded.pics, "--model", moded.pt, "--format", "json", "--mode",
+                         "auto").stdout)
+    assert doc["operating_point"]["mode"] == "auto"
+    assert set(doc["operating_point"]["modes"]) == {"day", "infrared"}
+    got = {p["path"].rsplit("/", 1)[1]: (p["mode"], p["alarm"]) for p in doc["predictions"]}
+    assert got == {"colour.png": ("day", False), "grey.jpg": ("infrared", True)}
+    plain = json.loads(run(moded.pics, "--model", moded.pt, "--format", "json").stdout)
+    assert "mode" not in plain["operating_point"]  # without --mode: the point's own threshold
+    assert "mode" not in plain["predictions"][0]
+    assert plain["operating_point"]["threshold"] == moded.point["threshold"]
+
+
+@pytest.mark.parametrize("args, needle", [
+    (["--mode", "night"], "--mode 'night' is not a camera mode of the operating point "),
+    (["--mode", "auto", "--person-threshold", "0.5"], "both choose the threshold"),
+])
+def test_a_bad_mode_is_one_line_exit_2(run, moded, args, needle):
+    proc = run(moded.pics, "--model", moded.pt, *args)
+    assert proc.returncode == 2 and proc.stdout == ""
+    assert proc.stderr.startswith("error: ") and proc.stderr.count("\n") == 1
+    assert needle in proc.stderr and ("it holds day, infrared" in proc.stderr
+                                      or "--person-threshold" in proc.stderr)
+
+
+def test_mode_auto_without_modes_is_one_line(run, models):
+    proc = run(models.pics, "--model", models.pt, "--mode", "auto")
+    assert proc.returncode == 2 and proc.stdout == "" and proc.stderr.count("\n") == 1
+    assert "--mode auto needs exactly one camera mode fitted on clean crops" in proc.stderr
+    assert "no camera modes (calibrate.modes is empty)" in proc.stderr

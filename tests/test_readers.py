@@ -19,7 +19,7 @@ import pytest
 import torch
 
 from stages import predict
-from stages.common.alarm import calibration as cal
+from stages.common.alarm import calibration as cal, point as pt
 from stages.common.config import params
 from stages.common.infra.errors import ParamError, StageError
 from stages.common.infra.jsonfile import MAX_DEPTH, JsonProblem, parse_json, read_json
@@ -60,7 +60,7 @@ def test_a_fifo_is_refused_before_it_is_opened(tmp_path):
     box = in_thread(read_json, fifo)
     assert isinstance(box.get("error"), JsonProblem)
     assert str(box["error"]) == "not a regular file (a FIFO)"
-    box = in_thread(cal.read_operating_point, fifo)  # what evaluate and export call
+    box = in_thread(pt.read_operating_point, fifo)  # what evaluate and export call
     assert isinstance(box.get("error"), StageError)
     assert str(box["error"]).startswith(f"{fifo}: cannot read it (not a regular file (a FIFO))")
 
@@ -105,7 +105,7 @@ def test_a_point_with_a_key_given_twice_is_refused(tmp_path):
     point = tmp_path / "operating_point.json"
     point.write_text('{"threshold": 0.1, "threshold": 0.9}')
     with pytest.raises(StageError) as caught:
-        cal.read_operating_point(point)
+        pt.read_operating_point(point)
     assert str(caught.value) == (f"{point}: cannot read it (key 'threshold' is given twice in one "
                                  "object); run `dvc repro calibrate` again")
 
@@ -278,11 +278,11 @@ def onnx_model(tmp_path_factory):
     meta = {"arch": "resnet18", "classes": CLASSES, "image_size": SIZE, "mean": MEAN,
             "std": STD, "dropout": 0.3}
     save_checkpoint(d / "best.pt", model, ModelMeta(**meta))
-    point = cal.seal({"format": cal.FORMAT, "label": "person", "temperature": 1.5,
+    point = pt.seal({"format": pt.FORMAT, "label": "person", "temperature": 1.5,
                       "threshold": 0.5, "threshold_log_odds": 0.0, "target_recall": 0.9,
                       "val": {}, "model": "best.pt", "model_sha256": "0" * 64})
     export(model, ModelMeta(**meta), d / "model.onnx", 18,
-           point_for=lambda g: cal.embedded(point, g))
+           point_for=lambda g: pt.embedded(pt.OperatingPoint.parse(point), g))
     return d / "model.onnx"
 
 
@@ -303,7 +303,7 @@ def test_the_embedded_point_names_the_models_graph(onnx_model):
     from stages.common.serving.classifiers import OnnxClassifier
 
     point = OnnxClassifier(onnx_model).operating_point
-    assert len(point[cal.GRAPH_KEY]) == 64 and point["temperature"] == 1.5
+    assert len(point.graph_sha256) == 64 and point.temperature == 1.5
 
 
 def test_a_point_kept_with_other_weights_is_refused(onnx_model, tmp_path):

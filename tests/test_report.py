@@ -374,6 +374,7 @@ def test_operating_point_sentence():
 def test_the_report_states_what_a_constructed_point_gives_and_what_test_shows():
     """eval.json as evaluate writes it: the same statement as the card's, and a revision whose
     figures contradict (a target_met its bound denies) is named inconsistent in one line."""
+    from stages.common.alarm.point import OperatingPoint
     from stages.common.alarm.statement import point_facts, tested_facts
     from stages.report import operating_point_html, operating_point_problem
 
@@ -387,7 +388,7 @@ def test_the_report_states_what_a_constructed_point_gives_and_what_test_shows():
             "person_recall": 1.0, "person_precision": 1.0, "false_alarms_per_1000": 0.0,
             "person_pictures": 39, "person_pictures_missed": 0, "non_person_pictures": 60,
             "false_alarm_pictures": 0}
-    op = {**point_facts(point), **tested_facts(test, 0.99)}
+    op = {**point_facts(OperatingPoint(temperature=1.0, **point)), **tested_facts(test, 0.99)}
     shown = html.unescape(operating_point_html({"workspace": op}))
     assert "At threshold 0.6256: Unresolved: data/split/val holds 29 persons in 18 pictures" \
         in shown

@@ -3,6 +3,7 @@ a temperature typed in, the shown threshold alone) is refused in one line, exit 
 reader (predict on a checkpoint and on an ONNX file, evaluate, export); a missing key is one line;
 the threshold shown is the one that answers; the model card states the point the ONNX file
 carries, and export embeds only the point evaluate scored."""
+import dataclasses
 import json
 import shutil
 from pathlib import Path
@@ -13,7 +14,7 @@ import pytest
 import torch
 
 from stages import export as export_stage, predict
-from stages.common.alarm import calibration as cal, statement
+from stages.common.alarm import calibration as cal, point as pt, statement
 from stages.common.infra.atomic import write_json
 from stages.common.infra.digest import file_sha256
 from stages.common.infra.errors import StageError
@@ -43,7 +44,7 @@ EDITS = {
 
 
 def fitted_point(checkpoint: Path, **extra) -> dict:
-    return cal.seal({"format": 1, "label": "person", "temperature": TEMPERATURE,
+    return pt.seal({"format": 1, "label": "person", "temperature": TEMPERATURE,
                      "threshold": cal.probability(LOG_ODDS), "threshold_log_odds": LOG_ODDS,
                      "target_recall": 0.99, "val": {"persons": 29, "resolved": False},
                      "model": str(CHECKPOINT), "model_sha256": file_sha256(checkpoint),
@@ -70,7 +71,7 @@ def project(tmp_path_factory):
                                           "measure": {"night": [1, 3], "glare": [2]}},
                            "export": {"speed_runs": 1, "batch_size": 2}})
     export(model, ModelMeta(**meta), root / "model.onnx", 18,
-           point_for=lambda g: cal.embedded(point, g))
+           point_for=lambda g: pt.embedded(pt.OperatingPoint.parse(point), g))
     return SimpleNamespace(root=root, point=point, text=(root / FILE).read_text(),
                            pics=root / "data/split/test/person")
 
@@ -131,7 +132,7 @@ def test_the_point_beside_a_checkpoint_is_checked_too(project, tmp_path, capsys,
                                  "point_sha256"])
 def test_a_missing_key_is_one_line_never_a_key_error(inside, capsys, key):
     point = {k: v for k, v in inside.point.items() if k != key}
-    resealed = point if key == "point_sha256" else cal.seal(point)
+    resealed = point if key == "point_sha256" else pt.seal(point)
     for content in (point, resealed):  # as edited, and as if a writer had left the key out
         (inside.root / FILE).write_text(json.dumps(content))
         line = stage_error(capsys, evaluate.main)
@@ -146,10 +147,10 @@ def test_a_key_of_the_wrong_type_is_one_line(tmp_path, key, value):
     path = tmp_path / "operating_point.json"
     (tmp_path / "x").write_bytes(b"weights")
     point = fitted_point(tmp_path / "x")
-    point = cal.seal({**point, key: value}) if key != "point_sha256" else {**point, key: value}
+    point = pt.seal({**point, key: value}) if key != "point_sha256" else {**point, key: value}
     path.write_text(json.dumps(point))
     with pytest.raises(StageError) as err:
-        cal.read_operating_point(path)
+        pt.read_operating_point(path)
     assert "\n" not in str(err.value) and key in str(err.value) and \
         str(err.value).endswith(RECALIBRATE)
 
@@ -157,29 +158,29 @@ def test_a_key_of_the_wrong_type_is_one_line(tmp_path, key, value):
 def test_a_threshold_that_is_not_the_probability_of_the_log_odds_is_refused(tmp_path):
     """Resealed by hand, the shown threshold still must be the alarm's own."""
     (tmp_path / "x").write_bytes(b"weights")
-    point = cal.seal({**fitted_point(tmp_path / "x"), "threshold": 0.5})
-    assert cal.point_problem(point) == (
+    point = pt.seal({**fitted_point(tmp_path / "x"), "threshold": 0.5})
+    assert pt.point_problem(point) == (
         f"threshold 0.5 is not the probability of threshold_log_odds {LOG_ODDS!r} "
         f"({cal.probability(LOG_ODDS)!r})")
-    assert cal.point_problem(cal.seal({**point, "threshold": cal.probability(LOG_ODDS)})) is None
-    near_one = cal.seal({**point, "threshold_log_odds": 40.0, "threshold": 1.0})
-    assert cal.point_problem(near_one) is None  # rounds to exactly 1.0 in float64: agrees
+    assert pt.point_problem(pt.seal({**point, "threshold": cal.probability(LOG_ODDS)})) is None
+    near_one = pt.seal({**point, "threshold_log_odds": 40.0, "threshold": 1.0})
+    assert pt.point_problem(near_one) is None  # rounds to exactly 1.0 in float64: agrees
 
 
 def test_the_seal_covers_every_key_present_nested_ones_too(tmp_path):
     """Keys calibrate may add later are under the seal without being named anywhere."""
     (tmp_path / "x").write_bytes(b"weights")
-    point = fitted_point(tmp_path / "x", guarantee={"rule": "average", "delta": 0.05},
+    point = fitted_point(tmp_path / "x", nested={"rule": "average", "delta": 0.05},
                          temperature_interval=(1.2, 1.9), note=None)
     path = tmp_path / "operating_point.json"
     write_json(path, point)  # as calibrate writes it: the tuple becomes a list
-    assert cal.read_operating_point(path) == json.loads(path.read_text())
+    assert pt.read_operating_point(path).content == json.loads(path.read_text())
     for old, new in [('"delta": 0.05', '"delta": 0.5'), ("1.9", "9.1"),
                      ('"note": null', '"note": 0'), ('"persons": 29', '"persons": 290')]:
         path.write_text(json.dumps(point, indent=2, sort_keys=True).replace(old, new))
         assert old in json.dumps(point, indent=2, sort_keys=True)
         with pytest.raises(StageError, match="does not match its point_sha256"):
-            cal.read_operating_point(path)
+            pt.read_operating_point(path)
 
 
 def test_the_seal_is_the_checkpoint_metadata_digest_recipe(tmp_path):
@@ -191,19 +192,19 @@ def test_the_seal_is_the_checkpoint_metadata_digest_recipe(tmp_path):
     content = {k: v for k, v in point.items() if k != "point_sha256"}
     text = json.dumps(content, sort_keys=True, separators=(",", ":"))
     assert point["point_sha256"] == hashlib.sha256(text.encode()).hexdigest()
-    assert cal.seal(point) == point  # sealing again changes nothing
+    assert pt.seal(point) == point  # sealing again changes nothing
 
 
 # ----- the copy inside an ONNX file ------------------------------------------------------------
 
 def test_the_onnx_copy_names_no_file_and_carries_its_own_seal(project):
     copy = OnnxClassifier(project.root / "model.onnx").operating_point
-    assert "model_sha256" not in copy and "model" not in copy
-    assert copy["point_sha256"] != project.point["point_sha256"]
-    assert cal.point_problem({k: v for k, v in copy.items() if k != "source"},
-                             embedded=True) is None
+    assert "model_sha256" not in copy.content and "model" not in copy.content
+    assert copy.model_sha256 is None
+    assert copy.point_sha256 != project.point["point_sha256"]
+    assert pt.point_problem(dict(copy.content), embedded=True) is None
     for key in ("temperature", "threshold_log_odds", "target_recall", "val"):
-        assert copy[key] == project.point[key]
+        assert getattr(copy, key) == project.point[key]
 
 
 @pytest.mark.parametrize("edit", list(EDITS))
@@ -259,8 +260,8 @@ def test_person_threshold_x_alarms_with_the_log_odds_of_x(inside, capsys, monkey
 
     def with_other_log_odds(*args, **kwargs):
         classifier = real(*args, **kwargs)
-        classifier.operating_point = {**classifier.operating_point, "threshold": x,
-                                      "threshold_log_odds": 9.663}
+        classifier.operating_point = dataclasses.replace(
+            classifier.operating_point, threshold=x, threshold_log_odds=9.663)
         return classifier
 
     monkeypatch.setattr(predict, "load_classifier", with_other_log_odds)
@@ -286,7 +287,7 @@ def test_export_refuses_an_evaluation_of_another_point(inside, capsys):
     scored = json.loads(Path("metrics/eval.json").read_text())
     assert scored["operating_point"]["point_sha256"] == inside.point["point_sha256"]
     write_split_metrics()
-    other = cal.seal({**inside.point, "temperature": 2.0})  # calibrate ran again since
+    other = pt.seal({**inside.point, "temperature": 2.0})  # calibrate ran again since
     write_json(FILE, other)
     capsys.readouterr()
     line = stage_error(capsys, export_stage.main)
@@ -324,11 +325,11 @@ def test_the_card_states_the_point_the_onnx_file_carries(inside, capsys):
     write_json(Path("metrics/eval.json"), scores)
     export_stage.main()
     carried = OnnxClassifier("data/export/model.onnx").operating_point
-    assert cal.embedded(inside.point, carried[cal.GRAPH_KEY]) == \
-        {k: v for k, v in carried.items() if k != "source"}
+    assert pt.embedded(pt.OperatingPoint.parse(inside.point), carried.graph_sha256) == \
+        carried.content
     card = Path("data/export/MODEL_CARD.md").read_text()
-    shown = statement.threshold_text(carried["threshold"], carried["threshold_log_odds"])
-    assert f">= **{shown}**" in card and f"T = {round(carried['temperature'], 4)}" in card
+    shown = statement.threshold_text(carried.threshold, carried.threshold_log_odds)
+    assert f">= **{shown}**" in card and f"T = {round(carried.temperature, 4)}" in card
     assert "0.9**" not in card and "T = 3.0" not in card
     measured = json.loads(Path("metrics/conditions.json").read_text())
     assert measured["point_sha256"] == inside.point["point_sha256"]

@@ -17,7 +17,7 @@ import yaml
 
 from stages import export as export_stage
 from stages import report
-from stages.common.alarm import calibration as cal
+from stages.common.alarm import calibration as cal, point as pt
 from stages.common.config.paths import (EVAL_METRICS, EVAL_SPEED, EXPORT_METRICS, EXPORT_SPEED,
                                         SPEED_FILES, TRAIN_SPEED)
 from stages.common.inference import speed
@@ -140,7 +140,7 @@ def evaluated_project(tmp_path, monkeypatch):
     save_checkpoint(checkpoint, build_model("resnet18", 3, 0.3).eval(), ModelMeta(
         arch="resnet18", classes=CLASSES, image_size=SIZE, mean=IMAGENET_MEAN,
         std=IMAGENET_STD, dropout=0.3))
-    write_json(tmp_path / "data/calibration/operating_point.json", cal.seal({
+    write_json(tmp_path / "data/calibration/operating_point.json", pt.seal({
         "format": 1, "label": "person", "temperature": 1.5, "threshold": cal.probability(1.0),
         "threshold_log_odds": 1.0, "target_recall": 0.99,
         "val": {"persons": 29, "resolved": False}, "model": "data/model/best.pt",

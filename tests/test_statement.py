@@ -7,6 +7,7 @@ import pytest
 from scipy.stats import binom
 
 from stages.common.alarm import calibration as cal, guarantee as g, statement as s
+from stages.common.alarm.point import OperatingPoint
 
 
 def point(**val) -> dict:
@@ -35,7 +36,7 @@ def figures(persons: int, missed: int, non_persons: int = 98, false_alarms: int 
 
 
 def facts(p: dict, test: dict | None = None) -> dict:
-    out = s.point_facts(p)
+    out = s.point_facts(OperatingPoint(temperature=1.0, **p))
     return {**out, **s.tested_facts(test, p["target_recall"])} if test else out
 
 
@@ -199,4 +200,5 @@ def test_an_older_eval_json_states_what_it_holds():
     assert said.startswith("On test, 58 of 58 test persons raised the alarm")
     assert "not shown" not in said and "not met" not in said  # target_met false alone: no verdict
     assert s.statement({"threshold": 0.5}) == []
-    assert math.isclose(s.point_facts(point())["threshold_log_odds"], 0.5)
+    assert math.isclose(s.point_facts(OperatingPoint(temperature=1.0, **point()))[
+        "threshold_log_odds"], 0.5)

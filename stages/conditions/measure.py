@@ -16,15 +16,11 @@ themselves are always there.
 """
 from __future__ import annotations
 
-from concurrent.futures import ThreadPoolExecutor
-from typing import Callable
-
 import numpy as np
 
 from stages.common.alarm.labelled import alarm_under
-from stages.conditions.corrupt import corrupt
-
-Classify = Callable[[np.ndarray], np.ndarray]  # uint8 N x H x W x 3 -> logits N x classes
+from stages.common.alarm.point import OperatingPoint
+from stages.common.inference.corrupted import Classify, corrupted_logits
 
 
 def corruption_error(error: float, clean_error: float) -> float | None:
@@ -43,29 +39,8 @@ def kept_to(by_severity: dict[int, dict]) -> int:
     return kept
 
 
-def corrupted_logits(pixels: np.ndarray, keys: list[str], jobs: list[tuple[str, int]],
-                     seed: int, classify: Classify, batch_size: int, threads: int
-                     ) -> list[np.ndarray]:
-    """The logits of every crop under each (condition, severity) of ``jobs``: each corrupted
-    crop computed once and classified in batches of ``batch_size`` that run across jobs, so no
-    job's short last batch is paid for. Each of ``threads`` workers corrupts a batch and
-    classifies it (OpenCV, numpy and the forward pass release the GIL), so the corruptions of
-    one batch overlap the forward pass of another with no barrier between them, and memory
-    holds ``threads`` batches; each crop's draws are its own, so the count changes nothing."""
-    n, total = len(keys), len(keys) * len(jobs)
-
-    def batch_logits(start: int) -> np.ndarray:
-        return classify(np.stack([corrupt(pixels[k % n], *jobs[k // n], seed, keys[k % n])
-                                  for k in range(start, min(start + batch_size, total))]))
-
-    with ThreadPoolExecutor(max(1, threads)) as pool:
-        rows = list(pool.map(batch_logits, range(0, total, batch_size)))
-    logits = np.concatenate(rows) if rows else np.zeros((0, 0))
-    return [logits[j * n:(j + 1) * n] for j in range(len(jobs))]
-
-
 def suite(pixels: np.ndarray, keys: list[str], targets: np.ndarray, classes: list[str],
-          point: dict, classify: Classify, measure: dict[str, list[int]], seed: int,
+          point: OperatingPoint, classify: Classify, measure: dict[str, list[int]], seed: int,
           pictures=None, batch_size: int = 256, threads: int = 1) -> dict:
     """The figures clean and for each condition and severity in ``measure``.
 

@@ -27,37 +27,23 @@ import matplotlib.pyplot as plt  # noqa: E402
 import numpy as np  # noqa: E402
 import torch  # noqa: E402
 
-from stages.common.alarm.calibration import (crop_pictures, operating_point_for,  # noqa: E402
-                                             unlisted_line)
+from stages.common.alarm.calibration import crop_pictures, unlisted_line  # noqa: E402
+from stages.common.alarm.point import operating_point_for  # noqa: E402
 from stages.common.config import params  # noqa: E402
 from stages.common.config.paths import (CHECKPOINT, CONDITIONS_METRICS,  # noqa: E402
                                         CONDITIONS_PLOTS, OPERATING_POINT, SPLIT_MANIFEST,
                                         TEST_SPLIT)
-from stages.common.inference.batches import normalise  # noqa: E402
-from stages.common.inference.logits import checked_crops, to_device  # noqa: E402
+from stages.common.inference.corrupted import pixel_classifier  # noqa: E402
+from stages.common.inference.logits import checked_crops  # noqa: E402
 from stages.common.infra.atomic import atomic_file, clean_dead_leftovers, write_json  # noqa: E402
 from stages.common.infra.errors import main_guard  # noqa: E402
 from stages.common.model.build import load_checkpoint  # noqa: E402
-from stages.common.model.checkpoint import ModelMeta, check_logits  # noqa: E402
 from stages.common.model.device import pick_device  # noqa: E402
 from stages.conditions.measure import suite  # noqa: E402
 
 PNG_META = {"Software": None}  # deterministic PNG bytes: no software version in the metadata
 CSV_COLUMNS = ("person_recall", "person_recall_lower_95", "false_alarms_per_1000",
                "false_alarms_per_1000_upper_95", "accuracy")
-
-
-def classifier(model: torch.nn.Module, meta: ModelMeta, device: torch.device, checkpoint: Path):
-    """One batch of uint8 N x H x W x 3 crops -> the model's logits (float64 numpy), checked."""
-    @torch.inference_mode()
-    def classify(pixels: np.ndarray) -> np.ndarray:
-        model.eval()
-        batch = torch.from_numpy(np.ascontiguousarray(pixels)).permute(0, 3, 1, 2)
-        logits = model(normalise(to_device(batch, device), meta.mean, meta.std))
-        logits = logits.float().cpu()
-        check_logits(logits, len(pixels), len(meta.classes), checkpoint)
-        return logits.numpy().astype(np.float64)
-    return classify
 
 
 def trained_on(recipe: dict | None) -> list[str]:
@@ -157,7 +143,7 @@ def main() -> None:
     pixels = crops.pixels.permute(0, 2, 3, 1).contiguous().numpy()
     keys = ["/".join(Path(p).parts[-2:]) for p in crops.paths]  # <label>/<file>: any machine
     pictures, unlisted = crop_pictures(crops.paths, SPLIT_MANIFEST)
-    classify = classifier(model, meta, device, CHECKPOINT)
+    classify = pixel_classifier(model, meta, device, CHECKPOINT)
     jobs = sum(len(s) for s in cfg.measure.values())
     # one worker per core, each corrupting a batch and running its forward pass on one
     # thread: no core waits at a barrier inside a layer (BENCHMARKS.md section 8)
@@ -171,14 +157,14 @@ def main() -> None:
                        cfg.measure, everything.seed, pictures, cfg.batch_size, threads=workers)
     finally:  # a caller in the same process (the tests) keeps its threads
         torch.set_num_threads(threads)
-    result.update({"point_sha256": point["point_sha256"], "target_recall": point["target_recall"],
+    result.update({"point_sha256": point.point_sha256, "target_recall": point.target_recall,
                    "test_crops": len(keys), "seed": everything.seed})
     mark_training(result, meta.params)
     write_json(CONDITIONS_METRICS, result)
     CONDITIONS_PLOTS.mkdir(parents=True, exist_ok=True)
     write_csvs(result, CONDITIONS_PLOTS)
-    grid_png(result, point["target_recall"], CONDITIONS_PLOTS / "grid.png")
-    print("\n".join(summary_lines(result, point["target_recall"])))
+    grid_png(result, point.target_recall, CONDITIONS_PLOTS / "grid.png")
+    print("\n".join(summary_lines(result, point.target_recall)))
     line = unlisted_line(unlisted, len(keys), SPLIT_MANIFEST)
     if line:
         print(line, file=sys.stderr)

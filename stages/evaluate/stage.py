@@ -25,8 +25,9 @@ from sklearn.metrics import (classification_report, confusion_matrix,
                              precision_recall_curve, roc_curve)
 
 from stages.common.alarm.calibration import (alarm_figures, brier, crop_pictures, ece, nll,
-                                             operating_point_for, person_log_odds, reliability,
-                                             softmax, unlisted_line)
+                                             person_log_odds, reliability, softmax,
+                                             unlisted_line)
+from stages.common.alarm.point import OperatingPoint, operating_point_for
 from stages.common.alarm.statement import (InconsistentFigures, point_facts, statement,
                                            tested_facts, threshold_text)
 from stages.common.config import params
@@ -98,19 +99,19 @@ def stated(facts: dict) -> list[str]:
 
 
 def alarm_metrics(logits: np.ndarray, targets: np.ndarray, classes: list[str],
-                  point: dict, pictures=None) -> dict:
+                  point: OperatingPoint, pictures=None) -> dict:
     """The person alarm at calibrate's operating point, on test: the alarm's statement figures
     (stages.common.alarm.statement: what the point gives new persons, the test counts with
     one-sided 95 % Clopper-Pearson bounds over ``pictures`` (each crop's source picture; None:
     every crop its own) and the verdict met / not shown / not met), and the
     calibration's effect (ECE, NLL, Brier before / after)."""
-    temperature = point["temperature"]
+    temperature = point.temperature
     before, after = softmax(logits), softmax(logits, temperature)
     person = classes.index(ALARM_LABEL)
     alarm = alarm_figures(person_log_odds(logits, temperature, person),
-                          targets == person, point["threshold_log_odds"], pictures)
-    op = {**point_facts(point), **tested_facts(alarm, point["target_recall"]),
-          "point_sha256": point["point_sha256"]}  # export embeds only the point evaluated here
+                          targets == person, point.threshold_log_odds, pictures)
+    op = {**point_facts(point), **tested_facts(alarm, point.target_recall),
+          "point_sha256": point.point_sha256}  # export embeds only the point evaluated here
     stated(op)
     return {
         "operating_point": op,
@@ -221,7 +222,7 @@ def main() -> None:
     crops, logits, targets = labelled_logits(model, meta, TEST_SPLIT, CHECKPOINT, device,
                                              cfg.batch_size, "evaluate")
     preds = logits.argmax(1)
-    probs = softmax(logits, point["temperature"])  # argmax unchanged; what predict shows
+    probs = softmax(logits, point.temperature)  # argmax unchanged; what predict shows
     classes = meta.classes
 
     metrics = score(targets, preds, classes)
@@ -238,7 +239,7 @@ def main() -> None:
     matrix = confusion_matrix(targets, preds, labels=list(range(len(classes))))
     figures.confusion_png(matrix, classes, EVAL_PLOTS / "confusion.png",
                           f"{meta.arch} test (n={len(targets)})")
-    curves = write_curves(class_log_odds(logits, point["temperature"]), targets, classes)
+    curves = write_curves(class_log_odds(logits, point.temperature), targets, classes)
     bins = write_reliability(softmax(logits), probs, targets)
     figures.alarm_png(curves, bins, metrics, EVAL_PLOTS / "alarm.png")
     figures.learning_curves_png(figures.read_history(TRAIN_PLOTS),

@@ -26,7 +26,7 @@ the report's recipe, the same bytes as before the param existed):
   from (seed, epoch, crop) (:func:`augmix`);
 - ``conditions``: each epoch, half the crops (:data:`CONDITIONED_SHARE`) under one camera condition
   of ``train.augment_conditions`` at a severity 1-5, both uniform, drawn per epoch as the jitter
-  is, and applied by stages/conditions/corrupt.py's own :func:`corrupt` with a seed of (seed,
+  is, and applied by stages/common/pictures/corrupt.py's own :func:`corrupt` with a seed of (seed,
   epoch) and the crop's index as its key (:func:`draw_conditions`).
 
 Either is a function of (seed, epoch, crop) alone, as the jitter is.
@@ -44,7 +44,7 @@ import torch
 from torchvision.transforms.v2 import AugMix
 
 from stages.common.inference.batches import normalise
-from stages.conditions.corrupt import corrupt
+from stages.common.pictures.corrupt import corrupt
 from stages.train.data import derived_seed
 
 JITTER = 0.2      # brightness, contrast, saturation: factors in [1 - 0.2, 1 + 0.2]

@@ -19,10 +19,8 @@ there fast), and thresholds on such ties would lose all resolution. ``threshold_
 the alarm; ``threshold`` is its probability, for people to read, and a reader refuses a point
 where the two disagree.
 
-The operating point file (data/calibration/operating_point.json) names the checkpoint it was
-fitted for by the SHA-256 of its bytes: a stale file next to another model is never used. It is
-sealed by ``point_sha256`` over all its other keys (:func:`seal`), as is the copy an ONNX file
-carries, and every reader checks the seal (:func:`point_problem`).
+The operating point file (data/calibration/operating_point.json), its seal and the typed
+record every reader gets from it are stages.common.alarm.point's.
 """
 from __future__ import annotations
 
@@ -33,17 +31,13 @@ from pathlib import Path
 import numpy as np
 
 from stages.common.alarm import guarantee
-from stages.common.config.labels import ALARM_LABEL
-from stages.common.infra.digest import file_sha256
 from stages.common.infra.errors import StageError
-from stages.common.infra.jsonfile import JsonProblem, read_json
 
 ECE_BINS = 15
 # Search range for T: far outside anything a trained classifier needs (1-5 typically), so a
 # fitted T at either end means the logits carry no usable information.
 T_MIN, T_MAX = 0.05, 20.0
 BOOTSTRAP_DRAWS = 200  # resamples for T's interval; how steady: temperature_interval
-FORMAT = 1
 
 
 def softmax(logits: np.ndarray, temperature: float = 1.0) -> np.ndarray:
@@ -335,155 +329,3 @@ def unlisted_line(unlisted: int, crops: int, manifest: Path) -> str | None:
     return (f"warning: {manifest} does not list {unlisted} of the {crops} crops, so each of "
             "those counts as a picture of its own (taken as independent of the others); "
             "rerun `dvc repro split` to have it list them")
-
-
-# ----- the operating point file ----------------------------------------------------------------
-# Sealed as best.pt and model.onnx are: ``point_sha256`` is the SHA-256 of every other key as
-# canonical JSON (sorted keys, no spaces), so damage and careless edits (a flipped digit in the
-# log-odds, a temperature typed in) are refused in one line instead of moving the alarm in
-# silence, and model_sha256 (and, for the copy inside an ONNX file, GRAPH_KEY) refuses a point
-# mixed up with another model. It is a checksum, not a signature: anyone who edits the point
-# and re-seals it with seal() is believed; against a forger, protect the files themselves. One
-# writer function (seal) for the file and for the copy inside an ONNX file; one check
-# (point_problem) for every reader. Whatever keys a point holds, the seal covers them all.
-
-SEAL_KEY = "point_sha256"
-GRAPH_KEY = "onnx_graph_sha256"  # the embedded copy's model: stages.common.model.onnx
-RECALIBRATE = "run `dvc repro calibrate` again"
-# Keys that name other files: kept out of the copy inside a model file.
-FILE_KEYS = ("model", "model_sha256", "source", SEAL_KEY)
-
-
-def point_digest(point: dict) -> str:
-    """SHA-256 of ``point`` without its seal, as sorted compact JSON: the checkpoint's metadata
-    digest with no tensors (stages.common.model.checkpoint.weights_digest), so there is one
-    recipe."""
-    # here, not at the top: report.py imports this module and must not pay for torch, which
-    # stages.common.model.checkpoint imports
-    from stages.common.model.checkpoint import weights_digest
-
-    return weights_digest({k: v for k, v in point.items() if k != SEAL_KEY}, {})
-
-
-def seal(point: dict) -> dict:
-    """``point`` with its ``point_sha256`` (replacing any): what every writer writes."""
-    content = {k: v for k, v in point.items() if k != SEAL_KEY}
-    return {**content, SEAL_KEY: point_digest(content)}
-
-
-def read_operating_point(path: Path) -> dict:
-    """The file calibrate wrote, its seal and keys checked; one line naming it otherwise."""
-    try:
-        point = read_json(path)
-    except FileNotFoundError:
-        raise StageError(f"{path}: not found; run `dvc repro calibrate` first") from None
-    except OSError as exc:
-        raise StageError(f"{path}: cannot read it ({exc.strerror or exc}); {RECALIBRATE}") \
-            from None
-    except JsonProblem as exc:
-        raise StageError(f"{path}: cannot read it ({exc}); {RECALIBRATE}") from None
-    problem = point_problem(point)
-    if problem:
-        raise StageError(f"{path}: {problem}; the file is damaged, edited or not calibrate's; "
-                         f"{RECALIBRATE}")
-    return point
-
-
-def operating_point_for(checkpoint: Path, path: Path) -> dict:
-    """The operating point fitted for ``checkpoint`` (its bytes' SHA-256 must match); one line
-    naming both files otherwise."""
-    point = read_operating_point(path)
-    if point["model_sha256"] != file_sha256(checkpoint):
-        raise StageError(f"{path} was fitted for another checkpoint than {checkpoint}; "
-                         f"{RECALIBRATE}")
-    return point
-
-
-def number_in(value, low: float, high: float) -> bool:
-    """``value`` is a finite int or float (not a bool) from ``low`` to ``high``."""
-    return (isinstance(value, (int, float)) and not isinstance(value, bool)
-            and math.isfinite(value) and low <= value <= high)
-
-
-def _seal_problem(point: dict) -> str | None:
-    stored = point.get(SEAL_KEY)
-    if not isinstance(stored, str):
-        return (f"{SEAL_KEY} {stored!r} is not a digest (the point was not sealed by calibrate), "
-                "so its content cannot be trusted")
-    try:
-        digest = point_digest(point)
-    except (TypeError, ValueError):  # content that is not plain JSON data
-        digest = None
-    if digest != stored:
-        return f"its content does not match its {SEAL_KEY}"
-    return None
-
-
-def _threshold_problem(point: dict) -> str | None:
-    """``threshold_log_odds`` is the alarm; ``threshold`` only shows it, so the two must agree
-    (to float rounding: 1e-14 relative, far below any digit a person reads)."""
-    if not number_in(point.get("threshold_log_odds"), -math.inf, math.inf):
-        return f"threshold_log_odds {point.get('threshold_log_odds')!r} is not a finite number"
-    if not number_in(point.get("threshold"), 0.0, 1.0):
-        return f"threshold {point.get('threshold')!r} is not a number from 0 to 1"
-    derived = probability(point["threshold_log_odds"])
-    if not math.isclose(point["threshold"], derived, rel_tol=1e-14, abs_tol=0.0):
-        return (f"threshold {point['threshold']!r} is not the probability of threshold_log_odds "
-                f"{point['threshold_log_odds']!r} ({derived!r})")
-    return None
-
-
-def point_problem(point, embedded: bool = False, graph_sha256: str | None = None) -> str | None:
-    """What makes ``point`` unusable, or None: its seal first, then every key a reader uses.
-    ``embedded``: inside a model file (ONNX metadata), so it names no other file's digest;
-    ``graph_sha256``: that file's graph and weights, which the copy must name."""
-    if not isinstance(point, dict):
-        return "not a JSON object"
-    problem = _seal_problem(point)
-    if problem:
-        return problem
-    if point.get("format") != FORMAT:
-        return f"format {point.get('format')!r}, expected {FORMAT}"
-    if point.get("label") != ALARM_LABEL:
-        return f"label {point.get('label')!r}, expected {ALARM_LABEL!r}"
-    if not number_in(point.get("temperature"), T_MIN, T_MAX):
-        return f"temperature {point.get('temperature')!r} is not a number from {T_MIN} to {T_MAX}"
-    problem = _threshold_problem(point)
-    if problem:
-        return problem
-    target = point.get("target_recall")
-    if not number_in(target, 0.0, 1.0) or target == 0:
-        return f"target_recall {target!r} is not a number in (0, 1]"
-    if not isinstance(point.get("val"), dict):
-        return f"val {point.get('val')!r} is not the val figures (a JSON object)"
-    if graph_sha256 is not None and point.get(GRAPH_KEY) != graph_sha256:
-        return (f"{GRAPH_KEY} {str(point.get(GRAPH_KEY))[:12]!r} is not this model's "
-                f"({graph_sha256[:12]}): the point was embedded in another model")
-    if not embedded and not (isinstance(point.get("model_sha256"), str)
-                             and len(point["model_sha256"]) == 64):
-        return f"model_sha256 {point.get('model_sha256')!r} is not a SHA-256"
-    return None
-
-
-def embedded(point: dict, graph_sha256: str | None = None) -> dict:
-    """The copy of an operating point a model file carries: every key but those naming other
-    files, with ``graph_sha256`` (the SHA-256 of the model file's graph and weights,
-    stages.common.model.onnx.graph_digest) under :data:`GRAPH_KEY`, under its own seal (the
-    file's would name a checkpoint the model file has not)."""
-    kept = {k: v for k, v in point.items() if k not in FILE_KEYS and k != GRAPH_KEY}
-    return seal({**kept, GRAPH_KEY: graph_sha256} if graph_sha256 else kept)
-
-
-def beside(checkpoint: Path, pipeline_point: Path) -> dict | None:
-    """The operating point fitted for ``checkpoint``: ``operating_point.json`` in its folder
-    (how a checkpoint is handed on with its point), else calibrate's own file
-    (``pipeline_point``); a file fitted for another checkpoint is passed over. None when neither
-    fits; a damaged one is refused."""
-    digest = None
-    for path in dict.fromkeys([Path(checkpoint).parent / pipeline_point.name, pipeline_point]):
-        if path.exists():  # a FIFO or a folder by that name is refused, not passed over
-            point = read_operating_point(path)
-            digest = digest or file_sha256(checkpoint)
-            if point["model_sha256"] == digest:
-                return {**point, "source": str(path)}
-    return None

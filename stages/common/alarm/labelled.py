@@ -8,12 +8,13 @@ from __future__ import annotations
 import numpy as np
 
 from stages.common.alarm.calibration import alarm_figures, person_log_odds
+from stages.common.alarm.point import OperatingPoint
 from stages.common.alarm.statement import tested_facts
 from stages.common.config.labels import ALARM_LABEL
 
 
-def alarm_under(logits: np.ndarray, targets: np.ndarray, classes: list[str], point: dict,
-                pictures=None) -> dict:
+def alarm_under(logits: np.ndarray, targets: np.ndarray, classes: list[str],
+                point: OperatingPoint, pictures=None) -> dict:
     """Accuracy and the alarm at ``point`` on one labelled set, as evaluate states it on test
     (stages.common.alarm.statement.tested_facts, one place): person recall with its one-sided
     95 % Clopper-Pearson bounds, false alarms per 1,000 with the upper bound (over ``pictures``,
@@ -21,9 +22,9 @@ def alarm_under(logits: np.ndarray, targets: np.ndarray, classes: list[str], poi
     reaches the point's target) and the verdict met / not shown / not met."""
     targets = np.asarray(targets)
     person = classes.index(ALARM_LABEL)
-    alarm = alarm_figures(person_log_odds(logits, point["temperature"], person),
-                          targets == person, point["threshold_log_odds"], pictures)
-    facts = tested_facts(alarm, point["target_recall"])
+    alarm = alarm_figures(person_log_odds(logits, point.temperature, person),
+                          targets == person, point.threshold_log_odds, pictures)
+    facts = tested_facts(alarm, point.target_recall)
     accuracy = float((np.asarray(logits).argmax(1) == targets).mean())
     return {"accuracy": round(accuracy, 4), "error": round(1 - accuracy, 4),
             "person_recall": facts["test_person_recall"],
@@ -39,9 +40,9 @@ def alarm_under(logits: np.ndarray, targets: np.ndarray, classes: list[str], poi
             "person_pictures_missed": alarm["person_pictures_missed"]}
 
 
-def raised(logits: np.ndarray, classes: list[str], point: dict) -> np.ndarray:
+def raised(logits: np.ndarray, classes: list[str], point: OperatingPoint) -> np.ndarray:
     """Which crops raise the alarm at ``point``: their calibrated person log-odds reach the
     threshold, the comparison alarm_figures makes, so the crops named as missed are exactly
     those :func:`alarm_under` counts."""
-    scores = person_log_odds(logits, point["temperature"], classes.index(ALARM_LABEL))
-    return np.asarray(scores) >= point["threshold_log_odds"]
+    scores = person_log_odds(logits, point.temperature, classes.index(ALARM_LABEL))
+    return np.asarray(scores) >= point.threshold_log_odds

@@ -23,8 +23,12 @@ from __future__ import annotations
 
 import math
 from decimal import ROUND_FLOOR, Decimal
+from typing import TYPE_CHECKING
 
 from stages.common.alarm import guarantee
+
+if TYPE_CHECKING:  # the record is built where a point is read: stages.common.alarm.point
+    from stages.common.alarm.point import OperatingPoint
 
 VERDICTS = ("met", "not shown", "not met")
 UNRESOLVED = "Unresolved: "  # how the statement of a point with too few persons begins
@@ -110,12 +114,16 @@ def persons_to_show(target: float, confidence: float = guarantee.CONFIDENCE) -> 
     return n
 
 
-def point_facts(point: dict) -> dict:
+def point_facts(point: OperatingPoint) -> dict:
     """The point's part of the statement: its rule and threshold, where it was fitted, and what
     it gives new persons (calibrate's ``val`` figures, whichever split it was fitted on)."""
-    val = point.get("val") or {}
-    facts = {key: point[key] for key in ("threshold", "threshold_log_odds", "target_recall",
-                                         "guarantee", "delta", "fitted_on") if key in point}
+    val = point.val
+    facts = {"threshold": point.threshold, "threshold_log_odds": point.threshold_log_odds,
+             "target_recall": point.target_recall}
+    facts.update({key: value for key, value in (("guarantee", point.guarantee),
+                                                ("delta", point.delta),
+                                                ("fitted_on", point.fitted_on))
+                  if value is not None})
     for key, name in (("resolved", "resolved"), ("persons", "calibration_persons"),
                       ("person_pictures", "calibration_person_pictures"),
                       ("persons_needed", "persons_needed"),

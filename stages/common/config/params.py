@@ -23,7 +23,7 @@ from pydantic import (BaseModel, ConfigDict, Field, ValidationError, field_valid
                       model_validator)
 
 from stages.common.config.archs import ARCH_NAMES, MAX_CROP_SIZE, family_of
-from stages.common.config.labels import ALARM_LABEL
+from stages.common.config.labels import ALARM_LABEL, AUTO_MODE, MODE_NAME
 from stages.common.infra.errors import ParamError
 from stages.common.config.formats import FORMATS, ONNX_FP32
 
@@ -269,6 +269,57 @@ class Train(Section):
         return list(value)
 
 
+class CameraMode(Section):
+    """One of calibrate.modes: a camera mode with a threshold of its own, fitted on the
+    calibration crops under ``conditions`` (each at every severity of ``severities``; none: the
+    clean crops)."""
+    name: str
+    conditions: list[str]
+    severities: list[int]
+
+
+MODES_EXAMPLE = "[{name: day}, {name: infrared, conditions: [infrared]}]"
+
+
+def camera_modes(value: Any) -> list[dict]:
+    """calibrate.modes checked, each mode completed (no conditions: the clean crops; severities
+    default to all five): one line naming the first bad entry otherwise."""
+    def bad(key: str, got: Any, expected: str) -> ParamError:
+        return ParamError(f"params.yaml: calibrate.{key}={got!r} is not allowed; expected "
+                          f"{expected}")
+
+    if not isinstance(value, list):
+        raise bad("modes", value, f"a list of camera modes, e.g. {MODES_EXAMPLE}, or []")
+    modes, names = [], set()
+    for i, mode in enumerate(value):
+        key = f"modes[{i}]"
+        if not (isinstance(mode, dict) and "name" in mode
+                and set(mode) <= {"name", "conditions", "severities"}):
+            raise bad(key, mode, "a mapping of name and optional conditions and severities, "
+                                 f"e.g. {MODES_EXAMPLE}")
+        name = mode["name"]
+        if not (isinstance(name, str) and MODE_NAME.fullmatch(name)) or name == AUTO_MODE:
+            raise bad(f"{key}.name", name, "a lower-case word (letters, digits, _ -; not "
+                                           f"'{AUTO_MODE}', which is predict's own choice)")
+        if name in names:
+            raise bad(f"{key}.name", name, "a name no other mode has")
+        names.add(name)
+        conditions = mode.get("conditions", [])
+        if not (isinstance(conditions, list) and all(c in CONDITIONS for c in conditions)
+                and len(set(conditions)) == len(conditions)):
+            raise bad(f"{key}.conditions", conditions, "a list of distinct conditions from "
+                      f"{', '.join(CONDITIONS)} ([]: the clean crops)")
+        severities = mode.get("severities", list(SEVERITIES) if conditions else [])
+        if not (isinstance(severities, list)
+                and all(type(s) is int and s in SEVERITIES for s in severities)
+                and len(set(severities)) == len(severities)
+                and bool(severities) == bool(conditions)):
+            raise bad(f"{key}.severities", severities, "a non-empty list of distinct "
+                      "severities from 1 to 5, and only with conditions")
+        modes.append({"name": name, "conditions": conditions, "severities": sorted(severities)})
+    return modes
+
+
 class Calibrate(Section):
     # The share of persons that must raise the alarm (with the fewest false alarms).
     person_recall_target: float = Field(gt=0, le=1)
@@ -277,6 +328,13 @@ class Calibrate(Section):
     delta: float = Field(gt=0, le=0.5)  # guarantee: probability holds with probability 1 - delta
     batch_size: int = Field(ge=1, le=MAX_BATCH)
     device: Literal["auto", "cpu", "cuda", "mps"]
+    # Camera modes, each with its own threshold (Mondrian calibration); []: one threshold.
+    modes: list[CameraMode]
+
+    @field_validator("modes", mode="before")
+    @classmethod
+    def _modes(cls, value: Any) -> list[dict]:
+        return camera_modes(value)
 
     @model_validator(mode="after")
     def _guarantee_reachable(self) -> "Calibrate":
@@ -297,7 +355,7 @@ class Evaluate(Section):
 
 
 # The camera conditions stages.conditions measures the alarm under (docs/conditions.md defines
-# each); stages/conditions/corrupt.py implements exactly these (tests/test_conditions.py).
+# each); stages/common/pictures/corrupt.py implements exactly these (tests/test_conditions.py).
 CONDITIONS = ("night", "infrared", "motion_blur", "defocus", "fog", "rain", "snow", "jpeg",
               "low_resolution", "glare")
 SEVERITIES = (1, 2, 3, 4, 5)

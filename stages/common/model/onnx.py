@@ -3,7 +3,7 @@
 The exported file carries the checkpoint's arch, class names, image size and normalisation in its
 metadata, and calibrate's temperature and person threshold (``operating_point``, under its own
 seal and bound to the SHA-256 of the file's graph and weights, checked on load:
-stages.common.alarm.calibration), so
+stages.common.alarm.point), so
 ``stages.predict --model model.onnx`` needs nothing but that one file. It also
 carries ``weights_sha256``: the SHA-256 of the file's model (deterministic protobuf
 serialisation) without that entry, written by :func:`export` and checked by
@@ -40,7 +40,7 @@ def export(model: nn.Module, meta: ModelMeta, path: Path, opset: int,
     """Write ``model`` (eval mode) to ``path`` as one self-contained ONNX file, batch axis dynamic.
 
     ``point_for(graph_sha256)``: the operating point to embed, bound to the file's graph and
-    weights (:func:`graph_digest`; stages.common.alarm.calibration.embedded), so a point carried
+    weights (:func:`graph_digest`; stages.common.alarm.point.embedded), so a point carried
     into another model file is refused even when that file's own digest is recomputed around
     it. A callable: that digest exists only once the graph is written.
 
@@ -81,7 +81,7 @@ def model_digest(proto) -> str:
 
 def graph_digest(proto) -> str:
     """SHA-256 of ``proto`` without any metadata: its graph and weights alone, what the
-    embedded operating point is bound to (calibration.GRAPH_KEY)."""
+    embedded operating point is bound to (stages.common.alarm.point.GRAPH_KEY)."""
     bare = type(proto)()
     bare.CopyFrom(proto)
     del bare.metadata_props[:]

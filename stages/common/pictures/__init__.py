@@ -1,1 +1,1 @@
-"""Picture files: one decoder, crop geometry and letterbox, the Open Images file layout."""
+"""Picture files: one decoder, crop geometry, letterbox, Open Images layout, camera conditions."""

@@ -13,7 +13,7 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from stages.common.alarm.calibration import beside, point_problem
+from stages.common.alarm.point import OperatingPoint, UnusablePoint, beside
 from stages.common.config.paths import OPERATING_POINT
 from stages.common.inference.batches import normalise
 from stages.common.infra.errors import StageError
@@ -64,7 +64,7 @@ def load_classifier(path: str | Path, threads: int | None = None,
 
 
 def read_metadata(path: Path, stored: dict[str, str], graph_sha256: str,
-                  what: str = "ONNX metadata") -> tuple[ModelMeta, dict | None]:
+                  what: str = "ONNX metadata") -> tuple[ModelMeta, OperatingPoint | None]:
     """An exported model's record and operating point from its metadata entries (JSON text
     each: ONNX metadata_props, or an IR's sidecar, ``what`` names which); the point must name
     ``graph_sha256``."""
@@ -83,14 +83,12 @@ def read_metadata(path: Path, stored: dict[str, str], graph_sha256: str,
     if POINT_KEY not in stored:  # a file exported without one
         return meta, None
     try:
-        point = parse_json(stored[POINT_KEY])
-        problem = point_problem(point, embedded=True, graph_sha256=graph_sha256)
-    except JsonProblem as exc:
-        problem = str(exc)
-    if problem:
-        raise StageError(f"{path}: {what} {POINT_KEY} is not usable ({problem}); "
-                         f"{EXPORT_AGAIN}")
-    return meta, {**point, "source": f"{path} (embedded)"}
+        return meta, OperatingPoint.parse(parse_json(stored[POINT_KEY]), embedded=True,
+                                          graph_sha256=graph_sha256,
+                                          source=f"{path} (embedded)")
+    except (JsonProblem, UnusablePoint) as exc:
+        raise StageError(f"{path}: {what} {POINT_KEY} is not usable ({exc}); "
+                         f"{EXPORT_AGAIN}") from None
 
 
 class OnnxClassifier:

@@ -248,6 +248,21 @@ class Prediction:
     probs: np.ndarray | None = None  # one probability per class, checkpoint order
     logits: np.ndarray | None = None
     error: str | None = None
+    grey: bool | None = None  # a grey picture (a near-infrared camera's): is_grey
+
+
+# A grey picture's channels differ only by what its encoding added (a JPEG's chroma noise, a
+# few levels); a colour overlay (a camera's timestamp) covers a small share of the picture.
+GREY_TOLERANCE = 12  # levels of 255 between the highest and the lowest channel of a pixel
+GREY_SHARE = 0.99  # share of pixels within it
+
+
+def is_grey(pixels) -> bool:
+    """Whether uint8 RGB 3 x H x W ``pixels`` (the prepared picture) are grey: at least
+    GREY_SHARE of the pixels have their three channels within GREY_TOLERANCE."""
+    rgb = np.asarray(pixels).astype(np.int16)
+    spread = rgb.max(axis=0) - rgb.min(axis=0)
+    return bool(np.mean(spread <= GREY_TOLERANCE) >= GREY_SHARE)
 
 
 def file_error(exc: Exception) -> str:
@@ -267,7 +282,7 @@ def predict_paths(classifier, items: list[tuple[Path, str | None]], batch_size: 
     or decode raises (OpenCV's errors, MemoryError, OSError), comes back with ``error`` set and
     the others go on."""
     point = getattr(classifier, "operating_point", None)
-    temperature = point["temperature"] if point else 1.0
+    temperature = point.temperature if point else 1.0
     pending: list[Prediction] = []
     arrays: list[torch.Tensor] = []
 
@@ -289,7 +304,9 @@ def predict_paths(classifier, items: list[tuple[Path, str | None]], batch_size: 
         result = Prediction(path, error=error)
         if error is None:
             try:
-                arrays.append(prepare(read_image(path, max_pixels), classifier.meta))
+                prepared = prepare(read_image(path, max_pixels), classifier.meta)
+                result.grey = is_grey(prepared)
+                arrays.append(prepared)
             except Exception as exc:  # this file's answer, never the run's
                 result.error = file_error(exc)
         pending.append(result)
