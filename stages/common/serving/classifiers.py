@@ -22,11 +22,19 @@ from stages.common.model.checkpoint import ModelMeta
 from stages.common.model.onnx import (EXPORT_AGAIN, INPUT, META_KEYS, OUTPUT, POINT_KEY,
                                       verified_bytes)
 
+# The CPU threads predict runs a model on unless told (its --threads): one, because an edge box
+# decodes video on the same cores, and there one thread held up best (BENCHMARKS.md section 9).
+DEFAULT_THREADS = 1
+
 
 class TorchClassifier:
-    """A train-stage checkpoint in PyTorch eager, on ``device`` (the CPU by default)."""
+    """A train-stage checkpoint in PyTorch eager, on ``device`` (the CPU by default); with
+    ``threads``, its passes run on that many CPU threads (PyTorch's setting is the process's:
+    set for each pass and put back, so a caller in the same process keeps its own)."""
 
-    def __init__(self, path: str | Path, device: torch.device = torch.device("cpu")):
+    def __init__(self, path: str | Path, device: torch.device = torch.device("cpu"),
+                 threads: int | None = None):
+        self.threads = threads
         self.path = Path(path)
         self.device = device
         self.model, meta = load_checkpoint(path)
@@ -40,7 +48,14 @@ class TorchClassifier:
         if isinstance(batch, np.ndarray):
             batch = torch.from_numpy(np.ascontiguousarray(batch, np.float32))
         x = batch.to(self.device).contiguous(memory_format=torch.channels_last)
-        return self.model(x).float().cpu().numpy()
+        before = torch.get_num_threads()
+        if not self.threads or self.threads == before:
+            return self.model(x).float().cpu().numpy()
+        torch.set_num_threads(self.threads)
+        try:
+            return self.model(x).float().cpu().numpy()
+        finally:
+            torch.set_num_threads(before)
 
     def classify(self, pixels: torch.Tensor) -> np.ndarray:
         """uint8 RGB N x 3 x S x S -> logits, normalised on the model's device."""
@@ -50,14 +65,15 @@ class TorchClassifier:
 def load_classifier(path: str | Path, threads: int | None = None,
                     device: torch.device = torch.device("cpu")):
     """A ``.onnx`` file runs in ONNX Runtime (the CPU); anything else must be a train-stage
-    checkpoint, run by PyTorch on ``device``."""
+    checkpoint, run by PyTorch on ``device``. ``threads``: the CPU threads either runtime uses
+    (None: its own default, every core)."""
     if Path(path).suffix.lower() == ".onnx":
         if device.type != "cpu":
             raise StageError(f"{path}: an ONNX model runs on the CPU here (ONNX Runtime's CPU "
                              "build); use --device cpu, or the .pt checkpoint on "
                              f"{device.type}")
         return OnnxClassifier(path, threads)
-    return TorchClassifier(path, device)
+    return TorchClassifier(path, device, threads)
 
 
 class OnnxClassifier:
