@@ -165,7 +165,8 @@ def run_child(spec: dict) -> dict:
                           env={**RUNTIME_ENV, **os.environ})
     if proc.returncode != 0:
         last = (proc.stderr.strip().splitlines() or ["no message"])[-1]
-        raise StageError(f"the row {spec['arch']} {spec['format']} {spec['threads']} threads "
+        raise StageError(f"the row {spec['arch']} {spec['format']} "
+                         f"{threads_text(spec['threads'])} threads "
                          f"failed ({last})")
     return json.loads(proc.stdout.strip().splitlines()[-1])
 
@@ -219,7 +220,8 @@ def build_rows(args, folder: Path) -> list[dict]:
                         "budget_s": args.budget_s, "load_cores": args.load_cores,
                         "point": point, "test_split": str(TEST_SPLIT.resolve()),
                         "manifest": str(SPLIT_MANIFEST.resolve())}
-                print(f"{arch} {name} {threads} threads: timing", file=sys.stderr, flush=True)
+                print(f"{arch} {name} {threads_text(threads)} threads: timing",
+                      file=sys.stderr, flush=True)
                 figures = run_child(spec)
                 rows.append({"arch": arch, "format": name, "runtime": FORMATS[name].runtime,
                              "threads": threads, "size": args.size, "params_m": params_m,
@@ -228,6 +230,10 @@ def build_rows(args, folder: Path) -> list[dict]:
                              "point_sha256": point["point_sha256"] if point else None,
                              **figures})
     return rows
+
+
+def threads_text(threads: int | None) -> str:
+    return "default" if threads is None else str(threads)
 
 
 def _ms(row: dict, when: str) -> str:
@@ -261,7 +267,8 @@ def markdown(table: dict) -> str:
     for r in rows:
         slower = (f"{r['loaded']['batch1_ms_per_image'] / r['quiet']['batch1_ms_per_image']:.1f}x"
                   if "loaded" in r else "-")
-        lines.append(f"| {r['arch']} | {r['format']} | {r['threads']} | {r['file_mb']} | "
+        lines.append(f"| {r['arch']} | {r['format']} | {threads_text(r['threads'])} | "
+                     f"{r['file_mb']} | "
                      f"{r['peak_rss_mb']:.0f} | {_ms(r, 'quiet')} | {_ms(r, 'loaded')} | "
                      f"{slower} | {_rate(r, 'quiet')} | {_rate(r, 'loaded')} | "
                      f"{recall_text(r)} |")
@@ -277,7 +284,7 @@ def parse_args(argv: list[str] | None):
                     help=f"of {', '.join(FORMATS)} (default all)")
     ap.add_argument("--threads", nargs="+", type=int, default=None, metavar="N",
                     help="CPU threads of the runtime, as predict's --threads (default: "
-                         "predict's default)")
+                         "predict's default, the runtime's own: one per physical core)")
     ap.add_argument("--size", type=int, default=None,
                     help="crop side in pixels (default: params.yaml's crops.size)")
     ap.add_argument("--batch", type=int, default=32, help="the batch of images/s (default 32)")
@@ -308,7 +315,7 @@ def parse_args(argv: list[str] | None):
         from stages.common.config import params
 
         args.size = params.load().crops.size
-    if (min(args.threads) < 1 or args.size < 1 or args.batch < 1 or args.runs < 1
+    if (any(t is not None and t < 1 for t in args.threads) or args.size < 1 or args.batch < 1 or args.runs < 1
             or args.load_cores < 0 or args.budget_s <= 0):
         raise ParamError("--threads, --size, --batch and --runs must be >= 1, --load-cores >= 0 "
                          "and --budget-s > 0")

@@ -179,8 +179,10 @@ def table_section(row: dict | None) -> str:
     recall = ("not measured through this model (the row is another training's: speed only)"
               if row["person_recall_lower_95"] is None else
               f"person-recall lower bound {row['person_recall_lower_95']} through that file")
+    threads = ("the runtime's default threads" if row["threads"] is None else
+               f"{row['threads']} thread{'s' if row['threads'] > 1 else ''}")
     return (f"In `{MODEL_TABLE}` ({row['machine']}, {row['date']}; {row['format']}, "
-            f"{row['threads']} thread{'s' if row['threads'] > 1 else ''}, as predict runs it): "
+            f"{threads}, as predict runs it): "
             f"batch 1 {row['batch1_ms_per_image']} ms/image quiet{loaded}; peak memory "
             f"{row['peak_rss_mb']} MB; {recall}.")
 

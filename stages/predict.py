@@ -132,10 +132,11 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
                              "uncalibrated probabilities: for unattended use, where a stderr "
                              "warning goes unread")
     parser.add_argument("--threads", type=int, default=DEFAULT_THREADS, metavar="N",
-                        help=f"CPU threads the model runs on, ONNX Runtime's or PyTorch's "
-                             f"(default {DEFAULT_THREADS}: on an edge box the other cores decode "
-                             "video, and more threads than free cores slow it down; give the "
-                             "number of idle cores on a machine that does nothing else)")
+                        help="CPU threads the model runs on, ONNX Runtime's or PyTorch's "
+                             "(default: the runtime's own, one per physical core; idle threads "
+                             "sleep instead of spinning, so video decoding on the same cores "
+                             "slows neither down much: BENCHMARKS.md section 9); give fewer to "
+                             "leave cores to other work")
     parser.add_argument("--device", choices=["auto", "cpu", "cuda", "mps"], default="auto",
                         help="where a .pt checkpoint runs (auto: cuda, then mps, then cpu, "
                              "whichever there is); an .onnx model runs on the CPU")
@@ -407,7 +408,7 @@ def main(argv: list[str] | None = None) -> int:
     if args.person_threshold is not None and not 0 <= args.person_threshold <= 1:
         raise ParamError(f"--person-threshold={args.person_threshold} is not allowed; expected "
                          "a number from 0 to 1")
-    if not 1 <= args.threads <= MAX_THREADS:
+    if args.threads is not None and not 1 <= args.threads <= MAX_THREADS:
         raise ParamError(f"--threads={args.threads} is not allowed; expected 1 to {MAX_THREADS}")
     if not 1 <= args.max_image_pixels <= MAX_IMAGE_PIXELS:
         raise ParamError(f"--max-image-pixels={args.max_image_pixels} is not allowed; expected "

@@ -82,7 +82,7 @@ def test_the_model_tables_bad_options_are_one_line_exit_2(args, needle, capsys):
     assert exit_.value.code == 2 and err.count("\n") == 1 and needle in err
 
 
-ROW = {"arch": "resnet18", "format": "onnx_fp32", "threads": 1, "size": 64, "file_mb": 42.7,
+ROW = {"arch": "resnet18", "format": "onnx_fp32", "threads": None, "size": 64, "file_mb": 42.7,
        "peak_rss_mb": 900.0, "point_sha256": "a" * 64,
        "quiet": {"batch1_ms_per_image": 2.5, "batch_size": 32, "batch_images_per_s": 700.0},
        "loaded": {"batch1_ms_per_image": 9.0, "batch_size": 32, "batch_images_per_s": 200.0},
@@ -101,7 +101,7 @@ def test_export_takes_its_models_row_and_its_recall_only_for_its_own_point(tmp_p
                      mean=[0.5] * 3, std=[0.5] * 3, dropout=0.3)
     row = export.table_row(meta, {"point_sha256": "a" * 64}, table)
     assert (row["threads"], row["batch1_ms_per_image"], row["batch1_ms_per_image_loaded"],
-            row["person_recall_lower_95"]) == (1, 2.5, 9.0, 0.926)  # predict's default threads
+            row["person_recall_lower_95"]) == (None, 2.5, 9.0, 0.926)  # predict's default
     assert "0.926" in export.table_section(row) and "AMD EPYC" in export.table_section(row)
     assert export.table_row(meta, {"point_sha256": "b" * 64}, table)[
         "person_recall_lower_95"] is None  # another training's recall is not this model's

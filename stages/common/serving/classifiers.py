@@ -22,9 +22,11 @@ from stages.common.model.checkpoint import ModelMeta
 from stages.common.model.onnx import (EXPORT_AGAIN, INPUT, META_KEYS, OUTPUT, POINT_KEY,
                                       verified_bytes)
 
-# The CPU threads predict runs a model on unless told (its --threads): one, because an edge box
-# decodes video on the same cores, and there one thread held up best (BENCHMARKS.md section 9).
-DEFAULT_THREADS = 1
+# The CPU threads predict runs a model on unless told (its --threads). None: the runtime's own
+# default, one per physical core. Their idle threads must not spin (ONNX Runtime's
+# allow_spinning 0 below, OMP_WAIT_POLICY=PASSIVE in predict): then, on a box whose cores also
+# decode video, they answered as fast as one thread or faster (BENCHMARKS.md section 9).
+DEFAULT_THREADS = None
 
 
 class TorchClassifier:
