@@ -21,6 +21,7 @@ from __future__ import annotations
 import argparse
 import multiprocessing
 import os
+import signal
 import time
 
 import numpy as np
@@ -58,7 +59,9 @@ def decode_until(stop, frames, seed: int) -> None:
 
 class Load:
     """``cores`` decoding processes, started by :meth:`start` (or ``with``) and ended by
-    :meth:`stop`; ``frames_per_s()``: what each did since it started."""
+    :meth:`stop`; :meth:`pause` and :meth:`resume` stop and continue them (SIGSTOP, SIGCONT)
+    in a moment, so quiet and loaded timings can alternate; ``frames_per_s()``: what each did
+    per second of running."""
 
     def __init__(self, cores: int):
         if cores < 1:
@@ -72,6 +75,8 @@ class Load:
         self.workers: list = []
         self.started = 0.0
         self.first = [0] * cores
+        self.paused_at: float | None = None
+        self.paused_s = 0.0
 
     def start(self) -> Load:
         self.workers = [self.context.Process(target=decode_until, daemon=True,
@@ -89,10 +94,29 @@ class Load:
         return self
 
     def frames_per_s(self) -> list[float]:
-        elapsed = max(time.monotonic() - self.started, 1e-9)
+        now = time.monotonic()
+        paused = self.paused_s + (now - self.paused_at if self.paused_at is not None else 0.0)
+        elapsed = max(now - self.started - paused, 1e-9)
         return [round((c.value - f) / elapsed, 1) for c, f in zip(self.counters, self.first)]
 
+    def _signal(self, sig: int) -> None:
+        for worker in self.workers:
+            if worker.is_alive():
+                os.kill(worker.pid, sig)
+
+    def pause(self) -> None:
+        if self.paused_at is None:
+            self._signal(signal.SIGSTOP)
+            self.paused_at = time.monotonic()
+
+    def resume(self) -> None:
+        if self.paused_at is not None:
+            self._signal(signal.SIGCONT)
+            self.paused_s += time.monotonic() - self.paused_at
+            self.paused_at = None
+
     def stop(self) -> None:
+        self.resume()  # a stopped process would never see the flag
         self.stop_flag.set()
         for worker in self.workers:
             worker.join(STOP_WAIT_S)

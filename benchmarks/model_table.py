@@ -7,10 +7,11 @@ One row per arch x format x thread count, each measured in a child process of it
 loads the model file the way predict does (stages.common.serving.classifiers.load_classifier,
 with predict's ``--threads``) and reports:
   * ms/image at batch 1 and images/s at batch ``--batch`` (medians, stages.common.inference.speed,
-    as evaluate and export time), first on the quiet machine, then with every core (or
-    ``--load-cores``) kept busy decoding video (benchmarks/load.py): an edge box decodes its
-    cameras on the cores the classifier runs on;
-  * peak memory: the child's peak resident set (``ru_maxrss``), the runtime, its model and the
+    as evaluate and export time), on the quiet machine and with every core (or
+    ``--load-cores``) kept busy decoding video (benchmarks/load.py), in three alternating rounds
+    (the decoders paused between them): an edge box decodes its cameras on the cores the
+    classifier runs on;
+  * peak memory: the child's peak resident set (VmHWM), the runtime, its model and the
     timing batches; it includes the Python interpreter and whatever the loading path imports
     (torch, while classifiers.py imports it);
   * the model file's size;
@@ -53,7 +54,8 @@ OPSET = 18  # params.yaml's export.opset
 DEFAULT_ARCHS = ("resnet18", "resnet50", "mobilenet_v3_small", "mobilenet_v3_large",
                  "efficientnet_b0", "regnet_y_400mf", "convnext_tiny")
 RUNS = 20  # timed batch-1 passes (batch N: a fifth, at least 3), each within BUDGET_S
-BUDGET_S = 1.0  # seconds of timed passes per figure: a loaded PyTorch pass can take 0.5 s
+BUDGET_S = 1.5  # seconds of timed passes per figure: a loaded PyTorch pass can take 0.5 s
+ROUNDS = 3  # quiet and loaded alternate this many times within a row
 NOT_TRAINED = "not trained"
 
 
@@ -105,7 +107,15 @@ def machine() -> dict:
 # ------------------------------------------------------------------------- one row, in a child
 
 def peak_rss_mb() -> float:
-    """This process's peak resident set so far (Linux reports KiB)."""
+    """This process's peak resident set so far, in MiB: Linux's VmHWM, the peak of this
+    program's own memory. Not ``ru_maxrss``: Linux carries that across exec, so a child
+    started by a parent of 1.4 GB reported 1.4 GB whatever it loaded."""
+    try:
+        for line in Path("/proc/self/status").read_text().splitlines():
+            if line.startswith("VmHWM:"):
+                return round(int(line.split()[1]) / 1024, 1)  # kB
+    except OSError:
+        pass
     return round(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024, 1)
 
 
@@ -132,7 +142,7 @@ def test_recall(classifier, point: dict, test_split: Path, manifest: Path) -> di
 def measure_row(spec: dict) -> dict:
     """The figures of one row (the child's work): ``spec`` from :func:`row_spec`."""
     from benchmarks.load import Load
-    from stages.common.inference.speed import speed_figures
+    from stages.common.inference.speed import figures_of, timed_seconds
     from stages.common.serving.classifiers import load_classifier
 
     classifier = load_classifier(Path(spec["file"]), threads=spec["threads"])
@@ -140,13 +150,31 @@ def measure_row(spec: dict) -> dict:
     rng = np.random.default_rng(0)
     one = rng.standard_normal((1, 3, size, size), dtype=np.float32)
     batch = rng.standard_normal((n, 3, size, size), dtype=np.float32)
-    timed = {"quiet": speed_figures(classifier.logits, one, batch, n, spec["runs"],
-                                    budget_s=spec["budget_s"])}
-    if spec["load_cores"]:
-        with Load(spec["load_cores"]) as load:
-            timed["loaded"] = speed_figures(classifier.logits, one, batch, n, spec["runs"],
-                                            budget_s=spec["budget_s"])
-            timed["loaded"]["load_frames_per_s"] = load.frames_per_s()
+    phases = ["quiet"] + (["loaded"] if spec["load_cores"] else [])
+    times: dict[str, tuple[list, list]] = {phase: ([], []) for phase in phases}
+    # Quiet and loaded in turn, ROUNDS times: what else the machine runs drifts over a minute,
+    # and alternating lets both columns see the same drift (their ratio is what to read).
+    budget = spec["budget_s"] / ROUNDS
+    load = Load(spec["load_cores"]).start() if spec["load_cores"] else None
+    try:
+        for _ in range(ROUNDS):
+            for phase in phases:
+                if load is not None and phase == "loaded":
+                    load.resume()
+                elif load is not None:
+                    load.pause()
+                ones, batches = times[phase]
+                ones += timed_seconds(lambda: classifier.logits(one), spec["runs"],
+                                      budget_s=budget)
+                batches += timed_seconds(lambda: classifier.logits(batch),
+                                         max(3, spec["runs"] // 5), budget_s=budget)
+        frames = load.frames_per_s() if load is not None else None
+    finally:
+        if load is not None:
+            load.stop()
+    timed = {phase: figures_of(*times[phase], n) for phase in phases}
+    if frames is not None:
+        timed["loaded"]["load_frames_per_s"] = frames
     row = {**timed, "peak_rss_mb": peak_rss_mb()}  # before the test split is decoded
     if spec.get("point"):
         row["recall"] = test_recall(classifier, spec["point"], Path(spec["test_split"]),
@@ -315,8 +343,8 @@ def parse_args(argv: list[str] | None):
         from stages.common.config import params
 
         args.size = params.load().crops.size
-    if (any(t is not None and t < 1 for t in args.threads) or args.size < 1 or args.batch < 1 or args.runs < 1
-            or args.load_cores < 0 or args.budget_s <= 0):
+    if (any(t is not None and t < 1 for t in args.threads) or args.size < 1 or args.batch < 1
+            or args.runs < 1 or args.load_cores < 0 or args.budget_s <= 0):
         raise ParamError("--threads, --size, --batch and --runs must be >= 1, --load-cores >= 0 "
                          "and --budget-s > 0")
     return args

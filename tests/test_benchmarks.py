@@ -129,3 +129,18 @@ def test_the_report_plots_the_rows_with_a_recall_and_draws_their_pareto_front(tm
     page = report.model_table_html(tmp_path, failed)
     assert not failed and page.count('<figure class="plot"') == 1
     assert "1 rows without a trained checkpoint" in page
+
+
+def test_the_load_can_pause_and_resume_without_losing_a_worker():
+    """Quiet and loaded rounds alternate by stopping the decoders (SIGSTOP) and continuing
+    them; stop() ends paused workers too."""
+    from benchmarks.load import Load
+
+    load = Load(cores=1).start()
+    try:
+        load.pause()
+        load.resume()
+        load.pause()
+    finally:
+        load.stop()
+    assert [w.is_alive() for w in load.workers] == [False]

@@ -58,11 +58,18 @@ def speed_figures(forward: Callable[[Any], Any], one: Any, batch: Any, batch_siz
     ``budget_s``: at most about that many seconds of timed passes for each of the two (see
     :func:`timed_seconds`); ``batch1_runs`` and ``batch_runs`` say how many ran.
     """
-    ones = timed_seconds(lambda: forward(one), runs, sync, budget_s)
+    return figures_of(timed_seconds(lambda: forward(one), runs, sync, budget_s),
+                      timed_seconds(lambda: forward(batch), max(3, runs // 5), sync, budget_s),
+                      batch_size)
+
+
+def figures_of(ones: list[float], batches: list[float], batch_size: int) -> dict:
+    """:func:`speed_figures`' figures from the seconds of each batch-1 pass and of each pass
+    at ``batch_size``, however they were timed (benchmarks/model_table.py times them in
+    rounds, quiet and loaded in turn)."""
     q1, t1, q3 = quartiles(ones)
     # images/s of each pass: its quartiles are the time's, the other way round
-    rates = [batch_size / t for t in timed_seconds(lambda: forward(batch), max(3, runs // 5),
-                                                   sync, budget_s)]
+    rates = [batch_size / t for t in batches]
     rq1, rate, rq3 = quartiles(rates)
     return {"batch1_ms_per_image": round(t1 * 1000, 2),
             "batch1_ms_q1": round(q1 * 1000, 2),
