@@ -1,7 +1,7 @@
 """The table that picks a model: every arch x format timed side by side on this machine.
 
     python -m benchmarks.model_table                  # default archs and formats, crops.size
-    python -m benchmarks.model_table --archs resnet18 --formats pytorch onnx_fp32 --threads 1 2
+    python -m benchmarks.model_table --archs resnet18 --formats pytorch onnx --threads 1 2
 
 One row per arch x format x thread count, each measured in a child process of its own, which
 loads the model file the way predict does (stages.common.serving.classifiers.load_classifier,
@@ -22,7 +22,7 @@ with predict's ``--threads``) and reports:
     random initialisation and their recall column says ``not trained``.
 
 Writes the table as Markdown and JSON (``--out``: benchmarks/model_table.{md,json}); the export
-stage copies the shipped model's row (its arch, ``onnx_fp32``, its crop size) from the JSON into
+stage copies the shipped model's row (its arch, ``onnx``, its crop size) from the JSON into
 metrics/export.json and the model card, and `python -m stages.report` plots recall lower bound
 against ms/image from it. The figures are this machine's, at the time of the run: on a shared
 machine rerun and compare ratios within one run, never across runs.
@@ -44,8 +44,8 @@ from typing import Callable
 
 import numpy as np
 
-from stages.common.config.paths import (CHECKPOINT, MODEL_TABLE, OPERATING_POINT, SPLIT_MANIFEST,
-                                        TEST_SPLIT)
+from stages.common.config.paths import (CALIBRATION_SPLIT, CHECKPOINT, MODEL_TABLE,
+                                        OPERATING_POINT, SPLIT_MANIFEST, TEST_SPLIT, VAL_SPLIT)
 from stages.common.infra.errors import ArgumentParser, ParamError, StageError, main_guard
 from stages.common.model.archs import ARCH_NAMES
 
@@ -72,18 +72,60 @@ def _pytorch(model, meta, checkpoint: Path, folder: Path) -> Path:
 
 
 def _onnx_fp32(model, meta, checkpoint: Path, folder: Path) -> Path:
+    from stages.common.model.formats import FORMATS as EXPORTED, ONNX_FP32
     from stages.common.model.onnx import export
 
-    path = folder / "model.onnx"
-    export(model, meta, path, OPSET)  # the export stage's exporter (its file, without a point)
+    path = folder / EXPORTED[ONNX_FP32].file
+    if not path.is_file():  # the other formats convert from it: once per arch
+        export(model, meta, path, OPSET)  # the export stage's exporter, without a point
     return path
 
 
-# The formats, in the table's order: adding one is one line here.
-FORMATS = {
-    "pytorch": Format("PyTorch eager", _pytorch),
-    "onnx_fp32": Format("ONNX Runtime", _onnx_fp32),
-}
+def calibration_batches(meta, checkpoint: Path) -> list:
+    """What a quantized format calibrates on: the crops of the calibration split (val without
+    one; never test), normalised for ``meta``, when they are of its size; else 16 random
+    normal crops (an untrained arch's speed does not depend on them)."""
+    import torch
+
+    from stages.common.inference.batches import normalise
+    from stages.common.inference.logits import checked_crops
+
+    folder = CALIBRATION_SPLIT if CALIBRATION_SPLIT.is_dir() else VAL_SPLIT
+    try:
+        crops = checked_crops(folder, meta, checkpoint, torch.device("cpu"))
+        return [normalise(crops.pixels, meta.mean, meta.std).contiguous().numpy()]
+    except StageError:
+        size = meta.image_size
+        return [np.random.default_rng(0).standard_normal((16, 3, size, size), dtype=np.float32)]
+
+
+def _converted(name: str) -> Callable:
+    """The builder of export format ``name``: export's own (stages.common.model.formats.build),
+    from the fp32 ONNX file."""
+    def build(model, meta, checkpoint: Path, folder: Path) -> Path:
+        from stages.common.model import formats
+
+        source = _onnx_fp32(model, meta, checkpoint, folder)
+        out = folder / formats.FORMATS[name].file
+        formats.build(name, source, out, calibration_batches(meta, checkpoint)
+                      if formats.FORMATS[name].calibrated else ())
+        return out
+    return build
+
+
+def _formats() -> dict[str, Format]:
+    """PyTorch eager, then every export format (stages.common.model.formats.FORMATS: a format
+    added there is a column here)."""
+    from stages.common.model.formats import FORMATS as EXPORTED, ONNX_FP32
+
+    runtimes = {"onnxruntime": "ONNX Runtime", "openvino": "OpenVINO"}
+    return {"pytorch": Format("PyTorch eager", _pytorch),
+            **{name: Format(runtimes.get(f.runtime, f.runtime),
+                            _onnx_fp32 if name == ONNX_FP32 else _converted(name))
+               for name, f in EXPORTED.items()}}
+
+
+FORMATS = _formats()
 
 
 def machine() -> dict:
@@ -221,6 +263,14 @@ def trained(checkpoint: Path | None):
     return model, meta, point
 
 
+def artifact_mb(name: str, file: Path) -> float:
+    """The size of every file of the artifact (an OpenVINO IR: .xml, .bin and sidecar)."""
+    from stages.common.model.formats import FORMATS as EXPORTED
+
+    files = EXPORTED[name].paths(file) if name in EXPORTED else [file]
+    return round(sum(f.stat().st_size for f in files) / 2 ** 20, 1)
+
+
 def build_rows(args, folder: Path) -> list[dict]:
     from benchmarks.bench_inference import checkpoint as untrained_checkpoint
 
@@ -253,7 +303,7 @@ def build_rows(args, folder: Path) -> list[dict]:
                 figures = run_child(spec)
                 rows.append({"arch": arch, "format": name, "runtime": FORMATS[name].runtime,
                              "threads": threads, "size": args.size, "params_m": params_m,
-                             "file_mb": round(file.stat().st_size / 2 ** 20, 1),
+                             "file_mb": artifact_mb(name, file),
                              "trained": point is not None,
                              "point_sha256": point["point_sha256"] if point else None,
                              **figures})

@@ -11,7 +11,8 @@ over in silence. A link to nothing, or a file or folder that cannot be read, get
 is "not a regular file", and an empty PATH is refused. Each picture is prepared as training
 crops are (aspect kept, padded with the corner colour), centred, so the answer never changes
 between runs. The model is a train-stage
-checkpoint (PyTorch) or an exported ``.onnx`` file (ONNX Runtime); either carries its own arch,
+checkpoint (PyTorch) or an exported ``.onnx`` file (ONNX Runtime, fp32 or int8) or ``.xml``
+OpenVINO IR (stages.common.model.formats); each carries its own arch,
 class names, image size and normalisation, and a digest of its weights that is checked before it
 answers anything. No network is touched. ``--device auto|cpu|cuda|mps`` (default auto: CUDA when
 there is one) is where a checkpoint runs, batched; an ONNX file runs on the CPU.
@@ -62,7 +63,7 @@ from typing import Iterator, TextIO
 
 # OpenMP's idle threads (PyTorch's, with --threads above 1) otherwise spin after each pass and
 # fight whatever else runs on the cores: on a 2-core box decoding video, resnet18 at 64 px took
-# 600-2000 ms a picture instead of 30-80 ms (BENCHMARKS.md section 9). Read once, when torch
+# 600-2000 ms a picture instead of 30-80 ms (BENCHMARKS.md section 10). Read once, when torch
 # loads OpenMP; only when predict is the program, and an OMP_WAIT_POLICY already set wins.
 RUNTIME_ENV = {"OMP_WAIT_POLICY": "PASSIVE"}
 if __name__ == "__main__":
@@ -79,8 +80,9 @@ from stages.common.infra.progress import is_terminal, tracked
 from stages.common.model.device import pick_device
 from stages.common.pictures.decode import (DEFAULT_MAX_IMAGE_PIXELS, MAX_IMAGE_PIXELS,
                                            PICTURE_SUFFIXES)
-from stages.common.serving.classifiers import DEFAULT_THREADS, load_classifier
-from stages.common.serving.predictor import Prediction, Skipped, expand, predict_paths
+from stages.common.serving.classifiers import DEFAULT_THREADS, EXPORTED, load_classifier
+from stages.common.serving.predictor import (Prediction, Skipped, expand, predict_paths,
+                                               printable, shown)
 
 DEFAULT_MODEL = CHECKPOINT
 MAX_THREADS = 1024  # a typo (--threads 10000) stops here, not in the runtime's thread pool
@@ -108,7 +110,8 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
                             epilog=f"{EXIT_HELP} {NAMES_HELP}")
     parser.add_argument("paths", nargs="+", metavar="PATH", help=PATHS_HELP)
     parser.add_argument("--model", type=Path, default=DEFAULT_MODEL,
-                        help=f"checkpoint (.pt) or exported .onnx file (default {DEFAULT_MODEL})")
+                        help=f"checkpoint (.pt), exported .onnx or OpenVINO .xml file "
+                             f"(default {DEFAULT_MODEL})")
     parser.add_argument("--format", choices=["table", "json", "csv"], default="table",
                         help="table: aligned columns for people (default); csv: one row per "
                              "picture with every class's probability; json: one document, a "
@@ -135,34 +138,12 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
                         help="CPU threads the model runs on, ONNX Runtime's or PyTorch's "
                              "(default: the runtime's own, one per physical core; idle threads "
                              "sleep instead of spinning, so video decoding on the same cores "
-                             "slows neither down much: BENCHMARKS.md section 9); give fewer to "
+                             "slows neither down much: BENCHMARKS.md section 10); give fewer to "
                              "leave cores to other work")
     parser.add_argument("--device", choices=["auto", "cpu", "cuda", "mps"], default="auto",
                         help="where a .pt checkpoint runs (auto: cuda, then mps, then cpu, "
-                             "whichever there is); an .onnx model runs on the CPU")
+                             "whichever there is); an exported .onnx or .xml model runs on the CPU")
     return parser.parse_args(argv)
-
-
-def shown(path: Path | str) -> str:
-    """A path as text that can always be written and read back: a byte that is not UTF-8 (a
-    file name from another system) is written ``\\xNN`` and a backslash ``\\\\``, so no name
-    is mistaken for another (``e\\xff.jpg``: an e and the byte 0xff; ``e\\\\xff.jpg``: an e, a
-    backslash and the letters xff). The CSV and JSON outputs carry it."""
-    return "".join(_escape(ch, controls=False) for ch in str(path))
-
-
-def printable(text: str) -> str:
-    """:func:`shown`, and control and other non-printable characters (newline, ESC, bidi
-    overrides) escaped too, so a name can neither fake a row nor drive the terminal."""
-    return "".join(_escape(ch) for ch in text)
-
-
-def _escape(ch: str, controls: bool = True) -> str:
-    if ch == "\\":
-        return "\\\\"
-    if "\udc80" <= ch <= "\udcff":  # how Python holds a file name's undecodable byte
-        return f"\\x{ord(ch) - 0xdc00:02x}"
-    return ascii(ch)[1:-1] if controls and not ch.isprintable() else ch
 
 
 # What a spreadsheet runs as a formula (OWASP, CSV injection), and the quote that shields it.
@@ -330,7 +311,7 @@ def threshold_for(args: argparse.Namespace, classifier
     where = None
     if point is None:
         where = ("exported without one: export it again with `dvc repro export`"
-                 if args.model.suffix.lower() == ".onnx" else
+                 if args.model.suffix.lower() in EXPORTED else
                  f"no {OPERATING_POINT.name} fitted for it beside it or at {OPERATING_POINT}: "
                  "run `dvc repro calibrate`")
         if args.require_point:
@@ -414,8 +395,8 @@ def main(argv: list[str] | None = None) -> int:
         raise ParamError(f"--max-image-pixels={args.max_image_pixels} is not allowed; expected "
                          f"1 to {MAX_IMAGE_PIXELS:,}")
     device = pick_device(args.device)
-    if args.model.suffix.lower() == ".onnx" and args.device == "auto":
-        device = torch.device("cpu")  # ONNX Runtime's CPU build runs it
+    if args.model.suffix.lower() in EXPORTED and args.device == "auto":
+        device = torch.device("cpu")  # ONNX Runtime's or OpenVINO's CPU build runs it
     classifier = load_classifier(args.model, threads=args.threads, device=device)
     classes = classifier.meta.classes
     if args.top_k is not None and args.top_k < 1:

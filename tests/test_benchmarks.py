@@ -82,7 +82,7 @@ def test_the_model_tables_bad_options_are_one_line_exit_2(args, needle, capsys):
     assert exit_.value.code == 2 and err.count("\n") == 1 and needle in err
 
 
-ROW = {"arch": "resnet18", "format": "onnx_fp32", "threads": None, "size": 64, "file_mb": 42.7,
+ROW = {"arch": "resnet18", "format": "onnx", "threads": None, "size": 64, "file_mb": 42.7,
        "peak_rss_mb": 900.0, "point_sha256": "a" * 64,
        "quiet": {"batch1_ms_per_image": 2.5, "batch_size": 32, "batch_images_per_s": 700.0},
        "loaded": {"batch1_ms_per_image": 9.0, "batch_size": 32, "batch_images_per_s": 200.0},
@@ -144,3 +144,22 @@ def test_the_load_can_pause_and_resume_without_losing_a_worker():
     finally:
         load.stop()
     assert [w.is_alive() for w in load.workers] == [False]
+
+
+def test_bench_formats_builds_loads_and_times_every_format(tmp_path, capsys):
+    """BENCHMARKS.md section 9's command on a small constructed net at 32 px, one pass: every
+    format is built as export builds it and loaded as predict loads it (digest and metadata
+    checks), and each prints its row."""
+    from benchmarks import bench_formats
+    from stages.common.model.formats import FORMATS
+    from stages.common.model.onnx import export
+    from tests.test_formats import CLASSES, META, SIZE, small_net
+    from tests.tiny_project import write_noise_test_split
+
+    export(small_net(), META, tmp_path / "model.onnx", 18)
+    write_noise_test_split(tmp_path, CLASSES, SIZE, per_label=2)
+    bench_formats.main(["--model", str(tmp_path / "model.onnx"), "--calibration",
+                        str(tmp_path / "data/split/test"), "--rounds", "1", "--runs", "1"])
+    out = capsys.readouterr().out
+    for name in FORMATS:
+        assert re.search(rf"^{name}\s+\d+\.\d\s+\d\.\d{{4}}\s+\d+\.\d+ \(", out, re.M), (name, out)
