@@ -3,6 +3,11 @@
     python -m benchmarks.model_table                  # default archs and formats, crops.size
     python -m benchmarks.model_table --archs resnet18 --formats pytorch onnx --threads 1 2
 
+Formats: PyTorch eager (the checkpoint) and every export format of
+stages.common.model.formats (fp32 ONNX, ONNX int8, OpenVINO fp16 and int8), each built by
+export's own builder; the quantized ones calibrate on the calibration split (val without one,
+never test) when its crops have the table's size, else on random crops.
+
 One row per arch x format x thread count, each measured in a child process of its own, which
 loads the model file the way predict does (stages.common.serving.classifiers.load_classifier,
 with predict's ``--threads``) and reports:
@@ -14,7 +19,7 @@ with predict's ``--threads``) and reports:
   * peak memory: the child's peak resident set (VmHWM), the runtime, its model and the
     timing batches; it includes the Python interpreter and whatever the loading path imports
     (torch, while classifiers.py imports it);
-  * the model file's size;
+  * the model's size on disk (every file of it: an OpenVINO IR's .xml, .bin and sidecar);
   * the person-recall lower bound (one-sided 95 % Clopper-Pearson over test pictures, as
     evaluate states it) at calibrate's operating point, computed through that very file on the
     test split, for the arch of the trained checkpoint (``--checkpoint``, with its operating

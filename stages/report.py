@@ -318,15 +318,18 @@ def pareto(points: list[dict]) -> list[dict]:
 
 def model_table_html(repo: Path, failed: list[str]) -> str:
     """The table that picks a model (benchmarks/model_table.py's JSON, when present): the
-    person-recall lower bound against ms/image at batch 1, each row a point, the Pareto front
-    drawn; rows without a trained checkpoint have no recall and are counted, not drawn."""
+    person-recall lower bound against ms/image at batch 1 with the cores decoding video (quiet
+    where the table has no loaded column), each row a point, the Pareto front drawn; rows
+    without a trained checkpoint have no recall and are counted, not drawn."""
     path = repo / MODEL_TABLE
     try:
         table = read_json(path)
         machine = table["machine"]
-        points = [{"ms": r["quiet"]["batch1_ms_per_image"],
+        when = "loaded" if table.get("load_cores") else "quiet"
+        points = [{"ms": r[when]["batch1_ms_per_image"],
                    "recall": r["recall"]["person_recall_lower_95"],
-                   "row": f"{r['arch']} {r['format']} {r['threads']}t"}
+                   "row": f"{r['arch']} {r['format']}"
+                          + ("" if r["threads"] is None else f" {r['threads']} threads")}
                   for r in table["rows"] if r.get("recall")]
         untrained = sum(1 for r in table["rows"] if not r.get("recall"))
         where = f"{machine['cpu']}, {machine['cores']} cores, {machine['date']}"
@@ -336,8 +339,10 @@ def model_table_html(repo: Path, failed: list[str]) -> str:
         failed.append(f"{MODEL_TABLE}: unreadable ({type(exc).__name__}: {exc})")
         return (f'<h2>The table that picks a model</h2><p class="error">{MODEL_TABLE}: '
                 f"unreadable ({html.escape(str(exc))})</p>")
+    condition = (f"with {table['load_cores']} cores decoding video" if when == "loaded"
+                 else "quiet")
     caption = (f"Person-recall 95 % lower bound (test, at the operating point) against batch-1 "
-               f"ms/image, quiet ({where}); the line is the Pareto front. {untrained} rows "
+               f"ms/image {condition} ({where}); the line is the Pareto front. {untrained} rows "
                f"without a trained checkpoint are not drawn: their speed is in {MODEL_TABLE}.")
     if not points:
         return (f"<h2>The table that picks a model</h2><p>No row of {MODEL_TABLE} has a "

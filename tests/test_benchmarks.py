@@ -125,10 +125,11 @@ def test_the_report_plots_the_rows_with_a_recall_and_draws_their_pareto_front(tm
     (tmp_path / "benchmarks").mkdir()
     untrained = {k: v for k, v in ROW.items() if k != "recall"}
     (tmp_path / "benchmarks" / "model_table.json").write_text(
-        json.dumps({"machine": MACHINE, "rows": [ROW, untrained]}))
+        json.dumps({"machine": MACHINE, "load_cores": 2, "rows": [ROW, untrained]}))
     page = report.model_table_html(tmp_path, failed)
     assert not failed and page.count('<figure class="plot"') == 1
     assert "1 rows without a trained checkpoint" in page
+    assert "with 2 cores decoding video" in page  # the loaded column, where an edge box runs
 
 
 def test_the_load_can_pause_and_resume_without_losing_a_worker():
