@@ -46,7 +46,8 @@ def test_the_load_generators_bad_options_are_one_line_exit_2(capsys):
 
 def test_the_model_table_writes_every_key_of_a_row(tmp_path, capsys):
     """One tiny arch x one format x one thread count, quiet and loaded, no trained checkpoint:
-    the JSON holds the figures export and the report read, the Markdown the row."""
+    the JSON holds the figures export and the report read, the Markdown the row. Its time is
+    the row's child process starting (it imports torch: each row's peak memory is its own)."""
     from benchmarks import model_table
 
     out = tmp_path / "table.json"
