@@ -52,7 +52,7 @@ import numpy as np
 from stages.common.config.paths import (CALIBRATION_SPLIT, CHECKPOINT, MODEL_TABLE,
                                         OPERATING_POINT, SPLIT_MANIFEST, TEST_SPLIT, VAL_SPLIT)
 from stages.common.infra.errors import ArgumentParser, ParamError, StageError, main_guard
-from stages.common.model.archs import ARCH_NAMES
+from stages.common.config.archs import ARCH_NAMES
 
 ROOT = Path(__file__).resolve().parents[1]
 OPSET = 18  # params.yaml's export.opset
@@ -77,7 +77,7 @@ def _pytorch(model, meta, checkpoint: Path, folder: Path) -> Path:
 
 
 def _onnx_fp32(model, meta, checkpoint: Path, folder: Path) -> Path:
-    from stages.common.model.formats import FORMATS as EXPORTED, ONNX_FP32
+    from stages.common.config.formats import FORMATS as EXPORTED, ONNX_FP32
     from stages.common.model.onnx import export
 
     path = folder / EXPORTED[ONNX_FP32].file
@@ -121,7 +121,7 @@ def _converted(name: str) -> Callable:
 def _formats() -> dict[str, Format]:
     """PyTorch eager, then every export format (stages.common.model.formats.FORMATS: a format
     added there is a column here)."""
-    from stages.common.model.formats import FORMATS as EXPORTED, ONNX_FP32
+    from stages.common.config.formats import FORMATS as EXPORTED, ONNX_FP32
 
     runtimes = {"onnxruntime": "ONNX Runtime", "openvino": "OpenVINO"}
     return {"pytorch": Format("PyTorch eager", _pytorch),
@@ -270,7 +270,7 @@ def trained(checkpoint: Path | None):
 
 def artifact_mb(name: str, file: Path) -> float:
     """The size of every file of the artifact (an OpenVINO IR: .xml, .bin and sidecar)."""
-    from stages.common.model.formats import FORMATS as EXPORTED
+    from stages.common.config.formats import FORMATS as EXPORTED
 
     files = EXPORTED[name].paths(file) if name in EXPORTED else [file]
     return round(sum(f.stat().st_size for f in files) / 2 ** 20, 1)

@@ -63,7 +63,7 @@ from typing import Iterator, TextIO
 
 # OpenMP's idle threads (PyTorch's, with --threads above 1) otherwise spin after each pass and
 # fight whatever else runs on the cores: on a 2-core box decoding video, resnet18 at 64 px took
-# 600-2000 ms a picture instead of 30-80 ms (BENCHMARKS.md section 10). Read once, when torch
+# 250-2,300 ms a picture instead of 11-20 ms (BENCHMARKS.md section 11). Read once, when torch
 # loads OpenMP; only when predict is the program, and an OMP_WAIT_POLICY already set wins.
 RUNTIME_ENV = {"OMP_WAIT_POLICY": "PASSIVE"}
 if __name__ == "__main__":
@@ -72,14 +72,14 @@ if __name__ == "__main__":
 
 import torch  # noqa: E402
 
-from stages.common.alarm.calibration import ALARM_LABEL, log_odds, person_log_odds
-from stages.common.config.params import MAX_BATCH
+from stages.common.alarm.calibration import log_odds, person_log_odds
+from stages.common.config.labels import ALARM_LABEL
+from stages.common.config.params import MAX_BATCH, MAX_IMAGE_PIXELS
 from stages.common.config.paths import CHECKPOINT, OPERATING_POINT
 from stages.common.infra.errors import DISK_FULL, ArgumentParser, ParamError, StageError, main_guard
 from stages.common.infra.progress import is_terminal, tracked
 from stages.common.model.device import pick_device
-from stages.common.pictures.decode import (DEFAULT_MAX_IMAGE_PIXELS, MAX_IMAGE_PIXELS,
-                                           PICTURE_SUFFIXES)
+from stages.common.pictures.decode import DEFAULT_MAX_IMAGE_PIXELS, PICTURE_SUFFIXES
 from stages.common.serving.classifiers import DEFAULT_THREADS, EXPORTED, load_classifier
 from stages.common.serving.predictor import (Prediction, Skipped, expand, predict_paths,
                                                printable, shown)
@@ -138,7 +138,7 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
                         help="CPU threads the model runs on, ONNX Runtime's or PyTorch's "
                              "(default: the runtime's own, one per physical core; idle threads "
                              "sleep instead of spinning, so video decoding on the same cores "
-                             "slows neither down much: BENCHMARKS.md section 10); give fewer to "
+                             "slows neither down much: BENCHMARKS.md section 11); give fewer to "
                              "leave cores to other work")
     parser.add_argument("--device", choices=["auto", "cpu", "cuda", "mps"], default="auto",
                         help="where a .pt checkpoint runs (auto: cuda, then mps, then cpu, "

@@ -26,9 +26,9 @@ import numpy as np
 import torch
 from torch import nn
 
+from stages.common.config.archs import ARCH_NAMES, MAX_CROP_SIZE
 from stages.common.infra.atomic import atomic_file
 from stages.common.infra.errors import StageError
-from stages.common.model.archs import ARCH_NAMES, MAX_CROP_SIZE
 
 CHECKPOINT_FORMAT = 1
 DIGEST_KEY = "weights_sha256"

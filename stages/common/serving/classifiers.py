@@ -27,7 +27,7 @@ from stages.common.model.onnx import (EXPORT_AGAIN, INPUT, META_KEYS, OUTPUT, PO
 # The CPU threads predict runs a model on unless told (its --threads). None: the runtime's own
 # default, one per physical core. Their idle threads must not spin (ONNX Runtime's
 # allow_spinning 0 below, OMP_WAIT_POLICY=PASSIVE in predict): then, on a box whose cores also
-# decode video, they answered as fast as one thread or faster (BENCHMARKS.md section 10).
+# decode video, they answered as fast as one thread or faster (BENCHMARKS.md section 11).
 DEFAULT_THREADS = None
 
 
