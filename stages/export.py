@@ -306,16 +306,16 @@ def table_section(row: dict | None) -> str:
         return (f"Not in `{MODEL_TABLE}`: `python -m benchmarks.model_table` measures it beside "
                 "the other archs and formats, quiet and with the cores decoding video.")
     loaded = ("" if row["batch1_ms_per_image_loaded"] is None else
-              f", {row['batch1_ms_per_image_loaded']} ms with every core decoding video")
+              f",\n{row['batch1_ms_per_image_loaded']} ms with every core decoding video")
     recall = ("not measured through this model (the row is another training's: speed only)"
               if row["person_recall_lower_95"] is None else
               f"person-recall lower bound {row['person_recall_lower_95']} through that file")
     threads = ("the runtime's default threads" if row["threads"] is None else
                f"{row['threads']} thread{'s' if row['threads'] > 1 else ''}")
-    return (f"In `{MODEL_TABLE}` ({row['machine']}, {row['date']}; {row['format']}, "
-            f"{threads}, as predict runs it): "
-            f"batch 1 {row['batch1_ms_per_image']} ms/image quiet{loaded}; peak memory "
-            f"{row['peak_rss_mb']} MB; {recall}.")
+    return (f"The table that picks a model, `{MODEL_TABLE}` ({row['machine']}, {row['date']};\n"
+            f"{row['format']}, {threads}, as predict runs it): batch 1 "
+            f"{row['batch1_ms_per_image']} ms/image quiet{loaded};\npeak memory "
+            f"{row['peak_rss_mb']} MB;\n{recall}.")
 
 
 def data_hashes(lock: Path = LOCK_FILE) -> dict[str, str]:
