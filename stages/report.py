@@ -352,9 +352,9 @@ def model_table_html(repo: Path, failed: list[str]) -> str:
             "layer": [
                 {"data": {"values": points}, "mark": {"type": "point", "filled": True},
                  "encoding": {"x": {"field": "ms", "type": "quantitative", "scale": {"type": "log"},
-                                    "title": "ms/image, batch 1 (log)"},
+                                    "title": f"ms/image, batch 1, {condition} (log)"},
                               "y": {"field": "recall", "type": "quantitative",
-                                    "scale": {"zero": False},
+                                    "scale": {"domain": [0, 1]},
                                     "title": "person-recall lower bound"},
                               "color": {"field": "row", "type": "nominal"}}},
                 {"data": {"values": pareto(points)}, "mark": {"type": "line", "color": "#555"},
