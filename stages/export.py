@@ -46,7 +46,8 @@ from stages.common.config import params
 from stages.common.config.labels import ALARM_LABEL
 from stages.common.config.paths import (CALIBRATION_SPLIT, CHECKPOINT, CONDITIONS_METRICS,
                                         EVAL_METRICS, EXPORT_DIR, EXPORT_METRICS, EXPORT_SPEED,
-                                        MODEL_DIR, OPERATING_POINT, SPLIT_MANIFEST, SPLIT_METRICS,
+                                        MODEL_DIR, MODEL_TABLE, OPERATING_POINT, SPLIT_MANIFEST,
+                                        SPLIT_METRICS,
                                         TEST_SPLIT, VAL_SPLIT)
 from stages.common.inference.batches import normalise
 from stages.common.inference.logits import checked_crops
@@ -58,9 +59,11 @@ from stages.common.model.build import load_checkpoint
 from stages.common.model.checkpoint import ModelMeta, check_logits
 from stages.common.model.formats import FORMATS, ONNX_FP32, build, reseal
 from stages.common.model.onnx import export
-from stages.common.serving.classifiers import OnnxClassifier, TorchClassifier, load_classifier
+from stages.common.serving.classifiers import (DEFAULT_THREADS, OnnxClassifier, TorchClassifier,
+                                               load_classifier)
 
 ONNX_FILE = FORMATS[ONNX_FP32].file
+TABLE_FORMAT = ONNX_FP32  # benchmarks/model_table.py's row of the file this stage always writes
 CARD_FILE = "MODEL_CARD.md"
 LOCK_FILE = Path("dvc.lock")
 DATA_STAGES = ("download", "extract_crops", "split")
@@ -266,6 +269,60 @@ def with_point(scores: dict, point: OperatingPoint) -> dict:
     return {**scores, "operating_point": op, "calibration": cal}
 
 
+def table_row(meta: ModelMeta, point_sha256: str, table: Path = MODEL_TABLE) -> dict | None:
+    """This model's row of the table that picks a model (benchmarks/model_table.py, run by hand
+    and committed): its arch, :data:`TABLE_FORMAT`, its crop size, predict's default threads.
+    None when the file or the row is absent. The recall lower bound is kept only when the row
+    was measured through this very model at this operating point (its ``point_sha256``);
+    speed, memory and size do not depend on the weights."""
+    try:
+        content = read_json(table)
+        rows, machine = content["rows"], content["machine"]
+    except FileNotFoundError:
+        return None
+    except (OSError, JsonProblem, KeyError, TypeError) as exc:
+        raise StageError(f"{table}: cannot read its rows ({exc}); run `python -m "
+                         "benchmarks.model_table` again, or delete the file") from None
+    try:
+        row = next((r for r in rows if r["arch"] == meta.arch and r["format"] == TABLE_FORMAT
+                    and r["size"] == meta.image_size and r["threads"] == DEFAULT_THREADS), None)
+        if row is None:
+            return None
+        ours = row.get("recall") and row.get("point_sha256") == point_sha256
+        loaded = row.get("loaded") or {}
+        return {"machine": f"{machine['cpu']}, {machine['cores']} cores",
+                "date": machine["date"], "format": TABLE_FORMAT, "threads": row["threads"],
+                "batch1_ms_per_image": row["quiet"]["batch1_ms_per_image"],
+                "batch1_ms_per_image_loaded": loaded.get("batch1_ms_per_image"),
+                "batch_size": row["quiet"]["batch_size"],
+                "batch_images_per_s": row["quiet"]["batch_images_per_s"],
+                "batch_images_per_s_loaded": loaded.get("batch_images_per_s"),
+                "peak_rss_mb": row["peak_rss_mb"], "file_mb": row["file_mb"],
+                "person_recall_lower_95":
+                    row["recall"]["person_recall_lower_95"] if ours else None}
+    except (KeyError, TypeError, AttributeError) as exc:
+        raise StageError(f"{table}: a row of {meta.arch} lacks {exc}; run `python -m "
+                         "benchmarks.model_table` again, or delete the file") from None
+
+
+def table_section(row: dict | None) -> str:
+    """The card's line on the table that picks a model."""
+    if row is None:
+        return (f"Not in `{MODEL_TABLE}`: `python -m benchmarks.model_table` measures it beside "
+                "the other archs and formats, quiet and with the cores decoding video.")
+    loaded = ("" if row["batch1_ms_per_image_loaded"] is None else
+              f",\n{row['batch1_ms_per_image_loaded']} ms with every core decoding video")
+    recall = ("not measured through this model (the row is another training's: speed only)"
+              if row["person_recall_lower_95"] is None else
+              f"person-recall lower bound {row['person_recall_lower_95']} through that file")
+    threads = ("the runtime's default threads" if row["threads"] is None else
+               f"{row['threads']} thread{'s' if row['threads'] > 1 else ''}")
+    return (f"The table that picks a model, `{MODEL_TABLE}` ({row['machine']}, {row['date']};\n"
+            f"{row['format']}, {threads}, as predict runs it): batch 1 "
+            f"{row['batch1_ms_per_image']} ms/image quiet{loaded};\npeak memory "
+            f"{row['peak_rss_mb']} MB;\n{recall}.")
+
+
 def data_hashes(lock: Path = LOCK_FILE) -> dict[str, str]:
     """The md5 DVC recorded for each output of the data stages (empty outside `dvc repro`)."""
     try:
@@ -403,7 +460,7 @@ def card_recipe(cfg: params.Params) -> dict:
 
 def model_card(cfg: params.Params, meta: ModelMeta, scores: dict, split: dict, hashes: dict,
                export_figures: dict, speed: dict, conditions: dict | None = None,
-               formats: dict | None = None,
+               formats: dict | None = None, row: dict | None = None,
                point: OperatingPoint | None = None) -> str:
     """data/export/MODEL_CARD.md: what a reviewer reads before the model is deployed.
     ``export_figures``: metrics/export.json's; ``speed``: metrics/speed/export.json's;
@@ -479,6 +536,8 @@ Medians over {o['batch1_runs']} passes (ONNX Runtime's batch-1 quartiles:
 parity with PyTorch: max abs logit difference {export_figures['parity']['max_abs_logit_diff']}
 on {export_figures['parity']['test_crops']} test crops.
 
+{table_section(row)}
+
 ## Rebuild
 `git log -S <md5 of {MODEL_DIR} in dvc.lock> -- dvc.lock` finds the commit; then
 `git checkout <commit> && dvc repro` (or `dvc pull` from the team's remote for these exact bytes).
@@ -499,6 +558,7 @@ def main() -> None:
     split = read_metrics(SPLIT_METRICS)
     conditions = measured(read_metrics(CONDITIONS_METRICS), point)
     calibration = calibration_set(everything, meta)  # too few crops: said before any work
+    row = table_row(meta, point.point_sha256)
     images, targets, pictures = labelled_arrays(TEST_SPLIT, meta)
 
     n = cfg.batch_size
@@ -542,11 +602,11 @@ def main() -> None:
                                                images, targets, pictures, point, person,
                                                threads, refused)
         figures = {"arch": meta.arch, "opset": cfg.opset, "onnx_mb": size_mb,
-                   "parity": check, "formats": certified}
+                   "parity": check, "formats": certified, "model_table": row}
         (tmp / CARD_FILE).write_text(model_card(
             everything, meta, with_point(scores, onnx.operating_point),
             split, data_hashes(), figures, speed, conditions,
-            certified if len(certified) > 1 else None, onnx.operating_point))
+            certified if len(certified) > 1 else None, row, onnx.operating_point))
 
     write_json(EXPORT_SPEED, speed)
     write_json(EXPORT_METRICS, figures)

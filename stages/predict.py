@@ -66,7 +66,16 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Iterator, TextIO
 
-import torch
+# OpenMP's idle threads (PyTorch's, with --threads above 1) otherwise spin after each pass and
+# fight whatever else runs on the cores: on a 2-core box decoding video, resnet18 at 64 px took
+# 250-2,300 ms a picture instead of 11-20 ms (BENCHMARKS.md section 11). Read once, when torch
+# loads OpenMP; only when predict is the program, and an OMP_WAIT_POLICY already set wins.
+RUNTIME_ENV = {"OMP_WAIT_POLICY": "PASSIVE"}
+if __name__ == "__main__":
+    for _name, _value in RUNTIME_ENV.items():
+        os.environ.setdefault(_name, _value)
+
+import torch  # noqa: E402
 
 from stages.common.alarm.calibration import log_odds, person_log_odds
 from stages.common.alarm.point import ModeThreshold, OperatingPoint
@@ -77,11 +86,12 @@ from stages.common.infra.errors import DISK_FULL, ArgumentParser, ParamError, St
 from stages.common.infra.progress import is_terminal, tracked
 from stages.common.model.device import pick_device
 from stages.common.pictures.decode import DEFAULT_MAX_IMAGE_PIXELS, PICTURE_SUFFIXES
-from stages.common.serving.classifiers import EXPORTED, load_classifier
+from stages.common.serving.classifiers import DEFAULT_THREADS, EXPORTED, load_classifier
 from stages.common.serving.predictor import (Prediction, Skipped, expand, predict_paths,
                                                printable, shown)
 
 DEFAULT_MODEL = CHECKPOINT
+MAX_THREADS = 1024  # a typo (--threads 10000) stops here, not in the runtime's thread pool
 INTERNAL_ERROR = 3  # not 1, which says that some inputs failed and the rest were answered
 EXIT_HELP = ("Exit code: 0 every input classified; 1 some failed (each its own error: line); 2 an "
              "unusable model, option or output (one line); 3 an internal error (one line).")
@@ -137,6 +147,12 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
                              "valid operating point, instead of warning and answering with "
                              "uncalibrated probabilities: for unattended use, where a stderr "
                              "warning goes unread")
+    parser.add_argument("--threads", type=int, default=DEFAULT_THREADS, metavar="N",
+                        help="CPU threads the model runs on, ONNX Runtime's or PyTorch's "
+                             "(default: the runtime's own, one per physical core; idle threads "
+                             "sleep instead of spinning, so video decoding on the same cores "
+                             "slows neither down much: BENCHMARKS.md section 11); give fewer to "
+                             "leave cores to other work")
     parser.add_argument("--device", choices=["auto", "cpu", "cuda", "mps"], default="auto",
                         help="where a .pt checkpoint runs (auto: cuda, then mps, then cpu, "
                              "whichever there is); an exported .onnx or .xml model runs on the CPU")
@@ -449,13 +465,15 @@ def main(argv: list[str] | None = None) -> int:
     if args.person_threshold is not None and not 0 <= args.person_threshold <= 1:
         raise ParamError(f"--person-threshold={args.person_threshold} is not allowed; expected "
                          "a number from 0 to 1")
+    if args.threads is not None and not 1 <= args.threads <= MAX_THREADS:
+        raise ParamError(f"--threads={args.threads} is not allowed; expected 1 to {MAX_THREADS}")
     if not 1 <= args.max_image_pixels <= MAX_IMAGE_PIXELS:
         raise ParamError(f"--max-image-pixels={args.max_image_pixels} is not allowed; expected "
                          f"1 to {MAX_IMAGE_PIXELS:,}")
     device = pick_device(args.device)
     if args.model.suffix.lower() in EXPORTED and args.device == "auto":
         device = torch.device("cpu")  # ONNX Runtime's or OpenVINO's CPU build runs it
-    classifier = load_classifier(args.model, device=device)
+    classifier = load_classifier(args.model, threads=args.threads, device=device)
     classes = classifier.meta.classes
     if args.top_k is not None and args.top_k < 1:
         raise ParamError(f"--top-k={args.top_k} is not allowed; expected 1 to {len(classes)}")

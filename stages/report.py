@@ -42,11 +42,11 @@ from pathlib import Path
 
 from stages.common.alarm.statement import (InconsistentFigures, problem, statement,
                                            threshold_text)
-from stages.common.config.paths import EVAL_METRICS, SPEED_FILES
+from stages.common.config.paths import EVAL_METRICS, MODEL_TABLE, SPEED_FILES
 from stages.common.infra import dvc_internals
 from stages.common.infra.atomic import atomic_file, refuse_odd_destination
 from stages.common.infra.errors import ArgumentParser, ParamError, StageError, main_guard
-from stages.common.infra.jsonfile import JsonProblem, parse_json
+from stages.common.infra.jsonfile import JsonProblem, parse_json, read_json
 
 DEFAULT_OUT = Path("dvc_plots/report.html")  # beside dvc plots show's index.html, git-ignored
 IMAGE_TYPES = {".png": "image/png", ".jpg": "image/jpeg", ".jpeg": "image/jpeg",
@@ -306,6 +306,66 @@ def compared_metrics_html(table: dict, unreadable: dict, revs: list[str], missin
     return "\n".join(parts) or "<p>no metrics in these revisions</p>"
 
 
+def pareto(points: list[dict]) -> list[dict]:
+    """The points no other beats on both axes (faster and at least as high a recall bound),
+    fastest first: the only rows worth choosing between."""
+    front: list[dict] = []
+    for p in sorted(points, key=lambda p: (p["ms"], -p["recall"])):
+        if not front or p["recall"] > front[-1]["recall"]:
+            front.append(p)
+    return front
+
+
+def model_table_html(repo: Path, failed: list[str]) -> str:
+    """The table that picks a model (benchmarks/model_table.py's JSON, when present): the
+    person-recall lower bound against ms/image at batch 1 with the cores decoding video (quiet
+    where the table has no loaded column), each row a point, the Pareto front drawn; rows
+    without a trained checkpoint have no recall and are counted, not drawn."""
+    path = repo / MODEL_TABLE
+    try:
+        table = read_json(path)
+        machine = table["machine"]
+        when = "loaded" if table.get("load_cores") else "quiet"
+        points = [{"ms": r[when]["batch1_ms_per_image"],
+                   "recall": r["recall"]["person_recall_lower_95"],
+                   "row": f"{r['arch']} {r['format']}"
+                          + ("" if r["threads"] is None else f" {r['threads']} threads")}
+                  for r in table["rows"] if r.get("recall")]
+        untrained = sum(1 for r in table["rows"] if not r.get("recall"))
+        where = f"{machine['cpu']}, {machine['cores']} cores, {machine['date']}"
+    except FileNotFoundError:
+        return ""
+    except (OSError, JsonProblem, KeyError, TypeError) as exc:
+        failed.append(f"{MODEL_TABLE}: unreadable ({type(exc).__name__}: {exc})")
+        return (f'<h2>The table that picks a model</h2><p class="error">{MODEL_TABLE}: '
+                f"unreadable ({html.escape(str(exc))})</p>")
+    condition = (f"with {table['load_cores']} cores decoding video" if when == "loaded"
+                 else "quiet")
+    caption = (f"Person-recall 95 % lower bound (test, at the operating point) against batch-1 "
+               f"ms/image {condition} ({where}); the line is the Pareto front. {untrained} rows "
+               f"without a trained checkpoint are not drawn: their speed is in {MODEL_TABLE}.")
+    if not points:
+        return (f"<h2>The table that picks a model</h2><p>No row of {MODEL_TABLE} has a "
+                f"trained checkpoint, so there is no recall to plot ({where}).</p>")
+    spec = {"$schema": "https://vega.github.io/schema/vega-lite/v5.json",
+            "width": 420, "height": 280,
+            "layer": [
+                {"data": {"values": points}, "mark": {"type": "point", "filled": True},
+                 "encoding": {"x": {"field": "ms", "type": "quantitative", "scale": {"type": "log"},
+                                    "title": f"ms/image, batch 1, {condition} (log)"},
+                              "y": {"field": "recall", "type": "quantitative",
+                                    "scale": {"domain": [0, 1]},
+                                    "title": "person-recall lower bound"},
+                              "color": {"field": "row", "type": "nominal"}}},
+                {"data": {"values": pareto(points)}, "mark": {"type": "line", "color": "#555"},
+                 "encoding": {"x": {"field": "ms", "type": "quantitative"},
+                              "y": {"field": "recall", "type": "quantitative"}}}]}
+    figure = figure_html("model_table", {"type": "vega", "content": spec},
+                         "recall lower bound vs ms/image", failed)
+    return (f'<h2>The table that picks a model</h2><p>{html.escape(caption)}</p>'
+            f'<div class="plots">{figure}</div>')
+
+
 def build(repo: Path, revs: list[str] | None = None) -> tuple[str, list[str], list[str]]:
     """The report's HTML, what failed (a plot, an unreadable metrics file, an invalid operating
     point), and what the revisions lack."""
@@ -354,6 +414,7 @@ needs no network.</p>
 <div class="plots">
 {chr(10).join(figures)}
 </div>
+{model_table_html(repo, failed)}
 <h2>Metrics</h2>
 {metrics_part}
 </body></html>

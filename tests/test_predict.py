@@ -748,3 +748,39 @@ def test_predict_help_explains_every_option_and_offers_every_device(capsys):
     assert list(device.choices) == list(typing.get_args(Evaluate.model_fields["device"].annotation))
     text = " ".join(capsys.readouterr().out.split())
     assert "mps" in text and "the CSV always holds every class" in text
+
+
+def test_predict_runs_the_model_on_threads_predict_chooses(run_predict, models, pictures,
+                                                          monkeypatch):
+    """--threads reaches the runtime (default: the serving room's DEFAULT_THREADS); out of
+    range is one line, exit 2, before the model is loaded."""
+    from stages.common.serving.classifiers import DEFAULT_THREADS
+
+    asked = []
+
+    def loader(path, threads=None, device=None):
+        asked.append(threads)
+        raise StageError("stop here")
+    monkeypatch.setattr(predict, "load_classifier", loader)
+    assert run_predict(pictures, "--model", models[1], "--threads", "3").returncode == 2
+    assert run_predict(pictures, "--model", models[1]).returncode == 2
+    assert asked == [3, DEFAULT_THREADS]
+    proc = run_predict(pictures, "--model", models[1], "--threads", "0")
+    assert proc.returncode == 2 and "--threads=0 is not allowed" in proc.stderr
+    assert asked == [3, DEFAULT_THREADS]
+    assert predict.RUNTIME_ENV == {"OMP_WAIT_POLICY": "PASSIVE"}
+
+
+def test_each_runtime_runs_on_the_threads_it_is_given(models):
+    """ONNX Runtime: intra-op threads set, idle threads not spinning; PyTorch: its passes on
+    the threads given, the process's own setting put back after each."""
+    onnx = load_classifier(models[1], threads=1)
+    options = onnx.session.get_session_options()
+    assert options.intra_op_num_threads == 1
+    assert options.get_session_config_entry("session.intra_op.allow_spinning") == "0"
+    before = torch.get_num_threads()
+    eager = load_classifier(models[0], threads=1)
+    seen = []
+    eager.model.register_forward_hook(lambda *_: seen.append(torch.get_num_threads()))
+    eager.logits(np.zeros((1, 3, SIZE, SIZE), np.float32))
+    assert seen == [1] and torch.get_num_threads() == before

@@ -24,11 +24,21 @@ from stages.common.model.formats import verified_ir
 from stages.common.model.onnx import (EXPORT_AGAIN, INPUT, META_KEYS, OUTPUT, POINT_KEY,
                                       verified_bytes)
 
+# The CPU threads predict runs a model on unless told (its --threads). None: the runtime's own
+# default, one per physical core. Their idle threads must not spin (ONNX Runtime's
+# allow_spinning 0 below, OMP_WAIT_POLICY=PASSIVE in predict): then, on a box whose cores also
+# decode video, they answered as fast as one thread or faster (BENCHMARKS.md section 11).
+DEFAULT_THREADS = None
+
 
 class TorchClassifier:
-    """A train-stage checkpoint in PyTorch eager, on ``device`` (the CPU by default)."""
+    """A train-stage checkpoint in PyTorch eager, on ``device`` (the CPU by default); with
+    ``threads``, its passes run on that many CPU threads (PyTorch's setting is the process's:
+    set for each pass and put back, so a caller in the same process keeps its own)."""
 
-    def __init__(self, path: str | Path, device: torch.device = torch.device("cpu")):
+    def __init__(self, path: str | Path, device: torch.device = torch.device("cpu"),
+                 threads: int | None = None):
+        self.threads = threads
         self.path = Path(path)
         self.device = device
         self.model, meta = load_checkpoint(path)
@@ -42,7 +52,14 @@ class TorchClassifier:
         if isinstance(batch, np.ndarray):
             batch = torch.from_numpy(np.ascontiguousarray(batch, np.float32))
         x = batch.to(self.device).contiguous(memory_format=torch.channels_last)
-        return self.model(x).float().cpu().numpy()
+        before = torch.get_num_threads()
+        if not self.threads or self.threads == before:
+            return self.model(x).float().cpu().numpy()
+        torch.set_num_threads(self.threads)
+        try:
+            return self.model(x).float().cpu().numpy()
+        finally:
+            torch.set_num_threads(before)
 
     def classify(self, pixels: torch.Tensor) -> np.ndarray:
         """uint8 RGB N x 3 x S x S -> logits, normalised on the model's device."""
@@ -52,10 +69,12 @@ class TorchClassifier:
 def load_classifier(path: str | Path, threads: int | None = None,
                     device: torch.device = torch.device("cpu")):
     """A ``.onnx`` file runs in ONNX Runtime, an ``.xml`` (OpenVINO IR) in OpenVINO, both on
-    the CPU; anything else must be a train-stage checkpoint, run by PyTorch on ``device``."""
+    the CPU; anything else must be a train-stage checkpoint, run by PyTorch on ``device``.
+    ``threads``: the CPU threads the runtime uses (None: its own default, one per physical
+    core)."""
     runtime = EXPORTED.get(Path(path).suffix.lower())
     if runtime is None:
-        return TorchClassifier(path, device)
+        return TorchClassifier(path, device, threads)
     if device.type != "cpu":
         raise StageError(f"{path}: an exported model runs on the CPU here (ONNX Runtime's and "
                          f"OpenVINO's CPU builds); use --device cpu, or the .pt checkpoint on "
