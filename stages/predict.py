@@ -14,7 +14,9 @@ between runs. The model is a train-stage
 checkpoint (PyTorch) or an exported ``.onnx`` file (ONNX Runtime); either carries its own arch,
 class names, image size and normalisation, and a digest of its weights that is checked before it
 answers anything. No network is touched. ``--device auto|cpu|cuda|mps`` (default auto: CUDA when
-there is one) is where a checkpoint runs, batched; an ONNX file runs on the CPU.
+there is one) is where a checkpoint runs, batched; an ONNX file runs on the CPU. torch is
+imported for a checkpoint only: with an ONNX file this command runs where no PyTorch is
+installed (requirements-edge.txt, docs/using-the-model.md).
 
 Probabilities are calibrated (calibrate's temperature) and each picture gets ``alarm``: its person
 probability is at or above the operating point's threshold (``--person-threshold X`` overrides it
@@ -60,14 +62,11 @@ import sys
 from pathlib import Path
 from typing import Iterator, TextIO
 
-import torch
-
 from stages.common.alarm.calibration import ALARM_LABEL, log_odds, person_log_odds
-from stages.common.config.params import MAX_BATCH
 from stages.common.config.paths import CHECKPOINT, OPERATING_POINT
 from stages.common.infra.errors import DISK_FULL, ArgumentParser, ParamError, StageError, main_guard
 from stages.common.infra.progress import is_terminal, tracked
-from stages.common.model.device import pick_device
+from stages.common.model.archs import MAX_BATCH
 from stages.common.pictures.decode import (DEFAULT_MAX_IMAGE_PIXELS, MAX_IMAGE_PIXELS,
                                            PICTURE_SUFFIXES)
 from stages.common.serving.classifiers import load_classifier
@@ -395,9 +394,12 @@ def main(argv: list[str] | None = None) -> int:
     if not 1 <= args.max_image_pixels <= MAX_IMAGE_PIXELS:
         raise ParamError(f"--max-image-pixels={args.max_image_pixels} is not allowed; expected "
                          f"1 to {MAX_IMAGE_PIXELS:,}")
-    device = pick_device(args.device)
-    if args.model.suffix.lower() == ".onnx" and args.device == "auto":
-        device = torch.device("cpu")  # ONNX Runtime's CPU build runs it
+    if args.model.suffix.lower() == ".onnx":  # ONNX Runtime's CPU build runs it; no torch
+        device = "cpu" if args.device == "auto" else args.device
+    else:
+        from stages.common.model.device import pick_device
+
+        device = pick_device(args.device)
     classifier = load_classifier(args.model, device=device)
     classes = classifier.meta.classes
     if args.top_k is not None and args.top_k < 1:

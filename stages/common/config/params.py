@@ -24,7 +24,7 @@ from pydantic import (BaseModel, ConfigDict, Field, ValidationError, field_valid
 from stages.common.alarm.calibration import ALARM_LABEL
 from stages.common.infra.atomic import clean_dead_leftovers
 from stages.common.infra.errors import ParamError
-from stages.common.model.archs import ARCH_NAMES, MAX_CROP_SIZE, family_of
+from stages.common.model.archs import ARCH_NAMES, MAX_BATCH, MAX_CROP_SIZE, family_of
 from stages.common.pictures.decode import MAX_IMAGE_PIXELS
 
 PARAMS_FILE = Path("params.yaml")
@@ -40,9 +40,6 @@ MAX_SEED = 2**32 - 1  # NumPy's global seeding (np.random.seed, in train) takes 
 # each process is an interpreter with torch or OpenCV loaded (hundreds of MB), so more cannot
 # run at once, and 100,000 would hit the machine's process and memory limits mid-run.
 MAX_PROCESSES = 256
-# Crops per forward pass: 4,096 crops of 224 px are 2.4 GB of float32 input before any
-# activation; export.batch_size repeats test crops up to this many in memory.
-MAX_BATCH = 4096
 MAX_EPOCHS = 10_000
 MAX_SPEED_RUNS = 10_000  # timed forward passes: more only makes the stage slower
 MAX_MISTAKES = 256  # subplots of the mistakes figure: more is unreadable and minutes to draw

@@ -73,3 +73,7 @@ def family_of(arch: str) -> Family:
 
 # Crop side: activations grow with its square, 20x those of the report's 224 px at 1,024.
 MAX_CROP_SIZE = 1024
+# Crops per forward pass: 4,096 crops of 224 px are 2.4 GB of float32 input before any
+# activation; export.batch_size repeats test crops up to this many in memory. Here, not in
+# params.py, so predict checks --batch-size without loading the params schema (pydantic).
+MAX_BATCH = 4096

@@ -2,62 +2,90 @@
 or an exported model in ONNX Runtime (:class:`OnnxClassifier`), each with the operating point
 fitted for it; shared by predict, export and review.
 
-Both take uint8 RGB N x 3 x S x S pixels (``classify``) and normalise them as every crop is
-(stages.common.inference.batches.normalise).
+Both take uint8 RGB N x 3 x S x S pixels (``classify``, an array) and normalise them as every
+crop is (stages.common.inference.batches.normalise; the ONNX one without torch, the same floats:
+:func:`normalise_array`). torch is imported only by :class:`TorchClassifier`: an ONNX file
+answers on a box with no PyTorch installed (the edge runtime, requirements-edge.txt).
 """
 from __future__ import annotations
 
 from pathlib import Path
+from typing import TYPE_CHECKING, Sequence
 
 import numpy as np
-import torch
 
 from stages.common.alarm.calibration import beside, point_problem
 from stages.common.config.paths import OPERATING_POINT
-from stages.common.inference.batches import normalise
 from stages.common.infra.errors import StageError
 from stages.common.infra.jsonfile import JsonProblem, parse_json
-from stages.common.model.build import load_checkpoint
 from stages.common.model.checkpoint import ModelMeta
 from stages.common.model.onnx import (EXPORT_AGAIN, INPUT, META_KEYS, OUTPUT, POINT_KEY,
                                       verified_bytes)
+
+if TYPE_CHECKING:
+    import torch
 
 
 class TorchClassifier:
     """A train-stage checkpoint in PyTorch eager, on ``device`` (the CPU by default)."""
 
-    def __init__(self, path: str | Path, device: torch.device = torch.device("cpu")):
+    def __init__(self, path: str | Path, device: torch.device | str = "cpu"):
+        import torch
+
+        from stages.common.model.build import load_checkpoint
+
         self.path = Path(path)
-        self.device = device
+        self.device = torch.device(device)
         self.model, meta = load_checkpoint(path)
-        self.model = self.model.to(device, memory_format=torch.channels_last)
+        self.model = self.model.to(self.device, memory_format=torch.channels_last)
         self.meta = meta
         self.operating_point = beside(self.path, OPERATING_POINT)
 
-    @torch.inference_mode()
     def logits(self, batch: np.ndarray | torch.Tensor) -> np.ndarray:
         """Normalised float32 N x 3 x S x S (an array, or a tensor on any device) -> logits."""
-        if isinstance(batch, np.ndarray):
-            batch = torch.from_numpy(np.ascontiguousarray(batch, np.float32))
-        x = batch.to(self.device).contiguous(memory_format=torch.channels_last)
-        return self.model(x).float().cpu().numpy()
+        import torch
 
-    def classify(self, pixels: torch.Tensor) -> np.ndarray:
+        with torch.inference_mode():
+            if isinstance(batch, np.ndarray):
+                batch = torch.from_numpy(np.ascontiguousarray(batch, np.float32))
+            x = batch.to(self.device).contiguous(memory_format=torch.channels_last)
+            return self.model(x).float().cpu().numpy()
+
+    def classify(self, pixels: np.ndarray | torch.Tensor) -> np.ndarray:
         """uint8 RGB N x 3 x S x S -> logits, normalised on the model's device."""
+        import torch
+
+        from stages.common.inference.batches import normalise
+
+        if isinstance(pixels, np.ndarray):
+            pixels = torch.from_numpy(pixels)
         return self.logits(normalise(pixels.to(self.device), self.meta.mean, self.meta.std))
 
 
 def load_classifier(path: str | Path, threads: int | None = None,
-                    device: torch.device = torch.device("cpu")):
+                    device: torch.device | str = "cpu"):
     """A ``.onnx`` file runs in ONNX Runtime (the CPU); anything else must be a train-stage
     checkpoint, run by PyTorch on ``device``."""
     if Path(path).suffix.lower() == ".onnx":
-        if device.type != "cpu":
+        kind = getattr(device, "type", device)
+        if kind != "cpu":
             raise StageError(f"{path}: an ONNX model runs on the CPU here (ONNX Runtime's CPU "
-                             "build); use --device cpu, or the .pt checkpoint on "
-                             f"{device.type}")
+                             f"build); use --device cpu, or the .pt checkpoint on {kind}")
         return OnnxClassifier(path, threads)
     return TorchClassifier(path, device)
+
+
+def normalise_array(pixels: np.ndarray, mean: Sequence[float], std: Sequence[float]
+                    ) -> np.ndarray:
+    """uint8 B x 3 x S x S -> float32, the floats of batches.normalise bit for bit (tested on
+    every value of every channel): each channel's 256 results, computed once as it computes
+    them (x / 255, then (x - mean) / std, in float32), looked up for every pixel."""
+    levels = np.arange(256, dtype=np.float32) / np.float32(255)
+    m = np.asarray(mean, np.float32)[:, None]
+    s = np.asarray(std, np.float32)[:, None]
+    table = (levels[None, :] - m) / s  # channel x level
+    channels = np.arange(len(m), dtype=np.intp)[None, :, None, None]
+    return table[channels, pixels]
 
 
 class OnnxClassifier:
@@ -119,7 +147,6 @@ class OnnxClassifier:
     def logits(self, batch: np.ndarray) -> np.ndarray:
         return self.session.run([OUTPUT], {INPUT: np.ascontiguousarray(batch, np.float32)})[0]
 
-    def classify(self, pixels) -> np.ndarray:
-        """uint8 RGB N x 3 x S x S (a torch tensor) -> logits, normalised as every crop is."""
-        x = normalise(pixels, self.meta.mean, self.meta.std)
-        return self.logits(x.contiguous().numpy())
+    def classify(self, pixels: np.ndarray) -> np.ndarray:
+        """uint8 RGB N x 3 x S x S -> logits, normalised as every crop is."""
+        return self.logits(normalise_array(pixels, self.meta.mean, self.meta.std))
