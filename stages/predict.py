@@ -397,8 +397,13 @@ def main(argv: list[str] | None = None) -> int:
     if args.model.suffix.lower() == ".onnx":  # ONNX Runtime's CPU build runs it; no torch
         device = "cpu" if args.device == "auto" else args.device
     else:
-        from stages.common.model.device import pick_device
-
+        try:
+            from stages.common.model.device import pick_device
+        except ImportError as exc:  # the edge runtime (requirements-edge.txt): no torch
+            raise StageError(f"{args.model}: a PyTorch checkpoint, and {exc.name or 'torch'} is "
+                             "not installed here (the edge runtime answers from an exported "
+                             ".onnx file); give --model model.onnx, or install "
+                             "requirements.txt") from None
         device = pick_device(args.device)
     classifier = load_classifier(args.model, device=device)
     classes = classifier.meta.classes

@@ -376,3 +376,14 @@ def test_the_edge_venv_refuses_what_the_full_install_refuses(edge_python, models
         assert full.returncode == 2 and len(full.stderr.strip().splitlines()) == 1, extra
         assert (edge.returncode, edge.stdout, edge.stderr) == \
             (full.returncode, full.stdout, full.stderr), extra
+
+
+@pytest.mark.edge
+def test_a_checkpoint_on_the_edge_is_one_line(edge_python, crops, tmp_path):
+    """No torch there: a .pt model (the default one too) is refused before any answer, exit 2."""
+    (tmp_path / "best.pt").write_bytes(b"any")
+    proc = run(edge_python, "-m", "stages.predict", crops, "--model", tmp_path / "best.pt")
+    assert (proc.returncode, proc.stdout) == (2, "")
+    assert proc.stderr == (f"error: {tmp_path / 'best.pt'}: a PyTorch checkpoint, and torch is "
+                           "not installed here (the edge runtime answers from an exported .onnx "
+                           "file); give --model model.onnx, or install requirements.txt\n")

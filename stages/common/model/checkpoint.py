@@ -27,7 +27,6 @@ from typing import TYPE_CHECKING, Any
 
 import numpy as np
 
-from stages.common.infra.atomic import atomic_file
 from stages.common.infra.errors import StageError
 from stages.common.model.archs import ARCH_NAMES, MAX_CROP_SIZE
 
@@ -65,6 +64,8 @@ def save_checkpoint(path: str | Path, model: nn.Module | dict[str, torch.Tensor]
                     meta: ModelMeta) -> None:
     """``model``: the module, or a state dict of it (the train stage keeps its best epoch's)."""
     import torch
+
+    from stages.common.infra.atomic import atomic_file  # here: PyYAML, which predict never needs
 
     weights = model if isinstance(model, dict) else model.state_dict()
     state = {k: v.detach().cpu().contiguous() for k, v in weights.items()}
