@@ -321,6 +321,9 @@ def edge_python() -> Path:
                 building.rename(venv)
             except OSError:  # another run built it meanwhile
                 pass
+            for old in venv.parent.glob("edge-venv-*"):  # of requirements no longer here
+                if old != venv:
+                    shutil.rmtree(old, ignore_errors=True)
         finally:
             shutil.rmtree(building, ignore_errors=True)
     return python
