@@ -150,6 +150,7 @@ def timed(cmd: list[str], cwd: Path) -> dict:
     proc.returncode = os.waitstatus_to_exitcode(status)
     wall = time.perf_counter() - start
     return {"wall": wall, "header": header, "first": first, "rss_mib": usage.ru_maxrss / 1024,
+            "cpu": usage.ru_utime + usage.ru_stime,
             "code": proc.returncode, "lines": lines, "stderr": err.decode(errors="replace")}
 
 
@@ -222,13 +223,16 @@ def main(argv: list[str] | None = None) -> None:
             print(f"int8 top label agrees with fp32 on {agree:.1%} of the pictures")
 
         base = statistics.median(r["wall"] for r in results["today fp32"])
-        print(f"\n{'run':11s} {'wall s (median; each)':34s} {'vs today':>8s} {'header s':>8s} "
-              f"{'1st answer s':>12s} {'peak MiB':>8s}")
+        base_cpu = statistics.median(r["cpu"] for r in results["today fp32"])
+        print(f"\n{'run':11s} {'wall s (median; each)':34s} {'vs today':>8s} {'CPU s':>6s} "
+              f"{'vs today':>8s} {'header s':>8s} {'1st answer s':>12s} {'peak MiB':>8s}")
         for name, rs in results.items():
             wall = statistics.median(r["wall"] for r in rs)
+            cpu = statistics.median(r["cpu"] for r in rs)
             each = " / ".join(f"{r['wall']:.2f}" for r in rs)
             print(f"{name:11s} {wall:6.2f} ({each}){'':{max(0, 26 - len(each))}s} "
-                  f"{base / wall:7.2f}x {statistics.median(r['header'] for r in rs):8.2f} "
+                  f"{base / wall:7.2f}x {cpu:6.2f} {base_cpu / cpu:7.2f}x "
+                  f"{statistics.median(r['header'] for r in rs):8.2f} "
                   f"{statistics.median(r['first'] for r in rs):12.2f} "
                   f"{max(r['rss_mib'] for r in rs):8.0f}")
 
@@ -245,11 +249,11 @@ def main(argv: list[str] | None = None) -> None:
                 imports = import_seconds(timed([cmd[0], "-X", "importtime", *tail],
                                                cwd)["stderr"])
                 r = timed([cmd[0], *tail], cwd)
-                figures[name].append((*imports, r["header"], r["first"]))
+                figures[name].append((*imports, r["header"], r["first"], r["cpu"]))
         for name, fs in figures.items():
-            imp, mods, head, first = (statistics.median(f[i] for f in fs) for i in range(4))
+            imp, mods, head, first, cpu = (statistics.median(f[i] for f in fs) for i in range(5))
             print(f"{name:11s} imports {imp:5.2f} s ({mods:.0f} modules), header "
-                  f"{head:5.2f} s, answer {first:5.2f} s")
+                  f"{head:5.2f} s, answer {first:5.2f} s; CPU of the whole run {cpu:5.2f} s")
     finally:
         shutil.rmtree(work, ignore_errors=True)
 

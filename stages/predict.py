@@ -70,7 +70,8 @@ from stages.common.model.archs import MAX_BATCH
 from stages.common.pictures.decode import (DEFAULT_MAX_IMAGE_PIXELS, MAX_IMAGE_PIXELS,
                                            PICTURE_SUFFIXES)
 from stages.common.serving.classifiers import load_classifier
-from stages.common.serving.predictor import Prediction, Skipped, expand, predict_paths
+from stages.common.serving.predictor import (Prediction, Skipped, expand, predict_paths,
+                                              workers)
 
 DEFAULT_MODEL = CHECKPOINT
 INTERNAL_ERROR = 3  # not 1, which says that some inputs failed and the rest were answered
@@ -394,7 +395,8 @@ def main(argv: list[str] | None = None) -> int:
     if not 1 <= args.max_image_pixels <= MAX_IMAGE_PIXELS:
         raise ParamError(f"--max-image-pixels={args.max_image_pixels} is not allowed; expected "
                          f"1 to {MAX_IMAGE_PIXELS:,}")
-    if args.model.suffix.lower() == ".onnx":  # ONNX Runtime's CPU build runs it; no torch
+    onnx = args.model.suffix.lower() == ".onnx"
+    if onnx:  # ONNX Runtime's CPU build runs it; no torch
         device = "cpu" if args.device == "auto" else args.device
     else:
         try:
@@ -405,7 +407,8 @@ def main(argv: list[str] | None = None) -> int:
                              ".onnx file); give --model model.onnx, or install "
                              "requirements.txt") from None
         device = pick_device(args.device)
-    classifier = load_classifier(args.model, device=device)
+    # An ONNX model: one thread a run, a run per CPU at once (predict_paths' runs)
+    classifier = load_classifier(args.model, threads=1 if onnx else None, device=device)
     classes = classifier.meta.classes
     if args.top_k is not None and args.top_k < 1:
         raise ParamError(f"--top-k={args.top_k} is not allowed; expected 1 to {len(classes)}")
@@ -420,7 +423,8 @@ def main(argv: list[str] | None = None) -> int:
     with output_errors():
         out.begin(args.model, classifier.meta.arch)
         try:
-            answers = predict_paths(classifier, items, args.batch_size, args.max_image_pixels)
+            answers = predict_paths(classifier, items, args.batch_size, args.max_image_pixels,
+                                    runs=workers() if onnx else 1)
             # On a terminal the answers themselves show progress; redirected, stderr does.
             for pred in tracked(answers, "predict", len(items), unit="pictures",
                                 enabled=not is_terminal(sys.stdout)):

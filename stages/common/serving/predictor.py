@@ -253,8 +253,9 @@ def prepared(path: Path, meta: ModelMeta, max_pixels: int) -> np.ndarray | str:
 
 
 def workers() -> int:
-    """Threads that read and prepare pictures: the CPUs this process may use, 2 to 8 (one
-    keeps a file's read or decode from stalling the next; past 8 the model is the bottleneck)."""
+    """Threads that read and prepare pictures, and ONNX runs predict makes at once: the CPUs
+    this process may use, 2 to 8 (one keeps a file's read or decode from stalling the next;
+    past 8 the model is the bottleneck)."""
     try:
         cpus = len(os.sched_getaffinity(0))
     except (AttributeError, OSError):
@@ -263,7 +264,8 @@ def workers() -> int:
 
 
 def predict_paths(classifier, items: list[tuple[Path, str | None]], batch_size: int = 32,
-                  max_pixels: int = DEFAULT_MAX_IMAGE_PIXELS) -> Iterator[Prediction]:
+                  max_pixels: int = DEFAULT_MAX_IMAGE_PIXELS, runs: int = 1
+                  ) -> Iterator[Prediction]:
     """Predictions in input order, each batch's as soon as it is classified; probabilities are
     calibrated by the classifier's operating point (``softmax(logits / temperature)``; T = 1
     without one). A file that cannot be used, for whatever reason its read
@@ -271,31 +273,49 @@ def predict_paths(classifier, items: list[tuple[Path, str | None]], batch_size: 
     the others go on.
 
     Pictures are prepared in :func:`workers` threads, up to ``batch_size`` + 2 x workers files
-    ahead of the one being answered: the next batch is read while this one is classified."""
+    ahead of the one being answered: the next batch is read while this one is classified.
+    ``runs``: batches classified at once, each in a thread of its own (an ONNX session of one
+    thread each: no thread pool to synchronise inside a run, so less CPU per picture than one
+    run on every core); their answers still come out in input order."""
     point = getattr(classifier, "operating_point", None)
     temperature = point["temperature"] if point else 1.0
     pending: list[Prediction] = []
     arrays: list[np.ndarray] = []
+    running: deque[tuple[list[Prediction], Future | np.ndarray, int]] = deque()
 
-    def flush() -> Iterator[Prediction]:
-        if arrays:
-            logits = classifier.classify(np.stack(arrays))
-            check_logits(logits, len(arrays), len(classifier.meta.classes), classifier.path)
+    def answered(batch: list[Prediction], logits: Future | np.ndarray, rows: int
+                 ) -> list[Prediction]:
+        if rows:
+            logits = logits.result() if isinstance(logits, Future) else logits
+            check_logits(logits, rows, len(classifier.meta.classes), classifier.path)
             probs = softmax(logits, temperature)
             k = 0
-            for p in pending:
+            for p in batch:
                 if p.error is None:
                     p.logits, p.probs = logits[k], probs[k]
                     k += 1
-        yield from pending
+        return batch
+
+    def flush(model: ThreadPoolExecutor | None, last: bool = False) -> Iterator[Prediction]:
+        if arrays:
+            batch = np.stack(arrays)
+            logits = (model.submit(classifier.classify, batch) if model else
+                      classifier.classify(batch))
+            running.append((pending[:], logits, len(arrays)))
+        elif pending:
+            running.append((pending[:], np.empty(0), 0))
         pending.clear()
         arrays.clear()
+        while running and (last or len(running) >= runs):
+            yield from answered(*running.popleft())
 
     threads = workers()
     ahead = batch_size + 2 * threads
     todo = iter(items)
     queued: deque[tuple[Prediction, Future | None]] = deque()
-    with ThreadPoolExecutor(threads, thread_name_prefix="prepare") as pool:
+    with ThreadPoolExecutor(threads, thread_name_prefix="prepare") as pool, \
+            ThreadPoolExecutor(runs, thread_name_prefix="classify") as model:
+        concurrent = model if runs > 1 else None  # one run: in this thread, as it always was
         try:
             while True:
                 for path, error in todo:  # top the queue up
@@ -315,9 +335,12 @@ def predict_paths(classifier, items: list[tuple[Path, str | None]], batch_size: 
                         arrays.append(pixels)
                 pending.append(result)
                 if len(arrays) >= batch_size:
-                    yield from flush()
-            yield from flush()
+                    yield from flush(concurrent)
+            yield from flush(concurrent, last=True)
         finally:  # the caller stopped early (a closed stdout, a model that failed): no more work
             for _, job in queued:
                 if job is not None:
                     job.cancel()
+            for _, logits, _ in running:
+                if isinstance(logits, Future):
+                    logits.cancel()
