@@ -129,10 +129,14 @@ def int8_model(fp32: Path, out: Path, calibration: int) -> str:
 
 def timed(cmd: list[str], cwd: Path) -> dict:
     """Run ``cmd``: wall seconds, seconds to the header line and to the first answer, peak RSS
-    (MiB), exit code and the lines it wrote."""
+    (MiB), CPU seconds (user + sys), exit code and the lines it wrote."""
     env = {k: v for k, v in os.environ.items() if k not in ("PYTHONPATH", "PYTHONHOME")}
     env["PROGRESS_EVERY_S"] = "1e9"
-    with tempfile.TemporaryFile() as errors:  # a file: -X importtime fills a pipe
+    with tempfile.TemporaryFile() as errors, \
+            tempfile.NamedTemporaryFile("r") as peak:  # a file: -X importtime fills a pipe
+        # GNU time measures the peak: this process's own rusage of a child it spawned counts
+        # this (large) process's memory too, which exec inherits as the child's high-water mark
+        cmd = ["/usr/bin/time", "-f", "%M", "-o", peak.name, *cmd]
         start = time.perf_counter()
         proc = subprocess.Popen(cmd, cwd=cwd, env=env, stdout=subprocess.PIPE, stderr=errors)
         header = first = None
@@ -147,9 +151,10 @@ def timed(cmd: list[str], cwd: Path) -> dict:
         _, status, usage = os.wait4(proc.pid, 0)
         errors.seek(0)
         err = errors.read()
+        rss_kib = int(peak.read().split()[-1])
     proc.returncode = os.waitstatus_to_exitcode(status)
     wall = time.perf_counter() - start
-    return {"wall": wall, "header": header, "first": first, "rss_mib": usage.ru_maxrss / 1024,
+    return {"wall": wall, "header": header, "first": first, "rss_mib": rss_kib / 1024,
             "cpu": usage.ru_utime + usage.ru_stime,
             "code": proc.returncode, "lines": lines, "stderr": err.decode(errors="replace")}
 
@@ -235,6 +240,17 @@ def main(argv: list[str] | None = None) -> None:
                   f"{statistics.median(r['header'] for r in rs):8.2f} "
                   f"{statistics.median(r['first'] for r in rs):12.2f} "
                   f"{max(r['rss_mib'] for r in rs):8.0f}")
+
+        tenth = work / "tenth"
+        tenth.mkdir()
+        for path in pictures[:len(pictures) // 10]:
+            os.link(path, tenth / path.name)
+        print("\npeak memory against the number of files (MiB, one run each):")
+        for name in results:
+            cmd, cwd = runs[name]
+            small = timed([cmd[0], *predict[:2], str(tenth), *cmd[4:]], cwd)
+            print(f"{name:11s} {len(pictures) // 10:5d} files {small['rss_mib']:6.0f}   "
+                  f"{len(pictures):5d} files {max(r['rss_mib'] for r in results[name]):6.0f}")
 
         one = str(pictures[0])
         print(f"\nstart-up on one picture ({args.repeats} alternated runs, medians): "
