@@ -13,23 +13,38 @@ conditions), and its threshold and temperature are read back from the model file
     Runtime and PyTorch; the stage fails when the difference exceeds ``export.parity_atol``;
   * speed on the CPU, both runtimes on the same threads and the same inputs: ms per image at
     batch 1 and images/s at ``export.batch_size``, medians with their quartiles
-    (stages.common.inference.speed, as evaluate measures).
+    (stages.common.inference.speed, as evaluate measures);
+  * every format of ``export.formats`` (stages.common.model.formats: ONNX int8, OpenVINO IR
+    fp16 / int8, converted from the fp32 file, quantized on the calibration crops, never test's)
+    re-certified on the test crops at the operating point it carries (:func:`certify`): top-1
+    and alarm agreement with PyTorch, the test persons PyTorch's alarm catches and its misses,
+    person recall with its 95 % lower bound, false alarms per 1,000 with the upper bound. One
+    that misses more than ``export.max_persons_lost`` such persons is not written (one line
+    says why), unless ``export.refit_threshold`` gives it its own threshold, fitted on the
+    calibration crops with its own logits and sealed for its digest, and it then passes. The
+    figures go to metrics/export.json ``formats``, and to the card when there is a format
+    beyond ``onnx`` (with ``[onnx]`` the card is as before).
 """
 from __future__ import annotations
 
 import json
+import sys
 from pathlib import Path
 
 import numpy as np
 import torch
 import yaml
 
-from stages.common.alarm.calibration import embedded, operating_point_for
+from stages.common.alarm.calibration import (ALARM_LABEL, alarm_figures, crop_pictures, embedded,
+                                             operating_point_for, person_log_odds,
+                                             person_threshold, probability, threshold_order)
+from stages.common.alarm.guarantee import alarm_bounds, assurance, persons_needed
 from stages.common.alarm.statement import (ASSUMPTION, InconsistentFigures, statement,
                                            threshold_text)
 from stages.common.config import params
-from stages.common.config.paths import (CHECKPOINT, CONDITIONS_METRICS, EVAL_METRICS,
-                                        EXPORT_DIR, EXPORT_METRICS, EXPORT_SPEED, MODEL_DIR, OPERATING_POINT, SPLIT_METRICS,
+from stages.common.config.paths import (CALIBRATION_SPLIT, CHECKPOINT, CONDITIONS_METRICS,
+                                        EVAL_METRICS, EXPORT_DIR, EXPORT_METRICS, EXPORT_SPEED,
+                                        MODEL_DIR, OPERATING_POINT, SPLIT_MANIFEST, SPLIT_METRICS,
                                         TEST_SPLIT, VAL_SPLIT)
 from stages.common.inference.batches import normalise
 from stages.common.inference.logits import checked_crops
@@ -39,10 +54,11 @@ from stages.common.infra.errors import StageError, main_guard
 from stages.common.infra.jsonfile import JsonProblem, read_json
 from stages.common.model.build import load_checkpoint
 from stages.common.model.checkpoint import ModelMeta, check_logits
+from stages.common.model.formats import FORMATS, ONNX_FP32, build, reseal
 from stages.common.model.onnx import export
-from stages.common.serving.classifiers import OnnxClassifier, TorchClassifier
+from stages.common.serving.classifiers import OnnxClassifier, TorchClassifier, load_classifier
 
-ONNX_FILE = "model.onnx"
+ONNX_FILE = FORMATS[ONNX_FP32].file
 CARD_FILE = "MODEL_CARD.md"
 LOCK_FILE = Path("dvc.lock")
 DATA_STAGES = ("download", "extract_crops", "split")
@@ -67,8 +83,121 @@ PARAMS = CARD_PARAMS + ("export",)
 
 def test_arrays(meta: ModelMeta) -> np.ndarray:
     """Every test crop, normalised as evaluate sees it: N x 3 x S x S float32."""
-    crops = checked_crops(TEST_SPLIT, meta, CHECKPOINT, torch.device("cpu"))
-    return normalise(crops.pixels, meta.mean, meta.std).contiguous().numpy()
+    return labelled_arrays(TEST_SPLIT, meta)[0]
+
+
+def labelled_arrays(folder: Path, meta: ModelMeta) -> tuple[np.ndarray, np.ndarray, list[str]]:
+    """A labelled split's crops normalised as evaluate sees them (N x 3 x S x S float32), their
+    labels, and each crop's source picture (the alarm's bounds count pictures)."""
+    crops = checked_crops(folder, meta, CHECKPOINT, torch.device("cpu"))
+    pictures, _ = crop_pictures(crops.paths, SPLIT_MANIFEST)
+    return (normalise(crops.pixels, meta.mean, meta.std).contiguous().numpy(),
+            crops.targets.numpy(), pictures)
+
+
+def calibration_source(cfg: params.Params) -> Path:
+    """Where quantization and a refitted threshold take their crops: calibrate's split (the
+    calibration split, or val without one), never test."""
+    return CALIBRATION_SPLIT if cfg.split.calibration > 0 else VAL_SPLIT
+
+
+def calibration_set(cfg: params.Params, meta: ModelMeta):
+    """The calibration crops a quantized format needs, once there are
+    ``export.calibration_min_crops`` of them; None when no format asks for any. Checked before
+    any export or timing: too few is one line."""
+    if not any(FORMATS[name].calibrated for name in cfg.export.formats) \
+            and not cfg.export.refit_threshold:
+        return None
+    source = calibration_source(cfg)
+    arrays, targets, pictures = labelled_arrays(source, meta)
+    need = cfg.export.calibration_min_crops
+    if len(arrays) < need:
+        raise StageError(f"{source} holds {len(arrays)} crops, fewer than "
+                         f"export.calibration_min_crops {need} that quantization needs to "
+                         f"see the range of each activation; raise split.calibration (or "
+                         f"split.val), or leave the int8 formats out of export.formats")
+    return arrays, targets, pictures
+
+
+def certify(reference: np.ndarray, logits: np.ndarray, pipeline_point: dict, point: dict,
+            targets: np.ndarray, pictures: list[str], person: int) -> dict:
+    """An artifact's answers on the test crops against PyTorch's (``reference``), each alarm at
+    its own point (``pipeline_point``: calibrate's; ``point``: the one the artifact carries):
+    top-1 and alarm agreement (share of crops with the same yes / no), the test persons
+    PyTorch's alarm catches and the artifact's misses (``persons_lost``), and the artifact's
+    alarm figures with their one-sided 95 % bounds (stages.common.alarm.guarantee, as evaluate
+    states them)."""
+    ours = person_log_odds(logits, point["temperature"], person)
+    theirs = person_log_odds(reference, pipeline_point["temperature"], person)
+    alarm, reference_alarm = (ours >= point["threshold_log_odds"],
+                              theirs >= pipeline_point["threshold_log_odds"])
+    is_person = targets == person
+    figures = alarm_figures(ours, is_person, point["threshold_log_odds"], pictures)
+    bounds = alarm_bounds(figures, point["target_recall"])
+    return {**parity(reference, logits),
+            "alarm_agreement": round(float((alarm == reference_alarm).mean()), 4),
+            "persons_lost": int((is_person & reference_alarm & ~alarm).sum()),
+            "persons": figures["persons"], "persons_missed": figures["persons_missed"],
+            "person_recall": figures["person_recall"],
+            "person_recall_lower_95": bounds["person_recall_lower_95"],
+            "false_alarms_per_1000": figures["false_alarms_per_1000"],
+            "false_alarms_per_1000_upper_95": bounds["false_alarms_per_1000_upper_95"],
+            "threshold": point["threshold"], "threshold_log_odds": point["threshold_log_odds"],
+            "temperature": round(point["temperature"], 4)}
+
+
+def refitted_point(point: dict, logits: np.ndarray, targets: np.ndarray, pictures: list[str],
+                   person: int, name: str, source: Path) -> dict:
+    """``point`` with its threshold chosen again by its own rule, target and delta
+    (calibration.person_threshold, as calibrate chooses it) on the artifact's own logits of the
+    calibration crops; the temperature kept. Sealed: the artifact embeds it for its digest."""
+    rule, target, delta = point.get("guarantee", "none"), point["target_recall"], \
+        point.get("delta", 0.05)
+    scores = person_log_odds(logits, point["temperature"], person)
+    is_person = targets == person
+    threshold = person_threshold(scores, is_person, target, rule, delta, pictures)
+    _, k, resolved = threshold_order(scores, is_person, target, rule, delta, pictures)
+    figures = alarm_figures(scores, is_person, threshold, pictures)
+    val = {"crops": int(len(targets)), **figures, **alarm_bounds(figures, target),
+           **assurance(figures["person_pictures"], k, target),
+           "persons_needed": persons_needed(rule, target, delta), "resolved": resolved}
+    # sealed, for this artifact's digest, as the artifact embeds it (formats.reseal)
+    return {**point, "threshold": probability(threshold), "threshold_log_odds": threshold,
+            "val": val, "fitted_on": str(source), "refitted_for": name}
+
+
+def refused_line(name: str, figures: dict, bound: int, refit: bool) -> str:
+    lost = figures["persons_lost"]
+    why = ("even with its threshold refitted on the calibration crops" if refit else
+           "set export.refit_threshold: true to fit it its own threshold")
+    return (f"warning: {name} not written: its alarm misses {lost} test "
+            f"person{'s' if lost != 1 else ''} that the PyTorch model's catches, more than "
+            f"export.max_persons_lost {bound}; {why}, or leave {name} out of export.formats")
+
+
+def formats_section(formats: dict) -> str:
+    """The card's table of the formats beyond the fp32 ONNX file: each re-certified on the test
+    crops at the operating point it carries."""
+    rows = []
+    for name, f in formats.items():
+        written = f"`{f['file']}`, {f['mb']} MB" if f["written"] else "**not written**"
+        rows.append(f"| {name} | {written} | {f['top1_agreement']} | {f['alarm_agreement']} | "
+                    f"{f['persons_lost']} | {f['person_recall']} (>= "
+                    f"{f['person_recall_lower_95']}) | {f['false_alarms_per_1000']} (<= "
+                    f"{f['false_alarms_per_1000_upper_95']}) | "
+                    f"{threshold_text(f['threshold'], f['threshold_log_odds'])} |")
+    return f"""## Formats
+Each file re-certified on the test crops at the operating point it carries (its threshold; a
+refitted one was fitted on the calibration crops with that file's own answers): agreement with
+PyTorch (top-1; alarm: share of crops with the same yes / no), test persons PyTorch's alarm
+catches and this one misses (more than `export.max_persons_lost`: not written), and its alarm's
+figures with their one-sided 95 % bounds. `python -m stages.predict --model <file>` runs each.
+
+| format | file | top-1 agr. | alarm agr. | persons lost | person recall | false alarms / 1,000 \
+| threshold |
+|---|---|---|---|---|---|---|---|
+{chr(10).join(rows)}
+"""
 
 
 def parity(reference: np.ndarray, candidate: np.ndarray) -> dict:
@@ -235,7 +364,8 @@ def card_recipe(cfg: params.Params) -> dict:
 
 
 def model_card(cfg: params.Params, meta: ModelMeta, scores: dict, split: dict, hashes: dict,
-               export_figures: dict, speed: dict, conditions: dict | None = None) -> str:
+               export_figures: dict, speed: dict, conditions: dict | None = None,
+               formats: dict | None = None) -> str:
     """data/export/MODEL_CARD.md: what a reviewer reads before the model is deployed.
     ``export_figures``: metrics/export.json's; ``speed``: metrics/speed/export.json's."""
     classes = meta.classes
@@ -251,6 +381,7 @@ def model_card(cfg: params.Params, meta: ModelMeta, scores: dict, split: dict, h
         or "| (not recorded: run the pipeline with `dvc repro`) | |"
     recipe = card_recipe(cfg)
     e, o = speed["pytorch_eager"], speed["onnxruntime"]
+    beyond_onnx = formats_section(formats) + "\n" if formats else ""
     return f"""# Model card: {meta.arch} person / animal / object classifier
 
 ## Intended use
@@ -300,7 +431,7 @@ Accuracy {scores['accuracy']:.4f}, macro F1 {scores['macro_f1']:.4f}, **person r
 {alarm_section(scores)}
 
 {conditions_section(conditions or {})}
-## Speed (CPU, {speed['threads']} threads, this run's machine)
+{beyond_onnx}## Speed (CPU, {speed['threads']} threads, this run's machine)
 Batch 1: {o['batch1_ms_per_image']} ms/image in ONNX Runtime, {e['batch1_ms_per_image']} ms in
 PyTorch; batch {cfg.export.batch_size}: {o['batch_images_per_s']} images/s in ONNX Runtime.
 Medians over {o['batch1_runs']} passes (ONNX Runtime's batch-1 quartiles:
@@ -326,7 +457,8 @@ def main() -> None:
     scores = evaluated(read_metrics(EVAL_METRICS), point)
     split = read_metrics(SPLIT_METRICS)
     conditions = measured(read_metrics(CONDITIONS_METRICS), point)
-    images = test_arrays(meta)
+    calibration = calibration_set(everything, meta)  # too few crops: said before any work
+    images, targets, pictures = labelled_arrays(TEST_SPLIT, meta)
 
     n = cfg.batch_size
     one = images[:1]
@@ -340,6 +472,8 @@ def main() -> None:
     speed["pytorch_eager"] = speed_figures(eager.logits, one, batch, n, cfg.speed_runs)
     del eager
 
+    person = meta.classes.index(ALARM_LABEL)  # calibrate fitted a point: there is one
+    refused = []
     with atomic_dir(EXPORT_DIR) as tmp:
         export(model, meta, tmp / ONNX_FILE, cfg.opset,
                point_for=lambda graph_sha256: embedded(point, graph_sha256))
@@ -357,11 +491,21 @@ def main() -> None:
             speed["pytorch_eager"]["batch1_ms_per_image"]
             / speed["onnxruntime"]["batch1_ms_per_image"], 2)
         size_mb = round((tmp / ONNX_FILE).stat().st_size / 2 ** 20, 1)
+        certified = {ONNX_FP32: {"file": ONNX_FILE, "mb": size_mb, "written": True,
+                                 "refitted": False,
+                                 **certify(reference, answered, point, onnx.operating_point,
+                                           targets, pictures, person)}}
+        for name in cfg.formats:
+            if name != ONNX_FP32:
+                certified[name] = other_format(name, tmp, everything, calibration, reference,
+                                               images, targets, pictures, point, person,
+                                               threads, refused)
         figures = {"arch": meta.arch, "opset": cfg.opset, "onnx_mb": size_mb,
-                   "parity": check}
+                   "parity": check, "formats": certified}
         (tmp / CARD_FILE).write_text(model_card(
             everything, meta, with_point(scores, onnx.operating_point),
-            split, data_hashes(), figures, speed, conditions))
+            split, data_hashes(), figures, speed, conditions,
+            certified if len(certified) > 1 else None))
 
     write_json(EXPORT_SPEED, speed)
     write_json(EXPORT_METRICS, figures)
@@ -373,6 +517,57 @@ def main() -> None:
           f"CPU, {threads} threads    batch 1 ms/image   batch {n} images/s\n"
           f"  PyTorch eager      {e['batch1_ms_per_image']:>14}   {e['batch_images_per_s']:>16}\n"
           f"  ONNX Runtime       {o['batch1_ms_per_image']:>14}   {o['batch_images_per_s']:>16}")
+    for name, f in certified.items():
+        if name != ONNX_FP32 and f["written"]:
+            print(f"{EXPORT_DIR / f['file']}: {f['mb']} MB, test top-1 agreement "
+                  f"{f['top1_agreement']}, alarm agreement {f['alarm_agreement']}, "
+                  f"{f['persons_lost']} persons lost, recall {f['person_recall']} (>= "
+                  f"{f['person_recall_lower_95']})"
+                  + (", threshold refitted" if f["refitted"] else ""))
+    for line in refused:
+        print(line, file=sys.stderr)
+
+
+def other_format(name: str, tmp: Path, everything: params.Params, calibration, reference,
+                 images, targets, pictures, point: dict, person: int, threads: int,
+                 refused: list[str]) -> dict:
+    """Build format ``name`` beside the fp32 file in ``tmp``, re-certify it on test (refit its
+    threshold if asked and needed), and remove it when it loses more test persons than
+    ``export.max_persons_lost``, the reason added to ``refused``. Its figures."""
+    cfg = everything.export
+    row = FORMATS[name]
+    out = tmp / row.file
+    build(name, tmp / ONNX_FILE, out, [calibration[0]] if row.calibrated else (),
+          point_for=lambda graph_sha256: embedded(point, graph_sha256))
+    classifier = load_classifier(out, threads)
+
+    def answers(x: np.ndarray) -> np.ndarray:
+        logits = in_batches(classifier.logits, x)
+        check_logits(logits, len(x), len(classifier.meta.classes), EXPORT_DIR / row.file)
+        return logits
+
+    logits = answers(images)
+    figures = certify(reference, logits, point, classifier.operating_point, targets, pictures,
+                      person)
+    refit = figures["persons_lost"] > cfg.max_persons_lost and cfg.refit_threshold
+    if refit:
+        own = refitted_point(classifier.operating_point, answers(calibration[0]),
+                             calibration[1], calibration[2], person, name,
+                             calibration_source(everything))
+        del classifier
+        reseal(name, out, lambda graph_sha256: embedded(own, graph_sha256))
+        classifier = load_classifier(out, threads)
+        figures = certify(reference, answers(images), point, classifier.operating_point,
+                          targets, pictures, person)
+    written = figures["persons_lost"] <= cfg.max_persons_lost
+    files = row.paths(out)
+    mb = round(sum(p.stat().st_size for p in files) / 2 ** 20, 1)
+    if not written:
+        for path in files:
+            path.unlink(missing_ok=True)
+        refused.append(refused_line(name, figures, cfg.max_persons_lost, refit))
+    return {"file": row.file, "mb": mb if written else None, "written": written,
+            "refitted": bool(refit), **figures}
 
 
 if __name__ == "__main__":

@@ -11,7 +11,8 @@ over in silence. A link to nothing, or a file or folder that cannot be read, get
 is "not a regular file", and an empty PATH is refused. Each picture is prepared as training
 crops are (aspect kept, padded with the corner colour), centred, so the answer never changes
 between runs. The model is a train-stage
-checkpoint (PyTorch) or an exported ``.onnx`` file (ONNX Runtime); either carries its own arch,
+checkpoint (PyTorch) or an exported ``.onnx`` file (ONNX Runtime, fp32 or int8) or ``.xml``
+OpenVINO IR (stages.common.model.formats); each carries its own arch,
 class names, image size and normalisation, and a digest of its weights that is checked before it
 answers anything. No network is touched. ``--device auto|cpu|cuda|mps`` (default auto: CUDA when
 there is one) is where a checkpoint runs, batched; an ONNX file runs on the CPU. torch is
@@ -69,9 +70,9 @@ from stages.common.infra.progress import is_terminal, tracked
 from stages.common.model.archs import MAX_BATCH
 from stages.common.pictures.decode import (DEFAULT_MAX_IMAGE_PIXELS, MAX_IMAGE_PIXELS,
                                            PICTURE_SUFFIXES)
-from stages.common.serving.classifiers import load_classifier
+from stages.common.serving.classifiers import EXPORTED, load_classifier
 from stages.common.serving.predictor import (Prediction, Skipped, expand, predict_paths,
-                                              workers)
+                                              printable, shown, workers)
 
 DEFAULT_MODEL = CHECKPOINT
 INTERNAL_ERROR = 3  # not 1, which says that some inputs failed and the rest were answered
@@ -98,7 +99,8 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
                             epilog=f"{EXIT_HELP} {NAMES_HELP}")
     parser.add_argument("paths", nargs="+", metavar="PATH", help=PATHS_HELP)
     parser.add_argument("--model", type=Path, default=DEFAULT_MODEL,
-                        help=f"checkpoint (.pt) or exported .onnx file (default {DEFAULT_MODEL})")
+                        help=f"checkpoint (.pt), exported .onnx or OpenVINO .xml file "
+                             f"(default {DEFAULT_MODEL})")
     parser.add_argument("--format", choices=["table", "json", "csv"], default="table",
                         help="table: aligned columns for people (default); csv: one row per "
                              "picture with every class's probability; json: one document, a "
@@ -123,30 +125,8 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
                              "warning goes unread")
     parser.add_argument("--device", choices=["auto", "cpu", "cuda", "mps"], default="auto",
                         help="where a .pt checkpoint runs (auto: cuda, then mps, then cpu, "
-                             "whichever there is); an .onnx model runs on the CPU")
+                             "whichever there is); an exported .onnx or .xml model runs on the CPU")
     return parser.parse_args(argv)
-
-
-def shown(path: Path | str) -> str:
-    """A path as text that can always be written and read back: a byte that is not UTF-8 (a
-    file name from another system) is written ``\\xNN`` and a backslash ``\\\\``, so no name
-    is mistaken for another (``e\\xff.jpg``: an e and the byte 0xff; ``e\\\\xff.jpg``: an e, a
-    backslash and the letters xff). The CSV and JSON outputs carry it."""
-    return "".join(_escape(ch, controls=False) for ch in str(path))
-
-
-def printable(text: str) -> str:
-    """:func:`shown`, and control and other non-printable characters (newline, ESC, bidi
-    overrides) escaped too, so a name can neither fake a row nor drive the terminal."""
-    return "".join(_escape(ch) for ch in text)
-
-
-def _escape(ch: str, controls: bool = True) -> str:
-    if ch == "\\":
-        return "\\\\"
-    if "\udc80" <= ch <= "\udcff":  # how Python holds a file name's undecodable byte
-        return f"\\x{ord(ch) - 0xdc00:02x}"
-    return ascii(ch)[1:-1] if controls and not ch.isprintable() else ch
 
 
 # What a spreadsheet runs as a formula (OWASP, CSV injection), and the quote that shields it.
@@ -314,7 +294,7 @@ def threshold_for(args: argparse.Namespace, classifier
     where = None
     if point is None:
         where = ("exported without one: export it again with `dvc repro export`"
-                 if args.model.suffix.lower() == ".onnx" else
+                 if args.model.suffix.lower() in EXPORTED else
                  f"no {OPERATING_POINT.name} fitted for it beside it or at {OPERATING_POINT}: "
                  "run `dvc repro calibrate`")
         if args.require_point:
@@ -396,7 +376,7 @@ def main(argv: list[str] | None = None) -> int:
         raise ParamError(f"--max-image-pixels={args.max_image_pixels} is not allowed; expected "
                          f"1 to {MAX_IMAGE_PIXELS:,}")
     onnx = args.model.suffix.lower() == ".onnx"
-    if onnx:  # ONNX Runtime's CPU build runs it; no torch
+    if args.model.suffix.lower() in EXPORTED:  # ONNX Runtime's or OpenVINO's CPU build; no torch
         device = "cpu" if args.device == "auto" else args.device
     else:
         try:

@@ -176,7 +176,7 @@ def test_the_train_state_replaces_a_link_into_dvcs_cache(tmp_path):
 # --------------------------------------------------------------------- what killed runs left
 
 STAGES = ["download", "extract_crops", "split", "train", "calibrate", "evaluate", "conditions",
-          "export"]
+          "accept", "export"]
 
 
 def dead_pid() -> int:

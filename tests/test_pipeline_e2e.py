@@ -82,7 +82,7 @@ def _arch(repo) -> str:
 @pytest.mark.training
 def test_repro_runs_every_stage_and_writes_metrics_and_plots(repo):
     for stage in ["download", "extract_crops", "split", "train", "calibrate", "evaluate",
-                  "conditions", "export"]:
+                  "conditions", "accept", "export"]:
         assert f"Running stage '{stage}'" in repo.first_output
     metrics = json.loads((repo.path / "metrics/eval.json").read_text())
     for key in ["accuracy", "macro_f1", "weighted_f1", "person_recall", "goals"]:
@@ -243,7 +243,7 @@ def test_a_key_that_changes_no_output_reruns_nothing_and_the_arch_reruns_train_o
         params["model"]["arch"] = "resnet50"  # neither TINY's nor EXP_ARCH: a change in any order
         params_file.write_text(yaml.safe_dump(params, sort_keys=False))
         assert _stages_that_would_run(repo, "--force-downstream") == {
-            "train", "calibrate", "evaluate", "conditions", "export"}
+            "train", "calibrate", "evaluate", "conditions", "accept", "export"}
     finally:
         params_file.write_text(original)
 
@@ -259,7 +259,7 @@ def test_a_new_recall_target_reruns_only_calibrate_and_what_follows(repo):
         out = dvc(repo, "repro").stdout
         ran = {line.split("'")[1] for line in out.splitlines()
                if line.startswith("Running stage")}
-        assert ran == {"calibrate", "evaluate", "conditions", "export"}, out
+        assert ran == {"calibrate", "evaluate", "conditions", "accept", "export"}, out
         metrics = json.loads((repo.path / "metrics/eval.json").read_text())
         assert metrics["operating_point"]["target_recall"] == 0.5
     finally:
@@ -278,7 +278,7 @@ def test_exp_run_of_another_arch_reruns_train_onwards_and_metrics_diff_compares_
     _commit_all(repo, "baseline run")
     exp = dvc(repo, "exp", "run", "-S", f"model.arch={EXP_ARCH}")
     out = exp.stdout + exp.stderr
-    for stage in ["train", "calibrate", "evaluate", "conditions", "export"]:
+    for stage in ["train", "calibrate", "evaluate", "conditions", "accept", "export"]:
         assert f"Running stage '{stage}'" in out
     for upstream in ["download", "extract_crops", "split"]:
         assert f"Running stage '{upstream}'" not in out

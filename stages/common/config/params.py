@@ -12,6 +12,7 @@ list of keys. Checking costs milliseconds and imports no torch.
 """
 from __future__ import annotations
 
+import os
 import re
 from pathlib import Path
 from typing import Any, Literal, get_args, get_origin
@@ -25,6 +26,7 @@ from stages.common.alarm.calibration import ALARM_LABEL
 from stages.common.infra.atomic import clean_dead_leftovers
 from stages.common.infra.errors import ParamError
 from stages.common.model.archs import ARCH_NAMES, MAX_BATCH, MAX_CROP_SIZE, family_of
+from stages.common.model.formats import FORMATS, ONNX_FP32
 from stages.common.pictures.decode import MAX_IMAGE_PIXELS
 
 PARAMS_FILE = Path("params.yaml")
@@ -302,11 +304,58 @@ class Conditions(Section):
         return {name: sorted(value[name]) for name in value}
 
 
+class Accept(Section):
+    # Site sets: ImageFolder-style folders (<class>/<pictures>) that stages.accept measures the
+    # alarm on, each with its verdict (docs/acceptance.md); [] measures none
+    folders: list[str] = Field(json_schema_extra=_expect(
+        "a list of distinct folder paths (possibly empty)"))
+    batch_size: int = Field(ge=1, le=MAX_BATCH)
+    device: Literal["auto", "cpu", "cuda", "mps"]
+
+    @field_validator("folders", mode="before")
+    @classmethod
+    def _folders(cls, value: Any) -> list[str]:
+        if not isinstance(value, list) or not all(isinstance(f, str) and f.strip()
+                                                  for f in value):
+            raise ParamError(f"params.yaml: accept.folders={value!r} is not allowed; expected a "
+                             "list of folder paths, e.g. [sites/north-gate], or [] for none")
+        seen: dict[str, str] = {}
+        for folder in value:
+            first = seen.setdefault(os.path.normpath(folder), folder)
+            if first is not folder:
+                raise ParamError(f"params.yaml: accept.folders lists {folder!r} twice (as "
+                                 f"{first!r} too); list each site set once")
+        return value
+
+
 class Export(Section):
     opset: int = Field(ge=17, le=23)
     batch_size: int = Field(ge=1, le=MAX_BATCH)
     speed_runs: int = Field(ge=1, le=MAX_SPEED_RUNS)
     parity_atol: float = Field(gt=0)
+    # stages.common.model.formats.FORMATS: every other format is converted from the fp32 ONNX
+    formats: list[str] = Field(json_schema_extra=_expect(
+        f"a list of distinct formats from {', '.join(FORMATS)}, holding {ONNX_FP32}"))
+    calibration_min_crops: int = Field(ge=1, le=MAX_BATCH * 100)
+    max_persons_lost: int = Field(ge=0)
+    refit_threshold: bool
+
+    @field_validator("formats", mode="before")
+    @classmethod
+    def _formats(cls, value: Any) -> list[str]:
+        expected = (f"expected a list of distinct formats from {', '.join(FORMATS)}, holding "
+                    f"{ONNX_FP32} (every other one is converted from it)")
+        if not (isinstance(value, list) and all(isinstance(v, str) for v in value)
+                and len(set(value)) == len(value)):
+            raise ParamError(f"params.yaml: export.formats={value!r} is not allowed; {expected}")
+        unknown = [v for v in value if v not in FORMATS]
+        if unknown:
+            raise ParamError(f"params.yaml: export.formats: {', '.join(map(repr, unknown))} is "
+                             f"not a format; {expected}")
+        if ONNX_FP32 not in value:
+            raise ParamError(f"params.yaml: export.formats={value!r} lacks {ONNX_FP32}; "
+                             f"{expected}")
+        return value
 
 
 class Params(Section):
@@ -319,6 +368,7 @@ class Params(Section):
     calibrate: Calibrate
     evaluate: Evaluate
     conditions: Conditions
+    accept: Accept
     export: Export
 
 

@@ -52,6 +52,9 @@ EVAL_SPEED = Path("metrics/speed/eval.json")
 CONDITIONS_PLOTS = Path("plots/conditions")  # one CSV per condition, the grid PNG
 CONDITIONS_METRICS = Path("metrics/conditions.json")
 
+# accept: a site's own labelled crops (params accept.folders)
+ACCEPT_METRICS = Path("metrics/accept.json")
+
 # export
 EXPORT_DIR = Path("data/export")
 EXPORT_METRICS = Path("metrics/export.json")

@@ -1,11 +1,12 @@
-"""A model file that answers logits: a train-stage checkpoint in PyTorch (:class:`TorchClassifier`)
-or an exported model in ONNX Runtime (:class:`OnnxClassifier`), each with the operating point
-fitted for it; shared by predict, export and review.
+"""A model file that answers logits: a train-stage checkpoint in PyTorch (:class:`TorchClassifier`),
+an exported ONNX model (fp32 or int8) in ONNX Runtime (:class:`OnnxClassifier`) or an OpenVINO IR
+(:class:`OpenVinoClassifier`; stages.common.model.formats), each with the operating point fitted
+for it; shared by predict, export and review.
 
-Both take uint8 RGB N x 3 x S x S pixels (``classify``, an array) and normalise them as every
-crop is (stages.common.inference.batches.normalise; the ONNX one without torch, the same floats:
-:func:`normalise_array`). torch is imported only by :class:`TorchClassifier`: an ONNX file
-answers on a box with no PyTorch installed (the edge runtime, requirements-edge.txt).
+Each takes uint8 RGB N x 3 x S x S pixels (``classify``, an array) and normalises them as every
+crop is (stages.common.inference.batches.normalise; the exported ones without torch, the same
+floats: :func:`normalise_array`). torch is imported only by :class:`TorchClassifier`: an ONNX
+file answers on a box with no PyTorch installed (the edge runtime, requirements-edge.txt).
 """
 from __future__ import annotations
 
@@ -19,6 +20,7 @@ from stages.common.config.paths import OPERATING_POINT
 from stages.common.infra.errors import StageError
 from stages.common.infra.jsonfile import JsonProblem, parse_json
 from stages.common.model.checkpoint import ModelMeta
+from stages.common.model.formats import verified_ir
 from stages.common.model.onnx import (EXPORT_AGAIN, INPUT, META_KEYS, OUTPUT, POINT_KEY,
                                       verified_bytes)
 
@@ -64,15 +66,47 @@ class TorchClassifier:
 
 def load_classifier(path: str | Path, threads: int | None = None,
                     device: torch.device | str = "cpu"):
-    """A ``.onnx`` file runs in ONNX Runtime (the CPU); anything else must be a train-stage
-    checkpoint, run by PyTorch on ``device``."""
-    if Path(path).suffix.lower() == ".onnx":
-        kind = getattr(device, "type", device)
-        if kind != "cpu":
-            raise StageError(f"{path}: an ONNX model runs on the CPU here (ONNX Runtime's CPU "
-                             f"build); use --device cpu, or the .pt checkpoint on {kind}")
-        return OnnxClassifier(path, threads)
-    return TorchClassifier(path, device)
+    """A ``.onnx`` file runs in ONNX Runtime, an ``.xml`` (OpenVINO IR) in OpenVINO, both on
+    the CPU; anything else must be a train-stage checkpoint, run by PyTorch on ``device``."""
+    runtime = EXPORTED.get(Path(path).suffix.lower())
+    if runtime is None:
+        return TorchClassifier(path, device)
+    kind = getattr(device, "type", device)
+    if kind != "cpu":
+        raise StageError(f"{path}: an exported model runs on the CPU here (ONNX Runtime's and "
+                         f"OpenVINO's CPU builds); use --device cpu, or the .pt checkpoint on "
+                         f"{kind}")
+    return runtime(path, threads)
+
+
+def read_metadata(path: Path, stored: dict[str, str], graph_sha256: str,
+                  what: str = "ONNX metadata") -> tuple[ModelMeta, dict | None]:
+    """An exported model's record and operating point from its metadata entries (JSON text
+    each: ONNX metadata_props, or an IR's sidecar, ``what`` names which); the point must name
+    ``graph_sha256``."""
+    missing = [k for k in META_KEYS if k not in stored]
+    if missing:
+        raise StageError(f"{path}: {what} lacks {', '.join(missing)}; {EXPORT_AGAIN}")
+    values = {}
+    for key in META_KEYS:
+        try:
+            values[key] = parse_json(stored[key])
+        except JsonProblem as exc:
+            raise StageError(f"{path}: {what} {key} is not usable ({exc}); the file "
+                             f"is damaged or not one this project wrote; {EXPORT_AGAIN}") \
+                from None
+    meta = ModelMeta.read(path, values, META_KEYS)
+    if POINT_KEY not in stored:  # a file exported without one
+        return meta, None
+    try:
+        point = parse_json(stored[POINT_KEY])
+        problem = point_problem(point, embedded=True, graph_sha256=graph_sha256)
+    except JsonProblem as exc:
+        problem = str(exc)
+    if problem:
+        raise StageError(f"{path}: {what} {POINT_KEY} is not usable ({problem}); "
+                         f"{EXPORT_AGAIN}")
+    return meta, {**point, "source": f"{path} (embedded)"}
 
 
 def normalise_array(pixels: np.ndarray, mean: Sequence[float], std: Sequence[float]
@@ -109,19 +143,7 @@ class OnnxClassifier:
             options.inter_op_num_threads = 1
         # ONNX Runtime gets the very bytes that were verified, not the file a second time.
         data, stored, graph_sha256 = verified_bytes(path)
-        missing = [k for k in META_KEYS if k not in stored]
-        if missing:
-            raise StageError(f"{path}: ONNX metadata lacks {', '.join(missing)}; {EXPORT_AGAIN}")
-        values = {}
-        for key in META_KEYS:
-            try:
-                values[key] = parse_json(stored[key])
-            except JsonProblem as exc:
-                raise StageError(f"{path}: ONNX metadata {key} is not usable ({exc}); the file "
-                                 f"is damaged or not one this project wrote; {EXPORT_AGAIN}") \
-                    from None
-        self.meta = ModelMeta.read(path, values, META_KEYS)
-        self.operating_point = self._operating_point(stored, graph_sha256)
+        self.meta, self.operating_point = read_metadata(path, stored, graph_sha256)
         try:
             self.session = ort.InferenceSession(data, options,
                                                 providers=["CPUExecutionProvider"])
@@ -129,24 +151,45 @@ class OnnxClassifier:
             raise StageError(f"{path}: not a loadable ONNX model ({type(exc).__name__}); "
                              f"{EXPORT_AGAIN}") from None
 
-    def _operating_point(self, stored: dict[str, str], graph_sha256: str) -> dict | None:
-        """The operating point export embedded for this very graph (None in a file exported
-        without one)."""
-        if POINT_KEY not in stored:
-            return None
-        try:
-            point = parse_json(stored[POINT_KEY])
-            problem = point_problem(point, embedded=True, graph_sha256=graph_sha256)
-        except JsonProblem as exc:
-            problem = str(exc)
-        if problem:
-            raise StageError(f"{self.path}: ONNX metadata {POINT_KEY} is not usable ({problem}); "
-                             f"{EXPORT_AGAIN}")
-        return {**point, "source": f"{self.path} (embedded)"}
-
     def logits(self, batch: np.ndarray) -> np.ndarray:
         return self.session.run([OUTPUT], {INPUT: np.ascontiguousarray(batch, np.float32)})[0]
 
     def classify(self, pixels: np.ndarray) -> np.ndarray:
         """uint8 RGB N x 3 x S x S -> logits, normalised as every crop is."""
         return self.logits(normalise_array(pixels, self.meta.mean, self.meta.std))
+
+
+class OpenVinoClassifier:
+    """An OpenVINO IR (``.xml`` + ``.bin`` + sidecar ``.json``: stages.common.model.formats) on
+    the CPU, computed in f32 (fp16 weights are widened): ``logits(batch NCHW float32)``."""
+
+    def __init__(self, path: str | Path, threads: int | None = None):
+        import openvino as ov
+
+        self.path = path = Path(path)
+        graph, weights, stored, digest = verified_ir(path)
+        self.meta, self.operating_point = read_metadata(path, stored, digest,
+                                                            "OpenVINO sidecar metadata")
+        core = ov.Core()
+        # f32, not the CPU's default hint: on a CPU with AMX it would run bf16, and the alarm
+        # export certified would not be the one that runs
+        config = {"INFERENCE_PRECISION_HINT": "f32", "PERFORMANCE_HINT": "LATENCY"}
+        if threads:
+            config["INFERENCE_NUM_THREADS"] = threads
+        try:  # OpenVINO gets the very bytes that were verified, not the files a second time
+            model = core.read_model(graph.decode(), ov.Tensor(np.frombuffer(weights, np.uint8)))
+            self.compiled = core.compile_model(model, "CPU", config)
+        except Exception as exc:
+            raise StageError(f"{path}: not a loadable OpenVINO model ({type(exc).__name__}); "
+                             f"{EXPORT_AGAIN}") from None
+
+    def logits(self, batch: np.ndarray) -> np.ndarray:
+        return self.compiled(np.ascontiguousarray(batch, np.float32))[0]
+
+    def classify(self, pixels: np.ndarray) -> np.ndarray:
+        """uint8 RGB N x 3 x S x S -> logits, normalised as every crop is."""
+        return self.logits(normalise_array(pixels, self.meta.mean, self.meta.std))
+
+
+# Exported models by file suffix (stages.common.model.formats.FORMATS names each file).
+EXPORTED = {".onnx": OnnxClassifier, ".xml": OpenVinoClassifier}

@@ -227,6 +227,28 @@ def _picture_or_not(path: Path, st: os.stat_result) -> str | None | bool:
     return None if picture_format(head) else False
 
 
+def shown(path: Path | str) -> str:
+    """A path as text that can always be written and read back: a byte that is not UTF-8 (a
+    file name from another system) is written ``\\xNN`` and a backslash ``\\\\``, so no name
+    is mistaken for another (``e\\xff.jpg``: an e and the byte 0xff; ``e\\\\xff.jpg``: an e, a
+    backslash and the letters xff). predict's CSV and JSON and accept's JSON carry it."""
+    return "".join(_escape(ch, controls=False) for ch in str(path))
+
+
+def printable(text: str) -> str:
+    """:func:`shown`, and control and other non-printable characters (newline, ESC, bidi
+    overrides) escaped too, so a name can neither fake a row nor drive the terminal."""
+    return "".join(_escape(ch) for ch in text)
+
+
+def _escape(ch: str, controls: bool = True) -> str:
+    if ch == "\\":
+        return "\\\\"
+    if "\udc80" <= ch <= "\udcff":  # how Python holds a file name's undecodable byte
+        return f"\\x{ord(ch) - 0xdc00:02x}"
+    return ascii(ch)[1:-1] if controls and not ch.isprintable() else ch
+
+
 @dataclass
 class Prediction:
     path: Path
