@@ -19,9 +19,9 @@ and ``python -X importtime`` of that run (imports summed over the top-level ones
 The pictures are data/raw's JPEGs (real photos of the bundled sample, 320 px) scaled by
 ``--scale`` (default 2: 640 px, the size of a COCO photo) and re-encoded (quality 90), copied
 to ``--pictures`` files. The fp32 model is ``--model`` (default data/export/model.onnx); the
-int8 one is built from it by stages.common.model.formats when that module is there, else by
-ONNX Runtime's quantize_static here (QDQ, per-channel int8 weights, uint8 activations,
-MinMax ranges from ``--calibration`` crops), sealed with the fp32 file's metadata and point.
+int8 one is built from it as export builds ``model.int8.onnx`` (stages.common.model.formats:
+ONNX Runtime's static quantization, QDQ, per-channel int8 weights, uint8 activations), on
+``--calibration`` val crops, with the fp32 file's operating point.
 """
 from __future__ import annotations
 
@@ -75,56 +75,21 @@ def make_pictures(out: Path, count: int, scale: float) -> list[Path]:
     return files
 
 
-def int8_model(fp32: Path, out: Path, calibration: int) -> str:
-    """The int8 artifact of ``fp32``; returns which builder made it."""
-    from stages.common.model.onnx import verified_bytes
+def int8_model(fp32: Path, out: Path, calibration: int) -> None:
+    """export's int8 artifact of ``fp32`` (stages.common.model.formats), calibrated on the
+    first ``calibration`` val crops, with the fp32 file's operating point bound to it."""
+    from stages.common.alarm.calibration import embedded
+    from stages.common.model.formats import build
+    from stages.common.model.onnx import POINT_KEY, verified_bytes
     from stages.common.serving.classifiers import OnnxClassifier, normalise_array
     from stages.common.serving.predictor import expand, prepared
 
     meta = OnnxClassifier(fp32).meta
-    crops_dir = ROOT / "data/split/val"
-    paths = [p for p, e in expand([crops_dir]) if e is None][:calibration]
+    paths = [p for p, e in expand([ROOT / "data/split/val"]) if e is None][:calibration]
     pixels = np.stack([prepared(p, meta, 10**8) for p in paths])
-    batches = [normalise_array(pixels, meta.mean, meta.std)]
-    try:
-        from stages.common.model.formats import build
-    except ImportError:
-        build = None
-    if build is not None:
-        build("onnx_int8", fp32, out, batches)
-        return "stages.common.model.formats.build('onnx_int8')"
-    import onnx
-    from onnxruntime.quantization import (CalibrationDataReader, CalibrationMethod,
-                                          QuantFormat, QuantType, quantize_static)
-
-    from stages.common.alarm.calibration import embedded, point_problem
-    from stages.common.model.onnx import POINT_KEY, graph_digest, seal
-
-    class Reader(CalibrationDataReader):
-        def __init__(self):
-            self.left = iter(b[i:i + 1] for b in batches for i in range(len(b)))
-
-        def get_next(self):
-            x = next(self.left, None)
-            return None if x is None else {"images": x}
-
-    bare = out.with_name("bare.onnx")
-    quantize_static(str(fp32), str(bare), Reader(), quant_format=QuantFormat.QDQ,
-                    per_channel=True, activation_type=QuantType.QUInt8,
-                    weight_type=QuantType.QInt8, calibrate_method=CalibrationMethod.MinMax)
-    proto = onnx.load(str(bare))
-    _, stored, _ = verified_bytes(fp32)
-    del proto.metadata_props[:]
-    for key, value in stored.items():
-        if key != POINT_KEY:
-            proto.metadata_props.add(key=key, value=value)
-    if POINT_KEY in stored:
-        point = json.loads(stored[POINT_KEY])
-        assert point_problem(point, embedded=True) is None
-        proto.metadata_props.add(key=POINT_KEY,
-                                 value=json.dumps(embedded(point, graph_digest(proto))))
-    out.write_bytes(seal(proto))
-    return "onnxruntime.quantization.quantize_static (this script)"
+    point = json.loads(verified_bytes(fp32)[1][POINT_KEY])
+    build("onnx_int8", fp32, out, [normalise_array(pixels, meta.mean, meta.std)],
+          point_for=lambda graph: embedded(point, graph))
 
 
 def timed(cmd: list[str], cwd: Path) -> dict:
@@ -201,8 +166,9 @@ def main(argv: list[str] | None = None) -> None:
               f"model {fp32} ({fp32.stat().st_size / 2**20:.1f} MiB)")
         if not args.skip_int8:
             models["int8"] = work / "model.int8.onnx"
-            how = int8_model(fp32, models["int8"], args.calibration)
-            print(f"int8 model: {how}, {models['int8'].stat().st_size / 2**20:.1f} MiB")
+            int8_model(fp32, models["int8"], args.calibration)
+            print(f"int8 model: stages.common.model.formats.build('onnx_int8'), "
+                  f"{models['int8'].stat().st_size / 2**20:.1f} MiB")
 
         predict = ["-m", "stages.predict", str(work / "pictures"), "--format", "csv"]
         runs = {"today fp32": ([sys.executable, *predict, "--model", str(fp32)], baseline),

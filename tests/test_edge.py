@@ -89,24 +89,12 @@ def fitted_point() -> dict:
 
 
 def int8_of(fp32: Path, out: Path, crops: np.ndarray) -> Path:
-    """ONNX Runtime's static int8 quantization (QDQ) of ``fp32``, calibrated on ``crops``
-    (normalised), with its metadata and point again, bound to the int8 graph."""
-    import onnx
-    from onnxruntime.quantization import (CalibrationDataReader, QuantFormat, QuantType,
-                                          quantize_static)
+    """export's int8 artifact of ``fp32`` (stages.common.model.formats: ONNX Runtime's static
+    quantization), calibrated on ``crops`` (normalised), its point bound to the int8 graph."""
+    from stages.common.model.formats import build
 
-    class Reader(CalibrationDataReader):
-        def __init__(self):
-            self.left = iter(crops[i:i + 1] for i in range(len(crops)))
-
-        def get_next(self):
-            x = next(self.left, None)
-            return None if x is None else {INPUT: x}
-
-    bare = out.with_name("bare.int8.onnx")
-    quantize_static(str(fp32), str(bare), Reader(), quant_format=QuantFormat.QDQ,
-                    activation_type=QuantType.QUInt8, weight_type=QuantType.QInt8)
-    return sealed(onnx.load(str(bare)), out, fitted_point())
+    build("onnx_int8", fp32, out, [crops], point_for=lambda g: cal.embedded(fitted_point(), g))
+    return out
 
 
 @pytest.fixture(scope="module")
