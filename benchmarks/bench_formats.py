@@ -27,7 +27,7 @@ import torch
 
 from stages.common.inference.batches import normalise
 from stages.common.inference.logits import checked_crops
-from stages.common.model.formats import FORMATS, ONNX_FP32, build
+from stages.common.model.formats import CONVERTERS, FORMATS, ONNX_FP32, build
 from stages.common.serving.classifiers import load_classifier
 
 
@@ -55,7 +55,7 @@ def main(argv: list[str] | None = None) -> None:
     with tempfile.TemporaryDirectory(prefix="bench-formats-") as tmp:
         paths = {ONNX_FP32: args.model}
         for name, row in FORMATS.items():
-            if row.convert is None:
+            if name not in CONVERTERS:
                 continue
             paths[name] = Path(tmp) / row.file
             started = time.perf_counter()

@@ -46,12 +46,12 @@ from pathlib import Path
 
 import numpy as np
 
-from stages.common.alarm.calibration import ALARM_LABEL
 from stages.common.alarm.labelled import alarm_under, raised
 from stages.common.config import params
+from stages.common.config.labels import ALARM_LABEL
 from stages.common.config.paths import ACCEPT_METRICS, CHECKPOINT
 from stages.common.config.params import MAX_BATCH
-from stages.common.infra.atomic import write_json
+from stages.common.infra.atomic import clean_dead_leftovers, write_json
 from stages.common.infra.errors import ArgumentParser, ParamError, StageError, main_guard
 
 NAMES_SHOWN = 5  # names in a line; the JSON holds them all
@@ -303,6 +303,7 @@ NO_SITE_SET = ("no site set given: accept.folders in params.yaml is empty; list 
 
 def stage() -> int:
     """The DVC stage: accept.folders -> metrics/accept.json."""
+    clean_dead_leftovers()
     cfg = params.load().accept
     if not cfg.folders:
         write_json(ACCEPT_METRICS, {"site_sets": {}, "note": NO_SITE_SET})

@@ -32,8 +32,8 @@ import sys
 import numpy as np
 import torch
 
-from stages.common.alarm.calibration import (ALARM_LABEL, FORMAT, alarm_figures, crop_pictures,
-                                             ece, fit_temperature, interval_warnings, nll,
+from stages.common.alarm.calibration import (FORMAT, alarm_figures, crop_pictures, ece,
+                                             fit_temperature, interval_warnings, nll,
                                              person_log_odds, person_threshold, picture_codes,
                                              probability, seal, softmax, temperature_interval,
                                              temperature_warnings, threshold_order,
@@ -41,10 +41,11 @@ from stages.common.alarm.calibration import (ALARM_LABEL, FORMAT, alarm_figures,
 from stages.common.alarm.guarantee import alarm_bounds, assurance, persons_needed
 from stages.common.alarm.statement import UNRESOLVED, point_facts, point_parts, threshold_text
 from stages.common.config import params
+from stages.common.config.labels import ALARM_LABEL
 from stages.common.config.paths import (CALIBRATION_SPLIT, CHECKPOINT, OPERATING_POINT,
                                         SPLIT_MANIFEST, VAL_SPLIT)
 from stages.common.inference.logits import labelled_logits
-from stages.common.infra.atomic import write_json
+from stages.common.infra.atomic import clean_dead_leftovers, write_json
 from stages.common.infra.digest import file_sha256
 from stages.common.infra.errors import StageError, main_guard
 from stages.common.model.build import load_checkpoint
@@ -105,6 +106,7 @@ def statement_lines(point: dict) -> tuple[list[str], list[str]]:
 
 @main_guard
 def main() -> None:
+    clean_dead_leftovers()
     everything = params.load()
     cfg = everything.calibrate
     source = CALIBRATION_SPLIT if everything.split.calibration > 0 else VAL_SPLIT

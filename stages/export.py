@@ -35,13 +35,14 @@ import numpy as np
 import torch
 import yaml
 
-from stages.common.alarm.calibration import (ALARM_LABEL, alarm_figures, crop_pictures, embedded,
+from stages.common.alarm.calibration import (alarm_figures, crop_pictures, embedded,
                                              operating_point_for, person_log_odds,
                                              person_threshold, probability, threshold_order)
 from stages.common.alarm.guarantee import alarm_bounds, assurance, persons_needed
 from stages.common.alarm.statement import (ASSUMPTION, InconsistentFigures, statement,
                                            threshold_text)
 from stages.common.config import params
+from stages.common.config.labels import ALARM_LABEL
 from stages.common.config.paths import (CALIBRATION_SPLIT, CHECKPOINT, CONDITIONS_METRICS,
                                         EVAL_METRICS, EXPORT_DIR, EXPORT_METRICS, EXPORT_SPEED,
                                         MODEL_DIR, OPERATING_POINT, SPLIT_MANIFEST, SPLIT_METRICS,
@@ -49,7 +50,7 @@ from stages.common.config.paths import (CALIBRATION_SPLIT, CHECKPOINT, CONDITION
 from stages.common.inference.batches import normalise
 from stages.common.inference.logits import checked_crops
 from stages.common.inference.speed import speed_figures
-from stages.common.infra.atomic import atomic_dir, write_json
+from stages.common.infra.atomic import atomic_dir, clean_dead_leftovers, write_json
 from stages.common.infra.errors import StageError, main_guard
 from stages.common.infra.jsonfile import JsonProblem, read_json
 from stages.common.model.build import load_checkpoint
@@ -76,7 +77,7 @@ CARD_PARAMS = (
     "model",
     "train.epochs", "train.batch_size", "train.lr", "train.t_max_ratio", "train.weight_decay",
     "train.focal_alpha", "train.focal_gamma", "train.patience", "train.device", "train.nproc",
-    "train.amp", "train.compile",
+    "train.amp", "train.compile", "train.augment", "train.augment_conditions",
 )
 PARAMS = CARD_PARAMS + ("export",)
 
@@ -324,6 +325,7 @@ def conditions_section(conditions: dict) -> str:
         kept = figures["kept_target_to_severity"]
         worst = figures[f"s{measured[-1]}"]
         said = (f"up to severity {kept}" if kept else f"not at severity {measured[0]}")
+        name = f"{name} (trained on)" if figures.get("trained_on") else name
         rows.append(f"| {name} | {said} | {worst['person_recall']} "
                     f"(>= {worst['person_recall_lower_95']}) | {figures['ce']} |")
     if not rows:
@@ -449,6 +451,7 @@ thread count (docs/reproducibility.md).
 
 @main_guard
 def main() -> None:
+    clean_dead_leftovers()
     everything = params.load()
     cfg = everything.export
     model, meta = load_checkpoint(CHECKPOINT)

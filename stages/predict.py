@@ -63,13 +63,13 @@ import sys
 from pathlib import Path
 from typing import Iterator, TextIO
 
-from stages.common.alarm.calibration import ALARM_LABEL, log_odds, person_log_odds
+from stages.common.alarm.calibration import log_odds, person_log_odds
+from stages.common.config.archs import MAX_BATCH, MAX_IMAGE_PIXELS
+from stages.common.config.labels import ALARM_LABEL
 from stages.common.config.paths import CHECKPOINT, OPERATING_POINT
 from stages.common.infra.errors import DISK_FULL, ArgumentParser, ParamError, StageError, main_guard
 from stages.common.infra.progress import is_terminal, tracked
-from stages.common.model.archs import MAX_BATCH
-from stages.common.pictures.decode import (DEFAULT_MAX_IMAGE_PIXELS, MAX_IMAGE_PIXELS,
-                                           PICTURE_SUFFIXES)
+from stages.common.pictures.decode import DEFAULT_MAX_IMAGE_PIXELS, PICTURE_SUFFIXES
 from stages.common.serving.classifiers import EXPORTED, load_classifier
 from stages.common.serving.predictor import (Prediction, Skipped, expand, predict_paths,
                                               printable, shown, workers)

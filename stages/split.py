@@ -46,7 +46,7 @@ import pandas as pd
 
 from stages.common.config import params
 from stages.common.config.paths import CROPS, SPLIT_DIR, SPLIT_METRICS
-from stages.common.infra.atomic import atomic_dir, write_json
+from stages.common.infra.atomic import atomic_dir, clean_dead_leftovers, write_json
 from stages.common.infra.errors import StageError, main_guard
 
 MANIFEST = "manifest.csv"
@@ -153,6 +153,7 @@ def copy_crops(frame: pd.DataFrame, crops_dir: Path, out: Path) -> None:
 
 @main_guard
 def main() -> None:
+    clean_dead_leftovers()
     cfg = params.load()
     splits = SPLITS + (["calibration"] if cfg.split.calibration > 0 else [])
     frame = read_manifest(CROPS)

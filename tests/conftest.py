@@ -119,6 +119,24 @@ def predict_in_process(capsys):
     return run
 
 
+@pytest.fixture(scope="session")
+def tiny_pipeline_to_train(tmp_path_factory):
+    """tests/tiny_project.py's build_tiny_pipeline, once per session: test_crash_safety and
+    test_interrupted_experiment start from the same tiny run (each test copies what it changes).
+    Once a test asked for ``tiny_pipeline``, its repo holds the whole run."""
+    from tests.tiny_project import build_tiny_pipeline
+
+    return build_tiny_pipeline(tmp_path_factory.mktemp("tiny-pipeline"))
+
+
+@pytest.fixture(scope="session")
+def tiny_pipeline(tiny_pipeline_to_train):
+    """The same repo after the whole pipeline ran and was committed (finish_tiny_pipeline)."""
+    from tests.tiny_project import finish_tiny_pipeline
+
+    return finish_tiny_pipeline(tiny_pipeline_to_train)
+
+
 def pytest_unconfigure(config) -> None:
     import shutil
 

@@ -228,6 +228,22 @@ def test_every_stage_start_removes_what_dead_runs_left(stage, tmp_path, monkeypa
         live.wait()
 
 
+def test_loading_params_deletes_nothing(tmp_path, monkeypatch, capsys):
+    """Reading params.yaml (params.load, and `python -m stages.check` on it) only reads: a dead
+    run's leftovers beside the pipeline's outputs are the stages' to remove, at their start."""
+    from stages import check
+    from stages.common.config import params
+
+    shutil.copy(ROOT / "dvc.yaml", tmp_path / "dvc.yaml")
+    shutil.copy(ROOT / "params.yaml", tmp_path / "params.yaml")
+    gone, kept = plant_leftovers(tmp_path, dead_pid(), os.getpid())
+    monkeypatch.chdir(tmp_path)
+    params.load()
+    check.main([])
+    assert all(p.exists() for p in gone + kept)
+    assert capsys.readouterr().err == ""
+
+
 def test_without_a_pipeline_here_nothing_is_touched(tmp_path, monkeypatch):
     """A command run outside the project (no dvc.yaml) removes nothing, whatever it finds."""
     gone, kept = plant_leftovers(tmp_path, dead_pid(), os.getpid())

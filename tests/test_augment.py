@@ -1,6 +1,8 @@
 """The batched train augmentation is torchvision's RandomHorizontalFlip + ColorJitter(0.2, 0.2,
 0.2, 0.1): the same distributions of draws, the same result per image for the same draws (both
 implementations: torch on a batch, OpenCV per crop), and a function of (seed, epoch, crop) alone.
+train.augment's AugMix and camera conditions before it: torchvision's AugMix and corrupt.py's
+conditions, each crop a function of (seed, epoch, crop) alone too.
 """
 from concurrent.futures import ThreadPoolExecutor
 
@@ -9,12 +11,16 @@ import pytest
 import torch
 from scipy import stats
 from torchvision.transforms import ColorJitter
+from torchvision.transforms.v2 import AugMix
 from torchvision.transforms.v2 import functional as F
 
 from stages.common.inference.batches import normalise
 from stages.common.model.build import IMAGENET_MEAN as MEAN, IMAGENET_STD as STD
-from stages.train.augment import (BRIGHTNESS, CONTRAST, SATURATION, Augment, Draws, draw,
+from stages.conditions.corrupt import corrupt
+from stages.train.augment import (AUGMIX_STREAM, BRIGHTNESS, CONTRAST, SATURATION, Augment,
+                                  Draws, augmix, before_jitter, draw, draw_conditions,
                                   jitter_opencv, jitter_torch)
+from stages.train.data import derived_seed
 
 N = 20_000
 
@@ -128,3 +134,78 @@ def test_normalising_in_the_jitter_threads_gives_the_bits_of_normalise():
         apart = normalise(jitter_opencv(pixels, draws, idx, pool), MEAN, STD)
     assert torch.equal(fused, apart)
     assert fused.is_contiguous(memory_format=torch.channels_last)
+
+
+# ----- train.augment: augmix, conditions -------------------------------------------------------
+
+TRAINED_ON = ("night", "fog", "jpeg")
+
+
+def test_augmix_is_torchvisions_and_leaves_the_training_draws_alone():
+    x = pictures(1, 32)[0]
+    torch.manual_seed(11)
+    after = torch.rand(3)  # what dropout would draw next
+    torch.manual_seed(11)
+    for seed in range(4):
+        got = augmix(x, seed)
+        with torch.random.fork_rng(devices=[]):
+            torch.manual_seed(seed)
+            assert got.dtype == torch.uint8 and torch.equal(got, AugMix()(x)), seed
+    assert torch.equal(torch.rand(3), after)
+    # in a batch (one intra-op thread): each crop AugMix's for its own seed of (seed, epoch, crop)
+    pixels, idx = pictures(3, 32), torch.tensor([7, 0, 4])
+    with ThreadPoolExecutor(1) as pool:
+        batch = before_jitter(pixels, idx, "augmix", 5, 2, pool)
+    for k, crop in enumerate(idx.tolist()):
+        with torch.random.fork_rng(devices=[]):
+            torch.manual_seed(derived_seed(5, 2, AUGMIX_STREAM, crop))
+            assert torch.equal(batch[k], AugMix()(pixels[k])), crop
+
+
+def augmented(augment: str, seed: int, threads: int, chunks: int = 1, n: int = 12
+              ) -> torch.Tensor:
+    """Epoch 2's model input for ``n`` crops, given to Augment in ``chunks`` shuffled batches."""
+    pixels = pictures(n, 32)
+    aug = Augment(seed, n, torch.device("cpu"), threads, MEAN, STD, augment=augment,
+                  conditions=TRAINED_ON)
+    aug.set_epoch(2)
+    out = torch.empty(n, 3, 32, 32)
+    order = torch.randperm(n, generator=torch.Generator().manual_seed(1))
+    for part in order.chunk(chunks):
+        out[part] = aug(pixels[part], part)
+    return out
+
+
+@pytest.mark.parametrize("augment", ["augmix", "conditions"])
+def test_augment_batches_are_a_function_of_the_seed(augment):
+    first = augmented(augment, 5, threads=1)
+    assert torch.equal(first, augmented(augment, 5, threads=3, chunks=4))
+    assert not torch.equal(first, augmented(augment, 6, threads=1))   # another seed
+    assert not torch.equal(first, augmented("report", 5, threads=1))  # it adds a step
+
+
+def test_conditions_are_corrupt_pys_on_the_drawn_share_and_severity():
+    drawn = draw_conditions(5, 2, 24, len(TRAINED_ON))
+    assert torch.equal(drawn.condition, draw_conditions(5, 2, 24, 3).condition)
+    assert not torch.equal(drawn.condition, draw_conditions(5, 3, 24, 3).condition)
+    many = draw_conditions(0, 1, 20_000, 3)
+    under = many.condition >= 0
+    assert abs(under.float().mean().item() - 0.5) < 0.02
+    assert set(many.condition[under].tolist()) == {0, 1, 2}
+    assert set(many.severity.tolist()) == {1, 2, 3, 4, 5}
+    # each crop under its drawn condition is exactly corrupt()'s, then the report's jitter
+    pixels = pictures(24, 32)
+    with ThreadPoolExecutor(1) as pool:
+        report = Augment(5, 24, torch.device("cpu"), 1, MEAN, STD)
+        report.set_epoch(2)
+        expected = []
+        for k in range(24):
+            crop = pixels[k]
+            c = int(drawn.condition[k])
+            if c >= 0:
+                hwc = crop.permute(1, 2, 0).numpy().copy()
+                crop = torch.from_numpy(corrupt(hwc, TRAINED_ON[c], int(drawn.severity[k]),
+                                                derived_seed(5, 2), str(k))).permute(2, 0, 1)
+            expected.append(crop)
+        want = report(torch.stack(expected), torch.arange(24))
+    assert torch.equal(augmented("conditions", 5, threads=2, n=24), want)

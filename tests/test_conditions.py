@@ -214,6 +214,34 @@ def test_the_model_card_says_per_condition_up_to_which_severity():
     assert conditions_section({}) == ""
 
 
+def test_trained_on_conditions_are_read_from_the_checkpoints_recipe_and_marked():
+    from stages.conditions.stage import mark_training, summary_lines
+    from stages.export import conditions_section
+
+    def measured():
+        cell = {"target_met": True, "person_recall": 1.0, "person_recall_lower_95": 0.9,
+                "target_verdict": "met"}
+        return {"clean": cell, "target_recall": 0.99, "conditions": {
+            name: {"s1": cell, "kept_target_to_severity": 1, "ce": None}
+            for name in ("fog", "rain")}}
+
+    for recipe in (None, {"seed": 1}, {"augment": "augmix"},
+                   {"augment": "report", "augment_conditions": ["fog"]}):
+        result = measured()
+        mark_training(result, recipe)
+        assert not any(f["trained_on"] for f in result["conditions"].values()), recipe
+        assert "trained on" not in conditions_section(result) + " ".join(
+            summary_lines(result, 0.99))
+    result = measured()
+    mark_training(result, {"augment": "conditions", "augment_conditions": ["night", "fog"]})
+    assert result["train_augment"] == "conditions"
+    assert result["conditions"]["fog"]["trained_on"] is True
+    assert result["conditions"]["rain"]["trained_on"] is False  # held out
+    assert "| fog (trained on) | up to severity 1 |" in conditions_section(result)
+    assert "| rain | up to severity 1 |" in conditions_section(result)
+    assert "fog (trained on): the alarm keeps" in "\n".join(summary_lines(result, 0.99))
+
+
 # ----- bad params: one line, before any work ----------------------------------------------------
 
 @pytest.mark.parametrize("measure,needle", [

@@ -70,15 +70,10 @@ import yaml
 
 from stages.common.config.paths import TRAIN_RESUME
 from tests import paramfile
-from tests.tiny_project import copy_project
+from tests.tiny_project import BY_STAGE, KEPT_BEFORE, pipeline_env
 
-TINY = {  # as the end-to-end test: a few dozen pictures at 32 px, seconds per stage
-    "data": {"sample": {"images": 48, "max_side": 160}},
-    "crops": {"size": 32, "min_box_px": 12, "workers": 1},
-    "train": {"epochs": 2, "batch_size": 16, "num_workers": 0},
-}
-STAGES = ["download", "extract_crops", "split", "train"]
-KILLED = ["extract_crops", "split", "train"]
+STAGES = list(BY_STAGE)  # download, extract_crops, split, train
+KILLED = list(KEPT_BEFORE)  # extract_crops, split, train
 DATA = {"extract_crops": "data/crops", "split": "data/split", "train": "data/model"}
 METRICS = {"extract_crops": "metrics/crops.json", "split": "metrics/split.json",
            "train": "metrics/train.json"}
@@ -194,15 +189,11 @@ def _outputs(repo: Path) -> dict[str, dict[str, bool]]:
 
 
 def _env(hook_dir: Path) -> dict:
-    env = dict(os.environ)
-    env["PATH"] = f"{Path(sys.executable).parent}{os.pathsep}{env['PATH']}"
+    """The reference build's environment (one torch thread: the checkpoint's bytes depend on the
+    thread count, so every run here must use the same one), with the hook on PYTHONPATH."""
+    env = pipeline_env()
     env["PYTHONPATH"] = str(hook_dir)  # sitecustomize: inert unless CRASH_AT is set
     env.pop("CRASH_AT", None)
-    env.update(GIT_AUTHOR_NAME="t", GIT_AUTHOR_EMAIL="t@t", GIT_COMMITTER_NAME="t",
-               GIT_COMMITTER_EMAIL="t@t", DVC_NO_ANALYTICS="1", PYTHONUNBUFFERED="1",
-               # one torch thread: 2-3x faster train on a busy 2-core machine. The checkpoint's
-               # bytes depend on the thread count, so every run here must use the same one.
-               OMP_NUM_THREADS="1")
     return env
 
 
@@ -247,29 +238,22 @@ def _copy(src: Path, dst: Path) -> Path:
 
 
 @pytest.fixture(scope="module")
-def ref(tmp_path_factory):
+def ref(tiny_pipeline_to_train, tmp_path_factory):
     """One uninterrupted run, stage by stage, with a copy of the repo kept before each of
-    extract_crops, split and train (where that stage is about to run for the first time)."""
+    extract_crops, split and train (where that stage is about to run for the first time):
+    conftest's, which test_interrupted_experiment continues to the end in place (its later
+    stages write none of these stages' outputs, so the bytes expected are the same either way,
+    and train is recorded either way). Each test here works on a copy."""
     base = tmp_path_factory.mktemp("crash")
     hook_dir = base / "hook"
     hook_dir.mkdir()
     (hook_dir / "sitecustomize.py").write_text(SITECUSTOMIZE)
-    env = _env(hook_dir)
-    repo = copy_project(base / "ref", TINY)
-    _run(repo, env, "git", "init", "-q", "-b", "main")
-    _run(repo, env, "git", "add", "-A")
-    _run(repo, env, "git", "commit", "-qm", "tiny pipeline")
+    repo = tiny_pipeline_to_train.repo
     outputs = _outputs(repo)
-    before, expected = {}, {}
-    for stage in STAGES:
-        if stage in KILLED:
-            before[stage] = _copy(repo, base / f"before-{stage}")
-        _dvc(repo, env, "repro", "-s", stage)
-        if stage in KILLED:
-            expected[stage] = _snapshot(repo, outputs[stage])
+    expected = {stage: _snapshot(repo, outputs[stage]) for stage in KILLED}
     assert expected["train"]["data/model"], "the reference run wrote no checkpoint"
-    return SimpleNamespace(base=base, env=env, repo=repo, before=before, expected=expected,
-                           outputs=outputs)
+    return SimpleNamespace(base=base, env=_env(hook_dir), repo=repo,
+                           before=tiny_pipeline_to_train.before, expected=expected, outputs=outputs)
 
 
 # ---------------------------------------------------------------------------------------------

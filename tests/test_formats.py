@@ -17,7 +17,7 @@ from stages.common.config.params import parse
 from stages.common.infra.errors import ParamError, StageError
 from stages.common.model.build import IMAGENET_MEAN, IMAGENET_STD
 from stages.common.model.checkpoint import ModelMeta
-from stages.common.model.formats import FORMATS, build, sidecar
+from stages.common.model.formats import CONVERTERS, FORMATS, build, sidecar
 from stages.common.model.onnx import export
 from stages.common.serving.classifiers import (OnnxClassifier, OpenVinoClassifier,
                                                load_classifier)
@@ -28,7 +28,7 @@ SIZE = 32
 PERSON = 2
 CLASSES = ["animal", "object", "person"]
 META = ModelMeta("resnet18", CLASSES, SIZE, IMAGENET_MEAN, IMAGENET_STD)
-BUILT = [name for name, row in FORMATS.items() if row.convert is not None]
+BUILT = [name for name in FORMATS if name in CONVERTERS]
 
 
 def small_net() -> nn.Module:

@@ -21,31 +21,14 @@ import pytest
 import yaml
 
 from stages.common.config.paths import TRAIN_METRICS, TRAIN_PLOTS, TRAIN_RESUME
-from tests.tiny_project import copy_project
+from tests.tiny_project import pipeline_env as _env
 
 # Not marked `training`: the fixture trains (2 epochs on a few dozen 32 px crops), but the tests
 # check DVC's and the CLI's behaviour, and _env pins OMP_NUM_THREADS=1, so make test-threads
 # would rerun them as they ran.
 
-TINY = {
-    "data": {"sample": {"images": 48, "max_side": 160}},
-    "crops": {"size": 32, "min_box_px": 12, "workers": 1},
-    "train": {"epochs": 2, "batch_size": 16, "num_workers": 0},
-    "evaluate": {"batch_size": 16, "speed_runs": 3},
-    "conditions": {"measure": {"night": [1]}},  # the stage runs; its ten are test_conditions'
-    "export": {"batch_size": 8, "speed_runs": 3},
-}
 WAIT_S = 300
 EXP = ["dvc", "exp", "run", "train", "-S", "train.lr=0.002"]
-
-
-def _env() -> dict:
-    env = dict(os.environ)
-    env["PATH"] = f"{Path(sys.executable).parent}{os.pathsep}{env['PATH']}"
-    env.update(GIT_AUTHOR_NAME="t", GIT_AUTHOR_EMAIL="t@t", GIT_COMMITTER_NAME="t",
-               GIT_COMMITTER_EMAIL="t@t", DVC_NO_ANALYTICS="1", PYTHONUNBUFFERED="1",
-               OMP_NUM_THREADS="1")
-    return env
 
 
 def _run(repo: Path, *args: str, check: bool = True) -> subprocess.CompletedProcess:
@@ -57,16 +40,10 @@ def _run(repo: Path, *args: str, check: bool = True) -> subprocess.CompletedProc
 
 
 @pytest.fixture(scope="module")
-def committed(tmp_path_factory) -> Path:
-    """A git copy of the project whose commit holds a whole run of the pipeline."""
-    repo = copy_project(tmp_path_factory.mktemp("interrupted") / "repo", TINY)
-    _run(repo, "git", "init", "-q", "-b", "main")
-    _run(repo, "git", "add", "-A")
-    _run(repo, "git", "commit", "-qm", "tiny pipeline")
-    _run(repo, "dvc", "repro")
-    _run(repo, "git", "add", "-A")
-    _run(repo, "git", "commit", "-qm", "a run")
-    return repo
+def committed(tiny_pipeline) -> Path:
+    """A git copy of the project whose commit holds a whole run of the pipeline (conftest's,
+    shared with test_crash_safety: each test here works on a copy)."""
+    return tiny_pipeline
 
 
 def _copy(committed: Path, dest: Path) -> Path:

@@ -12,7 +12,7 @@ from stages.common.config.params import trainable_modules
 from stages.common.infra.digest import file_sha256
 from stages.common.infra.errors import StageError
 from stages.common.model import build as M
-from stages.common.model.archs import ARCH_NAMES, FAMILIES, family_of
+from stages.common.config.archs import ARCH_NAMES, FAMILIES, family_of
 from stages.common.model.checkpoint import DIGEST_KEY, ModelMeta, save_checkpoint
 from stages.train.recipe import EarlyStopping, FocalLoss, cosine_scheduler
 
@@ -348,7 +348,7 @@ def test_a_device_asked_for_by_name_that_is_not_there_is_one_line(name, monkeypa
 # ---------------------------------------------------------------------------------------------
 # Families: every one builds, trains a step and exports; the table is the only list of archs
 
-# One arch per family (the smallest): adding a family to stages.common.model.archs adds its case.
+# One arch per family (the smallest): adding a family to stages.common.config.archs adds its case.
 ONE_PER_FAMILY = {name: family.archs[0] for name, family in FAMILIES.items()}
 
 
@@ -450,7 +450,7 @@ def test_the_family_table_is_the_only_list_of_archs():
     root = Path(__file__).resolve().parents[1] / "stages"
     offenders = []
     for path in root.rglob("*.py"):
-        if path == root / "common" / "model" / "archs.py":
+        if path == root / "common" / "config" / "archs.py":
             continue
         named = {node.value for node in ast.walk(ast.parse(path.read_text()))
                  if isinstance(node, ast.Constant) and isinstance(node.value, str)

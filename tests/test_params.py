@@ -63,6 +63,12 @@ def test_report_config_holds_the_reports_recipe():
     ("train.amp", "fp8", "train.amp='fp8'"),
     ("train.compile", "yes", "train.compile='yes'"),
     ("train.pin_memory", 1, "train.pin_memory=1"),
+    ("train.augment", "autoaugment", "train.augment='autoaugment'"),
+    ("train.augment", None, "train.augment=None"),
+    ("train.augment_conditions", ["haze"], "train.augment_conditions=['haze']"),
+    ("train.augment_conditions", [], "train.augment_conditions=[]"),
+    ("train.augment_conditions", ["fog", "fog"], "train.augment_conditions=['fog', 'fog']"),
+    ("train.augment_conditions", "fog", "train.augment_conditions='fog'"),
 ])
 def test_bad_train_param_is_named_before_any_work(key, value, needle):
     params = raw()
@@ -71,6 +77,21 @@ def test_bad_train_param_is_named_before_any_work(key, value, needle):
     with pytest.raises(errors.ParamError) as err:
         P.parse(params)
     assert needle in str(err.value) and "expected" in str(err.value)
+    assert "\n" not in str(err.value)
+
+
+def test_the_report_augmentation_leaves_the_checkpoints_recipe_as_it_was():
+    """train.augment: report adds no key to the checkpoint's recipe, so the default model keeps
+    its bytes; the others record what they trained on (stage conditions reads it)."""
+    def recipe(**values):
+        return train.recipe(P.parse(paramfile.params({"train": values})))
+
+    assert not {"augment", "augment_conditions"} & set(recipe(augment="report"))
+    assert recipe(augment="augmix")["augment"] == "augmix"
+    assert "augment_conditions" not in recipe(augment="augmix")
+    conditioned = recipe(augment="conditions", augment_conditions=["fog", "night"])
+    assert (conditioned["augment"], conditioned["augment_conditions"]) == ("conditions",
+                                                                            ["fog", "night"])
 
 
 def test_missing_key_is_named():
@@ -136,7 +157,7 @@ def test_default_and_report_run_one_process():
 
 @pytest.mark.parametrize("edit,needle", [
     (lambda p: p["train"].update(lrr=0.1),
-     "unknown key 'train.lrr'; keys allowed under 'train': amp, batch_size,"),
+     "unknown key 'train.lrr'; keys allowed under 'train': amp, augment,"),
     (lambda p: p.update(trian={"lr": 0.1}), "unknown key 'trian'; keys allowed at the top level:"),
     (lambda p: p["data"]["zoo"].update(split=["train"]),
      "unknown key 'data.zoo.split'; keys allowed under 'data.zoo': max_samples, num_workers,"),

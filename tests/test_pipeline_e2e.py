@@ -231,14 +231,17 @@ def test_a_key_that_changes_no_output_reruns_nothing_and_the_arch_reruns_train_o
     params_file = repo.path / "params.yaml"
     original = params_file.read_text()
     try:
-        for key in sorted(NO_OUTPUT):  # crops.workers, train.num_workers...
-            params = yaml.safe_load(original)
+        # Every such key (crops.workers, train.num_workers...) changed at once: DVC reruns a
+        # stage when the value of one of its params changed, so nothing to rerun for all of them
+        # is nothing to rerun for each (one status and one dry run, not two per key).
+        params = yaml.safe_load(original)
+        for key in sorted(NO_OUTPUT):
             *sections, leaf = key.split(".")
             section = functools.reduce(dict.__getitem__, sections, params)
             section[leaf] = _another(section[leaf])
-            params_file.write_text(yaml.safe_dump(params, sort_keys=False))
-            assert json.loads(dvc(repo, "status", "--json").stdout) == {}, key
-            assert _stages_that_would_run(repo) == set(), key
+        params_file.write_text(yaml.safe_dump(params, sort_keys=False))
+        assert json.loads(dvc(repo, "status", "--json").stdout) == {}, sorted(NO_OUTPUT)
+        assert _stages_that_would_run(repo) == set(), sorted(NO_OUTPUT)
         params = yaml.safe_load(original)
         params["model"]["arch"] = "resnet50"  # neither TINY's nor EXP_ARCH: a change in any order
         params_file.write_text(yaml.safe_dump(params, sort_keys=False))

@@ -77,16 +77,32 @@ def test_data_stages_give_the_hashes_of_the_committed_dvc_lock(tmp_path):
         "library drift, or a change not reproduced (run `dvc repro` and commit)")
 
 
+@pytest.fixture(scope="module")
+def trained(tmp_path_factory):
+    """``trained(name, workers)``: the folder where train ran once on the same colour split and
+    params, with train.num_workers=workers. Each (name, workers) runs once per module: the two
+    tests below share the run with one worker, "a", so four trainings are three."""
+    done: dict[tuple[str, int], Path] = {}
+
+    def train(name: str, workers: int) -> Path:
+        if (name, workers) not in done:
+            root = tmp_path_factory.mktemp(f"train-{name}-{workers}")
+            write_colour_split(root, np.random.default_rng(0), {"train": 8, "val": 4}, 40)
+            paramfile.write(root, {"model": {"arch": "resnet18", "weights": "none"},
+                                   "train": {"epochs": 2, "batch_size": 8,
+                                             "num_workers": workers, "device": "cpu",
+                                             "nproc": 1}})
+            _run(root, sys.executable, "-m", "stages.train")
+            done[(name, workers)] = root
+        return done[(name, workers)]
+    return train
+
+
 @pytest.mark.training
-def test_training_twice_gives_the_same_checkpoint_bytes(tmp_path):
+def test_training_twice_gives_the_same_checkpoint_bytes(trained):
     runs = []
     for name in ("a", "b"):
-        root = tmp_path / name
-        write_colour_split(root, np.random.default_rng(0), {"train": 8, "val": 4}, 40)
-        paramfile.write(root, {"model": {"arch": "resnet18", "weights": "none"},
-                               "train": {"epochs": 2, "batch_size": 8, "num_workers": 1,
-                                         "device": "cpu", "nproc": 1}})
-        _run(root, sys.executable, "-m", "stages.train")
+        root = trained(name, 1)
         # the timings are in metrics/speed/train.json: every figure here must match
         runs.append(((root / "data/model/best.pt").read_bytes(),
                      json.loads((root / "metrics/train.json").read_text())))
@@ -106,18 +122,10 @@ def _written_by_train(root: Path) -> dict:
 
 
 @pytest.mark.training
-def test_the_train_thread_count_changes_no_byte_train_writes(tmp_path):
+def test_the_train_thread_count_changes_no_byte_train_writes(trained):
     """train.num_workers is no DVC param (stages.common.config.params.NO_OUTPUT): one thread or three
     decoding and augmenting, the same checkpoint, plots, metrics and resume marker."""
-    written = []
-    for workers in (1, 3):
-        root = tmp_path / str(workers)
-        write_colour_split(root, np.random.default_rng(0), {"train": 8, "val": 4}, 40)
-        paramfile.write(root, {"model": {"arch": "resnet18", "weights": "none"},
-                               "train": {"epochs": 2, "batch_size": 8, "num_workers": workers,
-                                         "device": "cpu", "nproc": 1}})
-        _run(root, sys.executable, "-m", "stages.train")
-        written.append(_written_by_train(root))
+    written = [_written_by_train(trained("a", workers)) for workers in (1, 3)]
     assert set(written[0]) == set(written[1])
     for name in written[0]:
         assert written[0][name] == written[1][name], f"{name} differs with another thread count"

@@ -313,7 +313,9 @@ def test_export_refuses_conditions_measured_at_another_point(inside, capsys):
 
 def test_the_card_states_the_point_the_onnx_file_carries(inside, capsys):
     evaluate.main()
+    threads = torch.get_num_threads()
     conditions.main()
+    assert torch.get_num_threads() == threads  # its one-thread workers leave export's threads
     write_split_metrics()
     scores = json.loads(Path("metrics/eval.json").read_text())
     # What the card must not take from eval.json: shown figures that could drift from the point.

@@ -2,12 +2,17 @@
 
 ``copy_project``: the repository's files in a temporary folder, with params for a run of seconds.
 ``write_colour_split``: a ``data/split`` of coloured squares, for train on its own.
+``build_tiny_pipeline`` / ``finish_tiny_pipeline``: a git + DVC copy on :data:`TINY` params run
+to train / to the end, once per session (conftest's fixtures), for modules that copy it first.
 """
 from __future__ import annotations
 
+import os
 import shutil
 import subprocess
+import sys
 from pathlib import Path
+from types import SimpleNamespace
 from typing import Callable
 
 import cv2
@@ -74,3 +79,65 @@ def write_noise_test_split(root: Path, classes: list[str], size: int, per_label:
         for i in range(per_label):
             cv2.imwrite(str(folder / f"{i}.png"),
                         rng.integers(0, 255, (size, size, 3), dtype=np.uint8))
+
+
+# The tiny pipeline that tests/test_crash_safety.py and tests/test_interrupted_experiment.py both
+# start from: a few dozen pictures at 32 px, seconds per stage.
+TINY = {
+    "data": {"sample": {"images": 48, "max_side": 160}},
+    "crops": {"size": 32, "min_box_px": 12, "workers": 1},
+    "train": {"epochs": 2, "batch_size": 16, "num_workers": 0},
+    "evaluate": {"batch_size": 16, "speed_runs": 3},
+    "conditions": {"measure": {"night": [1]}},  # the stage runs; its ten are test_conditions'
+    "export": {"batch_size": 8, "speed_runs": 3},
+}
+# The stages built one by one (`dvc repro -s`), with a copy of the repo kept before each of
+# KEPT_BEFORE: where a crash test kills that stage the first time it runs.
+BY_STAGE = ("download", "extract_crops", "split", "train")
+KEPT_BEFORE = ("extract_crops", "split", "train")
+PIPELINE_TIMEOUT_S = 600
+
+
+def pipeline_env() -> dict:
+    """Where the tiny pipeline's git and DVC commands run: the venv's python first on PATH, a git
+    identity, unbuffered output (the tests read it line by line) and one torch thread: 2-3x
+    faster train on a busy 2-core machine, and the checkpoint's bytes depend on the thread count,
+    so every run whose bytes are compared with this build's must use the same one."""
+    env = dict(os.environ)
+    env["PATH"] = f"{Path(sys.executable).parent}{os.pathsep}{env['PATH']}"
+    env.update(GIT_AUTHOR_NAME="t", GIT_AUTHOR_EMAIL="t@t", GIT_COMMITTER_NAME="t",
+               GIT_COMMITTER_EMAIL="t@t", DVC_NO_ANALYTICS="1", PYTHONUNBUFFERED="1",
+               OMP_NUM_THREADS="1")
+    return env
+
+
+def _run_in(repo: Path, *args: str) -> None:
+    proc = subprocess.run(args, cwd=repo, env=pipeline_env(), capture_output=True, text=True,
+                          timeout=PIPELINE_TIMEOUT_S)
+    assert proc.returncode == 0, f"{' '.join(args)} exited {proc.returncode}:\n" \
+                                 f"{proc.stdout[-3000:]}\n{proc.stderr[-3000:]}"
+
+
+def build_tiny_pipeline(base: Path) -> SimpleNamespace:
+    """``repo``: a git copy of the project on :data:`TINY`, committed, where `dvc repro -s` ran
+    each of :data:`BY_STAGE` (download to train); ``before[stage]``: a copy of it made just
+    before ``stage`` first ran (the stages before it run, nothing of it or after it)."""
+    repo = copy_project(base / "repo", TINY)
+    _run_in(repo, "git", "init", "-q", "-b", "main")
+    _run_in(repo, "git", "add", "-A")
+    _run_in(repo, "git", "commit", "-qm", "tiny pipeline")
+    before = {}
+    for stage in BY_STAGE:
+        if stage in KEPT_BEFORE:
+            before[stage] = shutil.copytree(repo, base / f"before-{stage}", symlinks=True)
+        _run_in(repo, sys.executable, "-m", "dvc", "repro", "-s", stage)
+    return SimpleNamespace(repo=repo, before=before)
+
+
+def finish_tiny_pipeline(built: SimpleNamespace) -> Path:
+    """``built.repo`` (from :func:`build_tiny_pipeline`) after the stages after train ran too,
+    the whole run committed: the repo itself, changed in place."""
+    _run_in(built.repo, sys.executable, "-m", "dvc", "repro")
+    _run_in(built.repo, "git", "add", "-A")
+    _run_in(built.repo, "git", "commit", "-qm", "a run")
+    return built.repo

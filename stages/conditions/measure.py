@@ -47,20 +47,21 @@ def corrupted_logits(pixels: np.ndarray, keys: list[str], jobs: list[tuple[str, 
                      seed: int, classify: Classify, batch_size: int, threads: int
                      ) -> list[np.ndarray]:
     """The logits of every crop under each (condition, severity) of ``jobs``: each corrupted
-    crop computed once (in ``threads``: OpenCV and numpy release the GIL; each crop's draws are
-    its own, so the count changes nothing) and classified in batches of ``batch_size`` that run
-    across jobs, so no job's short last batch is paid for and memory holds one batch."""
-    n = len(keys)
-    out: list[list[np.ndarray]] = [[] for _ in jobs]
+    crop computed once and classified in batches of ``batch_size`` that run across jobs, so no
+    job's short last batch is paid for. Each of ``threads`` workers corrupts a batch and
+    classifies it (OpenCV, numpy and the forward pass release the GIL), so the corruptions of
+    one batch overlap the forward pass of another with no barrier between them, and memory
+    holds ``threads`` batches; each crop's draws are its own, so the count changes nothing."""
+    n, total = len(keys), len(keys) * len(jobs)
+
+    def batch_logits(start: int) -> np.ndarray:
+        return classify(np.stack([corrupt(pixels[k % n], *jobs[k // n], seed, keys[k % n])
+                                  for k in range(start, min(start + batch_size, total))]))
+
     with ThreadPoolExecutor(max(1, threads)) as pool:
-        for start in range(0, n * len(jobs), batch_size):
-            flat = range(start, min(start + batch_size, n * len(jobs)))
-            batch = np.stack(list(pool.map(
-                lambda k: corrupt(pixels[k % n], *jobs[k // n], seed, keys[k % n]), flat)))
-            logits = classify(batch)
-            for k, row in zip(flat, logits):
-                out[k // n].append(row)
-    return [np.stack(rows) for rows in out]
+        rows = list(pool.map(batch_logits, range(0, total, batch_size)))
+    logits = np.concatenate(rows) if rows else np.zeros((0, 0))
+    return [logits[j * n:(j + 1) * n] for j in range(len(jobs))]
 
 
 def suite(pixels: np.ndarray, keys: list[str], targets: np.ndarray, classes: list[str],

@@ -8,6 +8,11 @@ the clean crops. Writes metrics/conditions.json, plots/conditions/<condition>.cs
 bound by severity, severity 0 the clean crops; dvc.yaml's plots) and plots/conditions/grid.png
 (condition x severity, coloured by the recall's lower bound). Each corrupted crop is computed
 once, from (seed, condition, severity, crop) alone, and the model sees them in batches.
+
+Which conditions the model was trained on is read from its checkpoint's recipe (train.augment:
+conditions and train.augment_conditions), not from params.yaml: each condition's ``trained_on``
+says it, and ``train_augment`` the recipe's augmentation; the others are held out (measured,
+never trained on).
 """
 from __future__ import annotations
 
@@ -30,7 +35,7 @@ from stages.common.config.paths import (CHECKPOINT, CONDITIONS_METRICS,  # noqa:
                                         TEST_SPLIT)
 from stages.common.inference.batches import normalise  # noqa: E402
 from stages.common.inference.logits import checked_crops, to_device  # noqa: E402
-from stages.common.infra.atomic import atomic_file, write_json  # noqa: E402
+from stages.common.infra.atomic import atomic_file, clean_dead_leftovers, write_json  # noqa: E402
 from stages.common.infra.errors import main_guard  # noqa: E402
 from stages.common.model.build import load_checkpoint  # noqa: E402
 from stages.common.model.checkpoint import ModelMeta, check_logits  # noqa: E402
@@ -53,6 +58,26 @@ def classifier(model: torch.nn.Module, meta: ModelMeta, device: torch.device, ch
         check_logits(logits, len(pixels), len(meta.classes), checkpoint)
         return logits.numpy().astype(np.float64)
     return classify
+
+
+def trained_on(recipe: dict | None) -> list[str]:
+    """The conditions a checkpoint's recipe (stages.train.stage.recipe) trained on: those of
+    augment_conditions under augment: conditions; none under the report's recipe or AugMix."""
+    recipe = recipe or {}
+    return list(recipe.get("augment_conditions", [])) if recipe.get("augment") == "conditions" \
+        else []
+
+
+def mark_training(result: dict, recipe: dict | None) -> None:
+    """``train_augment`` and each condition's ``trained_on`` into ``result``."""
+    trained = trained_on(recipe)
+    result["train_augment"] = (recipe or {}).get("augment", "report")
+    for name, figures in result["conditions"].items():
+        figures["trained_on"] = name in trained
+
+
+def condition_label(name: str, figures: dict) -> str:
+    return f"{name} (trained on)" if figures.get("trained_on") else name
 
 
 def write_csvs(result: dict, folder: Path) -> None:
@@ -94,7 +119,8 @@ def grid_png(result: dict, target: float, path: Path) -> None:
                                            ec="black"))
     image = ax.imshow(bounds, cmap="RdYlGn", vmin=0, vmax=1, aspect="auto")
     ax.set_xticks(range(len(columns)), [c for c, _ in columns], fontsize=8)
-    ax.set_yticks(range(len(names)), names, fontsize=8)
+    ax.set_yticks(range(len(names)),
+                  [condition_label(n, result["conditions"][n]) for n in names], fontsize=8)
     fig.colorbar(image, ax=ax, label="person recall, 95 % lower bound")
     ax.set_title(f"Person alarm under camera conditions (test): recall, its lower bound, false "
                  f"alarms per 1,000;\nframed, bold: lower bound >= target {target}", fontsize=9)
@@ -114,12 +140,13 @@ def summary_lines(result: dict, target: float) -> list[str]:
         lowest = min(int(k[1:]) for k in measured)
         said = (f"keeps its target {target} up to severity {kept}" if kept else
                 f"does not keep its target {target} at severity {lowest}")
-        lines.append(f"{name}: the alarm {said}; CE {figures['ce']}")
+        lines.append(f"{condition_label(name, figures)}: the alarm {said}; CE {figures['ce']}")
     return lines
 
 
 @main_guard
 def main() -> None:
+    clean_dead_leftovers()
     everything = params.load()
     cfg = everything.conditions
     device = pick_device(cfg.device)
@@ -132,13 +159,21 @@ def main() -> None:
     pictures, unlisted = crop_pictures(crops.paths, SPLIT_MANIFEST)
     classify = classifier(model, meta, device, CHECKPOINT)
     jobs = sum(len(s) for s in cfg.measure.values())
+    # one worker per core, each corrupting a batch and running its forward pass on one
+    # thread: no core waits at a barrier inside a layer (BENCHMARKS.md section 8)
+    threads = torch.get_num_threads()
+    workers = threads if device.type == "cpu" else os.cpu_count() or 1
     print(f"conditions: {len(keys)} test crops x {jobs} conditions and severities, batches of "
-          f"{cfg.batch_size} on {device.type}", flush=True)
-    result = suite(pixels, keys, crops.targets.numpy(), meta.classes, point, classify,
-                   cfg.measure, everything.seed, pictures, cfg.batch_size,
-                   threads=os.cpu_count() or 1)
+          f"{cfg.batch_size} on {device.type} in {workers} workers", flush=True)
+    torch.set_num_threads(1 if device.type == "cpu" else threads)
+    try:
+        result = suite(pixels, keys, crops.targets.numpy(), meta.classes, point, classify,
+                       cfg.measure, everything.seed, pictures, cfg.batch_size, threads=workers)
+    finally:  # a caller in the same process (the tests) keeps its threads
+        torch.set_num_threads(threads)
     result.update({"point_sha256": point["point_sha256"], "target_recall": point["target_recall"],
                    "test_crops": len(keys), "seed": everything.seed})
+    mark_training(result, meta.params)
     write_json(CONDITIONS_METRICS, result)
     CONDITIONS_PLOTS.mkdir(parents=True, exist_ok=True)
     write_csvs(result, CONDITIONS_PLOTS)

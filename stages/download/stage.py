@@ -30,7 +30,7 @@ import pandas as pd
 from stages.common.config import params
 from stages.common.config.params import Params, Zoo
 from stages.common.config.paths import DOWNLOAD_METRICS, RAW
-from stages.common.infra.atomic import atomic_dir, write_json
+from stages.common.infra.atomic import atomic_dir, clean_dead_leftovers, write_json
 from stages.common.infra.errors import ParamError, StageError, main_guard
 from stages.common.pictures.openimages import (CLASSES, DATA_DIR, DETECTIONS, DETECTION_COLUMNS,
                                                FLAG_COLUMNS, csv_chunks, detection_columns,
@@ -267,6 +267,7 @@ def run(cfg: Params) -> dict:
 
 @main_guard
 def main() -> None:
+    clean_dead_leftovers()
     metrics = run(params.load())
     write_json(DOWNLOAD_METRICS, metrics)
     print(f"download: {metrics['images']} images, {metrics['boxes']} boxes "

@@ -13,8 +13,8 @@ import pandas as pd  # noqa: E402
 from matplotlib.ticker import MaxNLocator  # noqa: E402
 
 from stages.common.infra.atomic import atomic_file  # noqa: E402
-from stages.common.alarm.calibration import ALARM_LABEL  # noqa: E402
 from stages.common.alarm.statement import threshold_text  # noqa: E402
+from stages.common.config.labels import ALARM_LABEL  # noqa: E402
 
 # Deterministic PNG bytes: no creation time or software version in the metadata.
 PNG_META = {"Software": None}

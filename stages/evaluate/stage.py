@@ -24,19 +24,20 @@ import torch
 from sklearn.metrics import (classification_report, confusion_matrix,
                              precision_recall_curve, roc_curve)
 
-from stages.common.alarm.calibration import (ALARM_LABEL, alarm_figures, brier, crop_pictures,
-                                             ece, nll, operating_point_for, person_log_odds,
-                                             reliability, softmax, unlisted_line)
+from stages.common.alarm.calibration import (alarm_figures, brier, crop_pictures, ece, nll,
+                                             operating_point_for, person_log_odds, reliability,
+                                             softmax, unlisted_line)
 from stages.common.alarm.statement import (InconsistentFigures, point_facts, statement,
                                            tested_facts, threshold_text)
 from stages.common.config import params
+from stages.common.config.labels import ALARM_LABEL
 from stages.common.config.paths import (CHECKPOINT, EVAL_METRICS, EVAL_PLOTS, EVAL_SPEED,
                                         OPERATING_POINT, SPLIT_MANIFEST, TEST_SPLIT,
                                         TRAIN_METRICS, TRAIN_PLOTS)
 from stages.common.inference.batches import CropSet, normalise
 from stages.common.inference.logits import labelled_logits
 from stages.common.inference.speed import speed_figures
-from stages.common.infra.atomic import atomic_file, write_json
+from stages.common.infra.atomic import atomic_file, clean_dead_leftovers, write_json
 from stages.common.infra.errors import StageError, main_guard
 from stages.common.model.build import load_checkpoint
 from stages.common.model.checkpoint import ModelMeta
@@ -210,6 +211,7 @@ def best_epoch() -> int | None:
 
 @main_guard
 def main() -> None:
+    clean_dead_leftovers()
     cfg = params.load().evaluate
     device = pick_device(cfg.device)
     model, meta = load_checkpoint(CHECKPOINT)

@@ -45,7 +45,7 @@ from tqdm import tqdm
 from stages.common.config import params
 from stages.common.config.params import Params
 from stages.common.config.paths import CROPS, CROPS_METRICS, RAW
-from stages.common.infra.atomic import atomic_dir, write_json
+from stages.common.infra.atomic import atomic_dir, clean_dead_leftovers, write_json
 from stages.common.infra.errors import StageError, main_guard
 from stages.common.infra.processes import die_with_parent
 from stages.common.pictures import crops, decode as pictures, openimages
@@ -419,6 +419,7 @@ def check_labels(metrics: dict) -> None:
 @main_guard
 def main(program: bool = False) -> None:
     """``program``: the stage is the process's program (``python -m stages.extract_crops``)."""
+    clean_dead_leftovers()
     cfg = params.load()
     labels = cfg.data.labels
     on_disk = openimages.images_on_disk(RAW)

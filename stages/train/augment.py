@@ -17,6 +17,19 @@ against torchvision's per-image functions for the same draws):
   MPS): one kernel per operation for the batch, no per-image Python;
 - :func:`jitter_opencv`: OpenCV per crop in a pool of threads, on the CPU, where per-pixel torch
   operations over a batch run 3x slower than OpenCV's colour conversions (BENCHMARKS.md).
+
+``train.augment`` adds a step on the uint8 crops before them (``report``, the default, adds none:
+the report's recipe, the same bytes as before the param existed):
+
+- ``augmix``: torchvision.transforms.v2.AugMix with its defaults (Hendrycks et al., ICLR 2020;
+  without the paper's Jensen-Shannon loss) on every crop, torch's generator seeded per crop
+  from (seed, epoch, crop) (:func:`augmix`);
+- ``conditions``: each epoch, half the crops (:data:`CONDITIONED_SHARE`) under one camera condition
+  of ``train.augment_conditions`` at a severity 1-5, both uniform, drawn per epoch as the jitter
+  is, and applied by stages/conditions/corrupt.py's own :func:`corrupt` with a seed of (seed,
+  epoch) and the crop's index as its key (:func:`draw_conditions`).
+
+Either is a function of (seed, epoch, crop) alone, as the jitter is.
 """
 from __future__ import annotations
 
@@ -28,8 +41,10 @@ from typing import Sequence
 import cv2
 import numpy as np
 import torch
+from torchvision.transforms.v2 import AugMix
 
 from stages.common.inference.batches import normalise
+from stages.conditions.corrupt import corrupt
 from stages.train.data import derived_seed
 
 JITTER = 0.2      # brightness, contrast, saturation: factors in [1 - 0.2, 1 + 0.2]
@@ -37,6 +52,11 @@ HUE = 0.1         # hue shift in [-0.1, 0.1] of the colour circle
 BRIGHTNESS, CONTRAST, SATURATION, HUE_SHIFT = range(4)
 GRAY = (0.2989, 0.587, 0.114)  # torchvision's rgb_to_grayscale weights
 GRAY_MATRIX = np.array([GRAY], dtype=np.float32)
+# augment: conditions: the share of crops under a condition each epoch; the rest stay clean, so
+# the model still sees the daylight crops its operating point is fitted on
+CONDITIONED_SHARE = 0.5
+# the train.augment draws' own streams, apart from the jitter's derived_seed(seed, epoch)
+AUGMIX_STREAM, CONDITIONS_STREAM = 1, 2
 
 
 @dataclass(frozen=True)
@@ -235,6 +255,74 @@ def jitter_opencv(pixels: torch.Tensor, draws: Draws, idx: torch.Tensor,
     return torch.from_numpy(out).permute(0, 3, 1, 2)
 
 
+# ----- train.augment: before the flip and jitter, on the uint8 crops ----------------------------
+
+AUGMIX = AugMix()  # torchvision's defaults: severity 3, 3 chains of depth 1-3, alpha 1, all ops
+
+
+def augmix(image: torch.Tensor, seed: int) -> torch.Tensor:
+    """torchvision's AugMix on one uint8 3 x H x W crop, its draws from torch's global CPU
+    generator seeded with ``seed`` for this crop, then given back its state: the crop's result
+    is a function of ``seed`` alone, and the training's own draws (dropout) are the ones it
+    would make without AugMix. That generator is the whole process's, so only the training
+    thread may call this (Augment.ahead)."""
+    with torch.random.fork_rng(devices=[]):
+        torch.default_generator.manual_seed(seed)  # the CPU's alone: not a GPU's dropout
+        return AUGMIX(image)
+
+
+@dataclass(frozen=True)
+class Conditioned:
+    """One epoch's camera conditions of every crop of the split (augment: conditions)."""
+    condition: torch.Tensor  # int64 N: index into train.augment_conditions; -1: left clean
+    severity: torch.Tensor   # int64 N: 1-5
+
+
+def draw_conditions(seed: int, epoch: int, n: int, count: int) -> Conditioned:
+    """Which of ``count`` conditions, at which severity, each crop of epoch ``epoch`` is seen
+    under: a function of (seed, epoch) alone."""
+    gen = torch.Generator().manual_seed(derived_seed(seed, epoch, CONDITIONS_STREAM))
+    under = torch.rand(n, generator=gen) < CONDITIONED_SHARE
+    which = torch.randint(count, (n,), generator=gen)
+    severity = torch.randint(1, 6, (n,), generator=gen)
+    return Conditioned(torch.where(under, which, -1), severity)
+
+
+def before_jitter(pixels: torch.Tensor, idx: torch.Tensor, augment: str, seed: int, epoch: int,
+                  pool: ThreadPoolExecutor, conditions: Sequence[str] = (),
+                  drawn: Conditioned | None = None) -> torch.Tensor:
+    """``train.augment``'s step on uint8 B x 3 x S x S crops (``idx``: their indices in the
+    split), uint8 again, on the CPU: AugMix crop by crop in this thread, the conditions a crop
+    per thread of ``pool``. ``drawn``: the epoch's :func:`draw_conditions` (augment:
+    conditions)."""
+    planes = pixels.cpu()
+    crops = idx.tolist()
+    if augment == "augmix":
+        # One crop's AugMix operations are too small to share out: torch's intra-op threads only
+        # wait on each other (30x the time on 2 busy cores, BENCHMARKS.md section 10). Nothing
+        # else runs torch on the CPU meanwhile (AugMix's batches are made in the training
+        # thread), and the count changes no result.
+        threads = torch.get_num_threads()
+        torch.set_num_threads(1)
+        try:
+            mixed = [augmix(planes[k], derived_seed(seed, epoch, AUGMIX_STREAM, crop))
+                     for k, crop in enumerate(crops)]
+        finally:
+            torch.set_num_threads(threads)
+        return torch.stack(mixed).to(pixels.device)
+
+    def conditioned(k: int) -> torch.Tensor:
+        which = int(drawn.condition[crops[k]])
+        if which < 0:
+            return planes[k]
+        hwc = np.ascontiguousarray(planes[k].permute(1, 2, 0).numpy())
+        out = corrupt(hwc, conditions[which], int(drawn.severity[crops[k]]),
+                      derived_seed(seed, epoch), str(crops[k]))
+        return torch.from_numpy(out).permute(2, 0, 1)
+
+    return torch.stack(list(pool.map(conditioned, range(len(crops))))).to(pixels.device)
+
+
 class Augment:
     """The batch transform train gives :func:`stages.common.inference.batches.batches`: this epoch's
     draws, applied by torch on an accelerator and by OpenCV threads on the CPU, then
@@ -242,14 +330,23 @@ class Augment:
 
     def __init__(self, seed: int, n: int, device: torch.device, threads: int,
                  mean: Sequence[float], std: Sequence[float],
-                 backend: str | None = None) -> None:
+                 backend: str | None = None, augment: str = "report",
+                 conditions: Sequence[str] = ()) -> None:
         self.seed, self.n, self.device = seed, n, device
         self.mean, self.std = mean, std
+        self.augment, self.conditions = augment, tuple(conditions)
+        # AugMix draws from the process's generator: its batches are made in the training
+        # thread, not ahead of the step in another (stages/train/stage.py, Splits)
+        self.ahead = augment != "augmix"
         self.backend = backend or ("opencv" if device.type == "cpu" else "torch")
-        self.pool = ThreadPoolExecutor(max(1, threads)) if self.backend == "opencv" else None
+        pooled = self.backend == "opencv" or augment != "report"
+        self.pool = ThreadPoolExecutor(max(1, threads)) if pooled else None
         self.set_epoch(0)
 
     def set_epoch(self, epoch: int) -> None:
+        self.epoch = epoch
+        self.drawn = (draw_conditions(self.seed, epoch, self.n, len(self.conditions))
+                      if self.augment == "conditions" else None)
         draws = draw(self.seed, epoch, self.n)
         if self.backend == "torch":  # on the device once per epoch, not per batch
             draws = Draws(*(t.to(self.device) for t in (draws.flip, draws.factors, draws.hue,
@@ -257,6 +354,9 @@ class Augment:
         self.draws = draws
 
     def __call__(self, pixels: torch.Tensor, idx: torch.Tensor) -> torch.Tensor:
+        if self.augment != "report":
+            pixels = before_jitter(pixels, idx, self.augment, self.seed, self.epoch, self.pool,
+                                   self.conditions, self.drawn)
         if self.backend == "torch":
             return normalise(jitter_torch(pixels, self.draws, idx), self.mean, self.std)
         return jitter_opencv(pixels.cpu(), self.draws, idx, self.pool, self.mean,

@@ -36,17 +36,17 @@ from torch import nn
 from torch.nn.parallel import DistributedDataParallel
 
 from stages.common.config import params
+from stages.common.config.archs import family_of
 from stages.common.config.params import Params
 from stages.common.config.paths import (CHECKPOINT, MODEL_DIR, SPLIT_DIR, TRAIN_METRICS,
                                         TRAIN_PLOTS, TRAIN_SPEED, TRAIN_SPLIT, VAL_SPLIT)
 from stages.common.inference.batches import CropSet, batch_len, batches
 from stages.common.inference.logits import predict
 from stages.common.infra import dvc_internals
-from stages.common.infra.atomic import atomic_dir, write_json
+from stages.common.infra.atomic import atomic_dir, clean_dead_leftovers, write_json
 from stages.common.infra.errors import (INTERRUPTED_EXIT, Interrupted, StageError,
                                          main_guard)
 from stages.common.infra.progress import tracked
-from stages.common.model.archs import family_of
 from stages.common.model.build import (build_model, forward, freeze, frozen_prefix, normalisation,
                                        set_train_mode)
 from stages.common.model.checkpoint import ModelMeta, save_checkpoint
@@ -67,19 +67,31 @@ RECIPE_TRAIN = ("epochs", "batch_size", "lr", "t_max_ratio", "weight_decay", "fo
 # recipe, but in the resume fingerprint. The fingerprint's params are exactly train's DVC params
 # (tests/test_layout.py).
 SCALE_TRAIN = ("nproc", "amp", "compile")
+# The augmentation beyond the report's: in the checkpoint's recipe only when it is not the
+# report's (augment_conditions only with augment: conditions, the one that reads it), so the
+# report's checkpoint keeps its bytes; always in the resume fingerprint.
+AUGMENT_TRAIN = ("augment", "augment_conditions")
 
 
 def recipe(cfg: Params) -> dict:
-    """The recipe the checkpoint carries: seed, model.* and the train.* that shape the weights."""
-    return {"seed": cfg.seed, **{k: getattr(cfg.model, k) for k in RECIPE_MODEL},
-            **{k: getattr(cfg.train, k) for k in RECIPE_TRAIN}}
+    """The recipe the checkpoint carries: seed, model.* and the train.* that shape the weights
+    (train.augment and its conditions when they are not the report's; stage conditions reads
+    them to tell trained-on conditions from held-out ones)."""
+    out = {"seed": cfg.seed, **{k: getattr(cfg.model, k) for k in RECIPE_MODEL},
+           **{k: getattr(cfg.train, k) for k in RECIPE_TRAIN}}
+    if cfg.train.augment != "report":
+        out["augment"] = cfg.train.augment
+    if cfg.train.augment == "conditions":
+        out["augment_conditions"] = list(cfg.train.augment_conditions)
+    return out
 
 
 def fingerprint_params(cfg: Params) -> dict:
     """Every param that can change what train writes, by dotted name (what a resumed state must
     have been run with): the stage's DVC params."""
     return {"seed": cfg.seed, **{f"model.{k}": getattr(cfg.model, k) for k in RECIPE_MODEL},
-            **{f"train.{k}": getattr(cfg.train, k) for k in RECIPE_TRAIN + SCALE_TRAIN}}
+            **{f"train.{k}": getattr(cfg.train, k)
+               for k in RECIPE_TRAIN + SCALE_TRAIN + AUGMENT_TRAIN}}
 
 
 def amp_dtype(amp: str, device: torch.device) -> torch.dtype | None:
@@ -99,7 +111,7 @@ class Splits:
     train: CropSet         # data/split/train, decoded once
     val: CropSet           # data/split/val
     order: EpochOrder      # this rank's share of each epoch's seeded shuffle
-    augment: Augment       # each epoch's flip and colour jitter, per crop
+    augment: Augment       # each epoch's train.augment step, flip and colour jitter, per crop
     val_indices: torch.Tensor  # this rank's share of val
     batch_size: int
     norm: tuple[list[float], list[float]]  # (mean, std) the arch's weights expect
@@ -118,7 +130,7 @@ class Splits:
         self.augment.set_epoch(epoch)
         items = batches(self.train, self.order.indices(), self.batch_size, device,
                         *self.norm, self.augment)
-        return prefetched(items) if device.type == "cpu" else items
+        return prefetched(items) if device.type == "cpu" and self.augment.ahead else items
 
     @property
     def train_share(self) -> int:
@@ -145,7 +157,8 @@ def load_splits(train: params.Train, seed: int, world: World, device: torch.devi
     val_indices = torch.tensor(distributed.shard_indices(len(val_crops), world), dtype=torch.long)
     order = EpochOrder(len(train_crops), seed, world.rank, world.size)
     norm = normalisation(arch)
-    augment = Augment(seed, len(train_crops), device, workers, *norm)
+    augment = Augment(seed, len(train_crops), device, workers, *norm, augment=train.augment,
+                      conditions=train.augment_conditions)
     return Splits(train_crops, val_crops, order, augment, val_indices, train.batch_size, norm)
 
 
@@ -424,6 +437,7 @@ def log_epoch(live, record: dict) -> None:
 
 @main_guard
 def main() -> None:
+    clean_dead_leftovers()
     cfg = params.load()
     if cfg.train.nproc > 1 and not distributed.under_torchrun():
         raise SystemExit(distributed.relaunch_with_torchrun("stages.train", cfg.train.nproc))

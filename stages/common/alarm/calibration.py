@@ -33,11 +33,11 @@ from pathlib import Path
 import numpy as np
 
 from stages.common.alarm import guarantee
+from stages.common.config.labels import ALARM_LABEL
 from stages.common.infra.digest import file_sha256
 from stages.common.infra.errors import StageError
 from stages.common.infra.jsonfile import JsonProblem, read_json
 
-ALARM_LABEL = "person"
 ECE_BINS = 15
 # Search range for T: far outside anything a trained classifier needs (1-5 typically), so a
 # fitted T at either end means the logits carry no usable information.
@@ -362,8 +362,8 @@ def point_digest(point: dict) -> str:
     """SHA-256 of ``point`` without its seal, as sorted compact JSON: the checkpoint's metadata
     digest with no tensors (stages.common.model.checkpoint.weights_digest), so there is one
     recipe."""
-    # here, not at the top: params.py (ALARM_LABEL) and report.py import this module and must
-    # not pay for torch, which stages.common.model.checkpoint imports for tensors
+    # here, not at the top: report.py imports this module and must not pay for the checkpoint
+    # module (nor torch, which it imports for tensors)
     from stages.common.model.checkpoint import weights_digest
 
     return weights_digest({k: v for k, v in point.items() if k != SEAL_KEY}, {})

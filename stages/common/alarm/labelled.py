@@ -7,8 +7,9 @@ from __future__ import annotations
 
 import numpy as np
 
-from stages.common.alarm.calibration import ALARM_LABEL, alarm_figures, person_log_odds
+from stages.common.alarm.calibration import alarm_figures, person_log_odds
 from stages.common.alarm.statement import tested_facts
+from stages.common.config.labels import ALARM_LABEL
 
 
 def alarm_under(logits: np.ndarray, targets: np.ndarray, classes: list[str], point: dict,

@@ -1,1 +1,1 @@
-"""What a run is told: params.yaml's schema and loader, every artifact path of the pipeline."""
+"""What a run is told: params.yaml's schema and loader, arch families, formats, alarm label."""

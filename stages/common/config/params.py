@@ -22,12 +22,11 @@ import yaml
 from pydantic import (BaseModel, ConfigDict, Field, ValidationError, field_validator,
                       model_validator)
 
-from stages.common.alarm.calibration import ALARM_LABEL
-from stages.common.infra.atomic import clean_dead_leftovers
+from stages.common.config.archs import (ARCH_NAMES, MAX_BATCH, MAX_CROP_SIZE, MAX_IMAGE_PIXELS,
+                                        family_of)
+from stages.common.config.labels import ALARM_LABEL
 from stages.common.infra.errors import ParamError
-from stages.common.model.archs import ARCH_NAMES, MAX_BATCH, MAX_CROP_SIZE, family_of
-from stages.common.model.formats import FORMATS, ONNX_FP32
-from stages.common.pictures.decode import MAX_IMAGE_PIXELS
+from stages.common.config.formats import FORMATS, ONNX_FP32
 
 PARAMS_FILE = Path("params.yaml")
 
@@ -192,9 +191,9 @@ class Model(Section):
         "imagenet, none or a path to a .pth file"))
     zero_init_residual: bool
     dropout: float = Field(ge=0, le=0.99)
-    # 'all' or a list of the arch's groups (stages.common.model.archs), resolved to the list
+    # 'all' or a list of the arch's groups (stages.common.config.archs), resolved to the list
     trainable: list[str] = Field(json_schema_extra=_expect(
-        "'all' or a non-empty list of the arch's modules (stages/common/model/archs.py)"))
+        "'all' or a non-empty list of the arch's modules (stages/common/config/archs.py)"))
 
     @field_validator("trainable", mode="before")
     @classmethod
@@ -226,6 +225,10 @@ def trainable_modules(value: Any, arch: str) -> list[str]:
     return list(value)
 
 
+# train.augment: what train adds before the report's flip and colour jitter.
+AUGMENTS = ("report", "augmix", "conditions")
+
+
 class Train(Section):
     epochs: int = Field(ge=1, le=MAX_EPOCHS)
     batch_size: int = Field(ge=1, le=MAX_BATCH)
@@ -241,6 +244,24 @@ class Train(Section):
     amp: Literal["auto", "off", "bf16", "fp16"]
     compile: bool
     pin_memory: bool
+    # report: the report's flip and colour jitter alone; augmix: AugMix before them; conditions:
+    # a camera condition of augment_conditions before them (stages/train/augment.py)
+    augment: Literal[AUGMENTS]  # type: ignore[valid-type]
+    # the conditions trained on under augment: conditions (read only then); the others of
+    # CONDITIONS stay held out, measured by stage conditions but never trained on
+    augment_conditions: list[str] = Field(json_schema_extra=_expect(
+        "a non-empty list of distinct camera conditions (docs/conditions.md)"))
+
+    @field_validator("augment_conditions", mode="before")
+    @classmethod
+    def _augment_conditions(cls, value: Any) -> list[str]:
+        if not (isinstance(value, list) and value
+                and all(isinstance(c, str) and c in CONDITIONS for c in value)
+                and len(set(value)) == len(value)):
+            raise ParamError(f"params.yaml: train.augment_conditions={value!r} is not allowed; "
+                             "expected a non-empty list of distinct conditions from "
+                             + ", ".join(CONDITIONS))
+        return list(value)
 
 
 class Calibrate(Section):
@@ -333,7 +354,7 @@ class Export(Section):
     batch_size: int = Field(ge=1, le=MAX_BATCH)
     speed_runs: int = Field(ge=1, le=MAX_SPEED_RUNS)
     parity_atol: float = Field(gt=0)
-    # stages.common.model.formats.FORMATS: every other format is converted from the fp32 ONNX
+    # stages.common.config.formats.FORMATS: every other format is converted from the fp32 ONNX
     formats: list[str] = Field(json_schema_extra=_expect(
         f"a list of distinct formats from {', '.join(FORMATS)}, holding {ONNX_FP32}"))
     calibration_min_crops: int = Field(ge=1, le=MAX_BATCH * 100)
@@ -384,12 +405,8 @@ MAX_YAML_DEPTH = 64  # lists and mappings inside one another
 
 def load(path: str | Path = PARAMS_FILE) -> Params:
     """The params file as a checked :class:`Params`; the first bad key stops with one line.
-
-    Every stage starts here, so this is also where what killed runs left beside the outputs of
-    the dvc.yaml beside ``path`` is removed (atomic.clean_dead_leftovers; live processes' kept):
-    a stage `dvc repro` restores from the run cache never reruns to remove its own."""
+    Reads only: what killed runs left is removed by each stage's start, before it calls this."""
     path = Path(path)
-    clean_dead_leftovers(path.parent / "dvc.yaml")
     if not path.is_file():
         raise ParamError(f"{path}: not found; run from the repository root (where dvc.yaml is)")
     try:

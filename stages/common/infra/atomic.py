@@ -90,7 +90,7 @@ def output_folders(pipeline: Path = PIPELINE) -> list[Path]:
 
 def clean_dead_leftovers(pipeline: Path = PIPELINE) -> list[Path]:
     """Remove the temporaries (and moved-aside old outputs) of processes that are gone, beside
-    and inside the pipeline's outputs; return them. Called at every stage's start (params.load):
+    and inside the pipeline's outputs; return them. Called first by every stage's main:
     a stage killed with SIGKILL never reaches its own cleanup, and when `dvc repro` then
     restores that stage from the run cache, no rerun of it ever comes to remove them (a killed
     export left data/.export.tmp-<pid>, 35-43 MB). A live process's temporaries are kept: it

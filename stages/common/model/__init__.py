@@ -1,1 +1,1 @@
-"""The classifier: arch facts without torch, building, checkpoint format, device, ONNX export."""
+"""The classifier: built from config's arch families, checkpoint, device, ONNX and other formats."""

@@ -1,4 +1,4 @@
-"""The classifier: a torchvision model of one of the families in stages.common.model.archs,
+"""The classifier: a torchvision model of one of the families in stages.common.config.archs,
 built through torchvision's registry, with a dropout + 3-way head, its starting weights,
 freezing, forward, and the model a checkpoint describes (:func:`load_checkpoint`).
 
@@ -18,9 +18,9 @@ import torch
 from torch import nn
 from torchvision import models
 
+from stages.common.config.archs import ARCH_NAMES, family_of
 from stages.common.infra.digest import file_sha256
 from stages.common.infra.errors import StageError
-from stages.common.model.archs import ARCH_NAMES, family_of
 from stages.common.model.checkpoint import (REGENERATE, ModelMeta, check_tensors,
                                             verify_checkpoint)
 
@@ -130,7 +130,7 @@ def build_model(arch: str, num_classes: int, dropout: float, weights: str = "non
     ``zero_init_residual``: where the family has the option (resnet), the last BatchNorm of each
     residual block starts at 0, so every block starts as the identity and a deep ResNet trains
     from scratch like a shallow one at first (torchvision's option; loaded weights replace it).
-    Other families have none and ignore it (stages.common.model.archs)."""
+    Other families have none and ignore it (stages.common.config.archs)."""
     if arch not in ARCH_NAMES:
         raise StageError(f"model.arch={arch!r} is unknown; expected one of "
                          f"{', '.join(ARCH_NAMES)}")

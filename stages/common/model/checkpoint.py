@@ -27,8 +27,8 @@ from typing import TYPE_CHECKING, Any
 
 import numpy as np
 
+from stages.common.config.archs import ARCH_NAMES, MAX_CROP_SIZE
 from stages.common.infra.errors import StageError
-from stages.common.model.archs import ARCH_NAMES, MAX_CROP_SIZE
 
 CHECKPOINT_FORMAT = 1
 DIGEST_KEY = "weights_sha256"

@@ -33,39 +33,16 @@ from __future__ import annotations
 import hashlib
 import json
 import logging
-from dataclasses import dataclass
 from pathlib import Path
 from typing import Callable, Sequence
 
+from stages.common.config.formats import FORMATS, ONNX_FP32, Format, sidecar
 from stages.common.infra.errors import StageError
 from stages.common.infra.jsonfile import JsonProblem, parse_json
 
-# numpy, stages.common.model.onnx and .checkpoint and the runtimes are imported where used:
-# params.py reads FORMATS to check export.formats, and checking params imports none of them.
-ONNX_FP32 = "onnx"  # the format export writes first; every other is converted from it
+# numpy, stages.common.model.onnx and .checkpoint and the runtimes are imported where used.
 FORMAT_KEY = "export_format"  # which row of FORMATS an artifact is (ONNX metadata / sidecar)
 IR_KEY = "ir_sha256"
-
-
-@dataclass(frozen=True)
-class Format:
-    name: str
-    file: str  # its file in data/export: the one predict's --model takes
-    runtime: str  # "onnxruntime" or "openvino"
-    calibrated: bool  # quantized: its builder needs calibration crops
-    # (fp32 ONNX file, out path, calibration crops) -> the bare artifact (no metadata yet);
-    # None: the fp32 ONNX file itself, which export writes
-    convert: Callable[[Path, Path, list], None] | None
-
-    def paths(self, path: Path) -> list[Path]:
-        """Every file of the artifact whose main file is ``path``."""
-        if self.runtime == "openvino":
-            return [path, path.with_suffix(".bin"), sidecar(path)]
-        return [path]
-
-
-def sidecar(xml: Path) -> Path:
-    return Path(xml).with_suffix(".json")
 
 
 # ----- the builders ---------------------------------------------------------------------------
@@ -120,13 +97,13 @@ def _openvino(source: Path, out: Path, crops: list | None) -> None:
     ov.save_model(quantized, str(out), compress_to_fp16=False)
 
 
-FORMATS: dict[str, Format] = {f.name: f for f in (
-    Format(ONNX_FP32, "model.onnx", "onnxruntime", False, None),
-    Format("onnx_int8", "model.int8.onnx", "onnxruntime", True, _onnx_int8),
-    Format("openvino_fp16", "model.fp16.xml", "openvino", False,
-           lambda source, out, crops: _openvino(source, out, None)),
-    Format("openvino_int8", "model.int8.xml", "openvino", True, _openvino),
-)}
+# Each format of stages.common.config.formats.FORMATS but the fp32 ONNX file, which export writes
+# itself: (fp32 ONNX file, out path, calibration crops) -> the bare artifact (no metadata yet).
+CONVERTERS: dict[str, Callable[[Path, Path, list], None]] = {
+    "onnx_int8": _onnx_int8,
+    "openvino_fp16": lambda source, out, crops: _openvino(source, out, None),
+    "openvino_int8": _openvino,
+}
 
 
 def fmt(name: str) -> Format:
@@ -156,7 +133,7 @@ def build(name: str, onnx_fp32_path: Path, out_path: Path, calibration_batches: 
 
     row = fmt(name)
     onnx_fp32_path, out_path = Path(onnx_fp32_path), Path(out_path)
-    if row.convert is None:
+    if name not in CONVERTERS:
         raise StageError(f"export format {name!r} is the fp32 ONNX file export writes itself; "
                          "build converts from it")
     _, stored, _ = verified_bytes(onnx_fp32_path)
@@ -166,7 +143,7 @@ def build(name: str, onnx_fp32_path: Path, out_path: Path, calibration_batches: 
                          "none were given")
     arch = parse_json(stored["arch"]) if "arch" in stored else "?"
     try:
-        row.convert(onnx_fp32_path, out_path, crops)
+        CONVERTERS[name](onnx_fp32_path, out_path, crops)
     except StageError:
         raise
     except Exception as exc:

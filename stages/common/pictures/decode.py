@@ -31,11 +31,9 @@ from stages.common.infra.errors import StageError
 
 # Pictures above this many pixels are not decoded: crops.max_image_pixels' default (params.yaml
 # holds the same value; a test keeps them equal) and predict's --max-image-pixels. 100 MP is
-# 300 MB decoded; Open Images' largest are a few MP.
+# 300 MB decoded; Open Images' largest are a few MP. The highest either accepts: params.py's
+# MAX_IMAGE_PIXELS.
 DEFAULT_MAX_IMAGE_PIXELS = 100_000_000
-# The highest limit either accepts: OpenCV's own (CV_IO_MAX_IMAGE_PIXELS, 2**30 = 3 GB decoded)
-# refuses larger pictures anyway.
-MAX_IMAGE_PIXELS = 2**30
 # Why a picture could not be used (extract_crops counts them by these names).
 IMAGE_PROBLEMS = ["empty_file", "not_an_image", "too_many_pixels", "truncated", "decode_failed"]
 ORIENTATION_TAG = 0x0112
