@@ -15,7 +15,9 @@ checkpoint (PyTorch) or an exported ``.onnx`` file (ONNX Runtime, fp32 or int8) 
 OpenVINO IR (stages.common.model.formats); each carries its own arch,
 class names, image size and normalisation, and a digest of its weights that is checked before it
 answers anything. No network is touched. ``--device auto|cpu|cuda|mps`` (default auto: CUDA when
-there is one) is where a checkpoint runs, batched; an ONNX file runs on the CPU.
+there is one) is where a checkpoint runs, batched; an ONNX file runs on the CPU. torch is
+imported for a checkpoint only: with an ONNX file this command runs where no PyTorch is
+installed (requirements-edge.txt, docs/using-the-model.md).
 
 Probabilities are calibrated (calibrate's temperature) and each picture gets ``alarm``: its person
 probability is at or above the operating point's threshold (``--person-threshold X`` overrides it
@@ -75,20 +77,19 @@ if __name__ == "__main__":
     for _name, _value in RUNTIME_ENV.items():
         os.environ.setdefault(_name, _value)
 
-import torch  # noqa: E402
-
-from stages.common.alarm.calibration import log_odds, person_log_odds
-from stages.common.alarm.point import ModeThreshold, OperatingPoint
-from stages.common.config.labels import ALARM_LABEL, AUTO_MODE
-from stages.common.config.params import MAX_BATCH, MAX_IMAGE_PIXELS
-from stages.common.config.paths import CHECKPOINT, OPERATING_POINT
-from stages.common.infra.errors import DISK_FULL, ArgumentParser, ParamError, StageError, main_guard
-from stages.common.infra.progress import is_terminal, tracked
-from stages.common.model.device import pick_device
-from stages.common.pictures.decode import DEFAULT_MAX_IMAGE_PIXELS, PICTURE_SUFFIXES
-from stages.common.serving.classifiers import DEFAULT_THREADS, EXPORTED, load_classifier
-from stages.common.serving.predictor import (Prediction, Skipped, expand, predict_paths,
-                                               printable, shown)
+from stages.common.alarm.calibration import log_odds, person_log_odds  # noqa: E402
+from stages.common.alarm.point import ModeThreshold, OperatingPoint  # noqa: E402
+from stages.common.config.archs import MAX_BATCH, MAX_IMAGE_PIXELS  # noqa: E402
+from stages.common.config.labels import ALARM_LABEL, AUTO_MODE  # noqa: E402
+from stages.common.config.paths import CHECKPOINT, OPERATING_POINT  # noqa: E402
+from stages.common.infra.errors import (DISK_FULL, ArgumentParser, ParamError,  # noqa: E402
+                                        StageError, main_guard)
+from stages.common.infra.progress import is_terminal, tracked  # noqa: E402
+from stages.common.pictures.decode import DEFAULT_MAX_IMAGE_PIXELS, PICTURE_SUFFIXES  # noqa: E402
+from stages.common.serving.classifiers import (DEFAULT_THREADS, EXPORTED,  # noqa: E402
+                                              load_classifier)
+from stages.common.serving.predictor import (Prediction, Skipped, expand,  # noqa: E402
+                                              predict_paths, printable, shown, workers)
 
 DEFAULT_MODEL = CHECKPOINT
 MAX_THREADS = 1024  # a typo (--threads 10000) stops here, not in the runtime's thread pool
@@ -149,10 +150,11 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
                              "warning goes unread")
     parser.add_argument("--threads", type=int, default=DEFAULT_THREADS, metavar="N",
                         help="CPU threads the model runs on, ONNX Runtime's or PyTorch's "
-                             "(default: the runtime's own, one per physical core; idle threads "
-                             "sleep instead of spinning, so video decoding on the same cores "
-                             "slows neither down much: BENCHMARKS.md section 11); give fewer to "
-                             "leave cores to other work")
+                             "(default: for an ONNX model, a run per CPU at once, each on one "
+                             "thread; otherwise the runtime's own, one per physical core; idle "
+                             "threads sleep instead of spinning, so video decoding on the same "
+                             "cores slows neither down much: BENCHMARKS.md sections 11-12); give "
+                             "fewer to leave cores to other work")
     parser.add_argument("--device", choices=["auto", "cpu", "cuda", "mps"], default="auto",
                         help="where a .pt checkpoint runs (auto: cuda, then mps, then cpu, "
                              "whichever there is); an exported .onnx or .xml model runs on the CPU")
@@ -344,8 +346,8 @@ class JsonWriter:
         self.out.write(head[:-1] + ', "predictions": [')
 
     def write(self, p: Prediction) -> None:
-        self.out.write(("\n" if self.first else ",\n") + json.dumps(as_record(p, self.classes, self.k,
-                                                                             self.alarm)))
+        record = as_record(p, self.classes, self.k, self.alarm)
+        self.out.write(("\n" if self.first else ",\n") + json.dumps(record))
         self.first = False
 
     def end(self) -> None:
@@ -470,10 +472,23 @@ def main(argv: list[str] | None = None) -> int:
     if not 1 <= args.max_image_pixels <= MAX_IMAGE_PIXELS:
         raise ParamError(f"--max-image-pixels={args.max_image_pixels} is not allowed; expected "
                          f"1 to {MAX_IMAGE_PIXELS:,}")
-    device = pick_device(args.device)
-    if args.model.suffix.lower() in EXPORTED and args.device == "auto":
-        device = torch.device("cpu")  # ONNX Runtime's or OpenVINO's CPU build runs it
-    classifier = load_classifier(args.model, threads=args.threads, device=device)
+    onnx = args.model.suffix.lower() == ".onnx"
+    if args.model.suffix.lower() in EXPORTED:  # ONNX Runtime's or OpenVINO's CPU build; no torch
+        device = "cpu" if args.device == "auto" else args.device
+    else:
+        try:
+            from stages.common.model.device import pick_device
+        except ImportError as exc:  # the edge runtime (requirements-edge.txt): no torch
+            raise StageError(f"{args.model}: a PyTorch checkpoint, and {exc.name or 'torch'} is "
+                             "not installed here (the edge runtime answers from an exported "
+                             ".onnx file); give --model model.onnx, or install "
+                             "requirements.txt") from None
+        device = pick_device(args.device)
+    # An ONNX model unless --threads says otherwise: one thread a run, a run per CPU at once
+    # (predict_paths' runs); --threads N: one run on N threads
+    runs = workers() if onnx and args.threads is None else 1
+    threads = 1 if runs > 1 else args.threads
+    classifier = load_classifier(args.model, threads=threads, device=device)
     classes = classifier.meta.classes
     if args.top_k is not None and args.top_k < 1:
         raise ParamError(f"--top-k={args.top_k} is not allowed; expected 1 to {len(classes)}")
@@ -490,7 +505,8 @@ def main(argv: list[str] | None = None) -> int:
     with output_errors():
         out.begin(args.model, classifier.meta.arch)
         try:
-            answers = predict_paths(classifier, items, args.batch_size, args.max_image_pixels)
+            answers = predict_paths(classifier, items, args.batch_size, args.max_image_pixels,
+                                    runs=runs)
             # On a terminal the answers themselves show progress; redirected, stderr does.
             for pred in tracked(answers, "predict", len(items), unit="pictures",
                                 enabled=not is_terminal(sys.stdout)):

@@ -182,7 +182,7 @@ def test_each_format_round_trips_through_predict_with_the_same_alarm(artifacts, 
         picture = np.clip(colour + rng.integers(-40, 40, (SIZE + 8 * (i % 3), SIZE, 3)), 0, 255)
         cv2.imwrite(str(tmp_path / f"{i:02}.png"), picture.astype(np.uint8))
     fp32 = OnnxClassifier(artifacts / "model.onnx")
-    pixels = torch.stack([prepare(cv2.imread(str(p)), META)
+    pixels = np.stack([prepare(cv2.imread(str(p)), META)
                           for p in sorted(tmp_path.glob("*.png"))])
     op = fp32.operating_point
     margin = np.abs(cal.person_log_odds(fp32.classify(pixels), op.temperature, PERSON)

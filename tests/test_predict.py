@@ -83,8 +83,8 @@ def test_a_crop_of_the_right_size_passes_through_unchanged():
     meta = ModelMeta("resnet18", CLASSES, SIZE, IMAGENET_MEAN, IMAGENET_STD)
     crop = np.random.default_rng(2).integers(0, 255, (SIZE, SIZE, 3), dtype=np.uint8)
     pixels = prepare(crop, meta)
-    np.testing.assert_array_equal(pixels.permute(1, 2, 0).numpy(), crop[..., ::-1])  # RGB
-    x = normalise(pixels[None], meta.mean, meta.std)[0].numpy()
+    np.testing.assert_array_equal(pixels.transpose(1, 2, 0), crop[..., ::-1])  # RGB
+    x = normalise(torch.from_numpy(pixels[None]), meta.mean, meta.std)[0].numpy()
     rgb = crop[..., ::-1].astype(np.float32) / 255
     expected = (rgb - np.array(IMAGENET_MEAN, np.float32)) / np.array(IMAGENET_STD, np.float32)
     np.testing.assert_array_equal(x, expected.transpose(2, 0, 1))  # torchvision's, bit for bit
@@ -95,11 +95,11 @@ def test_a_wide_picture_is_centred_on_its_corner_colour():
     picture = np.full((20, 80, 3), (10, 200, 60), np.uint8)  # BGR; scales to 32 x 8
     picture[:, :, 0] = np.arange(80, dtype=np.uint8)[None, :]
     x = prepare(picture, meta)
-    canvas = x.permute(1, 2, 0).numpy().astype(int)[..., ::-1]  # back to BGR
+    canvas = x.transpose(1, 2, 0).astype(int)[..., ::-1]  # back to BGR
     pad = np.array(corner_colour(cv2.resize(picture, (32, 8))))
     assert (canvas[:12] == pad).all() and (canvas[20:] == pad).all()  # 12 rows above, 12 below
     assert not (canvas[12:20] == pad).all()
-    assert torch.equal(x, prepare(picture, meta))  # centred: no randomness
+    np.testing.assert_array_equal(x, prepare(picture, meta))  # centred: no randomness
 
 
 def test_predict_reports_bad_files_and_goes_on(run_predict, models, pictures, tmp_path):
@@ -752,8 +752,9 @@ def test_predict_help_explains_every_option_and_offers_every_device(capsys):
 
 def test_predict_runs_the_model_on_threads_predict_chooses(run_predict, models, pictures,
                                                           monkeypatch):
-    """--threads reaches the runtime (default: the serving room's DEFAULT_THREADS); out of
-    range is one line, exit 2, before the model is loaded."""
+    """--threads reaches the runtime; by default an ONNX model runs on one thread a run (a run
+    per CPU at once) and a checkpoint on the serving room's DEFAULT_THREADS; out of range is one
+    line, exit 2, before the model is loaded."""
     from stages.common.serving.classifiers import DEFAULT_THREADS
 
     asked = []
@@ -764,10 +765,11 @@ def test_predict_runs_the_model_on_threads_predict_chooses(run_predict, models, 
     monkeypatch.setattr(predict, "load_classifier", loader)
     assert run_predict(pictures, "--model", models[1], "--threads", "3").returncode == 2
     assert run_predict(pictures, "--model", models[1]).returncode == 2
-    assert asked == [3, DEFAULT_THREADS]
+    assert run_predict(pictures, "--model", models[0]).returncode == 2
+    assert asked == [3, 1, DEFAULT_THREADS]
     proc = run_predict(pictures, "--model", models[1], "--threads", "0")
     assert proc.returncode == 2 and "--threads=0 is not allowed" in proc.stderr
-    assert asked == [3, DEFAULT_THREADS]
+    assert asked == [3, 1, DEFAULT_THREADS]
     assert predict.RUNTIME_ENV == {"OMP_WAIT_POLICY": "PASSIVE"}
 
 

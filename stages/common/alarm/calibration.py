@@ -63,9 +63,13 @@ def log_odds(probability: float) -> float:
 
 
 def probability(log_odds_value: float) -> float:
-    from scipy.special import expit  # here: scipy costs every importer ~1 s of start-up
-
-    return float(expit(log_odds_value))
+    """The logistic function: scipy.special.expit's formula and floats (tested), without
+    scipy, which predict on the edge (requirements-edge.txt) has not."""
+    try:
+        e = math.exp(-float(log_odds_value))
+    except OverflowError:  # below about -709: expit's 1 / (1 + inf)
+        return 0.0
+    return 1.0 / (1.0 + e)
 
 
 def nll(logits: np.ndarray, targets: np.ndarray, temperature: float) -> float:

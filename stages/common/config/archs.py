@@ -73,3 +73,11 @@ def family_of(arch: str) -> Family:
 
 # Crop side: activations grow with its square, 20x those of the report's 224 px at 1,024.
 MAX_CROP_SIZE = 1024
+# Crops per forward pass: 4,096 crops of 224 px are 2.4 GB of float32 input before any
+# activation; export.batch_size repeats test crops up to this many in memory.
+MAX_BATCH = 4096
+# Pixels of a picture decoded (crops.max_image_pixels, predict's --max-image-pixels): OpenCV's own
+# limit (CV_IO_MAX_IMAGE_PIXELS, 2**30 = 3 GB decoded) refuses larger pictures anyway.
+# These two here, not in params.py: predict checks its options without loading the params
+# schema (pydantic), which the edge runtime (requirements-edge.txt) has not.
+MAX_IMAGE_PIXELS = 2**30

@@ -22,7 +22,8 @@ import yaml
 from pydantic import (BaseModel, ConfigDict, Field, ValidationError, field_validator,
                       model_validator)
 
-from stages.common.config.archs import ARCH_NAMES, MAX_CROP_SIZE, family_of
+from stages.common.config.archs import (ARCH_NAMES, MAX_BATCH, MAX_CROP_SIZE, MAX_IMAGE_PIXELS,
+                                        family_of)
 from stages.common.config.labels import ALARM_LABEL, AUTO_MODE, MODE_NAME
 from stages.common.infra.errors import ParamError
 from stages.common.config.formats import FORMATS, ONNX_FP32
@@ -40,15 +41,9 @@ MAX_SEED = 2**32 - 1  # NumPy's global seeding (np.random.seed, in train) takes 
 # each process is an interpreter with torch or OpenCV loaded (hundreds of MB), so more cannot
 # run at once, and 100,000 would hit the machine's process and memory limits mid-run.
 MAX_PROCESSES = 256
-# Crops per forward pass: 4,096 crops of 224 px are 2.4 GB of float32 input before any
-# activation; export.batch_size repeats test crops up to this many in memory.
-MAX_BATCH = 4096
 MAX_EPOCHS = 10_000
 MAX_SPEED_RUNS = 10_000  # timed forward passes: more only makes the stage slower
 MAX_MISTAKES = 256  # subplots of the mistakes figure: more is unreadable and minutes to draw
-# Pixels of a picture decoded (crops.max_image_pixels, predict's --max-image-pixels): OpenCV's own
-# limit (CV_IO_MAX_IMAGE_PIXELS, 2**30 = 3 GB decoded) refuses larger pictures anyway.
-MAX_IMAGE_PIXELS = 2**30
 
 # The keys whose value changes no byte any stage writes (timing figures aside: they measure the
 # machine, and these keys only make a stage faster or slower), so no stage lists them as a DVC

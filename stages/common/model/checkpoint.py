@@ -11,6 +11,9 @@ It also carries ``weights_sha256``, a digest of all of that (:func:`weights_dige
 it. A file without a digest, with one that does not match, with weights that are not finite, or
 that is not a checkpoint of this project at all is refused in one line (exit code 2 through
 main_guard).
+
+torch is imported only by the functions that need it: the metadata and logits checks serve the
+edge runtime too (an ONNX file answering without PyTorch installed).
 """
 from __future__ import annotations
 
@@ -20,27 +23,31 @@ import json
 import math
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import numpy as np
-import torch
-from torch import nn
 
 from stages.common.config.archs import ARCH_NAMES, MAX_CROP_SIZE
-from stages.common.infra.atomic import atomic_file
 from stages.common.infra.errors import StageError
 
 CHECKPOINT_FORMAT = 1
 DIGEST_KEY = "weights_sha256"
 REGENERATE = "regenerate it with `dvc repro` (or python -m stages.train)"
 
+if TYPE_CHECKING:
+    import torch
+    from torch import nn
+
 
 def weights_digest(meta: dict[str, Any], state: dict[str, torch.Tensor]) -> str:
     """SHA-256 of a checkpoint's content: its metadata (every key but the weights and the
     digest) as sorted JSON, then each tensor in name order with its dtype, shape and raw bytes.
-    Any flipped bit, in a weight or in a class name, changes it."""
+    Any flipped bit, in a weight or in a class name, changes it. (No tensors, no torch: an
+    operating point's seal is this digest of its JSON alone.)"""
     h = hashlib.sha256()
     h.update(json.dumps(meta, sort_keys=True, separators=(",", ":")).encode())
+    if state:
+        import torch
     for name in sorted(state):
         tensor = state[name].detach().cpu().contiguous()
         h.update(f"\n{name}\0{tensor.dtype}\0{list(tensor.shape)}\n".encode())
@@ -56,6 +63,10 @@ def _content(ckpt: dict) -> tuple[dict, dict]:
 def save_checkpoint(path: str | Path, model: nn.Module | dict[str, torch.Tensor],
                     meta: ModelMeta) -> None:
     """``model``: the module, or a state dict of it (the train stage keeps its best epoch's)."""
+    import torch
+
+    from stages.common.infra.atomic import atomic_file  # here: PyYAML, which predict never needs
+
     weights = model if isinstance(model, dict) else model.state_dict()
     state = {k: v.detach().cpu().contiguous() for k, v in weights.items()}
     ckpt = {"format": CHECKPOINT_FORMAT, **meta.as_dict(), "model_state": state}
@@ -67,6 +78,8 @@ def save_checkpoint(path: str | Path, model: nn.Module | dict[str, torch.Tensor]
 def check_tensors(path: Path, state: Any) -> None:
     """Weights must be a mapping of names to tensors, every floating-point one finite: a NaN
     weight made every picture "animal nan"."""
+    import torch
+
     if not isinstance(state, dict) or not all(
             isinstance(k, str) and isinstance(v, torch.Tensor) for k, v in state.items()):
         raise StageError(f"{path}: not a mapping of weight names to tensors (a "
@@ -179,8 +192,12 @@ def check_logits(logits, rows: int, classes: int, model_path: str | Path) -> Non
         raise StageError(f"{model_path}: the model answered logits of shape {shape} for {rows} "
                          f"inputs of {classes} classes; the file is damaged or not of this "
                          "project: export or train it again")
-    finite = (bool(torch.isfinite(logits).all()) if isinstance(logits, torch.Tensor)
-              else bool(np.isfinite(logits).all()))
+    if type(logits).__module__.partition(".")[0] == "torch":  # a tensor, maybe on a GPU
+        import torch
+
+        finite = bool(torch.isfinite(logits).all())
+    else:
+        finite = bool(np.isfinite(logits).all())
     if not finite:
         raise StageError(f"{model_path}: the model answers NaN or infinite logits; its weights "
                          "are damaged or diverged: retrain (dvc repro) or export it again")

@@ -40,8 +40,7 @@ from stages.common.config.formats import FORMATS, ONNX_FP32, Format, sidecar
 from stages.common.infra.errors import StageError
 from stages.common.infra.jsonfile import JsonProblem, parse_json
 
-# numpy, torch (through stages.common.model.onnx and .checkpoint) and the runtimes are imported
-# where used.
+# numpy, stages.common.model.onnx and .checkpoint and the runtimes are imported where used.
 FORMAT_KEY = "export_format"  # which row of FORMATS an artifact is (ONNX metadata / sidecar)
 IR_KEY = "ir_sha256"
 

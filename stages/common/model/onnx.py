@@ -10,6 +10,12 @@ serialisation) without that entry, written by :func:`export` and checked by
 :func:`verified_bytes` (for stages.common.serving.classifiers.OnnxClassifier) before ONNX
 Runtime sees the bytes (one flipped bit in a weight answered
 "object 1.000000"). A file without it, or whose content does not match it, is refused in one line.
+
+Reading a sealed file needs neither torch nor the onnx package (whose import alone is most of a
+second): :func:`verified_bytes` walks the protobuf wire format of the file's top level, which a
+file written by :func:`seal` holds in the very order its deterministic serialisation writes, so
+the digests read there are :func:`model_digest` and :func:`graph_digest` (tested). The edge
+runtime (requirements-edge.txt) answers from a .onnx file with this module and ONNX Runtime.
 """
 from __future__ import annotations
 
@@ -18,16 +24,16 @@ import hashlib
 import io
 import json
 from pathlib import Path
-from typing import Callable
-
-import torch
-from torch import nn
+from typing import TYPE_CHECKING, Callable
 
 from stages.common.infra.errors import StageError
 from stages.common.model.checkpoint import DIGEST_KEY, ModelMeta
 
-# onnx and onnx_ir are imported where used, not here: over a second of start-up that predict
-# with a .pt checkpoint (which imports this module through its classifiers) never needs.
+if TYPE_CHECKING:
+    from torch import nn
+
+# torch, onnx and onnx_ir are imported where used, not here: seconds of start-up that predict
+# never needs (the edge runtime has none of them installed).
 
 INPUT, OUTPUT = "images", "logits"
 META_KEYS = ("arch", "classes", "image_size", "mean", "std")  # values stored as JSON text
@@ -48,6 +54,8 @@ def export(model: nn.Module, meta: ModelMeta, path: Path, opset: int,
     deprecated). Same model and opset give the same bytes wherever the project and its
     virtual environment live: no paths or times in the file (see :func:`strip_paths`).
     """
+    import torch
+
     size = meta.image_size
     example = torch.zeros(2, 3, size, size)  # 2, not 1: a batch of 1 would be specialised away
     log = io.StringIO()
@@ -109,27 +117,112 @@ def seal(proto) -> bytes:
 def verified_bytes(path: Path) -> tuple[bytes, dict[str, str], str]:
     """The file's bytes, metadata and :func:`graph_digest`, once its content matches its
     digest; else one line."""
-    import onnx
-    from google.protobuf.message import DecodeError
-
     data = path.read_bytes()
-    proto = onnx.ModelProto()
     try:
-        proto.ParseFromString(data)
-    except (DecodeError, RuntimeError, ValueError):
+        fields = _top_fields(data)
+        entries = [(_entry(data[start:end]), start, end) for number, start, end in fields
+                   if number == METADATA_FIELD]
+    except ValueError:
         raise StageError(f"{path}: not a loadable ONNX model (not an ONNX protobuf); "
                          f"{EXPORT_AGAIN}") from None
-    stored = _take_digests(proto)
+    stored = [value for (key, value), _, _ in entries if key == DIGEST_KEY]
     if len(stored) != 1:
         raise StageError(f"{path}: has no weights digest (exported before models carried one, "
                          f"or not by this project), so its integrity cannot be checked; "
                          f"{EXPORT_AGAIN}")
-    metadata = {p.key: p.value for p in proto.metadata_props}
-    if model_digest(proto) != stored[0]:
+    metadata = {key: value for (key, value), _, _ in entries if key != DIGEST_KEY}
+    # The file less the digest entry is the model seal() hashed; less every entry, the bare
+    # graph_digest hashes: a removed field's bytes are all it changes in either serialisation.
+    # Both share the bytes before the first entry (the graph: nearly all of them), hashed once.
+    head = entries[0][1]
+    unsealed = hashlib.sha256(memoryview(data)[:head])
+    bare = unsealed.copy()
+    for digest, cut in ((unsealed, [(s, e) for (key, _), s, e in entries if key == DIGEST_KEY]),
+                        (bare, [(s, e) for _, s, e in entries])):
+        for start, end in _kept(head, len(data), cut):
+            digest.update(memoryview(data)[start:end])
+    if unsealed.hexdigest() != stored[0]:
         raise StageError(f"{path}: its content does not match its weights digest: the file is "
                          f"damaged (a flipped bit, a bad copy) or was altered; restore it, or "
                          f"{EXPORT_AGAIN}")
-    return data, metadata, graph_digest(proto)
+    return data, metadata, bare.hexdigest()
+
+
+METADATA_FIELD = 14  # ModelProto.metadata_props: repeated StringStringEntryProto (key 1, value 2)
+VARINT, FIXED64, LENGTH, FIXED32 = 0, 1, 2, 5  # protobuf wire types (3, 4: groups, unused)
+
+
+def _varint(data: bytes, at: int) -> tuple[int, int]:
+    """(value, position after it) of the varint at ``at``."""
+    value = shift = 0
+    while True:
+        if at >= len(data) or shift > 63:
+            raise ValueError("cut-off or overlong varint")
+        byte = data[at]
+        at += 1
+        value |= (byte & 0x7F) << shift
+        if byte < 0x80:
+            return value, at
+        shift += 7
+
+
+def _fields(data: bytes) -> list[tuple[int, int, int, int, int]]:
+    """(number, wire type, start, payload start, end) of each field of one message."""
+    out, at = [], 0
+    while at < len(data):
+        start = at
+        tag, at = _varint(data, at)
+        number, kind = tag >> 3, tag & 7
+        if number == 0:
+            raise ValueError("field number 0")
+        if kind == VARINT:
+            _, end = _varint(data, at)
+        elif kind == LENGTH:
+            size, at = _varint(data, at)
+            end = at + size
+        elif kind in (FIXED64, FIXED32):
+            end = at + (8 if kind == FIXED64 else 4)
+        else:
+            raise ValueError(f"wire type {kind}")
+        if end > len(data):
+            raise ValueError("cut off")
+        out.append((number, kind, start, at, end))
+        at = end
+    return out
+
+
+def _top_fields(data: bytes) -> list[tuple[int, int, int]]:
+    """(number, start, end) of each top-level field of a serialised ModelProto; a metadata
+    entry must be length-delimited."""
+    fields = _fields(data)
+    if any(number == METADATA_FIELD and kind != LENGTH for number, kind, *_ in fields):
+        raise ValueError("metadata_props is not a message")
+    return [(number, start, end) for number, _, start, _, end in fields]
+
+
+def _entry(field: bytes) -> tuple[str, str]:
+    """(key, value) of one serialised metadata_props field (its tag included); as protobuf
+    reads it, a missing string is empty and the last of repeated ones counts."""
+    _, at = _varint(field, 0)  # the tag
+    _, at = _varint(field, at)  # the length: the rest of the field
+    body = field[at:]
+    text = {1: "", 2: ""}
+    for number, kind, _, start, end in _fields(body):
+        if number in text:
+            if kind != LENGTH:
+                raise ValueError("a key or value that is not a string")
+            text[number] = body[start:end].decode("utf-8")  # a UnicodeDecodeError: ValueError
+    return text[1], text[2]
+
+
+def _kept(start: int, end: int, cut: list[tuple[int, int]]) -> list[tuple[int, int]]:
+    """The byte ranges of [``start``, ``end``) left once the ranges ``cut`` (in order,
+    disjoint, inside it) are taken out."""
+    out = []
+    for a, b in cut:
+        out.append((start, a))
+        start = b
+    return out + [(start, end)]
 
 
 # Debug metadata torch's exporter puts on each node: the Python stack that produced it, with the

@@ -3,22 +3,22 @@ an exported ONNX model (fp32 or int8) in ONNX Runtime (:class:`OnnxClassifier`) 
 (:class:`OpenVinoClassifier`; stages.common.model.formats), each with the operating point fitted
 for it; shared by predict, export and review.
 
-Both take uint8 RGB N x 3 x S x S pixels (``classify``) and normalise them as every crop is
-(stages.common.inference.batches.normalise).
+Each takes uint8 RGB N x 3 x S x S pixels (``classify``, an array) and normalises them as every
+crop is (stages.common.inference.batches.normalise; the exported ones without torch, the same
+floats: :func:`normalise_array`). torch is imported only by :class:`TorchClassifier`: an ONNX
+file answers on a box with no PyTorch installed (the edge runtime, requirements-edge.txt).
 """
 from __future__ import annotations
 
 from pathlib import Path
+from typing import TYPE_CHECKING, Sequence
 
 import numpy as np
-import torch
 
 from stages.common.alarm.point import OperatingPoint, UnusablePoint, beside
 from stages.common.config.paths import OPERATING_POINT
-from stages.common.inference.batches import normalise
 from stages.common.infra.errors import StageError
 from stages.common.infra.jsonfile import JsonProblem, parse_json
-from stages.common.model.build import load_checkpoint
 from stages.common.model.checkpoint import ModelMeta
 from stages.common.model.formats import verified_ir
 from stages.common.model.onnx import (EXPORT_AGAIN, INPUT, META_KEYS, OUTPUT, POINT_KEY,
@@ -30,44 +30,59 @@ from stages.common.model.onnx import (EXPORT_AGAIN, INPUT, META_KEYS, OUTPUT, PO
 # decode video, they answered as fast as one thread or faster (BENCHMARKS.md section 11).
 DEFAULT_THREADS = None
 
+if TYPE_CHECKING:
+    import torch
+
 
 class TorchClassifier:
     """A train-stage checkpoint in PyTorch eager, on ``device`` (the CPU by default); with
     ``threads``, its passes run on that many CPU threads (PyTorch's setting is the process's:
     set for each pass and put back, so a caller in the same process keeps its own)."""
 
-    def __init__(self, path: str | Path, device: torch.device = torch.device("cpu"),
+    def __init__(self, path: str | Path, device: torch.device | str = "cpu",
                  threads: int | None = None):
+        import torch
+
+        from stages.common.model.build import load_checkpoint
+
         self.threads = threads
         self.path = Path(path)
-        self.device = device
+        self.device = torch.device(device)
         self.model, meta = load_checkpoint(path)
-        self.model = self.model.to(device, memory_format=torch.channels_last)
+        self.model = self.model.to(self.device, memory_format=torch.channels_last)
         self.meta = meta
         self.operating_point = beside(self.path, OPERATING_POINT)
 
-    @torch.inference_mode()
     def logits(self, batch: np.ndarray | torch.Tensor) -> np.ndarray:
         """Normalised float32 N x 3 x S x S (an array, or a tensor on any device) -> logits."""
-        if isinstance(batch, np.ndarray):
-            batch = torch.from_numpy(np.ascontiguousarray(batch, np.float32))
-        x = batch.to(self.device).contiguous(memory_format=torch.channels_last)
-        before = torch.get_num_threads()
-        if not self.threads or self.threads == before:
-            return self.model(x).float().cpu().numpy()
-        torch.set_num_threads(self.threads)
-        try:
-            return self.model(x).float().cpu().numpy()
-        finally:
-            torch.set_num_threads(before)
+        import torch
 
-    def classify(self, pixels: torch.Tensor) -> np.ndarray:
+        with torch.inference_mode():
+            if isinstance(batch, np.ndarray):
+                batch = torch.from_numpy(np.ascontiguousarray(batch, np.float32))
+            x = batch.to(self.device).contiguous(memory_format=torch.channels_last)
+            before = torch.get_num_threads()
+            if not self.threads or self.threads == before:
+                return self.model(x).float().cpu().numpy()
+            torch.set_num_threads(self.threads)
+            try:
+                return self.model(x).float().cpu().numpy()
+            finally:
+                torch.set_num_threads(before)
+
+    def classify(self, pixels: np.ndarray | torch.Tensor) -> np.ndarray:
         """uint8 RGB N x 3 x S x S -> logits, normalised on the model's device."""
+        import torch
+
+        from stages.common.inference.batches import normalise
+
+        if isinstance(pixels, np.ndarray):
+            pixels = torch.from_numpy(pixels)
         return self.logits(normalise(pixels.to(self.device), self.meta.mean, self.meta.std))
 
 
 def load_classifier(path: str | Path, threads: int | None = None,
-                    device: torch.device = torch.device("cpu")):
+                    device: torch.device | str = "cpu"):
     """A ``.onnx`` file runs in ONNX Runtime, an ``.xml`` (OpenVINO IR) in OpenVINO, both on
     the CPU; anything else must be a train-stage checkpoint, run by PyTorch on ``device``.
     ``threads``: the CPU threads the runtime uses (None: its own default, one per physical
@@ -75,10 +90,11 @@ def load_classifier(path: str | Path, threads: int | None = None,
     runtime = EXPORTED.get(Path(path).suffix.lower())
     if runtime is None:
         return TorchClassifier(path, device, threads)
-    if device.type != "cpu":
+    kind = getattr(device, "type", device)
+    if kind != "cpu":
         raise StageError(f"{path}: an exported model runs on the CPU here (ONNX Runtime's and "
                          f"OpenVINO's CPU builds); use --device cpu, or the .pt checkpoint on "
-                         f"{device.type}")
+                         f"{kind}")
     return runtime(path, threads)
 
 
@@ -108,6 +124,19 @@ def read_metadata(path: Path, stored: dict[str, str], graph_sha256: str,
     except (JsonProblem, UnusablePoint) as exc:
         raise StageError(f"{path}: {what} {POINT_KEY} is not usable ({exc}); "
                          f"{EXPORT_AGAIN}") from None
+
+
+def normalise_array(pixels: np.ndarray, mean: Sequence[float], std: Sequence[float]
+                    ) -> np.ndarray:
+    """uint8 B x 3 x S x S -> float32, the floats of batches.normalise bit for bit (tested on
+    every value of every channel): each channel's 256 results, computed once as it computes
+    them (x / 255, then (x - mean) / std, in float32), looked up for every pixel."""
+    levels = np.arange(256, dtype=np.float32) / np.float32(255)
+    m = np.asarray(mean, np.float32)[:, None]
+    s = np.asarray(std, np.float32)[:, None]
+    table = (levels[None, :] - m) / s  # channel x level
+    channels = np.arange(len(m), dtype=np.intp)[None, :, None, None]
+    return table[channels, pixels]
 
 
 class OnnxClassifier:
@@ -142,10 +171,9 @@ class OnnxClassifier:
     def logits(self, batch: np.ndarray) -> np.ndarray:
         return self.session.run([OUTPUT], {INPUT: np.ascontiguousarray(batch, np.float32)})[0]
 
-    def classify(self, pixels) -> np.ndarray:
-        """uint8 RGB N x 3 x S x S (a torch tensor) -> logits, normalised as every crop is."""
-        x = normalise(pixels, self.meta.mean, self.meta.std)
-        return self.logits(x.contiguous().numpy())
+    def classify(self, pixels: np.ndarray) -> np.ndarray:
+        """uint8 RGB N x 3 x S x S -> logits, normalised as every crop is."""
+        return self.logits(normalise_array(pixels, self.meta.mean, self.meta.std))
 
 
 class OpenVinoClassifier:
@@ -175,10 +203,9 @@ class OpenVinoClassifier:
     def logits(self, batch: np.ndarray) -> np.ndarray:
         return self.compiled(np.ascontiguousarray(batch, np.float32))[0]
 
-    def classify(self, pixels) -> np.ndarray:
-        """uint8 RGB N x 3 x S x S (a torch tensor) -> logits, normalised as every crop is."""
-        x = normalise(pixels, self.meta.mean, self.meta.std)
-        return self.logits(x.contiguous().numpy())
+    def classify(self, pixels: np.ndarray) -> np.ndarray:
+        """uint8 RGB N x 3 x S x S -> logits, normalised as every crop is."""
+        return self.logits(normalise_array(pixels, self.meta.mean, self.meta.std))
 
 
 # Exported models by file suffix (stages.common.model.formats.FORMATS names each file).

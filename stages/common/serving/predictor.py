@@ -6,18 +6,25 @@ with the EXIF orientation applied; aspect ratio kept, padded with the median cor
 placed in the centre, not at a random spot, so the answer for a file never changes. A crop that
 is already S x S passes through unchanged. The batch is then normalised as every crop is
 (stages.common.inference.batches.normalise), on the device the model runs on.
+
+Reading, decoding and preparing run in a small pool of threads, a bounded number of pictures
+ahead of the model, while it classifies the batch before (OpenCV, PIL, ONNX Runtime and
+PyTorch release the GIL while they work): the answers are those of one picture after another,
+in input order, and memory holds a few batches of prepared pictures whatever the number of
+files. No torch here: the edge runtime answers with this module.
 """
 from __future__ import annotations
 
 import os
 import stat
+from collections import deque
+from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Iterable, Iterator
 
 import cv2
 import numpy as np
-import torch
 
 from stages.common.alarm.calibration import softmax
 from stages.common.model.checkpoint import ModelMeta, check_logits
@@ -49,11 +56,11 @@ def read_image(path: Path, max_pixels: int = DEFAULT_MAX_IMAGE_PIXELS) -> np.nda
         raise ValueError(pictures.describe("decode_failed", header, max_pixels)) from None
 
 
-def prepare(image_bgr: np.ndarray, meta: ModelMeta) -> torch.Tensor:
+def prepare(image_bgr: np.ndarray, meta: ModelMeta) -> np.ndarray:
     """A centred letterbox of the checkpoint's size: uint8 RGB, 3 x S x S."""
     canvas = letterbox(image_bgr, meta.image_size, rng=None)
     rgb = cv2.cvtColor(canvas, cv2.COLOR_BGR2RGB)
-    return torch.from_numpy(rgb).permute(2, 0, 1)
+    return np.ascontiguousarray(rgb.transpose(2, 0, 1))
 
 
 def not_a_file(path: Path) -> str | None:
@@ -274,42 +281,104 @@ def file_error(exc: Exception) -> str:
     return f"cannot read the file ({type(exc).__name__}{': ' + first if first else ''})"
 
 
+def prepared(path: Path, meta: ModelMeta, max_pixels: int) -> np.ndarray | str:
+    """One picture file as the model's uint8 pixels, or why it cannot be used (in one line)."""
+    try:
+        return prepare(read_image(path, max_pixels), meta)
+    except Exception as exc:  # this file's answer, never the run's
+        return file_error(exc)
+
+
+def workers() -> int:
+    """Threads that read and prepare pictures, and ONNX runs predict makes at once: the CPUs
+    this process may use, 2 to 8 (one keeps a file's read or decode from stalling the next;
+    past 8 the model is the bottleneck)."""
+    try:
+        cpus = len(os.sched_getaffinity(0))
+    except (AttributeError, OSError):
+        cpus = os.cpu_count() or 1
+    return min(max(cpus, 2), 8)
+
+
 def predict_paths(classifier, items: list[tuple[Path, str | None]], batch_size: int = 32,
-                  max_pixels: int = DEFAULT_MAX_IMAGE_PIXELS) -> Iterator[Prediction]:
+                  max_pixels: int = DEFAULT_MAX_IMAGE_PIXELS, runs: int = 1
+                  ) -> Iterator[Prediction]:
     """Predictions in input order, each batch's as soon as it is classified; probabilities are
     calibrated by the classifier's operating point (``softmax(logits / temperature)``; T = 1
     without one). A file that cannot be used, for whatever reason its read
     or decode raises (OpenCV's errors, MemoryError, OSError), comes back with ``error`` set and
-    the others go on."""
+    the others go on.
+
+    Pictures are prepared in :func:`workers` threads, up to ``batch_size`` + 2 x workers files
+    ahead of the one being answered: the next batch is read while this one is classified.
+    ``runs``: batches classified at once, each in a thread of its own (an ONNX session of one
+    thread each: no thread pool to synchronise inside a run, so less CPU per picture than one
+    run on every core); their answers still come out in input order."""
     point = getattr(classifier, "operating_point", None)
     temperature = point.temperature if point else 1.0
     pending: list[Prediction] = []
-    arrays: list[torch.Tensor] = []
+    arrays: list[np.ndarray] = []
+    running: deque[tuple[list[Prediction], Future | np.ndarray, int]] = deque()
 
-    def flush() -> Iterator[Prediction]:
-        if arrays:
-            logits = classifier.classify(torch.stack(arrays))
-            check_logits(logits, len(arrays), len(classifier.meta.classes), classifier.path)
+    def answered(batch: list[Prediction], logits: Future | np.ndarray, rows: int
+                 ) -> list[Prediction]:
+        if rows:
+            logits = logits.result() if isinstance(logits, Future) else logits
+            check_logits(logits, rows, len(classifier.meta.classes), classifier.path)
             probs = softmax(logits, temperature)
             k = 0
-            for p in pending:
+            for p in batch:
                 if p.error is None:
                     p.logits, p.probs = logits[k], probs[k]
                     k += 1
-        yield from pending
+        return batch
+
+    def flush(model: ThreadPoolExecutor | None, last: bool = False) -> Iterator[Prediction]:
+        if arrays:
+            batch = np.stack(arrays)
+            logits = (model.submit(classifier.classify, batch) if model else
+                      classifier.classify(batch))
+            running.append((pending[:], logits, len(arrays)))
+        elif pending:
+            running.append((pending[:], np.empty(0), 0))
         pending.clear()
         arrays.clear()
+        while running and (last or len(running) >= runs):
+            yield from answered(*running.popleft())
 
-    for path, error in items:
-        result = Prediction(path, error=error)
-        if error is None:
-            try:
-                prepared = prepare(read_image(path, max_pixels), classifier.meta)
-                result.grey = is_grey(prepared)
-                arrays.append(prepared)
-            except Exception as exc:  # this file's answer, never the run's
-                result.error = file_error(exc)
-        pending.append(result)
-        if len(arrays) >= batch_size:
-            yield from flush()
-    yield from flush()
+    threads = workers()
+    ahead = batch_size + 2 * threads
+    todo = iter(items)
+    queued: deque[tuple[Prediction, Future | None]] = deque()
+    with ThreadPoolExecutor(threads, thread_name_prefix="prepare") as pool, \
+            ThreadPoolExecutor(runs, thread_name_prefix="classify") as model:
+        concurrent = model if runs > 1 else None  # one run: in this thread, as it always was
+        try:
+            while True:
+                for path, error in todo:  # top the queue up
+                    job = None if error else pool.submit(prepared, path, classifier.meta,
+                                                         max_pixels)
+                    queued.append((Prediction(path, error=error), job))
+                    if len(queued) >= ahead:
+                        break
+                if not queued:
+                    break
+                result, job = queued.popleft()
+                if job is not None:
+                    pixels = job.result()
+                    if isinstance(pixels, str):
+                        result.error = pixels
+                    else:
+                        result.grey = is_grey(pixels)
+                        arrays.append(pixels)
+                pending.append(result)
+                if len(arrays) >= batch_size:
+                    yield from flush(concurrent)
+            yield from flush(concurrent, last=True)
+        finally:  # the caller stopped early (a closed stdout, a model that failed): no more work
+            for _, job in queued:
+                if job is not None:
+                    job.cancel()
+            for _, logits, _ in running:
+                if isinstance(logits, Future):
+                    logits.cancel()
