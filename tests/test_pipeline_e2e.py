@@ -158,7 +158,7 @@ def test_the_model_card_matches_the_metrics_and_the_lock(repo):
     assert f"| calibration | {calibration['animal']} | {calibration['object']} | " \
            f"{calibration['person']} | {calibration['total']} |" in card
     carried = OnnxClassifier(repo.path / "data/export/model.onnx").operating_point
-    assert f">= **{threshold_text(carried['threshold'], carried['threshold_log_odds'])}**" in card
+    assert f">= **{threshold_text(carried.threshold, carried.threshold_log_odds)}**" in card
 
 
 def test_second_repro_does_nothing_and_status_is_clean(repo):
