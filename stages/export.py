@@ -318,7 +318,7 @@ def table_section(row: dict | None) -> str:
     threads = ("the runtime's default threads" if row["threads"] is None else
                f"{row['threads']} thread{'s' if row['threads'] > 1 else ''}")
     return (f"The table that picks a model, `{MODEL_TABLE}` ({row['machine']}, {row['date']};\n"
-            f"{row['format']}, {threads}, as predict runs it): batch 1 "
+            f"{row['format']}, {threads}, one run at a time): batch 1 "
             f"{row['batch1_ms_per_image']} ms/image quiet{loaded};\npeak memory "
             f"{row['peak_rss_mb']} MB;\n{recall}.")
 
