@@ -103,20 +103,39 @@ def pytest_runtest_teardown(item, nextitem):
 
 
 @pytest.fixture
-def predict_in_process(capsys):
-    """``python -m stages.predict ARGS`` run in this process: exit code, stdout and stderr."""
+def main_in_process(capsys):
+    """``in_process(main)``: a runner of ``python -m stages.<command> ARGS`` for that command's
+    ``main``, in this process: exit code, stdout and stderr."""
     from types import SimpleNamespace
 
+    def in_process(main):
+        def run(*args):
+            try:
+                code = main([str(a) for a in args])
+            except SystemExit as exc:
+                code = exc.code
+            out = capsys.readouterr()
+            return SimpleNamespace(returncode=code, stdout=out.out, stderr=out.err)
+        return run
+    return in_process
+
+
+@pytest.fixture
+def predict_in_process(main_in_process):
+    """``python -m stages.predict ARGS`` run in this process: exit code, stdout and stderr."""
     from stages import predict
 
-    def run(*args):
-        try:
-            code = predict.main([str(a) for a in args])
-        except SystemExit as exc:
-            code = exc.code
-        out = capsys.readouterr()
-        return SimpleNamespace(returncode=code, stdout=out.out, stderr=out.err)
-    return run
+    return main_in_process(predict.main)
+
+
+@pytest.fixture(scope="module")
+def elsewhere(tmp_path_factory):
+    """Run from an empty folder: the project's own data/calibration must not answer here (a
+    module that needs it: ``pytestmark = pytest.mark.usefixtures("elsewhere")``)."""
+    old = os.getcwd()
+    os.chdir(tmp_path_factory.mktemp("cwd"))
+    yield
+    os.chdir(old)
 
 
 @pytest.fixture(scope="session")

@@ -33,13 +33,8 @@ TEMPERATURE = 2.5
 ARCH = "resnet18"
 
 
-@pytest.fixture(scope="module", autouse=True)
-def elsewhere(tmp_path_factory):
-    """Run from an empty folder: the project's own data/calibration must not answer here."""
-    old = os.getcwd()
-    os.chdir(tmp_path_factory.mktemp("cwd"))
-    yield
-    os.chdir(old)
+# Run from an empty folder: the project's own data/calibration must not answer here.
+pytestmark = pytest.mark.usefixtures("elsewhere")
 
 
 def write_site(root, counts=COUNTS, seed=1):
@@ -96,16 +91,9 @@ def models(elsewhere, tmp_path_factory):
 
 
 @pytest.fixture
-def run(capsys):
+def run(main_in_process):
     """``python -m stages.accept ARGS`` in this process: exit code, stdout, stderr."""
-    def go(*args):
-        try:
-            code = accept.main([str(a) for a in args])
-        except SystemExit as exc:
-            code = exc.code
-        out = capsys.readouterr()
-        return SimpleNamespace(returncode=code, stdout=out.out, stderr=out.err)
-    return go
+    return main_in_process(accept.main)
 
 
 def floor4(x: float) -> float:

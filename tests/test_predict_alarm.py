@@ -25,13 +25,8 @@ CLASSES = ["animal", "object", "person"]
 TEMPERATURE = 2.5
 
 
-@pytest.fixture(scope="module", autouse=True)
-def elsewhere(tmp_path_factory):
-    """Run from an empty folder: the project's own data/calibration must not answer here."""
-    old = os.getcwd()
-    os.chdir(tmp_path_factory.mktemp("cwd"))
-    yield
-    os.chdir(old)
+# Run from an empty folder: the project's own data/calibration must not answer here.
+pytestmark = pytest.mark.usefixtures("elsewhere")
 
 
 @pytest.fixture(scope="module")
