@@ -38,7 +38,7 @@ from stages.common.inference.logits import checked_crops  # noqa: E402
 from stages.common.infra.atomic import atomic_file, clean_dead_leftovers, write_json  # noqa: E402
 from stages.common.infra.errors import main_guard  # noqa: E402
 from stages.common.model.build import load_checkpoint  # noqa: E402
-from stages.common.model.device import pick_device  # noqa: E402
+from stages.common.model.device import pick_device, torch_threads  # noqa: E402
 from stages.conditions.measure import suite  # noqa: E402
 
 PNG_META = {"Software": None}  # deterministic PNG bytes: no software version in the metadata
@@ -151,12 +151,9 @@ def main() -> None:
     workers = threads if device.type == "cpu" else os.cpu_count() or 1
     print(f"conditions: {len(keys)} test crops x {jobs} conditions and severities, batches of "
           f"{cfg.batch_size} on {device.type} in {workers} workers", flush=True)
-    torch.set_num_threads(1 if device.type == "cpu" else threads)
-    try:
+    with torch_threads(1 if device.type == "cpu" else threads):
         result = suite(pixels, keys, crops.targets.numpy(), meta.classes, point, classify,
                        cfg.measure, everything.seed, pictures, cfg.batch_size, threads=workers)
-    finally:  # a caller in the same process (the tests) keeps its threads
-        torch.set_num_threads(threads)
     result.update({"point_sha256": point.point_sha256, "target_recall": point.target_recall,
                    "test_crops": len(keys), "seed": everything.seed})
     mark_training(result, meta.params)

@@ -44,6 +44,7 @@ import torch
 from torchvision.transforms.v2 import AugMix
 
 from stages.common.inference.batches import normalise
+from stages.common.model.device import torch_threads
 from stages.common.pictures.corrupt import corrupt
 from stages.train.data import derived_seed
 
@@ -302,13 +303,9 @@ def before_jitter(pixels: torch.Tensor, idx: torch.Tensor, augment: str, seed: i
         # wait on each other (30x the time on 2 busy cores, BENCHMARKS.md section 10). Nothing
         # else runs torch on the CPU meanwhile (AugMix's batches are made in the training
         # thread), and the count changes no result.
-        threads = torch.get_num_threads()
-        torch.set_num_threads(1)
-        try:
+        with torch_threads(1):
             mixed = [augmix(planes[k], derived_seed(seed, epoch, AUGMIX_STREAM, crop))
                      for k, crop in enumerate(crops)]
-        finally:
-            torch.set_num_threads(threads)
         return torch.stack(mixed).to(pixels.device)
 
     def conditioned(k: int) -> torch.Tensor:

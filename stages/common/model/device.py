@@ -1,5 +1,8 @@
-"""Which device a stage or command runs on."""
+"""Which device a stage or command runs on, and on how many of the CPU's threads."""
 from __future__ import annotations
+
+import contextlib
+from typing import Iterator
 
 import torch
 
@@ -22,3 +25,19 @@ def pick_device(name: str) -> torch.device:
     if name == "mps" and not mps_available():
         raise StageError("device=mps but no Apple MPS device is available; use auto or cpu")
     return torch.device(name)
+
+
+@contextlib.contextmanager
+def torch_threads(count: int | None) -> Iterator[None]:
+    """torch's intra-op threads set to ``count`` for the block and the caller's count given
+    back after it, even on an error: a caller in the same process (the tests, a command that
+    goes on) keeps its own. ``None``, 0 or the current count change nothing."""
+    before = torch.get_num_threads()
+    if not count or count == before:
+        yield
+        return
+    torch.set_num_threads(count)
+    try:
+        yield
+    finally:
+        torch.set_num_threads(before)

@@ -57,18 +57,14 @@ class TorchClassifier:
         """Normalised float32 N x 3 x S x S (an array, or a tensor on any device) -> logits."""
         import torch
 
+        from stages.common.model.device import torch_threads
+
         with torch.inference_mode():
             if isinstance(batch, np.ndarray):
                 batch = torch.from_numpy(np.ascontiguousarray(batch, np.float32))
             x = batch.to(self.device).contiguous(memory_format=torch.channels_last)
-            before = torch.get_num_threads()
-            if not self.threads or self.threads == before:
+            with torch_threads(self.threads):
                 return self.model(x).float().cpu().numpy()
-            torch.set_num_threads(self.threads)
-            try:
-                return self.model(x).float().cpu().numpy()
-            finally:
-                torch.set_num_threads(before)
 
     def classify(self, pixels: np.ndarray | torch.Tensor) -> np.ndarray:
         """uint8 RGB N x 3 x S x S -> logits, normalised on the model's device."""
