@@ -165,3 +165,38 @@ def test_bench_formats_builds_loads_and_times_every_format(tmp_path, capsys):
     out = capsys.readouterr().out
     for name in FORMATS:
         assert re.search(rf"^{name}\s+\d+\.\d\s+\d\.\d{{4}}\s+\d+\.\d+ \(", out, re.M), (name, out)
+
+
+def test_the_precision_benchmark_measures_the_stages_own_crops_in_both_arithmetics():
+    """BENCHMARKS.md section 8's bf16 figures: the crops are the stage's (clean, then each
+    condition x severity in order, each the pure corruption of its crop), fp32 is the model's
+    own forward pass, and bf16 answers the same crops in lower precision."""
+    import numpy as np
+    import torch
+    from types import SimpleNamespace
+
+    from benchmarks import bench_conditions_precision as B
+    from stages.common.inference.batches import normalise
+    from stages.common.pictures.corrupt import corrupt
+
+    rng = np.random.default_rng(3)
+    pixels = rng.integers(0, 256, (3, 32, 32, 3), dtype=np.uint8)
+    keys = ["a.png", "b.png", "c.png"]
+    suite = B.suite_pixels(pixels, keys, {"night": [1, 3], "fog": [2]}, 42)
+    assert suite.shape == (12, 32, 32, 3)
+    assert np.array_equal(suite[:3], pixels)
+    for block, (condition, severity) in enumerate([("night", 1), ("night", 3), ("fog", 2)], 1):
+        for i, key in enumerate(keys):
+            assert np.array_equal(suite[3 * block + i], corrupt(pixels[i], condition, severity,
+                                                                42, key))
+    torch.manual_seed(0)
+    model = torch.nn.Sequential(torch.nn.Conv2d(3, 4, 3), torch.nn.AdaptiveAvgPool2d(1),
+                                torch.nn.Flatten(), torch.nn.Linear(4, 3)).eval()
+    meta = SimpleNamespace(mean=[0.5, 0.5, 0.5], std=[0.25, 0.25, 0.25])
+    fp32 = B.forward(model, meta, suite, False, 5)
+    with torch.inference_mode():
+        direct = model(normalise(torch.from_numpy(suite).permute(0, 3, 1, 2), meta.mean,
+                                 meta.std)).numpy()
+    assert np.allclose(fp32, direct, rtol=1e-5, atol=1e-6)  # batches of 5: sums may reorder
+    bf16 = B.forward(model, meta, suite, True, 5)
+    assert not np.array_equal(bf16, fp32) and np.allclose(bf16, fp32, atol=0.1)
