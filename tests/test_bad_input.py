@@ -290,19 +290,41 @@ def _tree(root: Path) -> dict:
             for p in root.rglob("*")}
 
 
+@pytest.fixture(scope="module")
+def bad_param_runs(tmp_path_factory) -> dict:
+    """Each stage of BAD_PARAM as dvc.yaml runs it, in a folder of its own with the raw download
+    in place: {stage: (folder, its tree before, exit code, stdout, stderr)}. All are started at
+    once: a run that stops at its params is mostly its imports, so the cores share them."""
+    started = {}
+    for stage, over, _ in BAD_PARAM:
+        root = tmp_path_factory.mktemp(f"bad-param-{stage}")
+        images, boxes = basic_dataset()
+        write_raw(root, images, boxes)
+        paramfile.write(root, over)
+        started[stage] = (root, _tree(root), subprocess.Popen(
+            [sys.executable, "-m", f"stages.{stage}"], cwd=root, stdout=subprocess.PIPE,
+            stderr=subprocess.PIPE, text=True,
+            env={**os.environ, "PYTHONPATH": str(paramfile.ROOT)}))
+    runs = {}
+    try:
+        for stage, (root, before, proc) in started.items():
+            out, err = proc.communicate(timeout=300)
+            runs[stage] = (root, before, proc.returncode, out, err)
+    finally:
+        for _, _, proc in started.values():
+            if proc.poll() is None:
+                proc.kill()
+                proc.wait()
+    return runs
+
+
 @pytest.mark.parametrize("stage, over, line", BAD_PARAM, ids=[c[0] for c in BAD_PARAM])
-def test_a_bad_param_stops_each_stage_before_work(tmp_path, stage, over, line):
+def test_a_bad_param_stops_each_stage_before_work(bad_param_runs, stage, over, line):
     """Each stage as dvc.yaml runs it: one line, exit 2, nothing written or removed (the raw
     download is in place, so extract_crops had work it could have started)."""
-    images, boxes = basic_dataset()
-    write_raw(tmp_path, images, boxes)
-    paramfile.write(tmp_path, over)
-    before = _tree(tmp_path)
-    done = subprocess.run([sys.executable, "-m", f"stages.{stage}"], cwd=tmp_path,
-                          capture_output=True, text=True, timeout=300,
-                          env={**os.environ, "PYTHONPATH": str(paramfile.ROOT)})
-    assert (done.returncode, done.stderr, done.stdout) == (2, f"error: params.yaml: {line}\n", "")
-    assert _tree(tmp_path) == before
+    root, before, code, out, err = bad_param_runs[stage]
+    assert (code, err, out) == (2, f"error: params.yaml: {line}\n", "")
+    assert _tree(root) == before
 
 
 def test_truncation_check_is_not_fooled_by_an_embedded_thumbnail():

@@ -109,7 +109,7 @@ def box_sets(draw):
     return boxes, groups, t
 
 
-@settings(max_examples=800, deadline=None, suppress_health_check=[HealthCheck.too_slow])
+@settings(max_examples=400, deadline=None, suppress_health_check=[HealthCheck.too_slow])
 @given(box_sets(), st.sampled_from(["as shipped", "grid for all", "grid cells only"]))
 def test_grid_greedy_is_the_pairwise_greedy(boxes_groups_threshold, mode):
     """'grid for all': small sets go through the grid too; 'grid cells only': a class is never
