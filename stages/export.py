@@ -21,15 +21,20 @@ conditions), and its threshold and temperature are read back from the model file
     person recall with its 95 % lower bound, false alarms per 1,000 with the upper bound. One
     that misses more than ``export.max_persons_lost`` such persons is not written (one line
     says why), unless ``export.refit_threshold`` gives it its own threshold, fitted on the
-    calibration crops with its own logits and sealed for its digest, and it then passes. The
-    figures go to metrics/export.json ``formats``, and to the card when there is a format
-    beyond ``onnx`` (with ``[onnx]`` the card is as before).
+    calibration crops with its own logits and sealed for its digest, and it then passes. With
+    camera modes (calibrate.modes) each file is certified under each mode as well, on the test
+    crops as the mode sees them at the mode's threshold (:class:`ModeCrops`); a format that
+    loses too many persons under one is not written, and the fp32 file must keep its parity
+    there. The figures go to metrics/export.json ``formats``, and to the card when there is a
+    format beyond ``onnx`` (with ``[onnx]`` the card is as before).
 """
 from __future__ import annotations
 
+import dataclasses
 import json
 import sys
 from pathlib import Path
+from typing import Callable
 
 import numpy as np
 import torch
@@ -50,6 +55,7 @@ from stages.common.config.paths import (CALIBRATION_SPLIT, CHECKPOINT, CONDITION
                                         SPLIT_METRICS,
                                         TEST_SPLIT, VAL_SPLIT)
 from stages.common.inference.batches import normalise
+from stages.common.inference.corrupted import corrupted_logits
 from stages.common.inference.logits import checked_crops
 from stages.common.inference.speed import speed_figures
 from stages.common.infra.atomic import atomic_dir, clean_dead_leftovers, write_json
@@ -152,6 +158,96 @@ def certify(reference: np.ndarray, logits: np.ndarray, pipeline_point: Operating
             "temperature": round(point.temperature, 4)}
 
 
+# ----- camera modes: each file's alarm re-certified under each mode it carries ---------------
+
+Logits = Callable[[np.ndarray], np.ndarray]  # normalised float32 N x 3 x S x S -> logits
+
+
+@dataclasses.dataclass(frozen=True)
+class ModeCrops:
+    """The test crops as each camera mode of the operating point (calibrate.modes) sees them,
+    corrupted as calibrate corrupts the calibration crops for that mode (every condition x
+    severity of the mode, seeded per crop, stages.common.pictures.corrupt; none: the clean
+    crops), with PyTorch's logits on them (``reference``, by mode name). Only the clean uint8
+    pixels are kept: a file's answers are computed a batch at a time, so memory follows the
+    batch, not crops x conditions x severities."""
+    pixels: np.ndarray  # uint8 N x S x S x 3, the clean test crops
+    keys: list[str]  # <label>/<file>: each crop's corruptions' seed, on any machine
+    seed: int
+    meta: ModelMeta
+    targets: np.ndarray
+    pictures: list[str]
+    reference: dict[str, np.ndarray]
+
+    def jobs(self, mode) -> list[tuple[str, int]]:
+        return [(c, s) for c in mode.conditions for s in mode.severities]
+
+    def logits(self, mode, logits_of: Logits, batch_size: int = 64) -> np.ndarray:
+        """``logits_of`` on every crop as ``mode`` sees it, job after job (calibrate's order)."""
+        def classify(pixels: np.ndarray) -> np.ndarray:
+            batch = torch.from_numpy(np.ascontiguousarray(pixels)).permute(0, 3, 1, 2)
+            return logits_of(normalise(batch, self.meta.mean, self.meta.std).contiguous()
+                             .numpy())
+        if not mode.conditions:
+            return in_batches(classify, self.pixels, batch_size)
+        return np.concatenate(corrupted_logits(self.pixels, self.keys, self.jobs(mode),
+                                               self.seed, classify, batch_size, threads=1))
+
+    def labels(self, mode) -> tuple[np.ndarray, list[str]]:
+        """Each corrupted crop's label and source picture (the copies of a crop under the
+        picture of that crop, as calibrate counts them)."""
+        n = max(1, len(self.jobs(mode)))
+        return np.tile(self.targets, n), list(self.pictures) * n
+
+
+def mode_crops(point: OperatingPoint, meta: ModelMeta, seed: int, reference_of: Logits
+               ) -> ModeCrops | None:
+    """The test crops under each camera mode of ``point`` with ``reference_of``'s (PyTorch's)
+    answers; None when the point has no modes (the default: nothing computed)."""
+    if not point.modes:
+        return None
+    crops = checked_crops(TEST_SPLIT, meta, CHECKPOINT, torch.device("cpu"), keep="host")
+    pictures, _ = crop_pictures(crops.paths, SPLIT_MANIFEST)
+    pixels = crops.pixels.permute(0, 2, 3, 1).contiguous().numpy()
+    keys = ["/".join(Path(p).parts[-2:]) for p in crops.paths]
+    seen = ModeCrops(pixels, keys, seed, meta, crops.targets.numpy(), pictures, {})
+    for mode in point.modes:
+        seen.reference[mode.name] = seen.logits(mode, reference_of)
+    return seen
+
+
+def at_mode(point: OperatingPoint, name: str) -> OperatingPoint:
+    """``point`` answering with its camera mode ``name``'s threshold."""
+    mode = point.mode(name)
+    return dataclasses.replace(point, threshold=mode.threshold,
+                               threshold_log_odds=mode.threshold_log_odds, modes=())
+
+
+def certify_modes(crops: ModeCrops, logits_of: Logits, pipeline_point: OperatingPoint,
+                  point: OperatingPoint, person: int) -> dict[str, dict]:
+    """:func:`certify` under each camera mode ``point`` (the file's) carries, each alarm at its
+    own point's threshold for that mode, on the test crops as the mode sees them."""
+    out = {}
+    for mode in point.modes:
+        targets, pictures = crops.labels(mode)
+        out[mode.name] = certify(crops.reference[mode.name], crops.logits(mode, logits_of),
+                                 at_mode(pipeline_point, mode.name), at_mode(point, mode.name),
+                                 targets, pictures, person)
+    return out
+
+
+def mode_parity(figures: dict[str, dict], atol: float) -> dict[str, dict]:
+    """The fp32 file's figures under each camera mode, once its logits there are PyTorch's
+    within ``atol`` (the clean crops' parity check, on the crops as each mode sees them)."""
+    for name, f in figures.items():
+        if f["max_abs_logit_diff"] > atol:
+            raise StageError(f"ONNX parity failed under camera mode {name!r}: max abs logit "
+                             f"difference {f['max_abs_logit_diff']} > export.parity_atol "
+                             f"{atol} on {f['test_crops']} test crops as the mode sees them; "
+                             "try another export.opset or report the arch")
+    return figures
+
+
 def refitted_point(point: OperatingPoint, logits: np.ndarray, targets: np.ndarray,
                    pictures: list[str], person: int, name: str, source: Path
                    ) -> OperatingPoint:
@@ -177,11 +273,27 @@ def refitted_point(point: OperatingPoint, logits: np.ndarray, targets: np.ndarra
 
 def refused_line(name: str, figures: dict, bound: int, refit: bool) -> str:
     lost = figures["persons_lost"]
-    why = ("even with its threshold refitted on the calibration crops" if refit else
-           "set export.refit_threshold: true to fit it its own threshold")
-    return (f"warning: {name} not written: its alarm misses {lost} test "
-            f"person{'s' if lost != 1 else ''} that the PyTorch model's catches, more than "
-            f"export.max_persons_lost {bound}; {why}, or leave {name} out of export.formats")
+    if lost > bound:
+        why = ("even with its threshold refitted on the calibration crops" if refit else
+               "set export.refit_threshold: true to fit it its own threshold")
+        return (f"warning: {name} not written: its alarm misses {lost} test "
+                f"person{'s' if lost != 1 else ''} that the PyTorch model's catches, more than "
+                f"export.max_persons_lost {bound}; {why}, or leave {name} out of "
+                "export.formats")
+    mode, lost = next((m, f["persons_lost"]) for m, f in figures["modes"].items()
+                      if f["persons_lost"] > bound)
+    return (f"warning: {name} not written: under camera mode {mode!r} its alarm misses {lost} "
+            f"test person{'s' if lost != 1 else ''} (crops as the mode sees them) that the "
+            f"PyTorch model's catches at that mode's threshold, more than "
+            f"export.max_persons_lost {bound}; export.refit_threshold refits the clean "
+            f"threshold only: leave {name} out of export.formats, or {mode} out of "
+            "calibrate.modes")
+
+
+def lost_too_many(figures: dict, bound: int) -> bool:
+    """More test persons lost than ``bound``, clean or under any camera mode."""
+    return figures["persons_lost"] > bound or any(
+        f["persons_lost"] > bound for f in figures.get("modes", {}).values())
 
 
 def formats_section(formats: dict) -> str:
@@ -206,7 +318,22 @@ figures with their one-sided 95 % bounds. `python -m stages.predict --model <fil
 | threshold |
 |---|---|---|---|---|---|---|---|
 {chr(10).join(rows)}
-"""
+{modes_lost(formats)}"""
+
+
+def modes_lost(formats: dict) -> str:
+    """The card's lines on the formats under the camera modes: test persons lost at each
+    mode's threshold, on the crops as the mode sees them; empty without modes."""
+    lines = [f"- {name}: " + ", ".join(
+                 f"{mode} {m['persons_lost']} of {m['persons']} (recall {m['person_recall']}, "
+                 f">= {m['person_recall_lower_95']})" for mode, m in f["modes"].items())
+             for name, f in formats.items() if f.get("modes")]
+    if not lines:
+        return ""
+    return ("\nUnder each camera mode (test crops as the mode sees them, each file at the "
+            "mode's threshold it carries), test persons PyTorch's alarm catches and the file's "
+            "misses, of the mode's persons; more than `export.max_persons_lost` under any mode: "
+            "not written.\n\n" + "\n".join(lines) + "\n")
 
 
 def parity(reference: np.ndarray, candidate: np.ndarray) -> dict:
@@ -571,6 +698,7 @@ def main() -> None:
     reference = in_batches(eager.logits, images)
     check_logits(reference, len(images), len(meta.classes), CHECKPOINT)
     speed["pytorch_eager"] = speed_figures(eager.logits, one, batch, n, cfg.speed_runs)
+    modes = mode_crops(point, meta, everything.seed, eager.logits)  # None without modes
     del eager
 
     person = meta.classes.index(ALARM_LABEL)  # calibrate fitted a point: there is one
@@ -596,11 +724,15 @@ def main() -> None:
                                  "refitted": False,
                                  **certify(reference, answered, point, onnx.operating_point,
                                            targets, pictures, person)}}
+        if modes is not None:
+            certified[ONNX_FP32]["modes"] = mode_parity(
+                certify_modes(modes, onnx.logits, point, onnx.operating_point, person),
+                cfg.parity_atol)
         for name in cfg.formats:
             if name != ONNX_FP32:
                 certified[name] = other_format(name, tmp, everything, calibration, reference,
                                                images, targets, pictures, point, person,
-                                               threads, refused)
+                                               threads, refused, modes)
         figures = {"arch": meta.arch, "opset": cfg.opset, "onnx_mb": size_mb,
                    "parity": check, "formats": certified, "model_table": row}
         (tmp / CARD_FILE).write_text(model_card(
@@ -624,17 +756,21 @@ def main() -> None:
                   f"{f['top1_agreement']}, alarm agreement {f['alarm_agreement']}, "
                   f"{f['persons_lost']} persons lost, recall {f['person_recall']} (>= "
                   f"{f['person_recall_lower_95']})"
-                  + (", threshold refitted" if f["refitted"] else ""))
+                  + (", threshold refitted" if f["refitted"] else "")
+                  + "".join(f"; mode {m}: {g['persons_lost']} persons lost"
+                            for m, g in f.get("modes", {}).items()))
     for line in refused:
         print(line, file=sys.stderr)
 
 
 def other_format(name: str, tmp: Path, everything: params.Params, calibration, reference,
                  images, targets, pictures, point: OperatingPoint, person: int, threads: int,
-                 refused: list[str]) -> dict:
+                 refused: list[str], modes: ModeCrops | None = None) -> dict:
     """Build format ``name`` beside the fp32 file in ``tmp``, re-certify it on test (refit its
-    threshold if asked and needed), and remove it when it loses more test persons than
-    ``export.max_persons_lost``, the reason added to ``refused``. Its figures."""
+    threshold if asked and needed) and under each camera mode it carries (``modes``: the test
+    crops as each mode sees them), and remove it when it loses more test persons than
+    ``export.max_persons_lost``, clean or under a mode, the reason added to ``refused``. Its
+    figures."""
     cfg = everything.export
     row = FORMATS[name]
     out = tmp / row.file
@@ -660,7 +796,10 @@ def other_format(name: str, tmp: Path, everything: params.Params, calibration, r
         classifier = load_classifier(out, threads)
         figures = certify(reference, answers(images), point, classifier.operating_point,
                           targets, pictures, person)
-    written = figures["persons_lost"] <= cfg.max_persons_lost
+    if modes is not None:
+        figures["modes"] = certify_modes(modes, classifier.logits, point,
+                                         classifier.operating_point, person)
+    written = not lost_too_many(figures, cfg.max_persons_lost)
     files = row.paths(out)
     mb = round(sum(p.stat().st_size for p in files) / 2 ** 20, 1)
     if not written:

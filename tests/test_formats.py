@@ -14,11 +14,13 @@ from torch import nn
 from stages import export as export_stage
 from stages.common.alarm import calibration as cal, point as pt
 from stages.common.config.params import parse
+from stages.common.inference.batches import normalise
 from stages.common.infra.errors import ParamError, StageError
 from stages.common.model.build import IMAGENET_MEAN, IMAGENET_STD
 from stages.common.model.checkpoint import ModelMeta
 from stages.common.model.formats import CONVERTERS, FORMATS, build, sidecar
 from stages.common.model.onnx import export
+from stages.common.pictures.corrupt import corrupt
 from stages.common.serving.classifiers import (OnnxClassifier, OpenVinoClassifier,
                                                load_classifier)
 from stages.common.serving.predictor import prepare
@@ -207,12 +209,21 @@ def stage_params(**export):
     return parse(paramfile.params({"export": export}))
 
 
-def pipeline_point(log_odds: float, rule: str = "none") -> pt.OperatingPoint:
-    return pt.OperatingPoint.parse(pt.seal({
+def pipeline_point(log_odds: float, rule: str = "none",
+                   modes: dict[str, float] | None = None) -> pt.OperatingPoint:
+    """A sealed point at ``log_odds``; ``modes``: camera mode name -> its threshold's log-odds,
+    each mode seeing its crops as a grey near-infrared picture, severity 2."""
+    content = {
         "format": 1, "label": "person", "temperature": 1.0,
         "threshold": cal.probability(log_odds), "threshold_log_odds": log_odds,
         "target_recall": 0.99, "guarantee": rule, "delta": 0.05,
-        "val": {"persons": 29, "resolved": False}, "model_sha256": "0" * 64}))
+        "val": {"persons": 29, "resolved": False}, "model_sha256": "0" * 64}
+    if modes:
+        content[pt.MODES_KEY] = [
+            {"name": name, "conditions": ["infrared"], "severities": [2],
+             "threshold": cal.probability(lo), "threshold_log_odds": lo, "val": {}}
+            for name, lo in modes.items()]
+    return pt.OperatingPoint.parse(pt.seal(content))
 
 
 @pytest.fixture(scope="module")
@@ -283,6 +294,90 @@ def test_a_refitted_threshold_is_sealed_for_the_artifact_and_then_certified(losi
     assert op.threshold_log_odds == pytest.approx(lowest)
     assert op.threshold == cal.probability(op.threshold_log_odds)
     assert figures["threshold_log_odds"] == op.threshold_log_odds
+
+
+@pytest.fixture(scope="module")
+def losing_in_infrared(artifacts):
+    """Test crops (uint8, all persons: a colour each with noise over it) that export sees under
+    an infrared camera mode, with the fp32 ONNX file standing in for PyTorch, and an infrared
+    threshold between one grey crop's fp32 and int8 person scores: under that mode int8 loses a
+    person the fp32 alarm catches, while clean, at a threshold far below every score, it loses
+    none."""
+    rng = np.random.default_rng(5)
+    pixels = np.clip(rng.uniform(0, 1, (24, 1, 1, 3))
+                     + 0.2 * rng.standard_normal((24, SIZE, SIZE, 3)), 0, 1)
+    pixels = (pixels * 255).round().astype(np.uint8)
+    crops = export_stage.ModeCrops(pixels, [f"person/{i}.png" for i in range(len(pixels))], 42,
+                                   META, np.full(len(pixels), PERSON),
+                                   [f"p{i}" for i in range(len(pixels))], {})
+    mode = pipeline_point(0.0, modes={"infrared": 0.0}).mode("infrared")
+    fp32 = OnnxClassifier(artifacts / "model.onnx").logits
+    reference = crops.logits(mode, fp32)
+    crops.reference["infrared"] = reference
+    ours = cal.person_log_odds(reference, 1.0, PERSON)
+    int8 = cal.person_log_odds(crops.logits(mode, OnnxClassifier(
+        artifacts / "model.int8.onnx").logits), 1.0, PERSON)
+    worst = int(np.argmax(ours - int8))
+    assert ours[worst] - int8[worst] > 1e-3  # the drift the construction needs
+    clean = OnnxClassifier(artifacts / "model.onnx").logits(np.concatenate(CALIBRATION))
+    return crops, float((ours[worst] + int8[worst]) / 2), clean
+
+
+def run_with_modes(artifacts, losing_in_infrared, tmp_path, infrared: float):
+    crops, _, clean = losing_in_infrared
+    shutil.copy(artifacts / "model.onnx", tmp_path / "model.onnx")
+    x = np.concatenate(CALIBRATION)
+    refused = []
+    figures = export_stage.other_format(
+        "onnx_int8", tmp_path, stage_params(), (x, np.full(len(x), PERSON),
+                                                [f"c{i}" for i in range(len(x))]),
+        clean, x, np.full(len(x), PERSON), [f"p{i}" for i in range(len(x))],
+        pipeline_point(-50.0, modes={"infrared": infrared}), PERSON, 1, refused, crops)
+    return figures, refused
+
+
+def test_a_format_that_loses_a_person_under_a_camera_mode_only_is_not_written(
+        artifacts, losing_in_infrared, tmp_path):
+    """Clean, the int8 file loses nobody; in infrared, at the mode's own threshold it carries,
+    it misses a person the fp32 alarm catches: not written, and the line names the mode."""
+    _, infrared, _ = losing_in_infrared
+    figures, refused = run_with_modes(artifacts, losing_in_infrared, tmp_path, infrared)
+    assert figures["persons_lost"] == 0
+    lost = figures["modes"]["infrared"]["persons_lost"]
+    assert lost >= 1 and figures["modes"]["infrared"]["persons"] == 24
+    assert not figures["written"] and not (tmp_path / "model.int8.onnx").exists()
+    assert refused == [
+        f"warning: onnx_int8 not written: under camera mode 'infrared' its alarm misses {lost} "
+        f"test person{'s' if lost != 1 else ''} (crops as the mode sees them) that the PyTorch "
+        "model's catches at that mode's threshold, more than export.max_persons_lost 0; "
+        "export.refit_threshold refits the clean threshold only: leave onnx_int8 out of "
+        "export.formats, or infrared out of calibrate.modes"]
+    assert f"- onnx_int8: infrared {lost} of 24 (recall" in export_stage.modes_lost(
+        {"onnx_int8": figures})
+    # the same file with an infrared threshold below every score loses nobody and is written
+    low = tmp_path / "low"
+    low.mkdir()
+    figures, refused = run_with_modes(artifacts, losing_in_infrared, low, -50.0)
+    assert figures["written"] and not refused
+    assert figures["modes"]["infrared"]["persons_lost"] == 0
+    assert (low / "model.int8.onnx").exists()
+
+
+def test_the_mode_crops_are_those_calibrate_and_conditions_corrupt(losing_in_infrared):
+    """A mode's crops are each test crop under each of its conditions x severities, seeded by
+    the crop's key as the conditions stage seeds it; labels and pictures repeat per job."""
+    crops, _, _ = losing_in_infrared
+    seen = []
+    mode = pt.ModeThreshold("n", ("night", "fog"), (1, 3), 0.5, 0.0)
+    crops.logits(mode, lambda x: seen.append(x) or np.zeros((len(x), 3)), batch_size=1000)
+    expected = np.stack([corrupt(p, c, s, 42, k) for c, s in crops.jobs(mode)
+                         for p, k in zip(crops.pixels, crops.keys)])
+    x = torch.from_numpy(expected).permute(0, 3, 1, 2)
+    np.testing.assert_array_equal(np.concatenate(seen),
+                                  normalise(x, META.mean, META.std).numpy())
+    targets, pictures = crops.labels(mode)
+    assert len(targets) == len(pictures) == 4 * len(crops.pixels)
+    assert pictures[:3] == pictures[len(crops.pixels):len(crops.pixels) + 3]
 
 
 # ----- params and calibration crops -----------------------------------------------------------
