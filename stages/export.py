@@ -469,9 +469,10 @@ RULE_WORDS = {
 }
 
 
-def modes_section(point: OperatingPoint | None) -> str:
-    """The camera modes' thresholds (calibrate.modes), each with its calibration figures; empty
-    without modes, so such a card is as before modes existed."""
+def modes_section(point: OperatingPoint | None, tested: dict | None = None) -> str:
+    """The camera modes' thresholds (calibrate.modes), each with its calibration figures and,
+    with ``tested`` (the fp32 file's :func:`certify_modes`), its figures on the test crops as
+    the mode sees them; empty without modes, so such a card is as before modes existed."""
     if point is None or not point.modes:
         return ""
     rows = []
@@ -479,12 +480,18 @@ def modes_section(point: OperatingPoint | None) -> str:
         val = mode.val
         seen = (f"{' + '.join(mode.conditions)} at severities "
                 f"{', '.join(map(str, mode.severities))}" if mode.conditions else "clean")
+        test = (tested or {}).get(mode.name)
+        on_test = (f" {test['persons'] - test['persons_missed']} of {test['persons']}, recall "
+                   f"{test['person_recall']} (>= {test['person_recall_lower_95']}); "
+                   f"{test['false_alarms_per_1000']} (<= {test['false_alarms_per_1000_upper_95']})"
+                   f" false alarms / 1,000 |" if test else " not measured |")
         rows.append(f"| {mode.name} | {seen} | "
                     f"{threshold_text(mode.threshold, mode.threshold_log_odds)} | "
                     f"{val['persons'] - val['persons_missed']} of {val['persons']} "
                     f"({val['person_pictures']} pictures) | {val['person_recall_lower_95']} | "
                     f"{val['false_alarms']} of {val['non_persons']} | "
-                    f"{'yes' if val['resolved'] else 'no: every person there raises it'} |")
+                    f"{'yes' if val['resolved'] else 'no: every person there raises it'} |"
+                    + on_test)
     table = "\n".join(rows)
     return f"""
 ### Camera modes (one threshold each)
@@ -492,10 +499,14 @@ def modes_section(point: OperatingPoint | None) -> str:
 that mode sees them (its conditions applied to them; its copies of a picture count as that one
 picture), so each has its own guarantee; `python -m stages.predict --mode NAME` answers with
 one, `--mode auto` with the infrared mode for a grey picture and the clean one for a colour one.
-The test figures above are the clean threshold's; these are on calibration crops.
+The test figures above are the clean threshold's. Here persons caught, lower bound, false alarms
+and resolved are on the calibration crops; the last column is the test crops as the mode sees
+them (the same corruptions, seeded per crop) through `model.onnx` at the mode's threshold, with
+the one-sided 95 % bounds over test pictures.
 
-| mode | crops | threshold | persons caught | recall lower bound (95 %) | false alarms | resolved |
-|---|---|---|---|---|---|---|
+| mode | crops | threshold | persons caught | recall lower bound (95 %) | false alarms | resolved \
+| on test |
+|---|---|---|---|---|---|---|---|
 {table}
 """
 
@@ -588,10 +599,11 @@ def card_recipe(cfg: params.Params) -> dict:
 def model_card(cfg: params.Params, meta: ModelMeta, scores: dict, split: dict, hashes: dict,
                export_figures: dict, speed: dict, conditions: dict | None = None,
                formats: dict | None = None, row: dict | None = None,
-               point: OperatingPoint | None = None) -> str:
+               point: OperatingPoint | None = None, mode_tests: dict | None = None) -> str:
     """data/export/MODEL_CARD.md: what a reviewer reads before the model is deployed.
     ``export_figures``: metrics/export.json's; ``speed``: metrics/speed/export.json's;
-    ``point``: the one the model file carries (its camera modes, when it has any)."""
+    ``point``: the one the model file carries (its camera modes, when it has any), and
+    ``mode_tests`` the model file's figures under each of them on test."""
     classes = meta.classes
     counts = split.get("crops", {})
     rows = "\n".join(f"| {part} | " + " | ".join(str(counts[part].get(c, 0)) for c in classes)
@@ -653,7 +665,7 @@ Accuracy {scores['accuracy']:.4f}, macro F1 {scores['macro_f1']:.4f}, **person r
 {per_class}
 
 {alarm_section(scores)}
-{modes_section(point)}
+{modes_section(point, mode_tests)}
 {conditions_section(conditions or {})}
 {beyond_onnx}## Speed (CPU, {speed['threads']} threads, this run's machine)
 Batch 1: {o['batch1_ms_per_image']} ms/image in ONNX Runtime, {e['batch1_ms_per_image']} ms in
@@ -738,7 +750,8 @@ def main() -> None:
         (tmp / CARD_FILE).write_text(model_card(
             everything, meta, with_point(scores, onnx.operating_point),
             split, data_hashes(), figures, speed, conditions,
-            certified if len(certified) > 1 else None, row, onnx.operating_point))
+            certified if len(certified) > 1 else None, row, onnx.operating_point,
+            certified[ONNX_FP32].get("modes")))
 
     write_json(EXPORT_SPEED, speed)
     write_json(EXPORT_METRICS, figures)

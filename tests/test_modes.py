@@ -169,4 +169,9 @@ def test_the_card_lists_each_modes_threshold_only_when_there_are_modes():
     card = modes_section(with_modes)
     assert "| infrared | infrared at severities 1, 2, 3, 4, 5 | 0.627" in card
     assert "| 145 of 145 (24 pictures) | 0.8826 | 10 of 245 | no: every person there raises it |" \
-        in card
+        " not measured |" in card
+    tested = {"infrared": {"persons": 290, "persons_missed": 3, "person_recall": 0.9897,
+                           "person_recall_lower_95": 0.9701, "false_alarms_per_1000": 12.5,
+                           "false_alarms_per_1000_upper_95": 24.1}}
+    assert "| no: every person there raises it | 287 of 290, recall 0.9897 (>= 0.9701); 12.5 " \
+        "(<= 24.1) false alarms / 1,000 |" in modes_section(with_modes, tested)
