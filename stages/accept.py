@@ -1,11 +1,13 @@
 """A site's own labelled crops as an acceptance test of the person alarm.
 
-``python -m stages.accept FOLDER [FOLDER ...] [--model M] [--json FILE]``: the operator's
-command. Each FOLDER is a *site set*, an ImageFolder of the model's classes (``person/``,
+``python -m stages.accept FOLDER [FOLDER ...] [--model M] [--json FILE] [--mode NAME]``: the
+operator's command. Each FOLDER is a *site set*, an ImageFolder of the model's classes (``person/``,
 ``animal/``, ``object/``, each walked recursively as predict walks a folder). Every picture is
 read, letterboxed and classified exactly as predict does (stages.common.serving), at the model's
 sealed operating point: a checkpoint's (its ``operating_point.json`` beside it, else calibrate's,
-used only when fitted for that very checkpoint) or the one an exported ``.onnx`` file carries.
+used only when fitted for that very checkpoint) or the one an exported ``.onnx`` file carries;
+with ``--mode NAME``, that point's camera mode NAME's threshold (calibrate.modes), as
+``predict --mode NAME`` answers.
 Per site set: accuracy, person recall with its one-sided 95 % Clopper-Pearson bounds, false
 alarms per 1,000 with the upper bound, and the verdict met / not shown / not met, the figures
 the conditions stage gives (stages.common.alarm.labelled, one place), each picture counted as
@@ -49,7 +51,7 @@ import numpy as np
 from stages.common.alarm.labelled import alarm_under, raised
 from stages.common.alarm.point import OperatingPoint
 from stages.common.config import params
-from stages.common.config.labels import ALARM_LABEL
+from stages.common.config.labels import ALARM_LABEL, AUTO_MODE
 from stages.common.config.paths import ACCEPT_METRICS, CHECKPOINT
 from stages.common.config.params import MAX_BATCH
 from stages.common.infra.atomic import clean_dead_leftovers, write_json
@@ -78,6 +80,11 @@ def parse_args(argv: list[str]) -> argparse.Namespace:
     parser.add_argument("--device", choices=["auto", "cpu", "cuda", "mps"], default="auto",
                         help="where a .pt checkpoint runs (auto: cuda, then mps, then cpu); an "
                              ".onnx model runs on the CPU")
+    parser.add_argument("--mode", default=None, metavar="NAME",
+                        help="measure at the threshold of the operating point's camera mode "
+                             "NAME (calibrate.modes, e.g. infrared for a site set of a "
+                             "near-infrared camera's night pictures), as predict --mode NAME "
+                             "answers")
     args = parser.parse_args(argv)
     if not 1 <= args.batch_size <= MAX_BATCH:
         raise ParamError(f"--batch-size={args.batch_size} is not allowed; expected 1 to "
@@ -181,9 +188,10 @@ def verdict_line(name: str, figures: dict, target: float, missed: list[str],
     return line
 
 
-def measure(classifier, site: SiteSet, point: OperatingPoint, batch_size: int, listed: str
-            ) -> tuple[dict, str]:
-    """The site set's figures (the JSON's record) and its verdict line; a record with
+def measure(classifier, site: SiteSet, point: OperatingPoint, batch_size: int, listed: str,
+            mode: str | None = None) -> tuple[dict, str]:
+    """The site set's figures (the JSON's record) and its verdict line (naming ``mode``, the
+    camera mode whose threshold ``point`` holds, when there is one); a record with
     ``unmeasured`` when none of its person pictures could be read."""
     from stages.common.serving.predictor import predict_paths, printable, shown
 
@@ -197,7 +205,7 @@ def measure(classifier, site: SiteSet, point: OperatingPoint, batch_size: int, l
         else:
             read.append(prediction)
             labels.append(label)
-    name = printable(str(site.folder))
+    name = printable(str(site.folder)) + (f" at camera mode {printable(mode)}" if mode else "")
     record = {"pictures": len(site.items), "pictures_read": len(read),
               "per_class": {c: labels.count(i) for i, c in enumerate(classes)},
               "unreadable": [{"path": shown(p), "error": e} for p, e in unreadable],
@@ -246,7 +254,7 @@ def load(model: Path, device_name: str):
     return classifier, classifier.operating_point
 
 
-def header(model: Path, classifier, point: OperatingPoint) -> dict:
+def header(model: Path, classifier, point: OperatingPoint, mode: str | None = None) -> dict:
     from stages.common.serving.predictor import shown
 
     return {"model": shown(model), "arch": classifier.meta.arch,
@@ -255,15 +263,31 @@ def header(model: Path, classifier, point: OperatingPoint) -> dict:
                                 "threshold_log_odds": point.threshold_log_odds,
                                 "temperature": point.temperature,
                                 "target_recall": point.target_recall,
-                                "point_sha256": point.point_sha256},
+                                "point_sha256": point.point_sha256,
+                                **({"mode": mode} if mode else {})},
             "counted_as": "each picture its own (one-sided 95 % Clopper-Pearson bounds)"}
 
 
+def at_mode(point: OperatingPoint, mode: str | None) -> OperatingPoint:
+    """The point that answers: its own, or with ``mode`` its camera mode's threshold (one line
+    naming the modes there are otherwise). ``auto`` picks a threshold per picture, which a
+    verdict over one set cannot state: refused in one line."""
+    if mode is None:
+        return point
+    if mode == AUTO_MODE:
+        raise StageError("--mode auto picks a threshold per picture (predict); an acceptance "
+                         "test states one threshold: name the mode, e.g. --mode infrared for "
+                         "a site set of a near-infrared camera's pictures, and measure each "
+                         "camera's set at its own mode")
+    return point.at_mode(mode)
+
+
 def run(folders: list[Path], model: Path, batch_size: int, device: str,
-        listed: str = "--json FILE lists all") -> tuple[dict, int]:
+        listed: str = "--json FILE lists all", mode: str | None = None) -> tuple[dict, int]:
     """Every site set measured: the JSON document and the exit code. Stops with one line per
     site set that cannot be measured (exit 2) before any picture is classified. ``listed``:
-    where a line whose names are cut short sends the reader for all of them."""
+    where a line whose names are cut short sends the reader for all of them; ``mode``: the
+    camera mode whose threshold answers (None: the point's own)."""
     seen: dict[Path, Path] = {}
     for folder in folders:
         first = seen.setdefault(folder.resolve(), folder)
@@ -271,6 +295,7 @@ def run(folders: list[Path], model: Path, batch_size: int, device: str,
             raise ParamError(f"site set {folder} is given twice (as {first} too); give each "
                              "once")
     classifier, point = load(model, device)
+    point = at_mode(point, mode)
     surveyed = [survey(folder, classifier.meta.classes) for folder in folders]
     problems = [line for _, lines in surveyed for line in lines]
     if problems:
@@ -279,7 +304,7 @@ def run(folders: list[Path], model: Path, batch_size: int, device: str,
         raise SystemExit(UNMEASURED)
     from stages.common.serving.predictor import printable
 
-    document = {**header(model, classifier, point), "site_sets": {}}
+    document = {**header(model, classifier, point, mode), "site_sets": {}}
     code = 0
     for site, _ in surveyed:
         if site.ignored:
@@ -288,7 +313,7 @@ def run(folders: list[Path], model: Path, batch_size: int, device: str,
                   f"content, or beside the class folders): "
                   f"{names([printable(str(p)) for p in site.ignored], listed)}",
                   file=sys.stderr)
-        record, line = measure(classifier, site, point, batch_size, listed)
+        record, line = measure(classifier, site, point, batch_size, listed, mode)
         document["site_sets"][str(site.folder)] = record
         if "unmeasured" in record:
             print(f"error: {line}", file=sys.stderr)
@@ -330,7 +355,7 @@ def main(argv: list[str] | None = None) -> int:
 
     document, code = run(args.folders, args.model, args.batch_size, args.device,
                          f"{printable(str(args.json))} lists all" if args.json else
-                         "--json FILE lists all")
+                         "--json FILE lists all", args.mode)
     if args.json is not None:
         write_json(args.json, document)
     return code

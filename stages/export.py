@@ -216,13 +216,6 @@ def mode_crops(point: OperatingPoint, meta: ModelMeta, seed: int, reference_of: 
     return seen
 
 
-def at_mode(point: OperatingPoint, name: str) -> OperatingPoint:
-    """``point`` answering with its camera mode ``name``'s threshold."""
-    mode = point.mode(name)
-    return dataclasses.replace(point, threshold=mode.threshold,
-                               threshold_log_odds=mode.threshold_log_odds, modes=())
-
-
 def certify_modes(crops: ModeCrops, logits_of: Logits, pipeline_point: OperatingPoint,
                   point: OperatingPoint, person: int) -> dict[str, dict]:
     """:func:`certify` under each camera mode ``point`` (the file's) carries, each alarm at its
@@ -231,7 +224,7 @@ def certify_modes(crops: ModeCrops, logits_of: Logits, pipeline_point: Operating
     for mode in point.modes:
         targets, pictures = crops.labels(mode)
         out[mode.name] = certify(crops.reference[mode.name], crops.logits(mode, logits_of),
-                                 at_mode(pipeline_point, mode.name), at_mode(point, mode.name),
+                                 pipeline_point.at_mode(mode.name), point.at_mode(mode.name),
                                  targets, pictures, person)
     return out
 

@@ -149,6 +149,57 @@ def test_the_verdict_line_and_figures_of_a_site_set(run, models, tmp_path, name,
     assert record["verdict"] == line.rstrip("\n")
 
 
+@pytest.fixture(scope="module")
+def moded(models, tmp_path_factory):
+    """The checkpoint with a point whose own threshold is ``all_caught``'s and whose camera mode
+    ``infrared`` holds ``one_caught``'s (the top person score alone reaches it)."""
+    folder = tmp_path_factory.mktemp("moded")
+    os.link(models.dirs["all_caught"], folder / "best.pt")
+    low = json.loads((models.dirs["all_caught"].parent / "operating_point.json").read_text())
+    high = json.loads((models.dirs["one_caught"].parent / "operating_point.json").read_text())
+    point = {k: v for k, v in low.items() if k != pt.SEAL_KEY}
+    point[pt.MODES_KEY] = [{"name": "infrared", "conditions": ["infrared"],
+                            "severities": [1, 2, 3, 4, 5], "threshold": high["threshold"],
+                            "threshold_log_odds": high["threshold_log_odds"], "val": {}}]
+    (folder / "operating_point.json").write_text(json.dumps(pt.seal(point)))
+    return folder / "best.pt", high["threshold_log_odds"]
+
+
+def test_a_camera_mode_measures_at_that_modes_threshold(run, models, moded, tmp_path):
+    """--mode infrared: the verdict of the mode's threshold, named in the line and the JSON;
+    without it the point's own (every person caught)."""
+    model, threshold = moded
+    persons = np.array(models.labels) == "person"
+    caught = int((persons & (models.scores >= threshold)).sum())
+    assert caught == 1
+    result = run(models.site, "--model", model, "--mode", "infrared", "--json", tmp_path / "m.json")
+    assert result.returncode == 0, result.stderr
+    assert result.stdout.startswith(f"site set {models.site} at camera mode infrared: "
+                                    f"{int(persons.sum())} persons, recall "
+                                    f"{round(caught / persons.sum(), 4)} (>= ")
+    document = json.loads((tmp_path / "m.json").read_text())
+    assert document["operating_point"]["mode"] == "infrared"
+    assert document["operating_point"]["threshold_log_odds"] == threshold
+    record = document["site_sets"][str(models.site)]
+    assert record["persons"] - record["persons_missed"] == caught
+    plain = run(models.site, "--model", model)
+    assert plain.returncode == 0 and "no person missed" in plain.stdout
+    assert plain.stdout.startswith(f"site set {models.site}: ")
+
+
+@pytest.mark.parametrize("mode, needle", [
+    ("night", "error: --mode 'night' is not a camera mode of the operating point ("),
+    ("auto", "error: --mode auto picks a threshold per picture (predict); an acceptance test "
+             "states one threshold: name the mode"),
+])
+def test_an_unusable_mode_is_one_line_before_any_picture(run, models, moded, mode, needle):
+    result = run(models.site, "--model", moded[0], "--mode", mode)
+    assert result.returncode == 2 and result.stdout == ""
+    assert result.stderr.startswith(needle) and result.stderr.count("\n") == 1, result.stderr
+    if mode == "night":
+        assert "it holds infrared" in result.stderr
+
+
 def test_many_missed_persons_are_capped_with_a_count(run, models, monkeypatch):
     want = expected(models, "one_caught")
     assert len(want.missed) == 5

@@ -2,10 +2,10 @@
 
 The slowest module: it trains twice, resnet18 (the first `dvc repro`) and mobilenet_v3_small
 (the arch experiment: a family that is not a ResNet, through every stage after split as DVC
-runs them); the recall-target test reruns calibrate onwards only, the queued sweep accept only. It is the
-one module that shows the stages chain, cache and rerun as the README promises. It asserts what is
-guaranteed (which stages ran, which keys exist, well-formed outputs), never what a model happened
-to learn: another CPU or thread count trains other weights.
+runs them); the recall-target test reruns calibrate onwards only, the queued sweep accept
+only. It is the one module that shows the stages chain, cache and rerun as the README promises.
+It asserts what is guaranteed (which stages ran, which keys exist, well-formed outputs), never
+what a model happened to learn: another CPU or thread count trains other weights.
 
 Marked `training` (rerun under OMP_NUM_THREADS=1 by `make test-threads`): only the two tests of
 what the first `dvc repro` computed (metrics, operating point, ONNX parity, model card), which

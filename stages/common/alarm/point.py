@@ -240,6 +240,13 @@ class OperatingPoint:
     def mode_names(self) -> list[str]:
         return [m.name for m in self.modes]
 
+    def at_mode(self, name: str) -> "OperatingPoint":
+        """This point answering with its camera mode ``name``'s threshold (no modes of its
+        own); a one-line StageError naming the modes there are when it has no such mode."""
+        mode = self.mode(name)
+        return dataclasses.replace(self, threshold=mode.threshold,
+                                   threshold_log_odds=mode.threshold_log_odds, modes=())
+
     def mode(self, name: str) -> ModeThreshold:
         """The camera mode called ``name``; a one-line StageError naming those there are."""
         for mode in self.modes:
