@@ -18,7 +18,6 @@ from __future__ import annotations
 import argparse
 import statistics
 import time
-from pathlib import Path
 
 import numpy as np
 import torch
@@ -29,18 +28,18 @@ from stages.common.config import params
 from stages.common.config.labels import ALARM_LABEL
 from stages.common.config.paths import CHECKPOINT, OPERATING_POINT, TEST_SPLIT
 from stages.common.inference.batches import normalise
-from stages.common.inference.corrupted import corrupted_logits
+from stages.common.inference.corrupted import corrupted_logits, crop_keys, host_pixels
 from stages.common.inference.logits import checked_crops
 from stages.common.model.build import load_checkpoint
-from stages.common.pictures.corrupt import corrupt
+from stages.conditions.measure import jobs_of
 
 
 def suite_pixels(pixels: np.ndarray, keys: list[str], measure: dict[str, list[int]],
                  seed: int) -> np.ndarray:
     """The clean crops, then every crop under each (condition, severity), as the stage makes
     them (corrupted_logits with an identity classifier)."""
-    jobs = [(c, s) for c, severities in measure.items() for s in severities]
-    corrupted = corrupted_logits(pixels, keys, jobs, seed, lambda batch: batch, len(keys), 1)
+    corrupted = corrupted_logits(pixels, keys, jobs_of(measure), seed, lambda batch: batch,
+                                 len(keys), 1)
     return np.concatenate([pixels, *corrupted])
 
 
@@ -68,8 +67,8 @@ def main(argv: list[str] | None = None) -> None:
     model = model.eval().to(memory_format=torch.channels_last)
     point = operating_point_for(CHECKPOINT, OPERATING_POINT)
     crops = checked_crops(TEST_SPLIT, meta, CHECKPOINT, torch.device("cpu"), keep="host")
-    keys = ["/".join(Path(p).parts[-2:]) for p in crops.paths]
-    pixels = suite_pixels(crops.pixels.permute(0, 2, 3, 1).contiguous().numpy(), keys,
+    keys = crop_keys(crops.paths)
+    pixels = suite_pixels(host_pixels(crops), keys,
                           cfg.measure, everything.seed)
 
     torch.set_num_threads(1)

@@ -18,7 +18,6 @@ In Python, :class:`Load` is a context manager (benchmarks/model_table.py's loade
 """
 from __future__ import annotations
 
-import argparse
 import multiprocessing
 import os
 import signal

@@ -54,7 +54,8 @@ from stages.common.config.labels import ALARM_LABEL
 from stages.common.config.paths import (CALIBRATION_SPLIT, CHECKPOINT, OPERATING_POINT,
                                         SPLIT_MANIFEST, VAL_SPLIT)
 from stages.common.inference.batches import CropSet
-from stages.common.inference.corrupted import corrupted_logits, pixel_classifier
+from stages.common.inference.corrupted import (crop_keys, host_pixels, mode_labels,
+                                               pixel_classifier, under_mode)
 from stages.common.inference.logits import checked_crops, labelled_logits
 from stages.common.infra.atomic import clean_dead_leftovers, write_json
 from stages.common.infra.digest import file_sha256
@@ -133,14 +134,9 @@ def mode_crops(mode, crops: CropSet, logits: np.ndarray, targets: np.ndarray, pi
     seeds test crops)."""
     if not mode.conditions:
         return logits, targets, pictures
-    jobs = [(c, s) for c in mode.conditions for s in mode.severities]
-    pixels = crops.take(torch.arange(len(crops)), torch.device("cpu"))
-    pixels = pixels.permute(0, 2, 3, 1).contiguous().numpy()
-    keys = ["/".join(Path(p).parts[-2:]) for p in crops.paths]  # <label>/<file>: any machine
-    corrupted = corrupted_logits(pixels, keys, jobs, seed, classify, batch_size,
-                                 threads=os.cpu_count() or 1)
-    return (np.concatenate(corrupted), np.tile(targets, len(jobs)),
-            list(pictures) * len(jobs))
+    seen = under_mode(mode, host_pixels(crops), crop_keys(crops.paths), seed, classify,
+                      batch_size, threads=os.cpu_count() or 1)
+    return (seen, *mode_labels(mode, targets, pictures))
 
 
 def statement_lines(point: OperatingPoint) -> tuple[list[str], list[str]]:

@@ -31,7 +31,6 @@ conditions), and its threshold and temperature are read back from the model file
 from __future__ import annotations
 
 import dataclasses
-import json
 import sys
 from pathlib import Path
 from typing import Callable
@@ -55,7 +54,8 @@ from stages.common.config.paths import (CALIBRATION_SPLIT, CHECKPOINT, CONDITION
                                         SPLIT_METRICS,
                                         TEST_SPLIT, VAL_SPLIT)
 from stages.common.inference.batches import normalise
-from stages.common.inference.corrupted import corrupted_logits
+from stages.common.inference.corrupted import (crop_keys, host_pixels, mode_labels,
+                                               under_mode)
 from stages.common.inference.logits import checked_crops
 from stages.common.inference.speed import speed_figures
 from stages.common.infra.atomic import atomic_dir, clean_dead_leftovers, write_json
@@ -172,32 +172,25 @@ class ModeCrops:
     pixels are kept: a file's answers are computed a batch at a time, so memory follows the
     batch, not crops x conditions x severities."""
     pixels: np.ndarray  # uint8 N x S x S x 3, the clean test crops
-    keys: list[str]  # <label>/<file>: each crop's corruptions' seed, on any machine
+    keys: list[str]  # crop_keys: each crop's corruptions' seed, on any machine
     seed: int
     meta: ModelMeta
     targets: np.ndarray
     pictures: list[str]
     reference: dict[str, np.ndarray]
 
-    def jobs(self, mode) -> list[tuple[str, int]]:
-        return [(c, s) for c in mode.conditions for s in mode.severities]
-
     def logits(self, mode, logits_of: Logits, batch_size: int = 64) -> np.ndarray:
-        """``logits_of`` on every crop as ``mode`` sees it, job after job (calibrate's order)."""
+        """``logits_of`` on every crop as ``mode`` sees it (under_mode: calibrate's order)."""
         def classify(pixels: np.ndarray) -> np.ndarray:
             batch = torch.from_numpy(np.ascontiguousarray(pixels)).permute(0, 3, 1, 2)
             return logits_of(normalise(batch, self.meta.mean, self.meta.std).contiguous()
                              .numpy())
-        if not mode.conditions:
-            return in_batches(classify, self.pixels, batch_size)
-        return np.concatenate(corrupted_logits(self.pixels, self.keys, self.jobs(mode),
-                                               self.seed, classify, batch_size, threads=1))
+        return under_mode(mode, self.pixels, self.keys, self.seed, classify, batch_size,
+                          threads=1)
 
     def labels(self, mode) -> tuple[np.ndarray, list[str]]:
-        """Each corrupted crop's label and source picture (the copies of a crop under the
-        picture of that crop, as calibrate counts them)."""
-        n = max(1, len(self.jobs(mode)))
-        return np.tile(self.targets, n), list(self.pictures) * n
+        """Each crop's label and source picture in :meth:`logits`' order (mode_labels)."""
+        return mode_labels(mode, self.targets, self.pictures)
 
 
 def mode_crops(point: OperatingPoint, meta: ModelMeta, seed: int, reference_of: Logits
@@ -208,9 +201,8 @@ def mode_crops(point: OperatingPoint, meta: ModelMeta, seed: int, reference_of: 
         return None
     crops = checked_crops(TEST_SPLIT, meta, CHECKPOINT, torch.device("cpu"), keep="host")
     pictures, _ = crop_pictures(crops.paths, SPLIT_MANIFEST)
-    pixels = crops.pixels.permute(0, 2, 3, 1).contiguous().numpy()
-    keys = ["/".join(Path(p).parts[-2:]) for p in crops.paths]
-    seen = ModeCrops(pixels, keys, seed, meta, crops.targets.numpy(), pictures, {})
+    seen = ModeCrops(host_pixels(crops), crop_keys(crops.paths), seed, meta,
+                     crops.targets.numpy(), pictures, {})
     for mode in point.modes:
         seen.reference[mode.name] = seen.logits(mode, reference_of)
     return seen

@@ -195,17 +195,16 @@ def test_conditions_are_corrupt_pys_on_the_drawn_share_and_severity():
     assert set(many.severity.tolist()) == {1, 2, 3, 4, 5}
     # each crop under its drawn condition is exactly corrupt()'s, then the report's jitter
     pixels = pictures(24, 32)
-    with ThreadPoolExecutor(1) as pool:
-        report = Augment(5, 24, torch.device("cpu"), 1, MEAN, STD)
-        report.set_epoch(2)
-        expected = []
-        for k in range(24):
-            crop = pixels[k]
-            c = int(drawn.condition[k])
-            if c >= 0:
-                hwc = crop.permute(1, 2, 0).numpy().copy()
-                crop = torch.from_numpy(corrupt(hwc, TRAINED_ON[c], int(drawn.severity[k]),
-                                                derived_seed(5, 2), str(k))).permute(2, 0, 1)
-            expected.append(crop)
-        want = report(torch.stack(expected), torch.arange(24))
+    report = Augment(5, 24, torch.device("cpu"), 1, MEAN, STD)
+    report.set_epoch(2)
+    expected = []
+    for k in range(24):
+        crop = pixels[k]
+        c = int(drawn.condition[k])
+        if c >= 0:
+            hwc = crop.permute(1, 2, 0).numpy().copy()
+            crop = torch.from_numpy(corrupt(hwc, TRAINED_ON[c], int(drawn.severity[k]),
+                                            derived_seed(5, 2), str(k))).permute(2, 0, 1)
+        expected.append(crop)
+    want = report(torch.stack(expected), torch.arange(24))
     assert torch.equal(augmented("conditions", 5, threads=2, n=24), want)

@@ -29,7 +29,6 @@ from stages.common.alarm import calibration as cal
 from stages.common.alarm import point as op
 from stages.common.inference.batches import normalise
 from stages.common.infra.errors import StageError
-from stages.common.model.checkpoint import ModelMeta
 from stages.common.model.onnx import INPUT, OUTPUT, POINT_KEY, graph_digest, seal, verified_bytes
 from stages.common.serving import predictor
 from stages.common.serving.classifiers import OnnxClassifier, normalise_array
@@ -46,7 +45,6 @@ NEVER = {"torch", "torchvision", "onnx", "onnx_ir", "onnxscript", "scipy", "pyda
 
 def tiny_graph(seed: int = 0):
     """A 3-class ONNX model: conv 3x3 (4 channels), ReLU, global average pool, linear head."""
-    import onnx
     from onnx import TensorProto, helper, numpy_helper
 
     rng = np.random.default_rng(seed)

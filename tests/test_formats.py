@@ -15,6 +15,7 @@ from stages import export as export_stage
 from stages.common.alarm import calibration as cal, point as pt
 from stages.common.config.params import parse
 from stages.common.inference.batches import normalise
+from stages.common.inference.corrupted import mode_jobs
 from stages.common.infra.errors import ParamError, StageError
 from stages.common.model.build import IMAGENET_MEAN, IMAGENET_STD
 from stages.common.model.checkpoint import ModelMeta
@@ -370,7 +371,7 @@ def test_the_mode_crops_are_those_calibrate_and_conditions_corrupt(losing_in_inf
     seen = []
     mode = pt.ModeThreshold("n", ("night", "fog"), (1, 3), 0.5, 0.0)
     crops.logits(mode, lambda x: seen.append(x) or np.zeros((len(x), 3)), batch_size=1000)
-    expected = np.stack([corrupt(p, c, s, 42, k) for c, s in crops.jobs(mode)
+    expected = np.stack([corrupt(p, c, s, 42, k) for c, s in mode_jobs(mode)
                          for p, k in zip(crops.pixels, crops.keys)])
     x = torch.from_numpy(expected).permute(0, 3, 1, 2)
     np.testing.assert_array_equal(np.concatenate(seen),

@@ -3,7 +3,6 @@ point beside a checkpoint or inside an ONNX file, overridden by --person-thresho
 import csv
 import io
 import json
-import os
 from types import SimpleNamespace
 
 import cv2

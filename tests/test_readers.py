@@ -19,7 +19,7 @@ import pytest
 import torch
 
 from stages import predict
-from stages.common.alarm import calibration as cal, point as pt
+from stages.common.alarm import point as pt
 from stages.common.config import params
 from stages.common.infra.errors import ParamError, StageError
 from stages.common.infra.jsonfile import MAX_DEPTH, JsonProblem, parse_json, read_json

@@ -39,6 +39,13 @@ def kept_to(by_severity: dict[int, dict]) -> int:
     return kept
 
 
+def jobs_of(measure: dict[str, list[int]]) -> list[tuple[str, int]]:
+    """``conditions.measure``'s (condition, severity) pairs, in the order the suite runs
+    them."""
+    return [(condition, severity) for condition, severities in measure.items()
+            for severity in severities]
+
+
 def suite(pixels: np.ndarray, keys: list[str], targets: np.ndarray, classes: list[str],
           point: OperatingPoint, classify: Classify, measure: dict[str, list[int]], seed: int,
           pictures=None, batch_size: int = 256, threads: int = 1) -> dict:
@@ -50,8 +57,7 @@ def suite(pixels: np.ndarray, keys: list[str], targets: np.ndarray, classes: lis
     clean_logits = np.concatenate([classify(pixels[i:i + batch_size])
                                    for i in range(0, len(pixels), batch_size)])
     clean = alarm_under(clean_logits, targets, classes, point, pictures)
-    jobs = [(condition, severity) for condition, severities in measure.items()
-            for severity in severities]
+    jobs = jobs_of(measure)
     logits = dict(zip(jobs, corrupted_logits(pixels, keys, jobs, seed, classify, batch_size,
                                              threads)))
     out = {"clean": clean, "conditions": {}}

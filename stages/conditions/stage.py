@@ -33,7 +33,8 @@ from stages.common.config import params  # noqa: E402
 from stages.common.config.paths import (CHECKPOINT, CONDITIONS_METRICS,  # noqa: E402
                                         CONDITIONS_PLOTS, OPERATING_POINT, SPLIT_MANIFEST,
                                         TEST_SPLIT)
-from stages.common.inference.corrupted import pixel_classifier  # noqa: E402
+from stages.common.inference.corrupted import (crop_keys, host_pixels,  # noqa: E402
+                                               pixel_classifier)
 from stages.common.inference.logits import checked_crops  # noqa: E402
 from stages.common.infra.atomic import atomic_file, clean_dead_leftovers, write_json  # noqa: E402
 from stages.common.infra.errors import main_guard  # noqa: E402
@@ -140,8 +141,7 @@ def main() -> None:
     point = operating_point_for(CHECKPOINT, OPERATING_POINT)  # before any corruption
     model = model.to(device, memory_format=torch.channels_last)
     crops = checked_crops(TEST_SPLIT, meta, CHECKPOINT, torch.device("cpu"), keep="host")
-    pixels = crops.pixels.permute(0, 2, 3, 1).contiguous().numpy()
-    keys = ["/".join(Path(p).parts[-2:]) for p in crops.paths]  # <label>/<file>: any machine
+    pixels, keys = host_pixels(crops), crop_keys(crops.paths)
     pictures, unlisted = crop_pictures(crops.paths, SPLIT_MANIFEST)
     classify = pixel_classifier(model, meta, device, CHECKPOINT)
     jobs = sum(len(s) for s in cfg.measure.values())

@@ -10,7 +10,7 @@ from typing import Callable
 import numpy as np
 import torch
 
-from stages.common.inference.batches import normalise
+from stages.common.inference.batches import CropSet, normalise
 from stages.common.inference.logits import to_device
 from stages.common.model.checkpoint import ModelMeta, check_logits
 from stages.common.pictures.corrupt import corrupt
@@ -30,6 +30,43 @@ def pixel_classifier(model: torch.nn.Module, meta: ModelMeta, device: torch.devi
         check_logits(logits, len(pixels), len(meta.classes), checkpoint)
         return logits.numpy().astype(np.float64)
     return classify
+
+
+def crop_keys(paths) -> list[str]:
+    """Each crop's name inside its set, ``<label>/<file>``: the seed of its corruptions, the
+    same on any machine wherever the set lies."""
+    return ["/".join(Path(p).parts[-2:]) for p in paths]
+
+
+def host_pixels(crops: CropSet) -> np.ndarray:
+    """A crop set's uint8 pixels on the CPU as :func:`corrupt` takes them, N x S x S x 3."""
+    pixels = crops.take(torch.arange(len(crops)), torch.device("cpu"))
+    return pixels.permute(0, 2, 3, 1).contiguous().numpy()
+
+
+def mode_jobs(mode) -> list[tuple[str, int]]:
+    """A camera mode's (condition, severity) pairs (stages.common.alarm.point.ModeThreshold or
+    calibrate.modes' entry), conditions first."""
+    return [(c, s) for c in mode.conditions for s in mode.severities]
+
+
+def under_mode(mode, pixels: np.ndarray, keys: list[str], seed: int, classify: Classify,
+               batch_size: int, threads: int) -> np.ndarray:
+    """The logits of every crop as camera mode ``mode`` sees it: each crop under every one of
+    its (condition, severity) pairs, pair after pair; the clean crops for a mode without
+    conditions."""
+    if not mode.conditions:
+        return np.concatenate([classify(pixels[i:i + batch_size])
+                               for i in range(0, len(pixels), batch_size)])
+    return np.concatenate(corrupted_logits(pixels, keys, mode_jobs(mode), seed, classify,
+                                           batch_size, threads))
+
+
+def mode_labels(mode, targets: np.ndarray, pictures: list) -> tuple[np.ndarray, list]:
+    """Each crop's label and source picture in :func:`under_mode`'s order: a crop's corrupted
+    copies count as its picture (they are not independent; the bounds count pictures)."""
+    n = max(1, len(mode_jobs(mode)))
+    return np.tile(targets, n), list(pictures) * n
 
 
 def corrupted_logits(pixels: np.ndarray, keys: list[str], jobs: list[tuple[str, int]],
